@@ -1,0 +1,3 @@
+"""touchstream: a real-time customer-retention engine."""
+
+__version__ = "0.1.0"
