@@ -1,0 +1,80 @@
+"""Session fixtures: one real Tansu broker and one real Valkey per test session, on free loopback ports.
+
+Tests get fresh state from factories (a fresh Redis database index, unique topic names)
+rather than sharing mutable state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from touchstream.embedded import ManagedProcess, create_topics, free_port, start_tansu, start_valkey
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir() -> Path:
+    path = Path(__file__).resolve().parent.parent / "test-artifacts"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def broker(artifacts_dir: Path) -> Iterator[ManagedProcess]:
+    port = free_port()
+    proc = start_tansu(port, artifacts_dir / "tansu.log")
+    proc.port = port  # type: ignore[attr-defined]
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(broker: ManagedProcess) -> str:
+    return f"127.0.0.1:{broker.port}"  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="session")
+def redis_server(artifacts_dir: Path) -> Iterator[ManagedProcess]:
+    port = free_port()
+    proc = start_valkey(port, artifacts_dir / "valkey.log")
+    proc.port = port  # type: ignore[attr-defined]
+    yield proc
+    proc.stop()
+
+
+_db_numbers = itertools.count(1)
+
+
+@pytest.fixture
+def redis_url(redis_server: ManagedProcess) -> str:
+    """A Redis URL on a database index no other test in this session uses (16 by default, then reused after flush)."""
+    db = next(_db_numbers) % 16
+    return f"redis://127.0.0.1:{redis_server.port}/{db}"  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(redis_url)
+    await client.flushdb()
+    yield client
+    await client.flushdb()
+    await client.aclose()
+
+
+@pytest.fixture
+def topic_name_factory() -> Callable[[str], str]:
+    """Return a function giving unique topic names, for tests that need their own topics."""
+    return lambda stem: f"{stem}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def all_topics(kafka_bootstrap: str) -> str:
+    """The catalogue's topics, created on the session broker with 2 partitions."""
+    asyncio.run(create_topics(kafka_bootstrap, 2))
+    return kafka_bootstrap
