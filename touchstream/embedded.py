@@ -135,7 +135,7 @@ def start_valkey(port: int, log_path: Path | None = None) -> ManagedProcess:
 
 
 async def create_topics(bootstrap: str, partitions: int, specs: Sequence[TopicSpec] = ALL_TOPICS,
-                        replication_factor: int = 1, timeout: float = 20.0) -> None:
+                        replication_factor: int = 1, wait_s: float = 20.0) -> None:
     """Create the topics (idempotent) and wait until the broker reports their partitions."""
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import TopicAlreadyExistsError
@@ -152,14 +152,14 @@ async def create_topics(bootstrap: str, partitions: int, specs: Sequence[TopicSp
         if wanted:
             with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(wanted)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + wait_s
         while True:
             described = await admin.describe_topics([s.name for s in specs])
             ready = all(len(t.get("partitions", [])) == partitions and not t.get("error_code") for t in described)
             if ready:
                 return
             if time.monotonic() > deadline:
-                raise TimeoutError(f"topics not ready after {timeout}s: {described}")
+                raise TimeoutError(f"topics not ready after {wait_s}s: {described}")
             await asyncio.sleep(0.1)
     finally:
         await admin.close()

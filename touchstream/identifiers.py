@@ -26,7 +26,9 @@ KNOWN_TYPES = (
 # Strong identifiers name one person for sure; two different ones never merge.
 STRONG_TYPES = frozenset({"user_id", "wechat_unionid"})
 # Ordered so the first identifier found is the most stable key for touchpoints.raw.
-KEY_PRIORITY = ("user_id", "wechat_unionid", "loyalty_card", "email", "phone", "wechat_openid", "device_id", "anonymous_id")
+KEY_PRIORITY = (
+    "user_id", "wechat_unionid", "loyalty_card", "email", "phone", "wechat_openid", "device_id", "anonymous_id",
+)
 
 DEFAULT_BLOCKLIST = frozenset(
     {"test@test.com", "test@example.com", "noreply@example.com", "+10000000000", "00000000000",

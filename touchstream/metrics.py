@@ -57,7 +57,8 @@ class ServiceMetrics:
     def histogram(
         self, noun: str, doc: str, labels: Sequence[str] = (), buckets: Sequence[float] = LATENCY_BUCKETS
     ) -> Histogram:
-        return Histogram(metric_name(self.service, noun, "seconds"), doc, labels, buckets=buckets, registry=self.registry)
+        name = metric_name(self.service, noun, "seconds")
+        return Histogram(name, doc, labels, buckets=buckets, registry=self.registry)
 
     def gauge(self, noun: str, unit: str, doc: str, labels: Sequence[str] = ()) -> Gauge:
         return Gauge(metric_name(self.service, noun, unit), doc, labels, registry=self.registry)

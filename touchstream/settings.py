@@ -6,6 +6,8 @@ in a service's `__main__`, never at import time.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -28,6 +30,7 @@ class CoreSettings(BaseSettings):
     pii_hash_key: SecretStr = SecretStr(DEV_PLACEHOLDER_SECRET)
     batch_size: int = Field(500, ge=1, description="Max events a stream handles per batch.")
     batch_within_s: float = Field(0.02, gt=0, description="Max wait to fill a batch.")
+    state_dir: Path = Field(Path(".run/state"), description="Where Faust keeps its local files.")
 
     @model_validator(mode="after")
     def _refuse_placeholder_secrets(self) -> CoreSettings:

@@ -17,7 +17,7 @@ from touchstream.settings import CoreSettings
 from touchstream.topics import DEADLETTER, TopicSpec
 
 
-class _IdempotentProducer(aiokafka_driver.Producer):  # type: ignore[misc]
+class _IdempotentProducer(aiokafka_driver.Producer):
     # Faust only turns idempotence on inside transactions; we want it on plain sends
     # whenever the broker supports it (Apache Kafka yes, Tansu no).
     def _settings_extra(self) -> dict[str, Any]:
@@ -46,6 +46,7 @@ def make_app(service: str, core: CoreSettings, web_port: int, web_host: str = "1
         web_port=web_port,
         web_in_thread=False,
         broker_commit_interval=1.0,
+        datadir=str(core.state_dir / f"{service}-data"),
     )
     return app
 
@@ -86,7 +87,8 @@ def add_health_pages(app: faust.App, ready: dict[str, bool]) -> None:
 
 def batches(stream: faust.StreamT, core: CoreSettings) -> AsyncIterator[list[faust.EventT]]:
     """Yield lists of events (not values) so each batch can see keys and partitions."""
-    return stream.take_events(core.batch_size, within=core.batch_within_s)  # type: ignore[no-any-return]
+    # take_events exists on faust.Stream but not on the StreamT interface.
+    return stream.take_events(core.batch_size, within=core.batch_within_s)  # type: ignore[attr-defined]
 
 
 class Outbox:

@@ -1,0 +1,1 @@
+"""Identity service: stitch every identifier of a touchpoint into one pseudonymous customer."""

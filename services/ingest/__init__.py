@@ -1,0 +1,1 @@
+"""Ingest: the HTTP front door. Segment-compatible calls in, Avro touchpoints on Kafka out."""

@@ -1,0 +1,79 @@
+"""Turn a decision into a RetentionAction record: deterministic id, rendered webhook body."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from services.triggers.crossing import ActionDecided
+from services.triggers.templates import render_template
+
+ACTION_TYPE = "retention.action"
+
+
+def action_id(rule_id: str, customer_id: str, message_id: str) -> str:
+    """Return the action's idempotency key: the same inputs after a crash and replay give the same id.
+
+    >>> action_id("churn-risk-high", "cus_1", "msg_1") == action_id("churn-risk-high", "cus_1", "msg_1")
+    True
+    >>> action_id("churn-risk-high", "cus_1", "msg_1")[:4]
+    'act_'
+    """
+    digest = hashlib.sha256(f"{rule_id}\x1f{customer_id}\x1f{message_id}".encode()).hexdigest()
+    return f"act_{digest[:32]}"
+
+
+def payload_context(decided: ActionDecided, the_action_id: str) -> dict[str, Any]:
+    """Return the values a template may refer to, by placeholder name."""
+    score = decided.score
+    return {
+        "action_id": the_action_id,
+        "rule_id": decided.rule.id,
+        "customer_id": score.customer_id,
+        "message_id": score.message_id,
+        "event_time": _iso_utc(score.event_time_ms),
+        "event_time_ms": score.event_time_ms,
+        "scores.churn_risk": score.scores["churn_risk"],
+        "scores.purchase_propensity": score.scores["purchase_propensity"],
+        "segment": score.segment,
+        "stage": score.stage,
+        "reasons": [{"feature": r.feature, "contribution": r.contribution} for r in score.reasons],
+        "model_version": score.model_version,
+    }
+
+
+def render_payload(decided: ActionDecided, the_action_id: str) -> str:
+    """Return the webhook body: a Standard Webhooks style envelope around the rendered template."""
+    envelope = {
+        "type": ACTION_TYPE,
+        "timestamp": _iso_utc(decided.score.event_time_ms),
+        "action_id": the_action_id,
+        "rule_id": decided.rule.id,
+        "customer_id": decided.score.customer_id,
+        "data": render_template(decided.rule.action.template, payload_context(decided, the_action_id)),
+    }
+    return json.dumps(envelope, ensure_ascii=False, separators=(",", ":"))
+
+
+def retention_action_record(decided: ActionDecided, created_at_ms: int) -> dict[str, Any]:
+    """Return the `RetentionAction` Avro record for a decision."""
+    score = decided.score
+    the_action_id = action_id(decided.rule.id, score.customer_id, score.message_id)
+    return {
+        "action_id": the_action_id,
+        "rule_id": decided.rule.id,
+        "customer_id": score.customer_id,
+        "outcome": decided.outcome.value,
+        "reason": decided.reason,
+        "endpoint": decided.rule.action.endpoint,
+        "payload_json": render_payload(decided, the_action_id),
+        "event_time_ms": score.event_time_ms,
+        "received_at_ms": score.received_at_ms,
+        "created_at_ms": created_at_ms,
+    }
+
+
+def _iso_utc(epoch_ms: int) -> str:
+    return datetime.fromtimestamp(epoch_ms / 1000, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

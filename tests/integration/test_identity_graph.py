@@ -1,0 +1,125 @@
+"""The identity graph's Lua script against a real Valkey: create, attach, merge into the oldest, replay."""
+
+from __future__ import annotations
+
+import pytest
+import redis.asyncio as aioredis
+
+from services.identity.domain import GraphLayout, ResolutionRequest, new_customer_id
+from services.identity.graph import IdentityGraph
+from touchstream.identifiers import STRONG_TYPES, Identifier
+
+pytestmark = pytest.mark.integration
+
+LAYOUT = GraphLayout("test:identity:{graph}:")
+EMAIL_A = Identifier("email", "aa11")
+EMAIL_B = Identifier("email", "bb22")
+PHONE_A = Identifier("phone", "cc33")
+DEVICE = Identifier("device_id", "dd44")
+
+
+def request(message_id: str, event_time_ms: int, *identifiers: Identifier) -> ResolutionRequest:
+    return ResolutionRequest(message_id, event_time_ms, identifiers, new_customer_id(identifiers))
+
+
+@pytest.fixture
+async def graph(redis_client: aioredis.Redis) -> IdentityGraph:
+    identity_graph = IdentityGraph(redis_client, LAYOUT, STRONG_TYPES, event_ttl_s=3600)
+    await identity_graph.load_script()
+    return identity_graph
+
+
+async def owner(redis_client: aioredis.Redis, identifier: Identifier) -> str | None:
+    value = await redis_client.get(LAYOUT.identifier_key(f"{identifier.type}:{identifier.value}"))
+    return value.decode() if value is not None else None
+
+
+async def test_unknown_identifiers_create_a_customer_with_the_derived_id(
+    graph: IdentityGraph, redis_client: aioredis.Redis
+) -> None:
+    [resolution] = await graph.resolve([request("m1", 1000, EMAIL_A, PHONE_A)])
+
+    assert resolution.created and not resolution.merges
+    assert resolution.customer_id == new_customer_id([EMAIL_A, PHONE_A])
+    assert await owner(redis_client, PHONE_A) == resolution.customer_id
+    assert await redis_client.hget(LAYOUT.customer_key(resolution.customer_id), "first_seen_ms") == b"1000"
+
+
+async def test_a_known_identifier_attaches_the_new_ones(graph: IdentityGraph, redis_client: aioredis.Redis) -> None:
+    [first] = await graph.resolve([request("m1", 1000, EMAIL_A)])
+    [second] = await graph.resolve([request("m2", 2000, EMAIL_A, DEVICE)])
+
+    assert second.customer_id == first.customer_id and not second.created
+    assert await owner(redis_client, DEVICE) == first.customer_id
+    members = await redis_client.smembers(LAYOUT.members_key(first.customer_id))
+    assert members == {b"email:aa11", b"device_id:dd44"}
+    assert await redis_client.hget(LAYOUT.customer_key(first.customer_id), "last_seen_ms") == b"2000"
+
+
+async def test_an_event_linking_two_customers_merges_them_into_the_oldest(
+    graph: IdentityGraph, redis_client: aioredis.Redis
+) -> None:
+    # The younger customer is created first in processing order: "oldest" means event time.
+    [younger] = await graph.resolve([request("m1", 5000, EMAIL_B)])
+    [older] = await graph.resolve([request("m2", 1000, EMAIL_A)])
+
+    [linking] = await graph.resolve([request("m3", 6000, EMAIL_A, EMAIL_B, DEVICE)])
+
+    assert linking.customer_id == older.customer_id
+    [merge] = linking.merges
+    assert (merge.survivor_id, merge.merged_id) == (older.customer_id, younger.customer_id)
+    assert merge.linking_identifiers == (EMAIL_B,)
+    assert merge.merge_id.startswith("m_")
+    for identifier in (EMAIL_A, EMAIL_B, DEVICE):
+        assert await owner(redis_client, identifier) == older.customer_id
+    merged = await redis_client.hgetall(LAYOUT.customer_key(younger.customer_id))
+    assert merged[b"status"] == b"merged" and merged[b"merged_into"] == older.customer_id.encode()
+    assert not await redis_client.exists(LAYOUT.members_key(younger.customer_id))
+
+
+async def test_replaying_an_event_gives_the_same_answer_and_no_new_merge(
+    graph: IdentityGraph, redis_client: aioredis.Redis
+) -> None:
+    await graph.resolve([request("m1", 1000, EMAIL_A), request("m2", 2000, EMAIL_B)])
+    linking = request("m3", 3000, EMAIL_A, EMAIL_B)
+    [first] = await graph.resolve([linking])
+    graph_before = {key: await redis_client.dump(key) for key in await redis_client.keys("*") if b"event:" not in key}
+
+    [again] = await graph.resolve([linking])
+
+    assert again.replayed and not first.replayed
+    assert (again.customer_id, again.merges, again.created) == (first.customer_id, first.merges, first.created)
+    graph_after = {key: await redis_client.dump(key) for key in await redis_client.keys("*") if b"event:" not in key}
+    assert graph_after == graph_before
+
+
+async def test_two_different_user_ids_never_merge(graph: IdentityGraph, redis_client: aioredis.Redis) -> None:
+    ann = await graph.resolve([request("m1", 1000, Identifier("user_id", "u1"), EMAIL_A)])
+    bob = await graph.resolve([request("m2", 2000, Identifier("user_id", "u2"), EMAIL_B)])
+
+    [shared_tablet] = await graph.resolve([request("m3", 3000, EMAIL_A, EMAIL_B, DEVICE)])
+
+    assert shared_tablet.customer_id == ann[0].customer_id
+    assert not shared_tablet.merges
+    assert [(r.customer_id, r.reason) for r in shared_tablet.refused] == [(bob[0].customer_id, "conflicting_strong_id")]
+    assert await owner(redis_client, EMAIL_B) == bob[0].customer_id
+
+
+async def test_a_strong_id_conflicting_with_the_only_match_starts_a_new_customer(graph: IdentityGraph) -> None:
+    [ann] = await graph.resolve([request("m1", 1000, Identifier("user_id", "u1"), EMAIL_A)])
+
+    [other] = await graph.resolve([request("m2", 2000, Identifier("user_id", "u2"), EMAIL_A)])
+
+    assert other.created and other.customer_id != ann.customer_id
+    assert [r.customer_id for r in other.refused] == [ann.customer_id]
+
+
+async def test_a_batch_is_resolved_in_order_and_reloads_a_flushed_script(
+    graph: IdentityGraph, redis_client: aioredis.Redis
+) -> None:
+    await redis_client.script_flush()
+
+    first, second = await graph.resolve([request("m1", 1000, EMAIL_A), request("m2", 2000, EMAIL_A, PHONE_A)])
+
+    assert first.created and not second.created
+    assert second.customer_id == first.customer_id

@@ -1,0 +1,99 @@
+"""`make demo`: the whole pipeline on CDNOW, from an empty machine to a summary."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from touchstream import local
+from touchstream.datasets import cdnow_purchases, iter_track_calls
+from touchstream.replay import ReplayProgress, replay, scrape, sum_metric
+
+
+async def pipeline_counts(client: httpx.AsyncClient, state: local.StackState) -> dict[str, float]:
+    """Read how far each stage has got from the services' own /metrics."""
+    identity, scoring, triggers = await asyncio.gather(
+        scrape(client, state.url("identity")), scrape(client, state.url("scoring")),
+        scrape(client, state.url("triggers")))
+    stats: dict[str, Any] = {}
+    with contextlib.suppress(httpx.HTTPError):
+        stats = (await client.get(f"{state.url('receiver')}/stats", timeout=5.0)).json()
+    return {
+        "resolved": sum_metric(identity, "touchstream_identity_events_out_total", topic="touchpoints.resolved"),
+        "scored": sum_metric(scoring, "touchstream_scoring_events_out_total", topic="scores"),
+        "scores_seen": sum_metric(triggers, "touchstream_triggers_events_in_total", topic="scores"),
+        "actions": sum_metric(triggers, "touchstream_triggers_events_out_total", topic="actions"),
+        "actions_seen": sum_metric(triggers, "touchstream_triggers_events_in_total", topic="actions"),
+        "customers": sum_metric(identity, "touchstream_identity_customers_created_total"),
+        "webhooks": float(stats.get("unique", 0)),
+        "latency_p50_s": stats.get("latency_p50_s") or 0.0,
+        "latency_p99_s": stats.get("latency_p99_s") or 0.0,
+    }
+
+
+async def wait_drained(state: local.StackState, accepted: int, wait_s: float) -> dict[str, float]:
+    """Wait until every accepted event is scored and every action seen by delivery, and webhooks stop."""
+    deadline = time.monotonic() + wait_s
+    previous_webhooks = -1.0
+    async with httpx.AsyncClient() as client:
+        while True:
+            counts = await pipeline_counts(client, state)
+            caught_up = (counts["scores_seen"] >= accepted and counts["actions_seen"] >= counts["actions"])
+            if caught_up and counts["webhooks"] == previous_webhooks:
+                return counts
+            if time.monotonic() > deadline:
+                print(f"  not drained after {wait_s:.0f}s: {counts}")
+                return counts
+            previous_webhooks = counts["webhooks"]
+            print(f"  draining: resolved {counts['resolved']:,.0f} scored {counts['scored']:,.0f} "
+                  f"webhooks {counts['webhooks']:,.0f}", flush=True)
+            await asyncio.sleep(2.0)
+
+
+def run_demo(run_dir: Path, days_per_second: float, limit: int | None, partitions: int) -> dict[str, Any]:
+    purchases = cdnow_purchases()
+    if limit:
+        purchases = purchases[:limit]
+    calls = list(iter_track_calls(purchases))
+    print(f"CDNOW: {len(calls):,} purchases by {len({p.customer for p in purchases}):,} customers, "
+          f"{purchases[0].date} .. {purchases[-1].date}")
+    state = local.up(run_dir, partitions=partitions)
+    try:
+        client_state = state
+
+        def show(progress: ReplayProgress) -> None:
+            day = datetime.fromtimestamp(progress.event_time_ms / 1000, UTC).date()
+            print(f"  [{progress.elapsed_s:5.1f}s] sent {progress.sent:,}/{progress.total:,} events "
+                  f"(event time {day})", flush=True)
+
+        started = time.monotonic()
+        accepted = asyncio.run(replay(state.url("ingest"), state.write_key, calls, days_per_second,
+                                      on_progress=show))
+        replay_s = time.monotonic() - started
+        print(f"replayed {accepted:,} events in {replay_s:.1f}s; waiting for the pipeline to drain")
+        counts = asyncio.run(wait_drained(client_state, accepted, wait_s=600.0))
+        total_s = time.monotonic() - started
+        summary = {
+            "events_in": accepted,
+            "customers_resolved": int(counts["customers"]),
+            "scores": int(counts["scored"]),
+            "actions_emitted": int(counts["actions"]),
+            "actions_delivered": int(counts["webhooks"]),
+            "event_to_webhook_p50_ms": round(counts["latency_p50_s"] * 1000, 1),
+            "event_to_webhook_p99_ms": round(counts["latency_p99_s"] * 1000, 1),
+            "wall_seconds": round(total_s, 1),
+            "events_per_second": round(accepted / total_s, 1),
+        }
+        print("\nsummary")
+        for key, value in summary.items():
+            print(f"  {key:26s} {value:,}" if isinstance(value, int) else f"  {key:26s} {value}")
+        return summary
+    finally:
+        stopped = local.down(run_dir)
+        print(f"stopped: {', '.join(stopped)}; logs in {run_dir / 'logs'}")

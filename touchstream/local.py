@@ -1,0 +1,178 @@
+"""`touchstream local up|down|status`: the whole pipeline on this machine, no Docker.
+
+Starts the embedded broker and Redis, creates the topics, then the four services and a
+webhook receiver, each in its own process group, logs and PIDs under one run directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import secrets
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+from touchstream.embedded import ManagedProcess, create_topics, free_port, spawn, start_tansu, start_valkey, stop_pid
+
+SERVICES = ("ingest", "identity", "scoring", "triggers")
+STATE_FILE = "state.json"
+
+
+@dataclass
+class StackState:
+    run_dir: str
+    partitions: int
+    ports: dict[str, int]
+    pids: dict[str, int] = field(default_factory=dict)
+    webhook_secret: str = ""
+    write_key: str = ""
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.ports[name]}"
+
+    @property
+    def kafka_bootstrap(self) -> str:
+        return f"127.0.0.1:{self.ports['broker']}"
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.ports['redis']}/0"
+
+    def save(self) -> None:
+        Path(self.run_dir, STATE_FILE).write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, run_dir: Path) -> StackState:
+        path = run_dir / STATE_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"no stack recorded in {run_dir} (no {STATE_FILE}); run `touchstream local up`")
+        return cls(**json.loads(path.read_text()))
+
+
+def service_env(state: StackState, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment every service process gets: where the broker and Redis are, its port."""
+    from services.ingest.settings import hash_write_key
+
+    env = {
+        "TOUCHSTREAM_KAFKA_BOOTSTRAP": state.kafka_bootstrap,
+        "TOUCHSTREAM_REDIS_URL": state.redis_url,
+        "TOUCHSTREAM_PARTITIONS": str(state.partitions),
+        "TOUCHSTREAM_STATE_DIR": str(Path(state.run_dir, "state")),
+        "TOUCHSTREAM_INGEST_PORT": str(state.ports["ingest"]),
+        "TOUCHSTREAM_INGEST_WRITE_KEYS": json.dumps({"local": hash_write_key(state.write_key)}),
+        "TOUCHSTREAM_IDENTITY_WEB_PORT": str(state.ports["identity"]),
+        "TOUCHSTREAM_SCORING_WEB_PORT": str(state.ports["scoring"]),
+        "TOUCHSTREAM_TRIGGERS_WEB_PORT": str(state.ports["triggers"]),
+        "TOUCHSTREAM_TRIGGERS_ENDPOINTS": json.dumps(
+            {"marketing": {"url": f"{state.url('receiver')}/hook", "secret": state.webhook_secret}}),
+        # The demo receiver is on loopback, which the SSRF guard refuses unless allowed.
+        "TOUCHSTREAM_TRIGGERS_ALLOW_PRIVATE_ENDPOINTS": "true",
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.update(extra or {})
+    return env
+
+
+def wait_ready(name: str, url: str, process: ManagedProcess | None, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if process is not None and not process.alive():
+            raise RuntimeError(f"{name} exited with code {process.process.returncode}; see {process.log_path}")
+        try:
+            response = httpx.get(f"{url}/readyz", timeout=1.0)
+            if response.status_code == 200:
+                return
+            last = f"{response.status_code} {response.text[:200]}"
+        except httpx.HTTPError as exc:
+            last = type(exc).__name__
+        time.sleep(0.2)
+    raise TimeoutError(f"{name} not ready after {timeout}s ({last}); see its log")
+
+
+def up(run_dir: Path, partitions: int = 4, env_overrides: dict[str, str] | None = None,
+       ready_timeout: float = 90.0, progress: bool = True) -> StackState:
+    """Start everything and return once every service answers ready."""
+    run_dir = run_dir.resolve()
+    logs = run_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    if (run_dir / STATE_FILE).exists() and any(_alive(p) for p in StackState.load(run_dir).pids.values()):
+        raise RuntimeError(f"a stack is already running from {run_dir}; run `touchstream local down` first")
+    names = ("broker", "redis", "receiver", *SERVICES)
+    state = StackState(
+        run_dir=str(run_dir), partitions=partitions, ports={n: free_port() for n in names},
+        webhook_secret="whsec_" + base64.b64encode(secrets.token_bytes(24)).decode(),
+        write_key="local-" + secrets.token_hex(12),
+    )
+    say = print if progress else (lambda *_a, **_k: None)
+    started: list[ManagedProcess] = []
+    try:
+        t0 = time.monotonic()
+        started.append(start_tansu(state.ports["broker"], logs / "broker.log"))
+        started.append(start_valkey(state.ports["redis"], logs / "redis.log"))
+        asyncio.run(create_topics(state.kafka_bootstrap, partitions))
+        say(f"broker :{state.ports['broker']} and redis :{state.ports['redis']} up, topics created "
+            f"({time.monotonic() - t0:.1f}s)")
+        env = service_env(state, env_overrides)
+        python = sys.executable
+        started.append(spawn("receiver", [python, "-m", "touchstream.cli", "receiver", "--port",
+                                          str(state.ports["receiver"]), "--secret", state.webhook_secret],
+                             logs / "receiver.log", env))
+        for name in SERVICES:
+            started.append(spawn(name, [python, "-m", f"services.{name}"], logs / f"{name}.log", env))
+        state.pids = {p.name: p.pid for p in started}
+        state.save()
+        for proc in started[2:]:
+            wait_ready(proc.name, state.url(proc.name), proc, ready_timeout)
+            say(f"{proc.name:9s} ready on {state.url(proc.name)} ({time.monotonic() - t0:.1f}s)")
+    except BaseException:
+        for proc in reversed(started):
+            proc.stop()
+        raise
+    return state
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def down(run_dir: Path) -> list[str]:
+    """Stop every process the stack in `run_dir` started, services first; return their names."""
+    state = StackState.load(run_dir.resolve())
+    stopped = []
+    for name in reversed(list(state.pids)):
+        pid = state.pids[name]
+        if _alive(pid):
+            stop_pid(pid, timeout=15.0)
+            stopped.append(name)
+    state.pids = {}
+    state.save()
+    return stopped
+
+
+def status(run_dir: Path) -> dict[str, str]:
+    """Return each component's state: ready, running (not ready), or stopped."""
+    state = StackState.load(run_dir.resolve())
+    result = {}
+    for name, pid in state.pids.items():
+        if not _alive(pid):
+            result[name] = "stopped"
+        elif name in ("broker", "redis"):
+            result[name] = f"running (pid {pid}, port {state.ports[name]})"
+        else:
+            try:
+                ok = httpx.get(f"{state.url(name)}/readyz", timeout=1.0).status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            result[name] = f"{'ready' if ok else 'running, not ready'} (pid {pid}, {state.url(name)})"
+    return result
