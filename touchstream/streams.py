@@ -10,6 +10,7 @@ from typing import Any
 import faust
 from faust.transport.drivers import aiokafka as aiokafka_driver
 from faust.web import Request, Response, View
+from prometheus_client import REGISTRY, CollectorRegistry
 
 from touchstream import avro
 from touchstream.metrics import ServiceMetrics, render
@@ -63,13 +64,13 @@ def faust_topic(app: faust.App, spec: TopicSpec, core: CoreSettings) -> faust.To
     )
 
 
-def add_health_pages(app: faust.App, ready: dict[str, bool]) -> None:
-    """Serve /metrics, /healthz (process alive) and /readyz (`ready['ok']` is true)."""
+def add_health_pages(app: faust.App, ready: dict[str, bool], registry: CollectorRegistry = REGISTRY) -> None:
+    """Serve /metrics (of `registry`), /healthz (process alive) and /readyz (`ready['ok']` is true)."""
 
     @app.page("/metrics")
     class MetricsView(View):
         async def get(self, request: Request) -> Response:
-            body, content_type = render()
+            body, content_type = render(registry)
             return self.bytes(body, content_type=content_type.split(";")[0])
 
     @app.page("/healthz")

@@ -16,6 +16,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
+from prometheus_client import CollectorRegistry, ProcessCollector
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -34,7 +35,9 @@ DEDUPE_PREFIX = "ts:in:msg:"
 
 class IngestMetrics(ServiceMetrics):
     def __init__(self) -> None:
-        super().__init__("ingest")
+        # Own registry: one process may build several apps (tests), each with its own counts.
+        super().__init__("ingest", CollectorRegistry())
+        ProcessCollector(registry=self.registry)
         self.requests = self.counter("requests", "HTTP requests by endpoint and status.", ["endpoint", "status"])
         self.rejected = self.counter("events_rejected", "Events refused, by field.", ["field"])
         self.duplicates = self.counter("events_duplicate", "Events with a messageId already accepted.")
@@ -229,7 +232,7 @@ def build_app(core: CoreSettings, settings: IngestSettings) -> Starlette:
         return await service.accept(source, payloads)
 
     async def metrics(_request: Request) -> Response:
-        body, content_type = render()
+        body, content_type = render(service.metrics.registry)
         return Response(body, media_type=content_type.split(";")[0])
 
     async def healthz(_request: Request) -> Response:
