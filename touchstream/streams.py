@@ -29,6 +29,8 @@ def make_app(service: str, core: CoreSettings, web_port: int, web_host: str = "1
     """Build a Faust app for `service` with settings that work on Tansu and Apache Kafka."""
     if core.idempotent_producer:
         aiokafka_driver.Transport.Producer = _IdempotentProducer
+    # Faust creates its data dir but not the parents.
+    core.state_dir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         f"touchstream-{service}",
         broker=core.kafka_url,

@@ -142,7 +142,7 @@ def build_app(
     )
     ready = {"ok": False}
     progress = {"partitions_assigned": False, "script_loaded": False}
-    add_health_pages(app, ready)
+    add_health_pages(app, ready, registry)
 
     def mark(step: str) -> None:
         progress[step] = True

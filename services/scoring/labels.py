@@ -63,7 +63,9 @@ def label_with_purchase(pending: list[PendingExample], purchase_ms: int) -> int:
     return changed
 
 
-def split_matured(pending: list[PendingExample], maturity_cutoff_ms: int) -> tuple[list[PendingExample], list[PendingExample]]:
+def split_matured(
+    pending: list[PendingExample], maturity_cutoff_ms: int
+) -> tuple[list[PendingExample], list[PendingExample]]:
     """Split `pending` into (matured, still waiting) at the watermark-derived cutoff.
 
     >>> matured, waiting = split_matured([PendingExample(0, 10, {}, 0.5), PendingExample(5, 15, {}, 0.5)], 12)

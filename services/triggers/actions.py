@@ -52,6 +52,8 @@ def render_payload(decided: ActionDecided, the_action_id: str) -> str:
         "action_id": the_action_id,
         "rule_id": decided.rule.id,
         "customer_id": decided.score.customer_id,
+        # Lets the receiver measure event-accepted -> webhook latency end to end.
+        "received_at_ms": decided.score.received_at_ms,
         "data": render_template(decided.rule.action.template, payload_context(decided, the_action_id)),
     }
     return json.dumps(envelope, ensure_ascii=False, separators=(",", ":"))

@@ -50,7 +50,9 @@ def is_held_out(rule_id: str, customer_id: str, percent: float) -> bool:
     return int.from_bytes(digest[:8], "big") % 10_000 < round(percent * 100)
 
 
-def next_crossing_state(rule: Rule, state: CrossingState, score: ScoreUpdated) -> tuple[CrossingState, ActionDecided | None]:
+def next_crossing_state(
+    rule: Rule, state: CrossingState, score: ScoreUpdated
+) -> tuple[CrossingState, ActionDecided | None]:
     """Apply one score to the rule's state; return the new state and the decision if the edge was crossed.
 
     >>> from services.triggers.rules import parse_rules

@@ -88,7 +88,9 @@ def _parse_rule(raw: Any, source: str, index: int) -> Rule:
         raise RuleError(f"{source}: rule #{index + 1}: must be a mapping")
     rule_id = raw.get("id")
     if not isinstance(rule_id, str) or not RULE_ID_PATTERN.match(rule_id):
-        raise RuleError(f"{source}: rule #{index + 1}: field 'id': must match {RULE_ID_PATTERN.pattern}, got {rule_id!r}")
+        raise RuleError(
+            f"{source}: rule #{index + 1}: field 'id': must match {RULE_ID_PATTERN.pattern}, got {rule_id!r}"
+        )
     where = f"{source}: rule {rule_id!r}"
     _refuse_unknown_keys(raw, {"id", "description", "when", "action", "cooldown_hours", "holdout_percent"}, where)
     description = raw.get("description", "")

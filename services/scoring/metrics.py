@@ -1,0 +1,33 @@
+"""Scoring's Prometheus metrics: the shared service set plus live model quality."""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY, CollectorRegistry
+
+from touchstream.metrics import ServiceMetrics
+
+
+class ScoringMetrics:
+    """Create the scoring service's metrics (labels carry no personal data)."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.service = ServiceMetrics("scoring", registry)
+        self.roc_auc = self.service.gauge(
+            "prequential_roc_auc", "ratio", "ROC AUC of emitted propensities, over examples whose labels matured."
+        )
+        self.log_loss = self.service.gauge(
+            "prequential_log_loss", "nats", "Mean log-loss of emitted propensities, over matured examples."
+        )
+        self.examples_learned = self.service.counter(
+            "examples_learned", "Matured examples the model learned, by label.", ["label"]
+        )
+        self.pending_examples = self.service.gauge(
+            "pending_examples", "count", "Examples waiting for their label, by partition.", ["partition"]
+        )
+        self.watermark = self.service.gauge(
+            "event_time_watermark", "seconds", "Newest event time seen, by partition (Unix seconds).", ["partition"]
+        )
+        self.drift_alarms = self.service.counter("drift_alarms", "Drift detected in the model's log-loss (ADWIN).")
+        self.duplicates = self.service.counter("events_duplicate", "Touchpoints already applied (redeliveries).")
+        self.merges = self.service.counter("merges", "identity.merges records, by outcome.", ["outcome"])
+        self.checkpoints = self.service.counter("checkpoints", "Model checkpoints written to Redis.")

@@ -1,0 +1,180 @@
+"""The scoring service layer: load state, run the engine, save state, update metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from services.scoring.engine import ScoringEngine, score_update_record
+from services.scoring.metrics import ScoringMetrics
+from services.scoring.model import Learner, PropensityModel
+from services.scoring.segments import StageRules
+from services.scoring.settings import ScoringSettings
+from services.scoring.state import CustomerState, Touchpoint, merge_states
+from services.scoring.store import RedisScoringStore, StateChanges, customer_of
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ResolvedInput:
+    """One decoded touchpoint and the partition it came from."""
+
+    partition: int
+    customer_id: str
+    touch: Touchpoint
+
+
+@dataclass(frozen=True)
+class MergeInput:
+    """One decoded identity merge and the partition (the survivor's) it came from."""
+
+    partition: int
+    merge_id: str
+    survivor_id: str
+    merged_id: str
+
+
+def build_engine(settings: ScoringSettings) -> ScoringEngine:
+    """Return a fresh engine with an untrained model, configured by `settings`."""
+    rules = StageRules(
+        active_days=settings.horizon_days,
+        churned_days=2 * settings.horizon_days,
+        loyal_min_purchases=settings.loyal_min_purchases,
+    )
+    return ScoringEngine(
+        Learner(PropensityModel(settings.learning_rate)),
+        horizon_days=settings.horizon_days,
+        lateness_days=settings.lateness_days,
+        rules=rules,
+        reason_count=settings.reason_count,
+    )
+
+
+class ScoringService:
+    """Score batches of touchpoints and apply merges against Redis-held state."""
+
+    def __init__(self, store: RedisScoringStore, settings: ScoringSettings, metrics: ScoringMetrics) -> None:
+        self.store = store
+        self.settings = settings
+        self.metrics = metrics
+        self.engine = build_engine(settings)
+        # Both agents read-modify-write the same customer states; one batch at a time.
+        self._lock = asyncio.Lock()
+        self._restored = False
+
+    async def restore_model(self) -> None:
+        """Load the newest model checkpoint once, before the first batch."""
+        async with self._lock:
+            await self._restore_once()
+
+    async def _restore_once(self) -> None:
+        if self._restored:
+            return
+        data = await self.store.load_checkpoint()
+        if data is not None:
+            self.engine.learner = Learner.from_bytes(data)
+            log.info("restored scoring model %s", self.engine.learner.model.version)
+        self._restored = True
+
+    async def checkpoint(self) -> None:
+        """Write the model and its quality tracker to Redis."""
+        async with self._lock:
+            await self.store.save_checkpoint(self.engine.learner.to_bytes())
+        self.metrics.checkpoints.inc()
+
+    async def score_touchpoints(self, inputs: list[ResolvedInput]) -> list[dict[str, Any]]:
+        """Apply and score `inputs` in order; return one ScoreUpdate record per input."""
+        if not inputs:
+            return []
+        async with self._lock:
+            await self._restore_once()
+            partitions = sorted({i.partition for i in inputs})
+            states, watermarks = await self.store.load((i.customer_id for i in inputs), partitions)
+            changes = StateChanges()
+            records = []
+            for item in inputs:
+                state = states.setdefault(item.customer_id, CustomerState())
+                t = item.touch.timestamp_ms
+                watermark = max(watermarks.get(item.partition, t), t)
+                watermarks[item.partition] = watermark
+                applied_before = state.has_applied(item.touch.message_id)
+                scored = self.engine.score(state, item.touch, watermark)
+                if applied_before:
+                    self.metrics.duplicates.inc()
+                if scored.new_example is not None:
+                    changes.add_due(item.partition, item.customer_id, t, scored.new_example.due_ms)
+                changes.states[item.customer_id] = state
+                records.append(score_update_record(item.customer_id, item.touch, scored))
+            changes.watermarks = {p: watermarks[p] for p in partitions}
+            await self._learn_matured(states, changes)
+            await self.store.save(changes)
+        await self._report(partitions, changes.watermarks)
+        return records
+
+    async def _learn_matured(self, states: dict[str, CustomerState], changes: StateChanges) -> None:
+        for partition, watermark in changes.watermarks.items():
+            cutoff = self.engine.maturity_cutoff(watermark)
+            members = await self.store.due_members(partition, cutoff)
+            # Examples added earlier in this batch are not in Redis yet but may be due already.
+            members += [m for m, due in changes.due_added.get(partition, {}).items() if due <= cutoff]
+            if not members:
+                continue
+            due_ids = {customer_of(m) for m in members}
+            missing = [c for c in due_ids if c not in states]
+            if missing:
+                loaded, _ = await self.store.load(missing)
+                states.update(loaded)
+            # A member whose customer is gone was merged away; its examples moved with the state.
+            due_states = {c: states[c] for c in due_ids if c in states}
+            outcome = self.engine.learn_matured(due_states.values(), cutoff)
+            changes.states.update(due_states)
+            changes.remove_due(partition, members)
+            self.metrics.examples_learned.labels("positive").inc(outcome.positives)
+            self.metrics.examples_learned.labels("negative").inc(outcome.learned - outcome.positives)
+            self.metrics.drift_alarms.inc(outcome.drift_alarms)
+
+    async def _report(self, partitions: list[int], watermarks: dict[int, int]) -> None:
+        quality = self.engine.learner.quality
+        if quality.examples:
+            self.metrics.roc_auc.set(quality.roc_auc.get())
+            self.metrics.log_loss.set(quality.log_loss.get())
+        for partition, count in (await self.store.pending_counts(partitions)).items():
+            self.metrics.pending_examples.labels(str(partition)).set(count)
+        for partition, watermark in watermarks.items():
+            self.metrics.watermark.labels(str(partition)).set(watermark / 1000)
+
+    async def apply_merges(self, merges: list[MergeInput]) -> None:
+        """Fold each merged customer's state into its survivor's and delete it; repeats change nothing."""
+        if not merges:
+            return
+        async with self._lock:
+            ids = [c for m in merges for c in (m.survivor_id, m.merged_id)]
+            states, _ = await self.store.load(ids)
+            changes = StateChanges()
+            for merge in merges:
+                outcome = self._merge_one(merge, states, changes)
+                self.metrics.merges.labels(outcome).inc()
+            await self.store.save(changes)
+
+    def _merge_one(self, merge: MergeInput, states: dict[str, CustomerState], changes: StateChanges) -> str:
+        if merge.merged_id == merge.survivor_id:
+            return "self"
+        merged = states.get(merge.merged_id)
+        if merged is None:
+            return "nothing_to_merge"
+        survivor = states.setdefault(merge.survivor_id, CustomerState())
+        if not merge_states(survivor, merged, merge.merge_id):
+            return "duplicate"
+        del states[merge.merged_id]
+        changes.states.pop(merge.merged_id, None)
+        changes.deleted.add(merge.merged_id)
+        changes.deleted.discard(merge.survivor_id)
+        changes.states[merge.survivor_id] = survivor
+        # The merged customer's due members stay in its own partition's set and are
+        # skipped when they come due; the examples mature from the survivor's partition.
+        for example in survivor.pending:
+            changes.add_due(merge.partition, merge.survivor_id, example.t_ms, example.due_ms)
+        return "merged"

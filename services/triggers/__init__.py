@@ -1,0 +1,1 @@
+"""The triggers service: evaluates retention rules on score changes and delivers actions as signed webhooks."""

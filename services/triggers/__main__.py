@@ -1,0 +1,20 @@
+"""Run a triggers worker: `python -m services.triggers`."""
+
+from __future__ import annotations
+
+from services.triggers.app import build_app
+from services.triggers.settings import TriggersSettings
+from touchstream.settings import CoreSettings
+from touchstream.streams import run_worker
+
+
+def main() -> None:
+    """Build settings from the environment and run the worker until stopped."""
+    core = CoreSettings()
+    # Faust creates its data directory without parents; a bare checkout has no .run/ yet.
+    core.state_dir.mkdir(parents=True, exist_ok=True)
+    run_worker(build_app(core, TriggersSettings()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""The scoring worker as a process on the real broker and Valkey: resolved touchpoints in, scores out."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from services.scoring.labels import DAY_MS
+from touchstream import avro
+from touchstream.embedded import free_port, spawn, wait_for_port
+from touchstream.topics import DEADLETTER, SCORES, TOUCHPOINTS_RESOLVED
+
+pytestmark = pytest.mark.integration
+
+
+def resolved_record(customer_id: str, message_id: str, day: float, amount: float | None) -> dict[str, object]:
+    t = int(day * DAY_MS)
+    return {
+        "customer_id": customer_id,
+        "resolved_at_ms": t,
+        "event": {
+            "message_id": message_id, "type": "track", "event": "Order Completed", "channel": "web",
+            "source": "test", "timestamp_ms": t, "received_at_ms": t + 1, "identifiers": [],
+            "order": None if amount is None else {"order_id": None, "amount": amount, "currency": "USD", "items": []},
+            "feedback": None, "consent": ["email"], "properties_json": None,
+        },
+    }
+
+
+async def wait_ready(port: int) -> None:
+    async with httpx.AsyncClient() as client:
+        while True:
+            try:
+                if (await client.get(f"http://127.0.0.1:{port}/readyz")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.2)
+
+
+async def test_worker_scores_resolved_touchpoints_and_dead_letters_garbage(
+    all_topics: str, redis_url: str, artifacts_dir: Path, tmp_path: Path
+) -> None:
+    web_port = free_port()
+    worker = spawn(
+        "scoring",
+        [sys.executable, "-m", "services.scoring"],
+        artifacts_dir / "scoring-worker.log",
+        env={
+            "TOUCHSTREAM_KAFKA_BOOTSTRAP": all_topics,
+            "TOUCHSTREAM_REDIS_URL": redis_url,
+            "TOUCHSTREAM_PARTITIONS": "2",
+            "TOUCHSTREAM_SCORING_WEB_PORT": str(web_port),
+            "TOUCHSTREAM_SCORING_KEY_PREFIX": f"test-{uuid.uuid4().hex[:8]}",
+            "TOUCHSTREAM_STATE_DIR": str(tmp_path),
+        },
+    )
+    try:
+        wait_for_port(web_port, timeout=30, process=worker)
+        async with asyncio.timeout(60):
+            await wait_ready(web_port)
+        customer = f"cust-{uuid.uuid4().hex[:8]}"
+        message_ids = [f"{customer}-m{n}" for n in range(3)]
+        producer = AIOKafkaProducer(bootstrap_servers=all_topics)
+        await producer.start()
+        try:
+            for n, (message_id, day) in enumerate(zip(message_ids, (1, 20, 45), strict=True)):
+                record = resolved_record(customer, message_id, day, 10.0 * (n + 1))
+                value = avro.encode(TOUCHPOINTS_RESOLVED.schema, record)
+                await producer.send_and_wait(TOUCHPOINTS_RESOLVED.name, value, key=customer.encode())
+            garbage_key = f"garbage-{customer}".encode()
+            await producer.send_and_wait(TOUCHPOINTS_RESOLVED.name, b"not avro", key=garbage_key)
+        finally:
+            await producer.stop()
+
+        consumer = AIOKafkaConsumer(
+            SCORES.name, DEADLETTER.name, bootstrap_servers=all_topics, auto_offset_reset="earliest"
+        )
+        await consumer.start()
+        scores: dict[str, dict[str, object]] = {}
+        dead: list[dict[str, object]] = []
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and (len(scores) < 3 or not dead):
+                for tp, records in (await consumer.getmany(timeout_ms=500)).items():
+                    for record in records:
+                        if tp.topic == SCORES.name and record.key == customer.encode():
+                            update = avro.decode(SCORES.schema, record.value)
+                            scores[str(update["message_id"])] = update
+                        elif tp.topic == DEADLETTER.name and record.key is not None:
+                            letter = avro.decode(DEADLETTER.schema, record.value)
+                            if letter["key"] == garbage_key:
+                                dead.append(letter)
+        finally:
+            await consumer.stop()
+
+        assert set(scores) == set(message_ids)
+        last = scores[message_ids[-1]]
+        assert last["features"]["purchase_count"] == 3.0  # type: ignore[index]
+        assert last["features"]["monetary_total"] == 60.0  # type: ignore[index]
+        assert last["stage"] == "loyal" and last["consent"] == ["email"]
+        assert last["received_at_ms"] == 45 * DAY_MS + 1
+        assert str(last["model_version"]).startswith("logreg-v1-n")
+        assert dead and dead[0]["stage"] == "scoring" and dead[0]["original"] == b"not avro"
+
+        async with httpx.AsyncClient() as client:
+            metrics = (await client.get(f"http://127.0.0.1:{web_port}/metrics")).text
+        assert "touchstream_scoring_pending_examples_count" in metrics
+        assert 'touchstream_scoring_events_in_total{topic="touchpoints.resolved"}' in metrics
+    finally:
+        worker.stop()

@@ -1,0 +1,109 @@
+"""The scoring Redis adapter and service against the real Valkey from the session fixtures."""
+
+from __future__ import annotations
+
+import pytest
+import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry
+
+from services.scoring.labels import DAY_MS
+from services.scoring.metrics import ScoringMetrics
+from services.scoring.service import MergeInput, ResolvedInput, ScoringService
+from services.scoring.settings import ScoringSettings
+from services.scoring.state import CustomerState, Touchpoint, apply_touchpoint
+from services.scoring.store import RedisScoringStore, StateChanges
+
+pytestmark = pytest.mark.integration
+
+PREFIX = "test:scoring"
+
+
+def purchase(message_id: str, day: float, amount: float = 10.0) -> Touchpoint:
+    t = int(day * DAY_MS)
+    return Touchpoint(message_id, t, t, event_name="Order Completed", order_amount=amount)
+
+
+def new_service(redis_client: aioredis.Redis, **overrides: object) -> ScoringService:
+    settings = ScoringSettings(key_prefix=PREFIX, **overrides)  # type: ignore[arg-type]
+    return ScoringService(RedisScoringStore(redis_client, PREFIX), settings, ScoringMetrics(CollectorRegistry()))
+
+
+async def test_state_round_trip(redis_client: aioredis.Redis) -> None:
+    store = RedisScoringStore(redis_client, PREFIX)
+    state = CustomerState()
+    apply_touchpoint(state, purchase("m1", 3, 42.0))
+    await store.save(StateChanges(states={"c1": state}, watermarks={0: 3 * DAY_MS}))
+    loaded, watermarks = await store.load(["c1", "absent"], [0, 1])
+    assert loaded == {"c1": state}
+    assert watermarks == {0: 3 * DAY_MS}
+
+
+async def test_replaying_the_same_message_does_not_double_count(redis_client: aioredis.Redis) -> None:
+    service = new_service(redis_client)
+    batch = [ResolvedInput(0, "c1", purchase("m1", 1, 20.0)), ResolvedInput(0, "c1", purchase("m2", 2, 5.0))]
+    first = await service.score_touchpoints(batch)
+    # A crash after saving but before committing offsets redelivers the whole batch.
+    replayed = await service.score_touchpoints(batch)
+    states, _ = await service.store.load(["c1"])
+    assert (states["c1"].purchase_count, states["c1"].monetary_total) == (2, 25.0)
+    assert [r["message_id"] for r in replayed] == ["m1", "m2"]
+    assert replayed[-1]["features"] == first[-1]["features"]
+    assert await service.store.pending_counts([0]) == {0: 2}
+
+
+async def test_pending_examples_survive_a_new_adapter_and_mature_there(redis_client: aioredis.Redis) -> None:
+    first = new_service(redis_client)
+    await first.score_touchpoints(
+        [ResolvedInput(1, "c1", purchase("m1", 0)), ResolvedInput(1, "c2", purchase("m2", 0))]
+    )
+    await first.score_touchpoints([ResolvedInput(1, "c1", purchase("m3", 40))])
+    await first.checkpoint()
+
+    restarted = new_service(redis_client)
+    assert await restarted.store.pending_counts([1]) == {1: 3}
+    # Event time moves past day 0 + 90 + 1 day of lateness: both day-0 examples mature.
+    await restarted.score_touchpoints([ResolvedInput(1, "c3", purchase("m4", 92))])
+    learner = restarted.engine.learner
+    assert learner.model.examples_learned == 2
+    assert learner.quality.examples == 2
+    states, _ = await restarted.store.load(["c1", "c2"])
+    assert [e.t_ms for e in states["c1"].pending] == [40 * DAY_MS]
+    assert states["c2"].pending == []
+    assert await restarted.store.pending_counts([1]) == {1: 2}
+
+
+async def test_model_checkpoint_is_restored(redis_client: aioredis.Redis) -> None:
+    service = new_service(redis_client)
+    await service.score_touchpoints(
+        [ResolvedInput(0, "c1", purchase("m1", 0)), ResolvedInput(0, "c2", purchase("m2", 100))]
+    )
+    assert service.engine.learner.model.examples_learned == 1
+    await service.checkpoint()
+    restarted = new_service(redis_client)
+    await restarted.restore_model()
+    assert restarted.engine.learner.model.version == "logreg-v1-n1"
+
+
+async def test_merge_moves_state_to_the_survivor_once(redis_client: aioredis.Redis) -> None:
+    service = new_service(redis_client)
+    await service.score_touchpoints(
+        [ResolvedInput(0, "survivor", purchase("m1", 10, 30.0)), ResolvedInput(1, "merged", purchase("m2", 5, 12.0))]
+    )
+    merge = MergeInput(0, "merge-1", "survivor", "merged")
+    await service.apply_merges([merge])
+    await service.apply_merges([merge])
+
+    states, _ = await service.store.load(["survivor", "merged"])
+    assert "merged" not in states
+    survivor = states["survivor"]
+    assert (survivor.purchase_count, survivor.monetary_total) == (2, 42.0)
+    assert survivor.first_purchase_ms == 5 * DAY_MS and survivor.last_purchase_ms == 10 * DAY_MS
+    # The merged customer's day-5 example is now the survivor's, labelled by the day-10 purchase.
+    assert [(e.t_ms, e.positive) for e in survivor.pending] == [(5 * DAY_MS, True), (10 * DAY_MS, False)]
+    assert await service.store.pending_counts([0]) == {0: 2}
+
+    # Its stale due member in partition 1 is dropped when it comes due; nothing is learned twice.
+    await service.score_touchpoints([ResolvedInput(1, "other", purchase("m3", 97))])
+    await service.score_touchpoints([ResolvedInput(0, "other0", purchase("m4", 102))])
+    assert service.engine.learner.model.examples_learned == 2
+    assert await service.store.pending_counts([0, 1]) == {0: 1, 1: 1}

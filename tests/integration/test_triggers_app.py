@@ -1,0 +1,151 @@
+"""The triggers worker end to end on the real broker and Valkey: scores in, signed webhooks out."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from services.triggers.actions import action_id
+from services.triggers.state_store import delivered_key, state_key
+from tests.integration.test_triggers_delivery import SECRET, Receiver, receiver  # noqa: F401 (fixture)
+from touchstream import avro
+from touchstream.embedded import ManagedProcess, free_port, spawn
+from touchstream.topics import ACTIONS, DEADLETTER, SCORES
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+
+RULES = """
+rules:
+  - id: churn-risk-high
+    when: {score: churn_risk, crosses_above: 0.7, rearm_below: 0.6}
+    action: {endpoint: marketing, template: {customer: "${customer_id}", risk: "${scores.churn_risk}"}}
+    cooldown_hours: 24
+  - id: everyone-held-out
+    when: {score: churn_risk, crosses_above: 0.7, rearm_below: 0.6}
+    action: {endpoint: marketing}
+    holdout_percent: 100
+"""
+
+
+@pytest.fixture
+def worker(all_topics: str, redis_url: str, receiver: Receiver, tmp_path: Path,  # noqa: F811
+           artifacts_dir: Path) -> Iterator[tuple[ManagedProcess, int]]:
+    rules_file = tmp_path / "rules.yaml"
+    rules_file.write_text(RULES)
+    web_port = free_port()
+    env = {
+        "PYTHONPATH": str(REPO),
+        "TOUCHSTREAM_KAFKA_BOOTSTRAP": all_topics,
+        "TOUCHSTREAM_REDIS_URL": redis_url,
+        "TOUCHSTREAM_PARTITIONS": "2",
+        "TOUCHSTREAM_STATE_DIR": str(tmp_path / "state"),
+        "TOUCHSTREAM_TRIGGERS_WEB_PORT": str(web_port),
+        "TOUCHSTREAM_TRIGGERS_RULES_FILE": str(rules_file),
+        "TOUCHSTREAM_TRIGGERS_ENDPOINTS": json.dumps({"marketing": {"url": receiver.url, "secret": SECRET}}),
+        "TOUCHSTREAM_TRIGGERS_ALLOW_PRIVATE_ENDPOINTS": "true",
+    }
+    process = spawn("triggers", [sys.executable, "-m", "services.triggers"], artifacts_dir / "triggers-worker.log", env)
+    yield process, web_port
+    process.stop()
+
+
+def a_score_record(customer_id: str, risk: float, n: int) -> dict[str, Any]:
+    now_ms = int(time.time() * 1000)
+    return {"customer_id": customer_id, "message_id": f"msg-{customer_id}-{n}", "event_time_ms": n * 1000,
+            "received_at_ms": now_ms, "churn_risk": risk, "purchase_propensity": 1 - risk, "segment": "at_risk",
+            "stage": "lapsing", "reasons": [{"feature": "recency_days", "contribution": 0.9}], "features": {},
+            "model_version": "test", "event_type": "track", "event_name": "Order Completed", "consent": []}
+
+
+async def wait_until(condition: Any, within_s: float, what: str) -> None:
+    deadline = time.monotonic() + within_s
+    while not await condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within_s}s waiting for {what}")
+        await asyncio.sleep(0.2)
+
+
+async def test_crossing_score_becomes_one_signed_webhook(worker: tuple[ManagedProcess, int], receiver: Receiver,  # noqa: F811
+                                                         all_topics: str, redis_url: str) -> None:
+    process, web_port = worker
+    customer = f"cus_{uuid.uuid4().hex[:12]}"
+    producer = AIOKafkaProducer(bootstrap_servers=all_topics)
+    await producer.start()
+    try:
+        # Up through 0.7 (fires), still above (no new edge), then garbage that must reach the deadletter.
+        for n, risk in enumerate([0.4, 0.82, 0.9]):
+            await producer.send_and_wait(SCORES.name, avro.encode(SCORES.schema, a_score_record(customer, risk, n)),
+                                         key=customer.encode())
+        await producer.send_and_wait(SCORES.name, b"not avro", key=customer.encode())
+    finally:
+        await producer.stop()
+
+    expected_id = action_id("churn-risk-high", customer, f"msg-{customer}-1")
+
+    async def webhook_arrived() -> bool:
+        assert process.alive(), "triggers worker exited; see test-artifacts/triggers-worker.log"
+        return receiver.hits(expected_id) > 0
+
+    await wait_until(webhook_arrived, 90, "the webhook")
+    _, payload = next((h, p) for h, p in receiver.verified if h["webhook-id"] == expected_id)
+    assert payload["customer_id"] == customer and payload["rule_id"] == "churn-risk-high"
+    assert payload["data"] == {"customer": customer, "risk": 0.82}
+
+    redis = aioredis.from_url(redis_url)
+    try:
+        await wait_until(lambda: redis.exists(delivered_key(expected_id)), 10, "the delivered record")
+        assert await redis.hgetall(state_key("churn-risk-high", customer)) == {
+            b"armed": b"0", b"cooldown_until_ms": str(1000 + 24 * 3_600_000).encode()}
+    finally:
+        await redis.aclose()
+
+    actions = await records_about(all_topics, ACTIONS.name, customer.encode(), want=2)
+    outcomes = sorted((a["rule_id"], a["outcome"]) for a in map(lambda v: avro.decode(ACTIONS.schema, v), actions))
+    assert outcomes == [("churn-risk-high", "fired"), ("everyone-held-out", "held_out")]
+    assert receiver.hits(expected_id) == 1
+    assert receiver.rejected == []
+
+    dead = [avro.decode(DEADLETTER.schema, v) for v in await records_about(all_topics, DEADLETTER.name, None, want=1,
+                                                                            original=b"not avro")]
+    assert dead[0]["stage"] == "triggers" and dead[0]["key"] == customer.encode()
+
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{web_port}") as client:
+        assert (await client.get("/readyz")).status_code == 200
+        metrics = (await client.get("/metrics")).text
+    assert 'touchstream_triggers_event_to_webhook_seconds_count{rule="churn-risk-high"}' in metrics
+    assert 'touchstream_triggers_actions_total{outcome="held_out",reason="holdout",rule="everyone-held-out"}' in metrics
+
+
+async def records_about(bootstrap: str, topic: str, key: bytes | None, want: int, original: bytes | None = None,
+                        within_s: float = 20) -> list[bytes]:
+    """Read `topic` from the start; return the values whose key is `key` (or that wrap `original`)."""
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                enable_auto_commit=False, group_id=None)
+    await consumer.start()
+    found: list[bytes] = []
+    try:
+        deadline = time.monotonic() + within_s
+        while len(found) < want and time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=500)
+            for messages in batch.values():
+                for message in messages:
+                    if message.value is None:
+                        continue
+                    wanted = original in message.value if original is not None else message.key == key
+                    if wanted:
+                        found.append(message.value)
+    finally:
+        await consumer.stop()
+    return found
