@@ -28,7 +28,7 @@ def ingest(all_topics: str, redis_url: str) -> Iterator[TestClient]:
         yield client
 
 
-async def read_raw_events(bootstrap: str, message_ids: set[str], timeout: float = 10.0) -> list[dict[str, object]]:
+async def read_raw_events(bootstrap: str, message_ids: set[str], wait_s: float = 10.0) -> list[dict[str, object]]:
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False)
     await consumer.start()
     try:
@@ -36,7 +36,7 @@ async def read_raw_events(bootstrap: str, message_ids: set[str], timeout: float 
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
         found: list[dict[str, object]] = []
-        deadline = asyncio.get_running_loop().time() + timeout
+        deadline = asyncio.get_running_loop().time() + wait_s
         while asyncio.get_running_loop().time() < deadline and len(found) < len(message_ids):
             batches = await consumer.getmany(timeout_ms=200)
             for records in batches.values():
