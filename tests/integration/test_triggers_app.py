@@ -88,7 +88,8 @@ async def test_crossing_score_becomes_one_signed_webhook(worker: tuple[ManagedPr
         for n, risk in enumerate([0.4, 0.82, 0.9]):
             await producer.send_and_wait(SCORES.name, avro.encode(SCORES.schema, a_score_record(customer, risk, n)),
                                          key=customer.encode())
-        await producer.send_and_wait(SCORES.name, b"not avro", key=customer.encode())
+        # Unique bytes: other tests on this session's broker dead-letter garbage of their own.
+        await producer.send_and_wait(SCORES.name, f"not avro {customer}".encode(), key=customer.encode())
     finally:
         await producer.stop()
 
@@ -118,7 +119,7 @@ async def test_crossing_score_becomes_one_signed_webhook(worker: tuple[ManagedPr
     assert receiver.rejected == []
 
     dead = [avro.decode(DEADLETTER.schema, v) for v in await records_about(all_topics, DEADLETTER.name, None, want=1,
-                                                                            original=b"not avro")]
+                                                                            original=f"not avro {customer}".encode())]
     assert dead[0]["stage"] == "triggers" and dead[0]["key"] == customer.encode()
 
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{web_port}") as client:
