@@ -31,6 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     receiver_cmd.add_argument("--port", type=int, required=True)
     receiver_cmd.add_argument("--secret", required=True, help="Standard Webhooks secret (whsec_...)")
 
+    # Listed here for --help; its arguments are parsed by services.ingest.keys.
+    commands.add_parser("keys", help="ingest write keys: add SOURCE, revoke SOURCE, list")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["keys"]:
+        from services.ingest.keys import main as keys_main
+
+        return keys_main(argv[1:])
+
     args = parser.parse_args(argv)
     if args.command == "local":
         from touchstream import local

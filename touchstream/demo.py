@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -56,6 +57,27 @@ async def wait_drained(state: local.StackState, accepted: int, wait_s: float) ->
             await asyncio.sleep(2.0)
 
 
+async def replay_with_backpressure(state: local.StackState, calls: list[tuple[int, dict[str, Any]]],
+                                  days_per_second: float, show: Any) -> int:
+    """Replay, pausing while the triggers service is more than a few thousand events behind."""
+    async with httpx.AsyncClient() as client:
+
+        async def scores_seen_by_triggers() -> float:
+            text = await scrape(client, state.url("triggers"))
+            return sum_metric(text, "touchstream_triggers_events_in_total", topic="scores")
+
+        return await replay(state.url("ingest"), state.write_key, calls, days_per_second,
+                            on_progress=show, processed=scores_seen_by_triggers, max_lag=3000)
+
+
+def show_sample_webhook(state: local.StackState) -> None:
+    """Print one delivered webhook body, as marketing receives it."""
+    with contextlib.suppress(httpx.HTTPError, IndexError, KeyError):
+        delivery = httpx.get(f"{state.url('receiver')}/deliveries", params={"limit": 1}, timeout=5).json()[0]
+        print(f"\nlast webhook received (webhook-id {delivery['webhook_id']}):")
+        print("  " + json.dumps(delivery["body"], indent=2).replace("\n", "\n  "))
+
+
 def run_demo(run_dir: Path, days_per_second: float, limit: int | None, partitions: int) -> dict[str, Any]:
     purchases = cdnow_purchases()
     if limit:
@@ -65,19 +87,16 @@ def run_demo(run_dir: Path, days_per_second: float, limit: int | None, partition
           f"{purchases[0].date} .. {purchases[-1].date}")
     state = local.up(run_dir, partitions=partitions)
     try:
-        client_state = state
-
         def show(progress: ReplayProgress) -> None:
             day = datetime.fromtimestamp(progress.event_time_ms / 1000, UTC).date()
             print(f"  [{progress.elapsed_s:5.1f}s] sent {progress.sent:,}/{progress.total:,} events "
                   f"(event time {day})", flush=True)
 
         started = time.monotonic()
-        accepted = asyncio.run(replay(state.url("ingest"), state.write_key, calls, days_per_second,
-                                      on_progress=show))
+        accepted = asyncio.run(replay_with_backpressure(state, calls, days_per_second, show))
         replay_s = time.monotonic() - started
         print(f"replayed {accepted:,} events in {replay_s:.1f}s; waiting for the pipeline to drain")
-        counts = asyncio.run(wait_drained(client_state, accepted, wait_s=600.0))
+        counts = asyncio.run(wait_drained(state, accepted, wait_s=600.0))
         total_s = time.monotonic() - started
         summary = {
             "events_in": accepted,
@@ -90,6 +109,7 @@ def run_demo(run_dir: Path, days_per_second: float, limit: int | None, partition
             "wall_seconds": round(total_s, 1),
             "events_per_second": round(accepted / total_s, 1),
         }
+        show_sample_webhook(state)
         print("\nsummary")
         for key, value in summary.items():
             print(f"  {key:26s} {value:,}" if isinstance(value, int) else f"  {key:26s} {value}")

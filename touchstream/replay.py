@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,16 +52,21 @@ async def replay(
     batch_size: int = 500,
     concurrency: int = 2,
     on_progress: Callable[[ReplayProgress], None] | None = None,
+    processed: Callable[[], Awaitable[float]] | None = None,
+    max_lag: int = 5000,
 ) -> int:
     """POST `calls` (event time ms, Segment call) in event-time order; return how many were accepted.
 
     The clock runs `days_per_second` days of event time per wall-clock second, so a year of
-    history takes 365 / days_per_second seconds if the pipeline keeps up.
+    history takes 365 / days_per_second seconds if the pipeline keeps up. With `processed`
+    (how many events the pipeline's last stage has handled) the replay pauses the clock while
+    more than `max_lag` events are in the pipeline, so latency is measured, not queueing.
     """
     if not calls:
         return 0
     first_ms = calls[0][0]
     started = time.monotonic()
+    paused_s = 0.0
     next_index = 0
     semaphore = asyncio.Semaphore(concurrency)
     tasks: list[asyncio.Task[int]] = []
@@ -81,7 +86,12 @@ async def replay(
 
     async with httpx.AsyncClient(timeout=30.0) as client:
         while next_index < len(calls):
-            elapsed = time.monotonic() - started
+            if processed is not None and next_index - await processed() > max_lag:
+                pause_started = time.monotonic()
+                await asyncio.sleep(0.2)
+                paused_s += time.monotonic() - pause_started
+                continue
+            elapsed = time.monotonic() - started - paused_s
             clock_ms = first_ms + elapsed * days_per_second * DAY_MS
             end = next_index
             while end < len(calls) and calls[end][0] <= clock_ms and end - next_index < batch_size:
@@ -96,6 +106,7 @@ async def replay(
                 await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
             if on_progress and elapsed - last_report >= 1.0:
                 last_report = elapsed
-                on_progress(ReplayProgress(next_index, len(calls), calls[next_index - 1][0], elapsed))
+                on_progress(ReplayProgress(next_index, len(calls), calls[next_index - 1][0],
+                                           time.monotonic() - started))
         results = await asyncio.gather(*tasks)
     return sum(results)
