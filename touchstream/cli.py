@@ -18,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     local_cmd.add_argument("action", choices=["up", "down", "status"])
     local_cmd.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
     local_cmd.add_argument("--partitions", type=int, default=4)
+    local_cmd.add_argument("--workers", type=int, default=1, help="processes per stream service")
 
     demo_cmd = commands.add_parser("demo", help="replay CDNOW through the local pipeline and summarise")
     demo_cmd.add_argument("--run-dir", type=Path, default=Path(".run/demo"))
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         from touchstream import local
 
         if args.action == "up":
-            state = local.up(args.run_dir, partitions=args.partitions)
+            state = local.up(args.run_dir, partitions=args.partitions, workers=args.workers)
             print(f"up; ingest at {state.url('ingest')} (write key {state.write_key}); "
                   f"logs in {args.run_dir / 'logs'}")
         elif args.action == "down":

@@ -21,6 +21,8 @@ import httpx
 from touchstream.embedded import ManagedProcess, create_topics, free_port, spawn, start_tansu, start_valkey, stop_pid
 
 SERVICES = ("ingest", "identity", "scoring", "triggers")
+# Stream services scale by workers in one consumer group; ingest scales behind a load balancer.
+STREAM_SERVICES = ("identity", "scoring", "triggers")
 STATE_FILE = "state.json"
 
 
@@ -96,15 +98,25 @@ def wait_ready(name: str, url: str, process: ManagedProcess | None, timeout: flo
     raise TimeoutError(f"{name} not ready after {timeout}s ({last}); see its log")
 
 
+def worker_name(service: str, index: int) -> str:
+    """Name of a service's index-th worker: the first keeps the service's name.
+
+    >>> worker_name("scoring", 0), worker_name("scoring", 2)
+    ('scoring', 'scoring-3')
+    """
+    return service if index == 0 else f"{service}-{index + 1}"
+
+
 def up(run_dir: Path, partitions: int = 4, env_overrides: dict[str, str] | None = None,
-       ready_timeout: float = 90.0, progress: bool = True) -> StackState:
-    """Start everything and return once every service answers ready."""
+       ready_timeout: float = 90.0, progress: bool = True, workers: int = 1) -> StackState:
+    """Start everything (`workers` processes per stream service) and return once every one answers ready."""
     run_dir = run_dir.resolve()
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     if (run_dir / STATE_FILE).exists() and any(_alive(p) for p in StackState.load(run_dir).pids.values()):
         raise RuntimeError(f"a stack is already running from {run_dir}; run `touchstream local down` first")
-    names = ("broker", "redis", "receiver", *SERVICES)
+    extra_workers = [worker_name(s, i) for s in STREAM_SERVICES for i in range(1, workers)]
+    names = ("broker", "redis", "receiver", *SERVICES, *extra_workers)
     state = StackState(
         run_dir=str(run_dir), partitions=partitions, ports={n: free_port() for n in names},
         webhook_secret="whsec_" + base64.b64encode(secrets.token_bytes(24)).decode(),
@@ -126,6 +138,10 @@ def up(run_dir: Path, partitions: int = 4, env_overrides: dict[str, str] | None 
                              logs / "receiver.log", env))
         for name in SERVICES:
             started.append(spawn(name, [python, "-m", f"services.{name}"], logs / f"{name}.log", env))
+        for name in extra_workers:
+            service = name.rsplit("-", 1)[0]
+            worker_env = {**env, f"TOUCHSTREAM_{service.upper()}_WEB_PORT": str(state.ports[name])}
+            started.append(spawn(name, [python, "-m", f"services.{service}"], logs / f"{name}.log", worker_env))
         state.pids = {p.name: p.pid for p in started}
         state.save()
         for proc in started[2:]:
