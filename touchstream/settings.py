@@ -26,6 +26,9 @@ class CoreSettings(BaseSettings):
     idempotent_producer: bool = False
     # Tansu makes a group join wait half the session timeout, so keep it short locally.
     session_timeout_s: float = 10.0
+    # Tansu answers a fetch only when this wait is over, even if records arrived meanwhile;
+    # Apache Kafka answers early, so 500 there costs nothing.
+    fetch_max_wait_ms: int = Field(20, ge=1, le=5000)
     heartbeat_interval_s: float = 1.0
     pii_hash_key: SecretStr = SecretStr(DEV_PLACEHOLDER_SECRET)
     batch_size: int = Field(500, ge=1, description="Max events a stream handles per batch.")
