@@ -1,6 +1,6 @@
 """`touchstream local up|down|status`: the whole pipeline on this machine, no Docker.
 
-Starts the embedded broker and Redis, creates the topics, then the four services and a
+Starts the embedded broker and Redis, creates the topics, then the five services and a
 webhook receiver, each in its own process group, logs and PIDs under one run directory.
 """
 
@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import secrets
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,6 +36,7 @@ class StackState:
     pids: dict[str, int] = field(default_factory=dict)
     webhook_secret: str = ""
     write_key: str = ""
+    env_overrides: dict[str, str] = field(default_factory=dict)
 
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.ports[name]}"
@@ -131,17 +134,9 @@ def up(run_dir: Path, partitions: int = 4, env_overrides: dict[str, str] | None 
         asyncio.run(create_topics(state.kafka_bootstrap, partitions))
         say(f"broker :{state.ports['broker']} and redis :{state.ports['redis']} up, topics created "
             f"({time.monotonic() - t0:.1f}s)")
-        env = service_env(state, env_overrides)
-        python = sys.executable
-        started.append(spawn("receiver", [python, "-m", "touchstream.cli", "receiver", "--port",
-                                          str(state.ports["receiver"]), "--secret", state.webhook_secret],
-                             logs / "receiver.log", env))
-        for name in SERVICES:
-            started.append(spawn(name, [python, "-m", f"services.{name}"], logs / f"{name}.log", env))
-        for name in extra_workers:
-            service = name.rsplit("-", 1)[0]
-            worker_env = {**env, f"TOUCHSTREAM_{service.upper()}_WEB_PORT": str(state.ports[name])}
-            started.append(spawn(name, [python, "-m", f"services.{service}"], logs / f"{name}.log", worker_env))
+        state.env_overrides = dict(env_overrides or {})
+        for name in ("receiver", *SERVICES, *extra_workers):
+            started.append(spawn_component(state, name))
         state.pids = {p.name: p.pid for p in started}
         state.save()
         for proc in started[2:]:
@@ -152,6 +147,41 @@ def up(run_dir: Path, partitions: int = 4, env_overrides: dict[str, str] | None 
             proc.stop()
         raise
     return state
+
+
+def spawn_component(state: StackState, name: str) -> ManagedProcess:
+    """Start the receiver, a service, or a service's extra worker (`scoring-2`) of `state`'s stack."""
+    python = sys.executable
+    log = Path(state.run_dir, "logs", f"{name}.log")
+    env = service_env(state, state.env_overrides)
+    if name == "receiver":
+        argv = [python, "-m", "touchstream.cli", "receiver", "--port", str(state.ports["receiver"]),
+                "--secret", state.webhook_secret]
+        return spawn(name, argv, log, env)
+    service = name if name in SERVICES else name.rsplit("-", 1)[0]
+    if service not in SERVICES:
+        raise ValueError(f"unknown component {name!r}")
+    if name != service:
+        env[f"TOUCHSTREAM_{service.upper()}_WEB_PORT"] = str(state.ports[name])
+    return spawn(name, [python, "-m", f"services.{service}"], log, env)
+
+
+def kill_and_restart(run_dir: Path, name: str, ready_timeout: float = 90.0) -> int:
+    """SIGKILL one component (no chance to commit or flush), start it again as a supervisor would.
+
+    Returns the new PID once the component answers ready.
+    """
+    state = StackState.load(run_dir.resolve())
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(state.pids[name], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while _alive(state.pids[name]) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process = spawn_component(state, name)
+    state.pids[name] = process.pid
+    state.save()
+    wait_ready(name, state.url(name), process, ready_timeout)
+    return process.pid
 
 
 def _alive(pid: int) -> bool:
