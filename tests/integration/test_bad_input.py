@@ -155,7 +155,7 @@ def test_malformed_kafka_records_go_to_deadletter_and_good_ones_resolve(
 
     template = avro.encode(TOUCHPOINTS_RAW.schema, event(0))
     bad = malformed_records(template, FUZZ_COUNT, rng)
-    good_ids = {f"{run}-good-{n}" for n in range(1, 101)}
+    good_ids = {f"{run}-good-{n}" for n in range(1, FUZZ_COUNT // 100 + 1)}
 
     async def produce() -> int:
         producer = AIOKafkaProducer(bootstrap_servers=all_topics, acks="all", linger_ms=5)
