@@ -46,21 +46,40 @@ class Identifier:
     value: str
 
 
+# Provider rules, applied after trimming and lower-casing (local parts are case-insensitive at
+# every provider we know of, although RFC 5321 allows otherwise):
+# - domains that are one mailbox namespace are folded (googlemail.com -> gmail.com); hotmail.com,
+#   live.com and outlook.com are NOT: the same name there can be three different people;
+# - providers that deliver "name+tag@" to "name@" (plus addressing) lose the tag;
+# - Gmail ignores dots in the local part, so they go too. Elsewhere dots are significant.
+# Other domains keep their local part as typed: "+" is a legal, meaningful character there.
+EMAIL_DOMAIN_ALIASES = {"googlemail.com": "gmail.com"}
+PLUS_ADDRESSING_DOMAINS = frozenset({"gmail.com", "outlook.com", "hotmail.com", "live.com", "icloud.com",
+                                     "proton.me", "protonmail.com", "fastmail.com"})
+DOTS_IGNORED_DOMAINS = frozenset({"gmail.com"})
+
+
 def normalise_email(value: str) -> str:
-    """Trim and lower-case an e-mail; Gmail ignores dots and +tags in the local part.
+    """Trim and lower-case an e-mail, then apply the provider rules above.
 
     >>> normalise_email("  John.Doe+promo@GMail.com ")
     'johndoe@gmail.com'
-    >>> normalise_email("Ann@Example.org")
-    'ann@example.org'
+    >>> normalise_email("Ann@Example.org"), normalise_email("ann+news@example.org")
+    ('ann@example.org', 'ann+news@example.org')
+    >>> normalise_email("ann.lee+shop@hotmail.com"), normalise_email("j.doe@googlemail.com")
+    ('ann.lee@hotmail.com', 'jdoe@gmail.com')
     """
     email = value.strip().lower()
     local, sep, domain = email.rpartition("@")
     if not sep or not local or "." not in domain:
         raise InvalidIdentifier(f"email {value!r} is not an address")
-    if domain in ("gmail.com", "googlemail.com"):
-        local = local.split("+", 1)[0].replace(".", "")
-        domain = "gmail.com"
+    domain = EMAIL_DOMAIN_ALIASES.get(domain, domain)
+    if domain in PLUS_ADDRESSING_DOMAINS:
+        local = local.split("+", 1)[0]
+    if domain in DOTS_IGNORED_DOMAINS:
+        local = local.replace(".", "")
+    if not local:
+        raise InvalidIdentifier(f"email {value!r} is not an address")
     return f"{local}@{domain}"
 
 

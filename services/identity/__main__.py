@@ -10,7 +10,9 @@ from touchstream.streams import run_worker
 
 def main() -> None:
     """Build the settings from the environment and run the worker until stopped."""
-    run_worker(build_app(CoreSettings(), IdentitySettings()))
+    core, settings = CoreSettings(), IdentitySettings()
+    settings.refuse_placeholders(core.environment)
+    run_worker(build_app(core, settings))
 
 
 if __name__ == "__main__":

@@ -5,29 +5,41 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import faust
 import redis.asyncio as aioredis
+from faust.web import Request, Response, View
 from prometheus_client import REGISTRY, CollectorRegistry
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from services.identity.admin import is_admin
+from services.identity.customer360 import find_customer, read_customer
 from services.identity.domain import (
+    MERGE_REASON_OPERATOR,
     GraphLayout,
-    ResolutionRequest,
+    GraphRefused,
+    Resolution,
+    identifier_ref,
     identity_merge_record,
+    lookup_identifier,
+    parse_identifier_ref,
     prepare_identifiers,
+    refusal_log_lines,
     resolution_request,
     resolved_touchpoint_record,
+    short_ref,
 )
-from services.identity.graph import IdentityGraph
+from services.identity.graph import IdentityGraph, PersonIndex
 from services.identity.metrics import IdentityMetrics
+from services.identity.resolver import EventToResolve, IdentityResolver
 from services.identity.settings import IdentitySettings
 from touchstream import avro
-from touchstream.identifiers import Identifier
+from touchstream.identifiers import Identifier, InvalidIdentifier
 from touchstream.settings import CoreSettings
 from touchstream.streams import Outbox, add_health_pages, batches, faust_topic, make_app
 from touchstream.topics import DEADLETTER, IDENTITY_MERGES, TOUCHPOINTS_RAW, TOUCHPOINTS_RESOLVED
@@ -43,7 +55,7 @@ T = TypeVar("T")
 class _Pending:
     event: dict[str, Any]
     identifiers: tuple[Identifier, ...]
-    request: ResolutionRequest
+    item: EventToResolve
 
 
 class TouchpointResolver:
@@ -51,7 +63,7 @@ class TouchpointResolver:
 
     def __init__(
         self,
-        graph: IdentityGraph,
+        resolver: IdentityResolver,
         metrics: IdentityMetrics,
         settings: IdentitySettings,
         hash_key: bytes,
@@ -59,7 +71,8 @@ class TouchpointResolver:
         merges: faust.TopicT,
         deadletter: faust.TopicT,
     ) -> None:
-        self.graph = graph
+        self.resolver = resolver
+        self.graph = resolver.graph
         self.metrics = metrics
         self.settings = settings
         self._hash_key = hash_key
@@ -77,13 +90,13 @@ class TouchpointResolver:
             if pending_event is not None:
                 pending.append(pending_event)
 
-        resolutions = await self.with_redis_retry(lambda: self.graph.resolve([p.request for p in pending]))
+        resolutions = await self.with_redis_retry(lambda: self.resolver.resolve([p.item for p in pending]))
         resolved_at_ms = int(time.time() * 1000)
         for item, resolution in zip(pending, resolutions, strict=True):
             self.metrics.count_resolution(resolution)
-            for refusal in resolution.refused:
-                log.info("identity: refused merging %s into %s for event %s: %s", refusal.customer_id,
-                         resolution.customer_id, item.request.message_id, refusal.reason)
+            if not resolution.replayed:
+                for line in refusal_log_lines(item.item.request.message_id, resolution):
+                    log.info("%s", line)
             for merge in resolution.merges:
                 await outbox.send(self._merges, merge.survivor_id,
                                   avro.encode(IDENTITY_MERGES.schema, identity_merge_record(merge, item.event)))
@@ -110,7 +123,30 @@ class TouchpointResolver:
             await outbox.dead_letter(self._deadletter, STAGE, TOUCHPOINTS_RAW.name,
                                      f"no usable identifier: {reasons}", raw_key, original)
             return None
-        return _Pending(touchpoint, prepared.hashed, resolution_request(touchpoint, prepared.hashed))
+        request = resolution_request(touchpoint, prepared.hashed)
+        item = EventToResolve.of(touchpoint, request, self.resolver.persons is not None)
+        return _Pending(touchpoint, prepared.hashed, item)
+
+    def hashed_lookup(self, kind: str, clear_value: str) -> Identifier:
+        """Hash a clear identifier as the pipeline does (raises InvalidIdentifier)."""
+        return lookup_identifier(kind, clear_value, self._hash_key, self.settings.default_phone_region,
+                                 self.settings.blocklist)
+
+    async def unmerge(self, op_id: str, customer_id: str, identifiers: Sequence[Identifier]) -> Resolution:
+        """Split identifiers off a customer and announce it on identity.merges, acknowledged."""
+        now_ms = int(time.time() * 1000)
+        result = await self.with_redis_retry(
+            lambda: self.graph.unmerge(op_id, now_ms, customer_id, identifiers, MERGE_REASON_OPERATOR))
+        outbox = Outbox(self.metrics.service)
+        for split in result.merges:
+            if not result.replayed:
+                self.metrics.unmerges.inc()
+                log.info("identity: operator split %s off %s into %s (%s)", ", ".join(
+                    short_ref(i) for i in split.linking_identifiers), split.survivor_id, split.merged_id, op_id)
+            record = identity_merge_record(split, {"timestamp_ms": now_ms, "message_id": op_id})
+            await outbox.send(self._merges, split.survivor_id, avro.encode(IDENTITY_MERGES.schema, record))
+        await outbox.flush()
+        return result
 
     async def with_redis_retry(self, call: Callable[[], Awaitable[T]]) -> T:
         """Retry `call` while Redis is unreachable: the batch waits rather than being skipped."""
@@ -132,10 +168,13 @@ def build_app(
     app = make_app(STAGE, core, settings.web_port)
     raw = faust_topic(app, TOUCHPOINTS_RAW, core)
     metrics = IdentityMetrics(registry)
-    graph = IdentityGraph(aioredis.from_url(core.redis_url), GraphLayout(settings.graph_key_prefix),
-                          settings.strong_types, settings.event_ttl_s)
+    client = aioredis.from_url(core.redis_url)
+    hash_key = core.pii_hash_key.get_secret_value().encode()
+    layout = GraphLayout(settings.graph_key_prefix)
+    graph = IdentityGraph(client, layout, settings.graph_rules(), settings.event_ttl_s)
+    persons = PersonIndex(client, layout, hash_key, settings.matching.max_block_size)
     resolver = TouchpointResolver(
-        graph, metrics, settings, core.pii_hash_key.get_secret_value().encode(),
+        IdentityResolver(graph, persons, settings.matching), metrics, settings, hash_key,
         resolved=faust_topic(app, TOUCHPOINTS_RESOLVED, core),
         merges=faust_topic(app, IDENTITY_MERGES, core),
         deadletter=faust_topic(app, DEADLETTER, core),
@@ -143,6 +182,7 @@ def build_app(
     ready = {"ok": False}
     progress = {"partitions_assigned": False, "script_loaded": False}
     add_health_pages(app, ready, registry)
+    add_customer_pages(app, resolver, layout)
 
     def mark(step: str) -> None:
         progress[step] = True
@@ -162,3 +202,83 @@ def build_app(
                 await resolver.resolve_batch(events)
 
     return app
+
+
+class CustomerRequestError(ValueError):
+    """A client error on the customer API, answered 400 with its message."""
+
+
+def _identifiers_to_split(body: Any, resolver: TouchpointResolver) -> list[Identifier]:
+    """Read the identifiers of an unmerge body: hashed refs as the 360 shows them, or clear type/value pairs."""
+    items = body.get("identifiers") if isinstance(body, dict) else None
+    if not isinstance(items, list) or not items:
+        raise CustomerRequestError("body must be {\"identifiers\": [...]}: hashed \"type:hash\" refs or "
+                                   "{\"type\": ..., \"value\": ...} clear values")
+    found = []
+    for item in items:
+        if isinstance(item, str):
+            found.append(parse_identifier_ref(item))
+        elif isinstance(item, dict) and isinstance(item.get("type"), str) and isinstance(item.get("value"), str):
+            found.append(resolver.hashed_lookup(item["type"], item["value"]))
+        else:
+            raise CustomerRequestError(f"not an identifier: {item!r}")
+    return found
+
+
+def add_customer_pages(app: faust.App, resolver: TouchpointResolver, layout: GraphLayout) -> None:
+    """Serve the admin customer API: 360 lookup by id or identifier, and un-merge."""
+    client = resolver.graph.client
+
+    def refused(request: Request) -> bool:
+        return not is_admin(request.headers.get("Authorization", ""), resolver.settings.admin_keys)
+
+    @app.page("/v1/customers")
+    class CustomerSearchView(View):
+        async def get(self, request: Request) -> Response:
+            if refused(request):
+                return self.error(401, "admin key required", headers={"WWW-Authenticate": "Bearer"})
+            kind, sep, value = request.query.get("identifier", "").partition(":")
+            if not sep or not kind or not value:
+                return self.error(400, "give ?identifier=<type>:<clear value>, e.g. email:ann@example.com")
+            try:
+                identifier = resolver.hashed_lookup(kind, value)
+            except InvalidIdentifier as exc:
+                return self.error(400, f"unusable identifier: {exc}")
+            view = await find_customer(client, layout, identifier)
+            if view is None:
+                return self.notfound("no customer has this identifier")
+            return self.json(view.to_json())
+
+    @app.page("/v1/customers/{customer_id}")
+    class CustomerView(View):
+        async def get(self, request: Request, customer_id: str) -> Response:
+            if refused(request):
+                return self.error(401, "admin key required", headers={"WWW-Authenticate": "Bearer"})
+            view = await read_customer(client, layout, customer_id)
+            if view is None:
+                return self.notfound("unknown customer")
+            return self.json(view.to_json())
+
+    @app.page("/v1/customers/{customer_id}/unmerge")
+    class UnmergeView(View):
+        async def post(self, request: Request, customer_id: str) -> Response:
+            if refused(request):
+                return self.error(401, "admin key required", headers={"WWW-Authenticate": "Bearer"})
+            try:
+                body = await request.json()
+                identifiers = _identifiers_to_split(body, resolver)
+            except (ValueError, InvalidIdentifier) as exc:
+                return self.error(400, str(exc))
+            # A client retrying with the same request_id gets the same split, not a second one.
+            op_id = f"unmerge:{body.get('request_id') or uuid.uuid4().hex}"
+            try:
+                result = await resolver.unmerge(op_id, customer_id, identifiers)
+            except GraphRefused as exc:
+                return self.error(409, f"cannot split: {exc}")
+            [split] = result.merges
+            return self.json({
+                "customer_id": split.survivor_id,
+                "new_customer_id": split.merged_id,
+                "identifiers": [identifier_ref(i) for i in split.linking_identifiers],
+                "merge_id": split.merge_id,
+            })

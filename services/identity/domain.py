@@ -22,6 +22,10 @@ from touchstream.identifiers import (
 )
 
 MERGE_REASON_SHARED_IDENTIFIER = "shared_identifier"
+MERGE_REASON_PROBABILISTIC = "probabilistic"
+MERGE_REASON_OPERATOR = "operator"
+# Why the graph refused a merge or left an identifier out; each is a metric label value.
+REFUSAL_REASONS = ("conflicting_strong_id", "type_limit", "shared_identifier", "operator_split")
 
 
 @dataclass(frozen=True)
@@ -50,16 +54,45 @@ class ResolutionRequest:
 
 @dataclass(frozen=True)
 class IdentityMerged:
+    """Two customers became one (kind merge), or an operator split a new one off (kind unmerge)."""
+
     merge_id: str
     survivor_id: str
     merged_id: str
     linking_identifiers: tuple[Identifier, ...]
+    reason: str = MERGE_REASON_SHARED_IDENTIFIER
+    kind: str = "merge"
+    score: float | None = None
 
 
 @dataclass(frozen=True)
 class MergeRefused:
+    """A merge the rules refused (customer_id set) or an identifier left out (customer_id empty)."""
+
     customer_id: str
     reason: str
+    identifiers: tuple[Identifier, ...] = ()
+
+
+@dataclass(frozen=True)
+class GraphRules:
+    """Merge protection, passed to every script call so all workers apply the same rules.
+
+    >>> GraphRules(frozenset({"user_id"}), {"user_id": 1}, 5, 3).to_json()
+    '{"strong": ["user_id"], "limits": {"user_id": 1}, "default_limit": 5, "shared_max": 3}'
+    """
+
+    strong_types: frozenset[str]
+    type_limits: dict[str, int]
+    default_limit: int
+    shared_max: int
+
+    def to_json(self) -> str:
+        return json.dumps({"strong": sorted(self.strong_types), "limits": dict(sorted(self.type_limits.items())),
+                           "default_limit": self.default_limit, "shared_max": self.shared_max})
+
+    def limit_of(self, kind: str) -> int:
+        return self.type_limits.get(kind, self.default_limit)
 
 
 @dataclass(frozen=True)
@@ -94,6 +127,9 @@ class GraphLayout:
 
     def members_key(self, customer_id: str) -> str:
         return f"{self.prefix}customer:{customer_id}:identifiers"
+
+    def history_key(self, customer_id: str) -> str:
+        return f"{self.prefix}customer:{customer_id}:merges"
 
     def event_key(self, message_id: str) -> str:
         return f"{self.prefix}event:{message_id}"
@@ -189,26 +225,52 @@ def resolution_request(event: dict[str, Any], identifiers: Sequence[Identifier])
     )
 
 
+def _common_args(layout: GraphLayout, rules: GraphRules, op_id: str, time_ms: int, event_ttl_s: int) -> list[str]:
+    return [layout.prefix, rules.to_json(), op_id, str(time_ms), str(event_ttl_s)]
+
+
 def script_call(
-    request: ResolutionRequest, layout: GraphLayout, strong_types: Iterable[str], event_ttl_s: int
+    request: ResolutionRequest, layout: GraphLayout, rules: GraphRules, event_ttl_s: int
 ) -> tuple[list[str], list[str]]:
     """Return (KEYS, ARGV) of the resolve script for one event; the order is the script's contract."""
     refs = [identifier_ref(i) for i in request.identifiers]
     keys = [layout.identifier_key(ref) for ref in refs]
     args = [
-        layout.prefix,
-        request.message_id,
-        str(request.event_time_ms),
+        *_common_args(layout, rules, request.message_id, request.event_time_ms, event_ttl_s),
         request.new_customer_id,
-        str(event_ttl_s),
-        ",".join(sorted(strong_types)),
         *refs,
     ]
     return keys, args
 
 
+def merge_call(
+    op_id: str, time_ms: int, customers: tuple[str, str], reason: str, score: float | None,
+    layout: GraphLayout, rules: GraphRules, event_ttl_s: int,
+) -> list[str]:
+    """Return ARGV of the merge script of two customers (whatever they have been merged into since)."""
+    return [*_common_args(layout, rules, op_id, time_ms, event_ttl_s), *customers, reason,
+            "" if score is None else repr(score)]
+
+
+def unmerge_call(
+    op_id: str, time_ms: int, customer_id: str, identifiers: Sequence[Identifier], reason: str,
+    layout: GraphLayout, rules: GraphRules, event_ttl_s: int,
+) -> list[str]:
+    """Return ARGV of the unmerge script: split `identifiers` off `customer_id` into a new customer."""
+    return [*_common_args(layout, rules, op_id, time_ms, event_ttl_s), customer_id,
+            new_customer_id(identifiers), reason, *(identifier_ref(i) for i in identifiers)]
+
+
+class GraphRefused(ValueError):
+    """An operation the graph refused as a whole (unknown customer, identifier not a member, ...)."""
+
+
+def _refs(items: Any) -> tuple[Identifier, ...]:
+    return tuple(parse_identifier_ref(ref) for ref in (items or []))
+
+
 def parse_resolution(answer: str | bytes) -> Resolution:
-    """Read the resolve script's JSON answer.
+    """Read a graph script's JSON answer.
 
     Lua's cjson writes an empty array as ``{}``, hence the ``or []``.
 
@@ -216,17 +278,23 @@ def parse_resolution(answer: str | bytes) -> Resolution:
     Resolution(customer_id='c_1', created=True, replayed=False, merges=(), refused=())
     """
     data = json.loads(answer)
+    if "error" in data:
+        raise GraphRefused(data["error"])
     survivor = data["customer_id"]
     merges = tuple(
         IdentityMerged(
             merge_id=m["merge_id"],
-            survivor_id=survivor,
+            survivor_id=m.get("survivor_id") or survivor,
             merged_id=m["merged_id"],
-            linking_identifiers=tuple(parse_identifier_ref(ref) for ref in (m.get("identifiers") or [])),
+            linking_identifiers=_refs(m.get("identifiers")),
+            reason=m.get("reason") or MERGE_REASON_SHARED_IDENTIFIER,
+            kind=m.get("kind") or "merge",
+            score=m.get("score"),
         )
         for m in (data.get("merges") or [])
     )
-    refused = tuple(MergeRefused(r["customer_id"], r["reason"]) for r in (data.get("refused") or []))
+    refused = tuple(MergeRefused(r["customer_id"], r["reason"], _refs(r.get("identifiers")))
+                    for r in (data.get("refused") or []))
     return Resolution(survivor, bool(data.get("created")), bool(data.get("replayed")), merges, refused)
 
 
@@ -244,10 +312,45 @@ def identity_merge_record(merge: IdentityMerged, event: dict[str, Any]) -> dict[
         "merge_id": merge.merge_id,
         "survivor_id": merge.survivor_id,
         "merged_id": merge.merged_id,
-        "kind": "merge",
-        "reason": MERGE_REASON_SHARED_IDENTIFIER,
-        "score": None,
+        "kind": merge.kind,
+        "reason": merge.reason,
+        "score": merge.score,
         "identifiers": [{"type": i.type, "value": i.value} for i in merge.linking_identifiers],
         "event_time_ms": int(event["timestamp_ms"]),
         "caused_by": event["message_id"],
     }
+
+
+def lookup_identifier(
+    kind: str, clear_value: str, hash_key: bytes, default_region: str, blocklist: Iterable[str]
+) -> Identifier:
+    """Normalise and hash a clear identifier exactly as the pipeline does, for a lookup by an operator.
+
+    >>> lookup_identifier("email", " Ann@Example.com", b"k", "US", ()) == lookup_identifier(
+    ...     "email", "ann@example.com", b"k", "US", ())
+    True
+    """
+    return pseudonymise(normalise(Identifier(kind, clear_value), default_region, frozenset(blocklist)), hash_key)
+
+
+def short_ref(identifier: Identifier) -> str:
+    """Name a hashed identifier in a log line: its type and a hash prefix, enough to find it, nothing personal.
+
+    >>> short_ref(Identifier("email", "e8154de8bf08e8154de8"))
+    'email:e8154de8bf08'
+    """
+    return f"{identifier.type}:{identifier.value[:12]}"
+
+
+def refusal_log_lines(message_id: str, resolution: Resolution) -> list[str]:
+    """Explain each refusal of a resolution in one log line, with hashes only."""
+    lines = []
+    for refusal in resolution.refused:
+        linking = ", ".join(short_ref(i) for i in refusal.identifiers) or "-"
+        if refusal.customer_id:
+            lines.append(f"identity: refused merging {refusal.customer_id} into {resolution.customer_id} "
+                         f"for event {message_id}: {refusal.reason} (via {linking})")
+        else:
+            lines.append(f"identity: left {linking} off {resolution.customer_id} for event {message_id}: "
+                         f"{refusal.reason}")
+    return lines

@@ -1,187 +1,167 @@
-"""The identity graph in Redis: one Lua script resolves one event atomically; a batch is one pipeline.
+"""The identity graph in Redis: each event, merge or split is one atomic Lua script; a batch is one pipeline.
 
-Key layout (see `domain.GraphLayout`), every key under one prefix with a hash tag:
-
-- ``ident:<type>:<hmac>``            string, the customer_id owning this hashed identifier
-- ``customer:<id>``                  hash: first_seen_ms, last_seen_ms, created_by, status (active|merged),
-                                     and for a merged customer merged_into, merge_id, merged_at_ms
-- ``customer:<id>:identifiers``      set of ``<type>:<hmac>`` the customer owns (gone once merged)
-- ``event:<message_id>``             the JSON answer given for that event, kept `event_ttl_s` so a
-                                     redelivered event gets the very same answer (no second merge)
+The scripts and the key layout are in `scripts.py`; the rules (what may merge) in `domain.GraphRules`.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+import hmac
+from collections.abc import Sequence
 
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
-from services.identity.domain import GraphLayout, Resolution, ResolutionRequest, parse_resolution, script_call
+from services.identity.domain import (
+    GraphLayout,
+    GraphRules,
+    Identifier,
+    Resolution,
+    ResolutionRequest,
+    merge_call,
+    parse_resolution,
+    script_call,
+    unmerge_call,
+)
+from services.identity.matching import PersonAttributes, blocking_keys
+from services.identity.scripts import MERGE_SCRIPT, RESOLVE_SCRIPT, UNMERGE_SCRIPT, script_sha
 
-# KEYS: ident:<ref> of each event identifier, in ARGV order.
-# ARGV: prefix, message_id, event_time_ms, new_customer_id, event_ttl_s, strong types (comma-separated), refs...
-# Survivor rule: the oldest customer by first_seen_ms (event time), ties broken by id, so the
-# answer does not depend on which worker created which customer first. Customers holding a
-# strong identifier (user_id, wechat_unionid) different from the event's or the group's are
-# refused, not merged.
-RESOLVE_SCRIPT = """
-local prefix, message_id, event_time_s = ARGV[1], ARGV[2], ARGV[3]
-local event_time = tonumber(event_time_s)
-local candidate, ttl = ARGV[4], ARGV[5]
-local strong = {}
-for kind in string.gmatch(ARGV[6], "[^,]+") do strong[kind] = true end
+RESOLVE_SCRIPT_SHA = script_sha(RESOLVE_SCRIPT)
+MERGE_SCRIPT_SHA = script_sha(MERGE_SCRIPT)
+UNMERGE_SCRIPT_SHA = script_sha(UNMERGE_SCRIPT)
+_SCRIPTS = {RESOLVE_SCRIPT_SHA: RESOLVE_SCRIPT, MERGE_SCRIPT_SHA: MERGE_SCRIPT, UNMERGE_SCRIPT_SHA: UNMERGE_SCRIPT}
 
-local event_key = prefix .. "event:" .. message_id
-local done = redis.call("GET", event_key)
-if done then
-  local answer = cjson.decode(done)
-  answer["replayed"] = true
-  return cjson.encode(answer)
-end
-
-local function customer_key(id) return prefix .. "customer:" .. id end
-local function members_key(id) return prefix .. "customer:" .. id .. ":identifiers" end
-local function kind_of(ref) return string.match(ref, "^(.*):[^:]*$") end
-
-local refs = {}
-for i = 7, #ARGV do refs[#refs + 1] = ARGV[i] end
-
-local owners, owner_of, linked = {}, {}, {}
-for i, ref in ipairs(refs) do
-  local owner = redis.call("GET", KEYS[i])
-  if owner then
-    owner_of[ref] = owner
-    if not linked[owner] then
-      linked[owner] = {}
-      owners[#owners + 1] = owner
-    end
-    table.insert(linked[owner], ref)
-  end
-end
-
-local first_seen = {}
-for _, id in ipairs(owners) do
-  first_seen[id] = tonumber(redis.call("HGET", customer_key(id), "first_seen_ms")) or 0
-end
-table.sort(owners, function(a, b)
-  if first_seen[a] ~= first_seen[b] then return first_seen[a] < first_seen[b] end
-  return a < b
-end)
-
--- The event's own strong ids come first: the first value of each strong type wins.
-local group_strong = {}
-for _, ref in ipairs(refs) do
-  local kind = kind_of(ref)
-  if strong[kind] and not group_strong[kind] then group_strong[kind] = ref end
-end
-
-local accepted, refused = {}, {}
-for _, id in ipairs(owners) do
-  local own_strong, conflict = {}, false
-  for _, ref in ipairs(redis.call("SMEMBERS", members_key(id))) do
-    local kind = kind_of(ref)
-    if strong[kind] then
-      if group_strong[kind] and group_strong[kind] ~= ref then conflict = true end
-      own_strong[kind] = ref
-    end
-  end
-  if conflict then
-    refused[#refused + 1] = {customer_id = id, reason = "conflicting_strong_id"}
-  else
-    for kind, ref in pairs(own_strong) do group_strong[kind] = ref end
-    accepted[#accepted + 1] = id
-  end
-end
-
-local created = false
-local survivor = accepted[1]
-if not survivor then
-  survivor = candidate
-  -- The candidate id can be taken when its identifier sits with a refused or merged customer.
-  if redis.call("EXISTS", customer_key(survivor)) == 1 then
-    survivor = "c_" .. string.sub(redis.sha1hex(candidate .. "|" .. message_id), 1, 24)
-  end
-  redis.call("HSET", customer_key(survivor), "first_seen_ms", event_time_s, "last_seen_ms", event_time_s,
-             "created_by", message_id, "status", "active")
-  created = true
-end
-
-local merges = {}
-for i = 2, #accepted do
-  local merged = accepted[i]
-  local merge_id = "m_" .. string.sub(redis.sha1hex(survivor .. "|" .. merged .. "|" .. message_id), 1, 24)
-  for _, ref in ipairs(redis.call("SMEMBERS", members_key(merged))) do
-    redis.call("SET", prefix .. "ident:" .. ref, survivor)
-    redis.call("SADD", members_key(survivor), ref)
-  end
-  redis.call("DEL", members_key(merged))
-  redis.call("HSET", customer_key(merged), "status", "merged", "merged_into", survivor,
-             "merge_id", merge_id, "merged_at_ms", event_time_s)
-  merges[#merges + 1] = {merge_id = merge_id, merged_id = merged, identifiers = linked[merged]}
-end
-
-for i, ref in ipairs(refs) do
-  local kind = kind_of(ref)
-  -- A second, different strong id on one event stays out of the graph.
-  if not owner_of[ref] and not (strong[kind] and group_strong[kind] ~= ref) then
-    redis.call("SET", KEYS[i], survivor)
-    redis.call("SADD", members_key(survivor), ref)
-  end
-end
-
-local survivor_key = customer_key(survivor)
-local first = tonumber(redis.call("HGET", survivor_key, "first_seen_ms"))
-if not first or event_time < first then redis.call("HSET", survivor_key, "first_seen_ms", event_time_s) end
-local last = tonumber(redis.call("HGET", survivor_key, "last_seen_ms"))
-if not last or event_time > last then redis.call("HSET", survivor_key, "last_seen_ms", event_time_s) end
-
-local answer = cjson.encode({customer_id = survivor, created = created, replayed = false,
-                             merges = merges, refused = refused})
-redis.call("SET", event_key, answer, "EX", ttl)
-return answer
-"""
-RESOLVE_SCRIPT_SHA = hashlib.sha1(RESOLVE_SCRIPT.encode()).hexdigest()
+Call = tuple[str, list[str], list[str]]  # (script sha, KEYS, ARGV)
 
 
 class IdentityGraph:
     """Resolve events against the identity graph, a whole batch per Redis round trip."""
 
-    def __init__(
-        self, client: aioredis.Redis, layout: GraphLayout, strong_types: Iterable[str], event_ttl_s: int
-    ) -> None:
-        self._client = client
+    def __init__(self, client: aioredis.Redis, layout: GraphLayout, rules: GraphRules, event_ttl_s: int) -> None:
+        self.client = client
         self.layout = layout
-        self._strong_types = frozenset(strong_types)
+        self.rules = rules
         self._event_ttl_s = event_ttl_s
 
     async def load_script(self) -> None:
-        """Register the resolve script so batches can call it by its SHA."""
-        await self._client.script_load(RESOLVE_SCRIPT)
+        """Register the graph's scripts so calls can name them by SHA."""
+        for script in _SCRIPTS.values():
+            await self.client.script_load(script)
+
+    def resolve_call(self, request: ResolutionRequest) -> Call:
+        keys, args = script_call(request, self.layout, self.rules, self._event_ttl_s)
+        return RESOLVE_SCRIPT_SHA, keys, args
 
     async def resolve(self, requests: Sequence[ResolutionRequest]) -> list[Resolution]:
         """Resolve each request in order; the answers are in the same order."""
-        if not requests:
+        return await self.run([self.resolve_call(r) for r in requests])
+
+    async def merge_customers(
+        self, op_id: str, time_ms: int, customers: tuple[str, str], reason: str, score: float | None
+    ) -> Resolution:
+        """Merge two customers (whatever they were merged into since) unless a rule refuses it."""
+        args = merge_call(op_id, time_ms, customers, reason, score, self.layout, self.rules, self._event_ttl_s)
+        # The one KEY routes the call on Redis Cluster; every key it touches shares its hash tag.
+        [answer] = await self.run([(MERGE_SCRIPT_SHA, [self.layout.customer_key(customers[0])], args)])
+        return answer
+
+    async def merge_many(
+        self, merges: Sequence[tuple[str, int, tuple[str, str], str, float | None]]
+    ) -> list[Resolution]:
+        """Run several merges (op id, time, customers, reason, score) in one pipeline, in order."""
+        return await self.run([
+            (MERGE_SCRIPT_SHA, [self.layout.customer_key(customers[0])],
+             merge_call(op_id, time_ms, customers, reason, score, self.layout, self.rules, self._event_ttl_s))
+            for op_id, time_ms, customers, reason, score in merges])
+
+    async def unmerge(
+        self, op_id: str, time_ms: int, customer_id: str, identifiers: Sequence[Identifier], reason: str
+    ) -> Resolution:
+        """Split `identifiers` off `customer_id` into a new customer; raises GraphRefused if it cannot."""
+        args = unmerge_call(op_id, time_ms, customer_id, identifiers, reason, self.layout, self.rules,
+                            self._event_ttl_s)
+        [answer] = await self.run([(UNMERGE_SCRIPT_SHA, [self.layout.customer_key(customer_id)], args)])
+        return answer
+
+    async def run(self, calls: Sequence[Call]) -> list[Resolution]:
+        """Run script calls in one pipeline, in order, and parse their answers."""
+        if not calls:
             return []
-        answers = await self._evalsha_all(requests)
+        answers = await self._evalsha_all(calls)
         if any(isinstance(a, NoScriptError) for a in answers):
             # Redis restarted or flushed its scripts. Rerunning the whole batch is safe:
-            # events that did run answer again from their event key.
+            # calls that did run answer again from their event key.
             await self.load_script()
-            answers = await self._evalsha_all(requests)
+            answers = await self._evalsha_all(calls)
         resolutions = []
         for answer in answers:
             if isinstance(answer, Exception):
                 raise answer
             if not isinstance(answer, str | bytes):
-                raise TypeError(f"resolve script answered {type(answer).__name__}, expected JSON text")
+                raise TypeError(f"graph script answered {type(answer).__name__}, expected JSON text")
             resolutions.append(parse_resolution(answer))
         return resolutions
 
-    async def _evalsha_all(self, requests: Sequence[ResolutionRequest]) -> list[object]:
-        async with self._client.pipeline(transaction=False) as pipe:
-            for request in requests:
-                keys, args = script_call(request, self.layout, self._strong_types, self._event_ttl_s)
-                pipe.evalsha(RESOLVE_SCRIPT_SHA, len(keys), *keys, *args)
+    async def _evalsha_all(self, calls: Sequence[Call]) -> list[object]:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for sha, keys, args in calls:
+                pipe.evalsha(sha, len(keys), *keys, *args)
             return list(await pipe.execute(raise_on_error=False))
+
+
+class PersonIndex:
+    """Personal attributes and blocking keys for probabilistic matching, under the graph's prefix.
+
+    - ``person:<customer_id>``  JSON of the latest attributes seen for that customer. These are
+      clear personal data (fuzzy comparison cannot work on hashes): they stay in the identity
+      graph's Redis, are never emitted, and are only written when matching is switched on.
+    - ``block:<hmac>``         set of customer ids sharing a blocking key; the key is hashed so
+      key names carry no personal data.
+    """
+
+    def __init__(self, client: aioredis.Redis, layout: GraphLayout, hash_key: bytes, max_block_size: int) -> None:
+        self.client = client
+        self.layout = layout
+        self._hash_key = hash_key
+        self._max_block_size = max_block_size
+
+    def block_key(self, blocking_key: str) -> str:
+        digest = hmac.new(self._hash_key, blocking_key.encode(), hashlib.sha256).hexdigest()[:32]
+        return f"{self.layout.prefix}block:{digest}"
+
+    def person_key(self, customer_id: str) -> str:
+        return f"{self.layout.prefix}person:{customer_id}"
+
+    async def candidates_many(self, people: Sequence[PersonAttributes]) -> list[dict[str, PersonAttributes]]:
+        """Return, for each person, the customers sharing a blocking key with it and their attributes."""
+        if not people:
+            return []
+        keys = [[self.block_key(k) for k in blocking_keys(p)] for p in people]
+        async with self.client.pipeline(transaction=False) as pipe:
+            for person_keys in keys:
+                for key in person_keys:
+                    pipe.scard(key)
+                    pipe.smembers(key)
+            answers = iter(await pipe.execute())
+        wanted: list[set[str]] = []
+        for person_keys in keys:
+            ids: set[str] = set()
+            for _ in person_keys:
+                size, members = next(answers), next(answers)
+                # A blocking key shared by too many says too little: skip rather than compare them all.
+                if size <= self._max_block_size:
+                    ids.update(m.decode() for m in members)
+            wanted.append(ids)
+        every = sorted(set().union(*wanted))
+        records = await self.client.mget([self.person_key(i) for i in every]) if every else []
+        known = {i: PersonAttributes.from_json(r) for i, r in zip(every, records, strict=True) if r is not None}
+        return [{i: known[i] for i in sorted(ids) if i in known} for ids in wanted]
+
+    async def add_many(self, entries: Sequence[tuple[str, PersonAttributes]]) -> None:
+        """Index each person under its customer id so later events can be matched to it."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for customer_id, person in entries:
+                pipe.set(self.person_key(customer_id), person.to_json())
+                for key in blocking_keys(person):
+                    pipe.sadd(self.block_key(key), customer_id)
+            await pipe.execute()

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from services.identity.domain import Resolution
+from services.identity.domain import (
+    MERGE_REASON_PROBABILISTIC,
+    REFUSAL_REASONS,
+    Resolution,
+    identifier_type_label,
+)
 from touchstream.metrics import ServiceMetrics
 
 
@@ -14,9 +19,18 @@ class IdentityMetrics:
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
         self.service = ServiceMetrics("identity", registry)
         self.customers_created = self.service.counter("customers_created", "New customers created in the graph.")
-        self.merges = self.service.counter("merges", "Customers merged into an older one.")
+        self.merges = self.service.counter("merges", "Customers merged into another one.")
+        self.probabilistic_merges = self.service.counter(
+            "probabilistic_merges", "Merges made by matching personal attributes (part of merges_total).")
         self.merges_refused = self.service.counter(
-            "merges_refused", "Merges the graph refused, by reason.", ["reason"]
+            "merges_refused", "Merges of two customers the graph refused, by reason.", ["reason"]
+        )
+        # Every reason exists from the start at 0, so a rate() alert sees its first refusal.
+        for reason in REFUSAL_REASONS:
+            self.merges_refused.labels(reason)
+        self.identifiers_refused = self.service.counter(
+            "identifiers_refused", "Identifiers the graph did not attach to the event's customer, by type and reason.",
+            ["type", "reason"],
         )
         self.identifiers_invalid = self.service.counter(
             "identifiers_invalid", "Identifiers left out of matching, by type and reason.", ["type", "reason"]
@@ -24,6 +38,7 @@ class IdentityMetrics:
         self.events_replayed = self.service.counter(
             "events_replayed", "Events resolved before (redelivered), answered from the graph's memory."
         )
+        self.unmerges = self.service.counter("unmerges", "Customers split by an operator.")
 
     def count_resolution(self, resolution: Resolution) -> None:
         """Count what a resolution changed; a replay changed nothing."""
@@ -33,5 +48,10 @@ class IdentityMetrics:
         if resolution.created:
             self.customers_created.inc()
         self.merges.inc(len(resolution.merges))
+        self.probabilistic_merges.inc(sum(m.reason == MERGE_REASON_PROBABILISTIC for m in resolution.merges))
         for refusal in resolution.refused:
-            self.merges_refused.labels(refusal.reason).inc()
+            if refusal.customer_id:
+                self.merges_refused.labels(refusal.reason).inc()
+            else:
+                for identifier in refusal.identifiers:
+                    self.identifiers_refused.labels(identifier_type_label(identifier.type), refusal.reason).inc()

@@ -5,7 +5,13 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.identity.domain import GraphRules
+from services.identity.matching import MatchSettings
 from touchstream.identifiers import DEFAULT_BLOCKLIST, STRONG_TYPES
+
+DEV_ADMIN_KEY = "dev-admin-key"
+# sha256 of DEV_ADMIN_KEY: only hashes of admin keys are ever configured.
+DEV_ADMIN_KEY_SHA256 = "df76ff796f70d2c9cb055ea6280553caa27eda26b70e01082c160de75a05a4a9"
 
 
 class IdentitySettings(BaseSettings):
@@ -15,8 +21,36 @@ class IdentitySettings(BaseSettings):
     default_phone_region: str = Field("US", description="Region assumed for phone numbers without a country code.")
     blocklist: frozenset[str] = Field(DEFAULT_BLOCKLIST, description="Identifier values never used for matching.")
     strong_types: frozenset[str] = Field(STRONG_TYPES, description="Identifier types of which two values never merge.")
+    type_limits: dict[str, int] = Field(
+        default_factory=lambda: {"user_id": 1, "wechat_unionid": 1},
+        description="Most values of a type one customer may hold; a value beyond it is not attached.",
+    )
+    default_type_limit: int = Field(5, ge=1, description="The limit for types not in type_limits.")
+    shared_identifier_max_customers: int = Field(
+        3, ge=1, description="An identifier seen with more distinct customers than this stops being used for matching.",
+    )
+    admin_keys: frozenset[str] = Field(
+        frozenset({DEV_ADMIN_KEY_SHA256}),
+        description="sha256 (hex) of the keys allowed on /v1/customers (Bearer, or Basic with the key as password).",
+    )
+    matching: MatchSettings = Field(default_factory=MatchSettings)
     # The braces are a Redis Cluster hash tag: every graph key lands in one slot, so the
     # one Lua script per event stays legal there (at the price of one primary for the graph).
     graph_key_prefix: str = "ts:identity:{graph}:"
     # Long enough to cover any redelivery after a crash or a consumer-group rebalance.
     event_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="How long an event's resolution is remembered.")
+
+    def refuse_placeholders(self, environment: str) -> None:
+        """Refuse the dev admin key in prod, as CoreSettings refuses the dev PII key.
+
+        >>> IdentitySettings().refuse_placeholders("prod")
+        Traceback (most recent call last):
+        ...
+        ValueError: TOUCHSTREAM_IDENTITY_ADMIN_KEYS holds the dev admin key; set real key hashes in prod
+        """
+        if environment == "prod" and DEV_ADMIN_KEY_SHA256 in self.admin_keys:
+            raise ValueError("TOUCHSTREAM_IDENTITY_ADMIN_KEYS holds the dev admin key; set real key hashes in prod")
+
+    def graph_rules(self) -> GraphRules:
+        return GraphRules(self.strong_types, dict(self.type_limits), self.default_type_limit,
+                          self.shared_identifier_max_customers)

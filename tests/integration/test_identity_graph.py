@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import redis.asyncio as aioredis
 
-from services.identity.domain import GraphLayout, ResolutionRequest, new_customer_id
+from services.identity.domain import GraphLayout, GraphRules, ResolutionRequest, new_customer_id
 from services.identity.graph import IdentityGraph
 from touchstream.identifiers import STRONG_TYPES, Identifier
 
 pytestmark = pytest.mark.integration
 
 LAYOUT = GraphLayout("test:identity:{graph}:")
+RULES = GraphRules(STRONG_TYPES, {"user_id": 1, "wechat_unionid": 1}, 5, 3)
 EMAIL_A = Identifier("email", "aa11")
 EMAIL_B = Identifier("email", "bb22")
 PHONE_A = Identifier("phone", "cc33")
@@ -24,13 +25,13 @@ def request(message_id: str, event_time_ms: int, *identifiers: Identifier) -> Re
 
 @pytest.fixture
 async def graph(redis_client: aioredis.Redis) -> IdentityGraph:
-    identity_graph = IdentityGraph(redis_client, LAYOUT, STRONG_TYPES, event_ttl_s=3600)
+    identity_graph = IdentityGraph(redis_client, LAYOUT, RULES, event_ttl_s=3600)
     await identity_graph.load_script()
     return identity_graph
 
 
 async def owner(redis_client: aioredis.Redis, identifier: Identifier) -> str | None:
-    value = await redis_client.get(LAYOUT.identifier_key(f"{identifier.type}:{identifier.value}"))
+    value = await redis_client.hget(LAYOUT.identifier_key(f"{identifier.type}:{identifier.value}"), "owner")
     return value.decode() if value is not None else None
 
 

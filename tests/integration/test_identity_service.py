@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,8 +16,11 @@ import httpx
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from services.identity.admin import hash_admin_key
+from services.identity.domain import new_customer_id, prepare_identifiers
 from touchstream import avro
 from touchstream.embedded import ManagedProcess, free_port
+from touchstream.identifiers import DEFAULT_BLOCKLIST
 from touchstream.topics import DEADLETTER, IDENTITY_MERGES, TOUCHPOINTS_RAW, TOUCHPOINTS_RESOLVED
 
 pytestmark = pytest.mark.integration
@@ -25,30 +29,43 @@ REPO = Path(__file__).resolve().parents[2]
 PII_KEY = "integration-test-key"
 
 
-@pytest.fixture
-def identity_worker(all_topics: str, redis_url: str, tmp_path: Path, artifacts_dir: Path) -> Iterator[int]:
-    """Run one identity worker; yield its web port."""
+ADMIN_KEY = "integration-admin-key"
+
+
+def spawn_identity_worker(
+    bootstrap: str, redis_url: str, state_dir: Path, artifacts_dir: Path, extra_env: dict[str, str] | None = None
+) -> tuple[ManagedProcess, int]:
+    """Start `python -m services.identity` (not yet ready); return it and its web port."""
     web_port = free_port()
+    state_dir.mkdir(parents=True, exist_ok=True)
     env = {
         **os.environ,
-        "TOUCHSTREAM_KAFKA_BOOTSTRAP": all_topics,
+        "TOUCHSTREAM_KAFKA_BOOTSTRAP": bootstrap,
         "TOUCHSTREAM_REDIS_URL": redis_url,
         "TOUCHSTREAM_PARTITIONS": "2",
         "TOUCHSTREAM_PII_HASH_KEY": PII_KEY,
-        "TOUCHSTREAM_STATE_DIR": str(tmp_path),
+        "TOUCHSTREAM_STATE_DIR": str(state_dir),
         "TOUCHSTREAM_IDENTITY_WEB_PORT": str(web_port),
+        "TOUCHSTREAM_IDENTITY_ADMIN_KEYS": json.dumps([hash_admin_key(ADMIN_KEY)]),
         "PYTHONPATH": str(REPO),
+        **(extra_env or {}),
     }
     log = open(artifacts_dir / "identity-worker.log", "ab")  # noqa: SIM115
     try:
         # Faust writes its data directory into the working directory; keep it out of the repo.
         process = subprocess.Popen(
             [sys.executable, "-m", "services.identity"], stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True, env=env, cwd=tmp_path,
+            stdin=subprocess.DEVNULL, start_new_session=True, env=env, cwd=state_dir,
         )
     finally:
         log.close()
-    worker = ManagedProcess("identity", process)
+    return ManagedProcess("identity", process), web_port
+
+
+@pytest.fixture
+def identity_worker(all_topics: str, redis_url: str, tmp_path: Path, artifacts_dir: Path) -> Iterator[int]:
+    """Run one identity worker; yield its web port."""
+    worker, web_port = spawn_identity_worker(all_topics, redis_url, tmp_path, artifacts_dir)
     try:
         wait_until_ready(worker, web_port)
         yield web_port
@@ -150,3 +167,64 @@ async def test_worker_resolves_links_and_dead_letters_real_events(
         metrics = (await client.get(f"http://127.0.0.1:{identity_worker}/metrics")).text
     assert ready.status_code == 200
     assert "touchstream_identity_merges_total 1.0" in metrics
+
+
+async def test_customer_api_looks_up_by_clear_identifier_and_splits_a_customer(
+    identity_worker: int, producer: AIOKafkaProducer, all_topics: str
+) -> None:
+    run = uuid.uuid4().hex[:8]
+    email, device, phone = f"bo.{run}@example.org", f"dev-{run}", f"+1415555{int(run, 16) % 10000:04d}"
+    now = int(time.time() * 1000)
+    await producer.send_and_wait(TOUCHPOINTS_RAW.name, touchpoint(f"{run}-1", now - 2000, ("email", email),
+                                                                 ("device_id", device)), key=f"{run}-1".encode())
+    await producer.send_and_wait(TOUCHPOINTS_RAW.name, touchpoint(f"{run}-2", now - 1000, ("device_id", device),
+                                                                 ("phone", phone)), key=f"{run}-2".encode())
+    await collect(all_topics, TOUCHPOINTS_RESOLVED.name, TOUCHPOINTS_RESOLVED.schema, 2,
+                  lambda _key, r: r["event"]["message_id"].startswith(run))
+    base = f"http://127.0.0.1:{identity_worker}/v1/customers"
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+    async with httpx.AsyncClient(timeout=10) as client:
+        anonymous = await client.get(base, params={"identifier": f"email:{email}"})
+        wrong = await client.get(base, params={"identifier": f"email:{email}"}, headers={"Authorization": "Bearer x"})
+        found = await client.get(base, params={"identifier": f"email: {email.upper()}"}, headers=admin)
+        customer = found.json()
+        basic = await client.get(f"{base}/{customer['customer_id']}", auth=("ops", ADMIN_KEY))
+        split = await client.post(f"{base}/{customer['customer_id']}/unmerge", headers=admin,
+                                  json={"identifiers": [{"type": "phone", "value": phone}], "request_id": run})
+        retried = await client.post(f"{base}/{customer['customer_id']}/unmerge", headers=admin,
+                                    json={"identifiers": [{"type": "phone", "value": phone}], "request_id": run})
+        by_phone = await client.get(base, params={"identifier": f"phone:{phone}"}, headers=admin)
+        after = await client.get(f"{base}/{customer['customer_id']}", headers=admin)
+        unknown = await client.get(f"{base}/c_nobody", headers=admin)
+
+    assert (anonymous.status_code, wrong.status_code, found.status_code, basic.status_code) == (401, 401, 200, 200)
+    assert basic.json() == customer
+    assert sorted(i["type"] for i in customer["identities"]) == ["device_id", "email", "phone"]
+    assert email not in found.text and phone not in found.text and device not in found.text
+    assert customer["first_seen_ms"] == now - 2000 and customer["last_seen_ms"] == now - 1000
+    # Named after the earliest event's most stable identifier, whichever partition was read first.
+    hashed = prepare_identifiers([{"type": "email", "value": email}, {"type": "device_id", "value": device}],
+                                 PII_KEY.encode(), "US", DEFAULT_BLOCKLIST).hashed
+    assert customer["customer_id"] == new_customer_id(hashed)
+    assert split.status_code == 200 and retried.json() == split.json()
+    new_id = split.json()["new_customer_id"]
+    assert by_phone.json()["customer_id"] == new_id
+    assert sorted(i["type"] for i in after.json()["identities"]) == ["device_id", "email"]
+    assert after.json()["merges"][-1]["kind"] == "unmerge"
+    assert unknown.status_code == 404
+
+    # The split is announced once downstream, and new events with the phone go to the new customer.
+    await producer.send_and_wait(TOUCHPOINTS_RAW.name, touchpoint(f"{run}-3", now, ("phone", phone)),
+                                 key=f"{run}-3".encode())
+    merges = await collect(all_topics, IDENTITY_MERGES.name, IDENTITY_MERGES.schema, 2,
+                           lambda _key, r: r["caused_by"] == f"unmerge:{run}", wait_s=5)
+    [resolved] = [r for _, r in await collect(all_topics, TOUCHPOINTS_RESOLVED.name, TOUCHPOINTS_RESOLVED.schema, 1,
+                                              lambda _key, r: r["event"]["message_id"] == f"{run}-3")]
+    assert len(merges) == 2  # the retry re-announces the same merge_id (at-least-once, idempotent by id)
+    assert {r["merge_id"] for _, r in merges} == {split.json()["merge_id"]}
+    [(key, record)] = merges[:1]
+    assert (record["kind"], record["reason"], record["survivor_id"], record["merged_id"]) == (
+        "unmerge", "operator", customer["customer_id"], new_id)
+    assert key == customer["customer_id"].encode()
+    assert resolved["customer_id"] == new_id

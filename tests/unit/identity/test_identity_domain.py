@@ -8,13 +8,16 @@ from prometheus_client import CollectorRegistry
 
 from services.identity.domain import (
     GraphLayout,
+    GraphRules,
     IdentityMerged,
     MergeRefused,
     Resolution,
     identity_merge_record,
+    lookup_identifier,
     new_customer_id,
     parse_resolution,
     prepare_identifiers,
+    refusal_log_lines,
     rejection_reason,
     resolution_request,
     resolved_touchpoint_record,
@@ -99,11 +102,14 @@ def test_script_call_pairs_each_identifier_key_with_its_reference() -> None:
     hashed = prepare(("email", "a@b.co"), ("user_id", "42"))
     request = resolution_request(touchpoint(), hashed)
 
-    keys, args = script_call(request, GraphLayout("p:"), {"wechat_unionid", "user_id"}, 60)
+    rules = GraphRules(frozenset({"wechat_unionid", "user_id"}), {"user_id": 1}, 5, 3)
+    keys, args = script_call(request, GraphLayout("p:"), rules, 60)
 
     refs = [f"{i.type}:{i.value}" for i in hashed]
     assert keys == [f"p:ident:{ref}" for ref in refs]
-    assert args == ["p:", "msg-1", "1700000000000", request.new_customer_id, "60", "user_id,wechat_unionid", *refs]
+    assert args == ["p:", rules.to_json(), "msg-1", "1700000000000", "60", request.new_customer_id, *refs]
+    assert json.loads(args[1]) == {"strong": ["user_id", "wechat_unionid"], "limits": {"user_id": 1},
+                                   "default_limit": 5, "shared_max": 3}
 
 
 def test_parse_resolution_reads_merges_with_their_linking_identifiers() -> None:
@@ -157,3 +163,54 @@ def test_metrics_count_changes_once_and_replays_apart() -> None:
     assert registry.get_sample_value("touchstream_identity_events_replayed_total") == 1
     assert registry.get_sample_value(
         "touchstream_identity_merges_refused_total", {"reason": "conflicting_strong_id"}) == 1
+
+
+def test_refused_identifiers_are_counted_by_type_and_merges_by_reason() -> None:
+    metrics = IdentityMetrics(CollectorRegistry())
+    left_off = MergeRefused("", "type_limit", (Identifier("email", "ab12"),))
+    tablet = MergeRefused("c_first", "shared_identifier", (Identifier("device_id", "cd34"),))
+    probabilistic = IdentityMerged("m_2", "c_old", "c_new", (), reason="probabilistic", score=14.0)
+
+    metrics.count_resolution(Resolution("c_new", True, False, (probabilistic,), (left_off, tablet)))
+
+    registry = metrics.service.registry
+    assert registry.get_sample_value(
+        "touchstream_identity_identifiers_refused_total", {"type": "email", "reason": "type_limit"}) == 1
+    assert registry.get_sample_value(
+        "touchstream_identity_merges_refused_total", {"reason": "shared_identifier"}) == 1
+    assert registry.get_sample_value("touchstream_identity_merges_refused_total", {"reason": "type_limit"}) == 0
+    assert registry.get_sample_value("touchstream_identity_probabilistic_merges_total") == 1
+
+
+def test_refusal_log_lines_give_the_reason_and_hash_prefixes_only() -> None:
+    [email] = prepare(("email", "ann@example.org"))
+    resolution = Resolution("c_new", True, False, (), (
+        MergeRefused("c_other", "conflicting_strong_id", (email,)), MergeRefused("", "type_limit", (email,))))
+
+    lines = refusal_log_lines("msg-9", resolution)
+
+    assert lines[0] == (f"identity: refused merging c_other into c_new for event msg-9: conflicting_strong_id "
+                        f"(via email:{email.value[:12]})")
+    assert lines[1].endswith("for event msg-9: type_limit")
+    assert all("ann" not in line and email.value not in line for line in lines)
+
+
+def test_probabilistic_and_unmerge_records_carry_kind_reason_and_score() -> None:
+    answer = json.dumps({"customer_id": "c_old", "created": True, "replayed": False, "refused": {}, "merges": [
+        {"merge_id": "u_1", "kind": "unmerge", "survivor_id": "c_old", "merged_id": "c_split",
+         "reason": "operator", "identifiers": ["email:ab12"]}]})
+    [split] = parse_resolution(answer).merges
+    probabilistic = IdentityMerged("m_2", "c_old", "c_new", (), reason="probabilistic", score=14.5)
+
+    records = [avro.decode("IdentityMerge", avro.encode("IdentityMerge", identity_merge_record(m, touchpoint())))
+               for m in (split, probabilistic)]
+
+    assert [(r["kind"], r["reason"], r["score"]) for r in records] == [
+        ("unmerge", "operator", None), ("merge", "probabilistic", 14.5)]
+    assert records[0]["identifiers"] == [{"type": "email", "value": "ab12"}]
+
+
+def test_lookup_hashes_a_clear_identifier_as_the_pipeline_does() -> None:
+    [piped] = prepare(("phone", "(415) 555-2671"))
+
+    assert lookup_identifier("phone", "+1 415 555 2671", KEY, "US", DEFAULT_BLOCKLIST) == piped

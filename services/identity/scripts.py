@@ -1,0 +1,369 @@
+"""The identity graph's Lua scripts: resolve an event, merge two customers, split identifiers off one.
+
+Each script runs atomically in Redis, so two workers touching the same identifiers can
+never interleave inside one update. All three share one prelude (key names, merge, rules).
+
+Key layout (see `domain.GraphLayout`), every key under one prefix with a hash tag:
+
+- ``ident:<type>:<hmac>``            hash: owner (customer id), first_ms, last_ms, shared ("1" once the
+                                     identifier stopped being used for matching)
+- ``ident:<type>:<hmac>:customers``  set of customer ids the identifier was seen with in events whose
+                                     merge was refused (the shared-identifier count)
+- ``customer:<id>``                  hash: first_seen_ms, last_seen_ms, created_by, status (active|merged),
+                                     and for a merged customer merged_into, merge_id, merged_at_ms
+- ``customer:<id>:identifiers``      set of ``<type>:<hmac>`` the customer owns (gone once merged)
+- ``customer:<id>:merges``           list of JSON history entries (merges, splits), newest last
+- ``customer:<id>:apart``            customers an operator split off this one: never merged back
+- ``event:<op id>``                  the JSON answer given for that event or operation, kept
+                                     `event_ttl_s` so a redelivery gets the very same answer
+
+ARGV of every script: prefix, rules (JSON), op id, time_ms, ttl_s, then the script's own.
+Rules: {"strong": [types], "limits": {type: n}, "default_limit": n, "shared_max": n}.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+PRELUDE = r"""
+local prefix, rules, op_id, now_s, ttl = ARGV[1], cjson.decode(ARGV[2]), ARGV[3], ARGV[4], ARGV[5]
+local now = tonumber(now_s)
+local strong = {}
+for _, kind in ipairs(rules["strong"]) do strong[kind] = true end
+
+local function ckey(id) return prefix .. "customer:" .. id end
+local function mkey(id) return prefix .. "customer:" .. id .. ":identifiers" end
+local function hkey(id) return prefix .. "customer:" .. id .. ":merges" end
+local function akey(id) return prefix .. "customer:" .. id .. ":apart" end
+local function ikey(ref) return prefix .. "ident:" .. ref end
+local function wkey(ref) return prefix .. "ident:" .. ref .. ":customers" end
+local function kind_of(ref) return string.match(ref, "^(.*):[^:]*$") end
+local function limit_of(kind) return tonumber(rules["limits"][kind] or rules["default_limit"]) end
+
+local function replayed()
+  local done = redis.call("GET", prefix .. "event:" .. op_id)
+  if not done then return nil end
+  local answer = cjson.decode(done)
+  answer["replayed"] = true
+  return cjson.encode(answer)
+end
+
+local function remember(answer)
+  local text = cjson.encode(answer)
+  redis.call("SET", prefix .. "event:" .. op_id, text, "EX", ttl)
+  return text
+end
+
+-- A merged customer points at its survivor; follow the chain to the live customer.
+local function current_id(id)
+  for _ = 1, 64 do
+    local into = redis.call("HGET", ckey(id), "merged_into")
+    if not into then return id end
+    id = into
+  end
+  return id
+end
+
+local function seen_key(id)
+  local f = redis.call("HMGET", ckey(id), "first_seen_ms")
+  return tonumber(f[1]) or now
+end
+
+-- (first_seen, id) orders customers: the oldest survives, ties broken by id.
+local function older(a, b)
+  local fa, fb = seen_key(a), seen_key(b)
+  if fa ~= fb then return fa < fb end
+  return a < b
+end
+
+local function profile(id)
+  local strongs, counts = {}, {}
+  for _, ref in ipairs(redis.call("SMEMBERS", mkey(id))) do
+    local kind = kind_of(ref)
+    counts[kind] = (counts[kind] or 0) + 1
+    if strong[kind] then
+      strongs[kind] = strongs[kind] or {}
+      strongs[kind][ref] = true
+    end
+  end
+  return strongs, counts
+end
+
+local function apart_from(id, others)
+  for _, other in ipairs(redis.call("SMEMBERS", akey(id))) do
+    if others[current_id(other)] then return true end
+  end
+  return false
+end
+
+-- Why the customers in `group` (a set, with their strong ids and counts) may not take `id`, or nil.
+local function refusal(id, group, group_strong, group_counts)
+  local strongs, counts = profile(id)
+  for kind, refs in pairs(strongs) do
+    for ref in pairs(refs) do
+      if group_strong[kind] and group_strong[kind] ~= ref then return "conflicting_strong_id" end
+    end
+  end
+  for kind, n in pairs(counts) do
+    if (group_counts[kind] or 0) + n > limit_of(kind) then return "type_limit" end
+  end
+  if apart_from(id, group) then return "operator_split" end
+  for other in pairs(group) do
+    if apart_from(other, {[id] = true}) then return "operator_split" end
+  end
+  return nil
+end
+
+local function absorb(id, group, group_strong, group_counts)
+  local strongs, counts = profile(id)
+  group[id] = true
+  for kind, refs in pairs(strongs) do
+    for ref in pairs(refs) do group_strong[kind] = group_strong[kind] or ref end
+  end
+  for kind, n in pairs(counts) do group_counts[kind] = (group_counts[kind] or 0) + n end
+end
+
+local function history(id, entry)
+  redis.call("RPUSH", hkey(id), cjson.encode(entry))
+  redis.call("LTRIM", hkey(id), -200, -1)
+end
+
+-- A customer id is free when nobody has it or it belongs to a customer merged away.
+local function claim_id(candidate, salt)
+  local status = redis.call("HGET", ckey(candidate), "status")
+  if not status or status == "merged" then return candidate end
+  return "c_" .. string.sub(redis.sha1hex(candidate .. "|" .. salt), 1, 24)
+end
+
+local function start_customer(id, first_s, last_s)
+  redis.call("DEL", ckey(id))
+  redis.call("HSET", ckey(id), "first_seen_ms", first_s, "last_seen_ms", last_s, "created_by", op_id,
+             "status", "active")
+end
+
+local function stretch(id, first, last)
+  local cur = redis.call("HMGET", ckey(id), "first_seen_ms", "last_seen_ms")
+  local f, l = tonumber(cur[1]), tonumber(cur[2])
+  if first and (not f or first < f) then redis.call("HSET", ckey(id), "first_seen_ms", string.format("%d", first)) end
+  if last and (not l or last > l) then redis.call("HSET", ckey(id), "last_seen_ms", string.format("%d", last)) end
+end
+
+-- Move everything `merged` owns into `survivor`; `merged` stays as a pointer.
+local function merge_into(survivor, merged, reason, score, linking)
+  local merge_id = "m_" .. string.sub(redis.sha1hex(survivor .. "|" .. merged .. "|" .. op_id), 1, 24)
+  for _, ref in ipairs(redis.call("SMEMBERS", mkey(merged))) do
+    redis.call("HSET", ikey(ref), "owner", survivor)
+    redis.call("SADD", mkey(survivor), ref)
+  end
+  redis.call("DEL", mkey(merged))
+  for _, other in ipairs(redis.call("SMEMBERS", akey(merged))) do redis.call("SADD", akey(survivor), other) end
+  redis.call("DEL", akey(merged))
+  local seen = redis.call("HMGET", ckey(merged), "first_seen_ms", "last_seen_ms")
+  stretch(survivor, tonumber(seen[1]), tonumber(seen[2]))
+  for _, entry in ipairs(redis.call("LRANGE", hkey(merged), 0, -1)) do redis.call("RPUSH", hkey(survivor), entry) end
+  redis.call("DEL", hkey(merged))
+  local entry = {merge_id = merge_id, kind = "merge", survivor_id = survivor, merged_id = merged,
+                 reason = reason, score = score, at_ms = now, caused_by = op_id}
+  history(survivor, entry)
+  redis.call("HSET", ckey(merged), "status", "merged", "merged_into", survivor, "merge_id", merge_id,
+             "merged_at_ms", now_s)
+  return {merge_id = merge_id, merged_id = merged, survivor_id = survivor, reason = reason, score = score,
+          identifiers = linking or {}}
+end
+
+-- An identifier seen with more than `shared_max` distinct live customers stops matching.
+local function note_seen_with(ref, ids)
+  if strong[kind_of(ref)] then return end
+  for _, id in ipairs(ids) do redis.call("SADD", wkey(ref), id) end
+  if redis.call("SCARD", wkey(ref)) <= rules["shared_max"] then return end
+  local live, n = {}, 0
+  for _, id in ipairs(redis.call("SMEMBERS", wkey(ref))) do
+    local cur = current_id(id)
+    if not live[cur] then live[cur] = true; n = n + 1 end
+  end
+  redis.call("DEL", wkey(ref))
+  for id in pairs(live) do redis.call("SADD", wkey(ref), id) end
+  if n > rules["shared_max"] then redis.call("HSET", ikey(ref), "shared", "1") end
+end
+"""
+
+# KEYS: ident:<ref> of each event identifier, in the order of ARGV[7..].
+# ARGV[6] new customer id candidate (from the event's most stable identifier); refs...
+RESOLVE_BODY = r"""
+local again = replayed()
+if again then return again end
+local candidate = ARGV[6]
+local refs = {}
+for i = 7, #ARGV do refs[#refs + 1] = ARGV[i] end
+
+local owners, owner_of, linked, shared, refused = {}, {}, {}, {}, {}
+for i, ref in ipairs(refs) do
+  local row = redis.call("HMGET", KEYS[i], "owner", "shared")
+  if row[2] == "1" then
+    shared[ref] = row[1] and current_id(row[1]) or true
+  elseif row[1] then
+    local owner = row[1]
+    owner_of[ref] = owner
+    if not linked[owner] then
+      linked[owner] = {}
+      owners[#owners + 1] = owner
+    end
+    table.insert(linked[owner], ref)
+  end
+end
+table.sort(owners, older)
+
+-- The event's own strong ids come first: the first value of each strong type wins.
+local group, group_strong, group_counts = {}, {}, {}
+for _, ref in ipairs(refs) do
+  local kind = kind_of(ref)
+  if strong[kind] and not group_strong[kind] then group_strong[kind] = ref end
+end
+
+local accepted, refused_ids = {}, {}
+for _, id in ipairs(owners) do
+  local why = refusal(id, group, group_strong, group_counts)
+  if why then
+    refused[#refused + 1] = {customer_id = id, reason = why, identifiers = linked[id]}
+    refused_ids[#refused_ids + 1] = id
+  else
+    absorb(id, group, group_strong, group_counts)
+    accepted[#accepted + 1] = id
+  end
+end
+
+local created, merges = false, {}
+local survivor = accepted[1]
+if not survivor then
+  survivor = claim_id(candidate, op_id)
+  start_customer(survivor, now_s, now_s)
+  created = true
+end
+for i = 2, #accepted do
+  merges[#merges + 1] = merge_into(survivor, accepted[i], "shared_identifier", nil, linked[accepted[i]])
+end
+
+-- Names follow the earliest event: an event older than the customer renames it after its own
+-- candidate, so the final id does not depend on the order the events arrived in.
+if not created and candidate ~= survivor then
+  local first = seen_key(survivor)
+  if now < first or (now == first and candidate < survivor) then
+    local status = redis.call("HGET", ckey(candidate), "status")
+    if not status or status == "merged" then
+      local seen = redis.call("HMGET", ckey(survivor), "first_seen_ms", "last_seen_ms")
+      start_customer(candidate, seen[1], seen[2])
+      merges[#merges + 1] = merge_into(candidate, survivor, "earlier_event", nil, {})
+      survivor = candidate
+    end
+  end
+end
+
+for i, ref in ipairs(refs) do
+  local kind = kind_of(ref)
+  if shared[ref] then
+    if shared[ref] ~= true and shared[ref] ~= survivor then
+      refused[#refused + 1] = {customer_id = shared[ref], reason = "shared_identifier", identifiers = {ref}}
+    end
+  elseif not owner_of[ref] then
+    -- A second, different strong id of the event stays out of the graph, as does one beyond the limit.
+    if strong[kind] and group_strong[kind] ~= ref then
+      refused[#refused + 1] = {customer_id = "", reason = "conflicting_strong_id", identifiers = {ref}}
+    elseif (group_counts[kind] or 0) >= limit_of(kind) then
+      refused[#refused + 1] = {customer_id = "", reason = "type_limit", identifiers = {ref}}
+    else
+      group_counts[kind] = (group_counts[kind] or 0) + 1
+      redis.call("HSET", KEYS[i], "owner", survivor, "first_ms", now_s, "last_ms", now_s)
+      redis.call("SADD", mkey(survivor), ref)
+    end
+  end
+  if not shared[ref] and redis.call("HGET", KEYS[i], "owner") == survivor then
+    local seen = redis.call("HMGET", KEYS[i], "first_ms", "last_ms")
+    if now < tonumber(seen[1]) then redis.call("HSET", KEYS[i], "first_ms", now_s) end
+    if now > tonumber(seen[2]) then redis.call("HSET", KEYS[i], "last_ms", now_s) end
+  end
+end
+stretch(survivor, now, now)
+
+if #refused_ids > 0 then
+  local ids = {survivor}
+  for _, id in ipairs(refused_ids) do ids[#ids + 1] = id end
+  for ref in pairs(owner_of) do note_seen_with(ref, ids) end
+end
+
+return remember({customer_id = survivor, created = created, replayed = false, merges = merges, refused = refused})
+"""
+
+# ARGV[6], ARGV[7]: the two customers; ARGV[8] reason; ARGV[9] score.
+MERGE_BODY = r"""
+local again = replayed()
+if again then return again end
+local a, b = current_id(ARGV[6]), current_id(ARGV[7])
+local reason, score = ARGV[8], tonumber(ARGV[9])
+if a == b then
+  return remember({customer_id = a, created = false, replayed = false, merges = {}, refused = {}})
+end
+local survivor, merged = a, b
+if older(b, a) then survivor, merged = b, a end
+local group, group_strong, group_counts = {}, {}, {}
+absorb(survivor, group, group_strong, group_counts)
+local why = refusal(merged, group, group_strong, group_counts)
+if why then
+  return remember({customer_id = a, created = false, replayed = false, merges = {},
+                   refused = {{customer_id = b, reason = why, identifiers = {}}}})
+end
+local merge = merge_into(survivor, merged, reason, score, {})
+return remember({customer_id = survivor, created = false, replayed = false, merges = {merge}, refused = {}})
+"""
+
+# ARGV[6] customer; ARGV[7] new customer id candidate; ARGV[8] reason; refs to split off...
+UNMERGE_BODY = r"""
+local again = replayed()
+if again then return again end
+local from = current_id(ARGV[6])
+if redis.call("HGET", ckey(from), "status") ~= "active" then
+  return remember({error = "unknown_customer"})
+end
+local refs = {}
+for i = 9, #ARGV do
+  if redis.call("SISMEMBER", mkey(from), ARGV[i]) == 0 then
+    return remember({error = "not_a_member", identifier = ARGV[i]})
+  end
+  refs[#refs + 1] = ARGV[i]
+end
+if #refs == 0 or #refs >= redis.call("SCARD", mkey(from)) then
+  return remember({error = "must_leave_identifiers"})
+end
+local new_id = claim_id(ARGV[7], op_id)
+local first, last
+for _, ref in ipairs(refs) do
+  local seen = redis.call("HMGET", ikey(ref), "first_ms", "last_ms")
+  local f, l = tonumber(seen[1]), tonumber(seen[2])
+  if f and (not first or f < first) then first = f end
+  if l and (not last or l > last) then last = l end
+end
+start_customer(new_id, string.format("%d", first or now), string.format("%d", last or now))
+for _, ref in ipairs(refs) do
+  redis.call("SREM", mkey(from), ref)
+  redis.call("SADD", mkey(new_id), ref)
+  redis.call("HSET", ikey(ref), "owner", new_id)
+end
+redis.call("SADD", akey(from), new_id)
+redis.call("SADD", akey(new_id), from)
+local merge_id = "u_" .. string.sub(redis.sha1hex(from .. "|" .. new_id .. "|" .. op_id), 1, 24)
+local entry = {merge_id = merge_id, kind = "unmerge", survivor_id = from, merged_id = new_id, reason = ARGV[8],
+               at_ms = now, caused_by = op_id, identifiers = refs}
+history(from, entry)
+history(new_id, entry)
+return remember({customer_id = from, created = true, replayed = false, refused = {},
+                 merges = {{merge_id = merge_id, kind = "unmerge", survivor_id = from, merged_id = new_id,
+                            reason = ARGV[8], identifiers = refs}}})
+"""
+
+RESOLVE_SCRIPT = PRELUDE + RESOLVE_BODY
+MERGE_SCRIPT = PRELUDE + MERGE_BODY
+UNMERGE_SCRIPT = PRELUDE + UNMERGE_BODY
+
+
+def script_sha(script: str) -> str:
+    """Return the SHA1 Redis names a script by."""
+    return hashlib.sha1(script.encode()).hexdigest()
