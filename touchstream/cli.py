@@ -32,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     receiver_cmd.add_argument("--port", type=int, required=True)
     receiver_cmd.add_argument("--secret", required=True, help="Standard Webhooks secret (whsec_...)")
 
+    rules_cmd = commands.add_parser("rules", help="retention rule files")
+    rules_cmd.add_argument("action", choices=["validate"])
+    rules_cmd.add_argument("files", type=Path, nargs="+", help="rule files (YAML)")
+
     # Listed here for --help; its arguments are parsed by services.ingest.keys.
     commands.add_parser("keys", help="ingest write keys: add SOURCE, revoke SOURCE, list")
     argv = sys.argv[1:] if argv is None else argv
@@ -61,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.summary_json:
             args.summary_json.write_text(json.dumps(summary, indent=2))
         return 0
+    if args.command == "rules":
+        from services.triggers.rule_check import validate_files
+
+        return validate_files(args.files, sys.stdout)
     if args.command == "receiver":
         import uvicorn
 

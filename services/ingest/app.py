@@ -1,4 +1,10 @@
-"""Ingest HTTP app (Starlette): authenticate, validate, dedupe, produce, answer after the broker's ack."""
+"""Ingest HTTP app (Starlette): authenticate, validate, dedupe, produce, answer after the broker's ack.
+
+Request flow: route -> body (size-capped, gzip) -> JSON -> write key (HTTP Basic user, or
+`writeKey` in the body as Segment allows) -> every event translated and Avro-encoded (any
+error refuses the whole request, see `encode_all`) -> rate limit and messageId claims in one
+Redis call (`admission`) -> records produced -> `200` once the broker acknowledged them all.
+"""
 
 from __future__ import annotations
 
@@ -6,31 +12,39 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import gzip
 import hashlib
-import hmac
-import json
+import logging
+import random
 import time
+import zlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 import redis.asyncio as aioredis
+import yaml
 from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import murmur2
 from prometheus_client import CollectorRegistry, ProcessCollector
+from redis.exceptions import RedisError
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from services.ingest.segment import EVENT_TYPES, EventRejected, to_touchpoint
-from services.ingest.settings import IngestSettings, hash_write_key
+from services.ingest.admission import Admitter
+from services.ingest.keys import WriteKeyStore
+from services.ingest.segment import EVENT_TYPES, EventRejected, parse_timestamp, to_touchpoint
+from services.ingest.settings import DEV_WRITE_KEY, IngestSettings, hash_write_key
 from touchstream import avro
-from touchstream.identifiers import Identifier, partition_key
+from touchstream.identifiers import KEY_PRIORITY
 from touchstream.metrics import ServiceMetrics, render
 from touchstream.settings import CoreSettings
 from touchstream.topics import TOUCHPOINTS_RAW
 
-DEDUPE_PREFIX = "ts:in:msg:"
+OPENAPI_PATH = avro.SCHEMA_DIR / "openapi.yaml"
+log = logging.getLogger(__name__)
 
 
 class IngestMetrics(ServiceMetrics):
@@ -41,12 +55,120 @@ class IngestMetrics(ServiceMetrics):
         self.requests = self.counter("requests", "HTTP requests by endpoint and status.", ["endpoint", "status"])
         self.rejected = self.counter("events_rejected", "Events refused, by field.", ["field"])
         self.duplicates = self.counter("events_duplicate", "Events with a messageId already accepted.")
+        self.rate_limited = self.counter("events_rate_limited", "Events refused with 429, by source.", ["source"])
         self.request_seconds = self.histogram("request_duration", "Request time until the broker's ack.",
                                               ["endpoint"])
 
 
-def _error(status: int, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"success": False, "error": message, **extra}, status_code=status)
+class Refused(Exception):
+    """A request answered with an error status; `errors` lists per-event problems."""
+
+    def __init__(self, status: int, message: str, errors: list[dict[str, Any]] | None = None,
+                 headers: dict[str, str] | None = None, retry: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.errors = errors
+        self.headers = headers
+        self.retry = retry
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.message, self.errors, self.headers, self.retry)
+
+
+# The Segment and RudderStack SDKs read `code` and `message` from an error body; without them
+# RudderStack's SDK retries even a 400 as if the network had failed.
+ERROR_CODES = {400: "invalid_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+               413: "too_large", 429: "rate_limited", 503: "unavailable"}
+
+
+def error_response(status: int, message: str, errors: list[dict[str, Any]] | None = None,
+                   headers: dict[str, str] | None = None, retry: bool = False) -> JSONResponse:
+    body: dict[str, Any] = {"success": False, "code": ERROR_CODES.get(status, "error"), "message": message,
+                            "error": message}
+    if errors is not None:
+        body["errors"] = errors
+    if retry:
+        body["retry"] = True
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _bad_request(field: str, reason: str, index: int | None = None) -> Refused:
+    return Refused(400, f"{field}: {reason}", errors=[{"index": index, "field": field, "reason": reason}])
+
+
+def _unauthorized() -> Refused:
+    return Refused(401, "missing, unknown or revoked write key (HTTP Basic user, or writeKey in the body)",
+                   headers={"WWW-Authenticate": 'Basic realm="touchstream"'})
+
+
+def _unavailable(what: str) -> Refused:
+    return Refused(503, f"{what}; nothing in this request was accepted, retry it", headers={"Retry-After": "1"},
+                   retry=True)
+
+
+def parse_json(body: bytes) -> Any:
+    """Parse a request body with orjson, which refuses NaN, Infinity, numbers that overflow a
+    double, lone surrogates, invalid UTF-8 and nesting deeper than 1024.
+
+    >>> parse_json(b'{"a": 1.5}')
+    {'a': 1.5}
+    >>> try:
+    ...     parse_json(b'[1e999]')
+    ... except ValueError as exc:
+    ...     print(str(exc).split(":")[0])
+    number is infinity when parsed as double
+    """
+    return orjson.loads(body)
+
+
+def basic_user(header: str) -> str | None:
+    """Return the user of an HTTP Basic `Authorization` header, or None.
+
+    >>> basic_user("Basic " + base64.b64encode(b"key:").decode())
+    'key'
+    """
+    scheme, _, encoded = header.partition(" ")
+    if scheme.lower() != "basic" or not encoded:
+        return None
+    try:
+        return base64.b64decode(encoded.strip(), validate=True).decode().split(":", 1)[0] or None
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+
+
+def record_key(record: dict[str, Any]) -> bytes:
+    """Return the raw topic's key: sha256 of the most stable identifier, else of the messageId.
+
+    The rule is `touchstream.identifiers.partition_key`'s, read straight off the record's
+    dicts (building Identifier objects per event showed up in profiles).
+    """
+    by_type = {i["type"]: i["value"] for i in record["identifiers"]}
+    text = next((f"{kind}:{by_type[kind]}" for kind in KEY_PRIORITY if kind in by_type), record["message_id"])
+    # Hash the key: keys show up in more places (tools, logs) than values.
+    return hashlib.sha256(text.encode()).hexdigest().encode()
+
+
+class CachedPartitioner:
+    """Kafka's default partitioner (murmur2 of the key), remembering recent keys.
+
+    aiokafka's murmur2 is pure Python (~20 µs a key, the largest single cost per event in
+    profiles); customers send many events, so most keys repeat.
+    """
+
+    def __init__(self, size: int = 100_000) -> None:
+        self._size = size
+        self._hashes: dict[bytes, int] = {}
+
+    def __call__(self, key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
+        if key is None:
+            return random.choice(available or all_partitions)
+        hashed = self._hashes.get(key)
+        if hashed is None:
+            if len(self._hashes) >= self._size:
+                self._hashes.clear()
+            hashed = self._hashes[key] = murmur2(key) & 0x7FFFFFFF
+        return all_partitions[hashed % len(all_partitions)]
 
 
 class IngestService:
@@ -58,16 +180,23 @@ class IngestService:
         self.metrics = IngestMetrics()
         self.producer: AIOKafkaProducer | None = None
         self.redis: aioredis.Redis | None = None
-        self._sources_by_key_hash = {digest: name for name, digest in settings.write_keys.items()}
+        self.keys: WriteKeyStore | None = None
+        self.admitter: Admitter | None = None
+        self._partitioner = CachedPartitioner()
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
         self.redis = aioredis.from_url(self.core.redis_url)
+        self.keys = WriteKeyStore(self.redis, self.settings.write_keys)
+        self.admitter = Admitter(self.redis, self.settings.dedupe_ttl_s)
         self.producer = AIOKafkaProducer(
             bootstrap_servers=self.core.kafka_bootstrap,
             acks="all",
             enable_idempotence=self.core.idempotent_producer,
             linger_ms=2,
+            # Room for a whole request's records per partition in one batch (the default is 16 KB).
+            max_batch_size=256 * 1024,
+            partitioner=self._partitioner,
         )
         await self.producer.start()
         try:
@@ -76,160 +205,216 @@ class IngestService:
             await self.producer.stop()
             await self.redis.aclose()
 
-    def authenticate(self, request: Request) -> str | None:
-        """Return the source name for the request's write key (HTTP Basic user), or None."""
-        header = request.headers.get("authorization", "")
-        scheme, _, encoded = header.partition(" ")
-        if scheme.lower() != "basic" or not encoded:
-            return None
+    async def read_json(self, request: Request, limit: int, limit_name: str) -> Any:
+        """Read the body (at most `limit` bytes, before and after gzip) and parse it."""
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise Refused(413, f"body is {declared} bytes, the limit is {limit} bytes ({limit_name})")
+        chunks = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise Refused(413, f"body is over {limit} bytes ({limit_name})")
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        encoding = request.headers.get("content-encoding", "").strip().lower()
+        if encoding == "gzip":
+            body = _gunzip(body, limit, limit_name)
+        elif encoding not in ("", "identity"):
+            raise _bad_request("Content-Encoding", f"{encoding[:40]!r} is not supported; use gzip or none")
         try:
-            user = base64.b64decode(encoded, validate=True).decode().split(":", 1)[0]
-        except (binascii.Error, UnicodeDecodeError):
-            return None
-        digest = hash_write_key(user)
-        for stored, source in self._sources_by_key_hash.items():
-            if hmac.compare_digest(stored, digest):
-                return source
-        return None
+            return parse_json(body)
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            raise _bad_request("(body)", f"not valid JSON: {str(exc)[:200]}") from None
 
-    async def read_json(self, request: Request, limit: int) -> Any:
-        body = await request.body()
-        if request.headers.get("content-encoding", "").lower() == "gzip":
-            try:
-                body = gzip.decompress(body)
-            except (OSError, EOFError):
-                raise EventRejected("(body)", "gzip body could not be decompressed") from None
-        if len(body) > limit:
-            raise _TooLarge(f"body is {len(body)} bytes, the limit is {limit} bytes")
-        try:
-            return json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise EventRejected("(body)", f"not valid JSON: {exc}") from None
+    async def authenticate(self, header_key: str | None, body: Any) -> str:
+        """Return the source of the request's write key; refuse unknown and revoked keys."""
+        assert self.keys is not None
+        key = header_key
+        if key is None and isinstance(body, dict) and isinstance(body.get("writeKey"), str):
+            key = body["writeKey"]
+        source = await self.keys.source_for(key) if key else None
+        if source is None:
+            raise _unauthorized()
+        return source
 
-    async def accept(self, source: str, payloads: list[tuple[Any, str | None]]) -> JSONResponse:
-        """Validate every event, drop duplicates, produce the rest and wait for the broker."""
+    def encode_all(self, source: str, payloads: list[Any], call_type: str | None, batch_sent_at_ms: int | None,
+                   check_size: bool) -> list[tuple[str, bytes, bytes]]:
+        """Return (messageId, key, Avro value) per event, or refuse the request listing every bad event."""
         received_at_ms = int(time.time() * 1000)
-        records: list[dict[str, Any]] = []
+        limit = self.settings.max_event_bytes
+        encoded: list[tuple[str, bytes, bytes]] = []
         errors = []
-        for index, (payload, call_type) in enumerate(payloads):
+        too_large = False
+        for index, payload in enumerate(payloads):
             try:
-                size = len(json.dumps(payload, separators=(",", ":")))
-                limit = self.settings.max_event_bytes
-                if size > limit:
-                    raise EventRejected("(event)", f"event is {size} bytes, the limit is {limit} (max_event_bytes)")
-                record = to_touchpoint(payload, call_type, source, received_at_ms, self.settings.default_channel)
-                problems = avro.validation_errors(TOUCHPOINTS_RAW.schema, record)
-                if problems:
-                    raise EventRejected("(schema)", "; ".join(problems))
-            except EventRejected as exc:
+                record = to_touchpoint(payload, call_type, source, received_at_ms, self.settings.default_channel,
+                                       batch_sent_at_ms)
+                try:
+                    value = avro.encode(TOUCHPOINTS_RAW.schema, record)
+                except (ValueError, OverflowError) as exc:  # e.g. a lone surrogate in a string field
+                    raise EventRejected("(schema)", str(exc)[:300]) from None
+                # A single call's body was already held to the limit. In a batch, the event's
+                # encoded record is measured: it is the event in compact form (properties,
+                # traits and context as compact JSON), so no event is serialised twice.
+                if check_size and len(value) > limit:
+                    too_large = True
+                    raise EventRejected("(event)", f"event is {len(value)} bytes encoded, the limit is {limit} "
+                                                   "(max_event_bytes)")
+                encoded.append((record["message_id"], record_key(record), value))
+            except (EventRejected, RecursionError) as exc:
+                if isinstance(exc, RecursionError):
+                    exc = EventRejected("(event)", "is nested too deeply")
                 self.metrics.rejected.labels(exc.field.split(".")[0][:40]).inc()
                 errors.append({"index": index, "field": exc.field, "reason": exc.reason})
-                continue
-            records.append(record)
         if errors:
             # All-or-nothing: a batch with any invalid event is refused whole, so a client
             # can fix and resend it without tracking which events went through.
-            return _error(400, "invalid event(s); nothing in this request was accepted", errors=errors)
-        fresh = await self._claim_message_ids(source, records)
+            # SDKs log only the message, so it names the first problem too.
+            first = f"[{errors[0]['index']}] {errors[0]['field']}: {errors[0]['reason']}"
+            more = f" (and {len(errors) - 1} more in errors[])" if len(errors) > 1 else ""
+            if too_large:
+                raise Refused(413, f"event(s) over max_event_bytes; nothing in this request was accepted: "
+                                   f"{first}{more}", errors=errors)
+            raise Refused(400, f"invalid event(s); nothing in this request was accepted: {first}{more}",
+                          errors=errors)
+        return encoded
+
+    async def accept(self, source: str, encoded: list[tuple[str, bytes, bytes]]) -> JSONResponse:
+        """Spend the rate limit, drop duplicates, produce the rest, answer once the broker acknowledged."""
+        assert self.admitter is not None
+        rate = self.settings.rate_limits.get(source, self.settings.rate_limit_events_per_s)
+        message_ids = [message_id for message_id, _, _ in encoded]
+        admission = await self.admitter.admit(source, message_ids, rate, self.settings.rate_limit_burst_events)
+        if not admission.allowed:
+            self.metrics.rate_limited.labels(source).inc(len(encoded))
+            raise Refused(429, f"rate limit of {rate:g} events/s for source {source!r} reached; "
+                               f"retry after {admission.retry_after_s}s",
+                          headers={"Retry-After": str(admission.retry_after_s)}, retry=True)
+        new = [item for item, is_new in zip(encoded, admission.fresh, strict=True) if is_new]
         try:
-            await self._produce([r for r, is_new in zip(records, fresh, strict=True) if is_new])
+            await asyncio.wait_for(self._produce(new), self.settings.produce_timeout_s)
         except Exception as exc:
-            await self._release_message_ids(source, [r for r, is_new in zip(records, fresh, strict=True) if is_new])
-            return _error(503, f"broker did not acknowledge: {type(exc).__name__}", retry=True)
-        duplicates = fresh.count(False)
+            # Only broker trouble is left here: every record was encoded before.
+            log.warning("produce failed: %r", exc)
+            with contextlib.suppress(RedisError):
+                await self.admitter.release(source, [message_id for message_id, _, _ in new])
+            raise _unavailable(f"broker did not acknowledge: {type(exc).__name__}") from None
+        duplicates = len(encoded) - len(new)
         self.metrics.duplicates.inc(duplicates)
-        return JSONResponse({"success": True, "accepted": len(records) - duplicates, "duplicates": duplicates})
+        return JSONResponse({"success": True, "accepted": len(new), "duplicates": duplicates})
 
-    async def _claim_message_ids(self, source: str, records: list[dict[str, Any]]) -> list[bool]:
-        assert self.redis is not None
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for record in records:
-                pipe.set(f"{DEDUPE_PREFIX}{source}:{record['message_id']}", 1, nx=True, ex=self.settings.dedupe_ttl_s)
-            results = await pipe.execute()
-        seen_in_request: set[str] = set()
-        fresh = []
-        for record, claimed in zip(records, results, strict=True):
-            is_new = bool(claimed) and record["message_id"] not in seen_in_request
-            seen_in_request.add(record["message_id"])
-            fresh.append(is_new)
-        return fresh
-
-    async def _release_message_ids(self, source: str, records: list[dict[str, Any]]) -> None:
-        # The broker never acknowledged these, so a retry by the client must not look like a duplicate.
-        if records and self.redis is not None:
-            await self.redis.delete(*[f"{DEDUPE_PREFIX}{source}:{r['message_id']}" for r in records])
-
-    async def _produce(self, records: list[dict[str, Any]]) -> None:
+    async def _produce(self, encoded: list[tuple[str, bytes, bytes]]) -> None:
+        # One record batch per partition and request instead of one send() per record: a
+        # request's events leave together anyway, and send() costs more than the encoding.
         assert self.producer is not None
+        if not encoded:
+            return
+        topic = TOUCHPOINTS_RAW.name
+        partitions = sorted(await self.producer.partitions_for(topic))
+        by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
+        for _, key, value in encoded:
+            by_partition.setdefault(self._partitioner(key, partitions, partitions), []).append((key, value))
         futures = []
-        for record in records:
-            identifiers = [Identifier(i["type"], i["value"]) for i in record["identifiers"]]
-            key_text = partition_key(identifiers, record["message_id"])
-            # Hash the key: keys show up in more places (tools, logs) than values.
-            key = hashlib.sha256(key_text.encode()).hexdigest().encode()
-            value = avro.encode(TOUCHPOINTS_RAW.schema, record)
-            futures.append(await self.producer.send(TOUCHPOINTS_RAW.name, value=value, key=key))
-        if futures:
-            await asyncio.gather(*futures)
-            self.metrics.events_out.labels(TOUCHPOINTS_RAW.name).inc(len(futures))
+        for partition, records in by_partition.items():
+            batch = self.producer.create_batch()
+            for key, value in records:
+                if batch.append(key=key, value=value, timestamp=None) is None:  # batch full: send it
+                    batch.close()
+                    futures.append(await self.producer.send_batch(batch, topic, partition=partition))
+                    batch = self.producer.create_batch()
+                    batch.append(key=key, value=value, timestamp=None)
+            batch.close()
+            futures.append(await self.producer.send_batch(batch, topic, partition=partition))
+        await asyncio.gather(*futures)
+        self.metrics.events_out.labels(topic).inc(len(encoded))
 
 
-class _TooLarge(Exception):
-    pass
+def _gunzip(body: bytes, limit: int, limit_name: str) -> bytes:
+    # Decompress at most limit+1 bytes, so a small gzip bomb cannot take the worker's memory.
+    inflater = zlib.decompressobj(wbits=31)
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise _bad_request("Content-Encoding", f"gzip body could not be decompressed: {exc}") from None
+    if len(out) > limit:
+        raise Refused(413, f"decompressed body is over {limit} bytes ({limit_name})")
+    if not inflater.eof:
+        raise _bad_request("Content-Encoding", "gzip body is truncated")
+    return out
+
+
+def load_openapi() -> dict[str, Any]:
+    """Return the API document from schemas/openapi.yaml (the one place it is written)."""
+    document = yaml.safe_load(OPENAPI_PATH.read_text())
+    assert isinstance(document, dict)
+    return document
 
 
 def build_app(core: CoreSettings, settings: IngestSettings) -> Starlette:
-    """Build the ingest ASGI app."""
+    """Build the ingest ASGI app; in prod, refuse to run with the well-known dev write key."""
+    if core.environment == "prod" and hash_write_key(DEV_WRITE_KEY) in settings.write_keys.values():
+        raise ValueError("the dev write key is configured in prod: set TOUCHSTREAM_INGEST_WRITE_KEYS "
+                         "(or {} and `touchstream keys add SOURCE`)")
     service = IngestService(core, settings)
+    openapi = load_openapi()
 
     async def single(request: Request) -> Response:
-        call_type = request.path_params["call_type"]
-        return await handle(request, call_type, batch=False)
+        return await handle(request, request.path_params["call_type"], batch=False)
 
     async def batch(request: Request) -> Response:
         return await handle(request, None, batch=True)
 
     async def handle(request: Request, call_type: str | None, batch: bool) -> Response:
-        endpoint = "batch" if batch else str(call_type)
+        endpoint = "batch" if batch else str(call_type) if call_type in EVENT_TYPES else "unknown"
         started = time.perf_counter()
-        response = await _handle(request, call_type, batch)
+        try:
+            response = await _handle(request, call_type, batch)
+        except Refused as refused:
+            response = refused.response()
+        except RedisError as exc:
+            log.warning("redis failed: %r", exc)
+            service.metrics.redis_errors.inc()
+            response = _unavailable(f"Redis unavailable: {type(exc).__name__}").response()
         service.metrics.requests.labels(endpoint, str(response.status_code)).inc()
         service.metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - started)
         return response
 
     async def _handle(request: Request, call_type: str | None, batch: bool) -> Response:
         if call_type is not None and call_type not in EVENT_TYPES:
-            return _error(404, f"unknown call type {call_type!r}; use one of {', '.join(EVENT_TYPES)} or batch")
-        source = service.authenticate(request)
-        if source is None:
-            return JSONResponse({"success": False, "error": "missing or unknown write key (HTTP Basic user)"},
-                                status_code=401, headers={"WWW-Authenticate": 'Basic realm="touchstream"'})
-        limit = settings.max_batch_bytes if batch else settings.max_event_bytes
-        try:
-            body = await service.read_json(request, limit)
-        except _TooLarge as exc:
-            return _error(413, f"{exc} (limit: {'max_batch_bytes' if batch else 'max_event_bytes'})")
-        except EventRejected as exc:
-            return _error(400, str(exc), errors=[{"index": None, "field": exc.field, "reason": exc.reason}])
+            raise Refused(404, f"unknown call type {call_type[:40]!r}; use one of {', '.join(EVENT_TYPES)} or batch")
+        header = request.headers.get("authorization")
+        header_key = basic_user(header) if header else None
+        if header and header_key is None:
+            raise _unauthorized()
+        limit, limit_name = ((settings.max_batch_bytes, "max_batch_bytes") if batch
+                             else (settings.max_event_bytes, "max_event_bytes"))
+        body = await service.read_json(request, limit, limit_name)
+        source = await service.authenticate(header_key, body)
         if not batch:
-            return await service.accept(source, [(body, call_type)])
+            encoded = service.encode_all(source, [body], call_type, None, check_size=False)
+            return await service.accept(source, encoded)
         if not isinstance(body, dict) or not isinstance(body.get("batch"), list):
-            return _error(400, "batch: must be an object with a 'batch' list",
-                          errors=[{"index": None, "field": "batch", "reason": "must be a list"}])
+            raise _bad_request("batch", "the body must be an object with a 'batch' list")
         events = body["batch"]
         if len(events) > settings.max_batch_events:
-            return _error(413, f"batch has {len(events)} events, the limit is {settings.max_batch_events} "
-                               "(limit: max_batch_events)")
+            raise Refused(413, f"batch has {len(events)} events, the limit is {settings.max_batch_events} "
+                               "(max_batch_events)")
         if not events:
-            return _error(400, "batch: is empty", errors=[{"index": None, "field": "batch", "reason": "is empty"}])
-        # Segment SDKs put shared context at the batch level; events inherit it.
+            raise _bad_request("batch", "is empty")
+        # Segment SDKs put shared context and sentAt at the batch level; events inherit them.
         shared_context = body.get("context") if isinstance(body.get("context"), dict) else None
-        payloads: list[tuple[Any, str | None]] = []
-        for event in events:
-            if shared_context and isinstance(event, dict) and "context" not in event:
-                event = {**event, "context": shared_context}
-            payloads.append((event, None))
-        return await service.accept(source, payloads)
+        if shared_context:
+            events = [{**e, "context": shared_context} if isinstance(e, dict) and "context" not in e else e
+                      for e in events]
+        try:
+            sent_at = body.get("sentAt")
+            sent_at_ms = None if sent_at is None else parse_timestamp(sent_at, "sentAt")
+        except EventRejected as exc:
+            raise _bad_request(exc.field, exc.reason) from None
+        encoded = service.encode_all(source, events, None, sent_at_ms, check_size=True)
+        return await service.accept(source, encoded)
 
     async def metrics(_request: Request) -> Response:
         body, content_type = render(service.metrics.registry)
@@ -247,6 +432,14 @@ def build_app(core: CoreSettings, settings: IngestSettings) -> Starlette:
             return JSONResponse({"status": "unready", "reason": f"redis: {type(exc).__name__}"}, status_code=503)
         return JSONResponse({"status": "ready"})
 
+    async def openapi_json(_request: Request) -> Response:
+        return JSONResponse(openapi)
+
+    async def http_error(_request: Request, exc: Exception) -> Response:
+        # Unknown paths and wrong methods answer JSON like every other error.
+        assert isinstance(exc, HTTPException)
+        return error_response(exc.status_code, exc.detail, headers=exc.headers)
+
     routes = [
         Route("/v1/batch", batch, methods=["POST"]),
         Route("/v1/import", batch, methods=["POST"]),
@@ -254,5 +447,6 @@ def build_app(core: CoreSettings, settings: IngestSettings) -> Starlette:
         Route("/metrics", metrics, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
+        Route("/openapi.json", openapi_json, methods=["GET"]),
     ]
-    return Starlette(routes=routes, lifespan=service.lifespan)
+    return Starlette(routes=routes, lifespan=service.lifespan, exception_handlers={HTTPException: http_error})

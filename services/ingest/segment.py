@@ -7,11 +7,13 @@ complaint/feedback, consent).
 
 from __future__ import annotations
 
-import json
+import math
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+
+import orjson
 
 from touchstream.identifiers import KNOWN_TYPES
 
@@ -30,26 +32,60 @@ class EventRejected(ValueError):
         return f"{self.field}: {self.reason}"
 
 
+# Event times outside this window are refused: they are typos or unit mistakes (seconds
+# sent as milliseconds), and they would poison event-time windows downstream. 1970 keeps
+# historical replays (CDNOW is 1997) working.
+MIN_TIMESTAMP_MS = 0
+MAX_TIMESTAMP_MS = 4_102_444_800_000  # 2100-01-01T00:00:00Z
+_INT32 = (-(2**31), 2**31 - 1)
+MAX_IDENTIFIER_CHARS = 512
+
+
 def parse_timestamp(value: Any, field: str) -> int:
     """Return epoch milliseconds from an ISO 8601 string or epoch number.
 
     >>> parse_timestamp("1997-01-01T12:00:00Z", "timestamp")
     852120000000
+    >>> parse_timestamp("1969-12-31T23:59:59Z", "timestamp")
+    Traceback (most recent call last):
+    ...
+    services.ingest.segment.EventRejected: timestamp: must be between 1970-01-01 and 2100-01-01
     """
     if isinstance(value, bool):
         raise EventRejected(field, "must be an ISO 8601 string")
     if isinstance(value, int | float):
         # Segment sends strings; numbers are accepted as epoch milliseconds.
+        if not MIN_TIMESTAMP_MS <= value < MAX_TIMESTAMP_MS:  # also false for NaN
+            raise EventRejected(field, "must be between 1970-01-01 and 2100-01-01")
         return int(value)
     if not isinstance(value, str):
         raise EventRejected(field, "must be an ISO 8601 string")
     try:
         parsed = datetime.fromisoformat(value)
-    except ValueError:
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        millis = int(parsed.timestamp() * 1000)
+    except (ValueError, OverflowError):
         raise EventRejected(field, f"{value[:40]!r} is not an ISO 8601 timestamp") from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return int(parsed.timestamp() * 1000)
+    if not MIN_TIMESTAMP_MS <= millis < MAX_TIMESTAMP_MS:
+        raise EventRejected(field, "must be between 1970-01-01 and 2100-01-01")
+    return millis
+
+
+def corrected_timestamp(timestamp_ms: int, sent_at_ms: int | None, received_at_ms: int) -> int:
+    """Correct a client's clock skew the way Segment does: timestamp + (receivedAt - sentAt).
+
+    `sentAt` is read on the same (client) clock as `timestamp`, `receivedAt` on ours, so
+    the difference is the client's clock offset plus the transit time.
+
+    >>> corrected_timestamp(1_000_000, sent_at_ms=1_060_000, received_at_ms=1_000_500)
+    940500
+    >>> corrected_timestamp(1_000_000, sent_at_ms=None, received_at_ms=1_000_500)
+    1000000
+    """
+    if sent_at_ms is None:
+        return timestamp_ms
+    return timestamp_ms + (received_at_ms - sent_at_ms)
 
 
 def _object(payload: dict[str, Any], field: str) -> dict[str, Any]:
@@ -66,35 +102,46 @@ def _identifier_value(value: Any, field: str) -> str | None:
         return None
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise EventRejected(field, "must be a string")
-    text = str(value).strip()
+    text = (value if isinstance(value, str) else str(value)).strip()
+    if len(text) > MAX_IDENTIFIER_CHARS:
+        raise EventRejected(field, f"must be at most {MAX_IDENTIFIER_CHARS} characters")
     return text or None
 
 
-def collect_identifiers(payload: dict[str, Any]) -> list[dict[str, str]]:
-    """Gather identifiers from Segment ids, traits, context.traits and touchstream fields."""
+def collect_identifiers(payload: dict[str, Any], event_type: str | None = None) -> list[dict[str, str]]:
+    """Gather identifiers from Segment ids, traits, context.traits and touchstream fields.
+
+    >>> collect_identifiers({"previousId": "anon-1", "userId": "u-1"}, "alias")
+    [{'type': 'user_id', 'value': 'u-1'}, {'type': 'user_id', 'value': 'anon-1'}]
+    """
     found: dict[tuple[str, str], None] = {}
 
     def add(kind: str, value: Any, field: str) -> None:
+        # Callers skip None first: most fields are absent, and their names cost an f-string.
         text = _identifier_value(value, field)
         if text is not None:
             found[(kind, text)] = None
 
-    add("user_id", payload.get("userId"), "userId")
-    add("anonymous_id", payload.get("anonymousId"), "anonymousId")
-    if payload.get("type") == "alias":
-        add("user_id", payload.get("previousId"), "previousId")
+    get = payload.get
+    if (value := get("userId")) is not None:
+        add("user_id", value, "userId")
+    if (value := get("anonymousId")) is not None:
+        add("anonymous_id", value, "anonymousId")
+    if (event_type or get("type")) == "alias" and (value := get("previousId")) is not None:
+        add("user_id", value, "previousId")
     context = _object(payload, "context")
     device = context.get("device")
-    if isinstance(device, dict):
-        add("device_id", device.get("id"), "context.device.id")
-    for source_name, source in (("context.traits", context.get("traits")), ("traits", payload.get("traits"))):
+    if isinstance(device, dict) and (value := device.get("id")) is not None:
+        add("device_id", value, "context.device.id")
+    for source_name, source in (("context.traits", context.get("traits")), ("traits", get("traits"))):
         if isinstance(source, dict):
             for kind in ("email", "phone"):
-                add(kind, source.get(kind), f"{source_name}.{kind}")
+                if (value := source.get(kind)) is not None:
+                    add(kind, value, f"{source_name}.{kind}")
     for kind in KNOWN_TYPES:
-        if kind in payload:
-            add(kind, payload[kind], kind)
-    extra = payload.get("identifiers")
+        if (value := get(kind)) is not None:
+            add(kind, value, kind)
+    extra = get("identifiers")
     if extra is not None:
         if not isinstance(extra, dict):
             raise EventRejected("identifiers", "must be an object of type -> value")
@@ -108,7 +155,21 @@ def collect_identifiers(payload: dict[str, Any]) -> list[dict[str, str]]:
 def _number(value: Any, field: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise EventRejected(field, "must be a number")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise EventRejected(field, "must be a finite number")
+    return number
+
+
+def _int32(value: Any, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise EventRejected(field, "must be an integer")
+    if not _INT32[0] <= value <= _INT32[1]:
+        raise EventRejected(field, "must fit in 32 bits")
+    return value
 
 
 def extract_order(payload: dict[str, Any], event_name: str | None) -> dict[str, Any] | None:
@@ -133,9 +194,7 @@ def extract_order(payload: dict[str, Any], event_name: str | None) -> dict[str, 
     for index, item in enumerate(items_raw):
         if not isinstance(item, dict):
             raise EventRejected(f"order.items[{index}]", "must be an object")
-        quantity = item.get("quantity", 1)
-        if isinstance(quantity, bool) or not isinstance(quantity, int):
-            raise EventRejected(f"order.items[{index}].quantity", "must be an integer")
+        quantity = _int32(item.get("quantity", 1), f"order.items[{index}].quantity")
         price = item.get("price")
         items.append({
             "sku": None if item.get("sku") is None else str(item.get("sku")),
@@ -158,8 +217,8 @@ def extract_feedback(payload: dict[str, Any]) -> dict[str, Any] | None:
         if not isinstance(value, dict):
             raise EventRejected(kind, "must be an object")
         rating = value.get("rating")
-        if rating is not None and (isinstance(rating, bool) or not isinstance(rating, int)):
-            raise EventRejected(f"{kind}.rating", "must be an integer")
+        if rating is not None:
+            _int32(rating, f"{kind}.rating")
         text = value.get("text")
         if text is not None and not isinstance(text, str):
             raise EventRejected(f"{kind}.text", "must be a string")
@@ -168,8 +227,13 @@ def extract_feedback(payload: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def to_touchpoint(payload: Any, call_type: str | None, source: str, received_at_ms: int,
-                  default_channel: str = "web") -> dict[str, Any]:
-    """Build a TouchpointEvent record from one API call, or raise EventRejected."""
+                  default_channel: str = "web", batch_sent_at_ms: int | None = None) -> dict[str, Any]:
+    """Build a TouchpointEvent record from one API call, or raise EventRejected.
+
+    `batch_sent_at_ms` is the batch-level `sentAt` (Segment SDKs put it there), already
+    parsed; an event's own `sentAt` wins. With both a timestamp and a sentAt, the timestamp is corrected for the
+    client's clock skew (see `corrected_timestamp`).
+    """
     if not isinstance(payload, dict):
         raise EventRejected("(event)", "must be a JSON object")
     event_type = call_type or payload.get("type")
@@ -180,7 +244,7 @@ def to_touchpoint(payload: Any, call_type: str | None, source: str, received_at_
         message_id = str(uuid.uuid4())
     elif not isinstance(message_id, str) or not message_id.strip() or len(message_id) > 200:
         raise EventRejected("messageId", "must be a non-empty string of at most 200 characters")
-    identifiers = collect_identifiers(payload)
+    identifiers = collect_identifiers(payload, event_type)
     if not identifiers:
         raise EventRejected("userId", "an event needs userId, anonymousId or another identifier")
     name = payload.get("event") if event_type == "track" else payload.get("name")
@@ -189,14 +253,26 @@ def to_touchpoint(payload: Any, call_type: str | None, source: str, received_at_
     if name is not None and not isinstance(name, str):
         raise EventRejected("event" if event_type == "track" else "name", "must be a string")
     channel = payload.get("channel", default_channel)
-    if not isinstance(channel, str) or not channel.strip():
-        raise EventRejected("channel", "must be a non-empty string")
-    timestamp = payload.get("timestamp")
-    timestamp_ms = received_at_ms if timestamp is None else parse_timestamp(timestamp, "timestamp")
+    if not isinstance(channel, str) or not channel.strip() or len(channel) > 64:
+        raise EventRejected("channel", "must be a non-empty string of at most 64 characters")
+    extras = {k: payload[k] for k in ("properties", "traits", "context", "groupId") if payload.get(k) is not None}
+    timestamp_field = "timestamp" if payload.get("timestamp") is not None else "originalTimestamp"
+    timestamp = payload.get(timestamp_field)
+    if timestamp is None:
+        timestamp_ms = received_at_ms
+    else:
+        client_ms = parse_timestamp(timestamp, timestamp_field)
+        sent_at = payload.get("sentAt")
+        sent_at_ms = batch_sent_at_ms if sent_at is None else parse_timestamp(sent_at, "sentAt")
+        timestamp_ms = corrected_timestamp(client_ms, sent_at_ms, received_at_ms)
+        if timestamp_ms != client_ms:
+            extras["originalTimestamp"] = timestamp
+            extras["sentAt"] = sent_at if sent_at is not None else batch_sent_at_ms
+        if not MIN_TIMESTAMP_MS <= timestamp_ms < MAX_TIMESTAMP_MS:
+            raise EventRejected(timestamp_field, "is out of range once corrected for clock skew (sentAt)")
     consent = payload.get("consent", [])
     if not isinstance(consent, list) or not all(isinstance(c, str) for c in consent):
         raise EventRejected("consent", "must be a list of category names")
-    extras = {k: payload[k] for k in ("properties", "traits", "context", "groupId") if payload.get(k) is not None}
     return {
         "message_id": message_id,
         "type": event_type,
@@ -209,5 +285,13 @@ def to_touchpoint(payload: Any, call_type: str | None, source: str, received_at_
         "order": extract_order(payload, name),
         "feedback": extract_feedback(payload),
         "consent": consent,
-        "properties_json": json.dumps(extras, separators=(",", ":"), default=str) if extras else None,
+        "properties_json": _json_text(extras) if extras else None,
     }
+
+
+def _json_text(extras: dict[str, Any]) -> str:
+    try:
+        return orjson.dumps(extras, default=str).decode()
+    except TypeError as exc:  # lone surrogates, integers beyond 64 bits
+        field = next(iter(extras)) if len(extras) == 1 else "properties"
+        raise EventRejected(field, f"cannot be stored as JSON: {exc}") from None

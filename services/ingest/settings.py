@@ -24,8 +24,16 @@ class IngestSettings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = 6066
-    # Source name -> sha256 of its write key; only hashes are ever configured or stored.
+    # Bootstrap keys: source name -> sha256 of its write key; only hashes are ever configured or
+    # stored. Keys added at run time live in Redis (`touchstream keys add`); `touchstream keys
+    # revoke SOURCE` refuses both kinds at once on every worker.
     write_keys: dict[str, str] = Field(default_factory=lambda: {"dev": hash_write_key(DEV_WRITE_KEY)})
+    rate_limit_events_per_s: float = Field(
+        5000.0, ge=0, description="Sustained events/s allowed per source, across all workers; 0 turns it off.")
+    rate_limit_burst_events: int = Field(
+        10_000, ge=1, description="Events a source may send at once above the sustained rate.")
+    rate_limits: dict[str, float] = Field(default_factory=dict, description="Per-source events/s overrides.")
+    produce_timeout_s: float = Field(10.0, gt=0, description="How long a request waits for the broker's ack.")
     dedupe_ttl_s: int = Field(24 * 3600, ge=1, description="How long a messageId is remembered per source.")
     max_event_bytes: int = 32 * 1024
     max_batch_bytes: int = 500 * 1024

@@ -1,18 +1,23 @@
-"""Ingest over HTTP against the real broker and Redis: durable accept, refusal with reasons, dedupe."""
+"""Ingest over HTTP against the real broker and Redis: durable accept, refusal with reasons, dedupe, odd input."""
 
 from __future__ import annotations
 
 import asyncio
+import gzip
+import json
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
 import pytest
+import yaml
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from starlette.testclient import TestClient
 
 from services.ingest.app import build_app
 from services.ingest.settings import IngestSettings, hash_write_key
 from touchstream import avro
+from touchstream.embedded import free_port
 from touchstream.settings import CoreSettings
 from touchstream.topics import TOUCHPOINTS_RAW
 
@@ -96,3 +101,109 @@ def test_auth_and_limits(ingest: TestClient) -> None:
     assert huge.status_code == 413
     assert ingest.post("/v1/track", auth=(WRITE_KEY, ""), content=b"{not json").status_code == 400
     assert ingest.post("/v1/launch", auth=(WRITE_KEY, ""), json=event).status_code == 404
+
+
+def test_gzip_bodies_and_their_limits(ingest: TestClient, all_topics: str) -> None:
+    message_id = f"m-{uuid.uuid4().hex}"
+    body = json.dumps({"event": "Viewed", "userId": "u4", "messageId": message_id}).encode()
+    zipped = ingest.post("/v1/track", auth=(WRITE_KEY, ""), content=gzip.compress(body),
+                         headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
+    assert zipped.status_code == 200, zipped.text
+    assert [e["message_id"] for e in asyncio.run(read_raw_events(all_topics, {message_id}))] == [message_id]
+    # 1 MB of zeros compresses to ~1 KB; the decompressed size is what counts.
+    bomb = gzip.compress(b'{"event": "x", "userId": "u", "p": "' + b"0" * 1_000_000 + b'"}')
+    assert len(bomb) < 32 * 1024
+    refused = ingest.post("/v1/track", auth=(WRITE_KEY, ""), content=bomb, headers={"Content-Encoding": "gzip"})
+    assert refused.status_code == 413 and "max_event_bytes" in refused.json()["error"]
+    broken = ingest.post("/v1/track", auth=(WRITE_KEY, ""), content=b"\x1f\x8b not gzip",
+                         headers={"Content-Encoding": "gzip"})
+    assert broken.status_code == 400 and broken.json()["errors"][0]["field"] == "Content-Encoding"
+    assert ingest.post("/v1/track", auth=(WRITE_KEY, ""), content=body,
+                       headers={"Content-Encoding": "br"}).status_code == 400
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (b'{"event": "x", "userId": "u", "properties": {"n": NaN}}', "(body)"),
+        (b'{"event": "x", "userId": "u", "properties": {"n": 1e999}}', "(body)"),
+        (b'{"event": "x", "userId": "u", "p": ' + b"[" * 5000 + b"]" * 5000 + b"}", "(body)"),
+        (b'{"event": "x", "userId": "u", "n": ' + b"9" * 5000 + b"}", "(body)"),
+        (b'"just a string"', "(event)"),
+        (b"[1, 2]", "(event)"),
+        (b'{"event": "x", "userId": "\\ud800"}', "(body)"),
+        (b'{"event": "x", "userId": "u", "timestamp": "+275760-09-13T00:00:00Z"}', "timestamp"),
+        (b'{"event": "x", "userId": "u", "timestamp": 1e300}', "timestamp"),
+        (b"\xff\xfe", "(body)"),
+    ],
+)
+def test_odd_bodies_get_a_400_naming_the_field(ingest: TestClient, body: bytes, field: str) -> None:
+    response = ingest.post("/v1/track", auth=(WRITE_KEY, ""), content=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["errors"][0]["field"] == field
+
+
+def test_batch_sent_at_corrects_clock_skew(ingest: TestClient, all_topics: str) -> None:
+    message_id = f"m-{uuid.uuid4().hex}"
+    # The sender's clock is one hour ahead of ours: its timestamp and sentAt both are.
+    ahead = datetime.now(UTC) + timedelta(hours=1)
+    response = ingest.post("/v1/batch", auth=(WRITE_KEY, ""), json={
+        "sentAt": ahead.isoformat(),
+        "batch": [{"type": "track", "event": "Viewed", "userId": "u5", "messageId": message_id,
+                   "timestamp": (ahead - timedelta(seconds=30)).isoformat()}]})
+    assert response.status_code == 200, response.text
+    [event] = asyncio.run(read_raw_events(all_topics, {message_id}))
+    skew = event["received_at_ms"] - event["timestamp_ms"]  # type: ignore[operator]
+    assert 29_000 <= skew <= 31_000
+
+
+def test_write_key_in_the_body_and_openapi_document(ingest: TestClient) -> None:
+    event = {"type": "track", "event": "Viewed", "userId": "u6"}
+    assert ingest.post("/v1/batch", json={"batch": [event], "writeKey": WRITE_KEY}).status_code == 200
+    assert ingest.post("/v1/batch", json={"batch": [event], "writeKey": "nope"}).status_code == 401
+    document = ingest.get("/openapi.json")
+    assert document.status_code == 200
+    assert document.json() == yaml.safe_load((avro.SCHEMA_DIR / "openapi.yaml").read_text())
+    assert ingest.get("/no/such/path").json()["success"] is False
+
+
+def test_redis_down_is_a_503_with_retry_after(all_topics: str) -> None:
+    dead_redis = f"redis://127.0.0.1:{free_port()}/0"
+    core = CoreSettings(kafka_bootstrap=all_topics, redis_url=dead_redis, partitions=2)
+    settings = IngestSettings(write_keys={"shop": hash_write_key(WRITE_KEY)})
+    with TestClient(build_app(core, settings)) as client:
+        response = client.post("/v1/track", auth=(WRITE_KEY, ""), json={"event": "Viewed", "userId": "u7"})
+        assert response.status_code == 503
+        assert response.headers["Retry-After"] == "1" and response.json()["retry"] is True
+        assert client.get("/readyz").status_code == 503
+
+
+def test_an_oversized_event_in_a_batch_is_a_413_naming_its_index(ingest: TestClient) -> None:
+    small = {"type": "track", "event": "Viewed", "userId": "u8"}
+    big = {**small, "properties": {"blob": "x" * 40_000}}
+    response = ingest.post("/v1/batch", auth=(WRITE_KEY, ""), json={"batch": [small, big]})
+    assert response.status_code == 413, response.text
+    [error] = response.json()["errors"]
+    assert error["index"] == 1 and "max_event_bytes" in error["reason"]
+
+
+def test_no_broker_ack_in_time_is_a_503_and_the_retry_is_not_a_duplicate(all_topics: str, redis_url: str) -> None:
+    core = CoreSettings(kafka_bootstrap=all_topics, redis_url=redis_url, partitions=2)
+    hasty = IngestSettings(write_keys={"shop": hash_write_key(WRITE_KEY)}, produce_timeout_s=1e-6)
+    patient = IngestSettings(write_keys={"shop": hash_write_key(WRITE_KEY)})
+    event = {"event": "Viewed", "userId": "u9", "messageId": f"m-{uuid.uuid4().hex}"}
+    with TestClient(build_app(core, hasty)) as client:
+        response = client.post("/v1/track", auth=(WRITE_KEY, ""), json=event)
+        assert response.status_code == 503, response.text
+        assert response.headers["Retry-After"] == "1" and response.json()["retry"] is True
+    with TestClient(build_app(core, patient)) as client:
+        assert client.post("/v1/track", auth=(WRITE_KEY, ""), json=event).json() == {
+            "success": True, "accepted": 1, "duplicates": 0}
+
+
+def test_a_bad_batch_sent_at_is_refused_once_for_the_batch(ingest: TestClient) -> None:
+    event = {"type": "track", "event": "x", "userId": "u", "timestamp": 1_700_000_000_000}
+    response = ingest.post("/v1/batch", auth=(WRITE_KEY, ""), json={"sentAt": "yesterday", "batch": [event]})
+    assert response.status_code == 400
+    assert response.json()["errors"] == [{"index": None, "field": "sentAt",
+                                          "reason": "'yesterday' is not an ISO 8601 timestamp"}]

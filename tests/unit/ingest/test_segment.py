@@ -62,3 +62,66 @@ def test_bad_events_are_refused_naming_the_field(payload: dict[str, object], fie
 def test_unknown_call_type_is_refused() -> None:
     with pytest.raises(EventRejected, match="type"):
         to_touchpoint({"type": "launch", "userId": "u"}, None, "s", RECEIVED)
+
+
+def test_clock_skew_is_corrected_with_sent_at() -> None:
+    # The client's clock runs 60 s fast: it stamped the event 10 s before sending it.
+    payload = {"userId": "u", "event": "x", "timestamp": "2026-01-01T00:01:00Z", "sentAt": "2026-01-01T00:01:10Z"}
+    received = 1767225610000 - 60_000  # 2026-01-01T00:00:10Z on our clock
+    record = to_touchpoint(payload, "track", "s", received)
+    assert record["timestamp_ms"] == received - 10_000
+    assert json.loads(record["properties_json"])["originalTimestamp"] == "2026-01-01T00:01:00Z"
+
+
+def test_batch_sent_at_applies_unless_the_event_has_its_own() -> None:
+    payload = {"userId": "u", "event": "x", "timestamp": 1_000_000_000_000}
+    assert to_touchpoint(payload, "track", "s", 1_000_000_000_500, batch_sent_at_ms=1_000_000_000_100
+                         )["timestamp_ms"] == 1_000_000_000_400
+    own = {**payload, "sentAt": 1_000_000_000_000}
+    assert to_touchpoint(own, "track", "s", 1_000_000_000_500, batch_sent_at_ms=1)["timestamp_ms"] == 1_000_000_000_500
+    assert to_touchpoint(payload, "track", "s", 1_000_000_000_500)["timestamp_ms"] == 1_000_000_000_000
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        ({"timestamp": float("nan")}, "timestamp"),
+        ({"timestamp": float("inf")}, "timestamp"),
+        ({"timestamp": 10**30}, "timestamp"),
+        ({"timestamp": -1}, "timestamp"),
+        ({"timestamp": "0001-01-01T00:00:00-14:00"}, "timestamp"),
+        ({"timestamp": "9999-12-31T23:59:59+00:00"}, "timestamp"),
+        ({"timestamp": "2026-01-01T00:00:00Z", "sentAt": "x"}, "sentAt"),
+        ({"timestamp": "1970-01-01T00:00:01Z", "sentAt": "2099-01-01T00:00:00Z"}, "timestamp"),
+        ({"order": {"amount": float("inf")}}, "order.amount"),
+        ({"order": {"amount": 10**400}}, "order.amount"),
+        ({"order": {"amount": 1, "items": [{"quantity": 2**31}]}}, "order.items[0].quantity"),
+        ({"complaint": {"rating": -(2**40)}}, "complaint.rating"),
+        ({"email": "a" * 600}, "email"),
+        ({"channel": "c" * 65}, "channel"),
+    ],
+)
+def test_out_of_range_values_are_refused_naming_the_field(payload: dict[str, object], field: str) -> None:
+    with pytest.raises(EventRejected) as refused:
+        to_touchpoint({"userId": "u", "event": "x", **payload}, "track", "s", RECEIVED)
+    assert refused.value.field == field
+
+
+def test_historical_timestamps_are_kept() -> None:
+    assert to_touchpoint({"userId": "u", "event": "x", "timestamp": "1997-03-01T00:00:00"}, "track", "s", RECEIVED
+                         )["timestamp_ms"] == 857174400000
+
+
+def test_values_json_cannot_hold_are_refused_not_crashed_on() -> None:
+    # Callers other than the HTTP API (replays, tests) can pass Python values JSON text never yields.
+    with pytest.raises(EventRejected) as refused:
+        to_touchpoint({"userId": "u", "event": "x", "properties": {"n": 2**70}}, "track", "s", RECEIVED)
+    assert refused.value.field == "properties"
+    with pytest.raises(EventRejected):
+        to_touchpoint({"userId": "u", "event": "x", "traits": {"name": "\ud800"}}, "track", "s", RECEIVED)
+
+
+def test_alias_call_links_previous_id_without_a_type_field() -> None:
+    # POST /v1/alias carries the call type in the path, not in the body.
+    record = to_touchpoint({"previousId": "anon-7", "userId": "u-7"}, "alias", "s", RECEIVED)
+    assert {"type": "user_id", "value": "anon-7"} in record["identifiers"]

@@ -1,0 +1,47 @@
+"""Pure helpers of the ingest app: record keys, partitioning, Basic auth parsing, startup checks."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import itertools
+
+import pytest
+from aiokafka.partitioner import DefaultPartitioner
+
+from services.ingest.app import CachedPartitioner, basic_user, build_app, record_key
+from services.ingest.settings import IngestSettings
+from touchstream.identifiers import KNOWN_TYPES, Identifier, partition_key
+from touchstream.settings import CoreSettings
+
+
+def test_record_key_follows_the_core_partition_key_rule() -> None:
+    for kinds in itertools.chain.from_iterable(itertools.combinations(KNOWN_TYPES, n) for n in range(3)):
+        identifiers = [{"type": kind, "value": f"v-{kind}"} for kind in kinds]
+        expected = partition_key([Identifier(i["type"], i["value"]) for i in identifiers], "m-1")
+        assert record_key({"identifiers": identifiers, "message_id": "m-1"}) == (
+            hashlib.sha256(expected.encode()).hexdigest().encode())
+
+
+def test_cached_partitioner_agrees_with_kafkas_default() -> None:
+    cached = CachedPartitioner(size=50)
+    partitions = [0, 1, 2, 3, 4, 5]
+    keys = [f"key-{n}".encode() for n in range(200)] * 2  # repeats hit the cache, overflow clears it
+    for key in keys:
+        assert cached(key, partitions, partitions) == DefaultPartitioner()(key, partitions, partitions)
+    assert cached(None, partitions, [3]) == 3
+
+
+def test_basic_user() -> None:
+    assert basic_user("Basic " + base64.b64encode(b"k:secret").decode()) == "k"
+    assert basic_user("Basic " + base64.b64encode(b":").decode()) is None
+    assert basic_user("Bearer abc") is None
+    assert basic_user("Basic !!!") is None
+    assert basic_user("Basic " + base64.b64encode(b"\xff:").decode()) is None
+
+
+def test_prod_refuses_the_dev_write_key() -> None:
+    with pytest.raises(ValueError, match="dev write key"):
+        build_app(CoreSettings(environment="prod", pii_hash_key="real-secret"), IngestSettings())
+    build_app(CoreSettings(environment="prod", pii_hash_key="real-secret"), IngestSettings(write_keys={}))
+    build_app(CoreSettings(), IngestSettings())
