@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# apt-get needs root; CI runs as root, a developer may not.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := help
 
@@ -17,6 +19,15 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install touchstream with its dev tools
+
+# Debian packages the tests drive: promtool (ops checks) and headless Chromium (console pages).
+APT_TOOLS := prometheus chromium
+
+tools: ## install promtool and headless Chromium from Debian if missing; the tests drive them
+	@missing=""; command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then $(SUDO) apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $$missing; fi
 
 demo: $(STAMP) ## start broker, Redis, services and a receiver; replay CDNOW; print a summary
 	$(BIN)/touchstream demo
@@ -33,16 +44,26 @@ lint: $(STAMP) ## ruff
 typecheck: $(STAMP) ## mypy
 	$(BIN)/mypy
 
-test: lint typecheck ## lint, typecheck, unit and integration tests (starts its own broker and Redis)
+test: lint typecheck tools ## lint, typecheck, unit and integration tests (starts its own broker and Redis)
 	$(BIN)/pytest -q -m "not chaos"
 
-test-chaos: $(STAMP) ## long fault-injection tests
-	$(BIN)/pytest -q -m chaos
+up: ## docker compose: Kafka (KRaft), Redis, services, Prometheus, Grafana (needs Docker: fails on dev/CI machines)
+	docker compose up -d --build --wait
 
-bench: $(STAMP) ## run the benchmarks; each prints JSON
-	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+down: ## stop the compose stack (its volumes stay; `docker compose down -v` drops them)
+	docker compose down
+
+test-chaos: $(STAMP) tools ## long fault runs: kill -9 in a 20k-event run, 10,000 generated bad requests and records
+	$(BIN)/pytest -q -m chaos
+	TOUCHSTREAM_FUZZ_COUNT=10000 $(BIN)/pytest -q tests/integration/test_bad_input.py
+
+bench: $(STAMP) ## run every benchmark (each prints JSON); summary table in bench/results/summary.md
+	$(BIN)/python bench/run_all.py
+
+bench-quick: $(STAMP) ## the same with --quick where a benchmark supports it
+	$(BIN)/python bench/run_all.py --quick
 
 clean: ## remove the venv and run files
 	rm -rf $(VENV) .run test-artifacts
 
-.PHONY: help install demo up-local down-local lint typecheck test test-chaos bench clean
+.PHONY: help install tools up down demo up-local down-local lint typecheck test test-chaos bench bench-quick clean
