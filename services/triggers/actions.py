@@ -7,7 +7,8 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from services.triggers.crossing import ActionDecided
+from services.triggers.crossing import ActionDecided, value_tier
+from services.triggers.rules import DEFAULT_POLICY, Policy
 from services.triggers.templates import render_template
 
 ACTION_TYPE = "retention.action"
@@ -25,10 +26,11 @@ def action_id(rule_id: str, customer_id: str, message_id: str) -> str:
     return f"act_{digest[:32]}"
 
 
-def payload_context(decided: ActionDecided, the_action_id: str) -> dict[str, Any]:
+def payload_context(decided: ActionDecided, the_action_id: str, policy: Policy = DEFAULT_POLICY) -> dict[str, Any]:
     """Return the values a template may refer to, by placeholder name."""
     score = decided.score
-    return {
+    context: dict[str, Any] = {f"features.{name}": value for name, value in score.features.items()}
+    return context | {
         "action_id": the_action_id,
         "rule_id": decided.rule.id,
         "customer_id": score.customer_id,
@@ -41,12 +43,16 @@ def payload_context(decided: ActionDecided, the_action_id: str) -> dict[str, Any
         "stage": score.stage,
         "reasons": [{"feature": r.feature, "contribution": r.contribution} for r in score.reasons],
         "model_version": score.model_version,
+        "event_type": score.event_type,
+        "event_name": score.event_name,
+        "value_tier": value_tier(score.features, policy),
+        "trigger": decided.trigger,
     }
 
 
-def render_payload(decided: ActionDecided, the_action_id: str) -> str:
+def render_payload(decided: ActionDecided, the_action_id: str, policy: Policy = DEFAULT_POLICY) -> str:
     """Return the webhook body: a Standard Webhooks style envelope around the rendered template."""
-    envelope = {
+    envelope: dict[str, Any] = {
         "type": ACTION_TYPE,
         "timestamp": _iso_utc(decided.score.event_time_ms),
         "action_id": the_action_id,
@@ -54,15 +60,20 @@ def render_payload(decided: ActionDecided, the_action_id: str) -> str:
         "customer_id": decided.score.customer_id,
         # Lets the receiver measure event-accepted -> webhook latency end to end.
         "received_at_ms": decided.score.received_at_ms,
-        "data": render_template(decided.rule.action.template, payload_context(decided, the_action_id)),
+        "data": render_template(decided.rule.action.template, payload_context(decided, the_action_id, policy)),
     }
+    if decided.not_before_ms is not None:
+        # Quiet hours with `hold`: delivery waits until then (and the receiver can see why it was late).
+        envelope["not_before_ms"] = decided.not_before_ms
     return json.dumps(envelope, ensure_ascii=False, separators=(",", ":"))
 
 
-def retention_action_record(decided: ActionDecided, created_at_ms: int) -> dict[str, Any]:
+def retention_action_record(
+    decided: ActionDecided, created_at_ms: int, policy: Policy = DEFAULT_POLICY
+) -> dict[str, Any]:
     """Return the `RetentionAction` Avro record for a decision."""
     score = decided.score
-    the_action_id = action_id(decided.rule.id, score.customer_id, score.message_id)
+    the_action_id = action_id(decided.rule.id, score.customer_id, decided.idempotency_source)
     return {
         "action_id": the_action_id,
         "rule_id": decided.rule.id,
@@ -70,7 +81,7 @@ def retention_action_record(decided: ActionDecided, created_at_ms: int) -> dict[
         "outcome": decided.outcome.value,
         "reason": decided.reason,
         "endpoint": decided.rule.action.endpoint,
-        "payload_json": render_payload(decided, the_action_id),
+        "payload_json": render_payload(decided, the_action_id, policy),
         "event_time_ms": score.event_time_ms,
         "received_at_ms": score.received_at_ms,
         "created_at_ms": created_at_ms,

@@ -3,26 +3,42 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import faust
-import httpx
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY, CollectorRegistry
 from redis.exceptions import RedisError
 
 from services.triggers.actions import retention_action_record
-from services.triggers.crossing import evaluate_scores
-from services.triggers.delivery import ActionDelivery, WebhookSender, endpoint_refusal
+from services.triggers.crossing import (
+    ActionDecided,
+    CrossingState,
+    DecisionContext,
+    StateKey,
+    customer_zone,
+    evaluate_scores,
+    fire_due_timers,
+    local_day,
+)
+from services.triggers.delivery import (
+    ActionDelivery,
+    FailedDelivery,
+    WebhookSender,
+    endpoint_refusal,
+    guarded_client,
+)
 from services.triggers.events import ScoreUpdated
 from services.triggers.metrics import TriggersMetrics
-from services.triggers.rules import Rule, parse_rules
+from services.triggers.rules import Rule, RuleSet, Silence, parse_rule_file
 from services.triggers.settings import TriggersSettings
-from services.triggers.state_store import DeliveryLedger, RuleStateStore
+from services.triggers.state_store import DeliveryLedger, DeliveryQueue, RuleStateStore
 from touchstream import avro
 from touchstream.settings import CoreSettings
 from touchstream.streams import Outbox, add_health_pages, batches, faust_topic, make_app
@@ -32,11 +48,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 DAY_S = 86_400
 REDIS_RETRY_S = 1.0
+# A consumer lag longer than this many actions only costs an idempotent re-queue.
+QUEUED_HERE_KEPT = 100_000
 
 
-def load_rules(path: Path) -> tuple[Rule, ...]:
+def load_rules(path: Path) -> RuleSet:
     """Read and parse the rule file at `path`."""
-    return parse_rules(path.read_text(encoding="utf-8"), source=str(path))
+    return parse_rule_file(path.read_text(encoding="utf-8"), source=str(path))
 
 
 def check_configuration(rules: Sequence[Rule], settings: TriggersSettings) -> None:
@@ -48,14 +66,17 @@ def check_configuration(rules: Sequence[Rule], settings: TriggersSettings) -> No
                 f"set TOUCHSTREAM_TRIGGERS_ENDPOINTS (registered: {sorted(settings.endpoints) or 'none'})"
             )
     for name, endpoint in settings.endpoints.items():
-        refusal = endpoint_refusal(endpoint.url, settings.allow_private_endpoints)
+        refusal = endpoint_refusal(endpoint.url, settings.allow_private_endpoints, settings.endpoint_allowlist)
         if refusal:
             raise ValueError(f"endpoint {name!r}: {refusal}")
 
 
 def build_app(core: CoreSettings, settings: TriggersSettings, registry: CollectorRegistry = REGISTRY) -> faust.App:
     """Build the triggers Faust app: rules evaluated on scores, actions delivered as signed webhooks."""
-    rules = load_rules(settings.rules_file)
+    rule_set = load_rules(settings.rules_file)
+    rules, policy = rule_set.rules, rule_set.policy
+    rules_by_id = {rule.id: rule for rule in rules}
+    silence_rules = [rule.id for rule in rules if isinstance(rule.when, Silence)]
     check_configuration(rules, settings)
     app = make_app("triggers", core, settings.web_port, settings.web_host)
     scores_topic = faust_topic(app, SCORES, core)
@@ -67,19 +88,32 @@ def build_app(core: CoreSettings, settings: TriggersSettings, registry: Collecto
 
     # Clients connect lazily on first use, inside the worker's event loop.
     redis = aioredis.from_url(core.redis_url)
-    http = httpx.AsyncClient(
-        timeout=settings.delivery_timeout_s,
-        follow_redirects=False,
-        limits=httpx.Limits(max_connections=settings.delivery_concurrency),
-    )
+    http = guarded_client(settings.delivery_timeout_s, allow_private=settings.allow_private_endpoints,
+                          allowlist=settings.endpoint_allowlist)
     states = RuleStateStore(redis, settings.state_ttl_days * DAY_S)
+    # Action ids the evaluator queued for delivery itself (see queue_straight_away), oldest first.
+    queued_here: OrderedDict[str, None] = OrderedDict()
+
+    async def dead_letter_actions(failures: Sequence[FailedDelivery]) -> None:
+        outbox = Outbox(metrics)
+        for failure in failures:
+            original = avro.encode(ACTIONS.schema, dict(failure.action))
+            await outbox.dead_letter(deadletter_topic, "delivery", ACTIONS.name, failure.reason,
+                                     failure.action["customer_id"].encode(), original)
+        await outbox.flush()
+
     delivery = ActionDelivery(
         WebhookSender(http, settings.endpoints),
         DeliveryLedger(redis, settings.delivered_ttl_days * DAY_S),
+        DeliveryQueue(redis),
         metrics,
-        max_attempts=settings.delivery_max_attempts,
-        backoff_s=settings.delivery_backoff_s,
-        concurrency=settings.delivery_concurrency,
+        dead_letter_actions,
+        endpoints=sorted(settings.endpoints),
+        concurrency_per_endpoint=settings.endpoint_concurrency,
+        breaker_threshold=settings.breaker_threshold,
+        breaker_cool_off_s=settings.breaker_cool_off_s,
+        lease_s=settings.delivery_lease_s,
+        poll_s=settings.dispatch_poll_s,
     )
 
     async def until_redis_answers(call: Callable[[], Awaitable[T]]) -> T:
@@ -105,18 +139,70 @@ def build_app(core: CoreSettings, settings: TriggersSettings, registry: Collecto
                                          _raw(event.key), event.value)
         keys = {(rule.id, score.customer_id) for score in scores for rule in rules}
         stored = await until_redis_answers(lambda: states.load(keys))
-        decisions, changed = evaluate_scores(rules, scores, stored)
+        context = DecisionContext(policy, now_ms=int(time.time() * 1000))
+        if policy.frequency_cap_per_day:
+            days = {(s.customer_id, local_day(s.event_time_ms, customer_zone(s, policy))) for s in scores}
+            context.caps.update(await until_redis_answers(lambda: states.load_caps(days)))
+        decisions, changed = evaluate_scores(rules, scores, stored, context)
+        if silence_rules and scores:
+            timer_decisions, timer_changes = await fire_timers(max(s.event_time_ms for s in scores),
+                                                               {**stored, **changed}, context)
+            decisions += timer_decisions
+            changed.update(timer_changes)
         created_at_ms = int(time.time() * 1000)
+        records = []
         for decided in decisions:
-            record = retention_action_record(decided, created_at_ms)
+            record = retention_action_record(decided, created_at_ms, policy)
+            records.append(record)
             await outbox.send(actions_topic, decided.score.customer_id, avro.encode(ACTIONS.schema, record))
             metrics.actions.labels(decided.rule.id, decided.outcome.value, decided.reason or "").inc()
         await outbox.flush()
+        if records:
+            await queue_straight_away(records)
         # Save state only once the actions are acknowledged: a crash in between replays the
         # batch, which re-emits the same action ids, and delivery drops the repeats.
-        await until_redis_answers(lambda: states.save(changed))
+        await until_redis_answers(lambda: states.save(changed, silence_rules))
+        caps = {key: context.caps[key] for key in context.caps_changed}
+        await until_redis_answers(lambda: states.save_caps(caps))
+        for (rule_id, result), count in context.timer_events.items():
+            metrics.timers.labels(rule_id, result).inc(count)
         metrics.batch_events.observe(len(events))
         metrics.batch_seconds.observe(time.perf_counter() - started)
+
+    async def queue_straight_away(records: list[dict[str, Any]]) -> None:
+        # The actions are durable in Kafka now; queueing them here saves the hop through the
+        # `actions` topic. That consumer stays the path after a crash: it skips the ids this
+        # process has queued (remembered only once queued), and queueing is idempotent anyway.
+        # Failures (unknown or disabled endpoint) are left to it, so they are dead-lettered once.
+        failed = {f.action["action_id"] for f in await until_redis_answers(lambda: delivery.enqueue(records))}
+        for record in records:
+            if record["outcome"] == "fired" and record["action_id"] not in failed:
+                queued_here[record["action_id"]] = None
+        while len(queued_here) > QUEUED_HERE_KEPT:
+            queued_here.popitem(last=False)
+
+    async def fire_timers(latest_event_ms: int, current: dict[StateKey, CrossingState],
+                          context: DecisionContext) -> tuple[list[ActionDecided], dict[StateKey, CrossingState]]:
+        watermark = await until_redis_answers(lambda: states.raise_watermark(latest_event_ms))
+        metrics.watermark.set(watermark / 1000)
+        watermark -= int(settings.timer_lateness_s * 1000)
+        due = await until_redis_answers(lambda: states.due_timers(watermark))
+        # Timers started in this very batch are not indexed yet; partitions interleave, so the
+        # watermark may already be past their deadline.
+        due += [key for key, state in current.items()
+                if key[0] in silence_rules and 0 < state.timer_due_ms <= watermark and key not in due]
+        missing = [key for key in due if key not in current]
+        current = {**current, **await until_redis_answers(lambda: states.load(missing))}
+        if policy.frequency_cap_per_day:
+            days = set()
+            for key in due:
+                state = current.get(key)
+                if state and state.timer_due_ms and state.timer_snapshot and key[0] in rules_by_id:
+                    started_by = ScoreUpdated.from_json(json.loads(state.timer_snapshot))
+                    days.add((key[1], local_day(state.timer_due_ms, customer_zone(started_by, policy))))
+            loaded = await until_redis_answers(lambda: states.load_caps(days - context.caps.keys()))
+            context.caps.update(loaded)
+        return fire_due_timers(rules_by_id, due, current, watermark, context)
 
     async def deliver_action_batch(events: Sequence[faust.EventT]) -> None:
         started = time.perf_counter()
@@ -131,9 +217,12 @@ def build_app(core: CoreSettings, settings: TriggersSettings, registry: Collecto
                 await outbox.dead_letter(deadletter_topic, "delivery", ACTIONS.name, f"decode: {exc}",
                                          _raw(event.key), event.value)
                 continue
+            if action["action_id"] in queued_here:
+                continue
             actions.append(action)
             originals.setdefault(action["action_id"], event)
-        failures = await until_redis_answers(lambda: delivery.deliver_batch(actions))
+        # Only a Redis write: the timer task does the HTTP, so a dead receiver never stalls this stream.
+        failures = await until_redis_answers(lambda: delivery.enqueue(actions))
         for failure in failures:
             event = originals[failure.action["action_id"]]
             await outbox.dead_letter(deadletter_topic, "delivery", ACTIONS.name, failure.reason,
@@ -141,6 +230,19 @@ def build_app(core: CoreSettings, settings: TriggersSettings, registry: Collecto
         await outbox.flush()
         metrics.batch_events.observe(len(events))
         metrics.batch_seconds.observe(time.perf_counter() - started)
+
+    @app.task
+    async def deliver_due_actions() -> None:
+        """The retry timer: deliver queued actions as they fall due, for as long as the worker runs."""
+        await delivery.run()
+
+    @app.timer(interval=15.0)
+    async def publish_queue_sizes() -> None:
+        try:
+            await delivery.pending()
+        except (RedisError, OSError) as exc:
+            metrics.redis_errors.inc()
+            log.warning("queue sizes: %s", exc)
 
     @app.agent(scores_topic, name="evaluate_rules")
     async def evaluate_rules(stream: faust.StreamT) -> None:

@@ -1,8 +1,13 @@
-"""Webhook delivery: sign with Standard Webhooks, POST with httpx, retry, remember what was acknowledged."""
+"""Webhook delivery: sign with Standard Webhooks, POST through an SSRF-guarded transport, retry on a
+persisted schedule, break the circuit of a failing endpoint, dead-letter after the last try."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import logging
+import math
 import random
 import socket
 import time
@@ -13,16 +18,45 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+from redis.exceptions import RedisError
 from standardwebhooks import Webhook
 
 from services.triggers.metrics import TriggersMetrics
 from services.triggers.settings import WebhookEndpoint
-from services.triggers.state_store import DeliveryLedger
-from services.triggers.webhooks import Verdict, address_refusal, retry_delay_s, verdict_for_status
+from services.triggers.state_store import DeliveryLedger, DeliveryQueue
+from services.triggers.webhooks import (
+    RETRY_SCHEDULE_S,
+    Circuit,
+    CircuitBreaker,
+    Verdict,
+    address_allowed,
+    address_refusal,
+    next_retry_at,
+    retry_after_s,
+    verdict_for_status,
+)
+
+log = logging.getLogger(__name__)
+
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+COALESCE_S = 0.002
 
 
-def endpoint_refusal(url: str, allow_private: bool) -> str | None:
-    """Say why `url` may not be used as a webhook endpoint (SSRF guard), or None if it may."""
+async def resolve_host(host: str, port: int) -> list[str]:
+    """Return the addresses `host` resolves to, in the resolver's order."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(sockaddr[0]) for *_, sockaddr in infos))
+
+
+def refused_address(address: str, allow_private: bool, allowlist: Sequence[str]) -> str | None:
+    """Say why the guard refuses `address`, or None if a webhook may connect to it."""
+    if allow_private or address_allowed(address, allowlist):
+        return None
+    return address_refusal(address)
+
+
+def endpoint_refusal(url: str, allow_private: bool, allowlist: Sequence[str] = ()) -> str | None:
+    """Say why `url` may not be registered as a webhook endpoint (SSRF guard), or None if it may."""
     parts = urlsplit(url)
     host = parts.hostname or ""
     port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -30,28 +64,85 @@ def endpoint_refusal(url: str, allow_private: bool) -> str | None:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as exc:
         return f"{host} does not resolve: {exc}"
-    if allow_private:
-        return None
     for *_, sockaddr in infos:
-        refusal = address_refusal(str(sockaddr[0]))
+        refusal = refused_address(str(sockaddr[0]), allow_private, allowlist)
         if refusal:
-            return f"{host} resolves to {refusal} address {sockaddr[0]} (allow_private_endpoints is off)"
+            return f"{host} resolves to {refusal} address {sockaddr[0]} (not allowed by the endpoint allowlist)"
     return None
+
+
+class AddressRefused(httpx.ConnectError):
+    """The endpoint's host resolved to an address the SSRF guard refuses."""
+
+
+class GuardedTransport(httpx.AsyncBaseTransport):
+    """Resolve the host, check the address, then connect to that very address.
+
+    Checking at registration is not enough: DNS may answer differently later (rebinding).
+    The request goes to the checked IP; the Host header keeps the name, and for https the
+    TLS server name (SNI) and certificate check use the name too.
+    """
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, *, allow_private: bool, allowlist: Sequence[str] = (),
+                 resolve: Resolver = resolve_host) -> None:
+        self._inner = inner
+        self._allow_private = allow_private
+        self._allowlist = tuple(allowlist)
+        self._resolve = resolve
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        host = request.url.host
+        port = request.url.port or (443 if request.url.scheme == "https" else 80)
+        try:
+            addresses = await self._resolve(host, port)
+        except OSError as exc:
+            raise httpx.ConnectError(f"{host} does not resolve: {exc}", request=request) from exc
+        refusals = []
+        for address in addresses:
+            refusal = refused_address(address, self._allow_private, self._allowlist)
+            if refusal is None:
+                break
+            refusals.append(f"{address} ({refusal})")
+        else:
+            raise AddressRefused(f"{host} resolves only to refused addresses: {', '.join(refusals)}", request=request)
+        request.url = request.url.copy_with(host=address)
+        if request.url.scheme == "https":
+            request.extensions = {**request.extensions, "sni_hostname": host}
+        return await self._inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+def guarded_client(timeout_s: float, *, allow_private: bool, allowlist: Sequence[str] = (),
+                   resolve: Resolver = resolve_host) -> httpx.AsyncClient:
+    """Return an httpx client that never follows redirects and connects only to addresses the guard allows."""
+    transport = GuardedTransport(httpx.AsyncHTTPTransport(), allow_private=allow_private, allowlist=allowlist,
+                                 resolve=resolve)
+    return httpx.AsyncClient(transport=transport, timeout=timeout_s, follow_redirects=False)
 
 
 @dataclass(frozen=True)
 class PostResult:
     verdict: Verdict
     detail: str
+    retry_after_s: float | None = None
+
+
+def sign(secrets: Sequence[str], webhook_id: str, timestamp: datetime, body: str) -> str:
+    """Return the webhook-signature header: one `v1,<base64>` per secret, space-separated."""
+    return " ".join(Webhook(secret).sign(webhook_id, timestamp, body) for secret in secrets)
 
 
 class WebhookSender:
     """POST one signed request to a named endpoint; never follow a redirect."""
 
-    def __init__(self, client: httpx.AsyncClient, endpoints: Mapping[str, WebhookEndpoint]) -> None:
+    def __init__(self, client: httpx.AsyncClient, endpoints: Mapping[str, WebhookEndpoint],
+                 clock: Callable[[], float] = time.time) -> None:
         self._client = client
         self._endpoints = dict(endpoints)
-        self._signers = {name: Webhook(ep.secret.get_secret_value()) for name, ep in endpoints.items()}
+        self._secrets = {name: ep.signing_secrets for name, ep in endpoints.items()}
+        self._clock = clock
 
     def knows(self, endpoint: str) -> bool:
         return endpoint in self._endpoints
@@ -64,7 +155,7 @@ class WebhookSender:
             "user-agent": "touchstream-triggers",
             "webhook-id": webhook_id,
             "webhook-timestamp": str(int(timestamp.timestamp())),
-            "webhook-signature": self._signers[endpoint].sign(webhook_id, timestamp, body),
+            "webhook-signature": sign(self._secrets[endpoint], webhook_id, timestamp, body),
         }
         try:
             response = await self._client.post(
@@ -72,7 +163,8 @@ class WebhookSender:
             )
         except httpx.HTTPError as exc:
             return PostResult(Verdict.RETRY, f"{type(exc).__name__}: {exc}"[:200])
-        return PostResult(verdict_for_status(response.status_code), f"HTTP {response.status_code}")
+        return PostResult(verdict_for_status(response.status_code), f"HTTP {response.status_code}",
+                          retry_after_s(response.headers.get("retry-after"), self._clock()))
 
 
 @dataclass(frozen=True)
@@ -81,58 +173,247 @@ class FailedDelivery:
     reason: str
 
 
+DeadLetterSink = Callable[[Sequence[FailedDelivery]], Awaitable[None]]
+
+
 class ActionDelivery:
-    """Deliver a batch of actions concurrently (bounded), skipping those already acknowledged."""
+    """Queue fired actions in Redis and deliver them from a timer loop, endpoint by endpoint.
+
+    The `actions` consumer only calls `enqueue` (a Redis write), so a dead receiver never
+    holds up the stream. The loop (`run`) claims due actions per endpoint, up to that
+    endpoint's free request slots and only while its circuit lets requests through, so one
+    slow or dead receiver never slows the others.
+    """
 
     def __init__(
         self,
         sender: WebhookSender,
         ledger: DeliveryLedger,
+        queue: DeliveryQueue,
         metrics: TriggersMetrics,
+        dead_letter: DeadLetterSink,
         *,
-        max_attempts: int,
-        backoff_s: float,
-        concurrency: int,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        endpoints: Sequence[str],
+        concurrency_per_endpoint: int = 8,
+        breaker_threshold: int = 5,
+        breaker_cool_off_s: float = 30.0,
+        lease_s: float = 60.0,
+        poll_s: float = 0.5,
+        schedule: tuple[float, ...] = RETRY_SCHEDULE_S,
+        clock: Callable[[], float] = time.time,
+        jitter: Callable[[], float] = random.random,
     ) -> None:
         self._sender = sender
         self._ledger = ledger
+        self._queue = queue
         self._metrics = metrics
-        self._max_attempts = max_attempts
-        self._backoff_s = backoff_s
-        self._in_flight = asyncio.Semaphore(concurrency)
-        self._sleep = sleep
+        self._dead_letter = dead_letter
+        self._endpoints = tuple(endpoints)
+        self._limit = concurrency_per_endpoint
+        self._breakers = {e: CircuitBreaker(breaker_threshold, breaker_cool_off_s) for e in endpoints}
+        self._in_flight = dict.fromkeys(endpoints, 0)
+        self._disabled: dict[str, str] = {}
+        self._disabled_read_at = -math.inf
+        self._lease_s = lease_s
+        self._poll_s = poll_s
+        self._schedule = schedule
+        self._clock = clock
+        self._jitter = jitter
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
 
-    async def deliver_batch(self, actions: Sequence[Mapping[str, Any]]) -> list[FailedDelivery]:
-        """Send every `fired` action not yet acknowledged; return those that could not be delivered."""
+    def _now_ms(self) -> int:
+        return int(self._clock() * 1000)
+
+    async def enqueue(self, actions: Sequence[Mapping[str, Any]]) -> list[FailedDelivery]:
+        """Queue every `fired` action not yet acknowledged; return those that can never be sent."""
         fired = {a["action_id"]: a for a in actions if a["outcome"] == "fired"}
-        already = await self._ledger.delivered(fired)
-        for action_id in already:
+        for action_id in await self._ledger.delivered(fired):
             action = fired.pop(action_id)
             self._metrics.deliveries.labels(action["rule_id"], action["endpoint"], "duplicate").inc()
-        results = await asyncio.gather(*(self._deliver(action) for action in fired.values()))
-        return [failure for failure in results if failure is not None]
+        # The timer loop refreshes which endpoints are disabled; an action queued for one in the
+        # meantime is dead-lettered by the loop, not lost.
+        failures: list[FailedDelivery] = []
+        by_endpoint: dict[str, dict[str, tuple[str, int]]] = {}
+        now_ms = self._now_ms()
+        for action_id, action in fired.items():
+            endpoint = action["endpoint"]
+            if not self._sender.knows(endpoint):
+                failures.append(FailedDelivery(action, f"endpoint: {endpoint!r} is not registered"))
+            elif endpoint in self._disabled:
+                failures.append(FailedDelivery(action, f"endpoint: {endpoint!r} is disabled (receiver answered 410)"))
+            else:
+                due_ms = max(now_ms, _not_before_ms(action))
+                by_endpoint.setdefault(endpoint, {})[action_id] = (_queue_state(action, 0, ""), due_ms)
+        for endpoint, entries in by_endpoint.items():
+            await self._queue.enqueue(endpoint, entries)
+        for failure in failures:
+            self._count_dead_letter(failure.action, "endpoint")
+        if by_endpoint:
+            self._wake.set()
+        return failures
 
-    async def _deliver(self, action: Mapping[str, Any]) -> FailedDelivery | None:
-        rule, endpoint = action["rule_id"], action["endpoint"]
-        if not self._sender.knows(endpoint):
-            self._metrics.deliveries.labels(rule, endpoint, "failed").inc()
-            return FailedDelivery(action, f"endpoint: {endpoint!r} is not registered")
-        for attempt in range(1, self._max_attempts + 1):
-            async with self._in_flight:
-                result = await self._sender.post(endpoint, action["action_id"], action["payload_json"])
-            if result.verdict is Verdict.DELIVERED:
-                acknowledged_at = time.time()
-                await self._ledger.mark_delivered(action["action_id"], int(acknowledged_at * 1000))
-                self._metrics.deliveries.labels(rule, endpoint, "succeeded").inc()
-                self._metrics.event_to_webhook.labels(rule).observe(
-                    max(0.0, acknowledged_at - action["received_at_ms"] / 1000)
-                )
-                return None
-            if result.verdict is Verdict.GIVE_UP or attempt == self._max_attempts:
-                self._metrics.deliveries.labels(rule, endpoint, "failed").inc()
-                return FailedDelivery(action, f"webhook: {result.detail} after {attempt} tries")
-            self._metrics.deliveries.labels(rule, endpoint, "retried").inc()
-            # Jitter spreads the retries of many actions that failed together.
-            await self._sleep(retry_delay_s(attempt, self._backoff_s, jitter=random.random() * 0.2))
-        raise AssertionError("unreachable: the last attempt always returns")
+    async def run(self) -> None:
+        """Deliver due actions until cancelled; wake at once when `enqueue` adds work."""
+        while True:
+            # Cleared before the scan, so work enqueued during it wakes the next one.
+            self._wake.clear()
+            try:
+                await self.dispatch_due()
+            except (RedisError, OSError) as exc:  # Redis away: try again on the next tick
+                self._metrics.redis_errors.inc()
+                log.warning("delivery loop: %s", exc)
+            except Exception:
+                # The loop is the only thing that sends; it must outlive any one bad scan.
+                log.exception("delivery loop: scan failed; trying again")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._poll_s)
+                # Let the completions and enqueues of the same moment gather, so one scan
+                # claims for all of them (each scan costs Redis round trips).
+                await asyncio.sleep(COALESCE_S)
+
+    async def dispatch_due(self) -> int:
+        """Start a request for each due action an endpoint has room for; return how many started."""
+        # Another worker may have disabled an endpoint; look again once per poll interval.
+        if time.monotonic() - self._disabled_read_at >= self._poll_s:
+            for endpoint, why in (await self._queue.disabled(self._endpoints)).items():
+                self._disabled[endpoint] = json.loads(why).get("reason", why)
+            self._disabled_read_at = time.monotonic()
+        now_s = self._clock()
+        started = 0
+        for endpoint in self._endpoints:
+            breaker = self._breakers[endpoint]
+            self._metrics.circuit_open.labels(endpoint).set(0 if breaker.state(now_s) is Circuit.CLOSED else 1)
+            if endpoint in self._disabled:
+                await self._dead_letter_queue(endpoint, self._disabled[endpoint])
+                continue
+            room = self._limit - self._in_flight[endpoint]
+            if room <= 0:
+                continue
+            state = breaker.state(now_s)
+            if state is Circuit.OPEN:
+                continue
+            if state is Circuit.HALF_OPEN:
+                if not breaker.allows(now_s):
+                    continue
+                room = 1
+            claimed = await self._queue.claim(endpoint, int(now_s * 1000), room, int((now_s + self._lease_s) * 1000))
+            # Acknowledged before a crash that left them queued: drop, do not send again.
+            done = await self._ledger.delivered(i for i, _ in claimed)
+            if done:
+                await self._queue.remove_many(endpoint, done)
+                claimed = [(i, s) for i, s in claimed if i not in done]
+            if state is Circuit.HALF_OPEN and not claimed:
+                breaker.release_probe()
+            for action_id, state_json in claimed:
+                self._in_flight[endpoint] += 1
+                task = asyncio.create_task(self._attempt(endpoint, action_id, state_json))
+                self._tasks.add(task)
+                task.add_done_callback(self._finished)
+                started += 1
+        return started
+
+    async def drain(self) -> None:
+        """Wait until every request started so far has finished (tests, shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def pending(self) -> dict[str, int]:
+        """Return the queued action count per endpoint, and publish it as a metric."""
+        counts = {e: await self._queue.pending(e) for e in self._endpoints}
+        for endpoint, count in counts.items():
+            self._metrics.queued.labels(endpoint).set(count)
+        return counts
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._wake.set()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("delivery attempt crashed", exc_info=task.exception())
+
+    async def _attempt(self, endpoint: str, action_id: str, state_json: str) -> None:
+        try:
+            await self._attempt_once(endpoint, action_id, state_json)
+        finally:
+            self._in_flight[endpoint] -= 1
+
+    async def _attempt_once(self, endpoint: str, action_id: str, state_json: str) -> None:
+        if not state_json:  # due entry without its payload: nothing to send
+            await self._queue.remove(endpoint, action_id)
+            return
+        state = json.loads(state_json)
+        action: dict[str, Any] = state["action"]
+        rule = action["rule_id"]
+        breaker = self._breakers[endpoint]
+        result = await self._sender.post(endpoint, action_id, action["payload_json"])
+        now_s = self._clock()
+        attempts = state["attempts"] + 1
+        if result.verdict is Verdict.DELIVERED:
+            breaker.record_success()
+            await self._queue.complete(endpoint, action_id, self._ledger, int(now_s * 1000))
+            self._metrics.deliveries.labels(rule, endpoint, "succeeded").inc()
+            self._metrics.event_to_webhook.labels(rule).observe(max(0.0, time.time() - action["received_at_ms"] / 1000))
+            return
+        self._metrics.attempts_failed.labels(endpoint, result.detail.split(":")[0][:40]).inc()
+        if result.verdict is Verdict.DISABLE:
+            breaker.record_success()  # the receiver answered; its circuit is not the problem
+            await self._disable(endpoint, result.detail, now_s)
+            return
+        # Dead-letter first, then forget: a crash in between retries rather than loses the action.
+        if result.verdict is Verdict.GIVE_UP:
+            breaker.record_success()
+            await self._give_up(action, f"webhook: {result.detail} after {attempts} tries", "rejected")
+            await self._queue.remove(endpoint, action_id)
+            return
+        breaker.record_failure(now_s)
+        due_s = next_retry_at(attempts, now_s, self._jitter(), result.retry_after_s, self._schedule)
+        if due_s is None:
+            await self._give_up(action, f"webhook: {result.detail} after {attempts} tries", "exhausted")
+            await self._queue.remove(endpoint, action_id)
+            return
+        await self._queue.reschedule(endpoint, action_id, _queue_state(action, attempts, result.detail),
+                                     int(due_s * 1000))
+        self._metrics.deliveries.labels(rule, endpoint, "retried").inc()
+
+    async def _disable(self, endpoint: str, detail: str, now_s: float) -> None:
+        reason = f"receiver answered {detail} (Gone)"
+        await self._queue.disable(endpoint, json.dumps({"at_ms": int(now_s * 1000), "reason": reason}))
+        self._disabled[endpoint] = reason
+        self._metrics.endpoint_disabled.labels(endpoint).inc()
+        log.warning("endpoint %r disabled: %s; its queued actions go to deadletter. Re-enable by deleting the "
+                    "Redis key triggers:endpoint:{%s}:disabled", endpoint, reason, endpoint)
+        await self._dead_letter_queue(endpoint, reason)
+
+    async def _dead_letter_queue(self, endpoint: str, reason: str) -> None:
+        """Send every action queued for a disabled endpoint to deadletter, then drop them from the queue."""
+        queued = await self._queue.all_queued(endpoint)
+        if not queued:
+            return
+        actions = [json.loads(s)["action"] for _, s in queued if s]
+        failures = [FailedDelivery(a, f"endpoint: {endpoint!r} disabled: {reason}") for a in actions]
+        for failure in failures:
+            self._count_dead_letter(failure.action, "endpoint_disabled")
+        await self._dead_letter(failures)
+        await self._queue.remove_many(endpoint, [i for i, _ in queued])
+
+    async def _give_up(self, action: Mapping[str, Any], reason: str, kind: str) -> None:
+        self._count_dead_letter(action, kind)
+        await self._dead_letter([FailedDelivery(action, reason)])
+
+    def _count_dead_letter(self, action: Mapping[str, Any], kind: str) -> None:
+        self._metrics.deliveries.labels(action["rule_id"], action["endpoint"], "failed").inc()
+        self._metrics.dead_lettered.labels(action["rule_id"], action["endpoint"], kind).inc()
+
+
+def _queue_state(action: Mapping[str, Any], attempts: int, last_error: str) -> str:
+    return json.dumps({"action": dict(action), "attempts": attempts, "last_error": last_error},
+                      separators=(",", ":"))
+
+
+def _not_before_ms(action: Mapping[str, Any]) -> int:
+    # A rule in quiet hours with `hold` puts the window's opening into the envelope.
+    try:
+        value = json.loads(action["payload_json"]).get("not_before_ms")
+    except (ValueError, AttributeError):
+        return 0
+    return int(value) if isinstance(value, int | float) else 0

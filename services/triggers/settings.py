@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from standardwebhooks import Webhook
 
@@ -14,12 +14,18 @@ DEFAULT_RULES_FILE = REPO_ROOT / "deploy" / "rules" / "default.yaml"
 
 
 class WebhookEndpoint(BaseModel):
-    """A registered receiver: where actions are POSTed and the secret that signs them."""
+    """A registered receiver: where actions are POSTed and the secret(s) that sign them.
+
+    During a secret rotation list both secrets (`secrets`, or `secret` plus `secrets`):
+    every request carries one `v1,` signature per secret, so the receiver verifies with
+    either the old or the new one.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     url: str
-    secret: SecretStr = Field(description="Standard Webhooks secret, `whsec_` + base64.")
+    secret: SecretStr | None = Field(None, description="Standard Webhooks secret, `whsec_` + base64.")
+    secrets: tuple[SecretStr, ...] = Field((), description="More secrets to sign with (rotation).")
 
     @field_validator("url")
     @classmethod
@@ -31,12 +37,36 @@ class WebhookEndpoint(BaseModel):
 
     @field_validator("secret")
     @classmethod
-    def _usable_secret(cls, secret: SecretStr) -> SecretStr:
-        try:
-            Webhook(secret.get_secret_value())
-        except Exception as exc:  # the library raises binascii.Error or its own error types
-            raise ValueError(f"endpoint secret is not a Standard Webhooks secret (whsec_<base64>): {exc}") from exc
+    def _usable_secret(cls, secret: SecretStr | None) -> SecretStr | None:
+        if secret is not None:
+            _check_secret(secret)
         return secret
+
+    @field_validator("secrets")
+    @classmethod
+    def _usable_secrets(cls, secrets: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
+        for secret in secrets:
+            _check_secret(secret)
+        return secrets
+
+    @model_validator(mode="after")
+    def _at_least_one_secret(self) -> WebhookEndpoint:
+        if not self.signing_secrets:
+            raise ValueError("endpoint needs a `secret` (or `secrets` during a rotation)")
+        return self
+
+    @property
+    def signing_secrets(self) -> tuple[str, ...]:
+        """Every secret to sign with, without repeats, in the order given."""
+        values = ([self.secret] if self.secret is not None else []) + list(self.secrets)
+        return tuple(dict.fromkeys(s.get_secret_value() for s in values))
+
+
+def _check_secret(secret: SecretStr) -> None:
+    try:
+        Webhook(secret.get_secret_value())
+    except Exception as exc:  # the library raises binascii.Error or its own error types
+        raise ValueError(f"endpoint secret is not a Standard Webhooks secret (whsec_<base64>): {exc}") from exc
 
 
 class TriggersSettings(BaseSettings):
@@ -55,10 +85,19 @@ class TriggersSettings(BaseSettings):
     # Loopback and private receivers are an SSRF risk in production; the local demo
     # receiver listens on 127.0.0.1, so it has to be allowed explicitly.
     allow_private_endpoints: bool = False
-    delivery_concurrency: int = Field(32, ge=1, description="Webhook requests in flight per worker.")
+    # Networks (CIDR or single addresses) a receiver may resolve to even though they are
+    # private, e.g. a partner reached over a VPN; checked at registration and at connect.
+    endpoint_allowlist: tuple[str, ...] = ()
+    endpoint_concurrency: int = Field(8, ge=1, description="Webhook requests in flight per endpoint per worker.")
     delivery_timeout_s: float = Field(5.0, gt=0)
-    delivery_max_attempts: int = Field(3, ge=1, description="Tries before an action goes to deadletter.")
-    delivery_backoff_s: float = Field(0.5, ge=0, description="First retry delay; doubles on each retry.")
+    breaker_threshold: int = Field(5, ge=1, description="Failures in a row that open an endpoint's circuit.")
+    breaker_cool_off_s: float = Field(30.0, gt=0, description="Open circuit's pause before one probe request.")
+    # A claimed action whose worker died is tried again after this long.
+    delivery_lease_s: float = Field(60.0, gt=0)
+    dispatch_poll_s: float = Field(0.5, gt=0, description="Longest sleep of the retry timer between scans.")
+    # Silence timers fire once the event-time watermark (latest event time seen, minus this
+    # allowance for late events) passes their deadline.
+    timer_lateness_s: float = Field(60.0, ge=0)
     delivered_ttl_days: int = Field(30, ge=1, description="How long a delivered action id is remembered.")
     # A customer's armed/disarmed state expires after this long without a score, which
     # re-arms them; it bounds Redis memory for customers who never come back.

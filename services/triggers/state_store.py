@@ -1,9 +1,13 @@
-"""Redis adapter: per (rule, customer) crossing state and the ledger of delivered action ids.
+"""Redis adapter: rule states, caps, timers, the ledger of delivered action ids, the delivery queue.
 
-Key layout (the `{customer_id}` hash tag keeps one customer's rule states in one Redis
-Cluster slot, so a later per-customer frequency cap can read them in one script):
-  triggers:state:{<customer_id>}:<rule_id>  hash armed=0|1, cooldown_until_ms=<epoch ms>
+Key layout (the `{customer_id}` hash tag keeps one customer's keys in one Redis Cluster slot):
+  triggers:state:{<customer_id>}:<rule_id>  hash armed=0|1, cooldown_until_ms, last_value,
+                                            timer_due_ms, timer_snapshot (JSON score)
+  triggers:cap:{<customer_id>}:<local day>  fired actions that day (frequency cap)
+  triggers:timers:{triggers}:due            sorted set: silence timers by event-time deadline
+  triggers:watermark:{triggers}             the event-time watermark (epoch ms)
   triggers:delivered:<action_id>            string: epoch ms of the receiver's 2xx
+  triggers:queue:{<endpoint>}:...           delivery queue, see DeliveryQueue
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
+from redis.typing import EncodableT, FieldT
 
 from services.triggers.crossing import CrossingState, StateKey
 
@@ -28,38 +34,144 @@ def delivered_key(action_id: str) -> str:
     return f"triggers:delivered:{action_id}"
 
 
+TIMERS_KEY = "triggers:timers:{triggers}:due"
+WATERMARK_KEY = "triggers:watermark:{triggers}"
+
+# Raise the stored watermark to ARGV[1] if that is later; return the stored value.
+_RAISE_WATERMARK = """
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+local candidate = tonumber(ARGV[1])
+if candidate > current then
+  redis.call('SET', KEYS[1], ARGV[1])
+  return candidate
+end
+return current
+"""
+
+# Set a day's count to ARGV[1] unless it is already higher; keep it ARGV[2] seconds.
+_RAISE_CAP = """
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) > current then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+end
+return current
+"""
+
+
+def cap_key(customer_id: str, day: str) -> str:
+    """Return the Redis key of a customer's fired-action count on one local day.
+
+    >>> cap_key("cus_1", "2026-11-25")
+    'triggers:cap:{cus_1}:2026-11-25'
+    """
+    return f"triggers:cap:{{{customer_id}}}:{day}"
+
+
+def timer_member(key: StateKey) -> str:
+    return f"{key[0]}\x1f{key[1]}"
+
+
 class RuleStateStore:
-    """Load and save a batch's crossing states with one pipeline each."""
+    """Load and save a batch's rule states (one pipeline each), daily caps, silence timers, the watermark.
+
+    Silence timers are indexed in one sorted set by event-time deadline (member
+    `<rule_id>\\x1f<customer_id>`); the deadline and the starting score live in the rule state.
+    """
 
     def __init__(self, redis: aioredis.Redis, ttl_s: int) -> None:
         self._redis = redis
         self._ttl_s = ttl_s
+        self._raise_watermark = redis.register_script(_RAISE_WATERMARK)
+        self._raise_cap = redis.register_script(_RAISE_CAP)
 
     async def load(self, keys: Iterable[StateKey]) -> dict[StateKey, CrossingState]:
         """Return the stored states of `keys`; keys never seen are left out."""
-        keys = list(keys)
+        keys = list(dict.fromkeys(keys))
         if not keys:
             return {}
         async with self._redis.pipeline(transaction=False) as pipe:
             for rule_id, customer_id in keys:
                 pipe.hgetall(state_key(rule_id, customer_id))
             replies = await pipe.execute()
-        return {
-            key: CrossingState(armed=reply[b"armed"] == b"1", cooldown_until_ms=int(reply[b"cooldown_until_ms"]))
-            for key, reply in zip(keys, replies, strict=True)
-            if reply
-        }
+        return {key: _state_from_hash(reply) for key, reply in zip(keys, replies, strict=True) if reply}
 
-    async def save(self, states: Mapping[StateKey, CrossingState]) -> None:
-        """Write `states`, each with the state TTL renewed."""
+    async def save(self, states: Mapping[StateKey, CrossingState], silence_rules: Iterable[str] = ()) -> None:
+        """Write `states`, each with the state TTL renewed; keep the timer index of `silence_rules` in step."""
         if not states:
             return
+        silence = set(silence_rules)
         async with self._redis.pipeline(transaction=False) as pipe:
             for (rule_id, customer_id), state in states.items():
                 key = state_key(rule_id, customer_id)
-                pipe.hset(key, mapping={"armed": int(state.armed), "cooldown_until_ms": state.cooldown_until_ms})
+                pipe.delete(key)
+                pipe.hset(key, mapping=_hash_from_state(state))
                 pipe.expire(key, self._ttl_s)
+                if rule_id in silence:
+                    member = timer_member((rule_id, customer_id))
+                    if state.timer_due_ms:
+                        pipe.zadd(TIMERS_KEY, {member: state.timer_due_ms})
+                    else:
+                        pipe.zrem(TIMERS_KEY, member)
             await pipe.execute()
+
+    async def load_caps(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        """Return the fired-action counts of (customer, local day) `keys` that have one."""
+        keys = list(dict.fromkeys(keys))
+        if not keys:
+            return {}
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for customer_id, day in keys:
+                pipe.get(cap_key(customer_id, day))
+            replies = await pipe.execute()
+        return {key: int(reply) for key, reply in zip(keys, replies, strict=True) if reply is not None}
+
+    async def save_caps(self, counts: Mapping[tuple[str, str], int]) -> None:
+        """Write absolute counts (not increments), so a replayed batch writes the same numbers again;
+        never lower a stored count (another worker's timer may have counted for the same day)."""
+        if not counts:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for (customer_id, day), count in counts.items():
+                await self._raise_cap(keys=[cap_key(customer_id, day)], args=[count, 3 * 86_400], client=pipe)
+            await pipe.execute()
+
+    async def raise_watermark(self, event_time_ms: int) -> int:
+        """Move the shared event-time watermark forward to `event_time_ms` if later; return it."""
+        return int(await self._raise_watermark(keys=[WATERMARK_KEY], args=[event_time_ms]))
+
+    async def due_timers(self, watermark_ms: int, limit: int = 1000) -> list[StateKey]:
+        """Return the keys of timers due at or before `watermark_ms`.
+
+        They stay in the index until the fired state is saved (which removes them), so a crash
+        in between fires them again -- with the same action id, which delivery drops.
+        """
+        members = await self._redis.zrangebyscore(TIMERS_KEY, "-inf", watermark_ms, start=0, num=limit)
+        keys = []
+        for member in members:
+            text = member.decode() if isinstance(member, bytes) else str(member)
+            rule_id, _, customer_id = text.partition("\x1f")
+            keys.append((rule_id, customer_id))
+        return keys
+
+
+def _hash_from_state(state: CrossingState) -> dict[FieldT, EncodableT]:
+    fields: dict[FieldT, EncodableT] = {"armed": int(state.armed), "cooldown_until_ms": state.cooldown_until_ms}
+    if state.last_value:
+        fields["last_value"] = state.last_value
+    if state.timer_due_ms:
+        fields["timer_due_ms"] = state.timer_due_ms
+        fields["timer_snapshot"] = state.timer_snapshot
+    return fields
+
+
+def _state_from_hash(reply: Mapping[bytes, bytes]) -> CrossingState:
+    return CrossingState(
+        armed=reply.get(b"armed", b"1") == b"1",
+        cooldown_until_ms=int(reply.get(b"cooldown_until_ms", b"0")),
+        last_value=reply.get(b"last_value", b"").decode(),
+        timer_due_ms=int(reply.get(b"timer_due_ms", b"0")),
+        timer_snapshot=reply.get(b"timer_snapshot", b"").decode(),
+    )
 
 
 class DeliveryLedger:
@@ -82,3 +194,139 @@ class DeliveryLedger:
 
     async def mark_delivered(self, action_id: str, acknowledged_at_ms: int) -> None:
         await self._redis.set(delivered_key(action_id), acknowledged_at_ms, ex=self._ttl_s)
+
+    def mark_delivered_in(self, pipe: Pipeline, action_id: str, acknowledged_at_ms: int) -> None:
+        """Queue the ledger write on someone else's pipeline."""
+        pipe.set(delivered_key(action_id), acknowledged_at_ms, ex=self._ttl_s)
+
+
+def queue_keys(endpoint: str) -> tuple[str, str]:
+    """Return the due-time sorted set and the action hash of an endpoint's delivery queue.
+
+    >>> queue_keys("marketing")
+    ('triggers:queue:{marketing}:due', 'triggers:queue:{marketing}:actions')
+    """
+    return f"triggers:queue:{{{endpoint}}}:due", f"triggers:queue:{{{endpoint}}}:actions"
+
+
+def disabled_key(endpoint: str) -> str:
+    return f"triggers:endpoint:{{{endpoint}}}:disabled"
+
+
+# Take up to ARGV[2] actions due at or before ARGV[1] and lease them until ARGV[3]: their due
+# time moves to the lease end, so a worker that dies mid-request leaves them to be tried again.
+_CLAIM = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+local out = {}
+for _, id in ipairs(ids) do
+  redis.call('ZADD', KEYS[1], 'XX', ARGV[3], id)
+  out[#out + 1] = id
+  out[#out + 1] = redis.call('HGET', KEYS[2], id) or ''
+end
+return out
+"""
+
+
+class DeliveryQueue:
+    """Pending webhook deliveries per endpoint, persisted in Redis so a restart loses nothing.
+
+    Key layout (the `{endpoint}` hash tag keeps each endpoint's keys in one Cluster slot):
+      triggers:queue:{<endpoint>}:due      sorted set action_id -> due epoch ms
+      triggers:queue:{<endpoint>}:actions  hash action_id -> JSON {action, attempts, last_error}
+      triggers:endpoint:{<endpoint>}:disabled  JSON {at_ms, reason} once the receiver said 410
+    """
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self._redis = redis
+        self._claim = redis.register_script(_CLAIM)
+
+    async def enqueue(self, endpoint: str, entries: Mapping[str, tuple[str, int]]) -> int:
+        """Add `entries` (action_id -> (state JSON, due ms)) unless already queued; return how many were new."""
+        if not entries:
+            return 0
+        due_key, actions_key = queue_keys(endpoint)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for action_id, (state_json, _) in entries.items():
+                pipe.hsetnx(actions_key, action_id, state_json)
+            for action_id, (_, due_ms) in entries.items():
+                pipe.zadd(due_key, {action_id: due_ms}, nx=True)
+            replies = await pipe.execute()
+        return sum(replies[: len(entries)])
+
+    async def claim(self, endpoint: str, now_ms: int, limit: int, lease_until_ms: int) -> list[tuple[str, str]]:
+        """Lease up to `limit` due actions; return (action_id, state JSON) pairs."""
+        if limit <= 0:
+            return []
+        flat = await self._claim(keys=list(queue_keys(endpoint)), args=[now_ms, limit, lease_until_ms])
+        pairs = []
+        for n in range(0, len(flat), 2):
+            pairs.append((_text(flat[n]), _text(flat[n + 1])))
+        return pairs
+
+    async def reschedule(self, endpoint: str, action_id: str, state_json: str, due_ms: int) -> None:
+        due_key, actions_key = queue_keys(endpoint)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(actions_key, action_id, state_json)
+            pipe.zadd(due_key, {action_id: due_ms})
+            await pipe.execute()
+
+    async def complete(self, endpoint: str, action_id: str, ledger: DeliveryLedger, acknowledged_at_ms: int) -> None:
+        """Record the receiver's 2xx in the ledger and drop the action from the queue, in one round trip.
+
+        Ledger first: a crash in between leaves the action queued, and the next claim finds
+        it acknowledged instead of sending it again.
+        """
+        due_key, actions_key = queue_keys(endpoint)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            ledger.mark_delivered_in(pipe, action_id, acknowledged_at_ms)
+            pipe.zrem(due_key, action_id)
+            pipe.hdel(actions_key, action_id)
+            await pipe.execute()
+
+    async def remove(self, endpoint: str, action_id: str) -> None:
+        due_key, actions_key = queue_keys(endpoint)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(due_key, action_id)
+            pipe.hdel(actions_key, action_id)
+            await pipe.execute()
+
+    async def all_queued(self, endpoint: str) -> list[tuple[str, str]]:
+        """Return every queued (action_id, state JSON) of `endpoint` (used when it is disabled)."""
+        everything = await self._redis.hgetall(queue_keys(endpoint)[1])
+        return [(_text(k), _text(v)) for k, v in everything.items()]
+
+    async def remove_many(self, endpoint: str, action_ids: Iterable[str]) -> None:
+        action_ids = list(action_ids)
+        if not action_ids:
+            return
+        due_key, actions_key = queue_keys(endpoint)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(due_key, *action_ids)
+            pipe.hdel(actions_key, *action_ids)
+            await pipe.execute()
+
+    async def pending(self, endpoint: str) -> int:
+        return int(await self._redis.zcard(queue_keys(endpoint)[0]))
+
+    async def next_due_ms(self, endpoint: str) -> int | None:
+        first = await self._redis.zrange(queue_keys(endpoint)[0], 0, 0, withscores=True)
+        return int(first[0][1]) if first else None
+
+    async def disable(self, endpoint: str, state_json: str) -> None:
+        await self._redis.set(disabled_key(endpoint), state_json)
+
+    async def disabled(self, endpoints: Iterable[str]) -> dict[str, str]:
+        """Return the disabled ones of `endpoints`, with why (JSON)."""
+        endpoints = list(endpoints)
+        if not endpoints:
+            return {}
+        # One GET per key rather than MGET: on Redis Cluster the keys live in different slots.
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for endpoint in endpoints:
+                pipe.get(disabled_key(endpoint))
+            replies = await pipe.execute()
+        return {e: _text(r) for e, r in zip(endpoints, replies, strict=True) if r is not None}
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

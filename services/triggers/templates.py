@@ -26,7 +26,13 @@ PLACEHOLDERS = frozenset({
     "stage",
     "reasons",
     "model_version",
+    "event_type",
+    "event_name",
+    "value_tier",
+    "trigger",
 })
+# `${features.<name>}` reads any feature the score carries (null when it is absent).
+_FEATURE_PLACEHOLDER = re.compile(r"^features\.[a-z0-9_]+$")
 
 
 class _PayloadTemplate(string.Template):
@@ -63,6 +69,15 @@ def template_placeholders(template: Any) -> set[str]:
     raise ValueError(f"{type(template).__name__} value {template!r} is not JSON (quote it to make it text)")
 
 
+def unknown_placeholders(names: set[str]) -> set[str]:
+    """Return the names that are neither a known placeholder nor `features.<name>`.
+
+    >>> sorted(unknown_placeholders({"customer_id", "features.purchase_count", "email"}))
+    ['email']
+    """
+    return {name for name in names if name not in PLACEHOLDERS and not _FEATURE_PLACEHOLDER.match(name)}
+
+
 def render_template(template: Any, context: Mapping[str, Any]) -> Any:
     """Fill the placeholders of `template` from `context`.
 
@@ -73,8 +88,9 @@ def render_template(template: Any, context: Mapping[str, Any]) -> Any:
     if isinstance(template, str):
         whole = _WHOLE_PLACEHOLDER.match(template)
         if whole:
-            return context[whole.group(1)]
-        return _PayloadTemplate(template).substitute({name: _as_text(value) for name, value in context.items()})
+            return context.get(whole.group(1))
+        texts = {name: _as_text(context.get(name)) for name in _PayloadTemplate(template).get_identifiers()}
+        return _PayloadTemplate(template).substitute(texts)
     if isinstance(template, Mapping):
         return {key: render_template(value, context) for key, value in template.items()}
     if isinstance(template, list):

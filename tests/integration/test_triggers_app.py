@@ -27,6 +27,7 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 RULES = """
+policy: {frequency_cap_per_day: 1}
 rules:
   - id: churn-risk-high
     when: {score: churn_risk, crosses_above: 0.7, rearm_below: 0.6}
@@ -36,6 +37,19 @@ rules:
     when: {score: churn_risk, crosses_above: 0.7, rearm_below: 0.6}
     action: {endpoint: marketing}
     holdout_percent: 100
+  - id: paused-for-an-hour
+    when:
+      silence:
+        start: {field: event.name, eq: Subscription Paused}
+        stop: {field: event.name, eq: Subscription Resumed}
+        hours: 1
+    action: {endpoint: marketing, template: {customer: "${customer_id}", trigger: "${trigger}"}}
+  - id: cap-a
+    when: {event: {field: event.name, eq: Cap Test}}
+    action: {endpoint: marketing}
+  - id: cap-b
+    when: {event: {field: event.name, eq: Cap Test}}
+    action: {endpoint: marketing}
 """
 
 
@@ -55,18 +69,21 @@ def worker(all_topics: str, redis_url: str, receiver: Receiver, tmp_path: Path, 
         "TOUCHSTREAM_TRIGGERS_RULES_FILE": str(rules_file),
         "TOUCHSTREAM_TRIGGERS_ENDPOINTS": json.dumps({"marketing": {"url": receiver.url, "secret": SECRET}}),
         "TOUCHSTREAM_TRIGGERS_ALLOW_PRIVATE_ENDPOINTS": "true",
+        "TOUCHSTREAM_TRIGGERS_TIMER_LATENESS_S": "0",
     }
     process = spawn("triggers", [sys.executable, "-m", "services.triggers"], artifacts_dir / "triggers-worker.log", env)
     yield process, web_port
     process.stop()
 
 
-def a_score_record(customer_id: str, risk: float, n: int) -> dict[str, Any]:
+def a_score_record(customer_id: str, risk: float, n: int, event_name: str = "Order Completed",
+                   at_ms: int | None = None) -> dict[str, Any]:
     now_ms = int(time.time() * 1000)
-    return {"customer_id": customer_id, "message_id": f"msg-{customer_id}-{n}", "event_time_ms": n * 1000,
+    return {"customer_id": customer_id, "message_id": f"msg-{customer_id}-{n}",
+            "event_time_ms": n * 1000 if at_ms is None else at_ms,
             "received_at_ms": now_ms, "churn_risk": risk, "purchase_propensity": 1 - risk, "segment": "at_risk",
             "stage": "lapsing", "reasons": [{"feature": "recency_days", "contribution": 0.9}], "features": {},
-            "model_version": "test", "event_type": "track", "event_name": "Order Completed", "consent": []}
+            "model_version": "test", "event_type": "track", "event_name": event_name, "consent": []}
 
 
 async def wait_until(condition: Any, within_s: float, what: str) -> None:
@@ -150,3 +167,71 @@ async def records_about(bootstrap: str, topic: str, key: bytes | None, want: int
     finally:
         await consumer.stop()
     return found
+
+
+async def test_silence_timer_fires_when_the_event_time_watermark_passes(
+        worker: tuple[ManagedProcess, int], receiver: Receiver, all_topics: str) -> None:  # noqa: F811
+    process, web_port = worker
+    paused, resumed, other = (f"cus_{uuid.uuid4().hex[:12]}" for _ in range(3))
+    hour_ms = 3_600_000
+    records = [
+        (paused, a_score_record(paused, 0.1, 1, "Subscription Paused", at_ms=0)),
+        (resumed, a_score_record(resumed, 0.1, 1, "Subscription Paused", at_ms=0)),
+        (resumed, a_score_record(resumed, 0.1, 2, "Subscription Resumed", at_ms=hour_ms // 2)),
+        # Someone else's later event moves the watermark past both deadlines.
+        (other, a_score_record(other, 0.1, 1, "Page Viewed", at_ms=2 * hour_ms)),
+    ]
+    producer = AIOKafkaProducer(bootstrap_servers=all_topics)
+    await producer.start()
+    try:
+        for customer, record in records:
+            await producer.send_and_wait(SCORES.name, avro.encode(SCORES.schema, record), key=customer.encode())
+    finally:
+        await producer.stop()
+
+    expected_id = action_id("paused-for-an-hour", paused, f"silence@{hour_ms}:msg-{paused}-1")
+
+    async def webhook_arrived() -> bool:
+        assert process.alive(), "triggers worker exited; see test-artifacts/triggers-worker.log"
+        return receiver.hits(expected_id) > 0
+
+    await wait_until(webhook_arrived, 90, "the silence webhook")
+    _, payload = next((h, p) for h, p in receiver.verified if h["webhook-id"] == expected_id)
+    assert payload["data"] == {"customer": paused, "trigger": "silence"}
+    assert not any(p.get("customer_id") == resumed for _, p in receiver.verified)  # its timer was stopped
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{web_port}") as client:
+        metrics = (await client.get("/metrics")).text
+    assert 'touchstream_triggers_timers_total{result="started",rule="paused-for-an-hour"} 2.0' in metrics
+    assert 'touchstream_triggers_timers_total{result="stopped",rule="paused-for-an-hour"} 1.0' in metrics
+    assert 'touchstream_triggers_timers_total{result="expired",rule="paused-for-an-hour"} 1.0' in metrics
+
+
+async def test_frequency_cap_holds_across_rules_and_batches(
+        worker: tuple[ManagedProcess, int], receiver: Receiver, all_topics: str) -> None:  # noqa: F811
+    process, _ = worker
+    customer = f"cus_{uuid.uuid4().hex[:12]}"
+    producer = AIOKafkaProducer(bootstrap_servers=all_topics)
+    await producer.start()
+
+    async def send(n: int) -> None:
+        record = a_score_record(customer, 0.1, n, "Cap Test", at_ms=10 * 3_600_000 + n)
+        await producer.send_and_wait(SCORES.name, avro.encode(SCORES.schema, record), key=customer.encode())
+
+    try:
+        await send(1)
+        first_id = action_id("cap-a", customer, f"msg-{customer}-1")
+
+        async def first_arrived() -> bool:
+            assert process.alive(), "triggers worker exited; see test-artifacts/triggers-worker.log"
+            return receiver.hits(first_id) > 0
+
+        await wait_until(first_arrived, 90, "the first capped webhook")
+        await send(2)  # the same day, a later batch: the stored count stops both rules
+    finally:
+        await producer.stop()
+    actions = [avro.decode(ACTIONS.schema, v) for v in await records_about(all_topics, ACTIONS.name,
+                                                                           customer.encode(), want=4)]
+    assert sorted((a["rule_id"], a["outcome"], a["reason"]) for a in actions) == [
+        ("cap-a", "fired", None), ("cap-a", "suppressed", "frequency_cap"),
+        ("cap-b", "suppressed", "frequency_cap"), ("cap-b", "suppressed", "frequency_cap")]
+    assert not any(p.get("customer_id") == customer and p.get("rule_id") == "cap-b" for _, p in receiver.verified)

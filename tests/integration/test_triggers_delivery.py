@@ -1,10 +1,17 @@
-"""Triggers adapters against real Valkey and a real HTTP receiver that verifies Standard Webhooks signatures."""
+"""Delivery against real Valkey and real HTTP receivers that verify Standard Webhooks signatures.
+
+Long waits of the retry schedule run on a fake clock: the queue's due times are real Redis
+scores, the clock that reads them is the test's.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -16,14 +23,33 @@ from prometheus_client import CollectorRegistry
 from standardwebhooks import Webhook
 
 from services.triggers.crossing import CrossingState
-from services.triggers.delivery import ActionDelivery, WebhookSender, endpoint_refusal
+from services.triggers.delivery import (
+    ActionDelivery,
+    AddressRefused,
+    FailedDelivery,
+    WebhookSender,
+    endpoint_refusal,
+    guarded_client,
+)
 from services.triggers.metrics import TriggersMetrics
 from services.triggers.settings import WebhookEndpoint
-from services.triggers.state_store import DeliveryLedger, RuleStateStore, delivered_key, state_key
+from services.triggers.state_store import (
+    DeliveryLedger,
+    DeliveryQueue,
+    RuleStateStore,
+    delivered_key,
+    disabled_key,
+    queue_keys,
+    state_key,
+)
+from services.triggers.webhooks import RETRY_SCHEDULE_S
+from touchstream.embedded import free_port
 
 pytestmark = pytest.mark.integration
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+NEW_SECRET = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD"
+T0 = 1_800_000_000.0
 
 
 @dataclass
@@ -32,6 +58,8 @@ class Receiver:
 
     url: str = ""
     statuses: list[int] = field(default_factory=list)
+    retry_after: str | None = None
+    delay_s: float = 0.0
     verified: list[tuple[dict[str, str], Any]] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -44,15 +72,16 @@ class Receiver:
         return sum(1 for headers, _ in self.verified if headers["webhook-id"] == webhook_id)
 
 
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
+def start_receiver(secret: str = SECRET) -> tuple[Receiver, ThreadingHTTPServer]:
     state = Receiver()
-    verifier = Webhook(SECRET)
+    verifier = Webhook(secret)
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers["content-length"]))
             headers = {k.lower(): v for k, v in self.headers.items()}
+            if state.delay_s:
+                time.sleep(state.delay_s)
             try:
                 payload = verifier.verify(body, headers)
             except Exception as exc:
@@ -66,6 +95,8 @@ def receiver() -> Iterator[Receiver]:
             self.send_response(status)
             if 300 <= status < 400:
                 self.send_header("location", state.url + "/elsewhere")
+            if state.retry_after and status >= 400:
+                self.send_header("retry-after", state.retry_after)
             self.send_header("content-length", "0")
             self.end_headers()
 
@@ -73,39 +104,88 @@ def receiver() -> Iterator[Receiver]:
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
     state.url = f"http://127.0.0.1:{server.server_address[1]}/hook"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return state, server
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    state, server = start_receiver()
     yield state
     server.shutdown()
     server.server_close()
 
 
-async def no_wait(_: float) -> None:
-    return None
+@pytest.fixture
+def second_receiver() -> Iterator[Receiver]:
+    state, server = start_receiver()
+    yield state
+    server.shutdown()
+    server.server_close()
+
+
+class FakeClock:
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
 
 
 @dataclass
 class Harness:
     delivery: ActionDelivery
     metrics: TriggersMetrics
-    client: httpx.AsyncClient
+    clock: FakeClock
+    dead: list[FailedDelivery]
 
-    def count(self, result: str, rule: str = "churn-risk-high") -> float:
-        return self.metrics.deliveries.labels(rule, "marketing", result)._value.get()
+    def count(self, result: str, rule: str = "churn-risk-high", endpoint: str = "marketing") -> float:
+        return self.metrics.deliveries.labels(rule, endpoint, result)._value.get()
+
+    def dead_lettered(self, reason: str, endpoint: str = "marketing") -> float | None:
+        return self.metrics.registry.get_sample_value(
+            "touchstream_triggers_deliveries_dead_lettered_total",
+            {"rule": "churn-risk-high", "endpoint": endpoint, "reason": reason})
+
+    async def tick(self, advance_s: float = 0.0) -> int:
+        """Move the fake clock, start what is due, wait for those requests to finish."""
+        self.clock.now += advance_s
+        started = await self.delivery.dispatch_due()
+        await self.delivery.drain()
+        return started
+
+
+def make_harness(redis_client: aioredis.Redis, endpoints: dict[str, WebhookEndpoint], client: httpx.AsyncClient,
+                 **options: Any) -> Harness:
+    metrics = TriggersMetrics(CollectorRegistry())
+    clock = FakeClock()
+    dead: list[FailedDelivery] = []
+
+    async def sink(failures: Sequence[FailedDelivery]) -> None:
+        dead.extend(failures)
+
+    delivery = ActionDelivery(
+        WebhookSender(client, endpoints, clock=clock), DeliveryLedger(redis_client, ttl_s=3600),
+        DeliveryQueue(redis_client), metrics, sink, endpoints=sorted(endpoints), clock=clock,
+        jitter=lambda: 0.5, **options)
+    return Harness(delivery, metrics, clock, dead)
 
 
 @pytest.fixture
-async def harness(receiver: Receiver, redis_client: aioredis.Redis) -> Any:
-    metrics = TriggersMetrics(CollectorRegistry())
-    async with httpx.AsyncClient(timeout=5, follow_redirects=False) as client:
-        sender = WebhookSender(client, {"marketing": WebhookEndpoint(url=receiver.url, secret=SECRET)})
-        delivery = ActionDelivery(sender, DeliveryLedger(redis_client, ttl_s=3600), metrics,
-                                  max_attempts=3, backoff_s=0.01, concurrency=4, sleep=no_wait)
-        yield Harness(delivery, metrics, client)
+async def client() -> Any:
+    async with guarded_client(5, allow_private=True) as http:
+        yield http
 
 
-def an_action(n: int = 1, *, outcome: str = "fired", endpoint: str = "marketing") -> dict[str, Any]:
+@pytest.fixture
+async def harness(receiver: Receiver, redis_client: aioredis.Redis, client: httpx.AsyncClient) -> Harness:
+    return make_harness(redis_client, {"marketing": WebhookEndpoint(url=receiver.url, secret=SECRET)}, client)
+
+
+def an_action(n: int = 1, *, outcome: str = "fired", endpoint: str = "marketing",
+              body: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "action_id": f"act_{n:032x}",
         "rule_id": "churn-risk-high",
@@ -113,7 +193,7 @@ def an_action(n: int = 1, *, outcome: str = "fired", endpoint: str = "marketing"
         "outcome": outcome,
         "reason": None,
         "endpoint": endpoint,
-        "payload_json": json.dumps({"type": "retention.action", "customer_id": f"cus_{n}", "data": {"n": n}}),
+        "payload_json": json.dumps(body or {"type": "retention.action", "customer_id": f"cus_{n}", "data": {"n": n}}),
         "event_time_ms": 0,
         "received_at_ms": 0,
         "created_at_ms": 0,
@@ -128,14 +208,16 @@ async def test_state_store_round_trips_a_batch_in_one_pipeline(redis_client: aio
     loaded = await store.load([*states, ("churn-risk-high", "never-seen")])
     assert loaded == states
     key = state_key("churn-risk-high", "cus_1")
-    assert await redis_client.hgetall(key) == {b"armed": b"0", b"cooldown_until_ms": b"86400000"}
+    assert (await redis_client.hgetall(key))[b"cooldown_until_ms"] == b"86400000"
     assert 0 < await redis_client.ttl(key) <= 600
     assert await store.load([]) == {}
 
 
 async def test_fired_action_arrives_signed_with_the_action_id(harness: Harness, receiver: Receiver) -> None:
     action = an_action(1)
-    assert await harness.delivery.deliver_batch([action]) == []
+    assert await harness.delivery.enqueue([action]) == []
+    assert receiver.verified == []  # enqueue only writes Redis; the timer loop sends
+    assert await harness.tick() == 1
     assert receiver.rejected == []
     ((headers, payload),) = receiver.verified
     assert headers["webhook-id"] == action["action_id"]
@@ -145,82 +227,298 @@ async def test_fired_action_arrives_signed_with_the_action_id(harness: Harness, 
     latency = harness.metrics.registry.get_sample_value(
         "touchstream_triggers_event_to_webhook_seconds_count", {"rule": "churn-risk-high"})
     assert latency == 1
+    assert await harness.delivery.pending() == {"marketing": 0}
+
+
+async def test_rotation_signs_with_every_secret_and_either_verifies(
+        receiver: Receiver, redis_client: aioredis.Redis, client: httpx.AsyncClient) -> None:
+    endpoint = WebhookEndpoint(url=receiver.url, secrets=(SECRET, NEW_SECRET))
+    harness = make_harness(redis_client, {"marketing": endpoint}, client)
+    await harness.delivery.enqueue([an_action(11)])
+    await harness.tick()
+    ((headers, _),) = receiver.verified  # the receiver verified with the old secret
+    signatures = headers["webhook-signature"].split(" ")
+    assert len(signatures) == 2 and all(s.startswith("v1,") for s in signatures)
+    body = json.dumps(json.loads(an_action(11)["payload_json"]))
+    for secret in (SECRET, NEW_SECRET):
+        assert Webhook(secret).verify(an_action(11)["payload_json"], headers) == json.loads(body)
+    with pytest.raises(Exception, match="signature"):
+        Webhook("whsec_" + "A" * 32).verify(an_action(11)["payload_json"], headers)
 
 
 async def test_replayed_action_is_not_sent_again(harness: Harness, receiver: Receiver,
                                                  redis_client: aioredis.Redis) -> None:
     action = an_action(2)
-    await harness.delivery.deliver_batch([action])
-    await harness.delivery.deliver_batch([action, action])
+    await harness.delivery.enqueue([action])
+    await harness.delivery.enqueue([action])  # queued twice before the loop ran: one entry
+    await harness.tick()
+    await harness.delivery.enqueue([action, action])
+    await harness.tick()
     assert receiver.hits(action["action_id"]) == 1
-    assert harness.count("duplicate") == 1
+    assert harness.count("duplicate") == 1  # one batch, one action id
     assert await redis_client.exists(delivered_key(action["action_id"]))
 
 
 async def test_held_out_and_suppressed_actions_send_nothing(harness: Harness, receiver: Receiver) -> None:
-    assert await harness.delivery.deliver_batch([an_action(3, outcome="held_out"),
-                                                 an_action(4, outcome="suppressed")]) == []
+    assert await harness.delivery.enqueue([an_action(3, outcome="held_out"), an_action(4, outcome="suppressed")]) == []
+    assert await harness.tick() == 0
     assert receiver.verified == []
 
 
-async def test_server_error_is_retried_until_acknowledged(harness: Harness, receiver: Receiver) -> None:
+async def test_server_error_is_retried_on_the_schedule(harness: Harness, receiver: Receiver) -> None:
     receiver.statuses = [500, 503]
     action = an_action(5)
-    assert await harness.delivery.deliver_batch([action]) == []
+    await harness.delivery.enqueue([action])
+    assert await harness.tick() == 1
+    assert await harness.tick(4.9) == 0  # second try is due 5 s (+ up to 10 % jitter) later
+    assert await harness.tick(0.4) == 1  # 5.3 s: 5 s stretched by jitter 0.5 -> 5.25 s
+    assert await harness.tick(299) == 0
+    assert await harness.tick(20) == 1  # third try after 5 min (x1.05)
     assert receiver.hits(action["action_id"]) == 3
     assert (harness.count("retried"), harness.count("succeeded")) == (2, 1)
+    assert harness.dead == []
 
 
-async def test_last_failed_try_is_returned_for_the_deadletter(harness: Harness, receiver: Receiver,
-                                                              redis_client: aioredis.Redis) -> None:
-    receiver.statuses = [500, 500, 500]
+async def test_last_scheduled_try_sends_the_action_to_deadletter(harness: Harness, receiver: Receiver,
+                                                                 redis_client: aioredis.Redis) -> None:
+    receiver.statuses = [500] * len(RETRY_SCHEDULE_S)
     action = an_action(6)
-    (failure,) = await harness.delivery.deliver_batch([action])
+    await harness.delivery.enqueue([action])
+    tried_at = []
+    while len(tried_at) < len(RETRY_SCHEDULE_S):
+        if await harness.tick():
+            tried_at.append(harness.clock.now - T0)
+        else:
+            harness.clock.now += 60
+    # Ten tries over about three days, each wait the spec's (with <= 10 % jitter, 60 s ticks).
+    waits = [b - a for a, b in itertools.pairwise(tried_at)]
+    for wait, scheduled in zip(waits, RETRY_SCHEDULE_S[1:], strict=True):
+        assert scheduled <= wait <= scheduled * 1.1 + 60
+    ((failure,),) = [harness.dead]
     assert failure.action == action
-    assert failure.reason == "webhook: HTTP 500 after 3 tries"
-    assert harness.count("failed") == 1
+    assert failure.reason == "webhook: HTTP 500 after 10 tries"
+    assert harness.dead_lettered("exhausted") == 1
     assert not await redis_client.exists(delivered_key(action["action_id"]))
+    assert await harness.tick(10 * 86_400) == 0  # nothing left in the queue
+    assert await harness.delivery.pending() == {"marketing": 0}
 
 
-async def test_client_error_is_not_retried(harness: Harness, receiver: Receiver) -> None:
+async def test_retry_after_is_honoured(harness: Harness, receiver: Receiver) -> None:
+    receiver.statuses, receiver.retry_after = [429], "120"
+    await harness.delivery.enqueue([an_action(12)])
+    await harness.tick()
+    assert await harness.tick(6) == 0  # the schedule says 5 s, the receiver asked for 120 s
+    assert await harness.tick(115) == 1
+    assert harness.count("succeeded") == 1
+
+
+async def test_gone_disables_the_endpoint_and_dead_letters_its_queue(
+        harness: Harness, receiver: Receiver, redis_client: aioredis.Redis) -> None:
+    receiver.statuses = [500, 410]
+    first, second = an_action(13), an_action(14)
+    await harness.delivery.enqueue([first])
+    await harness.tick()  # 500: first waits for its retry
+    receiver.statuses = [410]
+    await harness.delivery.enqueue([second])
+    await harness.tick()  # second gets 410
+    disabled = json.loads(await redis_client.get(disabled_key("marketing")))
+    assert disabled["reason"].startswith("receiver answered HTTP 410")
+    assert sorted(f.action["action_id"] for f in harness.dead) == sorted([first["action_id"], second["action_id"]])
+    assert harness.dead_lettered("endpoint_disabled") == 2
+    assert harness.metrics.endpoint_disabled.labels("marketing")._value.get() == 1
+    assert await harness.tick(3600) == 0
+    # Persisted: a fresh worker refuses new actions for the endpoint too.
+    (refused,) = await harness.delivery.enqueue([an_action(15)])
+    assert "disabled" in refused.reason
+    # A worker that had not heard yet queued one more: the loop dead-letters it instead of sending.
+    stale = an_action(16)
+    await DeliveryQueue(redis_client).enqueue("marketing", {stale["action_id"]: (json.dumps(
+        {"action": stale, "attempts": 0, "last_error": ""}), int(T0 * 1000))})
+    fresh = make_harness(redis_client, {"marketing": WebhookEndpoint(url=receiver.url, secret=SECRET)},
+                         harness.delivery._sender._client)
+    assert await fresh.tick(7200) == 0
+    assert [f.action["action_id"] for f in fresh.dead] == [stale["action_id"]]
+    assert "receiver answered HTTP 410" in fresh.dead[0].reason
+    assert len(receiver.verified) == 2
+
+
+async def test_client_error_is_dead_lettered_without_retries(harness: Harness, receiver: Receiver) -> None:
     receiver.statuses = [400]
-    (failure,) = await harness.delivery.deliver_batch([an_action(7)])
+    await harness.delivery.enqueue([an_action(7)])
+    await harness.tick()
+    assert await harness.tick(86_400) == 0
+    (failure,) = harness.dead
     assert failure.reason == "webhook: HTTP 400 after 1 tries"
+    assert harness.dead_lettered("rejected") == 1
 
 
 async def test_redirect_is_a_failed_try_and_never_followed(harness: Harness, receiver: Receiver) -> None:
-    receiver.statuses = [302, 302, 302]
-    (failure,) = await harness.delivery.deliver_batch([an_action(8)])
-    assert failure.reason == "webhook: HTTP 302 after 3 tries"
+    receiver.statuses = [302, 302]
+    await harness.delivery.enqueue([an_action(8)])
+    await harness.tick()
+    await harness.tick(6)
+    await harness.tick(400)
     assert len(receiver.verified) == 3  # all to /hook; /elsewhere was never requested
+    assert harness.count("retried") == 2 and harness.count("succeeded") == 1
 
 
-async def test_unreachable_receiver_fails_after_the_tries(redis_client: aioredis.Redis) -> None:
-    from touchstream.embedded import free_port
+async def test_a_restart_loses_nothing(receiver: Receiver, redis_client: aioredis.Redis,
+                                       client: httpx.AsyncClient) -> None:
+    endpoints = {"marketing": WebhookEndpoint(url=receiver.url, secret=SECRET)}
+    first = make_harness(redis_client, endpoints, client, lease_s=60)
+    receiver.statuses = [503]
+    retried, claimed_then_crashed = an_action(20), an_action(21)
+    await first.delivery.enqueue([retried])
+    await first.tick()  # 503, rescheduled in Redis
+    await first.delivery.enqueue([claimed_then_crashed])
+    # The worker claims the action and dies before sending it.
+    queue = DeliveryQueue(redis_client)
+    assert [i for i, _ in await queue.claim("marketing", int(T0 * 1000), 10, int((T0 + 60) * 1000))] == [
+        claimed_then_crashed["action_id"]]
+    del first
 
-    metrics = TriggersMetrics(CollectorRegistry())
+    second = make_harness(redis_client, endpoints, client, lease_s=60)  # a new process: nothing in memory
+    assert await second.tick(10) == 1  # the retry is due; the claimed one is still leased
+    assert await second.tick(60) == 1  # the lease ran out: tried again
+    assert receiver.hits(retried["action_id"]) == 2 and receiver.hits(claimed_then_crashed["action_id"]) == 1
+    assert await redis_client.zcard(queue_keys("marketing")[0]) == 0
+
+
+async def test_circuit_opens_after_failures_in_a_row_then_probes(
+        receiver: Receiver, redis_client: aioredis.Redis, client: httpx.AsyncClient) -> None:
+    endpoints = {"marketing": WebhookEndpoint(url=receiver.url, secret=SECRET)}
+    harness = make_harness(redis_client, endpoints, client, breaker_threshold=3, breaker_cool_off_s=30,
+                           concurrency_per_endpoint=1)
+    receiver.statuses = [500, 500, 500]
+    await harness.delivery.enqueue([an_action(30 + n) for n in range(6)])
+    for _ in range(3):
+        await harness.tick()
+    assert len(receiver.verified) == 3
+    assert harness.metrics.circuit_open.labels("marketing")._value.get() == 0
+    assert await harness.tick(1) == 0  # open: due actions wait, no request
+    assert harness.metrics.circuit_open.labels("marketing")._value.get() == 1
+    assert await harness.tick(29) == 1  # half-open after the cool-off: one probe
+    assert await harness.tick() == 1  # the probe succeeded: closed again, one at a time (concurrency 1)
+    while await harness.tick():
+        pass
+    assert len({h["webhook-id"] for h, _ in receiver.verified}) == 6
+
+
+async def test_one_dead_receiver_never_slows_the_other(
+        receiver: Receiver, second_receiver: Receiver, redis_client: aioredis.Redis) -> None:
+    second_receiver.delay_s = 3.0  # hangs past the client timeout
+    endpoints = {"marketing": WebhookEndpoint(url=receiver.url, secret=SECRET),
+                 "slow": WebhookEndpoint(url=second_receiver.url, secret=SECRET)}
+    async with guarded_client(1.0, allow_private=True) as client:
+        metrics = TriggersMetrics(CollectorRegistry())
+
+        async def sink(_: Sequence[FailedDelivery]) -> None:
+            return None
+
+        delivery = ActionDelivery(
+            WebhookSender(client, endpoints), DeliveryLedger(redis_client, 600), DeliveryQueue(redis_client), metrics,
+            sink, endpoints=sorted(endpoints), concurrency_per_endpoint=2, poll_s=0.05)
+        loop = asyncio.create_task(delivery.run())
+        try:
+            started = time.monotonic()
+            actions = [an_action(100 + n, endpoint="slow") for n in range(20)]
+            actions += [an_action(200 + n) for n in range(20)]
+            await delivery.enqueue(actions)
+            assert time.monotonic() - started < 0.5  # the consumer never waits on a receiver
+            while len(receiver.verified) < 20 and time.monotonic() - started < 5:  # noqa: ASYNC110 (a thread fills it)
+                await asyncio.sleep(0.02)
+            healthy_done = time.monotonic() - started
+        finally:
+            loop.cancel()
+            await delivery.drain()
+    assert len({h["webhook-id"] for h, _ in receiver.verified}) == 20
+    assert healthy_done < 1.0, healthy_done
+    # The slow receiver saw at most its two concurrent slots' worth before the deliveries to the
+    # healthy one were finished.
+    assert len(second_receiver.verified) <= 2
+
+
+async def test_unreachable_receiver_is_retried_later(redis_client: aioredis.Redis, client: httpx.AsyncClient) -> None:
     endpoint = WebhookEndpoint(url=f"http://127.0.0.1:{free_port()}/hook", secret=SECRET)
-    async with httpx.AsyncClient(timeout=2) as client:
-        delivery = ActionDelivery(WebhookSender(client, {"marketing": endpoint}), DeliveryLedger(redis_client, 60),
-                                  metrics, max_attempts=2, backoff_s=0, concurrency=1, sleep=no_wait)
-        (failure,) = await delivery.deliver_batch([an_action(9)])
-    assert failure.reason.startswith("webhook: ConnectError")
-    assert failure.reason.endswith("after 2 tries")
+    harness = make_harness(redis_client, {"marketing": endpoint}, client)
+    await harness.delivery.enqueue([an_action(9)])
+    await harness.tick()
+    assert harness.count("retried") == 1
+    assert harness.metrics.registry.get_sample_value(
+        "touchstream_triggers_delivery_attempts_failed_total", {"endpoint": "marketing", "cause": "ConnectError"}) == 1
 
 
 async def test_unknown_endpoint_fails_without_a_request(harness: Harness, receiver: Receiver) -> None:
-    (failure,) = await harness.delivery.deliver_batch([an_action(10, endpoint="nowhere")])
+    (failure,) = await harness.delivery.enqueue([an_action(10, endpoint="nowhere")])
     assert failure.reason == "endpoint: 'nowhere' is not registered"
+    assert await harness.tick() == 0
     assert receiver.verified == []
 
 
-async def test_a_batch_is_delivered_concurrently_each_exactly_once(harness: Harness, receiver: Receiver) -> None:
-    actions = [an_action(100 + n) for n in range(40)]
-    assert await harness.delivery.deliver_batch(actions) == []
-    assert sorted(h["webhook-id"] for h, _ in receiver.verified) == sorted(a["action_id"] for a in actions)
+async def test_quiet_hours_hold_waits_for_not_before(harness: Harness, receiver: Receiver) -> None:
+    not_before_ms = int((T0 + 3600) * 1000)
+    await harness.delivery.enqueue([an_action(40, body={"type": "retention.action", "not_before_ms": not_before_ms})])
+    assert await harness.tick() == 0
+    assert await harness.tick(3599) == 0
+    assert await harness.tick(1) == 1
+
+
+async def test_connect_time_guard_refuses_a_name_that_now_resolves_to_loopback(receiver: Receiver) -> None:
+    port = int(receiver.url.rsplit(":", 1)[1].split("/")[0])
+
+    async def rebinding(host: str, _: int) -> list[str]:
+        return ["127.0.0.1"]  # registration saw a public address; DNS now answers loopback
+
+    async with guarded_client(2, allow_private=False, resolve=rebinding) as guarded:
+        with pytest.raises(AddressRefused, match="loopback"):
+            await guarded.post(f"http://hooks.example.com:{port}/hook", content=b"{}")
+    assert receiver.verified == [] and receiver.rejected == []
+
+
+async def test_guard_connects_to_the_checked_address_with_the_name_as_host(
+        receiver: Receiver, redis_client: aioredis.Redis) -> None:
+    port = int(receiver.url.rsplit(":", 1)[1].split("/")[0])
+    asked: list[str] = []
+
+    async def resolver(host: str, _: int) -> list[str]:
+        asked.append(host)
+        return ["127.0.0.1"]
+
+    url = f"http://hooks.example.com:{port}/hook"
+    async with guarded_client(2, allow_private=False, allowlist=["127.0.0.0/8"], resolve=resolver) as guarded:
+        harness = make_harness(redis_client, {"marketing": WebhookEndpoint(url=url, secret=SECRET)}, guarded)
+        await harness.delivery.enqueue([an_action(50)])
+        await harness.tick()
+    ((headers, _),) = receiver.verified
+    assert headers["host"] == f"hooks.example.com:{port}"
+    assert asked == ["hooks.example.com"]
 
 
 def test_ssrf_guard_refuses_loopback_unless_allowed(receiver: Receiver) -> None:
     assert "loopback" in (endpoint_refusal(receiver.url, allow_private=False) or "")
     assert endpoint_refusal(receiver.url, allow_private=True) is None
+    assert endpoint_refusal(receiver.url, allow_private=False, allowlist=["127.0.0.1/32"]) is None
     assert "does not resolve" in (endpoint_refusal("http://no-such-host.invalid/hook", allow_private=True) or "")
+
+
+async def test_an_action_is_forgotten_only_after_its_dead_letter_is_written(
+        receiver: Receiver, redis_client: aioredis.Redis, client: httpx.AsyncClient) -> None:
+    harness = make_harness(redis_client, {"marketing": WebhookEndpoint(url=receiver.url, secret=SECRET)}, client,
+                           lease_s=60)
+    broken = {"calls": 0}
+    original_sink = harness.delivery._dead_letter
+
+    async def flaky_sink(failures: Sequence[FailedDelivery]) -> None:
+        broken["calls"] += 1
+        if broken["calls"] == 1:
+            raise RuntimeError("broker away")
+        await original_sink(failures)
+
+    harness.delivery._dead_letter = flaky_sink
+    receiver.statuses = [400, 400]
+    await harness.delivery.enqueue([an_action(60)])
+    await harness.tick()
+    assert harness.dead == [] and await harness.delivery.pending() == {"marketing": 1}
+    await harness.tick(61)  # the lease ran out: tried again, and this time the dead letter is written
+    assert [f.action["action_id"] for f in harness.dead] == [an_action(60)["action_id"]]
+    assert await harness.delivery.pending() == {"marketing": 0}

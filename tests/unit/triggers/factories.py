@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from services.triggers.events import Reason, ScoreUpdated
-from services.triggers.rules import ActionSpec, Rule, ScoreCrossing
+from services.triggers.rules import ActionSpec, Rule, ScoreCrossing, parse_rule_file
 
 HOUR_MS = 3_600_000
+DAY_MS = 24 * HOUR_MS
 
 
 def a_rule(**overrides: Any) -> Rule:
@@ -21,15 +22,22 @@ def a_rule(**overrides: Any) -> Rule:
     return Rule(**{**fields, **overrides})
 
 
-def a_score(risk: float, *, customer_id: str = "cus_1", at_ms: int = 0, message_id: str | None = None) -> ScoreUpdated:
-    return ScoreUpdated(
-        customer_id=customer_id,
-        message_id=message_id or f"msg-{customer_id}-{at_ms}-{risk}",
-        event_time_ms=at_ms,
-        received_at_ms=1_700_000_000_000 + at_ms,
-        scores={"churn_risk": risk, "purchase_propensity": 1 - risk},
-        segment="at_risk",
-        stage="lapsing",
-        reasons=(Reason("recency_days", 0.8), Reason("frequency", -0.2)),
-        model_version="logreg-v1",
-    )
+def rules_from(yaml_rules: str, policy: str = "") -> Any:
+    """Parse rules written as YAML list items (and an optional policy block) into a RuleSet."""
+    return parse_rule_file(f"{policy}\nrules:\n{yaml_rules}", "test.yaml")
+
+
+def a_score(risk: float = 0.5, *, customer_id: str = "cus_1", at_ms: int = 0, message_id: str | None = None,
+            **fields: Any) -> ScoreUpdated:
+    values: dict[str, Any] = {
+        "customer_id": customer_id,
+        "message_id": message_id or f"msg-{customer_id}-{at_ms}-{risk}",
+        "event_time_ms": at_ms,
+        "received_at_ms": 1_700_000_000_000 + at_ms,
+        "scores": {"churn_risk": risk, "purchase_propensity": 1 - risk},
+        "segment": "at_risk",
+        "stage": "lapsing",
+        "reasons": (Reason("recency_days", 0.8), Reason("frequency", -0.2)),
+        "model_version": "logreg-v1",
+    }
+    return ScoreUpdated(**{**values, **fields})

@@ -6,7 +6,17 @@ import pytest
 from pydantic import ValidationError
 
 from services.triggers.settings import TriggersSettings, WebhookEndpoint
-from services.triggers.webhooks import Verdict, address_refusal, retry_delay_s, verdict_for_status
+from services.triggers.webhooks import (
+    RETRY_SCHEDULE_S,
+    Circuit,
+    CircuitBreaker,
+    Verdict,
+    address_allowed,
+    address_refusal,
+    next_retry_at,
+    retry_after_s,
+    verdict_for_status,
+)
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
@@ -15,15 +25,62 @@ SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
     ("status", "verdict"),
     [(200, Verdict.DELIVERED), (204, Verdict.DELIVERED), (302, Verdict.RETRY), (408, Verdict.RETRY),
      (429, Verdict.RETRY), (500, Verdict.RETRY), (503, Verdict.RETRY), (400, Verdict.GIVE_UP),
-     (401, Verdict.GIVE_UP), (404, Verdict.GIVE_UP), (410, Verdict.GIVE_UP)],
+     (401, Verdict.GIVE_UP), (404, Verdict.GIVE_UP), (410, Verdict.DISABLE), (307, Verdict.RETRY)],
 )
 def test_status_verdicts(status: int, verdict: Verdict) -> None:
     assert verdict_for_status(status) is verdict
 
 
-def test_backoff_doubles_and_jitter_only_stretches() -> None:
-    assert [retry_delay_s(n, 1.0) for n in (1, 2, 3, 4)] == [1.0, 2.0, 4.0, 8.0]
-    assert retry_delay_s(2, 1.0, jitter=0.1) == pytest.approx(2.2)
+def test_schedule_is_the_standard_webhooks_one() -> None:
+    assert RETRY_SCHEDULE_S == (0, 5, 5 * 60, 30 * 60, 2 * 3600, 5 * 3600, 10 * 3600, 14 * 3600, 20 * 3600,
+                                24 * 3600)
+    waits = [next_retry_at(n, 0.0, jitter=0.0) for n in range(1, 10)]
+    assert waits == list(RETRY_SCHEDULE_S[1:])
+    assert next_retry_at(10, 0.0, jitter=0.0) is None  # ten tries, then deadletter
+
+
+def test_jitter_stretches_by_at_most_ten_percent() -> None:
+    assert next_retry_at(1, 100.0, jitter=0.0) == 105.0
+    assert next_retry_at(1, 100.0, jitter=0.999) == pytest.approx(105.4995)
+    assert next_retry_at(4, 0.0, jitter=0.5) == pytest.approx(7200 * 1.05)
+
+
+def test_retry_after_is_a_floor_not_a_ceiling() -> None:
+    assert next_retry_at(1, 0.0, 0.0, retry_after=120) == 120
+    assert next_retry_at(3, 0.0, 0.0, retry_after=120) == 1800  # the schedule already waits longer
+    assert retry_after_s("7", 0) == 7.0
+    assert retry_after_s("999999999", 0) == 86_400.0  # at most a day
+    assert retry_after_s("Wed, 21 Oct 2015 07:28:00 GMT", 1445412480 - 60) == 60.0
+    assert retry_after_s(None, 0) is None and retry_after_s("-1", 0) is None
+
+
+def test_breaker_opens_after_the_threshold_and_a_failed_probe_reopens() -> None:
+    breaker = CircuitBreaker(threshold=3, cool_off_s=10)
+    for t in range(2):
+        breaker.record_failure(t)
+    assert breaker.state(2) is Circuit.CLOSED and breaker.allows(2)
+    breaker.record_failure(2)
+    assert breaker.state(3) is Circuit.OPEN and not breaker.allows(11.9)
+    assert breaker.allows(12) and not breaker.allows(12)  # one probe at a time
+    breaker.record_failure(12)
+    assert breaker.state(13) is Circuit.OPEN and breaker.state(22) is Circuit.HALF_OPEN
+    assert breaker.allows(22)
+    breaker.record_success()
+    assert breaker.state(22) is Circuit.CLOSED and breaker.failures_in_a_row == 0
+
+
+def test_a_success_resets_the_count_of_failures_in_a_row() -> None:
+    breaker = CircuitBreaker(threshold=2, cool_off_s=10)
+    breaker.record_failure(0)
+    breaker.record_success()
+    breaker.record_failure(1)
+    assert breaker.state(1) is Circuit.CLOSED
+
+
+def test_allowlist_takes_networks_and_single_addresses() -> None:
+    assert address_allowed("10.2.3.4", ["10.0.0.0/8"])
+    assert address_allowed("::ffff:127.0.0.1", ["127.0.0.1"])
+    assert not address_allowed("10.2.3.4", ["192.168.0.0/16", "127.0.0.1"])
 
 
 @pytest.mark.parametrize(
@@ -63,3 +120,16 @@ def test_settings_are_frozen() -> None:
     settings = TriggersSettings()
     with pytest.raises(ValidationError):
         settings.web_port = 1  # type: ignore[misc]
+
+
+NEW_SECRET = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD"
+
+
+def test_endpoint_with_rotating_secrets_signs_with_each_once() -> None:
+    endpoint = WebhookEndpoint(url="https://crm.example/hook", secret=SECRET, secrets=(NEW_SECRET, SECRET))
+    assert endpoint.signing_secrets == (SECRET, NEW_SECRET)
+    assert WebhookEndpoint(url="https://crm.example/hook", secrets=(NEW_SECRET,)).signing_secrets == (NEW_SECRET,)
+    with pytest.raises(ValidationError, match="needs a `secret`"):
+        WebhookEndpoint(url="https://crm.example/hook")
+    with pytest.raises(ValidationError, match="not a Standard Webhooks secret"):
+        WebhookEndpoint(url="https://crm.example/hook", secrets=(SECRET, "whsec_***"))
