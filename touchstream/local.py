@@ -22,7 +22,7 @@ import httpx
 
 from touchstream.embedded import ManagedProcess, create_topics, free_port, spawn, start_tansu, start_valkey, stop_pid
 
-SERVICES = ("ingest", "identity", "scoring", "triggers")
+SERVICES = ("ingest", "identity", "scoring", "triggers", "console")
 # Stream services scale by workers in one consumer group; ingest scales behind a load balancer.
 STREAM_SERVICES = ("identity", "scoring", "triggers")
 STATE_FILE = "state.json"
@@ -74,6 +74,10 @@ def service_env(state: StackState, extra: dict[str, str] | None = None) -> dict[
         "TOUCHSTREAM_IDENTITY_WEB_PORT": str(state.ports["identity"]),
         "TOUCHSTREAM_SCORING_WEB_PORT": str(state.ports["scoring"]),
         "TOUCHSTREAM_TRIGGERS_WEB_PORT": str(state.ports["triggers"]),
+        "TOUCHSTREAM_CONSOLE_WEB_PORT": str(state.ports["console"]),
+        "TOUCHSTREAM_CONSOLE_SCORING_METRICS_URL": f"{state.url('scoring')}/metrics",
+        "TOUCHSTREAM_CONSOLE_TRIGGERS_METRICS_URL": f"{state.url('triggers')}/metrics",
+        "TOUCHSTREAM_CONSOLE_IDENTITY_URL": state.url("identity"),
         "TOUCHSTREAM_TRIGGERS_ENDPOINTS": json.dumps(
             {"marketing": {"url": f"{state.url('receiver')}/hook", "secret": state.webhook_secret}}),
         # The demo receiver is on loopback, which the SSRF guard refuses unless allowed.

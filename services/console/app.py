@@ -1,0 +1,131 @@
+"""Faust wiring: agent `update_read_model` (five topics -> Redis read model) and the pages on the same web server.
+
+The pages are aiohttp routes added to the Faust worker's own web server (one port for pages,
+JSON API, /metrics and health), so the console is one process per worker like every service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import faust
+import redis.asyncio as aioredis
+from prometheus_client import REGISTRY, CollectorRegistry
+from redis.exceptions import RedisError
+
+from services.console.quality import RateMeter
+from services.console.readmodel import (
+    action_taken,
+    customers_merged,
+    dead_lettered,
+    score_updated,
+    touchpoint_seen,
+)
+from services.console.settings import ConsoleSettings
+from services.console.store import ReadModelStore, Update
+from services.console.web import ConsoleWeb
+from services.identity.domain import GraphLayout
+from services.identity.settings import IdentitySettings
+from services.triggers.rules import Rule, RuleError, parse_rules
+from touchstream import avro
+from touchstream.metrics import ServiceMetrics
+from touchstream.settings import CoreSettings
+from touchstream.streams import add_health_pages, batches, make_app
+from touchstream.topics import ACTIONS, DEADLETTER, IDENTITY_MERGES, SCORES, TOUCHPOINTS_RESOLVED, TopicSpec
+
+log = logging.getLogger(__name__)
+REDIS_RETRY_S = 1.0
+CONSUMED: tuple[TopicSpec, ...] = (TOUCHPOINTS_RESOLVED, IDENTITY_MERGES, SCORES, ACTIONS, DEADLETTER)
+_CONVERTERS: dict[str, Callable[[Mapping[str, Any]], Update]] = {
+    TOUCHPOINTS_RESOLVED.name: touchpoint_seen,
+    IDENTITY_MERGES.name: customers_merged,
+    SCORES.name: score_updated,
+    ACTIONS.name: action_taken,
+    DEADLETTER.name: dead_lettered,
+}
+
+
+def load_rules(settings: ConsoleSettings) -> tuple[Rule, ...]:
+    """Read the rule file triggers uses; without one the pages simply draw no thresholds."""
+    try:
+        return parse_rules(settings.rules_file.read_text(encoding="utf-8"), source=str(settings.rules_file))
+    except (OSError, RuleError) as exc:
+        log.warning("no rules for the console (%s): %s", settings.rules_file, exc)
+        return ()
+
+
+def updates_of(events: Sequence[Any], metrics: ServiceMetrics) -> list[Update]:
+    """Decode a batch (any of the five topics, in arrival order) into read-model updates."""
+    specs = {spec.name: spec for spec in CONSUMED}
+    updates: list[Update] = []
+    for event in events:
+        topic = event.message.topic
+        metrics.events_in.labels(topic).inc()
+        try:
+            updates.append(_CONVERTERS[topic](avro.decode(specs[topic].schema, event.value)))
+        except (avro.DecodeError, KeyError, ValueError, TypeError) as exc:
+            # The console only reads; producing to deadletter from here could loop on a bad
+            # deadletter record, so a record it cannot read is counted and logged instead.
+            metrics.events_failed.labels(f"{topic} undecodable").inc()
+            log.warning("skipped an unreadable %s record: %s", topic, type(exc).__name__)
+    return updates
+
+
+def build_app(core: CoreSettings, settings: ConsoleSettings, identity: IdentitySettings,
+              registry: CollectorRegistry = REGISTRY) -> faust.App:
+    """Build the console Faust app: the read model agent and the pages."""
+    app = make_app("console", core, settings.web_port, settings.web_host)
+    source = app.topic(*(spec.name for spec in CONSUMED), key_type=bytes, value_type=bytes,
+                       key_serializer="raw", value_serializer="raw", partitions=core.partitions)
+    metrics = ServiceMetrics("console", registry)
+    page_seconds = metrics.histogram("page_render", "Server time to answer a page.", ["page"])
+    updates_applied = metrics.counter("read_model_updates", "Read-model updates written to Redis.")
+    ready = {"ok": False}
+    add_health_pages(app, ready, registry)
+
+    redis = aioredis.from_url(core.redis_url)
+    store = ReadModelStore(redis, settings.key_prefix)
+    feed_rate = RateMeter()
+    pages = ConsoleWeb(store, settings, GraphLayout(identity.graph_key_prefix),
+                       core.pii_hash_key.get_secret_value().encode(), identity.default_phone_region,
+                       identity.blocklist, load_rules(settings), page_seconds, feed_rate)
+    # Faust's web driver is aiohttp: the console's routes join its router before it starts.
+    pages.register(app.web.web_app.router)  # type: ignore[attr-defined]
+
+    async def apply_batch(events: Sequence[faust.EventT]) -> None:
+        started = time.perf_counter()
+        updates = updates_of(events, metrics)
+        while True:
+            try:
+                await store.apply(updates)
+                break
+            except (RedisError, OSError) as exc:
+                # Never drop a batch because Redis blinked; every write is idempotent, so retry it whole.
+                metrics.redis_errors.inc()
+                log.warning("redis unavailable, retrying in %.1fs: %s", REDIS_RETRY_S, exc)
+                await asyncio.sleep(REDIS_RETRY_S)
+        updates_applied.inc(len(updates))
+        feed_rate.add(len(updates), time.time())
+        metrics.batch_events.observe(len(events))
+        metrics.batch_seconds.observe(time.perf_counter() - started)
+
+    @app.agent(source, name="update_read_model")
+    async def update_read_model(stream: faust.StreamT) -> None:
+        async for events in batches(stream, core):
+            await apply_batch(events)
+
+    async def mark_ready(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
+        ready["ok"] = True
+
+    async def close_clients(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
+        await redis.aclose()
+
+    # mode's SignalHandlerT is written with mypy_extensions callable types that no plain
+    # async def matches, so the connect calls are the one place type checking is waived.
+    app.on_partitions_assigned.connect(mark_ready)  # type: ignore[arg-type]
+    app.on_before_shutdown.connect(close_clients)  # type: ignore[arg-type]
+    return app

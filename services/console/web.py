@@ -1,0 +1,432 @@
+"""The console's pages and JSON API, as aiohttp routes served by the Faust worker's own web server.
+
+Every page is rendered on the server with Jinja2 (autoescape on); the only script is
+static/console.js (live updates), served from this package. Pages sit behind an admin-key
+login that sets an HttpOnly, SameSite=Strict session cookie; every POST carries a CSRF token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import re
+import secrets
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import jinja2
+import redis.asyncio as aioredis
+from aiohttp import web
+from prometheus_client import Histogram
+
+from services.console.quality import ModelQuality, RateMeter, latency_quantiles, latency_words, model_quality
+from services.console.readmodel import (
+    conversion_uplift,
+    duration_in_words,
+    open_complaints,
+    reason_in_words,
+    score_chart,
+)
+from services.console.settings import ConsoleSettings
+from services.console.store import ReadModelStore
+from services.identity.admin import hash_admin_key, is_admin
+from services.identity.customer360 import CustomerView, find_customer, read_customer
+from services.identity.domain import GraphLayout, lookup_identifier
+from services.triggers.rules import Rule, ScoreCrossing
+from services.triggers.state_store import DeliveryLedger
+from touchstream.identifiers import InvalidIdentifier
+
+log = logging.getLogger(__name__)
+HERE = Path(__file__).resolve().parent
+SESSION_COOKIE = "ts_console_session"
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+       "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+STATIC_FILES = {"console.css": "text/css", "console.js": "text/javascript"}
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _time(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.1f}%"
+
+
+def template_env() -> jinja2.Environment:
+    """Build the Jinja2 environment: templates from this package, every value escaped."""
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
+                             undefined=jinja2.StrictUndefined)
+    env.filters["time"] = _time
+    env.filters["pct"] = _pct
+    env.globals["reason_in_words"] = reason_in_words
+    env.filters["duration"] = duration_in_words
+    return env
+
+
+def safe_next(target: str | None) -> str:
+    """Keep a post-login redirect on this site.
+
+    >>> safe_next("/customers/c_1"), safe_next("//evil.example"), safe_next("https://evil.example")
+    ('/customers/c_1', '/overview', '/overview')
+    """
+    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return "/overview"
+    return target
+
+
+def rule_thresholds(rules: Sequence[Rule]) -> list[tuple[str, str, float]]:
+    """Return (rule id, score name, threshold) of every rule that fires on a score crossing."""
+    return [(r.id, r.when.score, r.when.crosses_above) for r in rules if isinstance(r.when, ScoreCrossing)]
+
+
+@dataclass
+class Session:
+    csrf: str
+
+
+class Sessions:
+    """Server-side sessions in Redis; the cookie holds a random token, Redis only its hash."""
+
+    def __init__(self, client: aioredis.Redis, prefix: str, ttl_s: int) -> None:
+        self.client, self.prefix, self.ttl_s = client, prefix, ttl_s
+
+    def _key(self, token: str) -> str:
+        return f"{self.prefix}session:{hashlib.sha256(token.encode()).hexdigest()}"
+
+    async def create(self) -> tuple[str, Session]:
+        token, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+        await self.client.set(self._key(token), csrf, ex=self.ttl_s)
+        return token, Session(csrf)
+
+    async def get(self, token: str | None) -> Session | None:
+        if not token:
+            return None
+        csrf = await self.client.get(self._key(token))
+        return Session(csrf.decode() if isinstance(csrf, bytes) else csrf) if csrf is not None else None
+
+    async def drop(self, token: str) -> None:
+        await self.client.delete(self._key(token))
+
+
+class ConsoleWeb:
+    """Routes of the console over the read model, the identity graph and scoring's metrics."""
+
+    def __init__(self, store: ReadModelStore, settings: ConsoleSettings, layout: GraphLayout, hash_key: bytes,
+                 phone_region: str, blocklist: frozenset[str], rules: Sequence[Rule],
+                 page_seconds: Histogram | None = None, feed_rate: RateMeter | None = None) -> None:
+        self.store = store
+        self.client = store.client
+        self.settings = settings
+        self.layout = layout
+        self._hash_key = hash_key
+        self._region = phone_region
+        self._blocklist = blocklist
+        self.thresholds = rule_thresholds(rules)
+        self.rules = {r.id: r for r in rules}
+        self.sessions = Sessions(store.client, settings.key_prefix, settings.session_ttl_s)
+        self.templates = template_env()
+        self.ledger = DeliveryLedger(store.client, 0)
+        self.page_seconds = page_seconds
+        self.feed_rate = feed_rate
+
+    def register(self, router: web.UrlDispatcher) -> None:
+        """Add every route to `router` (the Faust worker's aiohttp app, or a test app)."""
+        router.add_get("/", self._secure(self.home))
+        router.add_get("/login", self._secure(self.login_form))
+        router.add_post("/login", self._secure(self.login))
+        router.add_post("/logout", self._secure(self._authed(self.logout, csrf=True)))
+        router.add_get("/overview", self._secure(self._authed(self._timed("overview", self.overview))))
+        router.add_get("/customers", self._secure(self._authed(self.customer_search_form)))
+        router.add_post("/customers", self._secure(self._authed(self.customer_search, csrf=True)))
+        router.add_get("/customers/{customer_id}",
+                       self._secure(self._authed(self._timed("customer", self.customer_page))))
+        router.add_get("/customers/{customer_id}/live", self._secure(self._authed(self.customer_live)))
+        router.add_get("/customers/{customer_id}/fragment", self._secure(self._authed(self.customer_fragment)))
+        router.add_get("/customers/{customer_id}/split", self._secure(self._authed(self.split_form)))
+        router.add_post("/customers/{customer_id}/split", self._secure(self._authed(self.split, csrf=True)))
+        router.add_get("/rules", self._secure(self._authed(self._timed("rules", self.rules_page))))
+        router.add_get("/v1/rules/{rule_id}/outcomes", self._secure(self._authed(self.rule_outcomes_json,
+                                                                                  api=True)))
+        router.add_get("/static/{name}", self._secure(self.static))
+
+    # -- plumbing -------------------------------------------------------------------------------------
+
+    def _secure(self, handler: Handler) -> Handler:
+        async def wrapped(request: web.Request) -> web.StreamResponse:
+            try:
+                response = await handler(request)
+            except web.HTTPException as exc:
+                response = exc
+            for name, value in SECURITY_HEADERS.items():
+                response.headers.setdefault(name, value)
+            if isinstance(response, web.HTTPException):
+                raise response
+            return response
+        return wrapped
+
+    def _authed(self, handler: Callable[[web.Request, Session], Awaitable[web.StreamResponse]],
+                csrf: bool = False, api: bool = False) -> Handler:
+        async def wrapped(request: web.Request) -> web.StreamResponse:
+            session = await self.sessions.get(request.cookies.get(SESSION_COOKIE))
+            if session is None and api and is_admin(request.headers.get("Authorization", ""),
+                                                    self.settings.admin_keys):
+                session = Session("")
+            if session is None:
+                if api or request.method != "GET":
+                    return web.json_response({"error": "login or admin key required"}, status=401)
+                raise web.HTTPSeeOther(f"/login?next={request.rel_url.path}")
+            if csrf:
+                form = await request.post()
+                sent = str(form.get("csrf", ""))
+                if not session.csrf or not hmac.compare_digest(sent, session.csrf):
+                    return self._page("error.html", None, status=403, message="This form has expired; reload it.")
+            return await handler(request, session)
+        return wrapped
+
+    def _timed(self, page: str, handler: Callable[[web.Request, Session], Awaitable[web.StreamResponse]]
+               ) -> Callable[[web.Request, Session], Awaitable[web.StreamResponse]]:
+        async def wrapped(request: web.Request, session: Session) -> web.StreamResponse:
+            started = time.perf_counter()
+            try:
+                return await handler(request, session)
+            finally:
+                if self.page_seconds is not None:
+                    self.page_seconds.labels(page).observe(time.perf_counter() - started)
+        return wrapped
+
+    def _page(self, template: str, session: Session | None, status: int = 200, **context: Any) -> web.Response:
+        body = self.templates.get_template(template).render(csrf=session.csrf if session else "",
+                                                            logged_in=session is not None, **context)
+        return web.Response(text=body, content_type="text/html", charset="utf-8", status=status)
+
+    async def static(self, request: web.Request) -> web.StreamResponse:
+        """Serve the console's own stylesheet and script (a fixed list: no path ever reaches the filesystem)."""
+        content_type = STATIC_FILES.get(request.match_info["name"])
+        if content_type is None:
+            raise web.HTTPNotFound()
+        body = (HERE / "static" / request.match_info["name"]).read_bytes()
+        return web.Response(body=body, content_type=content_type, charset="utf-8",
+                            headers={"Cache-Control": "public, max-age=300"})
+
+    # -- login ----------------------------------------------------------------------------------------
+
+    async def home(self, request: web.Request) -> web.StreamResponse:
+        raise web.HTTPSeeOther("/overview")
+
+    async def login_form(self, request: web.Request) -> web.StreamResponse:
+        return self._page("login.html", None, next=safe_next(request.query.get("next")), error=None)
+
+    async def login(self, request: web.Request) -> web.StreamResponse:
+        form = await request.post()
+        key = str(form.get("key", ""))
+        target = safe_next(str(form.get("next", "")))
+        if not key or not is_admin(f"Bearer {key}", self.settings.admin_keys):
+            log.info("console login refused (key sha256 prefix %s)", hash_admin_key(key)[:8] if key else "-")
+            return self._page("login.html", None, status=401, next=target, error="That key is not an admin key.")
+        token, _ = await self.sessions.create()
+        response = web.HTTPSeeOther(target)
+        response.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="Strict", path="/",
+                            secure=self.settings.cookie_secure, max_age=self.settings.session_ttl_s)
+        return response
+
+    async def logout(self, request: web.Request, session: Session) -> web.StreamResponse:
+        token = request.cookies.get(SESSION_COOKIE, "")
+        await self.sessions.drop(token)
+        response = web.HTTPSeeOther("/login")
+        response.del_cookie(SESSION_COOKIE, path="/")
+        return response
+
+    # -- customer -------------------------------------------------------------------------------------
+
+    async def customer_search_form(self, request: web.Request, session: Session) -> web.StreamResponse:
+        return self._page("search.html", session, error=None)
+
+    async def customer_search(self, request: web.Request, session: Session) -> web.StreamResponse:
+        # A POST, so a typed e-mail or phone never lands in a URL, a log line or the history.
+        form = await request.post()
+        query = str(form.get("q", "")).strip()
+        kind, sep, value = query.partition(":")
+        if sep:
+            try:
+                identifier = lookup_identifier(kind.strip(), value, self._hash_key, self._region, self._blocklist)
+            except InvalidIdentifier as exc:
+                return self._page("search.html", session, status=400, error=f"Not a usable identifier: {exc}")
+            view = await find_customer(self.client, self.layout, identifier)
+            if view is None:
+                return self._page("search.html", session, status=404, error="No customer has this identifier.")
+            raise web.HTTPSeeOther(f"/customers/{view.customer_id}")
+        if not query:
+            return self._page("search.html", session, status=400, error="Type a customer id or an identifier.")
+        raise web.HTTPSeeOther(f"/customers/{quote(query, safe='')}")
+
+    async def _customer_context(self, customer_id: str) -> dict[str, Any] | None:
+        record = await self.store.customer(customer_id)
+        identity: CustomerView | None = await read_customer(self.client, self.layout, record.customer_id)
+        if not record.known and identity is None:
+            return None
+        fired = [a.action_id for a in record.actions if a.outcome == "fired"]
+        record.delivered = await self.ledger.delivered(fired)
+        points = [(s.event_time_ms, s.churn_risk, s.purchase_propensity) for s in record.scores]
+        marks = [(a.event_time_ms, a.outcome, a.rule_id) for a in record.actions]
+        chart = score_chart(points, [(f"{rid} ({score} {value:g})", value) for rid, score, value in self.thresholds],
+                            marks)
+        complaints = open_complaints(record.timeline, int(time.time() * 1000))
+        return {"c": record, "identity": identity, "chart": chart, "latest": record.latest_score,
+                "complaints": complaints}
+
+    async def customer_page(self, request: web.Request, session: Session) -> web.StreamResponse:
+        customer_id = request.match_info["customer_id"]
+        context = await self._customer_context(customer_id)
+        if context is None:
+            return self._page("search.html", session, status=404, error="Unknown customer.")
+        if context["c"].customer_id != customer_id:
+            raise web.HTTPSeeOther(f"/customers/{context['c'].customer_id}")
+        return self._page("customer.html", session, **context)
+
+    async def customer_fragment(self, request: web.Request, session: Session) -> web.StreamResponse:
+        context = await self._customer_context(request.match_info["customer_id"])
+        if context is None:
+            raise web.HTTPNotFound()
+        return self._page("customer_live.html", session, **context)
+
+    async def customer_live(self, request: web.Request, session: Session) -> web.StreamResponse:
+        """Server-Sent Events: say `changed` whenever the customer's timeline, scores or actions change."""
+        customer_id = request.match_info["customer_id"]
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
+                                               **{k: v for k, v in SECURITY_HEADERS.items() if k != "Cache-Control"}})
+        await response.prepare(request)
+        last = await self.store.change_marker(customer_id)
+        await response.write(b"retry: 2000\n\n")
+        try:
+            while True:
+                await asyncio.sleep(self.settings.live_poll_s)
+                marker = await self.store.change_marker(customer_id)
+                if marker != last:
+                    last = marker
+                    await response.write(b"event: changed\ndata: {}\n\n")
+                else:
+                    await response.write(b": keep-alive\n\n")
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        return response
+
+    async def split_form(self, request: web.Request, session: Session) -> web.StreamResponse:
+        """Ask for confirmation before splitting an identifier off a customer (nothing changes on a GET)."""
+        ref = request.query.get("identifier", "")
+        kind, sep, digest = ref.partition(":")
+        if not sep or not kind or not re.fullmatch(r"[0-9a-f]{16,128}", digest):
+            return self._page("error.html", session, status=400, message="Pick an identifier from the profile.")
+        return self._page("split.html", session, customer_id=request.match_info["customer_id"], ref=ref,
+                          kind=kind, short=digest[:12], request_id=uuid.uuid4().hex,
+                          enabled=bool(self.settings.identity_url))
+
+    async def split(self, request: web.Request, session: Session) -> web.StreamResponse:
+        """Un-merge: ask identity to split the identifier off; identity announces it on identity.merges."""
+        customer_id = request.match_info["customer_id"]
+        form = await request.post()
+        ref, request_id = str(form.get("identifier", "")), str(form.get("request_id", ""))
+        if form.get("confirm") != "yes" or not ref:
+            return self._page("error.html", session, status=400, message="The split was not confirmed.")
+        if not self.settings.identity_url:
+            return self._page("error.html", session, status=503,
+                              message="Un-merge needs TOUCHSTREAM_CONSOLE_IDENTITY_URL.")
+        key = self.settings.identity_admin_key.get_secret_value()
+        try:
+            async with httpx.AsyncClient(timeout=10.0) as http:
+                response = await http.post(
+                    f"{self.settings.identity_url}/v1/customers/{quote(customer_id, safe='')}/unmerge",
+                    json={"identifiers": [ref], "request_id": request_id or uuid.uuid4().hex},
+                    headers={"Authorization": f"Bearer {key}"})
+        except httpx.HTTPError as exc:
+            return self._page("error.html", session, status=502,
+                              message=f"identity did not answer: {type(exc).__name__}")
+        if response.status_code != 200:
+            status = response.status_code if response.status_code < 500 else 502
+            return self._page("error.html", session, status=status,
+                              message=f"identity refused the split: {response.text[:300]}")
+        result = response.json()
+        return self._page("split_done.html", session, customer_id=result["customer_id"],
+                          new_customer_id=result["new_customer_id"], identifiers=result["identifiers"])
+
+    # -- overview and rules ---------------------------------------------------------------------------
+
+    async def _scrape(self, url: str | None) -> str | None:
+        if not url:
+            return None
+        try:
+            async with httpx.AsyncClient(timeout=1.0) as http:
+                response = await http.get(url)
+                response.raise_for_status()
+        except httpx.HTTPError as exc:
+            log.info("metrics at %s unreachable: %s", url, type(exc).__name__)
+            return None
+        return response.text
+
+    async def overview(self, request: web.Request, session: Session) -> web.StreamResponse:
+        segments = await self.store.segments()
+        seg_names = sorted({s for s, _ in segments})
+        stage_names = sorted({st for _, st in segments})
+        scoring, triggers = await asyncio.gather(self._scrape(self.settings.scoring_metrics_url),
+                                                 self._scrape(self.settings.triggers_metrics_url))
+        quality: ModelQuality | None = model_quality(scoring) if scoring is not None else None
+        quantiles = latency_quantiles(triggers, "touchstream_triggers_event_to_webhook_seconds") if triggers else None
+        latency = latency_words(quantiles) if quantiles else None
+        feed = self.feed_rate.per_second(time.time()) if self.feed_rate is not None else None
+        return self._page(
+            "overview.html", session, segments=segments, seg_names=seg_names, stage_names=stage_names,
+            customers=await self.store.customer_count(), dead_letters=await self.store.dead_letters(),
+            flow=(await self.store.segment_flow(30))[:20],
+            quality=quality, quality_configured=bool(self.settings.scoring_metrics_url),
+            latency=latency, latency_configured=bool(self.settings.triggers_metrics_url), feed=feed,
+        )
+
+    async def rule_outcomes(self, rule_id: str) -> dict[str, Any]:
+        counts = await self.store.rule_counts(rule_id)
+        window_ms = self.settings.window_ms(rule_id)
+        outcome = conversion_uplift(
+            len(counts.treated_at), await self.store.converted(counts.treated_at, window_ms),
+            len(counts.holdout_at), await self.store.converted(counts.holdout_at, window_ms),
+            self.settings.min_group_size,
+        )
+        suppressed = {k.split(":", 1)[1]: v for k, v in counts.counts.items() if k.startswith("suppressed:")}
+        return {
+            "rule_id": rule_id,
+            "fired": counts.counts.get("fired", 0),
+            "held_out": counts.counts.get("held_out", 0),
+            "suppressed": suppressed,
+            "delivered": counts.delivered,
+            "delivery_failed": counts.delivery_failed,
+            "attribution_window_hours": window_ms / 3_600_000,
+            "outcome": outcome.to_json(),
+        }
+
+    async def rules_page(self, request: web.Request, session: Session) -> web.StreamResponse:
+        ids = sorted(set(await self.store.rule_ids()) | set(self.rules))
+        rows = [await self.rule_outcomes(rule_id) for rule_id in ids]
+        return self._page("rules.html", session, rows=rows, rules=self.rules)
+
+    async def rule_outcomes_json(self, request: web.Request, session: Session) -> web.StreamResponse:
+        rule_id = request.match_info["rule_id"]
+        if rule_id not in self.rules and rule_id not in await self.store.rule_ids():
+            return web.json_response({"error": "unknown rule"}, status=404)
+        return web.Response(text=json.dumps(await self.rule_outcomes(rule_id)), content_type="application/json")

@@ -1,0 +1,184 @@
+"""The console read model on a real Valkey: batches, caps, idempotency, merges, rule outcomes."""
+
+from __future__ import annotations
+
+import pytest
+import redis.asyncio as aioredis
+
+from services.console.readmodel import (
+    ActionTaken,
+    CustomersMerged,
+    DeadLettered,
+    DeliveryFailed,
+    ScoreUpdated,
+    TouchpointSeen,
+)
+from services.console.store import ReadModelStore
+from services.triggers.state_store import delivered_key
+
+pytestmark = pytest.mark.integration
+
+
+def touch(cid: str, n: int, t: int | None = None, channel: str = "web", amount: float | None = None
+          ) -> TouchpointSeen:
+    return TouchpointSeen(cid, f"m-{cid}-{n}", n * 1000 if t is None else t, "track",
+                          "Order Completed" if amount else "Page Viewed", channel, "test", amount,
+                          "EUR" if amount else None, None, None, {"n": str(n)}, ("email",))
+
+
+def score(cid: str, n: int, risk: float, segment: str = "loyal", stage: str = "active") -> ScoreUpdated:
+    return ScoreUpdated(cid, f"m-{cid}-{n}", n * 1000, risk, 1 - risk, segment, stage, "v1",
+                        (("recency_days", 0.4),), {"recency_days": float(n)})
+
+
+def action(cid: str, rule: str, outcome: str, n: int, reason: str | None = None) -> ActionTaken:
+    return ActionTaken(f"a-{rule}-{cid}-{n}", rule, cid, outcome, reason, "marketing", n * 1000, n * 1000 + 5)
+
+
+@pytest.fixture
+def store(redis_client: aioredis.Redis) -> ReadModelStore:
+    return ReadModelStore(redis_client)
+
+
+async def test_timeline_is_newest_first_capped_at_200_and_idempotent(store: ReadModelStore) -> None:
+    events = [touch("c_1", n) for n in range(250)]
+    await store.apply(events[:130])
+    await store.apply(events[100:])  # an overlapping redelivery
+    record = await store.customer("c_1")
+    assert [e.message_id for e in record.timeline] == [f"m-c_1-{n}" for n in range(249, 49, -1)]
+    assert await store.client.hlen(store.ckey("c_1", "tle")) == 200  # trimmed bodies go too
+
+
+async def test_scores_keep_history_and_the_latest_by_event_time_sets_the_segment(store: ReadModelStore) -> None:
+    await store.apply([score("c_1", 2, 0.8, "at_risk", "lapsing"), score("c_1", 1, 0.3, "loyal", "active")])
+    record = await store.customer("c_1")
+    assert [s.event_time_ms for s in record.scores] == [1000, 2000]
+    assert record.latest_score is not None and record.latest_score.churn_risk == 0.8
+    # The older score arrived last but must not win the segment count.
+    assert await store.segments() == {("at_risk", "lapsing"): 1}
+    await store.apply([score("c_1", 3, 0.1, "champion", "active"), score("c_2", 1, 0.1, "champion", "active")])
+    await store.apply([score("c_1", 3, 0.1, "champion", "active")])  # replayed: counted once
+    assert await store.segments() == {("champion", "active"): 2}
+    assert await store.segment_flow() == [("", "at_risk|lapsing", 1), ("", "champion|active", 1),
+                                          ("at_risk|lapsing", "champion|active", 1)]
+    # Only the last 30 days (of event time) count: a change 40 days later leaves the old ones out.
+    await store.apply([score("c_2", 40 * 86_400, 0.9, "at_risk", "lapsing")])
+    assert await store.segment_flow() == [("champion|active", "at_risk|lapsing", 1)]
+
+
+async def test_channels_keep_their_last_event_time(store: ReadModelStore) -> None:
+    await store.apply([touch("c_1", 5, channel="wechat"), touch("c_1", 2, channel="wechat"),
+                       touch("c_1", 3, channel="store_pos")])
+    assert (await store.customer("c_1")).channels == [("wechat", 5000), ("store_pos", 3000)]
+
+
+async def test_a_merge_moves_timeline_scores_actions_and_rule_groups_to_the_survivor(store: ReadModelStore) -> None:
+    await store.apply([touch("c_a", 1), touch("c_b", 2, amount=10.0), score("c_b", 2, 0.9),
+                       action("c_b", "r1", "held_out", 2)])
+    merge = CustomersMerged("g-1", "c_a", "c_b", "merge", "shared_identifier", 3000)
+    await store.apply([merge, touch("c_b", 4)])  # a late event for the merged id lands on the survivor
+    await store.apply([merge])  # replayed: changes nothing
+    survivor = await store.customer("c_a")
+    assert [e.message_id for e in survivor.timeline] == ["m-c_b-4", "m-c_b-2", "m-c_a-1"]
+    assert [s.message_id for s in survivor.scores] == ["m-c_b-2"]
+    assert [a.action_id for a in survivor.actions] == ["a-r1-c_b-2"]
+    assert survivor.merges[0]["merged_id"] == "c_b"
+    merged = await store.customer("c_b")
+    assert merged.customer_id == "c_a" and merged.looked_up_id == "c_b"
+    counts = await store.rule_counts("r1")
+    assert counts.holdout_at == {"c_a": 2000}
+    assert await store.converted(counts.holdout_at, 10_000) == 0  # the purchase at 2000 was not after the action
+    assert await store.customer_count() == 1
+    assert await store.segments() == {("loyal", "active"): 1}  # c_b's latest score now counts for c_a
+    assert not await store.client.exists(store.ckey("c_b", "tl"))
+
+
+async def test_a_merge_into_a_customer_merged_on_since_lands_where_it_lives_now(store: ReadModelStore) -> None:
+    await store.apply([touch("c_a", 1), touch("c_b", 2), touch("c_c", 3),
+                       CustomersMerged("g-1", "c_a", "c_b", "merge", "shared_identifier", 4),
+                       CustomersMerged("g-2", "c_c", "c_a", "merge", "shared_identifier", 5)])
+    # A merge older than g-2, seen late: it names c_a, which already lives on c_c.
+    await store.apply([touch("c_d", 6), CustomersMerged("g-0", "c_a", "c_d", "merge", "shared_identifier", 3)])
+    record = await store.customer("c_d")
+    assert record.customer_id == "c_c"
+    assert sorted(e.message_id for e in record.timeline) == ["m-c_a-1", "m-c_b-2", "m-c_c-3", "m-c_d-6"]
+    assert await store.customer_count() == 1
+
+
+async def test_an_unmerge_stops_redirecting_the_split_customer(store: ReadModelStore) -> None:
+    await store.apply([touch("c_a", 1), CustomersMerged("g-1", "c_a", "c_b", "merge", "shared_identifier", 2)])
+    await store.apply([CustomersMerged("u-1", "c_a", "c_b", "unmerge", "operator", 3), touch("c_b", 4)])
+    assert [e.message_id for e in (await store.customer("c_b")).timeline] == ["m-c_b-4"]
+    assert [e.message_id for e in (await store.customer("c_a")).timeline] == ["m-c_a-1"]
+
+
+async def test_rule_counts_are_idempotent_and_conversions_respect_the_window(store: ReadModelStore) -> None:
+    batch = [action("c_1", "r", "fired", 1), action("c_2", "r", "fired", 1), action("c_3", "r", "held_out", 1),
+             action("c_4", "r", "suppressed", 1, "cooldown"), action("c_4", "r", "suppressed", 2, "quiet_hours"),
+             touch("c_1", 5, amount=20.0),   # 4 s after its action: inside a 10 s window
+             touch("c_2", 30, amount=20.0),  # 29 s after: outside
+             touch("c_3", 2, amount=5.0)]    # hold-out converts
+    await store.apply(batch)
+    await store.apply(batch)
+    counts = await store.rule_counts("r")
+    assert counts.counts == {"fired": 2, "held_out": 1, "suppressed:cooldown": 1, "suppressed:quiet_hours": 1}
+    assert await store.converted(counts.treated_at, 10_000) == 1
+    assert await store.converted(counts.holdout_at, 10_000) == 1
+    assert await store.rule_ids() == ["r"]
+
+
+async def test_dead_letters_are_counted_once_per_record(store: ReadModelStore) -> None:
+    records = [DeadLettered("ingest", "schema", "d1"), DeadLettered("ingest", "schema", "d2"),
+               DeadLettered("identity", "no usable identifier", "d3")]
+    await store.apply(records)
+    await store.apply(records[:1])
+    assert await store.dead_letters() == [("ingest", "schema", 2), ("identity", "no usable identifier", 1)]
+
+
+async def test_a_failed_delivery_shows_on_the_action_and_follows_a_merge(store: ReadModelStore) -> None:
+    await store.apply([action("c_b", "r", "fired", 1), action("c_c", "r", "fired", 1),
+                       DeadLettered("delivery", "endpoint", "d1",
+                                    DeliveryFailed("c_b", "a-r-c_b-1", "HTTP 500", "r"))])
+    assert (await store.customer("c_b")).failed == {"a-r-c_b-1": "HTTP 500"}
+    await store.client.set(delivered_key("a-r-c_c-1"), 1)  # what triggers writes on a receiver's 2xx
+    counts = await store.rule_counts("r")
+    assert (counts.delivered, counts.delivery_failed) == (1, 1)
+    await store.apply([CustomersMerged("g", "c_a", "c_b", "merge", "shared_identifier", 2)])
+    assert (await store.customer("c_a")).failed == {"a-r-c_b-1": "HTTP 500"}
+
+
+async def test_forget_leaves_no_trace_of_the_customer_or_the_ids_merged_into_it(store: ReadModelStore) -> None:
+    await store.apply([touch("c_x", 1, amount=9.0), score("c_x", 1, 0.8), action("c_x", "r", "fired", 1),
+                       touch("c_y", 2), action("c_y", "r", "suppressed", 2, "cooldown"),
+                       CustomersMerged("g-1", "c_x", "c_y", "merge", "shared_identifier", 3),
+                       CustomersMerged("u-1", "c_k", "c_x", "unmerge", "operator", 4),
+                       touch("c_keep", 5), score("c_keep", 5, 0.1), action("c_keep", "r", "fired", 5),
+                       DeadLettered("delivery", "endpoint", "d", DeliveryFailed("c_x", "a-r-c_x-1", "HTTP 500"))])
+    assert await store.forget("c_y") == ["c_x", "c_y"]
+    secrets = ("c_x", "c_y", "a-r-c_x-1", "a-r-c_y-2")
+    found = []
+    async for key in store.client.scan_iter(match="*"):
+        name = key.decode()
+        kind = (await store.client.type(key)).decode()
+        values: list[bytes] = [key]
+        if kind == "hash":
+            for k, v in (await store.client.hgetall(key)).items():
+                values += [k, v]
+        elif kind == "set":
+            values += list(await store.client.smembers(key))
+        elif kind == "zset":
+            values += list(await store.client.zrange(key, 0, -1))
+        elif kind == "string":
+            values.append(await store.client.get(key))
+        found += [(name, v) for v in values for secret in secrets if secret.encode() in v]
+    assert found == []
+    kept = await store.customer("c_keep")
+    assert kept.timeline and kept.actions
+    counts = await store.rule_counts("r")
+    assert counts.counts == {"fired": 1, "suppressed:cooldown": 0} and counts.treated_at == {"c_keep": 5000}
+    assert await store.segments() == {("loyal", "active"): 1}
+
+
+async def test_an_unknown_customer_reads_as_empty(store: ReadModelStore) -> None:
+    record = await store.customer("c_nobody")
+    assert not record.known and record.latest_score is None
