@@ -438,7 +438,7 @@ def build_app(core: CoreSettings, settings: IngestSettings) -> Starlette:
     async def http_error(_request: Request, exc: Exception) -> Response:
         # Unknown paths and wrong methods answer JSON like every other error.
         assert isinstance(exc, HTTPException)
-        return error_response(exc.status_code, exc.detail, headers=exc.headers)
+        return error_response(exc.status_code, exc.detail, headers=dict(exc.headers) if exc.headers else None)
 
     routes = [
         Route("/v1/batch", batch, methods=["POST"]),
