@@ -59,7 +59,7 @@ async def wait_drained(state: local.StackState, accepted: int, wait_s: float) ->
 
 async def replay_with_backpressure(state: local.StackState, calls: list[tuple[int, dict[str, Any]]],
                                   days_per_second: float, show: Any) -> int:
-    """Replay, pausing while the triggers service is more than a few thousand events behind."""
+    """Replay, pausing while the triggers service is more than a thousand events behind."""
     async with httpx.AsyncClient() as client:
 
         async def scores_seen_by_triggers() -> float:
@@ -67,7 +67,7 @@ async def replay_with_backpressure(state: local.StackState, calls: list[tuple[in
             return sum_metric(text, "touchstream_triggers_events_in_total", topic="scores")
 
         return await replay(state.url("ingest"), state.write_key, calls, days_per_second,
-                            on_progress=show, processed=scores_seen_by_triggers, max_lag=3000)
+                            on_progress=show, processed=scores_seen_by_triggers, max_lag=1000)
 
 
 def show_sample_webhook(state: local.StackState) -> None:
