@@ -1,7 +1,28 @@
 """Scoring: per-customer event-time features, online churn/propensity model, ScoreUpdates.
 
+Flow per batch (service.py): load the batch's customer states and the as-of rescores its
+event times pass; in event order, run each due rescore, then apply and score each
+touchpoint (engine.py); learn every example whose label matured by the partition's
+watermark minus the allowed lateness; save; send one ScoreUpdate per touchpoint (and per
+rescore if `emit_rescores`).
+
 State per customer lives in Redis (not Faust tables: Tansu's ListOffsets answer cuts
-changelog recovery short). Each worker process keeps one River model for all the
-partitions it owns; it is checkpointed to one shared Redis key and every worker restores
-the newest checkpoint on start, so models diverge between restarts and re-converge then.
+changelog recovery short); see store.py for the key layout. Features are in event time
+(features.py, state.py), labels arrive late (labels.py), segments and stages come from
+online quantiles and thresholds (segments.py).
+
+Models per worker, and checkpoints:
+- Each worker process keeps one Learner (model.py) for all the partitions it owns: the
+  River model, its prequential quality and drift detector, the purchases-per-window mean
+  and the RFM quantile sketches. Customer state is partitioned; the model is not.
+- Every `checkpoint_interval_s` and on shutdown the worker pickles its Learner to one
+  shared Redis key, `{prefix}:model` (last writer wins). A starting worker restores that
+  newest checkpoint, unless it was written by an older version or for another
+  `model` kind, in which case it starts a fresh model and logs why.
+- So with N workers, N models learn from disjoint customers between restarts and each
+  restart re-seeds all of them from whichever checkpoint was written last. Every model
+  sees a random share of customers (partitioning is by customer id hash), so they learn
+  the same function; the price is that each one learns from 1/N of the examples.
+  A ScoreUpdate's `model_version` (`logreg-v2-n<examples learned>`) says which state of
+  which model scored it.
 """

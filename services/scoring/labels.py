@@ -23,6 +23,8 @@ class PendingExample:
     features: dict[str, float]
     propensity: float
     positive: bool = False
+    # Purchases inside the window so far (positive = at least one); expected counts learn from it.
+    purchases: int = 0
 
 
 def event_day(t_ms: int) -> int:
@@ -49,7 +51,7 @@ def is_prediction_point(last_example_day: int, t_ms: int, horizon_ms: int, matur
 
 
 def label_with_purchase(pending: list[PendingExample], purchase_ms: int) -> int:
-    """Mark waiting examples whose window contains `purchase_ms` positive; return how many changed.
+    """Count `purchase_ms` in every waiting window that contains it; return how many turned positive.
 
     >>> waiting = [PendingExample(0, 10, {}, 0.5), PendingExample(20, 30, {}, 0.5)]
     >>> label_with_purchase(waiting, 10), [e.positive for e in waiting]
@@ -57,9 +59,11 @@ def label_with_purchase(pending: list[PendingExample], purchase_ms: int) -> int:
     """
     changed = 0
     for example in pending:
-        if not example.positive and example.t_ms < purchase_ms <= example.due_ms:
-            example.positive = True
-            changed += 1
+        if example.t_ms < purchase_ms <= example.due_ms:
+            example.purchases += 1
+            if not example.positive:
+                example.positive = True
+                changed += 1
     return changed
 
 
@@ -84,6 +88,7 @@ def union_pending(kept: list[PendingExample], added: list[PendingExample]) -> li
         day = event_day(example.t_ms)
         if day in by_day:
             by_day[day].positive = by_day[day].positive or example.positive
+            by_day[day].purchases = max(by_day[day].purchases, example.purchases)
         else:
             by_day[day] = example
     return sorted(by_day.values(), key=lambda e: e.t_ms)

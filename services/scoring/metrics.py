@@ -18,6 +18,14 @@ class ScoringMetrics:
         self.log_loss = self.service.gauge(
             "prequential_log_loss", "nats", "Mean log-loss of emitted propensities, over matured examples."
         )
+        self.brier = self.service.gauge(
+            "prequential_brier_score", "ratio", "Mean squared error of emitted propensities, over matured examples."
+        )
+        self.calibration_error = self.service.gauge(
+            "prequential_calibration_error",
+            "ratio",
+            "Expected calibration error (10 bins) of emitted propensities, over matured examples.",
+        )
         self.examples_learned = self.service.counter(
             "examples_learned", "Matured examples the model learned, by label.", ["label"]
         )
@@ -28,6 +36,10 @@ class ScoringMetrics:
             "event_time_watermark", "seconds", "Newest event time seen, by partition (Unix seconds).", ["partition"]
         )
         self.drift_alarms = self.service.counter("drift_alarms", "Drift detected in the model's log-loss (ADWIN).")
+        self.late_events = self.service.counter(
+            "events_late", "Touchpoints older than the partition watermark minus the allowed lateness."
+        )
+        self.rescores = self.service.counter("rescores", "As-of rescores of customers (ticks in event time).")
         self.duplicates = self.service.counter("events_duplicate", "Touchpoints already applied (redeliveries).")
         self.merges = self.service.counter("merges", "identity.merges records, by outcome.", ["outcome"])
         self.checkpoints = self.service.counter("checkpoints", "Model checkpoints written to Redis.")

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from services.scoring.engine import ScoringEngine, score_update_record
+from services.scoring.engine import HorizonForecast, ScoringEngine, rescore_touchpoint, score_update_record
 from services.scoring.metrics import ScoringMetrics
-from services.scoring.model import Learner, PropensityModel
+from services.scoring.model import IncompatibleCheckpoint, Learner, PropensityModel
 from services.scoring.segments import StageRules
 from services.scoring.settings import ScoringSettings
 from services.scoring.state import CustomerState, Touchpoint, merge_states
@@ -39,17 +41,22 @@ class MergeInput:
 
 def build_engine(settings: ScoringSettings) -> ScoringEngine:
     """Return a fresh engine with an untrained model, configured by `settings`."""
+    horizon = float(settings.horizon_days)
     rules = StageRules(
-        active_days=settings.horizon_days,
-        churned_days=2 * settings.horizon_days,
+        at_risk_days=settings.stage_at_risk_days or horizon,
+        churned_days=settings.stage_churned_days or 2 * horizon,
+        won_back_gap_days=settings.stage_won_back_gap_days or horizon,
+        habit_min_purchases=settings.habit_min_purchases,
         loyal_min_purchases=settings.loyal_min_purchases,
     )
     return ScoringEngine(
-        Learner(PropensityModel(settings.learning_rate)),
-        horizon_days=settings.horizon_days,
+        Learner(PropensityModel(settings.learning_rate, kind=settings.model)),
+        horizon_days=horizon,
         lateness_days=settings.lateness_days,
         rules=rules,
         reason_count=settings.reason_count,
+        tick_days=settings.tick_days,
+        tick_max_silence_days=settings.tick_max_silence_days,
     )
 
 
@@ -75,8 +82,16 @@ class ScoringService:
             return
         data = await self.store.load_checkpoint()
         if data is not None:
-            self.engine.learner = Learner.from_bytes(data)
-            log.info("restored scoring model %s", self.engine.learner.model.version)
+            try:
+                learner = Learner.from_bytes(data)
+                if learner.model.kind != self.settings.model:
+                    raise IncompatibleCheckpoint(f"checkpoint holds a {learner.model.kind} model")
+            except IncompatibleCheckpoint as exc:
+                # Starting fresh costs some quality for a while; refusing to start costs the pipeline.
+                log.warning("not restoring the scoring model (%s); starting a new %s model", exc, self.settings.model)
+            else:
+                self.engine.learner = learner
+                log.info("restored scoring model %s", learner.model.version)
         self._restored = True
 
     async def checkpoint(self) -> None:
@@ -86,26 +101,45 @@ class ScoringService:
         self.metrics.checkpoints.inc()
 
     async def score_touchpoints(self, inputs: list[ResolvedInput]) -> list[dict[str, Any]]:
-        """Apply and score `inputs` in order; return one ScoreUpdate record per input."""
+        """Apply and score `inputs` in order, with the as-of rescores they pass; return the ScoreUpdates.
+
+        One ScoreUpdate per input, plus one per rescore when `emit_rescores` is set. A rescore
+        due at T runs just before the first input that moves its partition's watermark to T,
+        so its features see the events up to T and none after.
+        """
         if not inputs:
             return []
         async with self._lock:
             await self._restore_once()
             partitions = sorted({i.partition for i in inputs})
-            states, watermarks = await self.store.load((i.customer_id for i in inputs), partitions)
-            changes = StateChanges()
-            records = []
+            batch_max: dict[int, int] = {}
             for item in inputs:
-                state = states.setdefault(item.customer_id, CustomerState())
+                t = item.touch.timestamp_ms
+                batch_max[item.partition] = max(batch_max.get(item.partition, t), t)
+            ticks = await self.store.due_ticks(batch_max)
+            tick_ids = [customer_id for due in ticks.values() for customer_id, _ in due]
+            states, watermarks = await self.store.load([*(i.customer_id for i in inputs), *tick_ids], partitions)
+            # Heaps of (tick time, customer): a rescore schedules the next one, maybe due in this batch too.
+            queues = {p: [(t, c) for c, t in ticks.get(p, [])] for p in partitions}
+            for queue in queues.values():
+                heapq.heapify(queue)
+            changes = StateChanges()
+            records: list[dict[str, Any]] = []
+            for item in inputs:
                 t = item.touch.timestamp_ms
                 watermark = max(watermarks.get(item.partition, t), t)
                 watermarks[item.partition] = watermark
+                records.extend(self._run_ticks(item.partition, queues[item.partition], watermark, states, changes))
+                state = states.setdefault(item.customer_id, CustomerState())
                 applied_before = state.has_applied(item.touch.message_id)
                 scored = self.engine.score(state, item.touch, watermark)
                 if applied_before:
                     self.metrics.duplicates.inc()
+                if scored.late:
+                    self.metrics.late_events.inc()
                 if scored.new_example is not None:
                     changes.add_due(item.partition, item.customer_id, t, scored.new_example.due_ms)
+                changes.schedule_tick(item.partition, item.customer_id, self.engine.next_tick_ms(state))
                 changes.states[item.customer_id] = state
                 records.append(score_update_record(item.customer_id, item.touch, scored))
             changes.watermarks = {p: watermarks[p] for p in partitions}
@@ -113,6 +147,51 @@ class ScoringService:
             await self.store.save(changes)
         await self._report(partitions, changes.watermarks)
         return records
+
+    def _run_ticks(
+        self,
+        partition: int,
+        queue: list[tuple[int, str]],
+        watermark: int,
+        states: dict[str, CustomerState],
+        changes: StateChanges,
+    ) -> list[dict[str, Any]]:
+        records = []
+        while queue and queue[0][0] <= watermark:
+            t_ms, customer_id = heapq.heappop(queue)
+            state = states.get(customer_id)
+            if state is None:
+                # Merged away or deleted: nothing left to rescore.
+                changes.schedule_tick(partition, customer_id, None)
+                continue
+            scored = self.engine.rescore(state, t_ms, watermark, explain=self.settings.emit_rescores)
+            next_tick = self.engine.next_tick_ms(state)
+            changes.schedule_tick(partition, customer_id, next_tick)
+            if scored is None:
+                continue
+            if next_tick is not None and next_tick <= watermark:
+                heapq.heappush(queue, (next_tick, customer_id))
+            self.metrics.rescores.inc()
+            changes.states[customer_id] = state
+            if scored.new_example is not None:
+                changes.add_due(partition, customer_id, t_ms, scored.new_example.due_ms)
+            if self.settings.emit_rescores:
+                records.append(score_update_record(customer_id, rescore_touchpoint(customer_id, t_ms), scored))
+        return records
+
+    async def forecasts(
+        self, customer_ids: Iterable[str], t_ms: int, horizon_days: float, chunk: int = 2000
+    ) -> dict[str, HorizonForecast]:
+        """Return each stored customer's purchase forecast over `horizon_days` as of `t_ms` (read only)."""
+        ids = list(customer_ids)
+        result: dict[str, HorizonForecast] = {}
+        async with self._lock:
+            await self._restore_once()
+            for start in range(0, len(ids), chunk):
+                states, _ = await self.store.load(ids[start : start + chunk])
+                for customer_id, state in states.items():
+                    result[customer_id] = self.engine.forecast(state, t_ms, horizon_days)
+        return result
 
     async def _learn_matured(self, states: dict[str, CustomerState], changes: StateChanges) -> None:
         for partition, watermark in changes.watermarks.items():
@@ -141,6 +220,8 @@ class ScoringService:
         if quality.examples:
             self.metrics.roc_auc.set(quality.roc_auc.get())
             self.metrics.log_loss.set(quality.log_loss.get())
+            self.metrics.brier.set(quality.brier.get())
+            self.metrics.calibration_error.set(quality.calibration.get())
         for partition, count in (await self.store.pending_counts(partitions)).items():
             self.metrics.pending_examples.labels(str(partition)).set(count)
         for partition, watermark in watermarks.items():
@@ -177,4 +258,5 @@ class ScoringService:
         # skipped when they come due; the examples mature from the survivor's partition.
         for example in survivor.pending:
             changes.add_due(merge.partition, merge.survivor_id, example.t_ms, example.due_ms)
+        changes.schedule_tick(merge.partition, merge.survivor_id, self.engine.next_tick_ms(survivor))
         return "merged"

@@ -1,11 +1,19 @@
-"""Per-customer state in event time: RFM totals, decayed activity, waiting examples.
+"""What scoring remembers per customer, folded from touchpoints in event time.
 
-Everything is computed from each event's own timestamp, never the wall clock, so a
-replay of history ends in the same state as live traffic did.
+Every aggregate here is order-independent (sums, minima and maxima, a sorted list of
+recent purchase times, decayed windows that decay a late addition back to the time they
+are valued at), so a replay of history and live traffic that arrives out of order end in
+the same state.
+
+Sliding windows are exponentially decayed counts: an event of age a days weighs
+exp(-a / w) in the w-day window (w = 7, 30, 90, 365). That keeps one number per window
+instead of a bucket per day, and it never needs a timer to drop expired events; a decayed
+count is about 0.63 times a hard w-day count for events spread evenly over the window.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -15,8 +23,12 @@ from services.scoring.labels import DAY_MS, PendingExample, label_with_purchase,
 # A redelivery after a crash replays at most the offsets not yet committed (about one
 # second of traffic); no customer has more than this many events in that window.
 RECENT_IDS_KEPT = 100
-TOUCH_DECAY_MS = 30 * DAY_MS
-PURCHASE_DECAY_MS = 90 * DAY_MS
+# Interval statistics are over the most recent purchases only, to bound the state.
+PURCHASE_TIMES_KEPT = 64
+WINDOW_DAYS = (7, 30, 90, 365)
+# Channels named in the TouchpointEvent contract; anything else counts as "other" so the
+# model's feature space stays bounded whatever upstream sends.
+CHANNELS = ("web", "app", "store_pos", "wechat", "douyin", "email", "call_center", "sms")
 
 
 @dataclass(frozen=True)
@@ -31,6 +43,8 @@ class Touchpoint:
     order_amount: float | None = None
     is_complaint: bool = False
     consent: tuple[str, ...] = ()
+    channel: str = "web"
+    rating: int | None = None
 
     @property
     def is_purchase(self) -> bool:
@@ -50,34 +64,63 @@ def touchpoint_from_record(event: dict[str, Any]) -> Touchpoint:
         order_amount=float(order["amount"]) if order else None,
         is_complaint=bool(feedback and feedback.get("kind") == "complaint"),
         consent=tuple(event.get("consent") or ()),
+        channel=str(event.get("channel") or "web"),
+        rating=feedback.get("rating") if feedback else None,
     )
 
 
-@dataclass
-class DecayedCount:
-    """An exponentially decayed count, valued at `at_ms`; late additions are decayed back to it."""
+def channel_bucket(channel: str) -> str:
+    """Return the channel name the state counts `channel` under.
 
-    value: float = 0.0
+    >>> channel_bucket("wechat"), channel_bucket("fax")
+    ('wechat', 'other')
+    """
+    return channel if channel in CHANNELS else "other"
+
+
+@dataclass
+class DecayedWindows:
+    """Exponentially decayed sums over WINDOW_DAYS, valued at `at_ms`; late additions decay back to it.
+
+    >>> w = DecayedWindows()
+    >>> w.add(0, 1.0); w.add(7 * DAY_MS, 1.0)
+    >>> [round(v, 3) for v in w.values_at(7 * DAY_MS)]
+    [1.368, 1.792, 1.925, 1.981]
+    """
+
+    values: list[float] = field(default_factory=lambda: [0.0] * len(WINDOW_DAYS))
     at_ms: int | None = None
 
-    def add(self, t_ms: int, amount: float, decay_ms: int) -> None:
+    def add(self, t_ms: int, amount: float) -> None:
         if self.at_ms is None:
-            self.value, self.at_ms = amount, t_ms
+            self.values, self.at_ms = [amount] * len(WINDOW_DAYS), t_ms
         elif t_ms >= self.at_ms:
-            self.value = self.value * math.exp(-(t_ms - self.at_ms) / decay_ms) + amount
+            age = t_ms - self.at_ms
+            self.values = [v * _decay(age, w) + amount for v, w in zip(self.values, WINDOW_DAYS, strict=True)]
             self.at_ms = t_ms
         else:
-            self.value += amount * math.exp(-(self.at_ms - t_ms) / decay_ms)
+            age = self.at_ms - t_ms
+            self.values = [v + amount * _decay(age, w) for v, w in zip(self.values, WINDOW_DAYS, strict=True)]
 
-    def value_at(self, t_ms: int, decay_ms: int) -> float:
-        """Return the count seen from `t_ms` (never grown for a `t_ms` earlier than the last update)."""
+    def values_at(self, t_ms: int) -> list[float]:
+        """Return the sums seen from `t_ms` (never grown for a `t_ms` earlier than the last update)."""
         if self.at_ms is None:
-            return 0.0
-        return self.value * math.exp(-max(0, t_ms - self.at_ms) / decay_ms)
+            return [0.0] * len(WINDOW_DAYS)
+        return [v * _decay(max(0, t_ms - self.at_ms), w) for v, w in zip(self.values, WINDOW_DAYS, strict=True)]
 
-    def merge(self, other: DecayedCount, decay_ms: int) -> None:
-        if other.at_ms is not None:
-            self.add(other.at_ms, other.value, decay_ms)
+    def merge(self, other: DecayedWindows) -> None:
+        if other.at_ms is None:
+            return
+        if self.at_ms is None:
+            self.values, self.at_ms = list(other.values), other.at_ms
+            return
+        at = max(self.at_ms, other.at_ms)
+        self.values = [a + b for a, b in zip(self.values_at(at), other.values_at(at), strict=True)]
+        self.at_ms = at
+
+
+def _decay(age_ms: int, window_days: int) -> float:
+    return math.exp(-age_ms / (window_days * DAY_MS))
 
 
 @dataclass
@@ -90,12 +133,20 @@ class CustomerState:
     last_purchase_ms: int | None = None
     purchase_count: int = 0
     monetary_total: float = 0.0
-    gap_before_last_purchase_ms: int | None = None
+    # The newest PURCHASE_TIMES_KEPT purchase times, sorted.
+    purchase_times: list[int] = field(default_factory=list)
     complaints: int = 0
-    recent_touches: DecayedCount = field(default_factory=DecayedCount)
-    recent_purchases: DecayedCount = field(default_factory=DecayedCount)
+    ratings_count: int = 0
+    ratings_sum: float = 0.0
+    channel_counts: dict[str, int] = field(default_factory=dict)
+    touches: DecayedWindows = field(default_factory=DecayedWindows)
+    purchases: DecayedWindows = field(default_factory=DecayedWindows)
+    spend: DecayedWindows = field(default_factory=DecayedWindows)
+    complaints_recent: DecayedWindows = field(default_factory=DecayedWindows)
     pending: list[PendingExample] = field(default_factory=list)
     last_example_day: int = -1
+    # Event time of the newest prediction point; the next as-of rescore is due a tick later.
+    last_example_ms: int | None = None
     applied_ids: list[str] = field(default_factory=list)
 
     def has_applied(self, idempotency_key: str) -> bool:
@@ -104,6 +155,13 @@ class CustomerState:
     def remember(self, idempotency_key: str) -> None:
         self.applied_ids.append(idempotency_key)
         del self.applied_ids[:-RECENT_IDS_KEPT]
+
+    @property
+    def gap_before_last_purchase_ms(self) -> int | None:
+        """Return the time between the last two purchases, if there were two."""
+        if len(self.purchase_times) < 2:
+            return None
+        return self.purchase_times[-1] - self.purchase_times[-2]
 
 
 def apply_touchpoint(state: CustomerState, touch: Touchpoint) -> bool:
@@ -120,9 +178,15 @@ def apply_touchpoint(state: CustomerState, touch: Touchpoint) -> bool:
     t = touch.timestamp_ms
     state.first_touch_ms = t if state.first_touch_ms is None else min(state.first_touch_ms, t)
     state.last_touch_ms = t if state.last_touch_ms is None else max(state.last_touch_ms, t)
-    state.recent_touches.add(t, 1.0, TOUCH_DECAY_MS)
+    state.touches.add(t, 1.0)
+    bucket = channel_bucket(touch.channel)
+    state.channel_counts[bucket] = state.channel_counts.get(bucket, 0) + 1
     if touch.is_complaint:
         state.complaints += 1
+        state.complaints_recent.add(t, 1.0)
+    if touch.rating is not None:
+        state.ratings_count += 1
+        state.ratings_sum += touch.rating
     if touch.order_amount is not None:
         _apply_purchase(state, t, touch.order_amount)
     return True
@@ -130,35 +194,37 @@ def apply_touchpoint(state: CustomerState, touch: Touchpoint) -> bool:
 
 def _apply_purchase(state: CustomerState, t: int, amount: float) -> None:
     label_with_purchase(state.pending, t)
-    if state.last_purchase_ms is None or t > state.last_purchase_ms:
-        if state.last_purchase_ms is not None:
-            state.gap_before_last_purchase_ms = t - state.last_purchase_ms
-        state.last_purchase_ms = t
+    _keep_purchase_time(state.purchase_times, t)
+    state.last_purchase_ms = t if state.last_purchase_ms is None else max(state.last_purchase_ms, t)
     state.first_purchase_ms = t if state.first_purchase_ms is None else min(state.first_purchase_ms, t)
     state.purchase_count += 1
     state.monetary_total += amount
-    state.recent_purchases.add(t, 1.0, PURCHASE_DECAY_MS)
+    state.purchases.add(t, 1.0)
+    state.spend.add(t, amount)
+
+
+def _keep_purchase_time(times: list[int], t: int) -> None:
+    bisect.insort(times, t)
+    del times[:-PURCHASE_TIMES_KEPT]
 
 
 def merge_states(survivor: CustomerState, merged: CustomerState, merge_id: str) -> bool:
     """Fold `merged` (a customer found to be `survivor`) into `survivor`; False if already done.
 
-    >>> a = CustomerState(purchase_count=2, first_purchase_ms=5, last_purchase_ms=9)
-    >>> b = CustomerState(purchase_count=1, first_purchase_ms=3, last_purchase_ms=4)
-    >>> merge_states(a, b, "x"), merge_states(a, b, "x"), a.purchase_count, a.first_purchase_ms
-    (True, False, 3, 3)
+    >>> a = CustomerState(purchase_count=2, first_purchase_ms=5, last_purchase_ms=9, purchase_times=[5, 9])
+    >>> b = CustomerState(purchase_count=1, first_purchase_ms=3, last_purchase_ms=4, purchase_times=[4])
+    >>> merge_states(a, b, "x"), merge_states(a, b, "x"), a.purchase_count, a.purchase_times
+    (True, False, 3, [4, 5, 9])
     """
     key = f"merge:{merge_id}"
     if survivor.has_applied(key):
         return False
-    # Their purchases may fall in the other's open windows; only the first and last
-    # purchase times are kept, so those are the ones that can relabel.
+    # Each one's purchases may fall in the other's open label windows.
     for source, target in ((merged, survivor), (survivor, merged)):
-        for purchase_ms in {source.first_purchase_ms, source.last_purchase_ms} - {None}:
-            assert purchase_ms is not None
+        for purchase_ms in source.purchase_times:
             label_with_purchase(target.pending, purchase_ms)
-    if (merged.last_purchase_ms or -1) > (survivor.last_purchase_ms or -1):
-        survivor.gap_before_last_purchase_ms = merged.gap_before_last_purchase_ms
+    for purchase_ms in merged.purchase_times:
+        _keep_purchase_time(survivor.purchase_times, purchase_ms)
     survivor.first_touch_ms = _earliest(survivor.first_touch_ms, merged.first_touch_ms)
     survivor.last_touch_ms = _latest(survivor.last_touch_ms, merged.last_touch_ms)
     survivor.first_purchase_ms = _earliest(survivor.first_purchase_ms, merged.first_purchase_ms)
@@ -166,10 +232,15 @@ def merge_states(survivor: CustomerState, merged: CustomerState, merge_id: str) 
     survivor.purchase_count += merged.purchase_count
     survivor.monetary_total += merged.monetary_total
     survivor.complaints += merged.complaints
-    survivor.recent_touches.merge(merged.recent_touches, TOUCH_DECAY_MS)
-    survivor.recent_purchases.merge(merged.recent_purchases, PURCHASE_DECAY_MS)
+    survivor.ratings_count += merged.ratings_count
+    survivor.ratings_sum += merged.ratings_sum
+    for channel, count in merged.channel_counts.items():
+        survivor.channel_counts[channel] = survivor.channel_counts.get(channel, 0) + count
+    for name in ("touches", "purchases", "spend", "complaints_recent"):
+        getattr(survivor, name).merge(getattr(merged, name))
     survivor.pending = union_pending(survivor.pending, merged.pending)
     survivor.last_example_day = max(survivor.last_example_day, merged.last_example_day)
+    survivor.last_example_ms = _latest(survivor.last_example_ms, merged.last_example_ms)
     for applied in merged.applied_ids:
         if not survivor.has_applied(applied):
             survivor.remember(applied)
@@ -185,28 +256,53 @@ def _latest(a: int | None, b: int | None) -> int | None:
     return b if a is None else a if b is None else max(a, b)
 
 
+_WINDOW_FIELDS = ("touches", "purchases", "spend", "complaints_recent")
+
+
 def state_to_dict(state: CustomerState) -> dict[str, Any]:
     """Return `state` as plain JSON-ready data."""
     # Written out rather than dataclasses.asdict, whose deep copies were most of a batch's time.
     data = {f.name: getattr(state, f.name) for f in fields(state)}
-    data["recent_touches"] = {"value": state.recent_touches.value, "at_ms": state.recent_touches.at_ms}
-    data["recent_purchases"] = {"value": state.recent_purchases.value, "at_ms": state.recent_purchases.at_ms}
+    for name in _WINDOW_FIELDS:
+        windows = getattr(state, name)
+        data[name] = {"values": windows.values, "at_ms": windows.at_ms}
     data["pending"] = [
-        {"t_ms": e.t_ms, "due_ms": e.due_ms, "features": e.features, "propensity": e.propensity, "positive": e.positive}
+        {"t_ms": e.t_ms, "due_ms": e.due_ms, "features": _pack(e.features), "propensity": e.propensity,
+         "positive": e.positive, "purchases": e.purchases}
         for e in state.pending
     ]
     return data
 
 
+def _pack(features: dict[str, float]) -> dict[str, float] | list[float]:
+    # Waiting examples are most of a state's bytes; the usual model inputs are stored as a
+    # bare list in MODEL_FEATURES order (names once in code, not in every example).
+    from services.scoring.features import MODEL_FEATURES  # features imports this module
+
+    if len(features) == len(MODEL_FEATURES) and tuple(features) == MODEL_FEATURES:
+        return list(features.values())
+    return features
+
+
+def _unpack(features: dict[str, float] | list[float]) -> dict[str, float]:
+    from services.scoring.features import MODEL_FEATURES
+
+    return dict(zip(MODEL_FEATURES, features, strict=True)) if isinstance(features, list) else features
+
+
 def state_from_dict(data: dict[str, Any]) -> CustomerState:
-    """Rebuild a CustomerState from `state_to_dict` output.
+    """Rebuild a CustomerState from `state_to_dict` output; fields it lacks take their defaults.
 
     >>> state = CustomerState(purchase_count=2, pending=[PendingExample(1, 2, {"f": 1.0}, 0.3)])
     >>> state_from_dict(state_to_dict(state)) == state
     True
     """
-    values = dict(data)
-    values["recent_touches"] = DecayedCount(**values["recent_touches"])
-    values["recent_purchases"] = DecayedCount(**values["recent_purchases"])
-    values["pending"] = [PendingExample(**e) for e in values["pending"]]
+    known = {f.name for f in fields(CustomerState)}
+    # Older states carried fields since replaced (e.g. single decayed counts); they are dropped.
+    values = {k: v for k, v in data.items() if k in known}
+    for name in _WINDOW_FIELDS:
+        if name in values:
+            values[name] = DecayedWindows(**values[name])
+    pending = values.get("pending", [])
+    values["pending"] = [PendingExample(**(e | {"features": _unpack(e["features"])})) for e in pending]
     return CustomerState(**values)

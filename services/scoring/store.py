@@ -7,21 +7,27 @@ Key layout (prefix from settings, default `ts:scoring`):
   {prefix}:due:{partition}         sorted set, member "{customer_id}|{t_ms}" per waiting
                                    example, score = its due time (t + H)
   {prefix}:watermark:{partition}   string, newest event time seen on the partition (ms)
+  {prefix}:tick:{partition}        sorted set, member customer_id, score = event time of its
+                                   next as-of rescore (one member per customer)
   {prefix}:model                   string, pickled Learner checkpoint
 
-Due sets and watermarks are per partition because only the partition's owner may touch
+Due sets, tick sets and watermarks are per partition because only the partition's owner may touch
 its customers' states; the owner is the single writer of all three.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
+import orjson
 import redis.asyncio as aioredis
 
 from services.scoring.state import CustomerState, state_from_dict, state_to_dict
+
+# Commands per pipeline round trip.
+PIPELINE_CHUNK = 500
 
 
 @dataclass
@@ -33,12 +39,23 @@ class StateChanges:
     due_added: dict[int, dict[str, int]] = field(default_factory=dict)
     due_removed: dict[int, set[str]] = field(default_factory=dict)
     watermarks: dict[int, int] = field(default_factory=dict)
+    ticks: dict[int, dict[str, int]] = field(default_factory=dict)
+    ticks_removed: dict[int, set[str]] = field(default_factory=dict)
 
     def add_due(self, partition: int, customer_id: str, t_ms: int, due_ms: int) -> None:
         self.due_added.setdefault(partition, {})[due_member(customer_id, t_ms)] = due_ms
 
     def remove_due(self, partition: int, members: Iterable[str]) -> None:
         self.due_removed.setdefault(partition, set()).update(members)
+
+    def schedule_tick(self, partition: int, customer_id: str, t_ms: int | None) -> None:
+        """Set (or, for None, clear) the customer's next as-of rescore in `partition`."""
+        if t_ms is None:
+            self.ticks.get(partition, {}).pop(customer_id, None)
+            self.ticks_removed.setdefault(partition, set()).add(customer_id)
+        else:
+            self.ticks_removed.get(partition, set()).discard(customer_id)
+            self.ticks.setdefault(partition, {})[customer_id] = t_ms
 
 
 def due_member(customer_id: str, t_ms: int) -> str:
@@ -75,6 +92,9 @@ class RedisScoringStore:
     def watermark_key(self, partition: int) -> str:
         return f"{self.prefix}:watermark:{partition}"
 
+    def tick_key(self, partition: int) -> str:
+        return f"{self.prefix}:tick:{partition}"
+
     @property
     def model_key(self) -> str:
         return f"{self.prefix}:model"
@@ -84,14 +104,15 @@ class RedisScoringStore:
     ) -> tuple[dict[str, CustomerState], dict[int, int]]:
         """Return the stored states of `customer_ids` (absent ones left out) and the partitions' watermarks."""
         ids, parts = list(dict.fromkeys(customer_ids)), list(dict.fromkeys(partitions))
+        keys = [self.customer_key(c) for c in ids] + [self.watermark_key(p) for p in parts]
+        replies: list[bytes | None] = []
         # Single GETs in a pipeline instead of MGET: MGET across hash slots fails on Redis Cluster.
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for customer_id in ids:
-                pipe.get(self.customer_key(customer_id))
-            for partition in parts:
-                pipe.get(self.watermark_key(partition))
-            replies = await pipe.execute()
-        states = {cid: state_from_dict(json.loads(raw)) for cid, raw in zip(ids, replies, strict=False) if raw}
+        for start in range(0, len(keys), PIPELINE_CHUNK):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key in keys[start : start + PIPELINE_CHUNK]:
+                    pipe.get(key)
+                replies.extend(await pipe.execute())
+        states = {cid: state_from_dict(orjson.loads(raw)) for cid, raw in zip(ids, replies, strict=False) if raw}
         watermarks = {p: int(raw) for p, raw in zip(parts, replies[len(ids) :], strict=True) if raw is not None}
         return states, watermarks
 
@@ -99,6 +120,18 @@ class RedisScoringStore:
         """Return the partition's waiting examples due by the cutoff."""
         members = await self.redis.zrangebyscore(self.due_key(partition), "-inf", maturity_cutoff_ms)
         return [m.decode() if isinstance(m, bytes) else str(m) for m in members]
+
+    async def due_ticks(self, up_to_ms: dict[int, int]) -> dict[int, list[tuple[str, int]]]:
+        """Return each partition's (customer_id, tick time) due by its `up_to_ms`, oldest first."""
+        parts = list(up_to_ms)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for partition in parts:
+                pipe.zrangebyscore(self.tick_key(partition), "-inf", up_to_ms[partition], withscores=True)
+            replies = await pipe.execute()
+        return {
+            p: [(m.decode() if isinstance(m, bytes) else str(m), int(score)) for m, score in reply]
+            for p, reply in zip(parts, replies, strict=True)
+        }
 
     async def save(self, changes: StateChanges) -> None:
         """Write a batch's changes in one round trip.
@@ -108,20 +141,34 @@ class RedisScoringStore:
         in the state yet is skipped when it comes due, a state is never saved before its
         examples' due members, and matured members go last.
         """
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for partition, members in changes.due_added.items():
-                if members:
-                    pipe.zadd(self.due_key(partition), members)
-            for partition, watermark in changes.watermarks.items():
-                pipe.set(self.watermark_key(partition), watermark)
-            for customer_id, state in changes.states.items():
-                pipe.set(self.customer_key(customer_id), json.dumps(state_to_dict(state), separators=(",", ":")))
-            if changes.deleted:
-                pipe.delete(*[self.customer_key(c) for c in changes.deleted])
-            for partition, removed in changes.due_removed.items():
-                if removed:
-                    pipe.zrem(self.due_key(partition), *removed)
-            await pipe.execute()
+        commands: list[tuple[Any, ...]] = []
+        for partition, members in changes.due_added.items():
+            if members:
+                commands.append(("zadd", self.due_key(partition), members))
+        for partition, watermark in changes.watermarks.items():
+            commands.append(("set", self.watermark_key(partition), watermark))
+        for customer_id, state in changes.states.items():
+            encoded = orjson.dumps(state_to_dict(state))
+            commands.append(("set", self.customer_key(customer_id), encoded))
+        if changes.deleted:
+            commands.append(("delete", *[self.customer_key(c) for c in changes.deleted]))
+        for partition, removed in changes.due_removed.items():
+            if removed:
+                commands.append(("zrem", self.due_key(partition), *removed))
+        # A lost tick update only delays or repeats a rescore; the state decides if it is still due.
+        for partition, ticks in changes.ticks.items():
+            if ticks:
+                commands.append(("zadd", self.tick_key(partition), ticks))
+        for partition, gone in changes.ticks_removed.items():
+            if gone:
+                commands.append(("zrem", self.tick_key(partition), *gone))
+        # In chunks, in order: one huge write (a batch that passes thousands of rescores)
+        # would outlast redis-py's 5 s socket timeout on a busy host.
+        for start in range(0, len(commands), PIPELINE_CHUNK):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for name, *args in commands[start : start + PIPELINE_CHUNK]:
+                    getattr(pipe, name)(*args)
+                await pipe.execute()
 
     async def pending_counts(self, partitions: Iterable[int]) -> dict[int, int]:
         """Return how many examples wait in each partition's due set."""

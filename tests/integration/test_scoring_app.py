@@ -107,12 +107,14 @@ async def test_worker_scores_resolved_touchpoints_and_dead_letters_garbage(
         assert last["features"]["monetary_total"] == 60.0  # type: ignore[index]
         assert last["stage"] == "loyal" and last["consent"] == ["email"]
         assert last["received_at_ms"] == 45 * DAY_MS + 1
-        assert str(last["model_version"]).startswith("logreg-v1-n")
+        assert str(last["model_version"]).startswith("logreg-v2-n")
         assert dead and dead[0]["stage"] == "scoring" and dead[0]["original"] == b"not avro"
 
         async with httpx.AsyncClient() as client:
             metrics = (await client.get(f"http://127.0.0.1:{web_port}/metrics")).text
         assert "touchstream_scoring_pending_examples_count" in metrics
+        for gauge in ("roc_auc_ratio", "log_loss_nats", "brier_score_ratio", "calibration_error_ratio"):
+            assert f"touchstream_scoring_prequential_{gauge} " in metrics
         assert 'touchstream_scoring_events_in_total{topic="touchpoints.resolved"}' in metrics
     finally:
         worker.stop()

@@ -12,6 +12,7 @@ from services.scoring.service import MergeInput, ResolvedInput, ScoringService
 from services.scoring.settings import ScoringSettings
 from services.scoring.state import CustomerState, Touchpoint, apply_touchpoint
 from services.scoring.store import RedisScoringStore, StateChanges
+from touchstream import avro
 
 pytestmark = pytest.mark.integration
 
@@ -24,7 +25,8 @@ def purchase(message_id: str, day: float, amount: float = 10.0) -> Touchpoint:
 
 
 def new_service(redis_client: aioredis.Redis, **overrides: object) -> ScoringService:
-    settings = ScoringSettings(key_prefix=PREFIX, **overrides)  # type: ignore[arg-type]
+    # Rescores off (a tick longer than any test) unless a test is about them.
+    settings = ScoringSettings(key_prefix=PREFIX, **({"tick_days": 10_000} | overrides))  # type: ignore[arg-type]
     return ScoringService(RedisScoringStore(redis_client, PREFIX), settings, ScoringMetrics(CollectorRegistry()))
 
 
@@ -81,7 +83,7 @@ async def test_model_checkpoint_is_restored(redis_client: aioredis.Redis) -> Non
     await service.checkpoint()
     restarted = new_service(redis_client)
     await restarted.restore_model()
-    assert restarted.engine.learner.model.version == "logreg-v1-n1"
+    assert restarted.engine.learner.model.version == "logreg-v2-n1"
 
 
 async def test_merge_moves_state_to_the_survivor_once(redis_client: aioredis.Redis) -> None:
@@ -107,3 +109,63 @@ async def test_merge_moves_state_to_the_survivor_once(redis_client: aioredis.Red
     await service.score_touchpoints([ResolvedInput(0, "other0", purchase("m4", 102))])
     assert service.engine.learner.model.examples_learned == 2
     assert await service.store.pending_counts([0, 1]) == {0: 1, 1: 1}
+
+
+async def test_silent_customers_are_rescored_as_event_time_passes_their_ticks(redis_client: aioredis.Redis) -> None:
+    service = new_service(redis_client, tick_days=14, emit_rescores=True)
+    await service.score_touchpoints([ResolvedInput(0, "quiet", purchase("m1", 0, 25.0))])
+    assert await service.store.due_ticks({0: 100 * DAY_MS}) == {0: [("quiet", 14 * DAY_MS)]}
+
+    # Another customer's event moves partition 0 to day 30: "quiet" is rescored as of days 14 and 28.
+    records = await service.score_touchpoints([ResolvedInput(0, "busy", purchase("m2", 30))])
+    rescores = [r for r in records if r["event_type"] == "rescore"]
+    assert [(r["customer_id"], r["event_time_ms"] // DAY_MS) for r in rescores] == [("quiet", 14), ("quiet", 28)]
+    assert rescores[1]["features"]["recency_days"] == 28.0
+    assert rescores[1]["consent"] == [] and rescores[1]["channel"] is None
+    for record in records:
+        assert avro.validation_errors("ScoreUpdate", record) == []
+    assert records[-1]["message_id"] == "m2" and records[-1]["channel"] == "web"
+
+    states, _ = await service.store.load(["quiet"])
+    assert [e.t_ms // DAY_MS for e in states["quiet"].pending] == [0, 14, 28]
+    assert await service.store.pending_counts([0]) == {0: 4}
+    assert await service.store.due_ticks({0: 100 * DAY_MS}) == {0: [("quiet", 42 * DAY_MS), ("busy", 44 * DAY_MS)]}
+    # Repeating the batch (a redelivery) rescores nobody twice.
+    again = await service.score_touchpoints([ResolvedInput(0, "busy", purchase("m2", 30))])
+    assert [r["event_type"] for r in again] == ["track"]
+
+
+async def test_rescores_are_not_sent_unless_asked_but_still_make_prediction_points(
+    redis_client: aioredis.Redis,
+) -> None:
+    service = new_service(redis_client, tick_days=14)
+    await service.score_touchpoints([ResolvedInput(0, "quiet", purchase("m1", 0))])
+    records = await service.score_touchpoints([ResolvedInput(0, "busy", purchase("m2", 20))])
+    assert [r["customer_id"] for r in records] == ["busy"]
+    states, _ = await service.store.load(["quiet"])
+    assert [e.t_ms // DAY_MS for e in states["quiet"].pending] == [0, 14]
+
+
+async def test_forecasts_read_states_as_of_a_time(redis_client: aioredis.Redis) -> None:
+    service = new_service(redis_client)
+    batch = [ResolvedInput(0, "c1", purchase("m1", 0)), ResolvedInput(1, "c2", purchase("m2", 3))]
+    await service.score_touchpoints(batch)
+    forecasts = await service.forecasts(["c1", "c2", "absent"], 100 * DAY_MS, 273)
+    assert set(forecasts) == {"c1", "c2"}
+    assert forecasts["c1"].horizon_days == 273 and 0 < forecasts["c1"].propensity < 1
+    states, _ = await service.store.load(["c1"])
+    assert service.engine.forecast(states["c1"], 100 * DAY_MS, 273) == forecasts["c1"]
+
+
+async def test_a_checkpoint_of_another_model_kind_is_not_restored(redis_client: aioredis.Redis) -> None:
+    service = new_service(redis_client)
+    await service.score_touchpoints(
+        [ResolvedInput(0, "c1", purchase("m1", 0)), ResolvedInput(0, "c2", purchase("m2", 100))]
+    )
+    await service.checkpoint()
+    forest = new_service(redis_client, model="forest")
+    await forest.restore_model()
+    assert forest.engine.learner.model.version == "arf-v1-n0"
+    same = new_service(redis_client)
+    await same.restore_model()
+    assert same.engine.learner.model.version == "logreg-v2-n1"

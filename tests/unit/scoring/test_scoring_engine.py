@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import io
+import json
+import math
 import random
+from pathlib import Path
+
+import fastavro
 
 from services.scoring.engine import ScoringEngine, score_update_record
 from services.scoring.features import features_at
@@ -39,7 +45,7 @@ def test_examples_are_learned_only_after_their_label_matures() -> None:
     outcome = scoring.learn_matured([state], scoring.maturity_cutoff(91 * DAY_MS))
     assert (outcome.learned, outcome.positives) == (1, 1)
     assert scoring.learner.model.examples_learned == 1
-    assert scoring.learner.model.version == "logreg-v1-n1"
+    assert scoring.learner.model.version == "logreg-v2-n1"
     assert scoring.learner.quality.examples == 1
     assert [e.t_ms for e in state.pending] == [30 * DAY_MS]
 
@@ -96,14 +102,110 @@ def test_learned_model_ranks_frequent_recent_buyers_above_lapsed_ones() -> None:
         first_touch_ms=0, first_purchase_ms=0, last_purchase_ms=200 * DAY_MS, purchase_count=6, monetary_total=270.0
     )
     for state in (frequent_recent, lapsed):
-        state.recent_purchases.add(state.last_purchase_ms or 0, 3.0, 90 * DAY_MS)
-        state.recent_touches.add(state.last_purchase_ms or 0, 3.0, 30 * DAY_MS)
+        state.purchases.add(state.last_purchase_ms or 0, 3.0)
+        state.touches.add(state.last_purchase_ms or 0, 3.0)
     now = 400 * DAY_MS
     frequent_score = model.predict_propensity(features_at(frequent_recent, now))
     lapsed_score = model.predict_propensity(features_at(lapsed, now))
     assert frequent_score > lapsed_score + 0.2
 
-    # The lapsed customer's risk is explained mostly by how long ago they last bought.
+    # The lapsed customer's risk is explained by the silence: recency, or empty recent windows.
+    silence = {"log_recency_days", "log_days_since_last_touch", "log_overdue_ratio", "touches_30d",
+               *(f"{kind}_{w}d" for kind in ("purchases", "log_spend") for w in (7, 30, 90))}
     reasons = model.reason_codes(features_at(lapsed, now), 3)
-    by_name = dict(reasons)
-    assert "recency_days" in by_name and by_name["recency_days"] > 0
+    assert all(name in silence and contribution > 0 for name, contribution in reasons), reasons
+
+
+def test_an_out_of_order_event_is_folded_in_but_is_no_prediction_point() -> None:
+    scoring, state = engine(), CustomerState()
+    scoring.score(state, touch("a", 20, 10.0), watermark_ms=20 * DAY_MS)
+    late = scoring.score(state, touch("b", 10, 5.0), watermark_ms=20 * DAY_MS)
+    # Its features as of day 10 would contain the day-20 purchase, inside its own label window.
+    assert late.new_example is None
+    assert late.late  # ten days behind the watermark, allowed lateness is one day
+    assert state.purchase_count == 2 and state.first_purchase_ms == 10 * DAY_MS
+
+
+def test_a_purchase_late_within_the_allowed_lateness_still_labels_the_example() -> None:
+    scoring, state = engine(), CustomerState()
+    scoring.score(state, touch("a", 0, 10.0), watermark_ms=0)
+    # The partition's watermark reaches day 90.5; this customer's purchase of day 89.9 arrives after it.
+    watermark = int(90.5 * DAY_MS)
+    assert scoring.learn_matured([state], scoring.maturity_cutoff(watermark)).learned == 0
+    scored = scoring.score(state, touch("b", 89.9, 10.0), watermark_ms=watermark)
+    assert not scored.late
+    outcome = scoring.learn_matured([state], scoring.maturity_cutoff(92 * DAY_MS))
+    assert (outcome.learned, outcome.positives) == (1, 1)
+
+
+def test_a_silent_customer_is_rescored_every_tick_until_the_silence_limit() -> None:
+    scoring = ScoringEngine(Learner(PropensityModel()), horizon_days=90, tick_days=14, tick_max_silence_days=50)
+    state = CustomerState()
+    scoring.score(state, touch("a", 0, 10.0), watermark_ms=0)
+    ticks = []
+    while (due := scoring.next_tick_ms(state)) is not None:
+        scored = scoring.rescore(state, due, watermark_ms=due)
+        assert scored is not None and scored.new_example is not None
+        ticks.append(due // DAY_MS)
+    assert ticks == [14, 28, 42]
+    assert [round(math.expm1(e.features["log_recency_days"]), 9) for e in state.pending] == [0.0, 14.0, 28.0, 42.0]
+    # A tick that is no longer the customer's next one (superseded, stale member) does nothing.
+    assert scoring.rescore(state, 14 * DAY_MS, watermark_ms=60 * DAY_MS) is None
+
+
+def test_an_event_moves_the_next_tick() -> None:
+    scoring, state = engine(), CustomerState()
+    scoring.score(state, touch("a", 0, 10.0), watermark_ms=0)
+    assert scoring.next_tick_ms(state) == 14 * DAY_MS
+    scoring.score(state, touch("b", 10), watermark_ms=10 * DAY_MS)
+    assert scoring.next_tick_ms(state) == 24 * DAY_MS
+
+
+def test_forecast_chains_the_horizon_model_over_silent_steps() -> None:
+    scoring = engine()
+    model = scoring.learner.model
+    for i in range(300):
+        model.learn({"log_recency_days": math.log1p(i % 200), "log_tenure_days": 5.3}, i % 200 < 60)
+    state = CustomerState()
+    scoring.score(state, touch("a", 0, 10.0), watermark_ms=0)
+    t = 30 * DAY_MS
+    p0 = model.predict_propensity(features_at(state, t))
+    p1 = model.predict_propensity(features_at(state, t + 90 * DAY_MS))
+    assert math.isclose(scoring.forecast(state, t, 90).propensity, p0, rel_tol=1e-12)
+    two = scoring.forecast(state, t, 180).propensity
+    assert abs(two - (1 - (1 - p0) * (1 - p1))) < 1e-12
+    # Longer horizons can only add chances to buy.
+    assert p0 < two < scoring.forecast(state, t, 273).propensity < 1
+
+
+def test_expected_purchases_scale_with_purchases_per_positive_window() -> None:
+    scoring, state = engine(), CustomerState()
+    scoring.score(state, touch("a", 0, 10.0), watermark_ms=0)
+    for day in (10, 11, 12):
+        scoring.score(state, touch(f"b{day}", day, 10.0), watermark_ms=day * DAY_MS)
+    scoring.learn_matured([state], scoring.maturity_cutoff(200 * DAY_MS))
+    # Day 0's window saw three purchases, day 10's two, day 11's one (day 12's none).
+    assert scoring.learner.purchases_per_positive.get() == 2.0
+    forecast = scoring.forecast(state, 200 * DAY_MS, 90)
+    assert abs(forecast.expected_purchases - 2.0 * forecast.propensity) < 1e-12
+
+
+def test_score_updates_stay_readable_across_the_added_channel_field() -> None:
+    new_schema = json.loads((Path(avro.__file__).parent.parent / "schemas" / "ScoreUpdate.avsc").read_text())
+    old_schema = new_schema | {"fields": [f for f in new_schema["fields"] if f["name"] != "channel"]}
+    scoring, state = engine(), CustomerState()
+    event = Touchpoint("m1", DAY_MS, DAY_MS, order_amount=5.0, channel="app")
+    record = score_update_record("c", event, scoring.score(state, event, watermark_ms=DAY_MS))
+    old_record = {k: v for k, v in record.items() if k != "channel"}
+    # Old writer, new reader (a new consumer reads old records) and the other way round.
+    buffer = io.BytesIO()
+    fastavro.schemaless_writer(buffer, fastavro.parse_schema(old_schema), old_record)
+    read = fastavro.schemaless_reader(io.BytesIO(buffer.getvalue()), fastavro.parse_schema(old_schema),
+                                      fastavro.parse_schema(new_schema))
+    assert read["channel"] is None and read["message_id"] == "m1"
+    assert avro.decode("ScoreUpdate", avro.encode("ScoreUpdate", record))["channel"] == "app"
+    buffer = io.BytesIO()
+    fastavro.schemaless_writer(buffer, fastavro.parse_schema(new_schema), record)
+    read = fastavro.schemaless_reader(io.BytesIO(buffer.getvalue()), fastavro.parse_schema(new_schema),
+                                      fastavro.parse_schema(old_schema))
+    assert "channel" not in read and read["customer_id"] == "c"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import random
+
 from services.scoring.features import FEATURE_NAMES, features_at
 from services.scoring.labels import DAY_MS, PendingExample
 from services.scoring.state import (
@@ -61,7 +64,7 @@ def test_decayed_counts_shrink_with_event_time() -> None:
     state = CustomerState()
     apply_touchpoint(state, purchase("m1", 0))
     soon, later = features_at(state, 1 * DAY_MS), features_at(state, 180 * DAY_MS)
-    assert soon["purchases_decayed_90d"] > later["purchases_decayed_90d"] > 0
+    assert soon["purchases_90d"] > later["purchases_90d"] > 0
 
 
 def test_state_survives_serialisation() -> None:
@@ -97,3 +100,71 @@ def test_merge_is_idempotent_on_merge_id() -> None:
     assert merge_states(survivor, merged, "merge-1")
     assert not merge_states(survivor, merged, "merge-1")
     assert survivor.purchase_count == 1
+
+
+def history() -> list[Touchpoint]:
+    return [
+        purchase("p1", 0, 20.0),
+        Touchpoint("v1", 3 * DAY_MS, 3 * DAY_MS, event_type="page", channel="app"),
+        purchase("p2", 10, 40.0),
+        Touchpoint("c1", 12 * DAY_MS, 12 * DAY_MS, is_complaint=True, rating=1, channel="call_center"),
+        Touchpoint("r1", 13 * DAY_MS, 13 * DAY_MS, rating=4, channel="wechat"),
+        purchase("p3", 30, 30.0),
+        Touchpoint("x1", 31 * DAY_MS, 31 * DAY_MS, channel="fax"),
+    ]
+
+
+def test_out_of_order_arrival_gives_the_same_features_as_event_order() -> None:
+    in_order, shuffled = CustomerState(), CustomerState()
+    for touch in history():
+        apply_touchpoint(in_order, touch)
+    for touch in random.Random(5).sample(history(), k=len(history())):
+        apply_touchpoint(shuffled, touch)
+    now = 40 * DAY_MS
+    expected, got = features_at(in_order, now), features_at(shuffled, now)
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        assert math.isclose(got[name], value, rel_tol=1e-9, abs_tol=1e-12), name
+
+
+def test_windowed_counts_spend_and_experience_features() -> None:
+    state = CustomerState()
+    for touch in history():
+        apply_touchpoint(state, touch)
+    f = features_at(state, 40 * DAY_MS)
+    # Decayed windows: the 7-day window has nearly forgotten day 0, the 365-day one has not.
+    assert f["purchases_7d"] < f["purchases_30d"] < f["purchases_90d"] < f["purchases_365d"] < 3.0
+    assert f["purchases_365d"] > 2.7
+    assert math.isclose(f["log_spend_365d"], math.log1p(20 * math.exp(-40 / 365) + 40 * math.exp(-30 / 365)
+                                                        + 30 * math.exp(-10 / 365)))
+    assert (f["mean_interpurchase_days"], f["last_interpurchase_days"]) == (15.0, 20.0)
+    assert math.isclose(f["interpurchase_std_days"], math.sqrt(50.0))
+    assert f["days_since_last_touch"] == 9.0 and f["recency_days"] == 10.0
+    assert (f["complaints"], f["ratings_count"], f["rating_mean"]) == (1.0, 2.0, 2.5)
+    assert 0 < f["complaints_90d"] < 1
+    assert f["channels_used"] == 5.0  # web, app, call_center, wechat, other
+    assert math.isclose(f["channel_share_web"], 3 / 7) and math.isclose(f["channel_share_other"], 1 / 7)
+
+
+def test_merge_keeps_windows_channels_and_purchase_times() -> None:
+    survivor, merged, together = CustomerState(), CustomerState(), CustomerState()
+    events = history()
+    for n, touch in enumerate(events):
+        apply_touchpoint(survivor if n % 2 else merged, touch)
+        apply_touchpoint(together, touch)
+    merge_states(survivor, merged, "m")
+    now = 40 * DAY_MS
+    expected, got = features_at(together, now), features_at(survivor, now)
+    for name, value in expected.items():
+        assert math.isclose(got[name], value, rel_tol=1e-9, abs_tol=1e-12), name
+
+
+def test_states_saved_by_the_previous_version_still_load() -> None:
+    old = {"first_touch_ms": 0, "last_touch_ms": 5, "first_purchase_ms": 0, "last_purchase_ms": 5,
+           "purchase_count": 2, "monetary_total": 9.0, "gap_before_last_purchase_ms": 5, "complaints": 0,
+           "recent_touches": {"value": 1.0, "at_ms": 5}, "recent_purchases": {"value": 1.0, "at_ms": 5},
+           "pending": [{"t_ms": 5, "due_ms": 10, "features": {"recency_days": 0.0}, "propensity": 0.5,
+                        "positive": False}], "last_example_day": 0, "applied_ids": ["a", "b"]}
+    state = state_from_dict(old)
+    assert state.purchase_count == 2 and state.pending[0].features == {"recency_days": 0.0}
+    assert state.has_applied("b")
