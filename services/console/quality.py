@@ -45,7 +45,7 @@ def model_quality(exposition: str) -> ModelQuality:
         brier=first("prequential_brier_score_ratio"),
         calibration_error=first("prequential_calibration_error_ratio"),
         examples_learned=first("examples_learned_total"),
-        pending_examples=first("pending_examples_examples", "pending_examples_count", "pending_examples_total"),
+        pending_examples=first("pending_examples"),
         drift_alarms=first("drift_alarms_total"),
     )
 

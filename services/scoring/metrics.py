@@ -30,7 +30,7 @@ class ScoringMetrics:
             "examples_learned", "Matured examples the model learned, by label.", ["label"]
         )
         self.pending_examples = self.service.gauge(
-            "pending_examples", "count", "Examples waiting for their label, by partition.", ["partition"]
+            "pending", "examples", "Examples waiting for their label, by partition.", ["partition"]
         )
         self.watermark = self.service.gauge(
             "event_time_watermark", "seconds", "Newest event time seen, by partition (Unix seconds).", ["partition"]

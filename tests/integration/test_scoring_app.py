@@ -112,7 +112,7 @@ async def test_worker_scores_resolved_touchpoints_and_dead_letters_garbage(
 
         async with httpx.AsyncClient() as client:
             metrics = (await client.get(f"http://127.0.0.1:{web_port}/metrics")).text
-        assert "touchstream_scoring_pending_examples_count" in metrics
+        assert "touchstream_scoring_pending_examples" in metrics
         for gauge in ("roc_auc_ratio", "log_loss_nats", "brier_score_ratio", "calibration_error_ratio"):
             assert f"touchstream_scoring_prequential_{gauge} " in metrics
         assert 'touchstream_scoring_events_in_total{topic="touchpoints.resolved"}' in metrics
