@@ -27,7 +27,7 @@ tools: ## install promtool and headless Chromium from Debian if missing; the tes
 	@missing=""; command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then $(SUDO) apt-get update -q && \
-		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $$missing; fi
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing; fi
 
 demo: $(STAMP) ## start broker, Redis, services and a receiver; replay CDNOW; print a summary
 	$(BIN)/touchstream demo
