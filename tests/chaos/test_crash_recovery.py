@@ -21,6 +21,7 @@ import httpx
 import pytest
 import redis
 
+from tests.stacks import running_stack
 from touchstream import local
 
 RULES = """
@@ -36,17 +37,8 @@ VICTIMS = ("identity", "scoring", "triggers")
 
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[local.StackState]:
-    (tmp_path / "rules.yaml").write_text(RULES)
-    state = local.up(tmp_path, partitions=2, progress=False,
-                     env_overrides={"TOUCHSTREAM_TRIGGERS_RULES_FILE": str(tmp_path / "rules.yaml")})
-    try:
+    with running_stack(tmp_path, RULES, "chaos-logs") as state:
         yield state
-    finally:
-        local.down(tmp_path)
-        target = Path(__file__).resolve().parents[2] / "test-artifacts" / "chaos-logs"
-        target.mkdir(parents=True, exist_ok=True)
-        for log in (tmp_path / "logs").glob("*.log"):
-            (target / log.name).write_bytes(log.read_bytes())
 
 
 def post_events(state: local.StackState, run: str, count: int, rate: float, progress: list[int]) -> None:

@@ -23,6 +23,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from services.identity.admin import hash_admin_key
+from tests.stacks import running_stack
 from touchstream import avro, local
 from touchstream.topics import ACTIONS, SCORES, TOUCHPOINTS_RAW, TOUCHPOINTS_RESOLVED
 
@@ -48,23 +49,12 @@ HOSTILE = {"note": "<script>window.__pwned = 1; alert(1)</script>",
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[local.StackState]:
-    run_dir = tmp_path_factory.mktemp("console-stack")
-    rules = run_dir / "rules.yaml"
-    rules.write_text(RULES)
-    state = local.up(run_dir, partitions=2, progress=False, env_overrides={
-        "TOUCHSTREAM_TRIGGERS_RULES_FILE": str(rules),
+    with running_stack(tmp_path_factory.mktemp("console-stack"), RULES, "e2e-console-logs", {
         "TOUCHSTREAM_CONSOLE_ADMIN_KEYS": f'["{hash_admin_key(ADMIN_KEY)}"]',
         "TOUCHSTREAM_CONSOLE_MIN_GROUP_SIZE": "10",
         "TOUCHSTREAM_CONSOLE_LIVE_POLL_S": "0.5",
-    })
-    try:
+    }) as state:
         yield state
-    finally:
-        local.down(run_dir)
-        target = ARTIFACTS / "e2e-console-logs"
-        target.mkdir(parents=True, exist_ok=True)
-        for log in (run_dir / "logs").glob("*.log"):
-            (target / log.name).write_bytes(log.read_bytes())
 
 
 @pytest.fixture(scope="module")

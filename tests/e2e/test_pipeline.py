@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.stacks import running_stack
 from touchstream import local
 
 pytestmark = pytest.mark.integration
@@ -40,23 +41,8 @@ rules:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[local.StackState]:
-    run_dir = tmp_path_factory.mktemp("stack")
-    rules = run_dir / "rules.yaml"
-    rules.write_text(RULES)
-    state = local.up(run_dir, partitions=2, env_overrides={"TOUCHSTREAM_TRIGGERS_RULES_FILE": str(rules)},
-                     progress=False)
-    try:
+    with running_stack(tmp_path_factory.mktemp("stack"), RULES, "e2e-logs") as state:
         yield state
-    finally:
-        local.down(run_dir)
-        _keep_logs(run_dir)
-
-
-def _keep_logs(run_dir: Path) -> None:
-    target = Path(__file__).resolve().parents[2] / "test-artifacts" / "e2e-logs"
-    target.mkdir(parents=True, exist_ok=True)
-    for log in (run_dir / "logs").glob("*.log"):
-        (target / log.name).write_bytes(log.read_bytes())
 
 
 def wait_for_delivery(state: local.StackState, predicate: Any, timeout: float = 60.0) -> dict[str, Any]:

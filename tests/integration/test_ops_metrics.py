@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.stacks import running_stack
 from touchstream import local
 
 pytestmark = pytest.mark.integration
@@ -57,22 +58,10 @@ def promtool() -> str:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[local.StackState]:
-    run_dir = tmp_path_factory.mktemp("ops-stack")
-    rules = run_dir / "rules.yaml"
-    rules.write_text(RULES)
     # WEB_BIND is how docker-compose.yml and deploy/k8s make the Faust web pages reachable
     # from outside the container; the stack here runs with it to prove that it takes effect.
-    env = {"TOUCHSTREAM_TRIGGERS_RULES_FILE": str(rules), "WEB_BIND": "0.0.0.0"}
-    state = local.up(run_dir, partitions=2, env_overrides=env, progress=False)
-    try:
+    with running_stack(tmp_path_factory.mktemp("ops-stack"), RULES, "ops-logs", {"WEB_BIND": "0.0.0.0"}) as state:
         yield state
-    finally:
-        local.down(run_dir)
-        # Kept for CI: the services' logs explain a failure here.
-        target = Path(__file__).resolve().parents[2] / "test-artifacts" / "ops-logs"
-        target.mkdir(parents=True, exist_ok=True)
-        for log in (run_dir / "logs").glob("*.log"):
-            (target / log.name).write_bytes(log.read_bytes())
 
 
 @pytest.fixture(scope="module")
