@@ -53,7 +53,7 @@ up: ## docker compose: Kafka (KRaft), Redis, services, Prometheus, Grafana (need
 down: ## stop the compose stack (its volumes stay; `docker compose down -v` drops them)
 	docker compose down
 
-test-chaos: $(STAMP) tools ## long fault runs: kill -9 in a 20k-event run, 10,000 generated bad requests and records
+test-chaos: $(STAMP) tools ## long fault runs: kill -9, Redis and broker restarts, receiver outage, 10,000 bad inputs
 	$(BIN)/pytest -q -m chaos
 	TOUCHSTREAM_FUZZ_COUNT=10000 $(BIN)/pytest -q tests/integration/test_bad_input.py
 

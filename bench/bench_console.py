@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -121,7 +122,10 @@ async def time_pages(store: ReadModelStore, requests: int) -> dict[str, Any]:
     client = TestClient(TestServer(app))
     await client.start_server()
     try:
-        await client.post("/login", data={"key": KEY})
+        form = await (await client.get("/login")).text()  # the login form's CSRF token, as a browser gets it
+        token = re.search(r'name="csrf" value="([^"]+)"', form)
+        assert token, "no CSRF token on the login form"
+        await client.post("/login", data={"key": KEY, "csrf": token.group(1)})
         results: dict[str, Any] = {}
         for name, path, count in (("customer", "/customers/c_heavy", requests), ("overview", "/overview", 30),
                                   ("rules", "/rules", 30)):

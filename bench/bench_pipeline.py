@@ -7,6 +7,9 @@ Prints JSON:
   event making exactly one webhook (a new customer per event and a rule that fires on a
   first score above 0.3, which an untrained model's 0.5 risk crosses).
 - ratio = pipeline / raw.
+- cpu_us_per_event: CPU-seconds per event of every process of the stack (services, broker, Redis,
+  receiver) during the throughput run, from /proc; `cpu_bound_events_per_s` is cores / their sum,
+  the rate this machine could reach if every stage overlapped perfectly.
 - latency: p50/p99 event accepted -> webhook received at 25/50/75% of the measured maximum.
 - scale: throughput at 1, 2 and 4 partitions x workers; Redis memory per 100k customers.
 
@@ -19,6 +22,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing
+import os
 import sys
 import tempfile
 import time
@@ -154,6 +158,24 @@ async def post_events(state: local.StackState, calls: list[dict[str, Any]], rate
     return time.perf_counter() - t0
 
 
+def process_cpu_s(pid: int) -> float:
+    """Return the user + system CPU seconds `pid` has used (Linux /proc; 0 where it is not readable)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def stack_cpu_s(state: local.StackState) -> dict[str, float]:
+    """Return CPU seconds per component of the stack; a service's extra workers count under its name."""
+    totals: dict[str, float] = {}
+    for name, pid in state.pids.items():
+        component = name.rsplit("-", 1)[0] if name[-1].isdigit() else name
+        totals[component] = totals.get(component, 0.0) + process_cpu_s(pid)
+    return totals
+
+
 def receiver_stats(state: local.StackState) -> dict[str, Any]:
     return httpx.get(f"{state.url('receiver')}/stats", timeout=10).json()
 
@@ -163,7 +185,7 @@ def wait_for_webhooks(state: local.StackState, target: int, timeout: float = 900
     while time.perf_counter() < deadline:
         if receiver_stats(state)["unique"] >= target:
             return time.perf_counter()
-        time.sleep(0.05)
+        time.sleep(0.1)  # /stats sorts every latency so far: polling it costs the receiver CPU
     raise TimeoutError(f"only {receiver_stats(state)['unique']} of {target} webhooks after {timeout}s")
 
 
@@ -188,15 +210,23 @@ def pipeline_run(events: int, partitions: int, workers: int, latency_levels: tup
             wait_for_webhooks(state, len(warm))
             run = uuid.uuid4().hex[:6]
             calls = [track_call(run, i) for i in range(events)]
+            cpu_before = stack_cpu_s(state)
             t0 = time.perf_counter()
             post_s = asyncio.run(post_events(state, calls, None))
             t_end = wait_for_webhooks(state, len(warm) + events)
             elapsed = t_end - t0
+            cpu_after = stack_cpu_s(state)
             result: dict[str, Any] = {
                 "partitions": partitions, "workers_per_service": workers, "events": events,
                 "seconds": round(elapsed, 2), "events_per_s": round(events / elapsed, 1),
                 "ingest_accept_events_per_s": round(events / post_s, 1),
             }
+            cpu_per_event = {name: round((cpu_after[name] - cpu_before.get(name, 0.0)) / events * 1e6)
+                             for name in cpu_after}
+            result["cpu_us_per_event"] = {**cpu_per_event, "total": sum(cpu_per_event.values())}
+            if sum(cpu_per_event.values()):
+                cores = os.cpu_count() or 1
+                result["cpu_bound_events_per_s"] = round(cores * 1e6 / sum(cpu_per_event.values()), 1)
             customers = len(warm) + events
             memory_after = int(rds.info("memory")["used_memory"])
             result["redis_bytes_per_100k_customers"] = int((memory_after - memory_before) / customers * 100_000)
@@ -229,7 +259,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer events, no scale sweep")
     args = parser.parse_args()
     events = 3_000 if args.quick else args.events
-    raw = raw_relay_rate(events, partitions=4)
+    # At least 20k events for the relay: a few thousand take a fraction of a second, of which
+    # the four hops' first fetch waits would be a fifth, understating the broker's rate.
+    raw = raw_relay_rate(max(events, 20_000), partitions=4)
     print(json.dumps({"raw_relay": raw}), file=sys.stderr, flush=True)
     main_run = pipeline_run(events, partitions=4, workers=1, latency_levels=(0.25, 0.5, 0.75))
     print(json.dumps({"pipeline": main_run}), file=sys.stderr, flush=True)

@@ -1,5 +1,9 @@
 """Avro codec: schemas from `schemas/`, Confluent wire format on every topic.
 
+The contracts are written once, in the repository's `schemas/`; `touchstream/schemas` links to it, so
+they ship as package data of `touchstream` and load from beside this module both in an editable install
+(the link resolves to the checkout) and in a wheel (where setuptools copied the files in).
+
 Confluent framing (magic byte 0, 4-byte big-endian schema id, Avro body) lets upstream
 producers that already speak it write straight to `touchpoints.raw`. Without a schema
 registry the ids are fixed here, one per schema, and never reused.
@@ -17,7 +21,7 @@ from typing import Any
 import fastavro
 from fastavro.types import Schema
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
 
 # Order matters: a schema may only reference named types parsed before it.
 SCHEMA_IDS: dict[str, int] = {
@@ -27,6 +31,7 @@ SCHEMA_IDS: dict[str, int] = {
     "ScoreUpdate": 4,
     "RetentionAction": 5,
     "DeadLetter": 6,
+    "CustomerDeletion": 7,
 }
 MAGIC_BYTE = 0
 _HEADER = struct.Struct(">bI")

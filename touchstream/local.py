@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import sys
 import time
@@ -26,6 +27,10 @@ SERVICES = ("ingest", "identity", "scoring", "triggers", "console")
 # Stream services scale by workers in one consumer group; ingest scales behind a load balancer.
 STREAM_SERVICES = ("identity", "scoring", "triggers")
 STATE_FILE = "state.json"
+# Valkey's append-only file, and the receiver's record of what it got: both survive a
+# restart of their process while the stack runs; `up` starts them empty.
+REDIS_DATA_DIR = "redis-data"
+RECEIVER_JOURNAL = "receiver-journal.jsonl"
 
 
 @dataclass
@@ -69,7 +74,7 @@ def service_env(state: StackState, extra: dict[str, str] | None = None) -> dict[
         "TOUCHSTREAM_REDIS_URL": state.redis_url,
         "TOUCHSTREAM_PARTITIONS": str(state.partitions),
         "TOUCHSTREAM_STATE_DIR": str(Path(state.run_dir, "state")),
-        "TOUCHSTREAM_INGEST_PORT": str(state.ports["ingest"]),
+        "TOUCHSTREAM_INGEST_WEB_PORT": str(state.ports["ingest"]),
         "TOUCHSTREAM_INGEST_WRITE_KEYS": json.dumps({"local": hash_write_key(state.write_key)}),
         "TOUCHSTREAM_IDENTITY_WEB_PORT": str(state.ports["identity"]),
         "TOUCHSTREAM_SCORING_WEB_PORT": str(state.ports["scoring"]),
@@ -77,6 +82,8 @@ def service_env(state: StackState, extra: dict[str, str] | None = None) -> dict[
         "TOUCHSTREAM_CONSOLE_WEB_PORT": str(state.ports["console"]),
         "TOUCHSTREAM_CONSOLE_SCORING_METRICS_URL": f"{state.url('scoring')}/metrics",
         "TOUCHSTREAM_CONSOLE_TRIGGERS_METRICS_URL": f"{state.url('triggers')}/metrics",
+        "TOUCHSTREAM_CONSOLE_INGEST_METRICS_URL": f"{state.url('ingest')}/metrics",
+        "TOUCHSTREAM_CONSOLE_IDENTITY_METRICS_URL": f"{state.url('identity')}/metrics",
         "TOUCHSTREAM_CONSOLE_IDENTITY_URL": state.url("identity"),
         "TOUCHSTREAM_TRIGGERS_ENDPOINTS": json.dumps(
             {"marketing": {"url": f"{state.url('receiver')}/hook", "secret": state.webhook_secret}}),
@@ -133,8 +140,12 @@ def up(run_dir: Path, partitions: int = 4, env_overrides: dict[str, str] | None 
     started: list[ManagedProcess] = []
     try:
         t0 = time.monotonic()
+        # The broker is memory-only, so state left in Redis by an earlier run would describe
+        # records that no longer exist: every `up` starts from empty.
+        shutil.rmtree(run_dir / REDIS_DATA_DIR, ignore_errors=True)
+        (run_dir / RECEIVER_JOURNAL).unlink(missing_ok=True)
         started.append(start_tansu(state.ports["broker"], logs / "broker.log"))
-        started.append(start_valkey(state.ports["redis"], logs / "redis.log"))
+        started.append(start_valkey(state.ports["redis"], logs / "redis.log", run_dir / REDIS_DATA_DIR))
         asyncio.run(create_topics(state.kafka_bootstrap, partitions))
         say(f"broker :{state.ports['broker']} and redis :{state.ports['redis']} up, topics created "
             f"({time.monotonic() - t0:.1f}s)")
@@ -154,13 +165,23 @@ def up(run_dir: Path, partitions: int = 4, env_overrides: dict[str, str] | None 
 
 
 def spawn_component(state: StackState, name: str) -> ManagedProcess:
-    """Start the receiver, a service, or a service's extra worker (`scoring-2`) of `state`'s stack."""
+    """Start the receiver, a service, or a service's extra worker (`scoring-2`) of `state`'s stack.
+
+    `broker` and `redis` restart the embedded broker (empty, topics created again) and Valkey
+    (on its append-only file) on their old ports.
+    """
     python = sys.executable
     log = Path(state.run_dir, "logs", f"{name}.log")
+    if name == "broker":
+        process = start_tansu(state.ports["broker"], log)
+        asyncio.run(create_topics(state.kafka_bootstrap, state.partitions))
+        return process
+    if name == "redis":
+        return start_valkey(state.ports["redis"], log, Path(state.run_dir, REDIS_DATA_DIR))
     env = service_env(state, state.env_overrides)
     if name == "receiver":
         argv = [python, "-m", "touchstream.cli", "receiver", "--port", str(state.ports["receiver"]),
-                "--secret", state.webhook_secret]
+                "--secret", state.webhook_secret, "--journal", str(Path(state.run_dir, RECEIVER_JOURNAL))]
         return spawn(name, argv, log, env)
     service = name if name in SERVICES else name.rsplit("-", 1)[0]
     if service not in SERVICES:
@@ -175,24 +196,44 @@ def kill_and_restart(run_dir: Path, name: str, ready_timeout: float = 90.0) -> i
 
     Returns the new PID once the component answers ready.
     """
+    kill(run_dir, name)
+    return start(run_dir, name, ready_timeout)
+
+
+def kill(run_dir: Path, name: str) -> None:
+    """SIGKILL one component of the stack in `run_dir` and wait until it is gone."""
     state = StackState.load(run_dir.resolve())
     with contextlib.suppress(ProcessLookupError):
         os.killpg(state.pids[name], signal.SIGKILL)
     deadline = time.monotonic() + 10
     while _alive(state.pids[name]) and time.monotonic() < deadline:
         time.sleep(0.02)
+
+
+def start(run_dir: Path, name: str, ready_timeout: float = 90.0) -> int:
+    """Start one (stopped) component of the stack again on its port; return its PID once it is ready."""
+    state = StackState.load(run_dir.resolve())
+    if _alive(state.pids.get(name, 0)):
+        raise RuntimeError(f"{name} is still running (pid {state.pids[name]})")
     process = spawn_component(state, name)
     state.pids[name] = process.pid
     state.save()
-    wait_ready(name, state.url(name), process, ready_timeout)
+    if name not in ("broker", "redis"):  # those two are up once their port answers
+        wait_ready(name, state.url(name), process, ready_timeout)
     return process.pid
 
 
 def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
+    # A killed child of this process stays a zombie until reaped; it is gone all the same.
+    with contextlib.suppress(OSError):
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return False
     return True
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import time
 from collections import OrderedDict
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
@@ -38,17 +39,36 @@ def percentile(sorted_values: list[float], share: float) -> float | None:
 
 
 class WebhookLog:
-    """Deliveries seen, by webhook-id, with end-to-end latencies."""
+    """Deliveries seen, by webhook-id, with end-to-end latencies.
 
-    def __init__(self) -> None:
+    With a `journal` file every delivery is appended to it before it is answered, and read
+    back on start: a restarted receiver still dedupes and still lists what it got before,
+    as a real receiver with a database would.
+    """
+
+    def __init__(self, journal: Path | None = None) -> None:
         self.deliveries: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.requests = 0
         self.duplicates = 0
         self.rejected = 0
         self.latencies_s: list[float] = []
+        self._journal: IO[str] | None = None
+        if journal is not None:
+            if journal.exists():
+                for line in journal.read_text().splitlines():
+                    if line.strip():
+                        entry = json.loads(line)
+                        self._record(entry["webhook_id"], entry["body"], entry["arrived_at_ms"])
+            self._journal = journal.open("a", encoding="utf-8")
 
     def record(self, webhook_id: str, body: dict[str, Any], now_ms: int) -> bool:
         """Record a delivery; return False if this webhook-id was seen before."""
+        if self._journal is not None:
+            self._journal.write(json.dumps({"webhook_id": webhook_id, "body": body, "arrived_at_ms": now_ms}) + "\n")
+            self._journal.flush()
+        return self._record(webhook_id, body, now_ms)
+
+    def _record(self, webhook_id: str, body: dict[str, Any], now_ms: int) -> bool:
         self.requests += 1
         if webhook_id in self.deliveries:
             self.duplicates += 1
@@ -73,12 +93,15 @@ class WebhookLog:
         }
 
 
-def build_receiver(secret: str, fail_status: int | None = None) -> Starlette:
-    """Build the receiver app; `fail_status` makes it answer every delivery with that status (fault tests)."""
+def build_receiver(secret: str, fail_status: int | None = None, journal: Path | None = None) -> Starlette:
+    """Build the receiver app; `fail_status` makes it answer every delivery with that status (fault tests).
+
+    `journal`: a file that keeps every delivery across restarts of the receiver (see WebhookLog).
+    """
     from prometheus_client import CollectorRegistry, Counter, Histogram
 
     verifier = Webhook(secret)
-    log = WebhookLog()
+    log = WebhookLog(journal)
     registry = CollectorRegistry()
     received = Counter("touchstream_receiver_webhooks_total", "Webhooks received, by result.", ["result"],
                        registry=registry)

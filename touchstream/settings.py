@@ -34,6 +34,10 @@ class CoreSettings(BaseSettings):
     batch_size: int = Field(500, ge=1, description="Max events a stream handles per batch.")
     batch_within_s: float = Field(0.02, gt=0, description="Max wait to fill a batch.")
     state_dir: Path = Field(Path(".run/state"), description="Where Faust keeps its local files.")
+    # Read when the topics are created (touchstream.embedded.create_topics): retention.ms of the
+    # topics that carry events as sent (touchpoints.raw, touchpoints.resolved). They are not
+    # compacted, so an erased customer's events stay there until they age out.
+    raw_retention_hours: float = Field(168.0, gt=0, description="Retention of the raw event topics, in hours.")
 
     @model_validator(mode="after")
     def _refuse_placeholder_secrets(self) -> CoreSettings:

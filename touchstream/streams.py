@@ -3,19 +3,55 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import sys
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, TypeVar
 
 import faust
+import mode
 from faust.transport.drivers import aiokafka as aiokafka_driver
 from faust.web import Request, Response, View
 from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from touchstream import avro
-from touchstream.metrics import ServiceMetrics, render
+from touchstream.metrics import ServiceMetrics, metric_name, render
 from touchstream.settings import CoreSettings
 from touchstream.topics import DEADLETTER, TopicSpec
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+MAX_REDIS_BACKOFF_S = 2.0
+# Exit code of a worker that stopped because an agent crashed (EX_SOFTWARE): restart it.
+EXIT_AGENT_CRASHED = 70
+
+
+class ExitOnAgentCrash(mode.OneForOneSupervisor):
+    """Stop the worker at once, exit code 70, when an agent crashes; a supervisor restarts it.
+
+    Faust's default restarts a crashed agent on the records after the batch it was handling,
+    so that batch would be skipped without a trace. Exiting without a graceful stop commits
+    nothing more: the restarted worker (or another one after a rebalance) handles the batch
+    again, which every stage's idempotent writes allow. A cancelled agent (a rebalance) is
+    restarted as usual.
+    """
+
+    async def restart_service(self, service: mode.ServiceT) -> None:
+        reason = service.crash_reason
+        if reason is None or isinstance(reason, asyncio.CancelledError):
+            await super().restart_service(service)
+            return
+        log.critical("agent %s crashed (%s: %s); exiting with code %d so the batch is handled again after a "
+                     "restart", service, type(reason).__name__, str(reason)[:300], EXIT_AGENT_CRASHED)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_AGENT_CRASHED)
 
 
 class _IdempotentProducer(aiokafka_driver.Producer):
@@ -50,6 +86,9 @@ def make_app(service: str, core: CoreSettings, web_port: int, web_host: str = "1
     aiokafka_driver.Transport.Consumer = _TunedConsumer
     # Faust creates its data dir but not the parents.
     core.state_dir.mkdir(parents=True, exist_ok=True)
+    # Faust lets its own WEB_BIND / WEB_PORT variables override the arguments below; the
+    # service's settings (TOUCHSTREAM_<SERVICE>_WEB_HOST / _WEB_PORT) are the one source.
+    faust_env = {k: v for k, v in os.environ.items() if k not in ("WEB_BIND", "WEB_PORT")}
     app = faust.App(
         f"touchstream-{service}",
         broker=core.kafka_url,
@@ -69,6 +108,8 @@ def make_app(service: str, core: CoreSettings, web_port: int, web_host: str = "1
         web_in_thread=False,
         broker_commit_interval=1.0,
         datadir=str(core.state_dir / f"{service}-data"),
+        env=faust_env,
+        agent_supervisor=ExitOnAgentCrash,
     )
     return app
 
@@ -85,8 +126,74 @@ def faust_topic(app: faust.App, spec: TopicSpec, core: CoreSettings) -> faust.To
     )
 
 
+class ConsumerLag(Collector):
+    """`touchstream_<service>_consumer_lag_messages{topic,partition}` of a Faust app's consumer.
+
+    Lag = the partition's high-water mark from the latest fetch response minus the group's
+    committed offset as this worker knows it (0 before any commit: consumers start from the
+    earliest offset). Fetch high-water marks are right on Tansu, whose ListOffsets "latest"
+    answer is not, and reading them costs no request. A partition appears once fetched from.
+    """
+
+    def __init__(self, service: str) -> None:
+        self._name = metric_name(service, "consumer_lag", "messages")
+        self.app: faust.App | None = None
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        # No names declared: a test process may build the same service's app more than once.
+        return []
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            self._name, "Records on the partition not yet processed and committed by this worker "
+            "(fetch high-water mark minus committed offset).", labels=["topic", "partition"])
+        for (topic, partition), lag in sorted(self.lags().items()):
+            family.add_metric([topic, str(partition)], lag)
+        yield family
+
+    def lags(self) -> dict[tuple[str, int], int]:
+        """Return the lag of every partition assigned to this worker whose high-water mark is known."""
+        app = self.app
+        consumer = app._consumer if app is not None else None
+        if app is None or consumer is None:  # the worker has not started its consumer
+            return {}
+        try:
+            thread: Any = consumer._thread  # type: ignore[attr-defined]
+            client = thread._ensure_consumer()
+            assignment = client._subscription.subscription.assignment
+        except Exception:  # not started, or between assignments
+            return {}
+        if assignment is None:
+            return {}
+        lags = {}
+        internal = f"{app.conf.id}-"  # Faust's own topics (the assignor's leader topic)
+        for tp in list(assignment.tps):
+            if tp.topic.startswith(internal):
+                continue
+            state = assignment.state_value(tp)
+            if state is None or state.highwater is None:
+                continue
+            # None: neither this worker nor the group committed anything here yet, and consumers
+            # start from the earliest offset, so nothing of the partition counts as done.
+            committed = consumer._committed_offset.get(tp) or 0  # type: ignore[attr-defined]
+            lags[(tp.topic, tp.partition)] = max(0, int(state.highwater) - int(committed))
+        return lags
+
+
+_lag_collectors: dict[tuple[int, str], ConsumerLag] = {}
+
+
 def add_health_pages(app: faust.App, ready: dict[str, bool], registry: CollectorRegistry = REGISTRY) -> None:
-    """Serve /metrics (of `registry`), /healthz (process alive) and /readyz (`ready['ok']` is true)."""
+    """Serve /metrics (of `registry`), /healthz (process alive) and /readyz (`ready['ok']` is true).
+
+    /metrics also carries the consumer lag of every partition the worker holds (ConsumerLag).
+    """
+    service = app.conf.id.removeprefix("touchstream-")
+    key = (id(registry), service)
+    if key not in _lag_collectors:
+        _lag_collectors[key] = ConsumerLag(service)
+        registry.register(_lag_collectors[key])
+    _lag_collectors[key].app = app
 
     @app.page("/metrics")
     class MetricsView(View):
@@ -125,6 +232,14 @@ class Outbox:
         self._pending.append(await topic.send(key=raw_key, value=value))
         self._metrics.events_out.labels(topic.get_topic_name()).inc()
 
+    async def tombstone(self, topic: faust.TopicT, key: str | bytes) -> None:
+        """Send a null value for `key` (on a compacted topic, the broker then forgets the key)."""
+        raw_key = key.encode() if isinstance(key, str) else key
+        # Straight to the producer: a raw-serialised Faust topic cannot send a None value.
+        producer = topic.app.producer
+        self._pending.append(await producer.send(topic.get_topic_name(), raw_key, None, None, None, None))
+        self._metrics.events_out.labels(topic.get_topic_name()).inc()
+
     async def dead_letter(
         self, topic: faust.TopicT, stage: str, source: str, reason: str, key: bytes | None, original: bytes
     ) -> None:
@@ -144,6 +259,23 @@ class Outbox:
         pending, self._pending = self._pending, []
         if pending:
             await asyncio.gather(*pending)
+
+
+async def while_redis_is_down(call: Callable[[], Awaitable[T]], metrics: ServiceMetrics, what: str) -> T:
+    """Run `call` until Redis answers it: a batch waits for Redis rather than being skipped.
+
+    Only an unreachable or restarting Redis is waited for (connection refused or closed,
+    timeouts, "loading the dataset"); any other error is raised, and crashes the worker.
+    """
+    backoff = 0.1
+    while True:
+        try:
+            return await call()
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            metrics.redis_errors.inc()
+            log.warning("%s: Redis unavailable (%s), retrying in %.1fs", what, exc, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, MAX_REDIS_BACKOFF_S)
 
 
 def run_worker(app: faust.App, loglevel: str = "info") -> None:

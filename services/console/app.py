@@ -14,12 +14,13 @@ from typing import Any
 
 import faust
 import redis.asyncio as aioredis
-from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client import REGISTRY, CollectorRegistry, Histogram
 from redis.exceptions import RedisError
 
-from services.console.quality import RateMeter
+from services.console.quality import LatencyWindow, RateMeter
 from services.console.readmodel import (
     action_taken,
+    customer_deleted,
     customers_merged,
     dead_lettered,
     score_updated,
@@ -35,17 +36,28 @@ from touchstream import avro
 from touchstream.metrics import ServiceMetrics
 from touchstream.settings import CoreSettings
 from touchstream.streams import add_health_pages, batches, make_app
-from touchstream.topics import ACTIONS, DEADLETTER, IDENTITY_MERGES, SCORES, TOUCHPOINTS_RESOLVED, TopicSpec
+from touchstream.topics import (
+    ACTIONS,
+    CUSTOMER_DELETIONS,
+    DEADLETTER,
+    IDENTITY_MERGES,
+    SCORES,
+    TOUCHPOINTS_RESOLVED,
+    TopicSpec,
+)
 
 log = logging.getLogger(__name__)
 REDIS_RETRY_S = 1.0
-CONSUMED: tuple[TopicSpec, ...] = (TOUCHPOINTS_RESOLVED, IDENTITY_MERGES, SCORES, ACTIONS, DEADLETTER)
+# customers.deletions: an erasure makes the read model forget the customer (ReadModelStore.forget).
+CONSUMED: tuple[TopicSpec, ...] = (TOUCHPOINTS_RESOLVED, IDENTITY_MERGES, SCORES, ACTIONS, DEADLETTER,
+                                   CUSTOMER_DELETIONS)
 _CONVERTERS: dict[str, Callable[[Mapping[str, Any]], Update]] = {
     TOUCHPOINTS_RESOLVED.name: touchpoint_seen,
     IDENTITY_MERGES.name: customers_merged,
     SCORES.name: score_updated,
     ACTIONS.name: action_taken,
     DEADLETTER.name: dead_lettered,
+    CUSTOMER_DELETIONS.name: customer_deleted,
 }
 
 
@@ -58,16 +70,46 @@ def load_rules(settings: ConsoleSettings) -> tuple[Rule, ...]:
         return ()
 
 
-def updates_of(events: Sequence[Any], metrics: ServiceMetrics) -> list[Update]:
-    """Decode a batch (any of the five topics, in arrival order) into read-model updates."""
+def received_at_ms(topic: str, record: Mapping[str, Any]) -> int | None:
+    """When ingest accepted the event behind a record (touchpoints, scores and actions carry it).
+
+    >>> received_at_ms("touchpoints.resolved", {"event": {"received_at_ms": 5}}), received_at_ms("scores", {})
+    (5, None)
+    """
+    if topic == TOUCHPOINTS_RESOLVED.name:
+        value = (record.get("event") or {}).get("received_at_ms")
+    elif topic in (SCORES.name, ACTIONS.name):
+        value = record.get("received_at_ms")
+    else:
+        return None
+    return value if isinstance(value, int) else None
+
+
+def updates_of(events: Sequence[Any], metrics: ServiceMetrics, arrivals: LatencyWindow | None = None,
+               arrival_seconds: Histogram | None = None, now_s: float | None = None) -> list[Update]:
+    """Decode a batch (any of the five topics, in arrival order) into read-model updates.
+
+    With `arrivals` / `arrival_seconds`, also note how long after ingest accepted it each record got here.
+    """
     specs = {spec.name: spec for spec in CONSUMED}
     updates: list[Update] = []
+    now = time.time() if now_s is None else now_s
     for event in events:
         topic = event.message.topic
         metrics.events_in.labels(topic).inc()
+        if event.value is None:
+            continue  # a tombstone (`scores` is compacted; an erasure nulls the customer's key)
         try:
-            updates.append(_CONVERTERS[topic](avro.decode(specs[topic].schema, event.value)))
-        except (avro.DecodeError, KeyError, ValueError, TypeError) as exc:
+            record = avro.decode(specs[topic].schema, event.value)
+            updates.append(_CONVERTERS[topic](record))
+            received = received_at_ms(topic, record)
+            if received is not None:
+                latency_s = max(0.0, now - received / 1000)
+                if arrivals is not None:
+                    arrivals.add(topic, latency_s, now)
+                if arrival_seconds is not None:
+                    arrival_seconds.labels(topic).observe(latency_s)
+        except (avro.DecodeError, KeyError, ValueError, TypeError, AttributeError) as exc:
             # The console only reads; producing to deadletter from here could loop on a bad
             # deadletter record, so a record it cannot read is counted and logged instead.
             metrics.events_failed.labels(f"{topic} undecodable").inc()
@@ -84,21 +126,24 @@ def build_app(core: CoreSettings, settings: ConsoleSettings, identity: IdentityS
     metrics = ServiceMetrics("console", registry)
     page_seconds = metrics.histogram("page_render", "Server time to answer a page.", ["page"])
     updates_applied = metrics.counter("read_model_updates", "Read-model updates written to Redis.")
+    arrival_seconds = metrics.histogram("event_to_read_model", "From ingest accepting an event to its record "
+                                        "reaching the console, by topic.", ["topic"])
     ready = {"ok": False}
     add_health_pages(app, ready, registry)
 
     redis = aioredis.from_url(core.redis_url)
     store = ReadModelStore(redis, settings.key_prefix)
     feed_rate = RateMeter()
+    arrivals = LatencyWindow()
     pages = ConsoleWeb(store, settings, GraphLayout(identity.graph_key_prefix),
                        core.pii_hash_key.get_secret_value().encode(), identity.default_phone_region,
-                       identity.blocklist, load_rules(settings), page_seconds, feed_rate)
+                       identity.blocklist, load_rules(settings), page_seconds, feed_rate, arrivals)
     # Faust's web driver is aiohttp: the console's routes join its router before it starts.
     pages.register(app.web.web_app.router)  # type: ignore[attr-defined]
 
     async def apply_batch(events: Sequence[faust.EventT]) -> None:
         started = time.perf_counter()
-        updates = updates_of(events, metrics)
+        updates = updates_of(events, metrics, arrivals, arrival_seconds)
         while True:
             try:
                 await store.apply(updates)
@@ -117,6 +162,11 @@ def build_app(core: CoreSettings, settings: ConsoleSettings, identity: IdentityS
     async def update_read_model(stream: faust.StreamT) -> None:
         async for events in batches(stream, core):
             await apply_batch(events)
+
+    @app.timer(interval=settings.pipeline_sample_s, name="sample_pipeline")
+    async def sample_pipeline() -> None:
+        # Counters sampled in the background, so the overview has a rate when someone opens it.
+        await pages.sample_pipeline()
 
     async def mark_ready(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
         ready["ok"] = True

@@ -1,7 +1,12 @@
-"""Read scoring's live model quality out of its Prometheus exposition (pure: text in, numbers out)."""
+"""Numbers for the overview: scoring's model quality and the pipeline's counters read out of Prometheus
+expositions (pure: text in, numbers out), and the small in-memory windows that turn samples into rates
+and latencies into quantiles."""
 
 from __future__ import annotations
 
+import math
+from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -108,3 +113,106 @@ class RateMeter:
         """
         start = int(now_s) - self.window_s
         return sum(n for slot, n in self._slots.items() if slot > start) / self.window_s
+
+
+def counter_total(exposition: str, metric: str, labels: Mapping[str, str] | None = None) -> float | None:
+    """Sum a counter's series whose labels include `labels` (None when the metric is absent).
+
+    >>> text = ('t_events_in_total{topic="a"} 5.0\\nt_events_in_total{topic="b"} 7.0\\n'
+    ...         't_events_in_total{topic="a",worker="2"} 1.0\\n')
+    >>> counter_total(text, "t_events_in_total"), counter_total(text, "t_events_in_total", {"topic": "a"})
+    (13.0, 6.0)
+    >>> counter_total(text, "t_other_total") is None
+    True
+    """
+    total: float | None = None
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            if sample.name == metric and all(sample.labels.get(k) == v for k, v in (labels or {}).items()):
+                total = (total or 0.0) + sample.value
+    return total
+
+
+class CounterRate:
+    """The rate of a Prometheus counter from samples taken over time, over (about) the last `window_s`.
+
+    The oldest sample kept is the newest one at or before the window's start, so once the console has
+    run a window long the rate spans the whole window. A counter that went down (its process restarted)
+    starts the samples over; a rate needs two samples a second apart.
+    """
+
+    def __init__(self, window_s: float = 60.0) -> None:
+        self.window_s = window_s
+        self._samples: deque[tuple[float, float]] = deque()
+
+    def add(self, value: float, now_s: float) -> None:
+        if self._samples and value < self._samples[-1][1]:
+            self._samples.clear()
+        self._samples.append((now_s, value))
+        while len(self._samples) > 2 and self._samples[1][0] <= now_s - self.window_s:
+            self._samples.popleft()
+
+    def per_second(self, now_s: float) -> float | None:
+        """Return the rate between the oldest and newest sample kept; None without two recent samples.
+
+        >>> rate = CounterRate(60)
+        >>> rate.add(100, 0.0); rate.add(400, 30.0); rate.add(700, 60.0); rate.add(1300, 90.0)
+        >>> rate.per_second(90.0)  # (1300 - 400) / (90 - 30): the sample at 0 s is older than the window
+        15.0
+        >>> rate.add(5, 95.0)  # the service restarted
+        >>> rate.per_second(95.0) is None, rate.per_second(1000.0) is None
+        (True, True)
+        """
+        if len(self._samples) < 2:
+            return None
+        (t0, v0), (t1, v1) = self._samples[0], self._samples[-1]
+        if t1 - t0 < 1.0 or now_s - t1 > 2 * self.window_s:
+            return None
+        return (v1 - v0) / (t1 - t0)
+
+
+class LatencyWindow:
+    """Latencies seen over the last `window_s` seconds, per label (the newest `cap` of each), for exact quantiles."""
+
+    def __init__(self, window_s: float = 60.0, cap: int = 10_000) -> None:
+        self.window_s = window_s
+        self.cap = cap
+        self._seen: dict[str, deque[tuple[float, float]]] = {}
+
+    def add(self, label: str, latency_s: float, now_s: float) -> None:
+        self._seen.setdefault(label, deque(maxlen=self.cap)).append((now_s, latency_s))
+
+    def quantiles(self, label: str, now_s: float, quantiles: tuple[float, ...] = (0.5, 0.95, 0.99)
+                  ) -> tuple[int, dict[float, float]] | None:
+        """Return (how many, {quantile: seconds}) over the window (nearest rank), None if nothing was seen.
+
+        >>> w = LatencyWindow(60)
+        >>> for i in range(1, 101): w.add("scores", i / 100, 1000.0)
+        >>> w.add("scores", 99.0, 900.0)  # older than the window: left out
+        >>> w.quantiles("scores", 1010.0)
+        (100, {0.5: 0.5, 0.95: 0.95, 0.99: 0.99})
+        >>> w.quantiles("scores", 1100.0) is None, w.quantiles("actions", 1000.0) is None
+        (True, True)
+        """
+        seen = self._seen.get(label)
+        if not seen:
+            return None
+        while seen and seen[0][0] <= now_s - self.window_s:
+            seen.popleft()
+        values = sorted(latency for at, latency in seen if at > now_s - self.window_s)
+        if not values:
+            return None
+        return len(values), {q: values[max(0, math.ceil(q * len(values)) - 1)] for q in quantiles}
+
+
+def seconds_in_words(seconds: float) -> str:
+    """Say a latency briefly.
+
+    >>> seconds_in_words(0.0123), seconds_in_words(2.345), seconds_in_words(125.0)
+    ('12 ms', '2.35 s', '2.1 min')
+    """
+    if seconds < 1.0:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 60.0:
+        return f"{seconds:.2f} s"
+    return f"{seconds / 60:.1f} min"

@@ -123,6 +123,14 @@ class CustomersMerged:
 
 
 @dataclass(frozen=True)
+class CustomerDeleted:
+    """An erasure (customers.deletions): the read model forgets every id listed."""
+
+    deletion_id: str
+    customer_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class DeliveryFailed:
     """An action whose webhook delivery gave up (triggers dead-lettered it)."""
 
@@ -260,6 +268,16 @@ def customers_merged(record: Mapping[str, Any]) -> CustomersMerged:
     )
 
 
+def customer_deleted(record: Mapping[str, Any]) -> CustomerDeleted:
+    """Turn a decoded CustomerDeletion into the ids to forget, the live one first.
+
+    >>> customer_deleted({"deletion_id": "d", "customer_id": "c_1", "merged_ids": ["c_0"]}).customer_ids
+    ('c_1', 'c_0')
+    """
+    ids = dict.fromkeys([record["customer_id"], *record.get("merged_ids", [])])
+    return CustomerDeleted(deletion_id=record["deletion_id"], customer_ids=tuple(ids))
+
+
 def dead_lettered(record: Mapping[str, Any]) -> DeadLettered:
     """Turn a decoded DeadLetter into a count key: stage, the reason's first clause, a digest for dedupe.
 
@@ -381,30 +399,48 @@ class Outcome:
     uplift: float | None
     ci_low: float | None
     ci_high: float | None
+    # Customers whose attribution window is still open: in neither count above until it closes.
+    treated_open: int = 0
+    holdout_open: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def conversion_uplift(treated: int, treated_converted: int, holdout: int, holdout_converted: int,
-                      min_group_size: int) -> Outcome:
+                      min_group_size: int, treated_open: int = 0, holdout_open: int = 0) -> Outcome:
     """Absolute uplift (treated rate - hold-out rate) with a 95% Wald interval; None until both groups are big enough.
+
+    `treated` and `holdout` count closed windows only; the open ones are carried along to be shown.
 
     >>> o = conversion_uplift(100, 30, 100, 20, 30)
     >>> round(o.uplift, 3), round(o.ci_low, 3), round(o.ci_high, 3)
     (0.1, -0.019, 0.219)
-    >>> conversion_uplift(5, 1, 100, 20, 30).enough_data
+    >>> conversion_uplift(5, 1, 100, 20, 30, treated_open=40).enough_data
     False
     """
     enough = treated >= min_group_size and holdout >= min_group_size and treated > 0 and holdout > 0
     if not enough:
         return Outcome(treated, treated_converted, holdout, holdout_converted, min_group_size, False,
-                       None, None, None, None, None)
+                       None, None, None, None, None, treated_open, holdout_open)
     p1, p0 = treated_converted / treated, holdout_converted / holdout
     se = math.sqrt(p1 * (1 - p1) / treated + p0 * (1 - p0) / holdout)
     uplift = p1 - p0
     return Outcome(treated, treated_converted, holdout, holdout_converted, min_group_size, True,
-                   p1, p0, uplift, uplift - Z_95 * se, uplift + Z_95 * se)
+                   p1, p0, uplift, uplift - Z_95 * se, uplift + Z_95 * se, treated_open, holdout_open)
+
+
+def closed_windows(first_action_ms: Mapping[str, int], window_ms: int, now_ms: int) -> tuple[dict[str, int], int]:
+    """Split a group into customers whose attribution window has closed by `now_ms` and a count of open ones.
+
+    A window is closed when action time + window <= now: only then is "did not convert" final, so
+    only closed windows enter the conversion rates (an open one would count as a non-conversion).
+
+    >>> closed_windows({"a": 0, "b": 500, "c": 900}, 500, 1000)
+    ({'a': 0, 'b': 500}, 1)
+    """
+    closed = {cid: at for cid, at in first_action_ms.items() if at + window_ms <= now_ms}
+    return closed, len(first_action_ms) - len(closed)
 
 
 def converted_within(action_ms: int, purchase_times_ms: Sequence[int], window_ms: int) -> bool:

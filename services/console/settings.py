@@ -21,6 +21,8 @@ class ConsoleSettings(BaseSettings):
     admin_keys: frozenset[str] = Field(
         frozenset({DEV_ADMIN_KEY_SHA256}), description="sha256 (hex) of the keys that may log in.")
     session_ttl_s: int = Field(8 * 3600, ge=60)
+    login_max_failures: int = Field(10, ge=1, description="Failed logins per client address before a 429.")
+    login_failure_window_s: int = Field(900, ge=1, description="How long failed logins count (from the first).")
     # Browsers only send Secure cookies over https; the local stack is plain http on loopback.
     cookie_secure: bool = False
     key_prefix: str = "ts:console:"
@@ -35,8 +37,12 @@ class ConsoleSettings(BaseSettings):
     min_group_size: int = Field(30, ge=1, description="Treated and hold-out must both reach this before uplift shows.")
     scoring_metrics_url: str | None = Field(None, description="scoring's /metrics, for model quality on the overview.")
     triggers_metrics_url: str | None = Field(None, description="triggers' /metrics, for event-to-webhook latency.")
+    ingest_metrics_url: str | None = Field(None, description="ingest's /metrics, for events/s accepted.")
+    identity_metrics_url: str | None = Field(None, description="identity's /metrics, for events/s resolved.")
+    pipeline_sample_s: float = Field(5.0, gt=0, description="How often the pipeline's counters are sampled.")
     live_poll_s: float = Field(1.0, gt=0, description="How often a live customer page checks for changes.")
-    identity_url: str | None = Field(None, description="identity's web address, for un-merges (its admin API).")
+    identity_url: str | None = Field(None, description="identity's web address, for un-merges and deletions "
+                                     "(its admin API).")
     identity_admin_key: SecretStr = Field(SecretStr(DEV_ADMIN_KEY), description="Key the console presents to identity.")
 
     @model_validator(mode="after")

@@ -12,6 +12,7 @@ customers and is therefore done with plain commands (idempotent), never one Lua 
     c:{cid}:mg                 merges and un-merges: merge_id -> JSON
     c:{cid}:df                 actions whose delivery gave up: action_id -> reason
     customers                  customer id -> last event time
+    clock                      "event_time" -> the newest event time applied (closes attribution windows)
     merged_into                merged customer id -> survivor
     {seg}, {seg}:counts        customer id -> "event time|segment|stage" of the latest score; counts per value
     {seg}:flow:<day>           "from>to" -> changes that day (event time, days since 1970); {seg}:days lists days
@@ -34,6 +35,7 @@ from services.console.readmodel import (
     SCORE_HISTORY_CAP,
     TIMELINE_CAP,
     ActionTaken,
+    CustomerDeleted,
     CustomersMerged,
     DeadLettered,
     ScoreUpdated,
@@ -41,9 +43,12 @@ from services.console.readmodel import (
     converted_within,
     follow_merges,
 )
+from services.triggers.erasure import DELETED_RULE_ID
 from services.triggers.state_store import DeliveryLedger
 
-Update = TouchpointSeen | ScoreUpdated | ActionTaken | CustomersMerged | DeadLettered
+Update = TouchpointSeen | ScoreUpdated | ActionTaken | CustomersMerged | DeadLettered | CustomerDeleted
+# How many erased customer ids a console worker remembers (in memory) to drop their in-flight records.
+FORGOTTEN_KEPT = 100_000
 
 # Add entries to a capped log (sorted set KEYS[1] + hash KEYS[2], one customer's slot) and
 # drop the oldest beyond the cap ARGV[1]; entries follow as (member, event time, body) triples.
@@ -97,6 +102,11 @@ return 0
 
 DAY_MS = 86_400_000
 _LOGS = (("tl", TIMELINE_CAP), ("sc", SCORE_HISTORY_CAP), ("ac", ACTIONS_CAP))
+
+
+def _deletion_notice(update: Update) -> bool:
+    """A `customer.deleted` webhook (triggers tells marketing about an erasure): never read-modelled."""
+    return isinstance(update, ActionTaken) and update.rule_id == DELETED_RULE_ID
 
 
 def _text(value: bytes | str) -> str:
@@ -178,6 +188,9 @@ class ReadModelStore:
         self._drop_segment = client.register_script(_DROP_SEGMENT)
         # One hash tag for both, so the scripts stay legal on Redis Cluster.
         self._segment_keys = [self.key("{seg}"), self.key("{seg}", "counts")]
+        # Erased customers (memory only, newest last): records about them still in flight on the
+        # other topics are dropped instead of writing the customer back.
+        self._forgotten: dict[str, None] = {}
 
     def _segment_change_keys(self, time_ms: int) -> list[str]:
         return [*self._segment_keys, self.key("{seg}", "flow", str(time_ms // DAY_MS)), self.key("{seg}", "days")]
@@ -205,12 +218,16 @@ class ReadModelStore:
 
     async def apply(self, updates: Sequence[Update]) -> int:
         """Write a batch of updates; every write is idempotent, so replaying a batch changes nothing."""
-        ids = {u.customer_id for u in updates if not isinstance(u, CustomersMerged | DeadLettered)}
+        if self._forgotten or any(isinstance(u, CustomerDeleted) or _deletion_notice(u) for u in updates):
+            updates = await self._apply_deletions(updates)
+        ids = {u.customer_id for u in updates if not isinstance(u, CustomersMerged | DeadLettered | CustomerDeleted)}
         ids |= {u.delivery_failed.customer_id for u in updates
                 if isinstance(u, DeadLettered) and u.delivery_failed is not None}
         merged_into = await self.redirects(ids)
         writes = _BatchWrites()
         for update in updates:
+            if isinstance(update, CustomerDeleted):
+                continue  # applied above
             if isinstance(update, CustomersMerged):
                 # A merge reads what it moves, so everything before it must be written first.
                 await self._write(writes)
@@ -233,6 +250,7 @@ class ReadModelStore:
                 continue
             cid = follow_merges(update.customer_id, merged_into)
             writes.zadd_gt(self.key("customers"), cid, update.event_time_ms)
+            writes.zadd_gt(self.key("clock"), "event_time", update.event_time_ms)
             if isinstance(update, TouchpointSeen):
                 writes.log(self.ckey(cid, "tl"), self.ckey(cid, "tle"), update.message_id, update.event_time_ms,
                            update.to_json(), TIMELINE_CAP)
@@ -352,6 +370,30 @@ class ReadModelStore:
             pipe.delete(*(self.ckey(merged, p) for p in (*parts, "tle", "sce", "ace", "mg", "df")))
             await pipe.execute()
 
+    async def _apply_deletions(self, updates: Sequence[Update]) -> list[Update]:
+        """Forget the customers of every CustomerDeleted in `updates` (all ids listed), and return
+        the other updates minus those about a customer erased here lately."""
+        for update in updates:
+            if isinstance(update, CustomerDeleted):
+                for cid in update.customer_ids:
+                    await self.forget(cid)
+                    self._forgotten.pop(cid, None)
+                    self._forgotten[cid] = None
+        while len(self._forgotten) > FORGOTTEN_KEPT:
+            del self._forgotten[next(iter(self._forgotten))]
+        gone = self._forgotten
+
+        def erased(update: Update) -> bool:
+            if isinstance(update, CustomerDeleted) or _deletion_notice(update):
+                return True
+            if isinstance(update, CustomersMerged):
+                return update.survivor_id in gone or update.merged_id in gone
+            if isinstance(update, DeadLettered):
+                return update.delivery_failed is not None and update.delivery_failed.customer_id in gone
+            return update.customer_id in gone
+
+        return [u for u in updates if not erased(u)]
+
     async def forget(self, customer_id: str) -> list[str]:
         """Remove every trace of a customer (and of the ids merged into it); return the ids forgotten.
 
@@ -461,6 +503,11 @@ class ReadModelStore:
                 before, _, after = _text(change).partition(">")
                 totals[(before, after)] = totals.get((before, after), 0) + int(n)
         return sorted(((b, a, n) for (b, a), n in totals.items() if n > 0), key=lambda r: (-r[2], r[0], r[1]))
+
+    async def event_clock(self) -> int | None:
+        """Return the newest event time the read model has applied (None before the first record)."""
+        value = await self.client.zscore(self.key("clock"), "event_time")
+        return None if value is None else int(value)
 
     async def customer_count(self) -> int:
         return int(await self.client.zcard(self.key("customers")))

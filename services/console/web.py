@@ -2,7 +2,9 @@
 
 Every page is rendered on the server with Jinja2 (autoescape on); the only script is
 static/console.js (live updates), served from this package. Pages sit behind an admin-key
-login that sets an HttpOnly, SameSite=Strict session cookie; every POST carries a CSRF token.
+login that sets an HttpOnly, SameSite=Strict session cookie; every POST carries a CSRF token (the
+login form's is a double-submit token bound to a pre-session cookie), and failed logins are
+rate-limited per client address in Redis.
 """
 
 from __future__ import annotations
@@ -29,8 +31,19 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import Histogram
 
-from services.console.quality import ModelQuality, RateMeter, latency_quantiles, latency_words, model_quality
+from services.console.quality import (
+    CounterRate,
+    LatencyWindow,
+    ModelQuality,
+    RateMeter,
+    counter_total,
+    latency_quantiles,
+    latency_words,
+    model_quality,
+    seconds_in_words,
+)
 from services.console.readmodel import (
+    closed_windows,
     conversion_uplift,
     duration_in_words,
     open_complaints,
@@ -45,10 +58,15 @@ from services.identity.domain import GraphLayout, lookup_identifier
 from services.triggers.rules import Rule, ScoreCrossing
 from services.triggers.state_store import DeliveryLedger
 from touchstream.identifiers import InvalidIdentifier
+from touchstream.topics import ACTIONS, SCORES, TOUCHPOINTS_RAW, TOUCHPOINTS_RESOLVED
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 SESSION_COOKIE = "ts_console_session"
+# Pre-session cookie of the login form: its value is also the form's CSRF token (double submit).
+LOGIN_COOKIE = "ts_console_login"
+LOGIN_COOKIE_TTL_S = 3600
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{43}")  # secrets.token_urlsafe(32)
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 SECURITY_HEADERS = {
@@ -60,6 +78,31 @@ SECURITY_HEADERS = {
 }
 STATIC_FILES = {"console.css": "text/css", "console.js": "text/javascript"}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the pipeline on the overview: whose /metrics, which counter, what it counts."""
+
+    name: str
+    counts: str
+    metric: str
+    topic: str
+
+
+# Each stage's counter of the events it took in (ingest: accepted and acknowledged by the broker).
+STAGES = (
+    Stage("ingest", "events accepted", "touchstream_ingest_events_out_total", TOUCHPOINTS_RAW.name),
+    Stage("identity", "events resolved", "touchstream_identity_events_in_total", TOUCHPOINTS_RAW.name),
+    Stage("scoring", "events scored", "touchstream_scoring_events_in_total", TOUCHPOINTS_RESOLVED.name),
+    Stage("triggers", "scores evaluated", "touchstream_triggers_events_in_total", SCORES.name),
+)
+# Topics whose records carry ingest's received_at_ms: how long after ingest accepted an event it shows here.
+ARRIVALS = (
+    (TOUCHPOINTS_RESOLVED.name, "a touchpoint (after identity)"),
+    (SCORES.name, "a score (after scoring)"),
+    (ACTIONS.name, "an action (after triggers)"),
+)
 
 
 def _time(ms: int | None) -> str:
@@ -128,12 +171,52 @@ class Sessions:
         await self.client.delete(self._key(token))
 
 
+class LoginThrottle:
+    """Failed logins per client address, counted in Redis (so across workers) from the first failure on.
+
+    After `max_failures` within `window_s` every login from that address is refused with 429 until the
+    window ends; a successful login clears the count. Addresses are stored as sha256 digests only.
+    """
+
+    def __init__(self, client: aioredis.Redis, prefix: str, max_failures: int, window_s: int) -> None:
+        self.client, self.prefix = client, prefix
+        self.max_failures, self.window_s = max_failures, window_s
+
+    def _key(self, address: str) -> str:
+        return f"{self.prefix}login_failures:{hashlib.sha256(address.encode()).hexdigest()}"
+
+    async def retry_after(self, address: str) -> int | None:
+        """Return the seconds until `address` may try again, or None if it may now."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.get(self._key(address))
+            pipe.ttl(self._key(address))
+            count, ttl = await pipe.execute()
+        if count is None or int(count) < self.max_failures:
+            return None
+        if int(ttl) < 0:  # a count without an expiry would lock the address out for good
+            await self.client.expire(self._key(address), self.window_s)
+            return self.window_s
+        return max(int(ttl), 1)
+
+    async def failed(self, address: str) -> int:
+        """Count one failure; return how many `address` has in the current window."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.incr(self._key(address))
+            pipe.expire(self._key(address), self.window_s, nx=True)
+            count, _ = await pipe.execute()
+        return int(count)
+
+    async def clear(self, address: str) -> None:
+        await self.client.delete(self._key(address))
+
+
 class ConsoleWeb:
     """Routes of the console over the read model, the identity graph and scoring's metrics."""
 
     def __init__(self, store: ReadModelStore, settings: ConsoleSettings, layout: GraphLayout, hash_key: bytes,
                  phone_region: str, blocklist: frozenset[str], rules: Sequence[Rule],
-                 page_seconds: Histogram | None = None, feed_rate: RateMeter | None = None) -> None:
+                 page_seconds: Histogram | None = None, feed_rate: RateMeter | None = None,
+                 arrivals: LatencyWindow | None = None) -> None:
         self.store = store
         self.client = store.client
         self.settings = settings
@@ -144,10 +227,14 @@ class ConsoleWeb:
         self.thresholds = rule_thresholds(rules)
         self.rules = {r.id: r for r in rules}
         self.sessions = Sessions(store.client, settings.key_prefix, settings.session_ttl_s)
+        self.throttle = LoginThrottle(store.client, settings.key_prefix, settings.login_max_failures,
+                                      settings.login_failure_window_s)
         self.templates = template_env()
         self.ledger = DeliveryLedger(store.client, 0)
         self.page_seconds = page_seconds
         self.feed_rate = feed_rate
+        self.arrivals = arrivals
+        self.stage_rates = {stage.name: CounterRate() for stage in STAGES}
 
     def register(self, router: web.UrlDispatcher) -> None:
         """Add every route to `router` (the Faust worker's aiohttp app, or a test app)."""
@@ -164,6 +251,8 @@ class ConsoleWeb:
         router.add_get("/customers/{customer_id}/fragment", self._secure(self._authed(self.customer_fragment)))
         router.add_get("/customers/{customer_id}/split", self._secure(self._authed(self.split_form)))
         router.add_post("/customers/{customer_id}/split", self._secure(self._authed(self.split, csrf=True)))
+        router.add_get("/customers/{customer_id}/delete", self._secure(self._authed(self.delete_form)))
+        router.add_post("/customers/{customer_id}/delete", self._secure(self._authed(self.delete, csrf=True)))
         router.add_get("/rules", self._secure(self._authed(self._timed("rules", self.rules_page))))
         router.add_get("/v1/rules/{rule_id}/outcomes", self._secure(self._authed(self.rule_outcomes_json,
                                                                                   api=True)))
@@ -214,9 +303,10 @@ class ConsoleWeb:
                     self.page_seconds.labels(page).observe(time.perf_counter() - started)
         return wrapped
 
-    def _page(self, template: str, session: Session | None, status: int = 200, **context: Any) -> web.Response:
-        body = self.templates.get_template(template).render(csrf=session.csrf if session else "",
-                                                            logged_in=session is not None, **context)
+    def _page(self, template: str, session: Session | None, status: int = 200, csrf: str | None = None,
+              **context: Any) -> web.Response:
+        token = csrf if csrf is not None else session.csrf if session else ""
+        body = self.templates.get_template(template).render(csrf=token, logged_in=session is not None, **context)
         return web.Response(text=body, content_type="text/html", charset="utf-8", status=status)
 
     async def static(self, request: web.Request) -> web.StreamResponse:
@@ -233,18 +323,45 @@ class ConsoleWeb:
     async def home(self, request: web.Request) -> web.StreamResponse:
         raise web.HTTPSeeOther("/overview")
 
+    def _login_page(self, request: web.Request, target: str, error: str | None, status: int = 200,
+                    fresh: bool = False) -> web.Response:
+        """The login form with its CSRF token: the pre-session cookie's value (a new one if absent or `fresh`)."""
+        token = request.cookies.get(LOGIN_COOKIE, "")
+        if fresh or not _TOKEN.fullmatch(token):
+            token = secrets.token_urlsafe(32)
+        response = self._page("login.html", None, status=status, csrf=token, next=target, error=error)
+        response.set_cookie(LOGIN_COOKIE, token, httponly=True, samesite="Strict", path="/login",
+                            secure=self.settings.cookie_secure, max_age=LOGIN_COOKIE_TTL_S)
+        return response
+
     async def login_form(self, request: web.Request) -> web.StreamResponse:
-        return self._page("login.html", None, next=safe_next(request.query.get("next")), error=None)
+        return self._login_page(request, safe_next(request.query.get("next")), None)
 
     async def login(self, request: web.Request) -> web.StreamResponse:
+        address = request.remote or "unknown"
         form = await request.post()
-        key = str(form.get("key", ""))
         target = safe_next(str(form.get("next", "")))
+        wait_s = await self.throttle.retry_after(address)
+        if wait_s is not None:
+            response = self._login_page(request, target, status=429, error=(
+                "Too many failed logins from your address: try again in "
+                f"{f'{wait_s} s' if wait_s < 60 else duration_in_words(wait_s * 1000)}."))
+            response.headers["Retry-After"] = str(wait_s)
+            return response
+        cookie, sent = request.cookies.get(LOGIN_COOKIE, ""), str(form.get("csrf", ""))
+        if not _TOKEN.fullmatch(cookie) or not hmac.compare_digest(sent, cookie):
+            return self._login_page(request, target, status=403, fresh=True,
+                                    error="This form has expired (or cookies are off); log in again.")
+        key = str(form.get("key", ""))
         if not key or not is_admin(f"Bearer {key}", self.settings.admin_keys):
-            log.info("console login refused (key sha256 prefix %s)", hash_admin_key(key)[:8] if key else "-")
-            return self._page("login.html", None, status=401, next=target, error="That key is not an admin key.")
+            failures = await self.throttle.failed(address)
+            log.info("console login refused (key sha256 prefix %s, failure %d from this address)",
+                     hash_admin_key(key)[:8] if key else "-", failures)
+            return self._login_page(request, target, status=401, error="That key is not an admin key.")
+        await self.throttle.clear(address)
         token, _ = await self.sessions.create()
         response = web.HTTPSeeOther(target)
+        response.del_cookie(LOGIN_COOKIE, path="/login")
         response.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="Strict", path="/",
                             secure=self.settings.cookie_secure, max_age=self.settings.session_ttl_s)
         return response
@@ -368,6 +485,52 @@ class ConsoleWeb:
         return self._page("split_done.html", session, customer_id=result["customer_id"],
                           new_customer_id=result["new_customer_id"], identifiers=result["identifiers"])
 
+    async def delete_form(self, request: web.Request, session: Session) -> web.StreamResponse:
+        """Ask for confirmation before deleting a customer: the operator types its id (nothing changes on a GET)."""
+        return self._page("delete.html", session, customer_id=request.match_info["customer_id"],
+                          enabled=bool(self.settings.identity_url), error=None)
+
+    async def delete(self, request: web.Request, session: Session) -> web.StreamResponse:
+        """Delete a customer through identity's DELETE /v1/customers/{id}, with the admin key as the split does.
+
+        identity removes the identities and announces the deletion; the read model forgets the customer
+        when that announcement reaches the console.
+        """
+        customer_id = request.match_info["customer_id"]
+        form = await request.post()
+        if str(form.get("confirm_id", "")).strip() != customer_id:
+            return self._page("delete.html", session, status=400, customer_id=customer_id,
+                              enabled=bool(self.settings.identity_url),
+                              error="Type the customer id exactly to confirm; nothing was deleted.")
+        if not self.settings.identity_url:
+            return self._page("error.html", session, status=503,
+                              message="Deletion needs TOUCHSTREAM_CONSOLE_IDENTITY_URL; nothing was deleted.")
+        key = self.settings.identity_admin_key.get_secret_value()
+        try:
+            async with httpx.AsyncClient(timeout=10.0) as http:
+                response = await http.delete(
+                    f"{self.settings.identity_url}/v1/customers/{quote(customer_id, safe='')}",
+                    headers={"Authorization": f"Bearer {key}"})
+        except httpx.HTTPError as exc:
+            log.warning("identity unreachable for a deletion: %s", type(exc).__name__)
+            return self._page("error.html", session, status=502, message=(
+                f"identity did not answer ({type(exc).__name__}): customer {customer_id} was not deleted. "
+                "Try again once identity is up."))
+        if response.status_code == 404:
+            return self._page("error.html", session, status=404, message=(
+                f"identity does not know customer {customer_id}: nothing was deleted "
+                "(it may have been deleted already)."))
+        if response.status_code in (401, 403):
+            return self._page("error.html", session, status=502, message=(
+                "identity refused the console's admin key (TOUCHSTREAM_CONSOLE_IDENTITY_ADMIN_KEY): "
+                f"customer {customer_id} was not deleted."))
+        if not 200 <= response.status_code < 300:
+            status = response.status_code if response.status_code < 500 else 502
+            return self._page("error.html", session, status=status, message=(
+                f"identity refused the deletion (HTTP {response.status_code}): {response.text[:300]}"))
+        log.info("customer deleted through identity (HTTP %d)", response.status_code)
+        return self._page("delete_done.html", session, customer_id=customer_id, status_code=response.status_code)
+
     # -- overview and rules ---------------------------------------------------------------------------
 
     async def _scrape(self, url: str | None) -> str | None:
@@ -378,35 +541,80 @@ class ConsoleWeb:
                 response = await http.get(url)
                 response.raise_for_status()
         except httpx.HTTPError as exc:
-            log.info("metrics at %s unreachable: %s", url, type(exc).__name__)
+            # debug: the app samples every few seconds, so a service that is down would flood the log.
+            log.debug("metrics at %s unreachable: %s", url, type(exc).__name__)
             return None
         return response.text
+
+    def _metrics_url(self, stage: str) -> str | None:
+        return {"ingest": self.settings.ingest_metrics_url, "identity": self.settings.identity_metrics_url,
+                "scoring": self.settings.scoring_metrics_url, "triggers": self.settings.triggers_metrics_url}[stage]
+
+    async def sample_pipeline(self, now_s: float | None = None) -> dict[str, str | None]:
+        """Scrape every configured service's /metrics once and sample its events counter; return the texts.
+
+        Called every `pipeline_sample_s` by the app (so a rate is there when someone opens the overview)
+        and on each overview.
+        """
+        texts = await asyncio.gather(*(self._scrape(self._metrics_url(stage.name)) for stage in STAGES))
+        now = time.time() if now_s is None else now_s
+        for stage, text in zip(STAGES, texts, strict=True):
+            total = counter_total(text, stage.metric, {"topic": stage.topic}) if text is not None else None
+            if total is not None:
+                self.stage_rates[stage.name].add(total, now)
+        return {stage.name: text for stage, text in zip(STAGES, texts, strict=True)}
+
+    def _arrival_rows(self, now_s: float) -> list[tuple[str, int, dict[float, str]]]:
+        rows = []
+        for topic, label in ARRIVALS:
+            seen = self.arrivals.quantiles(topic, now_s) if self.arrivals is not None else None
+            if seen is not None:
+                rows.append((label, seen[0], {q: seconds_in_words(v) for q, v in seen[1].items()}))
+        return rows
 
     async def overview(self, request: web.Request, session: Session) -> web.StreamResponse:
         segments = await self.store.segments()
         seg_names = sorted({s for s, _ in segments})
         stage_names = sorted({st for _, st in segments})
-        scoring, triggers = await asyncio.gather(self._scrape(self.settings.scoring_metrics_url),
-                                                 self._scrape(self.settings.triggers_metrics_url))
+        texts = await self.sample_pipeline()
+        scoring, triggers = texts["scoring"], texts["triggers"]
         quality: ModelQuality | None = model_quality(scoring) if scoring is not None else None
         quantiles = latency_quantiles(triggers, "touchstream_triggers_event_to_webhook_seconds") if triggers else None
         latency = latency_words(quantiles) if quantiles else None
-        feed = self.feed_rate.per_second(time.time()) if self.feed_rate is not None else None
+        now = time.time()
+        feed = self.feed_rate.per_second(now) if self.feed_rate is not None else None
+        rates = [(stage, bool(self._metrics_url(stage.name)), texts[stage.name] is not None,
+                  self.stage_rates[stage.name].per_second(now)) for stage in STAGES]
         return self._page(
             "overview.html", session, segments=segments, seg_names=seg_names, stage_names=stage_names,
             customers=await self.store.customer_count(), dead_letters=await self.store.dead_letters(),
             flow=(await self.store.segment_flow(30))[:20],
             quality=quality, quality_configured=bool(self.settings.scoring_metrics_url),
             latency=latency, latency_configured=bool(self.settings.triggers_metrics_url), feed=feed,
+            rates=rates, arrivals=self._arrival_rows(now),
         )
 
-    async def rule_outcomes(self, rule_id: str) -> dict[str, Any]:
+    async def outcomes_clock(self) -> int:
+        """The "now" that closes attribution windows: the newest event time the read model applied.
+
+        Event time, like every other count here (purchases, actions, segment flow), so a replay of
+        history gives the same outcomes as live traffic; capped at the wall clock, so one event
+        stamped in the future cannot close every window at once.
+        """
+        clock = await self.store.event_clock()
+        wall_ms = int(time.time() * 1000)
+        return wall_ms if clock is None else min(clock, wall_ms)
+
+    async def rule_outcomes(self, rule_id: str, now_ms: int | None = None) -> dict[str, Any]:
         counts = await self.store.rule_counts(rule_id)
         window_ms = self.settings.window_ms(rule_id)
+        now = await self.outcomes_clock() if now_ms is None else now_ms
+        treated, treated_open = closed_windows(counts.treated_at, window_ms, now)
+        holdout, holdout_open = closed_windows(counts.holdout_at, window_ms, now)
         outcome = conversion_uplift(
-            len(counts.treated_at), await self.store.converted(counts.treated_at, window_ms),
-            len(counts.holdout_at), await self.store.converted(counts.holdout_at, window_ms),
-            self.settings.min_group_size,
+            len(treated), await self.store.converted(treated, window_ms),
+            len(holdout), await self.store.converted(holdout, window_ms),
+            self.settings.min_group_size, treated_open, holdout_open,
         )
         suppressed = {k.split(":", 1)[1]: v for k, v in counts.counts.items() if k.startswith("suppressed:")}
         return {
@@ -417,13 +625,15 @@ class ConsoleWeb:
             "delivered": counts.delivered,
             "delivery_failed": counts.delivery_failed,
             "attribution_window_hours": window_ms / 3_600_000,
+            "windows_closed_by_ms": now,
             "outcome": outcome.to_json(),
         }
 
     async def rules_page(self, request: web.Request, session: Session) -> web.StreamResponse:
         ids = sorted(set(await self.store.rule_ids()) | set(self.rules))
-        rows = [await self.rule_outcomes(rule_id) for rule_id in ids]
-        return self._page("rules.html", session, rows=rows, rules=self.rules)
+        now = await self.outcomes_clock()
+        rows = [await self.rule_outcomes(rule_id, now) for rule_id in ids]
+        return self._page("rules.html", session, rows=rows, rules=self.rules, clock_ms=now)
 
     async def rule_outcomes_json(self, request: web.Request, session: Session) -> web.StreamResponse:
         rule_id = request.match_info["rule_id"]

@@ -21,9 +21,12 @@ from services.identity.admin import is_admin
 from services.identity.customer360 import find_customer, read_customer
 from services.identity.domain import (
     MERGE_REASON_OPERATOR,
+    Erasure,
     GraphLayout,
     GraphRefused,
     Resolution,
+    customer_deletion_record,
+    deletion_id,
     identifier_ref,
     identity_merge_record,
     lookup_identifier,
@@ -42,7 +45,14 @@ from touchstream import avro
 from touchstream.identifiers import Identifier, InvalidIdentifier
 from touchstream.settings import CoreSettings
 from touchstream.streams import Outbox, add_health_pages, batches, faust_topic, make_app
-from touchstream.topics import DEADLETTER, IDENTITY_MERGES, TOUCHPOINTS_RAW, TOUCHPOINTS_RESOLVED
+from touchstream.topics import (
+    CUSTOMER_DELETIONS,
+    DEADLETTER,
+    IDENTITY_MERGES,
+    SCORES,
+    TOUCHPOINTS_RAW,
+    TOUCHPOINTS_RESOLVED,
+)
 
 STAGE = "identity"
 MAX_REDIS_BACKOFF_S = 5.0
@@ -70,6 +80,8 @@ class TouchpointResolver:
         resolved: faust.TopicT,
         merges: faust.TopicT,
         deadletter: faust.TopicT,
+        deletions: faust.TopicT | None = None,
+        scores: faust.TopicT | None = None,
     ) -> None:
         self.resolver = resolver
         self.graph = resolver.graph
@@ -79,6 +91,8 @@ class TouchpointResolver:
         self._resolved = resolved
         self._merges = merges
         self._deadletter = deadletter
+        self._deletions = deletions
+        self._scores = scores
 
     async def resolve_batch(self, events: Sequence[faust.EventT]) -> None:
         """Decode, resolve in one Redis round trip, emit, and wait for the broker's acks."""
@@ -94,6 +108,10 @@ class TouchpointResolver:
         resolved_at_ms = int(time.time() * 1000)
         for item, resolution in zip(pending, resolutions, strict=True):
             self.metrics.count_resolution(resolution)
+            if resolution.suppressed:
+                # Carries an identifier of an erased customer (produced straight to Kafka, or in
+                # flight while the erasure ran): counted, never resolved nor passed on.
+                continue
             if not resolution.replayed:
                 for line in refusal_log_lines(item.item.request.message_id, resolution):
                     log.info("%s", line)
@@ -148,6 +166,44 @@ class TouchpointResolver:
         await outbox.flush()
         return result
 
+    async def erase(self, customer_id: str, request_id: str) -> tuple[Erasure, str]:
+        """Erase a customer: suppress its identifiers, announce the erasure, delete its graph entries.
+
+        In that order, so a crash anywhere leaves something a retry finishes: the customer stays
+        in the graph (its events already suppressed) until the CustomerDeletion record and the
+        `scores` tombstones are acknowledged, and a retry announces it again (every consumer
+        forgets idempotently). Returns the erasure (found=False for an unknown customer) and its id.
+        """
+        the_deletion_id = deletion_id(request_id)
+        op_id = f"erase:{the_deletion_id}"
+        now_ms = int(time.time() * 1000)
+        plan = await self.with_redis_retry(lambda: self.graph.erase(op_id, now_ms, customer_id, "plan"))
+        if not plan.found:
+            return plan, the_deletion_id
+        await self._announce_erasure(plan, the_deletion_id, now_ms)
+        done = await self.with_redis_retry(lambda: self.graph.erase(op_id, now_ms, plan.customer_id, "erase"))
+        if done.found and set(done.customer_ids) - set(plan.customer_ids):
+            # A merge landed between the two steps: announce the ids it added too.
+            await self._announce_erasure(done, the_deletion_id, now_ms)
+        erased = done if done.found else plan
+        ids = sorted(set(plan.customer_ids) | set(erased.customer_ids))
+        identifiers = sorted(set(plan.identifiers) | set(erased.identifiers), key=identifier_ref)
+        swept = await self.with_redis_retry(lambda: self.graph.sweep(ids, identifiers))
+        self.metrics.customers_deleted.inc()
+        log.info("identity: erased a customer and %d merged ids (%s); %d identifiers suppressed, %d other keys swept",
+                 len(ids) - 1, the_deletion_id, erased.suppressed, swept)
+        return erased, the_deletion_id
+
+    async def _announce_erasure(self, erasure: Erasure, the_deletion_id: str, now_ms: int) -> None:
+        outbox = Outbox(self.metrics.service)
+        if self._deletions is not None:
+            record = customer_deletion_record(erasure, the_deletion_id, now_ms)
+            await outbox.send(self._deletions, erasure.customer_id, avro.encode(CUSTOMER_DELETIONS.schema, record))
+        if self._scores is not None:
+            for cid in erasure.customer_ids:
+                await outbox.tombstone(self._scores, cid)
+        await outbox.flush()
+
     async def with_redis_retry(self, call: Callable[[], Awaitable[T]]) -> T:
         """Retry `call` while Redis is unreachable: the batch waits rather than being skipped."""
         backoff = 0.1
@@ -165,7 +221,7 @@ def build_app(
     core: CoreSettings, settings: IdentitySettings, registry: CollectorRegistry = REGISTRY
 ) -> faust.App:
     """Build the identity Faust app; nothing connects until the worker starts."""
-    app = make_app(STAGE, core, settings.web_port)
+    app = make_app(STAGE, core, settings.web_port, settings.web_host)
     raw = faust_topic(app, TOUCHPOINTS_RAW, core)
     metrics = IdentityMetrics(registry)
     client = aioredis.from_url(core.redis_url)
@@ -178,6 +234,8 @@ def build_app(
         resolved=faust_topic(app, TOUCHPOINTS_RESOLVED, core),
         merges=faust_topic(app, IDENTITY_MERGES, core),
         deadletter=faust_topic(app, DEADLETTER, core),
+        deletions=faust_topic(app, CUSTOMER_DELETIONS, core),
+        scores=faust_topic(app, SCORES, core),
     )
     ready = {"ok": False}
     progress = {"partitions_assigned": False, "script_loaded": False}
@@ -225,12 +283,103 @@ def _identifiers_to_split(body: Any, resolver: TouchpointResolver) -> list[Ident
     return found
 
 
+class FieldError(CustomerRequestError):
+    """A client error naming the field at fault and why (answered 400 as {error, field, reason})."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+MAX_ID_CHARS = 200
+
+
+def _request_id(value: Any) -> str:
+    """Return the client's idempotency key, or a fresh one."""
+    if value is None:
+        return uuid.uuid4().hex
+    if not isinstance(value, str) or not value.strip() or len(value) > MAX_ID_CHARS:
+        raise FieldError("request_id", f"must be a non-empty string of at most {MAX_ID_CHARS} characters")
+    return value
+
+
+async def _erase_target(body: Any, resolver: TouchpointResolver, client: aioredis.Redis,
+                        layout: GraphLayout) -> str | None:
+    """Return the customer id an erasure body names: {"identifier": {"type", "value"}} (clear value,
+    hashed here), {"identifier": "type:hash"} (as the 360 shows it), or {"customer_id": ...}.
+    None when no customer owns the identifier."""
+    if not isinstance(body, dict):
+        raise FieldError("(body)", 'must be a JSON object: {"identifier": {"type": "email", "value": "..."}}')
+    unknown = sorted(set(body) - {"identifier", "customer_id", "request_id"})
+    if unknown:
+        raise FieldError(unknown[0], "unknown field; give identifier or customer_id (and request_id)")
+    if ("identifier" in body) == ("customer_id" in body):
+        raise FieldError("identifier", "give exactly one of identifier or customer_id")
+    if "customer_id" in body:
+        customer_id = body["customer_id"]
+        if not isinstance(customer_id, str) or not customer_id.strip() or len(customer_id) > MAX_ID_CHARS:
+            raise FieldError("customer_id", f"must be a non-empty string of at most {MAX_ID_CHARS} characters")
+        return customer_id
+    item = body["identifier"]
+    if isinstance(item, str):
+        identifier = parse_identifier_ref(item)
+        if not identifier.type or not identifier.value:
+            raise FieldError("identifier", 'a string must be a hashed "type:hash" reference')
+    elif isinstance(item, dict):
+        kind, value = item.get("type"), item.get("value")
+        if not isinstance(kind, str) or not kind.strip():
+            raise FieldError("identifier.type", "must be an identifier type such as email, phone or user_id")
+        if not isinstance(value, str) or not value.strip():
+            raise FieldError("identifier.value", "must be a non-empty string")
+        try:
+            identifier = resolver.hashed_lookup(kind, value)
+        except InvalidIdentifier as exc:
+            reason = "is on the blocklist" if "blocklist" in str(exc) else "is not a usable identifier of this type"
+            raise FieldError("identifier.value", reason) from None
+    else:
+        raise FieldError("identifier", 'must be {"type": ..., "value": ...} or a hashed "type:hash" reference')
+    owner = await client.hget(layout.identifier_key(identifier_ref(identifier)), "owner")
+    return None if owner is None else (owner.decode() if isinstance(owner, bytes) else str(owner))
+
+
 def add_customer_pages(app: faust.App, resolver: TouchpointResolver, layout: GraphLayout) -> None:
-    """Serve the admin customer API: 360 lookup by id or identifier, and un-merge."""
+    """Serve the admin customer API: 360 lookup by id or identifier, un-merge, and erasure."""
     client = resolver.graph.client
 
     def refused(request: Request) -> bool:
         return not is_admin(request.headers.get("Authorization", ""), resolver.settings.admin_keys)
+
+    def field_error(view: View, exc: FieldError) -> Response:
+        return view.json({"error": str(exc), "field": exc.field, "reason": exc.reason}, status=400)
+
+    async def erase_answer(view: View, customer_id: str | None, request_id: str) -> Response:
+        erasure, the_deletion_id = (await resolver.erase(customer_id, request_id) if customer_id is not None
+                                    else (Erasure(False), deletion_id(request_id)))
+        if not erasure.found:
+            return view.json({"deleted": False, "deletion_id": the_deletion_id,
+                              "error": "no such customer: unknown, or erased already"}, status=404)
+        return view.json({"deleted": True, "deletion_id": the_deletion_id, "customer_id": erasure.customer_id,
+                          "merged_ids": list(erasure.merged_ids), "identifiers_suppressed": erasure.suppressed})
+
+    # Before /v1/customers/{customer_id}, which would otherwise take "delete" for an id.
+    @app.page("/v1/customers/delete")
+    class CustomerEraseView(View):
+        """Erase the customer owning an identifier; the identifier travels in the body, never in a URL."""
+
+        async def post(self, request: Request) -> Response:
+            if refused(request):
+                return self.error(401, "admin key required", headers={"WWW-Authenticate": "Bearer"})
+            try:
+                try:
+                    body = await request.json()
+                except ValueError:
+                    raise FieldError("(body)", "is not valid JSON") from None
+                request_id = _request_id(body.get("request_id") if isinstance(body, dict) else None)
+                customer_id = await _erase_target(body, resolver, client, layout)
+            except FieldError as exc:
+                return field_error(self, exc)
+            return await erase_answer(self, customer_id, request_id)
 
     @app.page("/v1/customers")
     class CustomerSearchView(View):
@@ -258,6 +407,18 @@ def add_customer_pages(app: faust.App, resolver: TouchpointResolver, layout: Gra
             if view is None:
                 return self.notfound("unknown customer")
             return self.json(view.to_json())
+
+        async def delete(self, request: Request, customer_id: str) -> Response:
+            """Erase the customer (any id it ever had); `?request_id=` makes a retry the same erasure."""
+            if refused(request):
+                return self.error(401, "admin key required", headers={"WWW-Authenticate": "Bearer"})
+            try:
+                if not customer_id.strip() or len(customer_id) > MAX_ID_CHARS:
+                    raise FieldError("customer_id", f"must be a non-empty string of at most {MAX_ID_CHARS} characters")
+                request_id = _request_id(request.query.get("request_id"))
+            except FieldError as exc:
+                return field_error(self, exc)
+            return await erase_answer(self, customer_id, request_id)
 
     @app.page("/v1/customers/{customer_id}/unmerge")
     class UnmergeView(View):

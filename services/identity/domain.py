@@ -104,6 +104,8 @@ class Resolution:
     replayed: bool
     merges: tuple[IdentityMerged, ...]
     refused: tuple[MergeRefused, ...]
+    # The event carried an identifier of an erased customer: dropped, nothing resolved.
+    suppressed: bool = False
 
 
 @dataclass(frozen=True)
@@ -275,11 +277,15 @@ def parse_resolution(answer: str | bytes) -> Resolution:
     Lua's cjson writes an empty array as ``{}``, hence the ``or []``.
 
     >>> parse_resolution('{"customer_id":"c_1","created":true,"replayed":false,"merges":{},"refused":{}}')
-    Resolution(customer_id='c_1', created=True, replayed=False, merges=(), refused=())
+    Resolution(customer_id='c_1', created=True, replayed=False, merges=(), refused=(), suppressed=False)
+    >>> parse_resolution('{"customer_id":"","created":false,"replayed":false,"suppressed":true}').suppressed
+    True
     """
     data = json.loads(answer)
     if "error" in data:
         raise GraphRefused(data["error"])
+    if data.get("suppressed"):
+        return Resolution("", False, False, (), (), suppressed=True)
     survivor = data["customer_id"]
     merges = tuple(
         IdentityMerged(
@@ -296,6 +302,62 @@ def parse_resolution(answer: str | bytes) -> Resolution:
     refused = tuple(MergeRefused(r["customer_id"], r["reason"], _refs(r.get("identifiers")))
                     for r in (data.get("refused") or []))
     return Resolution(survivor, bool(data.get("created")), bool(data.get("replayed")), merges, refused)
+
+
+@dataclass(frozen=True)
+class Erasure:
+    """The graph's answer to an erasure: what the customer was (all pseudonymous), or found=False."""
+
+    found: bool
+    customer_id: str = ""
+    merged_ids: tuple[str, ...] = ()
+    identifiers: tuple[Identifier, ...] = ()
+    suppressed: int = 0
+
+    @property
+    def customer_ids(self) -> tuple[str, ...]:
+        """The live id first, then every id merged into it."""
+        return (self.customer_id, *self.merged_ids) if self.found else ()
+
+
+def erase_call(op_id: str, time_ms: int, customer_id: str, mode: str, layout: GraphLayout, rules: GraphRules,
+               event_ttl_s: int) -> list[str]:
+    """Return ARGV of the erase script; `mode` is "plan" (suppress only) or "erase" (suppress and delete)."""
+    if mode not in ("plan", "erase"):
+        raise ValueError(f"erase mode must be plan or erase, not {mode!r}")
+    return [*_common_args(layout, rules, op_id, time_ms, event_ttl_s), customer_id, mode]
+
+
+def parse_erasure(answer: str | bytes) -> Erasure:
+    """Read the erase script's JSON answer (cjson writes an empty array as ``{}``).
+
+    >>> erased = parse_erasure('{"found":true,"customer_id":"c_1","merged_ids":{},"identifiers":["email:ab"],'
+    ...                        '"suppressed":1}')
+    >>> erased.customer_ids, erased.identifiers, erased.suppressed
+    (('c_1',), (Identifier(type='email', value='ab'),), 1)
+    >>> parse_erasure('{"found":false}').customer_ids
+    ()
+    """
+    data = json.loads(answer)
+    if not data.get("found"):
+        return Erasure(False)
+    return Erasure(True, data["customer_id"], tuple(sorted(data.get("merged_ids") or [])),
+                   tuple(sorted(_refs(data.get("identifiers")), key=identifier_ref)), int(data.get("suppressed") or 0))
+
+
+def deletion_id(request_id: str) -> str:
+    """Return the erasure's idempotency key from the client's request id (a retry gives the same id).
+
+    >>> deletion_id("r-1") == deletion_id("r-1"), deletion_id("r-1")[:4]
+    (True, 'del_')
+    """
+    return "del_" + hashlib.sha256(f"erase\x1f{request_id}".encode()).hexdigest()[:24]
+
+
+def customer_deletion_record(erasure: Erasure, the_deletion_id: str, requested_at_ms: int) -> dict[str, Any]:
+    """Build the CustomerDeletion record announcing the erasure (pseudonymous ids only)."""
+    return {"deletion_id": the_deletion_id, "customer_id": erasure.customer_id,
+            "merged_ids": list(erasure.merged_ids), "requested_at_ms": requested_at_ms}
 
 
 def resolved_touchpoint_record(

@@ -13,23 +13,28 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from services.identity.domain import (
+    Erasure,
     GraphLayout,
     GraphRules,
     Identifier,
     Resolution,
     ResolutionRequest,
+    erase_call,
     merge_call,
+    parse_erasure,
     parse_resolution,
     script_call,
     unmerge_call,
 )
 from services.identity.matching import PersonAttributes, blocking_keys
-from services.identity.scripts import MERGE_SCRIPT, RESOLVE_SCRIPT, UNMERGE_SCRIPT, script_sha
+from services.identity.scripts import ERASE_SCRIPT, MERGE_SCRIPT, RESOLVE_SCRIPT, UNMERGE_SCRIPT, script_sha
 
 RESOLVE_SCRIPT_SHA = script_sha(RESOLVE_SCRIPT)
 MERGE_SCRIPT_SHA = script_sha(MERGE_SCRIPT)
 UNMERGE_SCRIPT_SHA = script_sha(UNMERGE_SCRIPT)
-_SCRIPTS = {RESOLVE_SCRIPT_SHA: RESOLVE_SCRIPT, MERGE_SCRIPT_SHA: MERGE_SCRIPT, UNMERGE_SCRIPT_SHA: UNMERGE_SCRIPT}
+ERASE_SCRIPT_SHA = script_sha(ERASE_SCRIPT)
+_SCRIPTS = {RESOLVE_SCRIPT_SHA: RESOLVE_SCRIPT, MERGE_SCRIPT_SHA: MERGE_SCRIPT, UNMERGE_SCRIPT_SHA: UNMERGE_SCRIPT,
+            ERASE_SCRIPT_SHA: ERASE_SCRIPT}
 
 Call = tuple[str, list[str], list[str]]  # (script sha, KEYS, ARGV)
 
@@ -83,6 +88,53 @@ class IdentityGraph:
         [answer] = await self.run([(UNMERGE_SCRIPT_SHA, [self.layout.customer_key(customer_id)], args)])
         return answer
 
+    async def erase(self, op_id: str, time_ms: int, customer_id: str, mode: str) -> Erasure:
+        """Suppress a customer's identifiers ("plan"), or suppress and delete its graph entries ("erase")."""
+        args = erase_call(op_id, time_ms, customer_id, mode, self.layout, self.rules, self._event_ttl_s)
+        keys = [self.layout.customer_key(customer_id)]
+        try:
+            answer = await self.client.evalsha(ERASE_SCRIPT_SHA, len(keys), *keys, *args)
+        except NoScriptError:
+            await self.load_script()
+            answer = await self.client.evalsha(ERASE_SCRIPT_SHA, len(keys), *keys, *args)
+        return parse_erasure(answer)
+
+    async def sweep(self, customer_ids: Sequence[str], identifiers: Sequence[Identifier], chunk: int = 1000) -> int:
+        """Remove what the erase script cannot find by key: the per-event answers (`event:*`, kept
+        `event_ttl_s` for redeliveries) that name the customer, and its ids in other identifiers'
+        shared-use sets and in the matching blocks. One SCAN over the graph's keys; returns keys changed.
+        """
+        needles = [n for n in (*customer_ids, *(i.value for i in identifiers)) if n]
+        if not needles:
+            return 0
+        changed = 0
+        prefix = self.layout.prefix
+        batch: list[bytes] = []
+
+        async def flush() -> int:
+            events = [k for k in batch if k.startswith(f"{prefix}event:".encode())]
+            sets = [k for k in batch if k.endswith(b":customers") or k.startswith(f"{prefix}block:".encode())]
+            done = 0
+            values = await self.client.mget(events) if events else []
+            async with self.client.pipeline(transaction=False) as pipe:
+                for key, value in zip(events, values, strict=True):
+                    if value is not None and any(n.encode() in value for n in needles):
+                        pipe.delete(key)
+                        done += 1
+                for key in sets:
+                    pipe.srem(key, *customer_ids)
+                replies = await pipe.execute()
+            return done + sum(1 for r in replies[done:] if r)
+
+        async for key in self.client.scan_iter(match=f"{_glob_escape(prefix)}*", count=chunk):
+            batch.append(key if isinstance(key, bytes) else str(key).encode())
+            if len(batch) >= chunk:
+                changed += await flush()
+                batch = []
+        if batch:
+            changed += await flush()
+        return changed
+
     async def run(self, calls: Sequence[Call]) -> list[Resolution]:
         """Run script calls in one pipeline, in order, and parse their answers."""
         if not calls:
@@ -107,6 +159,17 @@ class IdentityGraph:
             for sha, keys, args in calls:
                 pipe.evalsha(sha, len(keys), *keys, *args)
             return list(await pipe.execute(raise_on_error=False))
+
+
+def _glob_escape(text: str) -> str:
+    """Escape Redis glob characters in a key prefix.
+
+    >>> _glob_escape("ts:identity:{graph}:")
+    'ts:identity:{graph}:'
+    >>> len(_glob_escape("a*b[c]"))
+    9
+    """
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
 
 
 class PersonIndex:

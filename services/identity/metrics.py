@@ -39,9 +39,15 @@ class IdentityMetrics:
             "events_replayed", "Events resolved before (redelivered), answered from the graph's memory."
         )
         self.unmerges = self.service.counter("unmerges", "Customers split by an operator.")
+        self.events_suppressed = self.service.counter(
+            "events_suppressed", "Events dropped because they carry an identifier of an erased customer.")
+        self.customers_deleted = self.service.counter("customers_deleted", "Customers erased by an operator.")
 
     def count_resolution(self, resolution: Resolution) -> None:
         """Count what a resolution changed; a replay changed nothing."""
+        if resolution.suppressed:
+            self.events_suppressed.inc()
+            return
         if resolution.replayed:
             self.events_replayed.inc()
             return

@@ -54,7 +54,8 @@ class IdentityResolver:
         redelivered event runs again: its merge answers from its op id if it was made.
         """
         assert self.persons is not None
-        people = [(n, item.person) for n, item in enumerate(items) if item.person is not None]
+        people = [(n, item.person) for n, item in enumerate(items)
+                  if item.person is not None and not resolutions[n].suppressed]
         unanchored = [(n, person) for n, person in people if resolutions[n].created]
         stored = await self.persons.candidates_many([person for _, person in unanchored])
         in_batch: dict[str, list[tuple[str, PersonAttributes]]] = {}

@@ -1,4 +1,4 @@
-"""The identity graph's Lua scripts: resolve an event, merge two customers, split identifiers off one.
+"""The identity graph's Lua scripts: resolve an event, merge two customers, split identifiers off one, erase one.
 
 Each script runs atomically in Redis, so two workers touching the same identifiers can
 never interleave inside one update. All three share one prelude (key names, merge, rules).
@@ -16,6 +16,9 @@ Key layout (see `domain.GraphLayout`), every key under one prefix with a hash ta
 - ``customer:<id>:apart``            customers an operator split off this one: never merged back
 - ``event:<op id>``                  the JSON answer given for that event or operation, kept
                                      `event_ttl_s` so a redelivery gets the very same answer
+- ``suppressed``                     set of suppression tokens, sha1("suppress:<type>:<hmac>"), of the
+                                     identifiers of erased customers: events carrying one are dropped
+- ``suppressed:version``             counter raised on every erasure (ingest reloads its copy on a change)
 
 ARGV of every script: prefix, rules (JSON), op id, time_ms, ttl_s, then the script's own.
 Rules: {"strong": [types], "limits": {type: n}, "default_limit": n, "shared_max": n}.
@@ -192,6 +195,14 @@ end
 RESOLVE_BODY = r"""
 local again = replayed()
 if again then return again end
+-- An identifier of an erased customer: drop the event, remember nothing about it.
+if redis.call("EXISTS", prefix .. "suppressed") == 1 then
+  for i = 7, #ARGV do
+    if redis.call("SISMEMBER", prefix .. "suppressed", redis.sha1hex("suppress:" .. ARGV[i])) == 1 then
+      return cjson.encode({customer_id = "", created = false, replayed = false, suppressed = true})
+    end
+  end
+end
 local candidate = ARGV[6]
 local refs = {}
 for i = 7, #ARGV do refs[#refs + 1] = ARGV[i] end
@@ -359,9 +370,65 @@ return remember({customer_id = from, created = true, replayed = false, refused =
                             reason = ARGV[8], identifiers = refs}}})
 """
 
+# ARGV[6] customer (any id it ever had); ARGV[7] mode: "plan" puts the customer's identifiers on the
+# suppression list and answers what an erasure takes; "erase" does that too, then deletes every graph
+# entry of the customer and of the ids merged into it. Shared identifiers (used by many people) are
+# deleted but never suppressed. Answers {found = false} for an unknown (or already erased) customer.
+ERASE_BODY = r"""
+local live = current_id(ARGV[6])
+if redis.call("HGET", ckey(live), "status") ~= "active" then
+  return cjson.encode({found = false})
+end
+local ids, merged_ids, seen = {live}, {}, {[live] = true}
+-- Merges move the merged customer's history into the survivor's, so the live customer's history
+-- names every id merged into it; an id reused since for a new customer is not current_id'd to it.
+for _, text in ipairs(redis.call("LRANGE", hkey(live), 0, -1)) do
+  local ok, entry = pcall(cjson.decode, text)
+  if ok and type(entry) == "table" and entry["kind"] == "merge" then
+    local m = entry["merged_id"]
+    if type(m) == "string" and not seen[m] and redis.call("HGET", ckey(m), "status") == "merged"
+        and current_id(m) == live then
+      seen[m] = true
+      ids[#ids + 1] = m
+      merged_ids[#merged_ids + 1] = m
+    end
+  end
+end
+local refs = redis.call("SMEMBERS", mkey(live))
+local suppressed = 0
+for _, ref in ipairs(refs) do
+  if redis.call("HGET", ikey(ref), "shared") ~= "1" then
+    redis.call("SADD", prefix .. "suppressed", redis.sha1hex("suppress:" .. ref))
+    suppressed = suppressed + 1
+  end
+end
+redis.call("INCR", prefix .. "suppressed:version")
+if ARGV[7] == "erase" then
+  for _, ref in ipairs(refs) do redis.call("DEL", ikey(ref), wkey(ref)) end
+  for _, id in ipairs(ids) do
+    for _, other in ipairs(redis.call("SMEMBERS", akey(id))) do
+      -- An operator split: the other customer stays, but forgets this one.
+      redis.call("SREM", akey(other), id)
+      local kept, changed = {}, false
+      for _, text in ipairs(redis.call("LRANGE", hkey(other), 0, -1)) do
+        if string.find(text, id, 1, true) then changed = true else kept[#kept + 1] = text end
+      end
+      if changed then
+        redis.call("DEL", hkey(other))
+        if #kept > 0 then redis.call("RPUSH", hkey(other), unpack(kept)) end
+      end
+    end
+    redis.call("DEL", ckey(id), mkey(id), hkey(id), akey(id), prefix .. "person:" .. id)
+  end
+end
+return cjson.encode({found = true, customer_id = live, merged_ids = merged_ids, identifiers = refs,
+                     suppressed = suppressed})
+"""
+
 RESOLVE_SCRIPT = PRELUDE + RESOLVE_BODY
 MERGE_SCRIPT = PRELUDE + MERGE_BODY
 UNMERGE_SCRIPT = PRELUDE + UNMERGE_BODY
+ERASE_SCRIPT = PRELUDE + ERASE_BODY
 
 
 def script_sha(script: str) -> str:

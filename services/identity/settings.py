@@ -18,6 +18,8 @@ class IdentitySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TOUCHSTREAM_IDENTITY_", frozen=True, extra="ignore")
 
     web_port: int = 6067
+    # 0.0.0.0 in containers, so probes and Prometheus reach /metrics, /healthz and /readyz.
+    web_host: str = "127.0.0.1"
     default_phone_region: str = Field("US", description="Region assumed for phone numbers without a country code.")
     blocklist: frozenset[str] = Field(DEFAULT_BLOCKLIST, description="Identifier values never used for matching.")
     strong_types: frozenset[str] = Field(STRONG_TYPES, description="Identifier types of which two values never merge.")

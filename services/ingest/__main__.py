@@ -12,7 +12,7 @@ from touchstream.settings import CoreSettings
 def main() -> None:
     core = CoreSettings()
     settings = IngestSettings()
-    uvicorn.run(build_app(core, settings), host=settings.host, port=settings.port, log_level="info",
+    uvicorn.run(build_app(core, settings), host=settings.web_host, port=settings.web_port, log_level="info",
                 access_log=False)
 
 

@@ -40,6 +40,7 @@ from services.ingest.settings import DEV_WRITE_KEY, IngestSettings, hash_write_k
 from touchstream import avro
 from touchstream.identifiers import KEY_PRIORITY
 from touchstream.metrics import ServiceMetrics, render
+from touchstream.privacy import SuppressionList, event_suppression_tokens
 from touchstream.settings import CoreSettings
 from touchstream.topics import TOUCHPOINTS_RAW
 
@@ -55,6 +56,8 @@ class IngestMetrics(ServiceMetrics):
         self.requests = self.counter("requests", "HTTP requests by endpoint and status.", ["endpoint", "status"])
         self.rejected = self.counter("events_rejected", "Events refused, by field.", ["field"])
         self.duplicates = self.counter("events_duplicate", "Events with a messageId already accepted.")
+        self.suppressed = self.counter(
+            "events_suppressed", "Events dropped because they carry an identifier of an erased customer.")
         self.rate_limited = self.counter("events_rate_limited", "Events refused with 429, by source.", ["source"])
         self.request_seconds = self.histogram("request_duration", "Request time until the broker's ack.",
                                               ["endpoint"])
@@ -182,6 +185,8 @@ class IngestService:
         self.redis: aioredis.Redis | None = None
         self.keys: WriteKeyStore | None = None
         self.admitter: Admitter | None = None
+        self.suppression: SuppressionList | None = None
+        self._hash_key = core.pii_hash_key.get_secret_value().encode()
         self._partitioner = CachedPartitioner()
 
     @contextlib.asynccontextmanager
@@ -189,6 +194,8 @@ class IngestService:
         self.redis = aioredis.from_url(self.core.redis_url)
         self.keys = WriteKeyStore(self.redis, self.settings.write_keys)
         self.admitter = Admitter(self.redis, self.settings.dedupe_ttl_s)
+        self.suppression = SuppressionList(self.redis, self.settings.suppression_key,
+                                           self.settings.suppression_refresh_s)
         self.producer = AIOKafkaProducer(
             bootstrap_servers=self.core.kafka_bootstrap,
             acks="all",
@@ -240,8 +247,11 @@ class IngestService:
         return source
 
     def encode_all(self, source: str, payloads: list[Any], call_type: str | None, batch_sent_at_ms: int | None,
-                   check_size: bool) -> list[tuple[str, bytes, bytes]]:
-        """Return (messageId, key, Avro value) per event, or refuse the request listing every bad event."""
+                   check_size: bool, tokens: list[list[str]] | None = None) -> list[tuple[str, bytes, bytes]]:
+        """Return (messageId, key, Avro value) per event, or refuse the request listing every bad event.
+
+        With `tokens`, each event's suppression tokens (see touchstream.privacy) are appended to it.
+        """
         received_at_ms = int(time.time() * 1000)
         limit = self.settings.max_event_bytes
         encoded: list[tuple[str, bytes, bytes]] = []
@@ -263,6 +273,9 @@ class IngestService:
                     raise EventRejected("(event)", f"event is {len(value)} bytes encoded, the limit is {limit} "
                                                    "(max_event_bytes)")
                 encoded.append((record["message_id"], record_key(record), value))
+                if tokens is not None:
+                    tokens.append(event_suppression_tokens(record["identifiers"], self._hash_key,
+                                                           self.settings.default_phone_region))
             except (EventRejected, RecursionError) as exc:
                 if isinstance(exc, RecursionError):
                     exc = EventRejected("(event)", "is nested too deeply")
@@ -281,9 +294,31 @@ class IngestService:
                           errors=errors)
         return encoded
 
-    async def accept(self, source: str, encoded: list[tuple[str, bytes, bytes]]) -> JSONResponse:
+    async def encode_and_screen(
+        self, source: str, payloads: list[Any], call_type: str | None, batch_sent_at_ms: int | None, check_size: bool
+    ) -> tuple[list[tuple[str, bytes, bytes]], int]:
+        """`encode_all`, then leave out the events carrying an identifier of an erased customer.
+
+        Returns the events to produce and how many were dropped. A dropped event is not a client
+        error: the request succeeds, and the answer counts it in `suppressed`.
+        """
+        assert self.suppression is not None
+        await self.suppression.refresh()
+        tokens: list[list[str]] | None = [] if self.suppression.active else None
+        encoded = self.encode_all(source, payloads, call_type, batch_sent_at_ms, check_size, tokens)
+        if tokens is None:
+            return encoded, 0
+        flags = await self.suppression.suppressed(tokens)
+        kept = [item for item, dropped in zip(encoded, flags, strict=True) if not dropped]
+        dropped = len(encoded) - len(kept)
+        self.metrics.suppressed.inc(dropped)
+        return kept, dropped
+
+    async def accept(self, source: str, encoded: list[tuple[str, bytes, bytes]], suppressed: int = 0) -> JSONResponse:
         """Spend the rate limit, drop duplicates, produce the rest, answer once the broker acknowledged."""
         assert self.admitter is not None
+        if not encoded:
+            return JSONResponse({"success": True, "accepted": 0, "duplicates": 0, "suppressed": suppressed})
         rate = self.settings.rate_limits.get(source, self.settings.rate_limit_events_per_s)
         message_ids = [message_id for message_id, _, _ in encoded]
         admission = await self.admitter.admit(source, message_ids, rate, self.settings.rate_limit_burst_events)
@@ -303,7 +338,8 @@ class IngestService:
             raise _unavailable(f"broker did not acknowledge: {type(exc).__name__}") from None
         duplicates = len(encoded) - len(new)
         self.metrics.duplicates.inc(duplicates)
-        return JSONResponse({"success": True, "accepted": len(new), "duplicates": duplicates})
+        return JSONResponse({"success": True, "accepted": len(new), "duplicates": duplicates,
+                             "suppressed": suppressed})
 
     async def _produce(self, encoded: list[tuple[str, bytes, bytes]]) -> None:
         # One record batch per partition and request instead of one send() per record: a
@@ -393,8 +429,8 @@ def build_app(core: CoreSettings, settings: IngestSettings) -> Starlette:
         body = await service.read_json(request, limit, limit_name)
         source = await service.authenticate(header_key, body)
         if not batch:
-            encoded = service.encode_all(source, [body], call_type, None, check_size=False)
-            return await service.accept(source, encoded)
+            encoded, suppressed = await service.encode_and_screen(source, [body], call_type, None, check_size=False)
+            return await service.accept(source, encoded, suppressed)
         if not isinstance(body, dict) or not isinstance(body.get("batch"), list):
             raise _bad_request("batch", "the body must be an object with a 'batch' list")
         events = body["batch"]
@@ -413,8 +449,8 @@ def build_app(core: CoreSettings, settings: IngestSettings) -> Starlette:
             sent_at_ms = None if sent_at is None else parse_timestamp(sent_at, "sentAt")
         except EventRejected as exc:
             raise _bad_request(exc.field, exc.reason) from None
-        encoded = service.encode_all(source, events, None, sent_at_ms, check_size=True)
-        return await service.accept(source, encoded)
+        encoded, suppressed = await service.encode_and_screen(source, events, None, sent_at_ms, check_size=True)
+        return await service.accept(source, encoded, suppressed)
 
     async def metrics(_request: Request) -> Response:
         body, content_type = render(service.metrics.registry)

@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 
 from touchstream.identifiers import KNOWN_TYPES
+from touchstream.privacy import CONSENT_WITHDRAWN
 
 EVENT_TYPES = ("track", "identify", "page", "screen", "group", "alias")
 _ORDER_EVENTS = frozenset({"order completed", "order placed", "purchase", "checkout completed"})
@@ -226,6 +227,34 @@ def extract_feedback(payload: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def extract_consent(payload: dict[str, Any]) -> list[str]:
+    """Read the consent categories an event states, as TouchpointEvent.consent carries them.
+
+    `consent` (a list of categories) wins; otherwise Segment's consent object,
+    `context.consent.categoryPreferences` ({category: true/false}), gives the categories set true.
+    An event that says nothing gives [] (the customer's consent is unchanged); one that states no
+    category at all (`"consent": []`, or every preference false) gives ["none"]: consent withdrawn.
+
+    >>> extract_consent({}), extract_consent({"consent": ["email"]}), extract_consent({"consent": []})
+    ([], ['email'], ['none'])
+    >>> extract_consent({"context": {"consent": {"categoryPreferences": {"email": True, "sms": False}}}})
+    ['email']
+    """
+    if "consent" in payload:
+        consent = payload["consent"]
+        if not isinstance(consent, list) or not all(isinstance(c, str) for c in consent):
+            raise EventRejected("consent", "must be a list of category names")
+        return [c.strip() for c in consent if c.strip()] or [CONSENT_WITHDRAWN]
+    context = payload.get("context")
+    stated = context.get("consent") if isinstance(context, dict) else None
+    preferences = stated.get("categoryPreferences") if isinstance(stated, dict) else None
+    if preferences is None:
+        return []
+    if not isinstance(preferences, dict) or not all(isinstance(v, bool) for v in preferences.values()):
+        raise EventRejected("context.consent.categoryPreferences", "must be an object of category -> true/false")
+    return [str(k) for k, v in preferences.items() if v] or [CONSENT_WITHDRAWN]
+
+
 def to_touchpoint(payload: Any, call_type: str | None, source: str, received_at_ms: int,
                   default_channel: str = "web", batch_sent_at_ms: int | None = None) -> dict[str, Any]:
     """Build a TouchpointEvent record from one API call, or raise EventRejected.
@@ -270,9 +299,7 @@ def to_touchpoint(payload: Any, call_type: str | None, source: str, received_at_
             extras["sentAt"] = sent_at if sent_at is not None else batch_sent_at_ms
         if not MIN_TIMESTAMP_MS <= timestamp_ms < MAX_TIMESTAMP_MS:
             raise EventRejected(timestamp_field, "is out of range once corrected for clock skew (sentAt)")
-    consent = payload.get("consent", [])
-    if not isinstance(consent, list) or not all(isinstance(c, str) for c in consent):
-        raise EventRejected("consent", "must be a list of category names")
+    consent = extract_consent(payload)
     return {
         "message_id": message_id,
         "type": event_type,

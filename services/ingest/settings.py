@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from touchstream.privacy import DEFAULT_SUPPRESSION_KEY
 
 DEV_WRITE_KEY = "dev-write-key"
 
@@ -20,10 +22,14 @@ def hash_write_key(key: str) -> str:
 
 
 class IngestSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="TOUCHSTREAM_INGEST_", frozen=True, extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="TOUCHSTREAM_INGEST_", frozen=True, extra="ignore",
+                                      populate_by_name=True)
 
-    host: str = "127.0.0.1"
-    port: int = 6066
+    # Named like every service's web address; TOUCHSTREAM_INGEST_HOST / _PORT still work.
+    web_host: str = Field("127.0.0.1", validation_alias=AliasChoices("TOUCHSTREAM_INGEST_WEB_HOST",
+                                                                     "TOUCHSTREAM_INGEST_HOST"),
+                          description="Address of the HTTP API, /metrics, /healthz and /readyz.")
+    web_port: int = Field(6066, validation_alias=AliasChoices("TOUCHSTREAM_INGEST_WEB_PORT", "TOUCHSTREAM_INGEST_PORT"))
     # Bootstrap keys: source name -> sha256 of its write key; only hashes are ever configured or
     # stored. Keys added at run time live in Redis (`touchstream keys add`); `touchstream keys
     # revoke SOURCE` refuses both kinds at once on every worker.
@@ -39,3 +45,12 @@ class IngestSettings(BaseSettings):
     max_batch_bytes: int = 500 * 1024
     max_batch_events: int = 2500
     default_channel: str = "web"
+    # Erasure: events carrying an identifier on identity's suppression list are dropped here.
+    suppression_key: str = Field(DEFAULT_SUPPRESSION_KEY,
+                                 description="identity's graph prefix + 'suppressed' (same Redis as identity).")
+    suppression_refresh_s: float = Field(
+        0.5, ge=0, description="How often a worker looks for a new erasure; identity drops what slips through.")
+    # Phones are hashed as identity hashes them, so both must assume the same region.
+    default_phone_region: str = Field(
+        "US", validation_alias=AliasChoices("TOUCHSTREAM_INGEST_DEFAULT_PHONE_REGION",
+                                            "TOUCHSTREAM_IDENTITY_DEFAULT_PHONE_REGION"))

@@ -27,6 +27,7 @@ from services.scoring.labels import DAY_MS, PendingExample, event_day, is_predic
 from services.scoring.model import Learner
 from services.scoring.segments import StageRules, lifecycle_stage, rfm_segment
 from services.scoring.state import CustomerState, Touchpoint, apply_touchpoint
+from touchstream.privacy import CONSENT_WITHDRAWN
 
 # The ScoreUpdate event_type of an as-of rescore (no touchpoint behind it).
 RESCORE = "rescore"
@@ -214,8 +215,18 @@ def rfm_totals(state: CustomerState) -> dict[str, float]:
     return {"purchase_count": float(state.purchase_count), "monetary_total": state.monetary_total}
 
 
-def score_update_record(customer_id: str, touch: Touchpoint, scored: Scored) -> dict[str, Any]:
-    """Return the ScoreUpdate record for `scored`."""
+def score_update_record(customer_id: str, touch: Touchpoint, scored: Scored,
+                        state: CustomerState | None = None) -> dict[str, Any]:
+    """Return the ScoreUpdate record for `scored`.
+
+    Consent and time zone are the customer's (from `state`: the latest stated on any event or
+    identify call), so a rescore or an event without them carries them too.
+    """
+    if state is not None and state.consent is not None:
+        consent = list(state.consent)
+    else:
+        consent = [c for c in touch.consent if c != CONSENT_WITHDRAWN]
+    time_zone = (state.time_zone if state is not None else None) or touch.time_zone
     return {
         "customer_id": customer_id,
         "message_id": touch.message_id,
@@ -230,11 +241,12 @@ def score_update_record(customer_id: str, touch: Touchpoint, scored: Scored) -> 
         "model_version": scored.model_version,
         "event_type": touch.event_type,
         "event_name": touch.event_name,
-        "consent": list(touch.consent),
+        "consent": consent,
         "channel": None if touch.event_type == RESCORE else touch.channel,
+        "time_zone": time_zone,
     }
 
 
 def rescore_touchpoint(customer_id: str, t_ms: int) -> Touchpoint:
-    """Return the stand-in touchpoint a rescore's ScoreUpdate is built from (no consent: none was given)."""
+    """Return the stand-in touchpoint a rescore's ScoreUpdate is built from (consent comes from the state)."""
     return Touchpoint(f"rescore:{customer_id}:{t_ms}", t_ms, t_ms, event_type=RESCORE)

@@ -43,3 +43,5 @@ class ScoringMetrics:
         self.duplicates = self.service.counter("events_duplicate", "Touchpoints already applied (redeliveries).")
         self.merges = self.service.counter("merges", "identity.merges records, by outcome.", ["outcome"])
         self.checkpoints = self.service.counter("checkpoints", "Model checkpoints written to Redis.")
+        self.customers_forgotten = self.service.counter(
+            "customers_forgotten", "Customer ids erased (customers.deletions), states and waiting examples deleted.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,9 @@ from services.scoring.state import CustomerState, Touchpoint, merge_states
 from services.scoring.store import RedisScoringStore, StateChanges, customer_of
 
 log = logging.getLogger(__name__)
+# How long, and how many, erased customer ids a worker remembers to drop their in-flight records.
+FORGOTTEN_KEPT_S = 600.0
+FORGOTTEN_KEPT = 100_000
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,9 @@ class ScoringService:
         # Both agents read-modify-write the same customer states; one batch at a time.
         self._lock = asyncio.Lock()
         self._restored = False
+        # Customers erased lately (in memory only): records for them still in flight on other
+        # topics (resolved before the erasure, consumed after it) are dropped, not re-created.
+        self._forgotten: dict[str, float] = {}
 
     async def restore_model(self) -> None:
         """Load the newest model checkpoint once, before the first batch."""
@@ -107,6 +114,8 @@ class ScoringService:
         due at T runs just before the first input that moves its partition's watermark to T,
         so its features see the events up to T and none after.
         """
+        if self._forgotten:
+            inputs = [i for i in inputs if i.customer_id not in self._forgotten]
         if not inputs:
             return []
         async with self._lock:
@@ -141,7 +150,7 @@ class ScoringService:
                     changes.add_due(item.partition, item.customer_id, t, scored.new_example.due_ms)
                 changes.schedule_tick(item.partition, item.customer_id, self.engine.next_tick_ms(state))
                 changes.states[item.customer_id] = state
-                records.append(score_update_record(item.customer_id, item.touch, scored))
+                records.append(score_update_record(item.customer_id, item.touch, scored, state))
             changes.watermarks = {p: watermarks[p] for p in partitions}
             await self._learn_matured(states, changes)
             await self.store.save(changes)
@@ -176,7 +185,7 @@ class ScoringService:
             if scored.new_example is not None:
                 changes.add_due(partition, customer_id, t_ms, scored.new_example.due_ms)
             if self.settings.emit_rescores:
-                records.append(score_update_record(customer_id, rescore_touchpoint(customer_id, t_ms), scored))
+                records.append(score_update_record(customer_id, rescore_touchpoint(customer_id, t_ms), scored, state))
         return records
 
     async def forecasts(
@@ -194,9 +203,12 @@ class ScoringService:
         return result
 
     async def _learn_matured(self, states: dict[str, CustomerState], changes: StateChanges) -> None:
-        for partition, watermark in changes.watermarks.items():
-            cutoff = self.engine.maturity_cutoff(watermark)
-            members = await self.store.due_members(partition, cutoff)
+        cutoffs = {p: self.engine.maturity_cutoff(w) for p, w in changes.watermarks.items()}
+        # One round trip for every partition's due examples (learning one partition's examples
+        # changes nothing stored for another's before the batch is saved).
+        stored_due = await self.store.due_members_by_partition(cutoffs)
+        for partition, cutoff in cutoffs.items():
+            members = stored_due[partition]
             # Examples added earlier in this batch are not in Redis yet but may be due already.
             members += [m for m, due in changes.due_added.get(partition, {}).items() if due <= cutoff]
             if not members:
@@ -227,8 +239,26 @@ class ScoringService:
         for partition, watermark in watermarks.items():
             self.metrics.watermark.labels(str(partition)).set(watermark / 1000)
 
+    async def forget_customers(self, customer_ids: Iterable[str], partitions: Iterable[int]) -> int:
+        """Erase customers: their states, the examples waiting for a label, their rescore ticks.
+
+        Under the batch lock, so a batch that loaded a state before cannot save it back after.
+        The model keeps what it learned from examples already matured (weights, no per-customer data).
+        """
+        ids = list(customer_ids)
+        now = time.monotonic()
+        for cid in ids:
+            self._forgotten[cid] = now
+        for cid, at in list(self._forgotten.items()):
+            if now - at > FORGOTTEN_KEPT_S or len(self._forgotten) > FORGOTTEN_KEPT:
+                del self._forgotten[cid]
+        async with self._lock:
+            return await self.store.forget(ids, partitions)
+
     async def apply_merges(self, merges: list[MergeInput]) -> None:
         """Fold each merged customer's state into its survivor's and delete it; repeats change nothing."""
+        if self._forgotten:
+            merges = [m for m in merges if m.survivor_id not in self._forgotten and m.merged_id not in self._forgotten]
         if not merges:
             return
         async with self._lock:

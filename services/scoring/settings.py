@@ -12,6 +12,8 @@ class ScoringSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TOUCHSTREAM_SCORING_", frozen=True, extra="ignore")
 
     web_port: int = 6068
+    # 0.0.0.0 in containers, so probes and Prometheus reach /metrics, /healthz and /readyz.
+    web_host: str = "127.0.0.1"
     horizon_days: int = Field(90, ge=1, description="H in 'purchase within H days'; churn risk = 1 - that.")
     lateness_days: float = Field(
         1.0, ge=0, description="How far behind the partition's newest event time a purchase may arrive and still count."

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import bisect
 import math
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from services.scoring.labels import DAY_MS, PendingExample, label_with_purchase, union_pending
+from touchstream.privacy import CONSENT_WITHDRAWN, consent_update
 
 # A redelivery after a crash replays at most the offsets not yet committed (about one
 # second of traffic); no customer has more than this many events in that window.
@@ -42,9 +44,12 @@ class Touchpoint:
     event_name: str | None = None
     order_amount: float | None = None
     is_complaint: bool = False
+    # As the event states it: [] says nothing, ["none"] withdraws (see touchstream.privacy).
     consent: tuple[str, ...] = ()
     channel: str = "web"
     rating: int | None = None
+    # IANA zone from Segment's context.timezone, when the event carries one.
+    time_zone: str | None = None
 
     @property
     def is_purchase(self) -> bool:
@@ -66,7 +71,25 @@ def touchpoint_from_record(event: dict[str, Any]) -> Touchpoint:
         consent=tuple(event.get("consent") or ()),
         channel=str(event.get("channel") or "web"),
         rating=feedback.get("rating") if feedback else None,
+        time_zone=context_time_zone(event.get("properties_json")),
     )
+
+
+_TIME_ZONE = re.compile(r'"timezone"\s*:\s*"([A-Za-z0-9_+\-/]{1,64})"')
+
+
+def context_time_zone(properties_json: str | None) -> str | None:
+    """Return `context.timezone` (Segment's field, an IANA name) from an event's properties text.
+
+    A regular expression instead of a JSON parse: most events carry none, and this runs per event.
+
+    >>> context_time_zone('{"context":{"timezone":"Asia/Shanghai"}}'), context_time_zone('{"a":1}')
+    ('Asia/Shanghai', None)
+    """
+    if not properties_json or '"timezone"' not in properties_json:
+        return None
+    found = _TIME_ZONE.search(properties_json)
+    return found.group(1) if found else None
 
 
 def channel_bucket(channel: str) -> str:
@@ -148,6 +171,12 @@ class CustomerState:
     # Event time of the newest prediction point; the next as-of rescore is due a tick later.
     last_example_ms: int | None = None
     applied_ids: list[str] = field(default_factory=list)
+    # The customer's consent categories as last stated (None: never stated), and when (event time);
+    # every ScoreUpdate carries them, rescores included.
+    consent: list[str] | None = None
+    consent_at_ms: int | None = None
+    time_zone: str | None = None
+    time_zone_at_ms: int | None = None
 
     def has_applied(self, idempotency_key: str) -> bool:
         return idempotency_key in self.applied_ids
@@ -179,6 +208,7 @@ def apply_touchpoint(state: CustomerState, touch: Touchpoint) -> bool:
     state.first_touch_ms = t if state.first_touch_ms is None else min(state.first_touch_ms, t)
     state.last_touch_ms = t if state.last_touch_ms is None else max(state.last_touch_ms, t)
     state.touches.add(t, 1.0)
+    _note_profile(state, t, touch.consent, touch.time_zone)
     bucket = channel_bucket(touch.channel)
     state.channel_counts[bucket] = state.channel_counts.get(bucket, 0) + 1
     if touch.is_complaint:
@@ -190,6 +220,25 @@ def apply_touchpoint(state: CustomerState, touch: Touchpoint) -> bool:
     if touch.order_amount is not None:
         _apply_purchase(state, t, touch.order_amount)
     return True
+
+
+def _note_profile(state: CustomerState, t: int, consent: tuple[str, ...] | list[str] | None,
+                  time_zone: str | None) -> None:
+    """Keep the latest (event time) consent statement and time zone.
+
+    >>> state = CustomerState()
+    >>> _note_profile(state, 10, ("email",), None); _note_profile(state, 20, (), "Asia/Shanghai")
+    >>> _note_profile(state, 5, ("none",), None)  # older than the statement kept: ignored
+    >>> state.consent, state.time_zone
+    (['email'], 'Asia/Shanghai')
+    >>> _note_profile(state, 30, ("none",), None); state.consent
+    []
+    """
+    stated = consent_update(state.consent, consent or ())
+    if stated is not None and (state.consent_at_ms is None or t >= state.consent_at_ms):
+        state.consent, state.consent_at_ms = list(stated), t
+    if time_zone and (state.time_zone_at_ms is None or t >= state.time_zone_at_ms):
+        state.time_zone, state.time_zone_at_ms = time_zone, t
 
 
 def _apply_purchase(state: CustomerState, t: int, amount: float) -> None:
@@ -241,6 +290,11 @@ def merge_states(survivor: CustomerState, merged: CustomerState, merge_id: str) 
     survivor.pending = union_pending(survivor.pending, merged.pending)
     survivor.last_example_day = max(survivor.last_example_day, merged.last_example_day)
     survivor.last_example_ms = _latest(survivor.last_example_ms, merged.last_example_ms)
+    # Consent and time zone: the most recent statement of either wins.
+    if merged.consent is not None and merged.consent_at_ms is not None:
+        _note_profile(survivor, merged.consent_at_ms, tuple(merged.consent) or (CONSENT_WITHDRAWN,), None)
+    if merged.time_zone and merged.time_zone_at_ms is not None:
+        _note_profile(survivor, merged.time_zone_at_ms, None, merged.time_zone)
     for applied in merged.applied_ids:
         if not survivor.has_applied(applied):
             survivor.remember(applied)
@@ -259,35 +313,50 @@ def _latest(a: int | None, b: int | None) -> int | None:
 _WINDOW_FIELDS = ("touches", "purchases", "spend", "complaints_recent")
 
 
+_STATE_FIELDS = tuple(f.name for f in fields(CustomerState))
+_KNOWN_FIELDS = frozenset(_STATE_FIELDS)
+# MODEL_FEATURES, imported on first use (services.scoring.features imports this module).
+_packed_order: tuple[str, ...] = ()
+
+
+def _model_features() -> tuple[str, ...]:
+    global _packed_order
+    if not _packed_order:
+        from services.scoring.features import MODEL_FEATURES
+
+        _packed_order = MODEL_FEATURES
+    return _packed_order
+
+
+# The codec runs for every state a batch loads and saves (on CDNOW, with the as-of rescores,
+# several per event), so it is written out by hand: no dataclasses.fields() per call, no
+# keyword-argument dicts per waiting example. The stored JSON is unchanged.
 def state_to_dict(state: CustomerState) -> dict[str, Any]:
     """Return `state` as plain JSON-ready data."""
     # Written out rather than dataclasses.asdict, whose deep copies were most of a batch's time.
-    data = {f.name: getattr(state, f.name) for f in fields(state)}
+    data = {name: getattr(state, name) for name in _STATE_FIELDS}
     for name in _WINDOW_FIELDS:
         windows = getattr(state, name)
         data[name] = {"values": windows.values, "at_ms": windows.at_ms}
+    order = _model_features()
     data["pending"] = [
-        {"t_ms": e.t_ms, "due_ms": e.due_ms, "features": _pack(e.features), "propensity": e.propensity,
+        {"t_ms": e.t_ms, "due_ms": e.due_ms, "features": _pack(e.features, order), "propensity": e.propensity,
          "positive": e.positive, "purchases": e.purchases}
         for e in state.pending
     ]
     return data
 
 
-def _pack(features: dict[str, float]) -> dict[str, float] | list[float]:
+def _pack(features: dict[str, float], order: tuple[str, ...]) -> dict[str, float] | list[float]:
     # Waiting examples are most of a state's bytes; the usual model inputs are stored as a
     # bare list in MODEL_FEATURES order (names once in code, not in every example).
-    from services.scoring.features import MODEL_FEATURES  # features imports this module
-
-    if len(features) == len(MODEL_FEATURES) and tuple(features) == MODEL_FEATURES:
+    if len(features) == len(order) and tuple(features) == order:
         return list(features.values())
     return features
 
 
-def _unpack(features: dict[str, float] | list[float]) -> dict[str, float]:
-    from services.scoring.features import MODEL_FEATURES
-
-    return dict(zip(MODEL_FEATURES, features, strict=True)) if isinstance(features, list) else features
+def _unpack(features: dict[str, float] | list[float], order: tuple[str, ...]) -> dict[str, float]:
+    return dict(zip(order, features, strict=True)) if isinstance(features, list) else features
 
 
 def state_from_dict(data: dict[str, Any]) -> CustomerState:
@@ -297,12 +366,15 @@ def state_from_dict(data: dict[str, Any]) -> CustomerState:
     >>> state_from_dict(state_to_dict(state)) == state
     True
     """
-    known = {f.name for f in fields(CustomerState)}
     # Older states carried fields since replaced (e.g. single decayed counts); they are dropped.
-    values = {k: v for k, v in data.items() if k in known}
+    values = {k: v for k, v in data.items() if k in _KNOWN_FIELDS}
     for name in _WINDOW_FIELDS:
         if name in values:
             values[name] = DecayedWindows(**values[name])
-    pending = values.get("pending", [])
-    values["pending"] = [PendingExample(**(e | {"features": _unpack(e["features"])})) for e in pending]
+    order = _model_features()
+    values["pending"] = [
+        PendingExample(e["t_ms"], e["due_ms"], _unpack(e["features"], order), e["propensity"],
+                       e.get("positive", False), e.get("purchases", 0))
+        for e in values.get("pending", ())
+    ]
     return CustomerState(**values)

@@ -12,7 +12,8 @@ Key layout (prefix from settings, default `ts:scoring`):
   {prefix}:model                   string, pickled Learner checkpoint
 
 Due sets, tick sets and watermarks are per partition because only the partition's owner may touch
-its customers' states; the owner is the single writer of all three.
+its customers' states; the owner is the single writer of all three. The one exception is an
+erasure (`forget`), which removes a customer's members from every partition's sets.
 """
 
 from __future__ import annotations
@@ -65,6 +66,10 @@ def due_member(customer_id: str, t_ms: int) -> str:
     'c-1|42'
     """
     return f"{customer_id}|{t_ms}"
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
 
 
 def customer_of(member: str) -> str:
@@ -121,6 +126,18 @@ class RedisScoringStore:
         members = await self.redis.zrangebyscore(self.due_key(partition), "-inf", maturity_cutoff_ms)
         return [m.decode() if isinstance(m, bytes) else str(m) for m in members]
 
+    async def due_members_by_partition(self, cutoffs_ms: dict[int, int]) -> dict[int, list[str]]:
+        """Return each partition's waiting examples due by its cutoff, all in one round trip."""
+        parts = list(cutoffs_ms)
+        if not parts:
+            return {}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for partition in parts:
+                pipe.zrangebyscore(self.due_key(partition), "-inf", cutoffs_ms[partition])
+            replies = await pipe.execute()
+        return {p: [m.decode() if isinstance(m, bytes) else str(m) for m in reply]
+                for p, reply in zip(parts, replies, strict=True)}
+
     async def due_ticks(self, up_to_ms: dict[int, int]) -> dict[int, list[tuple[str, int]]]:
         """Return each partition's (customer_id, tick time) due by its `up_to_ms`, oldest first."""
         parts = list(up_to_ms)
@@ -169,6 +186,30 @@ class RedisScoringStore:
                 for name, *args in commands[start : start + PIPELINE_CHUNK]:
                     getattr(pipe, name)(*args)
                 await pipe.execute()
+
+    async def forget(self, customer_ids: Iterable[str], partitions: Iterable[int]) -> int:
+        """Delete every key and set member of `customer_ids` (an erasure): their states (with the
+        examples waiting for a label), their due-set members and rescore ticks in `partitions`.
+        Idempotent; returns how many keys and members went."""
+        ids = sorted(set(customer_ids))
+        if not ids:
+            return 0
+        parts = list(partitions)
+        members: dict[int, list[str]] = {}
+        for partition in parts:
+            for cid in ids:
+                pattern = _glob_escape(cid) + "|*"
+                async for member, _ in self.redis.zscan_iter(self.due_key(partition), match=pattern, count=1000):
+                    members.setdefault(partition, []).append(member.decode() if isinstance(member, bytes) else member)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for cid in ids:
+                pipe.delete(self.customer_key(cid))
+            for partition in parts:
+                pipe.zrem(self.tick_key(partition), *ids)
+                if members.get(partition):
+                    pipe.zrem(self.due_key(partition), *members[partition])
+            replies = await pipe.execute()
+        return sum(int(r) for r in replies)
 
     async def pending_counts(self, partitions: Iterable[int]) -> dict[int, int]:
         """Return how many examples wait in each partition's due set."""

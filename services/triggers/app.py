@@ -34,6 +34,7 @@ from services.triggers.delivery import (
     endpoint_refusal,
     guarded_client,
 )
+from services.triggers.erasure import DELETED_RULE_ID, deleted_ids, deletion_action_records, forget_customers
 from services.triggers.events import ScoreUpdated
 from services.triggers.metrics import TriggersMetrics
 from services.triggers.rules import Rule, RuleSet, Silence, parse_rule_file
@@ -42,7 +43,7 @@ from services.triggers.state_store import DeliveryLedger, DeliveryQueue, RuleSta
 from touchstream import avro
 from touchstream.settings import CoreSettings
 from touchstream.streams import Outbox, add_health_pages, batches, faust_topic, make_app
-from touchstream.topics import ACTIONS, DEADLETTER, SCORES
+from touchstream.topics import ACTIONS, CUSTOMER_DELETIONS, DEADLETTER, SCORES
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -65,6 +66,10 @@ def check_configuration(rules: Sequence[Rule], settings: TriggersSettings) -> No
                 f"rule {rule.id!r}: endpoint {rule.action.endpoint!r} is not registered; "
                 f"set TOUCHSTREAM_TRIGGERS_ENDPOINTS (registered: {sorted(settings.endpoints) or 'none'})"
             )
+    for name in settings.deletion_notice_endpoints():
+        if name not in settings.endpoints:
+            raise ValueError(f"TOUCHSTREAM_TRIGGERS_DELETION_ENDPOINTS: endpoint {name!r} is not registered "
+                             f"(registered: {sorted(settings.endpoints) or 'none'})")
     for name, endpoint in settings.endpoints.items():
         refusal = endpoint_refusal(endpoint.url, settings.allow_private_endpoints, settings.endpoint_allowlist)
         if refusal:
@@ -82,6 +87,7 @@ def build_app(core: CoreSettings, settings: TriggersSettings, registry: Collecto
     scores_topic = faust_topic(app, SCORES, core)
     actions_topic = faust_topic(app, ACTIONS, core)
     deadletter_topic = faust_topic(app, DEADLETTER, core)
+    deletions_topic = faust_topic(app, CUSTOMER_DELETIONS, core)
     metrics = TriggersMetrics(registry)
     ready = {"ok": False}
     add_health_pages(app, ready, registry)
@@ -93,6 +99,8 @@ def build_app(core: CoreSettings, settings: TriggersSettings, registry: Collecto
     states = RuleStateStore(redis, settings.state_ttl_days * DAY_S)
     # Action ids the evaluator queued for delivery itself (see queue_straight_away), oldest first.
     queued_here: OrderedDict[str, None] = OrderedDict()
+    # Customers erased lately (memory only): their scores and actions still in flight are dropped.
+    forgotten: OrderedDict[str, None] = OrderedDict()
 
     async def dead_letter_actions(failures: Sequence[FailedDelivery]) -> None:
         outbox = Outbox(metrics)
@@ -102,10 +110,11 @@ def build_app(core: CoreSettings, settings: TriggersSettings, registry: Collecto
                                      failure.action["customer_id"].encode(), original)
         await outbox.flush()
 
+    delivery_queue = DeliveryQueue(redis)
     delivery = ActionDelivery(
         WebhookSender(http, settings.endpoints),
         DeliveryLedger(redis, settings.delivered_ttl_days * DAY_S),
-        DeliveryQueue(redis),
+        delivery_queue,
         metrics,
         dead_letter_actions,
         endpoints=sorted(settings.endpoints),
@@ -114,6 +123,7 @@ def build_app(core: CoreSettings, settings: TriggersSettings, registry: Collecto
         breaker_cool_off_s=settings.breaker_cool_off_s,
         lease_s=settings.delivery_lease_s,
         poll_s=settings.dispatch_poll_s,
+        schedule=settings.retry_schedule_s,
     )
 
     async def until_redis_answers(call: Callable[[], Awaitable[T]]) -> T:
@@ -132,8 +142,12 @@ def build_app(core: CoreSettings, settings: TriggersSettings, registry: Collecto
         scores: list[ScoreUpdated] = []
         for event in events:
             metrics.events_in.labels(SCORES.name).inc()
+            if event.value is None:
+                continue  # a tombstone: `scores` is compacted, and an erasure nulls the customer's key
             try:
-                scores.append(ScoreUpdated.from_record(avro.decode(SCORES.schema, event.value)))
+                score = ScoreUpdated.from_record(avro.decode(SCORES.schema, event.value))
+                if score.customer_id not in forgotten:
+                    scores.append(score)
             except avro.DecodeError as exc:
                 await outbox.dead_letter(deadletter_topic, "triggers", SCORES.name, f"decode: {exc}",
                                          _raw(event.key), event.value)
@@ -219,6 +233,8 @@ def build_app(core: CoreSettings, settings: TriggersSettings, registry: Collecto
                 continue
             if action["action_id"] in queued_here:
                 continue
+            if action["customer_id"] in forgotten and action["rule_id"] != DELETED_RULE_ID:
+                continue  # decided before the erasure, consumed after it: never sent
             actions.append(action)
             originals.setdefault(action["action_id"], event)
         # Only a Redis write: the timer task does the HTTP, so a dead receiver never stalls this stream.
@@ -243,6 +259,44 @@ def build_app(core: CoreSettings, settings: TriggersSettings, registry: Collecto
         except (RedisError, OSError) as exc:
             metrics.redis_errors.inc()
             log.warning("queue sizes: %s", exc)
+
+    async def forget_batch(events: Sequence[faust.EventT]) -> None:
+        """Erasures: forget the customers' states and queued actions, then send the deletion notices."""
+        outbox = Outbox(metrics)
+        records = []
+        for event in events:
+            metrics.events_in.labels(CUSTOMER_DELETIONS.name).inc()
+            try:
+                records.append(avro.decode(CUSTOMER_DELETIONS.schema, event.value or b""))
+            except avro.DecodeError as exc:
+                await outbox.dead_letter(deadletter_topic, "triggers", CUSTOMER_DELETIONS.name, f"decode: {exc}",
+                                         _raw(event.key), event.value or b"")
+        ids = [cid for record in records for cid in deleted_ids(record)]
+        for cid in ids:
+            forgotten[cid] = None
+        while len(forgotten) > QUEUED_HERE_KEPT:
+            forgotten.popitem(last=False)
+        if ids:
+            deleted, dropped = await until_redis_answers(
+                lambda: forget_customers(redis, delivery_queue, ids, rules_by_id, settings.endpoints))
+            metrics.customers_forgotten.inc(len(set(ids)))
+            metrics.deliveries_dropped.inc(dropped)
+            log.info("triggers: forgot %d customer ids (%d keys, %d queued actions)", len(set(ids)), deleted, dropped)
+        notices = []
+        created_at_ms = int(time.time() * 1000)
+        for record in records:
+            for notice in deletion_action_records(record, settings.deletion_notice_endpoints(), created_at_ms):
+                notices.append(notice)
+                await outbox.send(actions_topic, notice["customer_id"], avro.encode(ACTIONS.schema, notice))
+                metrics.actions.labels(DELETED_RULE_ID, "fired", "").inc()
+        await outbox.flush()
+        if notices:
+            await queue_straight_away(notices)
+
+    @app.agent(deletions_topic, name="forget_customers")
+    async def forget_customers_agent(stream: faust.StreamT) -> None:
+        async for events in batches(stream, core):
+            await forget_batch(events)
 
     @app.agent(scores_topic, name="evaluate_rules")
     async def evaluate_rules(stream: faust.StreamT) -> None:

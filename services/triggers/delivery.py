@@ -17,7 +17,8 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
 from redis.exceptions import RedisError
 from standardwebhooks import Webhook
 
@@ -71,55 +72,141 @@ def endpoint_refusal(url: str, allow_private: bool, allowlist: Sequence[str] = (
     return None
 
 
-class AddressRefused(httpx.ConnectError):
+class ConnectError(Exception):
+    """The webhook request never reached the receiver (no connection, or the guard refused it)."""
+
+
+class AddressRefused(ConnectError, OSError):
     """The endpoint's host resolved to an address the SSRF guard refuses."""
 
 
-class GuardedTransport(httpx.AsyncBaseTransport):
-    """Resolve the host, check the address, then connect to that very address.
+class Timeout(Exception):
+    """The receiver did not answer within the delivery timeout."""
 
-    Checking at registration is not enough: DNS may answer differently later (rebinding).
-    The request goes to the checked IP; the Host header keeps the name, and for https the
-    TLS server name (SNI) and certificate check use the name too.
+
+class ProtocolError(Exception):
+    """The connection broke or the answer was not valid HTTP."""
+
+
+@dataclass(frozen=True)
+class HTTPAnswer:
+    status_code: int
+    headers: Mapping[str, str]
+
+
+class _GuardedResolver(AbstractResolver):
+    """aiohttp resolver that drops the addresses the SSRF guard refuses, and refuses a host left with none."""
+
+    def __init__(self, check: Callable[[str], str | None], resolve: Resolver) -> None:
+        self._check = check
+        self._resolve = resolve
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        addresses = await self._resolve(host, port)
+        allowed, refusals = [], []
+        for address in addresses:
+            refusal = self._check(address)
+            if refusal is None:
+                allowed.append(address)
+            else:
+                refusals.append(f"{address} ({refusal})")
+        if not allowed:
+            raise AddressRefused(f"{host} resolves only to refused addresses: {', '.join(refusals) or 'none'}")
+        return [{"hostname": host, "host": a, "port": port, "proto": 0, "flags": socket.AI_NUMERICHOST,
+                 "family": socket.AF_INET6 if ":" in a else socket.AF_INET} for a in allowed]
+
+    async def close(self) -> None:
+        return None
+
+
+class GuardedClient:
+    """POST over aiohttp, never following a redirect; every new connection goes only to an address the guard allows.
+
+    The guard sits where the socket is made (aiohttp's `socket_factory`): whatever DNS
+    answered, and for a literal IP in the URL too, the address about to be connected to is
+    checked right there, so DNS rebinding after registration cannot reach a refused address.
+    Resolved addresses are cached for `dns_ttl_s` and connections are kept alive, so a
+    request costs no lookup and no connect; an address change shows after the TTL, and
+    whichever address it is gets checked at its connect. The Host header and, for https,
+    the TLS server name and certificate check use the name from the URL.
+
+    aiohttp rather than httpx: measured on loopback, a signed POST cost ~1,000 us of client
+    CPU through httpx (~1,350 us with the former per-request guard) against ~150 us here.
     """
 
-    def __init__(self, inner: httpx.AsyncBaseTransport, *, allow_private: bool, allowlist: Sequence[str] = (),
-                 resolve: Resolver = resolve_host) -> None:
-        self._inner = inner
+    def __init__(self, timeout_s: float, *, allow_private: bool, allowlist: Sequence[str] = (),
+                 resolve: Resolver = resolve_host, dns_ttl_s: float = 10.0) -> None:
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._allow_private = allow_private
         self._allowlist = tuple(allowlist)
         self._resolve = resolve
+        self._dns_ttl_s = dns_ttl_s
+        self._session: aiohttp.ClientSession | None = None
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        host = request.url.host
-        port = request.url.port or (443 if request.url.scheme == "https" else 80)
+    def refusal(self, address: str) -> str | None:
+        return refused_address(address, self._allow_private, self._allowlist)
+
+    def _guarded_socket(self, addr_info: Any) -> socket.socket:
+        family, type_, proto, _, sockaddr = addr_info
+        refusal = self.refusal(str(sockaddr[0]))
+        if refusal is not None:
+            raise AddressRefused(f"connect to {sockaddr[0]} refused ({refusal})")
+        return socket.socket(family=family, type=type_, proto=proto)
+
+    def _client(self) -> aiohttp.ClientSession:
+        # Made on first use: an aiohttp session belongs to the event loop that runs it.
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(
+                resolver=_GuardedResolver(self.refusal, self._resolve), ttl_dns_cache=max(1, round(self._dns_ttl_s)),
+                socket_factory=self._guarded_socket, limit=0)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout,
+                                                  auto_decompress=False)
+        return self._session
+
+    async def post(self, url: str, *, content: bytes, headers: Mapping[str, str] | None = None) -> HTTPAnswer:
+        """POST `content`; raise ConnectError (AddressRefused), Timeout or ProtocolError when there is no answer."""
         try:
-            addresses = await self._resolve(host, port)
-        except OSError as exc:
-            raise httpx.ConnectError(f"{host} does not resolve: {exc}", request=request) from exc
-        refusals = []
-        for address in addresses:
-            refusal = refused_address(address, self._allow_private, self._allowlist)
-            if refusal is None:
-                break
-            refusals.append(f"{address} ({refusal})")
-        else:
-            raise AddressRefused(f"{host} resolves only to refused addresses: {', '.join(refusals)}", request=request)
-        request.url = request.url.copy_with(host=address)
-        if request.url.scheme == "https":
-            request.extensions = {**request.extensions, "sni_hostname": host}
-        return await self._inner.handle_async_request(request)
+            async with self._client().post(url, data=content, headers=headers, allow_redirects=False) as response:
+                await response.read()
+                return HTTPAnswer(response.status, response.headers)
+        except aiohttp.ClientConnectorError as exc:
+            refused = _refusal_in(exc)
+            if refused is not None:
+                raise refused from exc
+            raise ConnectError(str(exc)) from exc
+        except TimeoutError as exc:
+            raise Timeout(f"no answer within {self._timeout.total}s") from exc
+        except aiohttp.ClientError as exc:
+            raise ProtocolError(f"{type(exc).__name__}: {exc}") from exc
 
     async def aclose(self) -> None:
-        await self._inner.aclose()
+        if self._session is not None:
+            await self._session.close()
+
+    async def __aenter__(self) -> GuardedClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+def _refusal_in(exc: BaseException) -> AddressRefused | None:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, AddressRefused):
+            return seen
+        os_error = getattr(seen, "os_error", None)
+        if isinstance(os_error, AddressRefused):
+            return os_error
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def guarded_client(timeout_s: float, *, allow_private: bool, allowlist: Sequence[str] = (),
-                   resolve: Resolver = resolve_host) -> httpx.AsyncClient:
-    """Return an httpx client that never follows redirects and connects only to addresses the guard allows."""
-    transport = GuardedTransport(httpx.AsyncHTTPTransport(), allow_private=allow_private, allowlist=allowlist,
-                                 resolve=resolve)
-    return httpx.AsyncClient(transport=transport, timeout=timeout_s, follow_redirects=False)
+                   resolve: Resolver = resolve_host) -> GuardedClient:
+    """Return a client that never follows redirects and connects only to addresses the guard allows."""
+    return GuardedClient(timeout_s, allow_private=allow_private, allowlist=allowlist, resolve=resolve)
 
 
 @dataclass(frozen=True)
@@ -137,7 +224,7 @@ def sign(secrets: Sequence[str], webhook_id: str, timestamp: datetime, body: str
 class WebhookSender:
     """POST one signed request to a named endpoint; never follow a redirect."""
 
-    def __init__(self, client: httpx.AsyncClient, endpoints: Mapping[str, WebhookEndpoint],
+    def __init__(self, client: GuardedClient, endpoints: Mapping[str, WebhookEndpoint],
                  clock: Callable[[], float] = time.time) -> None:
         self._client = client
         self._endpoints = dict(endpoints)
@@ -158,10 +245,8 @@ class WebhookSender:
             "webhook-signature": sign(self._secrets[endpoint], webhook_id, timestamp, body),
         }
         try:
-            response = await self._client.post(
-                self._endpoints[endpoint].url, content=body.encode(), headers=headers, follow_redirects=False
-            )
-        except httpx.HTTPError as exc:
+            response = await self._client.post(self._endpoints[endpoint].url, content=body.encode(), headers=headers)
+        except (ConnectError, Timeout, ProtocolError) as exc:
             return PostResult(Verdict.RETRY, f"{type(exc).__name__}: {exc}"[:200])
         return PostResult(verdict_for_status(response.status_code), f"HTTP {response.status_code}",
                           retry_after_s(response.headers.get("retry-after"), self._clock()))
@@ -221,6 +306,8 @@ class ActionDelivery:
         self._jitter = jitter
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
+        # 2xx answers not yet written to the ledger, per endpoint: recorded for a whole scan at once.
+        self._acknowledged: dict[str, list[tuple[str, int]]] = {}
 
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
@@ -255,25 +342,59 @@ class ActionDelivery:
 
     async def run(self) -> None:
         """Deliver due actions until cancelled; wake at once when `enqueue` adds work."""
-        while True:
-            # Cleared before the scan, so work enqueued during it wakes the next one.
-            self._wake.clear()
-            try:
-                await self.dispatch_due()
-            except (RedisError, OSError) as exc:  # Redis away: try again on the next tick
-                self._metrics.redis_errors.inc()
-                log.warning("delivery loop: %s", exc)
-            except Exception:
-                # The loop is the only thing that sends; it must outlive any one bad scan.
-                log.exception("delivery loop: scan failed; trying again")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._poll_s)
-                # Let the completions and enqueues of the same moment gather, so one scan
-                # claims for all of them (each scan costs Redis round trips).
-                await asyncio.sleep(COALESCE_S)
+        try:
+            while True:
+                # Cleared before the scan, so work enqueued during it wakes the next one.
+                self._wake.clear()
+                try:
+                    await self.dispatch_due()
+                except (RedisError, OSError) as exc:  # Redis away: try again on the next tick
+                    self._metrics.redis_errors.inc()
+                    log.warning("delivery loop: %s", exc)
+                except Exception:
+                    # The loop is the only thing that sends; it must outlive any one bad scan.
+                    log.exception("delivery loop: scan failed; trying again")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._poll_s)
+                    # Let the completions and enqueues of the same moment gather, so one scan
+                    # claims for all of them (each scan costs Redis round trips).
+                    await asyncio.sleep(COALESCE_S)
+        finally:
+            # Stopped (shutdown): record what receivers acknowledged, so a restart does not send it
+            # again. If that fails, the leases run out and those actions go out once more, with the
+            # same webhook-id, which the receiver dedupes.
+            with contextlib.suppress(Exception):
+                await self.flush_acknowledged()
+
+    async def flush_acknowledged(self) -> None:
+        """Write the 2xx answers gathered since the last scan to the ledger and drop them from the queues."""
+        done, self._acknowledged = self._acknowledged, {}
+        if not done:
+            return
+        try:
+            await self._queue.complete_many(done, self._ledger)
+        except BaseException:
+            # Keep them for the next scan; their leases keep them from being claimed meanwhile.
+            for endpoint, items in done.items():
+                self._acknowledged.setdefault(endpoint, [])[:0] = items
+            raise
 
     async def dispatch_due(self) -> int:
         """Start a request for each due action an endpoint has room for; return how many started."""
+        # The 2xx answers since the last scan are written in the same round trip as the first claim,
+        # before it, so it cannot hand them out again; or on their own if nothing is claimed.
+        acknowledged, self._acknowledged = self._acknowledged, {}
+        try:
+            started = await self._dispatch(acknowledged)
+            await self._queue.complete_many(acknowledged, self._ledger)
+        except BaseException:
+            # Not known to be written: keep them for the next scan (writing them twice is harmless).
+            for endpoint, items in acknowledged.items():
+                self._acknowledged.setdefault(endpoint, [])[:0] = items
+            raise
+        return started
+
+    async def _dispatch(self, acknowledged: dict[str, list[tuple[str, int]]]) -> int:
         # Another worker may have disabled an endpoint; look again once per poll interval.
         if time.monotonic() - self._disabled_read_at >= self._poll_s:
             for endpoint, why in (await self._queue.disabled(self._endpoints)).items():
@@ -297,7 +418,9 @@ class ActionDelivery:
                 if not breaker.allows(now_s):
                     continue
                 room = 1
-            claimed = await self._queue.claim(endpoint, int(now_s * 1000), room, int((now_s + self._lease_s) * 1000))
+            claimed = await self._queue.claim(endpoint, int(now_s * 1000), room, int((now_s + self._lease_s) * 1000),
+                                              acknowledged=acknowledged, ledger=self._ledger)
+            acknowledged.clear()
             # Acknowledged before a crash that left them queued: drop, do not send again.
             done = await self._ledger.delivered(i for i, _ in claimed)
             if done:
@@ -314,9 +437,10 @@ class ActionDelivery:
         return started
 
     async def drain(self) -> None:
-        """Wait until every request started so far has finished (tests, shutdown)."""
+        """Wait until every request started so far has finished and its outcome is recorded (tests, shutdown)."""
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self.flush_acknowledged()
 
     async def pending(self) -> dict[str, int]:
         """Return the queued action count per endpoint, and publish it as a metric."""
@@ -350,7 +474,9 @@ class ActionDelivery:
         attempts = state["attempts"] + 1
         if result.verdict is Verdict.DELIVERED:
             breaker.record_success()
-            await self._queue.complete(endpoint, action_id, self._ledger, int(now_s * 1000))
+            # Recorded by the next scan, together with the other answers of the moment (one round
+            # trip for all). Until then the lease keeps the action from being claimed again.
+            self._acknowledged.setdefault(endpoint, []).append((action_id, int(now_s * 1000)))
             self._metrics.deliveries.labels(rule, endpoint, "succeeded").inc()
             self._metrics.event_to_webhook.labels(rule).observe(max(0.0, time.time() - action["received_at_ms"] / 1000))
             return
@@ -386,6 +512,7 @@ class ActionDelivery:
 
     async def _dead_letter_queue(self, endpoint: str, reason: str) -> None:
         """Send every action queued for a disabled endpoint to deadletter, then drop them from the queue."""
+        await self.flush_acknowledged()  # those were delivered: not dead letters
         queued = await self._queue.all_queued(endpoint)
         if not queued:
             return

@@ -47,6 +47,10 @@ class TriggersMetrics(ServiceMetrics):
         )
         self.queued = self.gauge("delivery_queue", "actions", "Actions waiting for a (re)try, by endpoint.",
                                  ["endpoint"])
+        self.customers_forgotten = self.counter(
+            "customers_forgotten", "Customer ids erased (customers.deletions): rule states, caps and timers deleted.")
+        self.deliveries_dropped = self.counter(
+            "deliveries_dropped", "Queued actions dropped unsent because their customer was erased.")
         self.event_to_webhook = self.histogram(
             "event_to_webhook", "From ingest receiving the event to the webhook's 2xx, by rule.", ["rule"]
         )

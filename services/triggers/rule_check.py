@@ -14,8 +14,9 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
 from services.triggers.rules import RuleError, parse_rule_file
+from touchstream import avro
 
-SCHEMA_FILE = Path(__file__).resolve().parent.parent.parent / "schemas" / "rules.schema.json"
+SCHEMA_FILE = avro.SCHEMA_DIR / "rules.schema.json"  # package data of touchstream (schemas/)
 _RULE_IN_MESSAGE = re.compile(r"rule (?:'(?P<id>[^']+)'|#(?P<n>\d+))(?:: field '(?P<field>[^']+)')?")
 
 

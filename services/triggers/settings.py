@@ -9,6 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from standardwebhooks import Webhook
 
+from services.triggers.webhooks import RETRY_SCHEDULE_S
+
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 DEFAULT_RULES_FILE = REPO_ROOT / "deploy" / "rules" / "default.yaml"
 
@@ -92,6 +94,12 @@ class TriggersSettings(BaseSettings):
     delivery_timeout_s: float = Field(5.0, gt=0)
     breaker_threshold: int = Field(5, ge=1, description="Failures in a row that open an endpoint's circuit.")
     breaker_cool_off_s: float = Field(30.0, gt=0, description="Open circuit's pause before one probe request.")
+    # Seconds to wait before each try (the first entry, the first try, is at once): ten tries
+    # over about three days by default, the Standard Webhooks schedule. The fault tests run a
+    # scaled-down copy, e.g. '[0, 0.0125, 0.75, 4.5, 18, 45, 90, 126, 180, 216]'.
+    retry_schedule_s: tuple[float, ...] = Field(
+        RETRY_SCHEDULE_S, min_length=1,
+        description="Waits in seconds before each try, JSON list; its length is the number of tries.")
     # A claimed action whose worker died is tried again after this long.
     delivery_lease_s: float = Field(60.0, gt=0)
     dispatch_poll_s: float = Field(0.5, gt=0, description="Longest sleep of the retry timer between scans.")
@@ -102,3 +110,17 @@ class TriggersSettings(BaseSettings):
     # A customer's armed/disarmed state expires after this long without a score, which
     # re-arms them; it bounds Redis memory for customers who never come back.
     state_ttl_days: int = Field(90, ge=1)
+    # Where `customer.deleted` notices go when a customer is erased (names of registered endpoints);
+    # unset: every registered endpoint, since each may hold actions about the customer.
+    deletion_endpoints: tuple[str, ...] | None = None
+
+    def deletion_notice_endpoints(self) -> list[str]:
+        """Return the endpoints that get a `customer.deleted` notice."""
+        return sorted(self.endpoints) if self.deletion_endpoints is None else list(self.deletion_endpoints)
+
+    @field_validator("retry_schedule_s")
+    @classmethod
+    def _waits_not_negative(cls, schedule: tuple[float, ...]) -> tuple[float, ...]:
+        if any(wait < 0 for wait in schedule):
+            raise ValueError(f"retry waits must be >= 0 seconds, got {list(schedule)}")
+        return schedule

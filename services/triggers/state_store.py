@@ -12,7 +12,7 @@ Key layout (the `{customer_id}` hash tag keeps one customer's keys in one Redis 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
@@ -253,11 +253,23 @@ class DeliveryQueue:
             replies = await pipe.execute()
         return sum(replies[: len(entries)])
 
-    async def claim(self, endpoint: str, now_ms: int, limit: int, lease_until_ms: int) -> list[tuple[str, str]]:
-        """Lease up to `limit` due actions; return (action_id, state JSON) pairs."""
+    async def claim(self, endpoint: str, now_ms: int, limit: int, lease_until_ms: int, *,
+                    acknowledged: Mapping[str, Sequence[tuple[str, int]]] | None = None,
+                    ledger: DeliveryLedger | None = None) -> list[tuple[str, str]]:
+        """Lease up to `limit` due actions; return (action_id, state JSON) pairs.
+
+        With `acknowledged` and `ledger`, first record those 2xx answers as `complete_many`
+        does, in the same round trip.
+        """
         if limit <= 0:
             return []
-        flat = await self._claim(keys=list(queue_keys(endpoint)), args=[now_ms, limit, lease_until_ms])
+        if acknowledged and ledger is not None and any(acknowledged.values()):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                self._complete_in(pipe, acknowledged, ledger)
+                await self._claim(keys=list(queue_keys(endpoint)), args=[now_ms, limit, lease_until_ms], client=pipe)
+                flat = (await pipe.execute())[-1]
+        else:
+            flat = await self._claim(keys=list(queue_keys(endpoint)), args=[now_ms, limit, lease_until_ms])
         pairs = []
         for n in range(0, len(flat), 2):
             pairs.append((_text(flat[n]), _text(flat[n + 1])))
@@ -271,17 +283,33 @@ class DeliveryQueue:
             await pipe.execute()
 
     async def complete(self, endpoint: str, action_id: str, ledger: DeliveryLedger, acknowledged_at_ms: int) -> None:
-        """Record the receiver's 2xx in the ledger and drop the action from the queue, in one round trip.
+        """Record the receiver's 2xx in the ledger and drop the action from the queue, in one round trip."""
+        await self.complete_many({endpoint: [(action_id, acknowledged_at_ms)]}, ledger)
 
-        Ledger first: a crash in between leaves the action queued, and the next claim finds
-        it acknowledged instead of sending it again.
+    async def complete_many(self, done: Mapping[str, Sequence[tuple[str, int]]], ledger: DeliveryLedger) -> None:
+        """Record receivers' 2xx answers (endpoint -> [(action_id, acknowledged at ms)]) in the ledger and
+        drop those actions from their queues, all in one round trip.
+
+        Ledger first: a crash in between leaves an action queued, and the next claim finds it
+        acknowledged instead of sending it again.
         """
-        due_key, actions_key = queue_keys(endpoint)
+        if not any(done.values()):
+            return
         async with self._redis.pipeline(transaction=False) as pipe:
-            ledger.mark_delivered_in(pipe, action_id, acknowledged_at_ms)
-            pipe.zrem(due_key, action_id)
-            pipe.hdel(actions_key, action_id)
+            self._complete_in(pipe, done, ledger)
             await pipe.execute()
+
+    @staticmethod
+    def _complete_in(pipe: Pipeline, done: Mapping[str, Sequence[tuple[str, int]]], ledger: DeliveryLedger) -> None:
+        for items in done.values():
+            for action_id, acknowledged_at_ms in items:
+                ledger.mark_delivered_in(pipe, action_id, acknowledged_at_ms)
+        for endpoint, items in done.items():
+            if items:
+                due_key, actions_key = queue_keys(endpoint)
+                action_ids = [action_id for action_id, _ in items]
+                pipe.zrem(due_key, *action_ids)
+                pipe.hdel(actions_key, *action_ids)
 
     async def remove(self, endpoint: str, action_id: str) -> None:
         due_key, actions_key = queue_keys(endpoint)

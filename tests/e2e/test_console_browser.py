@@ -92,6 +92,18 @@ def send(stack: local.StackState, payload: dict[str, Any]) -> None:
     assert response.status_code == 200, response.text
 
 
+def fits_a_phone(page: Any, url: str, name: str) -> None:
+    """Open `url` at a phone's width with the same login: nothing may overflow the screen sideways."""
+    phone = page.context.browser.new_context(viewport={"width": 390, "height": 844},
+                                             storage_state=page.context.storage_state()).new_page()
+    try:
+        phone.goto(url)
+        assert phone.evaluate("document.documentElement.scrollWidth") <= 390, url
+        phone.screenshot(path=str(ARTIFACTS / f"console-{name}-phone.png"), full_page=True)
+    finally:
+        phone.context.close()
+
+
 def reload_until(page: Any, ready: Callable[[], bool], what: str, timeout: float = 90.0) -> None:
     deadline = time.monotonic() + timeout
     while not ready():
@@ -197,6 +209,21 @@ def test_customer_page_shows_the_merged_profile_score_action_and_live_updates(
     assert "phone" not in page.inner_text("#identities")
     assert page.dialogs == []  # type: ignore[attr-defined]
 
+    # Delete: the profile links to a confirmation page that names the customer and wants its id typed;
+    # a wrong id deletes nothing (identity's answer to a real deletion is tested against a stub peer).
+    page.click("#delete-link")
+    page.wait_for_url(f"**/customers/{customer_id}/delete")
+    assert page.inner_text("#delete-customer-id") == customer_id
+    page.screenshot(path=str(ARTIFACTS / "console-delete.png"), full_page=True)
+    fits_a_phone(page, page.url, "delete")
+    page.fill("#confirm-id", "c_not_this_one")
+    page.click("#delete-form button[type=submit]")
+    assert "Type the customer id exactly" in page.inner_text("main")
+    page.goto(f"{stack.url('console')}/customers/{customer_id}")
+    assert page.inner_text("#customer-id") == customer_id and "Order Completed" in page.inner_text("#timeline")
+    assert page.evaluate("window.__pwned") is None
+    assert page.dialogs == []  # type: ignore[attr-defined]
+
 
 async def produce(bootstrap: str, topic: str, key: str, value: bytes) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
@@ -252,6 +279,9 @@ async def produce_outcomes(bootstrap: str, rule_id: str, run: str) -> None:
 def test_rules_page_shows_the_known_uplift_and_the_json_agrees(stack: local.StackState, page: Any) -> None:
     run = uuid.uuid4().hex[:6]
     rule_id = f"uplift-{run}"
+    # An event through ingest, so its events counter exists for the overview's events/s below.
+    send(stack, {"messageId": f"u-{run}", "event": "Page Viewed", "userId": f"u-{run}", "channel": "web",
+                 "timestamp": "2026-11-06T10:00:00Z"})
     run_async(produce_outcomes(stack.kafka_bootstrap, rule_id, run))
     url = f"{stack.url('console')}/v1/rules/{rule_id}/outcomes"
 
@@ -278,10 +308,13 @@ def test_rules_page_shows_the_known_uplift_and_the_json_agrees(stack: local.Stac
     assert row.locator(".treated").inner_text() == "12/20 (60.0%)"
     assert row.locator(".holdout").inner_text() == "6/20 (30.0%)"
     assert row.locator(".uplift").inner_text() == "+30.0 pp (+0.6 to +59.4 pp)"
+    # Newer events (the late purchases, 8 days on) closed every 7-day window: none still open.
+    assert row.locator(".open").inner_text() == "0"
     # triggers delivers the 20 fired actions to the receiver; the rules page counts the acknowledged ones.
     reload_until(page, lambda: page.locator(f"tr[data-rule='{rule_id}'] .delivery").inner_text() == "20 / 0",
                  "the deliveries on the rules page", 60)
     page.screenshot(path=str(ARTIFACTS / "console-rules.png"), full_page=True)
+    fits_a_phone(page, page.url, "rules")
 
     page.goto(f"{stack.url('console')}/overview")
     assert int(page.inner_text("#customer-count")) >= 40
@@ -290,11 +323,20 @@ def test_rules_page_shows_the_known_uplift_and_the_json_agrees(stack: local.Stac
     assert page.locator("#quality").count() == 1 and page.inner_text("#drift-alarms") == "0"
     # Webhooks were delivered (the fired uplift actions), so triggers reports event-to-webhook latency.
     assert page.inner_text("#latency-p50").startswith("≤ ")
+    # Events/s of every stage, from its own /metrics (the console samples them every few seconds).
+    for stage in ("ingest", "identity", "scoring", "triggers"):
+        assert re.fullmatch(r"\d+\.\d", page.inner_text(f"#pipeline-rates tr[data-stage='{stage}'] .rate")), stage
+    # A fresh event: how long after ingest accepted it its touchpoint showed here, over the last minute.
+    send(stack, {"messageId": f"f-{run}", "event": "Page Viewed", "userId": f"u-{run}", "channel": "web",
+                 "timestamp": "2026-11-07T10:00:00Z"})
+    reload_until(page, lambda: page.locator("#latency tr.arrival", has_text="touchpoint (after identity)").count()
+                 == 1, "the touchpoint latency on the overview", 60)
     # Bytes that are not Avro on touchpoints.raw: identity dead-letters them, the overview counts them.
     run_async(produce(stack.kafka_bootstrap, TOUCHPOINTS_RAW.name, f"junk-{run}", b"not avro at all"))
     reload_until(page, lambda: page.locator("#dead-letters td", has_text="identity").count() >= 1,
                  "the dead letter on the overview", timeout=60)
     page.screenshot(path=str(ARTIFACTS / "console-overview.png"), full_page=True)
+    fits_a_phone(page, page.url, "overview")
 
 
 def test_logged_out_browser_sees_the_login_page_only(stack: local.StackState, browser: Any) -> None:
@@ -302,6 +344,10 @@ def test_logged_out_browser_sees_the_login_page_only(stack: local.StackState, br
     anonymous = context.new_page()
     anonymous.goto(f"{stack.url('console')}/customers/c_anything")
     assert "/login" in anonymous.url and anonymous.locator("#key").count() == 1
+    # The login form carries a CSRF token bound to a pre-session cookie that script cannot read.
+    assert anonymous.locator("input[name=csrf]").get_attribute("value")
+    [pre] = [c for c in context.cookies() if c["name"] == "ts_console_login"]
+    assert pre["httpOnly"] and pre["sameSite"] == "Strict"
     assert all(c["name"] != "ts_console_session" for c in context.cookies())
     anonymous.fill("#key", ADMIN_KEY)
     anonymous.click("button[type=submit]")

@@ -182,3 +182,13 @@ async def test_forget_leaves_no_trace_of_the_customer_or_the_ids_merged_into_it(
 async def test_an_unknown_customer_reads_as_empty(store: ReadModelStore) -> None:
     record = await store.customer("c_nobody")
     assert not record.known and record.latest_score is None
+
+
+async def test_the_event_clock_is_the_newest_event_time_applied(store: ReadModelStore) -> None:
+    assert await store.event_clock() is None
+    await store.apply([touch("c_1", 5), score("c_1", 3, 0.2)])
+    assert await store.event_clock() == 5000
+    await store.apply([touch("c_2", 2), action("c_2", "r", "fired", 4)])  # older records never move it back
+    assert await store.event_clock() == 5000
+    await store.apply([action("c_2", "r", "held_out", 9, "holdout")])
+    assert await store.event_clock() == 9000

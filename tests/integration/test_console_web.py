@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from services.console.quality import RateMeter
+from services.console.quality import LatencyWindow, RateMeter
 from services.console.readmodel import ActionTaken, DeadLettered, DeliveryFailed, ScoreUpdated, TouchpointSeen
 from services.console.settings import ConsoleSettings
 from services.console.store import ReadModelStore
-from services.console.web import CSP, SESSION_COOKIE, ConsoleWeb
+from services.console.web import CSP, LOGIN_COOKIE, SESSION_COOKIE, STAGES, ConsoleWeb, LoginThrottle
 from services.identity.admin import hash_admin_key
 from services.identity.domain import GraphLayout, GraphRules, ResolutionRequest, lookup_identifier, new_customer_id
 from services.identity.graph import IdentityGraph
@@ -49,8 +49,19 @@ async def console(redis_client: aioredis.Redis) -> AsyncIterator[TestClient]:
     await client.close()
 
 
+async def login_token(client: TestClient) -> str:
+    """Open the login form as a browser does: it sets the pre-session cookie and carries its token."""
+    form = await client.get("/login")
+    assert form.status == 200
+    found = re.search(r'name="csrf" value="([^"]+)"', await form.text())
+    assert found and form.cookies[LOGIN_COOKIE].value == found.group(1)
+    return found.group(1)
+
+
 async def logged_in(client: TestClient) -> str:
-    response = await client.post("/login", data={"key": KEY, "next": "/overview"}, allow_redirects=False)
+    token = await login_token(client)
+    response = await client.post("/login", data={"key": KEY, "next": "/overview", "csrf": token},
+                                 allow_redirects=False)
     assert response.status == 303 and response.headers["Location"] == "/overview"
     page = await (await client.get("/overview")).text()
     found = re.search(r'name="csrf" value="([^"]+)"', page)
@@ -62,10 +73,11 @@ async def test_pages_need_a_login_and_the_cookie_is_httponly_strict(console: Tes
     response = await console.get("/customers/c_1", allow_redirects=False)
     assert response.status == 303 and response.headers["Location"] == "/login?next=/customers/c_1"
     assert (await console.get("/v1/rules/churn-high/outcomes")).status == 401
-    refused = await console.post("/login", data={"key": "wrong"}, allow_redirects=False)
+    token = await login_token(console)
+    refused = await console.post("/login", data={"key": "wrong", "csrf": token}, allow_redirects=False)
     assert refused.status == 401 and SESSION_COOKIE not in refused.cookies
-    accepted = await console.post("/login", data={"key": KEY}, allow_redirects=False)
-    cookie = accepted.headers["Set-Cookie"]
+    accepted = await console.post("/login", data={"key": KEY, "csrf": token}, allow_redirects=False)
+    [cookie] = [h for h in accepted.headers.getall("Set-Cookie") if h.startswith(f"{SESSION_COOKIE}=")]
     assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/" in cookie
     assert (await console.get("/customers/c_1", allow_redirects=False)).status != 303
 
@@ -210,8 +222,8 @@ async def test_overview_shows_segments_model_quality_and_dead_letters(redis_clie
     assert "0.734" in page and '<dd id="drift-alarms">3</dd>' in page
     assert "no usable identifier" in page
     assert re.search(r"<td>new customer</td><td>champion · active</td><td>2</td>", page)
-    assert '<dd id="feed-rate">2.0 records/s</dd>' in page
-    assert '<dd id="latency-p50">≤ 0.25 s</dd>' in page and "≤ 1 s" in page
+    assert '<td class="rate" id="feed-rate">2.0 records/s</td>' in page
+    assert '<td id="latency-p50">≤ 0.25 s</td>' in page and "≤ 1 s" in page
 
 
 async def test_split_asks_for_confirmation_then_calls_identity_with_the_admin_key(
@@ -258,30 +270,254 @@ async def test_rule_outcomes_json_gives_the_uplift_once_groups_are_big_enough(co
                                                                               redis_client: aioredis.Redis) -> None:
     store = ReadModelStore(redis_client)
     hour = 3_600_000
+
+    def purchase(cid: str, at_ms: int) -> TouchpointSeen:
+        return TouchpointSeen(cid, f"p-{cid}", at_ms, "track", "Order Completed", "web", "t", 10.0, "EUR", None, None,
+                              {}, ())
+
     updates: list[TouchpointSeen | ActionTaken] = []
-    # Treated: 4 customers, 3 buy within the hour. Hold-out: 4 customers, 1 buys within the hour,
-    # 1 more buys after it (not counted). Expected uplift 0.75 - 0.25 = 0.5.
+    # Closed windows (action at 1 h, window 1 h). Treated: 4 customers, 3 buy within the hour. Hold-out:
+    # 4 customers, 1 buys within the hour, 1 more buys after it (not counted). Uplift 0.75 - 0.25 = 0.5.
     for i, buys_at in enumerate([10, 20, 30, None]):
         updates.append(ActionTaken(f"t{i}", "churn-high", f"c_t{i}", "fired", None, "marketing", hour, hour))
         if buys_at is not None:
-            updates.append(TouchpointSeen(f"c_t{i}", f"p-t{i}", hour + buys_at, "track", "Order Completed", "web",
-                                          "t", 10.0, "EUR", None, None, {}, ()))
+            updates.append(purchase(f"c_t{i}", hour + buys_at))
     for i, buys_at in enumerate([10, 2 * hour, None, None]):
         updates.append(ActionTaken(f"h{i}", "churn-high", f"c_h{i}", "held_out", "holdout", "marketing", hour, hour))
         if buys_at is not None:
-            updates.append(TouchpointSeen(f"c_h{i}", f"p-h{i}", hour + buys_at, "track", "Order Completed", "web",
-                                          "t", 10.0, "EUR", None, None, {}, ()))
+            updates.append(purchase(f"c_h{i}", hour + buys_at))
     updates.append(ActionTaken("s1", "churn-high", "c_s", "suppressed", "cooldown", "marketing", hour, hour))
+    # Open windows: actions at 10 h, and the newest event time seen is 10 h 10 ms, so their hour has not
+    # passed. t4 already bought, t5 and h4 have not (yet): none of the three may count either way.
+    updates += [ActionTaken("t4", "churn-high", "c_t4", "fired", None, "marketing", 10 * hour, 10 * hour),
+                ActionTaken("t5", "churn-high", "c_t5", "fired", None, "marketing", 10 * hour, 10 * hour),
+                ActionTaken("h4", "churn-high", "c_h4", "held_out", "holdout", "marketing", 10 * hour, 10 * hour),
+                purchase("c_t4", 10 * hour + 10)]
     await store.apply(updates)
-    response = await console.get("/v1/rules/churn-high/outcomes", headers={"Authorization": f"Bearer {KEY}"})
-    body = await response.json()
-    assert (body["fired"], body["held_out"], body["suppressed"]) == (4, 4, {"cooldown": 1})
+    auth = {"Authorization": f"Bearer {KEY}"}
+    body = await (await console.get("/v1/rules/churn-high/outcomes", headers=auth)).json()
+    assert (body["fired"], body["held_out"], body["suppressed"]) == (6, 5, {"cooldown": 1})
+    assert body["windows_closed_by_ms"] == 10 * hour + 10
     outcome = body["outcome"]
     assert (outcome["treated"], outcome["treated_converted"], outcome["holdout"], outcome["holdout_converted"]) == (
         4, 3, 4, 1)
+    assert (outcome["treated_open"], outcome["holdout_open"]) == (2, 1)
     assert outcome["enough_data"] and outcome["uplift"] == pytest.approx(0.5)
     assert outcome["ci_low"] < 0.5 < outcome["ci_high"]
-    assert (await console.get("/v1/rules/nope/outcomes", headers={"Authorization": f"Bearer {KEY}"})).status == 404
+    assert (await console.get("/v1/rules/nope/outcomes", headers=auth)).status == 404
     await logged_in(console)
     page = await (await console.get("/rules")).text()
     assert "+50.0 pp" in page and "cooldown: 1" in page
+    assert "3 still inside their window" in page and "2 treated, 1 hold-out" in page
+
+    # Event time reaches 11 h (any customer's event): the three windows close. Treated 4/6, hold-out 1/5:
+    # uplift 2/3 - 1/5 = 7/15 exactly.
+    await store.apply([TouchpointSeen("c_other", "v-1", 11 * hour, "track", "Page Viewed", "web", "t", None, None,
+                                      None, None, {}, ())])
+    outcome = (await (await console.get("/v1/rules/churn-high/outcomes", headers=auth)).json())["outcome"]
+    assert (outcome["treated"], outcome["treated_converted"], outcome["holdout"], outcome["holdout_converted"]) == (
+        6, 4, 5, 1)
+    assert (outcome["treated_open"], outcome["holdout_open"]) == (0, 0)
+    assert outcome["uplift"] == pytest.approx(7 / 15)
+
+
+async def test_the_login_form_needs_its_csrf_token_bound_to_the_pre_session_cookie(console: TestClient) -> None:
+    token = await login_token(console)
+    cookie = await console.get("/login")
+    assert "HttpOnly" in cookie.headers["Set-Cookie"] and "SameSite=Strict" in cookie.headers["Set-Cookie"]
+    assert "Path=/login" in cookie.headers["Set-Cookie"]
+    # A cross-site form: no token, or a token of the attacker's own, never the victim's cookie.
+    for data in ({"key": KEY}, {"key": KEY, "csrf": "x" * 43}, {"key": KEY, "csrf": ""}):
+        forged = await console.post("/login", data=data, allow_redirects=False)
+        assert forged.status == 403 and SESSION_COOKIE not in forged.cookies, data
+        assert "This form has expired" in await forged.text()
+    # The refusal handed out a fresh token: the old one is no longer the cookie's.
+    stale = await console.post("/login", data={"key": KEY, "csrf": token}, allow_redirects=False)
+    assert stale.status == 403
+    console.session.cookie_jar.clear()
+    token = await login_token(console)
+    no_cookie = TestClient(console.server)  # the right token, but a browser without the cookie
+    try:
+        response = await no_cookie.post("/login", data={"key": KEY, "csrf": token}, allow_redirects=False)
+        assert response.status == 403
+    finally:
+        await no_cookie.session.close()
+    accepted = await console.post("/login", data={"key": KEY, "csrf": token}, allow_redirects=False)
+    assert accepted.status == 303 and SESSION_COOKIE in accepted.cookies
+    assert accepted.cookies[LOGIN_COOKIE].value == ""  # the pre-session cookie is dropped
+
+
+async def test_failed_logins_are_rate_limited_per_address_with_retry_after(redis_client: aioredis.Redis) -> None:
+    settings = ConsoleSettings(admin_keys=frozenset({hash_admin_key(KEY)}), login_max_failures=3,
+                               login_failure_window_s=120)
+    pages = ConsoleWeb(ReadModelStore(redis_client), settings, LAYOUT, HASH_KEY, "US", DEFAULT_BLOCKLIST, RULES)
+    app = web.Application()
+    pages.register(app.router)
+    async with TestClient(TestServer(app)) as client:
+        token = await login_token(client)
+        # A success clears the count: two failures, a login, then three more are still allowed.
+        for _ in range(2):
+            assert (await client.post("/login", data={"key": "guess", "csrf": token})).status == 401
+        assert (await client.post("/login", data={"key": KEY, "csrf": token}, allow_redirects=False)).status == 303
+        client.session.cookie_jar.clear()
+        token = await login_token(client)
+        for _ in range(3):
+            assert (await client.post("/login", data={"key": "guess", "csrf": token})).status == 401
+        # Locked out: even the right key is refused, with how long to wait.
+        blocked = await client.post("/login", data={"key": KEY, "csrf": token}, allow_redirects=False)
+        assert blocked.status == 429 and SESSION_COOKIE not in blocked.cookies
+        assert 0 < int(blocked.headers["Retry-After"]) <= 120
+        assert "Too many failed logins" in await blocked.text()
+        assert blocked.headers["Content-Security-Policy"] == CSP
+        # Stored in Redis under a digest of the address, never the address itself.
+        keys = [k.decode() async for k in redis_client.scan_iter(match="ts:console:login_failures:*")]
+        assert len(keys) == 1 and "127.0.0.1" not in keys[0]
+        assert 0 < await redis_client.ttl(keys[0]) <= 120
+        await redis_client.delete(keys[0])  # the window ends
+        assert (await client.post("/login", data={"key": KEY, "csrf": token}, allow_redirects=False)).status == 303
+
+
+async def test_the_login_throttle_counts_each_address_on_its_own(redis_client: aioredis.Redis) -> None:
+    throttle = LoginThrottle(redis_client, "test:throttle:", max_failures=2, window_s=60)
+    for _ in range(2):
+        await throttle.failed("198.51.100.7")
+    await throttle.failed("203.0.113.9")
+    wait = await throttle.retry_after("198.51.100.7")
+    assert wait is not None and 0 < wait <= 60
+    assert await throttle.retry_after("203.0.113.9") is None
+    # The window runs from the first failure: later ones do not extend it.
+    ttl = await redis_client.ttl(throttle._key("198.51.100.7"))
+    await throttle.failed("198.51.100.7")
+    assert await redis_client.ttl(throttle._key("198.51.100.7")) <= ttl
+    await throttle.clear("198.51.100.7")
+    assert await throttle.retry_after("198.51.100.7") is None
+
+
+async def test_delete_asks_for_the_typed_id_then_calls_identity_with_the_admin_key(
+        redis_client: aioredis.Redis) -> None:
+    # identity's DELETE /v1/customers/{id} stood in by a stub HTTP peer that records each call.
+    calls: list[tuple[str, str, str]] = []
+    identity = web.Application()
+
+    async def delete(request: web.Request) -> web.Response:
+        cid = request.match_info["cid"]
+        calls.append((request.method, cid, request.headers.get("Authorization", "")))
+        if cid == "c_gone":
+            return web.json_response({"error": "unknown customer"}, status=404)
+        if cid == "c_broken":
+            return web.Response(text="boom <b>", status=500)
+        return web.json_response({"found": True, "customer_id": cid})
+
+    identity.router.add_delete("/v1/customers/{cid}", delete)
+    identity_server = TestServer(identity)
+    await identity_server.start_server()
+    identity_url = str(identity_server.make_url("")).rstrip("/")
+
+    def console_app(url: str | None) -> web.Application:
+        settings = ConsoleSettings(admin_keys=frozenset({hash_admin_key(KEY)}), identity_url=url,
+                                   identity_admin_key="identity-key")
+        pages = ConsoleWeb(ReadModelStore(redis_client), settings, LAYOUT, HASH_KEY, "US", DEFAULT_BLOCKLIST, RULES)
+        app = web.Application()
+        pages.register(app.router)
+        return app
+
+    await ReadModelStore(redis_client).apply([
+        TouchpointSeen("c_1", "m-1", 1000, "track", "Page Viewed", "web", "t", None, None, None, None, {}, ())])
+    try:
+        async with TestClient(TestServer(console_app(identity_url))) as client:
+            csrf = await logged_in(client)
+            profile = await (await client.get("/customers/c_1")).text()
+            assert 'href="/customers/c_1/delete"' in profile
+            confirm = await client.get("/customers/c_1/delete")
+            text = await confirm.text()
+            assert confirm.status == 200 and "Delete customer" in text and 'name="confirm_id"' in text
+            assert '<span class="mono" id="delete-customer-id">c_1</span>' in text
+            assert calls == []  # a GET changes nothing
+            # Not confirmed, a wrong id typed, a forged token: nothing reaches identity.
+            assert (await client.post("/customers/c_1/delete", data={"csrf": csrf})).status == 400
+            wrong = await client.post("/customers/c_1/delete", data={"csrf": csrf, "confirm_id": "c_2"})
+            assert wrong.status == 400 and "Type the customer id exactly" in await wrong.text()
+            forged = await client.post("/customers/c_1/delete", data={"csrf": "forged", "confirm_id": "c_1"})
+            assert forged.status == 403
+            assert calls == []
+            done = await client.post("/customers/c_1/delete", data={"csrf": csrf, "confirm_id": " c_1 "})
+            assert done.status == 200 and "identity deleted customer" in await done.text()
+            assert calls == [("DELETE", "c_1", "Bearer identity-key")]
+            gone = await client.post("/customers/c_gone/delete", data={"csrf": csrf, "confirm_id": "c_gone"})
+            assert gone.status == 404 and "identity does not know customer c_gone" in await gone.text()
+            broken = await client.post("/customers/c_broken/delete", data={"csrf": csrf, "confirm_id": "c_broken"})
+            assert broken.status == 502 and "boom &lt;b&gt;" in await broken.text()
+    finally:
+        await identity_server.close()
+    assert [c[1] for c in calls] == ["c_1", "c_gone", "c_broken"]
+    # identity down (its server closed): a clear message, and nothing claims the customer was deleted.
+    async with TestClient(TestServer(console_app(identity_url))) as client:
+        csrf = await logged_in(client)
+        down = await client.post("/customers/c_1/delete", data={"csrf": csrf, "confirm_id": "c_1"})
+        text = await down.text()
+        assert down.status == 502 and "identity did not answer" in text and "c_1 was not deleted" in text
+    async with TestClient(TestServer(console_app(None))) as client:
+        csrf = await logged_in(client)
+        assert "Deletion is not configured" in await (await client.get("/customers/c_1/delete")).text()
+        assert (await client.post("/customers/c_1/delete", data={"csrf": csrf, "confirm_id": "c_1"})).status == 503
+
+
+async def test_overview_shows_events_per_second_by_stage_and_latency_from_ingest(
+        redis_client: aioredis.Redis) -> None:
+    totals = {"ingest": 1000.0, "identity": 990.0, "scoring": 980.0, "triggers": 970.0}
+    services = web.Application()
+
+    def metrics_of(stage: str, metric: str, topic: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def handler(request: web.Request) -> web.Response:
+            # The stage's counter plus a series of another topic that must not be counted.
+            return web.Response(text=f'{metric}{{topic="{topic}"}} {totals[stage]}\n'
+                                     f'{metric}{{topic="elsewhere"}} 1e6\n')
+        return handler
+
+    for stage in STAGES:
+        services.router.add_get(f"/{stage.name}/metrics", metrics_of(stage.name, stage.metric, stage.topic))
+    server = TestServer(services)
+    await server.start_server()
+    settings = ConsoleSettings(admin_keys=frozenset({hash_admin_key(KEY)}),
+                               **{f"{stage.name}_metrics_url": str(server.make_url(f"/{stage.name}/metrics"))
+                                  for stage in STAGES[:3]})  # triggers left unset
+    arrivals = LatencyWindow()
+    now = time.time()
+    for latency in (0.1, 0.2, 0.3, 0.4):
+        arrivals.add("scores", latency, now)
+    pages = ConsoleWeb(ReadModelStore(redis_client), settings, LAYOUT, HASH_KEY, "US", DEFAULT_BLOCKLIST, RULES,
+                       arrivals=arrivals)
+    await pages.sample_pipeline(now - 10)
+    for stage in totals:
+        totals[stage] += 500.0 if stage != "scoring" else 0.0
+    app = web.Application()
+    pages.register(app.router)
+    try:
+        async with TestClient(TestServer(app)) as client:
+            await logged_in(client)
+            page = await (await client.get("/overview")).text()
+    finally:
+        await server.close()
+
+    def rate(stage: str) -> str:
+        found = re.search(rf'<tr data-stage="{stage}">.*?<td class="rate"[^>]*>(.*?)</td>', page, re.S)
+        assert found, stage
+        return found.group(1)
+
+    # 500 more events over the 10 s between the two samples (the page view took the second).
+    assert float(rate("ingest")) == pytest.approx(50.0, rel=0.05)
+    assert float(rate("identity")) == pytest.approx(50.0, rel=0.05)
+    assert rate("scoring") == "0.0"
+    assert "set TOUCHSTREAM_CONSOLE_TRIGGERS_METRICS_URL" in rate("triggers")
+    assert "events accepted" in page and "End-to-end latency, from ingest accepting an event" in page
+    row = re.search(r'<tr class="arrival"><th>visible here as a score \(after scoring\)</th>.*?</tr>', page, re.S)
+    assert row, page
+    assert "4 records" in row.group(0) and "<td>200 ms</td><td>400 ms</td><td>400 ms</td>" in row.group(0)
+
+
+async def test_a_failure_count_without_an_expiry_never_locks_an_address_out_for_good(
+        redis_client: aioredis.Redis) -> None:
+    throttle = LoginThrottle(redis_client, "test:throttle:", max_failures=2, window_s=60)
+    await redis_client.set(throttle._key("192.0.2.1"), 5)  # e.g. written by hand, with no TTL
+    assert await throttle.retry_after("192.0.2.1") == 60
+    assert 0 < await redis_client.ttl(throttle._key("192.0.2.1")) <= 60

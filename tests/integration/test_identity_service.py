@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -21,7 +22,14 @@ from services.identity.domain import new_customer_id, prepare_identifiers
 from touchstream import avro
 from touchstream.embedded import ManagedProcess, free_port
 from touchstream.identifiers import DEFAULT_BLOCKLIST
-from touchstream.topics import DEADLETTER, IDENTITY_MERGES, TOUCHPOINTS_RAW, TOUCHPOINTS_RESOLVED
+from touchstream.topics import (
+    CUSTOMER_DELETIONS,
+    DEADLETTER,
+    IDENTITY_MERGES,
+    SCORES,
+    TOUCHPOINTS_RAW,
+    TOUCHPOINTS_RESOLVED,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -230,3 +238,76 @@ async def test_customer_api_looks_up_by_clear_identifier_and_splits_a_customer(
         "unmerge", "operator", customer["customer_id"], new_id)
     assert key == customer["customer_id"].encode()
     assert resolved["customer_id"] == new_id
+
+
+async def test_customer_api_erases_a_customer_once_and_later_events_are_dropped(
+    identity_worker: int, producer: AIOKafkaProducer, all_topics: str
+) -> None:
+    run = uuid.uuid4().hex[:8]
+    email, phone = f"cy.{run}@example.org", f"+1415555{int(run, 16) % 10000:04d}"
+    now = int(time.time() * 1000)
+    await producer.send_and_wait(TOUCHPOINTS_RAW.name, touchpoint(f"{run}-1", now - 2000, ("email", email)),
+                                 key=f"{run}-1".encode())
+    await producer.send_and_wait(TOUCHPOINTS_RAW.name, touchpoint(f"{run}-2", now - 1000, ("phone", phone)),
+                                 key=f"{run}-2".encode())
+    await producer.send_and_wait(TOUCHPOINTS_RAW.name, touchpoint(f"{run}-3", now, ("email", email), ("phone", phone)),
+                                 key=f"{run}-3".encode())
+    await collect(all_topics, TOUCHPOINTS_RESOLVED.name, TOUCHPOINTS_RESOLVED.schema, 3,
+                  lambda _key, r: r["event"]["message_id"].startswith(run))
+    base = f"http://127.0.0.1:{identity_worker}/v1/customers"
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+    async with httpx.AsyncClient(timeout=30) as client:
+        customer = (await client.get(base, params={"identifier": f"email:{email}"}, headers=admin)).json()
+        [merged_id] = [m["merged_id"] for m in customer["merges"] if m["kind"] == "merge"]
+        anonymous = await client.delete(f"{base}/{merged_id}")
+        too_long = await client.delete(f"{base}/{'x' * 201}", headers=admin)
+        no_body = await client.post(f"{base}/delete", headers=admin, content=b"{")
+        both = await client.post(f"{base}/delete", headers=admin,
+                                 json={"customer_id": merged_id, "identifier": f"email:{'0' * 64}"})
+        bad_id = await client.post(f"{base}/delete", headers=admin, json={"identifier": {"type": "email"}})
+        erased = await client.delete(f"{base}/{merged_id}", headers=admin, params={"request_id": run})
+        again = await client.delete(f"{base}/{customer['customer_id']}", headers=admin, params={"request_id": run})
+        lookup = await client.get(base, params={"identifier": f"phone:{phone}"}, headers=admin)
+
+    assert anonymous.status_code == 401
+    assert (too_long.status_code, too_long.json()["field"]) == (400, "customer_id")
+    assert (no_body.status_code, no_body.json()["field"]) == (400, "(body)")
+    assert (both.status_code, both.json()["field"]) == (400, "identifier")
+    assert (bad_id.status_code, bad_id.json()["field"]) == (400, "identifier.value")
+    assert erased.status_code == 200, erased.text
+    body = erased.json()
+    assert body["deleted"] and body["customer_id"] == customer["customer_id"] and body["merged_ids"] == [merged_id]
+    assert again.status_code == 404 and not again.json()["deleted"]
+    assert again.json()["deletion_id"] == body["deletion_id"]
+    assert lookup.status_code == 404
+
+    [(key, deletion)] = await collect(all_topics, CUSTOMER_DELETIONS.name, CUSTOMER_DELETIONS.schema, 1,
+                                      lambda _key, r: r["deletion_id"] == body["deletion_id"])
+    assert key == customer["customer_id"].encode() and deletion["merged_ids"] == [merged_id]
+    consumer = AIOKafkaConsumer(bootstrap_servers=all_topics, auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    consumer.assign([TopicPartition(SCORES.name, p) for p in range(2)])
+    tombstones: set[bytes] = set()
+    try:
+        deadline = time.monotonic() + 20
+        while len(tombstones) < 2 and time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                tombstones |= {m.key for m in records if m.value is None and m.key is not None}
+    finally:
+        await consumer.stop()
+    assert {customer["customer_id"].encode(), merged_id.encode()} <= tombstones
+
+    # An upstream producer writing straight to Kafka: dropped by identity, counted, nothing resolved.
+    await producer.send_and_wait(TOUCHPOINTS_RAW.name, touchpoint(f"{run}-4", now + 1000, ("device_id", run),
+                                                                 ("phone", phone)), key=f"{run}-4".encode())
+    deadline = time.monotonic() + 30
+    metrics = ""
+    while time.monotonic() < deadline and "touchstream_identity_events_suppressed_total 1.0" not in metrics:
+        async with httpx.AsyncClient() as client:
+            metrics = (await client.get(f"http://127.0.0.1:{identity_worker}/metrics")).text
+        await asyncio.sleep(0.3)
+    assert "touchstream_identity_events_suppressed_total 1.0" in metrics
+    assert "touchstream_identity_customers_deleted_total 1.0" in metrics
+    assert not await collect(all_topics, TOUCHPOINTS_RESOLVED.name, TOUCHPOINTS_RESOLVED.schema, 1,
+                             lambda _key, r: r["event"]["message_id"] == f"{run}-4", wait_s=3)

@@ -66,9 +66,9 @@ def test_accepted_events_are_on_the_raw_topic_once(ingest: TestClient, all_topic
     ]}
     first = ingest.post("/v1/batch", json=batch, auth=(WRITE_KEY, ""))
     assert first.status_code == 200, first.text
-    assert first.json() == {"success": True, "accepted": 2, "duplicates": 0}
+    assert first.json() == {"success": True, "accepted": 2, "duplicates": 0, "suppressed": 0}
     again = ingest.post("/v1/batch", json=batch, auth=(WRITE_KEY, ""))
-    assert again.json() == {"success": True, "accepted": 0, "duplicates": 2}
+    assert again.json() == {"success": True, "accepted": 0, "duplicates": 2, "suppressed": 0}
 
     events = asyncio.run(read_raw_events(all_topics, set(ids)))
     assert sorted(e["message_id"] for e in events) == sorted(ids)
@@ -198,7 +198,7 @@ def test_no_broker_ack_in_time_is_a_503_and_the_retry_is_not_a_duplicate(all_top
         assert response.headers["Retry-After"] == "1" and response.json()["retry"] is True
     with TestClient(build_app(core, patient)) as client:
         assert client.post("/v1/track", auth=(WRITE_KEY, ""), json=event).json() == {
-            "success": True, "accepted": 1, "duplicates": 0}
+            "success": True, "accepted": 1, "duplicates": 0, "suppressed": 0}
 
 
 def test_a_bad_batch_sent_at_is_refused_once_for_the_batch(ingest: TestClient) -> None:

@@ -58,9 +58,11 @@ def promtool() -> str:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[local.StackState]:
-    # WEB_BIND is how docker-compose.yml and deploy/k8s make the Faust web pages reachable
-    # from outside the container; the stack here runs with it to prove that it takes effect.
-    with running_stack(tmp_path_factory.mktemp("ops-stack"), RULES, "ops-logs", {"WEB_BIND": "0.0.0.0"}) as state:
+    # TOUCHSTREAM_<SERVICE>_WEB_HOST is how docker-compose.yml and deploy/k8s make every service's
+    # pages reachable from outside the container; the stack here runs with it to prove that it
+    # takes effect, and with Faust's own WEB_BIND set otherwise to prove that one is ignored.
+    env = {f"TOUCHSTREAM_{s.upper()}_WEB_HOST": "0.0.0.0" for s in local.SERVICES} | {"WEB_BIND": "127.0.0.1"}
+    with running_stack(tmp_path_factory.mktemp("ops-stack"), RULES, "ops-logs", env) as state:
         yield state
 
 
@@ -149,7 +151,7 @@ def test_counters_saw_the_events(stack: local.StackState, personal_data: list[st
 
 
 
-@pytest.mark.parametrize("service", ["identity", "scoring", "triggers"])
-def test_web_bind_opens_the_faust_pages_on_every_interface(stack: local.StackState, service: str) -> None:
-    """Identity and scoring have no host setting; Faust's WEB_BIND is what compose and k8s set."""
+@pytest.mark.parametrize("service", local.SERVICES)
+def test_web_host_opens_the_pages_on_every_interface(stack: local.StackState, service: str) -> None:
+    """Every service's TOUCHSTREAM_<SERVICE>_WEB_HOST is what compose and k8s set; Faust's WEB_BIND is not read."""
     assert listening_addresses(stack.ports[service]) == {"0.0.0.0"}

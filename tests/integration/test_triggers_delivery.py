@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-import httpx
 import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
@@ -27,6 +26,7 @@ from services.triggers.delivery import (
     ActionDelivery,
     AddressRefused,
     FailedDelivery,
+    GuardedClient,
     WebhookSender,
     endpoint_refusal,
     guarded_client,
@@ -157,7 +157,7 @@ class Harness:
         return started
 
 
-def make_harness(redis_client: aioredis.Redis, endpoints: dict[str, WebhookEndpoint], client: httpx.AsyncClient,
+def make_harness(redis_client: aioredis.Redis, endpoints: dict[str, WebhookEndpoint], client: GuardedClient,
                  **options: Any) -> Harness:
     metrics = TriggersMetrics(CollectorRegistry())
     clock = FakeClock()
@@ -180,7 +180,7 @@ async def client() -> Any:
 
 
 @pytest.fixture
-async def harness(receiver: Receiver, redis_client: aioredis.Redis, client: httpx.AsyncClient) -> Harness:
+async def harness(receiver: Receiver, redis_client: aioredis.Redis, client: GuardedClient) -> Harness:
     return make_harness(redis_client, {"marketing": WebhookEndpoint(url=receiver.url, secret=SECRET)}, client)
 
 
@@ -231,7 +231,7 @@ async def test_fired_action_arrives_signed_with_the_action_id(harness: Harness, 
 
 
 async def test_rotation_signs_with_every_secret_and_either_verifies(
-        receiver: Receiver, redis_client: aioredis.Redis, client: httpx.AsyncClient) -> None:
+        receiver: Receiver, redis_client: aioredis.Redis, client: GuardedClient) -> None:
     endpoint = WebhookEndpoint(url=receiver.url, secrets=(SECRET, NEW_SECRET))
     harness = make_harness(redis_client, {"marketing": endpoint}, client)
     await harness.delivery.enqueue([an_action(11)])
@@ -363,7 +363,7 @@ async def test_redirect_is_a_failed_try_and_never_followed(harness: Harness, rec
 
 
 async def test_a_restart_loses_nothing(receiver: Receiver, redis_client: aioredis.Redis,
-                                       client: httpx.AsyncClient) -> None:
+                                       client: GuardedClient) -> None:
     endpoints = {"marketing": WebhookEndpoint(url=receiver.url, secret=SECRET)}
     first = make_harness(redis_client, endpoints, client, lease_s=60)
     receiver.statuses = [503]
@@ -385,7 +385,7 @@ async def test_a_restart_loses_nothing(receiver: Receiver, redis_client: aioredi
 
 
 async def test_circuit_opens_after_failures_in_a_row_then_probes(
-        receiver: Receiver, redis_client: aioredis.Redis, client: httpx.AsyncClient) -> None:
+        receiver: Receiver, redis_client: aioredis.Redis, client: GuardedClient) -> None:
     endpoints = {"marketing": WebhookEndpoint(url=receiver.url, secret=SECRET)}
     harness = make_harness(redis_client, endpoints, client, breaker_threshold=3, breaker_cool_off_s=30,
                            concurrency_per_endpoint=1)
@@ -438,7 +438,7 @@ async def test_one_dead_receiver_never_slows_the_other(
     assert len(second_receiver.verified) <= 2
 
 
-async def test_unreachable_receiver_is_retried_later(redis_client: aioredis.Redis, client: httpx.AsyncClient) -> None:
+async def test_unreachable_receiver_is_retried_later(redis_client: aioredis.Redis, client: GuardedClient) -> None:
     endpoint = WebhookEndpoint(url=f"http://127.0.0.1:{free_port()}/hook", secret=SECRET)
     harness = make_harness(redis_client, {"marketing": endpoint}, client)
     await harness.delivery.enqueue([an_action(9)])
@@ -494,6 +494,41 @@ async def test_guard_connects_to_the_checked_address_with_the_name_as_host(
     assert asked == ["hooks.example.com"]
 
 
+async def test_connect_time_guard_refuses_a_literal_refused_address(receiver: Receiver) -> None:
+    # No DNS involved: the check sits where the socket is made, so a literal IP cannot slip past it.
+    async with guarded_client(2, allow_private=False) as guarded:
+        with pytest.raises(AddressRefused, match="loopback"):
+            await guarded.post(receiver.url, content=b"{}", headers={})
+    assert receiver.verified == [] and receiver.rejected == []
+
+
+async def test_guard_checks_every_new_connection_but_resolves_once_per_ttl(receiver: Receiver) -> None:
+    port = int(receiver.url.rsplit(":", 1)[1].split("/")[0])
+    asked: list[str] = []
+
+    async def resolver(host: str, _: int) -> list[str]:
+        asked.append(host)
+        return ["127.0.0.1"]
+
+    checked: list[str] = []
+    async with guarded_client(2, allow_private=False, allowlist=["127.0.0.0/8"], resolve=resolver) as guarded:
+        original = guarded.refusal
+
+        def spy(address: str) -> str | None:
+            checked.append(address)
+            return original(address)
+
+        guarded.refusal = spy  # type: ignore[method-assign]
+        for n in range(3):
+            answer = await guarded.post(f"http://hooks.example.com:{port}/hook", content=b"{}",
+                                        headers={"webhook-id": f"x{n}"})
+            assert answer.status_code == 401  # unsigned: the receiver refuses it, but it was reached
+    assert asked == ["hooks.example.com"]
+    # The test receiver closes every connection (HTTP/1.0), so each request connected anew and was
+    # checked at its connect (after the resolver's own check of the answer).
+    assert checked.count("127.0.0.1") >= 3
+
+
 def test_ssrf_guard_refuses_loopback_unless_allowed(receiver: Receiver) -> None:
     assert "loopback" in (endpoint_refusal(receiver.url, allow_private=False) or "")
     assert endpoint_refusal(receiver.url, allow_private=True) is None
@@ -502,7 +537,7 @@ def test_ssrf_guard_refuses_loopback_unless_allowed(receiver: Receiver) -> None:
 
 
 async def test_an_action_is_forgotten_only_after_its_dead_letter_is_written(
-        receiver: Receiver, redis_client: aioredis.Redis, client: httpx.AsyncClient) -> None:
+        receiver: Receiver, redis_client: aioredis.Redis, client: GuardedClient) -> None:
     harness = make_harness(redis_client, {"marketing": WebhookEndpoint(url=receiver.url, secret=SECRET)}, client,
                            lease_s=60)
     broken = {"calls": 0}
@@ -522,3 +557,15 @@ async def test_an_action_is_forgotten_only_after_its_dead_letter_is_written(
     await harness.tick(61)  # the lease ran out: tried again, and this time the dead letter is written
     assert [f.action["action_id"] for f in harness.dead] == [an_action(60)["action_id"]]
     assert await harness.delivery.pending() == {"marketing": 0}
+
+
+async def test_claim_records_the_acknowledged_answers_first_in_the_same_round_trip(
+        redis_client: aioredis.Redis) -> None:
+    queue, ledger = DeliveryQueue(redis_client), DeliveryLedger(redis_client, ttl_s=600)
+    await queue.enqueue("marketing", {"act_a": ("{}", 1), "act_b": ("{}", 2)})
+    [(first, _)] = await queue.claim("marketing", now_ms=10, limit=1, lease_until_ms=1_000)
+    claimed = await queue.claim("marketing", now_ms=10, limit=5, lease_until_ms=1_000,
+                                acknowledged={"marketing": [(first, 7)]}, ledger=ledger)
+    assert [action_id for action_id, _ in claimed] == ["act_b"]
+    assert await ledger.delivered(["act_a", "act_b"]) == {first}
+    assert await queue.pending("marketing") == 1

@@ -32,8 +32,8 @@ SERVICE_SETTINGS: dict[str, type[BaseSettings]] = {
     "ingest": IngestSettings, "identity": IdentitySettings, "scoring": ScoringSettings, "triggers": TriggersSettings,
     "console": ConsoleSettings,
 }
-# Read by something other than touchstream's settings: Faust (WEB_BIND) and Python.
-FOREIGN_ENV = {"WEB_BIND", "PYTHONUNBUFFERED"}
+# Read by something other than touchstream's settings: Python.
+FOREIGN_ENV = {"PYTHONUNBUFFERED"}
 # One-shot jobs that others wait for with service_completed_successfully instead of a healthcheck.
 ONE_SHOT = {"kafka-init"}
 INTERPOLATION = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
@@ -140,14 +140,14 @@ def test_settings_accept_the_compose_environment(
     assert core.idempotent_producer is True
     assert core.kafka_bootstrap == "kafka:9092" and core.redis_url.startswith("redis://redis:")
     # The port the healthcheck probes and Prometheus scrapes is the one the service listens on.
-    port = settings.port if name == "ingest" else settings.web_port
+    port = settings.web_port
     assert f"127.0.0.1:{port}/readyz" in " ".join(compose["services"][name]["healthcheck"]["test"])
     scrape = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())["scrape_configs"]
     [job] = [j for j in scrape if j["job_name"] == name]
     assert job["dns_sd_configs"][0] == {"names": [name], "type": "A", "port": port}
     # Reachable from other containers, not only from inside its own.
-    bind = settings.host if name == "ingest" else getattr(settings, "web_host", env.get("WEB_BIND"))
-    assert bind == "0.0.0.0"
+    assert settings.web_host == "0.0.0.0"
+    assert "WEB_BIND" not in env, "Faust's WEB_BIND is ignored; the service's own web_host setting is the one"
     if name == "triggers":
         assert settings.allow_private_endpoints
         assert set(settings.endpoints) == {"marketing"}
@@ -161,6 +161,8 @@ def test_settings_accept_the_compose_environment(
         # The console reads the other services by their compose names and ports.
         assert settings.scoring_metrics_url == "http://scoring:6068/metrics"
         assert settings.triggers_metrics_url == "http://triggers:6069/metrics"
+        assert settings.ingest_metrics_url == "http://ingest:6066/metrics"
+        assert settings.identity_metrics_url == "http://identity:6067/metrics"
         assert settings.identity_url == "http://identity:6067"
 
 

@@ -185,7 +185,6 @@ def test_the_environment_is_made_of_real_settings(
     env = {**config, **secret, **{item["name"]: item["value"] for item in container["env"]}}
     classes: list[type[BaseSettings]] = [CoreSettings, *SETTINGS.values()]
     known = {f"{c.model_config.get('env_prefix', '')}{f}".upper() for c in classes for f in c.model_fields}
-    known.add("WEB_BIND")
     assert not set(env) - known, f"no settings field reads {sorted(set(env) - known)}"
     for variable in [v for v in os.environ if v.startswith("TOUCHSTREAM_")]:
         monkeypatch.delenv(variable)
@@ -206,10 +205,9 @@ def test_the_environment_is_made_of_real_settings(
     core = CoreSettings()
     assert core.idempotent_producer and core.replication_factor == 3
     settings: Any = SETTINGS[service]()
-    port = settings.port if service == "ingest" else settings.web_port
+    port = settings.web_port
     assert container["ports"] == [{"name": "web", "containerPort": port}]
-    bind = settings.host if service == "ingest" else getattr(settings, "web_host", env["WEB_BIND"])
-    assert bind == "0.0.0.0", "probes and Prometheus reach the pod IP, not its loopback"
+    assert settings.web_host == "0.0.0.0", "probes and Prometheus reach the pod IP, not its loopback"
     if service == "ingest":
         assert settings.write_keys == {}, "the base must not accept the dev write key"
     if service == "console":

@@ -36,12 +36,18 @@ def exposed_series() -> set[str]:
     from services.scoring.metrics import ScoringMetrics
     from services.triggers.metrics import TriggersMetrics
     from touchstream.metrics import ServiceMetrics
+    from touchstream.streams import ConsumerLag
 
     # The console builds its own metrics inside build_app; its shared set is what the rules read.
     registries = [IngestMetrics().registry, ServiceMetrics("console", CollectorRegistry()).registry]
     for metrics_class in (IdentityMetrics, ScoringMetrics, TriggersMetrics):
         registry = CollectorRegistry()
         metrics_class(registry)
+        registries.append(registry)
+    # Every Faust service's /metrics carries its consumer lag (touchstream.streams.add_health_pages).
+    for service in ("identity", "scoring", "triggers", "console"):
+        registry = CollectorRegistry()
+        registry.register(ConsumerLag(service))
         registries.append(registry)
     names: set[str] = set()
     for registry in registries:

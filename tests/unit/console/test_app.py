@@ -8,10 +8,11 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from services.console.app import updates_of
+from services.console.quality import LatencyWindow
 from services.console.readmodel import ActionTaken, CustomersMerged, ScoreUpdated
 from touchstream import avro
 from touchstream.metrics import ServiceMetrics
-from touchstream.topics import ACTIONS, IDENTITY_MERGES, SCORES
+from touchstream.topics import ACTIONS, IDENTITY_MERGES, SCORES, TOUCHPOINTS_RESOLVED
 
 
 def an_event(topic: str, value: bytes) -> Any:
@@ -38,3 +39,30 @@ def test_a_mixed_batch_decodes_in_order_and_garbage_is_counted_not_raised() -> N
     assert registry.get_sample_value("touchstream_console_events_in_total", {"topic": SCORES.name}) == 2
     assert registry.get_sample_value("touchstream_console_events_failed_total",
                                      {"reason": "scores undecodable"}) == 1
+
+
+def test_each_record_notes_how_long_after_ingest_accepted_it_it_arrived() -> None:
+    registry = CollectorRegistry()
+    metrics = ServiceMetrics("console", registry)
+    arrival_seconds = metrics.histogram("event_to_read_model", "test", ["topic"])
+    arrivals = LatencyWindow()
+    now_s = 1_700_000_010.0
+    resolved = {"customer_id": "c_1", "resolved_at_ms": 1_700_000_000_600, "event": {
+        "message_id": "m-1", "type": "track", "event": "Page Viewed", "channel": "web", "source": "s",
+        "timestamp_ms": 1_700_000_000_000, "received_at_ms": 1_700_000_000_500,  # ingest accepted it then
+        "identifiers": [{"type": "user_id", "value": "cd" * 32}], "order": None, "feedback": None, "consent": [],
+        "properties_json": None}}
+    score = {"customer_id": "c_1", "message_id": "m", "event_time_ms": 1, "received_at_ms": 1_700_000_009_000,
+             "churn_risk": 0.4, "purchase_propensity": 0.6, "segment": "s", "stage": "t", "model_version": "v"}
+    merge = {"merge_id": "g", "survivor_id": "c_1", "merged_id": "c_2", "reason": "shared_identifier",
+             "event_time_ms": 2}
+    updates_of([
+        an_event(TOUCHPOINTS_RESOLVED.name, avro.encode(TOUCHPOINTS_RESOLVED.schema, resolved)),
+        an_event(SCORES.name, avro.encode(SCORES.schema, score)),
+        an_event(IDENTITY_MERGES.name, avro.encode(IDENTITY_MERGES.schema, merge)),  # carries no received time
+    ], metrics, arrivals, arrival_seconds, now_s=now_s)
+    assert arrivals.quantiles(TOUCHPOINTS_RESOLVED.name, now_s) == (1, {0.5: 9.5, 0.95: 9.5, 0.99: 9.5})
+    assert arrivals.quantiles(SCORES.name, now_s) == (1, {0.5: 1.0, 0.95: 1.0, 0.99: 1.0})
+    assert arrivals.quantiles(IDENTITY_MERGES.name, now_s) is None
+    assert registry.get_sample_value("touchstream_console_event_to_read_model_seconds_count",
+                                     {"topic": SCORES.name}) == 1

@@ -1,0 +1,141 @@
+"""Erasure in triggers: forget a customer's rule states, caps, timers and queued deliveries, and tell
+marketing with a `customer.deleted` webhook that carries pseudonymous customer ids only.
+
+A CustomerDeletion record (topic customers.deletions, from identity) lists the live customer id
+and every id merged into it. Triggers then
+- deletes every `triggers:state:{<id>}:*` and `triggers:cap:{<id>}:*` key and the ids' silence timers;
+- drops the actions still queued for delivery to them (pending retries included): they are never
+  sent. A request already on the wire when the erasure arrives cannot be recalled;
+- emits one `customer.deleted` RetentionAction per endpoint in TOUCHSTREAM_TRIGGERS_DELETION_ENDPOINTS
+  (default: every registered endpoint, since each may hold actions about the customer), signed and
+  retried like any action. Its id is derived from the deletion id, so a replayed erasure is one webhook.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from services.triggers.state_store import TIMERS_KEY, DeliveryQueue, timer_member
+
+DELETED_TYPE = "customer.deleted"
+# The rule_id of a deletion notice: not a rule, but it names the action in metrics and the console.
+DELETED_RULE_ID = "customer.deleted"
+SCAN_COUNT = 1000
+
+
+def deleted_ids(record: Mapping[str, Any]) -> list[str]:
+    """Return every customer id a CustomerDeletion record erases, the live one first.
+
+    >>> deleted_ids({"customer_id": "c_1", "merged_ids": ["c_0", "c_1"]})
+    ['c_1', 'c_0']
+    """
+    return list(dict.fromkeys([record["customer_id"], *record.get("merged_ids", [])]))
+
+
+def deletion_action_id(deletion_id: str, endpoint: str) -> str:
+    """Return the deletion notice's idempotency key (its webhook-id) for one endpoint.
+
+    >>> deletion_action_id("del_1", "marketing") == deletion_action_id("del_1", "marketing")
+    True
+    >>> deletion_action_id("del_1", "marketing")[:4]
+    'act_'
+    """
+    digest = hashlib.sha256(f"{DELETED_RULE_ID}\x1f{deletion_id}\x1f{endpoint}".encode()).hexdigest()
+    return f"act_{digest[:32]}"
+
+
+def deletion_action_records(record: Mapping[str, Any], endpoints: Iterable[str],
+                            created_at_ms: int) -> list[dict[str, Any]]:
+    """Return the `customer.deleted` RetentionAction records (one per endpoint) for an erasure.
+
+    >>> [a] = deletion_action_records({"deletion_id": "del_1", "customer_id": "c_1", "merged_ids": ["c_0"],
+    ...                                "requested_at_ms": 0}, ["marketing"], 5)
+    >>> a["rule_id"], a["outcome"], json.loads(a["payload_json"])["data"]
+    ('customer.deleted', 'fired', {'customer_id': 'c_1', 'merged_ids': ['c_0'], 'deletion_id': 'del_1'})
+    """
+    requested_at_ms = int(record["requested_at_ms"])
+    records = []
+    for endpoint in endpoints:
+        the_action_id = deletion_action_id(record["deletion_id"], endpoint)
+        envelope = {
+            "type": DELETED_TYPE,
+            "timestamp": _iso_utc(requested_at_ms),
+            "action_id": the_action_id,
+            "rule_id": DELETED_RULE_ID,
+            "customer_id": record["customer_id"],
+            "data": {"customer_id": record["customer_id"], "merged_ids": list(record.get("merged_ids", [])),
+                     "deletion_id": record["deletion_id"]},
+        }
+        records.append({
+            "action_id": the_action_id,
+            "rule_id": DELETED_RULE_ID,
+            "customer_id": record["customer_id"],
+            "outcome": "fired",
+            "reason": None,
+            "endpoint": endpoint,
+            "payload_json": json.dumps(envelope, separators=(",", ":")),
+            "event_time_ms": requested_at_ms,
+            "received_at_ms": requested_at_ms,
+            "created_at_ms": created_at_ms,
+        })
+    return records
+
+
+def _iso_utc(epoch_ms: int) -> str:
+    return datetime.fromtimestamp(epoch_ms / 1000, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _names_customer(key: str, tags: set[str]) -> bool:
+    """Whether a `triggers:state:` or `triggers:cap:` key belongs to one of the customers (hash tags).
+
+    >>> _names_customer("triggers:cap:{c_1}:2026-11-25", {"{c_1}"}), _names_customer("triggers:cap:{c_12}:x", {"{c_1}"})
+    (True, False)
+    """
+    start, end = key.find("{"), key.find("}")
+    return start >= 0 and end > start and key[start:end + 1] in tags
+
+
+async def forget_customers(redis: aioredis.Redis, queue: DeliveryQueue, customer_ids: Sequence[str],
+                           rule_ids: Iterable[str], endpoints: Iterable[str]) -> tuple[int, int]:
+    """Delete the customers' rule states, caps and timers, and their queued deliveries.
+
+    Idempotent. Returns (keys deleted, queued actions dropped).
+    """
+    ids = set(customer_ids)
+    if not ids:
+        return 0, 0
+    tags = {f"{{{cid}}}" for cid in ids}
+    doomed: list[str] = []
+    for pattern in ("triggers:state:*", "triggers:cap:*"):
+        async for raw in redis.scan_iter(match=pattern, count=SCAN_COUNT):
+            key = raw.decode() if isinstance(raw, bytes) else str(raw)
+            if _names_customer(key, tags):
+                doomed.append(key)
+    deleted = 0
+    async with redis.pipeline(transaction=False) as pipe:
+        for start in range(0, len(doomed), SCAN_COUNT):
+            pipe.delete(*doomed[start:start + SCAN_COUNT])
+        timers = [timer_member((rule_id, cid)) for rule_id in rule_ids for cid in ids]
+        if timers:
+            pipe.zrem(TIMERS_KEY, *timers)
+        replies = await pipe.execute()
+        deleted = sum(int(r) for r in replies[: -1 if timers else None])
+    dropped = 0
+    for endpoint in endpoints:
+        stale = []
+        for action_id, state_json in await queue.all_queued(endpoint):
+            try:
+                customer = json.loads(state_json)["action"]["customer_id"]
+            except (ValueError, KeyError, TypeError):
+                continue
+            if customer in ids:
+                stale.append(action_id)
+        await queue.remove_many(endpoint, stale)
+        dropped += len(stale)
+    return deleted, dropped

@@ -1,0 +1,36 @@
+"""A Faust worker built with touchstream.streams whose agent fails on a record it is told to fail on.
+
+Run by tests/integration/test_agent_crash.py as `python crashing_worker.py`; settings come from
+the environment (TOUCHSTREAM_*), plus CRASH_ON (a record value that makes the agent raise) and
+SEEN_FILE (where every batch's values are appended, one per line, before they are handled).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import faust
+
+from touchstream.settings import CoreSettings
+from touchstream.streams import batches, faust_topic, make_app, run_worker
+from touchstream.topics import TOUCHPOINTS_RAW
+
+core = CoreSettings()
+app = make_app("crash-test", core, int(os.environ["WEB_PORT_FOR_TEST"]))
+raw = faust_topic(app, TOUCHPOINTS_RAW, core)
+seen = Path(os.environ["SEEN_FILE"])
+
+
+@app.agent(raw)
+async def handle(stream: faust.StreamT) -> None:
+    async for events in batches(stream, core):
+        values = [event.value.decode() for event in events]
+        with seen.open("a") as out:  # noqa: ASYNC230 - a few lines, in a test worker
+            out.write("".join(f"{v}\n" for v in values))
+        if os.environ["CRASH_ON"] in values:
+            raise RuntimeError(f"cannot handle {os.environ['CRASH_ON']}")
+
+
+if __name__ == "__main__":
+    run_worker(app)

@@ -1,0 +1,55 @@
+"""Scoring's and triggers' stores forget an erased customer on a real Valkey, and nobody else."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import redis.asyncio as aioredis
+
+from services.scoring.state import CustomerState
+from services.scoring.store import RedisScoringStore, StateChanges
+from services.triggers.crossing import CrossingState
+from services.triggers.erasure import forget_customers
+from services.triggers.state_store import DeliveryQueue, RuleStateStore, cap_key, timer_member
+
+pytestmark = pytest.mark.integration
+
+
+async def test_scoring_forgets_states_waiting_examples_and_ticks(redis_client: aioredis.Redis) -> None:
+    store = RedisScoringStore(redis_client, "t:scoring")
+    changes = StateChanges(states={"c_ann": CustomerState(purchase_count=1), "c_bob": CustomerState()})
+    changes.add_due(0, "c_ann", 1, 100)
+    changes.add_due(1, "c_old", 2, 200)  # a merged-away id's members stay in its own partition
+    changes.add_due(0, "c_bob", 3, 300)
+    changes.schedule_tick(0, "c_ann", 50)
+    changes.schedule_tick(1, "c_bob", 60)
+    await store.save(changes)
+
+    assert await store.forget(["c_ann", "c_old"], range(2)) == 4
+    states, _ = await store.load(["c_ann", "c_bob"])
+    assert set(states) == {"c_bob"}
+    assert await store.due_members(0, 1000) == ["c_bob|3"] and await store.due_members(1, 1000) == []
+    assert await store.due_ticks({0: 1000, 1: 1000}) == {0: [], 1: [("c_bob", 60)]}
+    assert await store.forget(["c_ann", "c_old"], range(2)) == 0  # idempotent
+
+
+async def test_triggers_forgets_rule_states_caps_timers_and_queued_actions(redis_client: aioredis.Redis) -> None:
+    states, queue = RuleStateStore(redis_client, 3600), DeliveryQueue(redis_client)
+    await states.save({("r1", "c_ann"): CrossingState(timer_due_ms=5, timer_snapshot="{}"),
+                       ("r1", "c_bob"): CrossingState(), ("r2", "c_ann"): CrossingState()}, ["r1"])
+    await states.save_caps({("c_ann", "2026-11-25"): 2, ("c_bob", "2026-11-25"): 1})
+
+    def queued(action_id: str, cid: str) -> tuple[str, int]:
+        return json.dumps({"action": {"action_id": action_id, "customer_id": cid}, "attempts": 1}), 10
+
+    await queue.enqueue("marketing", {"a1": queued("a1", "c_ann"), "a2": queued("a2", "c_bob"),
+                                      "a3": queued("a3", "c_old")})
+
+    deleted, dropped = await forget_customers(redis_client, queue, ["c_ann", "c_old"], ["r1", "r2"], ["marketing"])
+    assert (deleted, dropped) == (3, 2)
+    assert set(await states.load([("r1", "c_ann"), ("r2", "c_ann"), ("r1", "c_bob")])) == {("r1", "c_bob")}
+    assert await redis_client.exists(cap_key("c_ann", "2026-11-25")) == 0
+    assert await redis_client.exists(cap_key("c_bob", "2026-11-25")) == 1
+    assert await redis_client.zscore("triggers:timers:{triggers}:due", timer_member(("r1", "c_ann"))) is None
+    assert [a for a, _ in await queue.all_queued("marketing")] == ["a2"]

@@ -1,0 +1,67 @@
+"""Consent and time zone are properties of the customer: the latest stated, on every ScoreUpdate."""
+
+from __future__ import annotations
+
+from services.scoring.engine import ScoringEngine, rescore_touchpoint, score_update_record
+from services.scoring.labels import DAY_MS
+from services.scoring.model import Learner, PropensityModel
+from services.scoring.state import CustomerState, Touchpoint, merge_states, state_from_dict, state_to_dict
+from touchstream import avro
+
+
+def engine() -> ScoringEngine:
+    return ScoringEngine(Learner(PropensityModel()), horizon_days=90, lateness_days=1, tick_days=7)
+
+
+def at(day: float, message_id: str, consent: tuple[str, ...] = (), time_zone: str | None = None,
+       event_type: str = "track") -> Touchpoint:
+    t = int(day * DAY_MS)
+    return Touchpoint(message_id, t, t, event_type=event_type, consent=consent, time_zone=time_zone)
+
+
+def test_consent_given_on_identify_is_carried_by_later_events_and_rescores() -> None:
+    scoring, state = engine(), CustomerState()
+    scoring.score(state, at(1, "identify", ("email", "sms"), "Asia/Shanghai", event_type="identify"), DAY_MS)
+    later = at(2, "track")
+    record = score_update_record("c", later, scoring.score(state, later, 2 * DAY_MS), state)
+    assert record["consent"] == ["email", "sms"] and record["time_zone"] == "Asia/Shanghai"
+    assert avro.validation_errors("ScoreUpdate", record) == []
+    tick = scoring.next_tick_ms(state)
+    assert tick is not None
+    rescored = scoring.rescore(state, tick, tick)
+    assert rescored is not None
+    rescore = score_update_record("c", rescore_touchpoint("c", tick), rescored, state)
+    assert rescore["consent"] == ["email", "sms"] and rescore["time_zone"] == "Asia/Shanghai"
+
+
+def test_an_empty_list_changes_nothing_and_none_withdraws() -> None:
+    scoring, state = engine(), CustomerState()
+    scoring.score(state, at(1, "a", ("email",)), DAY_MS)
+    scoring.score(state, at(2, "b", ()), 2 * DAY_MS)
+    assert state.consent == ["email"]
+    scoring.score(state, at(3, "c", ("none",)), 3 * DAY_MS)
+    assert state.consent == []
+    # A late event's statement is older than the withdrawal: it does not bring consent back.
+    scoring.score(state, at(2.5, "d", ("email",)), 3 * DAY_MS)
+    assert state.consent == [] and state_from_dict(state_to_dict(state)) == state
+
+
+def test_never_stated_consent_falls_back_to_the_event() -> None:
+    scoring, state = engine(), CustomerState()
+    event = at(1, "a")
+    record = score_update_record("c", event, scoring.score(state, event, DAY_MS), state)
+    assert record["consent"] == [] and state.consent is None
+
+
+def test_a_merge_keeps_the_most_recent_statement() -> None:
+    scoring = engine()
+    survivor, merged = CustomerState(), CustomerState()
+    scoring.score(survivor, at(1, "a", ("email",), "Europe/Paris"), DAY_MS)
+    scoring.score(merged, at(5, "b", ("none",)), 5 * DAY_MS)
+    assert merge_states(survivor, merged, "m1")
+    assert survivor.consent == [] and survivor.consent_at_ms == 5 * DAY_MS
+    assert survivor.time_zone == "Europe/Paris"
+    older = CustomerState()
+    scoring.score(older, at(0.5, "c", ("sms",), "Asia/Tokyo"), DAY_MS // 2)
+    assert merge_states(survivor, older, "m2")
+    assert survivor.consent == [] and survivor.time_zone == "Europe/Paris"
