@@ -488,18 +488,20 @@ class ConsoleWeb:
     async def delete_form(self, request: web.Request, session: Session) -> web.StreamResponse:
         """Ask for confirmation before deleting a customer: the operator types its id (nothing changes on a GET)."""
         return self._page("delete.html", session, customer_id=request.match_info["customer_id"],
-                          enabled=bool(self.settings.identity_url), error=None)
+                          request_id=uuid.uuid4().hex, enabled=bool(self.settings.identity_url), error=None)
 
     async def delete(self, request: web.Request, session: Session) -> web.StreamResponse:
         """Delete a customer through identity's DELETE /v1/customers/{id}, with the admin key as the split does.
 
         identity removes the identities and announces the deletion; the read model forgets the customer
-        when that announcement reaches the console.
+        when that announcement reaches the console. The form's request_id makes a resubmission the same
+        erasure (same deletion id, same customer.deleted webhook).
         """
         customer_id = request.match_info["customer_id"]
         form = await request.post()
+        request_id = str(form.get("request_id", "")).strip()[:100] or uuid.uuid4().hex
         if str(form.get("confirm_id", "")).strip() != customer_id:
-            return self._page("delete.html", session, status=400, customer_id=customer_id,
+            return self._page("delete.html", session, status=400, customer_id=customer_id, request_id=request_id,
                               enabled=bool(self.settings.identity_url),
                               error="Type the customer id exactly to confirm; nothing was deleted.")
         if not self.settings.identity_url:
@@ -510,12 +512,18 @@ class ConsoleWeb:
             async with httpx.AsyncClient(timeout=10.0) as http:
                 response = await http.delete(
                     f"{self.settings.identity_url}/v1/customers/{quote(customer_id, safe='')}",
-                    headers={"Authorization": f"Bearer {key}"})
-        except httpx.HTTPError as exc:
+                    params={"request_id": request_id}, headers={"Authorization": f"Bearer {key}"})
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             log.warning("identity unreachable for a deletion: %s", type(exc).__name__)
             return self._page("error.html", session, status=502, message=(
                 f"identity did not answer ({type(exc).__name__}): customer {customer_id} was not deleted. "
                 "Try again once identity is up."))
+        except httpx.HTTPError as exc:
+            # The request went out: identity may have erased the customer before its answer was lost.
+            log.warning("identity's answer to a deletion was lost: %s", type(exc).__name__)
+            return self._page("error.html", session, status=502, message=(
+                f"identity's answer was lost ({type(exc).__name__}): customer {customer_id} may or may not be "
+                "deleted. Look it up, or send the form again: the same request is the same deletion."))
         if response.status_code == 404:
             return self._page("error.html", session, status=404, message=(
                 f"identity does not know customer {customer_id}: nothing was deleted "
@@ -528,8 +536,17 @@ class ConsoleWeb:
             status = response.status_code if response.status_code < 500 else 502
             return self._page("error.html", session, status=status, message=(
                 f"identity refused the deletion (HTTP {response.status_code}): {response.text[:300]}"))
-        log.info("customer deleted through identity (HTTP %d)", response.status_code)
-        return self._page("delete_done.html", session, customer_id=customer_id, status_code=response.status_code)
+        try:
+            answer = response.json()
+        except ValueError:
+            answer = None
+        answer = answer if isinstance(answer, dict) else {}
+        # identity erases the live customer and every id merged into it: name them all, as identity did.
+        erased = str(answer.get("customer_id") or customer_id)
+        merged = [str(m) for m in answer.get("merged_ids") or ()]
+        log.info("customer deleted through identity (%s)", answer.get("deletion_id", "no deletion id"))
+        return self._page("delete_done.html", session, customer_id=erased, merged_ids=merged,
+                          deletion_id=str(answer.get("deletion_id", "")))
 
     # -- overview and rules ---------------------------------------------------------------------------
 

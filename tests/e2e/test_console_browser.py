@@ -23,6 +23,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from services.identity.admin import hash_admin_key
+from services.identity.settings import DEV_ADMIN_KEY
 from tests.stacks import running_stack
 from touchstream import avro, local
 from touchstream.topics import ACTIONS, SCORES, TOUCHPOINTS_RAW, TOUCHPOINTS_RESOLVED
@@ -114,6 +115,25 @@ def reload_until(page: Any, ready: Callable[[], bool], what: str, timeout: float
         page.reload()
 
 
+def search(page: Any, stack: local.StackState, query: str) -> None:
+    """Type `query` into the console's customer search as an agent would, and submit it."""
+    page.goto(f"{stack.url('console')}/customers")
+    page.fill("#q", query)
+    page.click("form.search button[type=submit]")
+    page.wait_for_load_state()
+
+
+def open_customer(page: Any, stack: local.StackState, query: str, timeout: float = 60.0) -> str:
+    """Search for `query` until identity has resolved it and its profile opens; return the customer id."""
+    deadline = time.monotonic() + timeout
+    search(page, stack, query)
+    while "/customers/c_" not in page.url:
+        assert time.monotonic() < deadline, f"identity never resolved {query!r}"
+        time.sleep(1.0)
+        search(page, stack, query)
+    return str(page.url.rsplit("/", 1)[-1])
+
+
 def test_customer_page_shows_the_merged_profile_score_action_and_live_updates(
         stack: local.StackState, page: Any) -> None:
     run = uuid.uuid4().hex[:8]
@@ -129,16 +149,7 @@ def test_customer_page_shows_the_merged_profile_score_action_and_live_updates(
     send(stack, {"messageId": f"o-{run}", "event": "Order Completed", "email": email, "channel": "store_pos",
                  "timestamp": "2026-11-04T10:00:00Z", "properties": {"total": 59.9, "currency": "EUR"}})
 
-    page.goto(f"{stack.url('console')}/customers")
-    page.fill("#q", f"email:  {email.upper()} ")  # normalised and hashed as identity does
-    deadline = time.monotonic() + 60
-    while "/customers/c_" not in page.url:
-        assert time.monotonic() < deadline, "identity never resolved the e-mail"
-        page.click("form.search button[type=submit]")
-        page.wait_for_load_state()
-        if "/customers/c_" not in page.url:
-            time.sleep(1.0)
-            page.fill("#q", f"email:{email}")
+    open_customer(page, stack, f"email:  {email.upper()} ")  # normalised and hashed as identity does
     assert email not in page.url and "ann" not in page.url
 
     def complete() -> bool:
@@ -209,20 +220,76 @@ def test_customer_page_shows_the_merged_profile_score_action_and_live_updates(
     assert "phone" not in page.inner_text("#identities")
     assert page.dialogs == []  # type: ignore[attr-defined]
 
-    # Delete: the profile links to a confirmation page that names the customer and wants its id typed;
-    # a wrong id deletes nothing (identity's answer to a real deletion is tested against a stub peer).
+    assert page.evaluate("window.__pwned") is None
+    assert page.dialogs == []  # type: ignore[attr-defined]
+
+
+def test_deleting_a_customer_in_the_console_erases_it_in_identity_and_the_read_model(
+        stack: local.StackState, page: Any) -> None:
+    run = uuid.uuid4().hex[:8]
+    email, phone = f"dora.{run}@example.com", f"+1650555{int(run, 16) % 10_000:04d}"
+    send(stack, {"messageId": f"dv-{run}", "event": "Product Viewed", "email": email, "channel": "web",
+                 "timestamp": "2026-11-08T10:00:00Z"})
+    send(stack, {"messageId": f"dc-{run}", "event": "Called Support", "phone": phone, "channel": "call_center",
+                 "timestamp": "2026-11-08T11:00:00Z"})
+    # Two customers first, then one event with both identifiers merges them: the deletion takes both ids.
+    first_ids = {open_customer(page, stack, f"email:{email}"), open_customer(page, stack, f"phone:{phone}")}
+    send(stack, {"messageId": f"do-{run}", "event": "Order Completed", "email": email, "phone": phone,
+                 "channel": "store_pos", "timestamp": "2026-11-09T10:00:00Z",
+                 "properties": {"total": 19.9, "currency": "EUR"}})
+    open_customer(page, stack, f"email:{email}")
+    reload_until(page, lambda: all(e in page.inner_text("#timeline") for e in (
+        "Product Viewed", "Called Support", "Order Completed")), "the merged profile", 30)
+    customer_id = page.inner_text("#customer-id").strip()  # the survivor (the search may predate the merge)
+    [merged_id] = first_ids - {customer_id}
+    identity_admin = {"Authorization": f"Bearer {DEV_ADMIN_KEY}"}  # the key the local stack's console presents
+
+    def in_identity(cid: str) -> int:
+        return httpx.get(f"{stack.url('identity')}/v1/customers/{cid}", headers=identity_admin, timeout=5).status_code
+
+    assert in_identity(customer_id) == 200 and in_identity(merged_id) == 200
+
+    # The profile links to a confirmation page that names the customer and wants its id typed.
     page.click("#delete-link")
     page.wait_for_url(f"**/customers/{customer_id}/delete")
     assert page.inner_text("#delete-customer-id") == customer_id
     page.screenshot(path=str(ARTIFACTS / "console-delete.png"), full_page=True)
     fits_a_phone(page, page.url, "delete")
     page.fill("#confirm-id", "c_not_this_one")
-    page.click("#delete-form button[type=submit]")
+    with page.expect_response(lambda r: r.request.method == "POST") as refused:
+        page.click("#delete-form button[type=submit]")
+    assert refused.value.status == 400
     assert "Type the customer id exactly" in page.inner_text("main")
-    page.goto(f"{stack.url('console')}/customers/{customer_id}")
-    assert page.inner_text("#customer-id") == customer_id and "Order Completed" in page.inner_text("#timeline")
-    assert page.evaluate("window.__pwned") is None
-    assert page.dialogs == []  # type: ignore[attr-defined]
+
+    # The right id with this session's cookie but without (or with a forged) CSRF token: refused.
+    cookies = {c["name"]: c["value"] for c in page.context.cookies()}
+    confirm_url = f"{stack.url('console')}/customers/{customer_id}/delete"
+    assert httpx.get(confirm_url, cookies=cookies, timeout=5).status_code == 200  # the session itself is good
+    for form in ({"confirm_id": customer_id}, {"confirm_id": customer_id, "csrf": "A" * 43}):
+        forged = httpx.post(confirm_url, data=form, cookies=cookies, timeout=10)
+        assert forged.status_code == 403 and "This form has expired" in forged.text, form
+    assert in_identity(customer_id) == 200  # nothing deleted yet
+
+    page.fill("#confirm-id", customer_id)
+    with page.expect_response(lambda r: r.request.method == "POST") as confirmed:
+        page.click("#delete-form button[type=submit]")
+    assert confirmed.value.status == 200
+    assert page.inner_text("h1") == "Customer deleted"
+    assert page.inner_text("#deleted-customer-id") == customer_id
+    assert page.locator(".merged-id").all_inner_texts() == [merged_id]
+    assert page.inner_text("#deletion-id").startswith("del_")
+    page.screenshot(path=str(ARTIFACTS / "console-deleted.png"), full_page=True)
+    assert in_identity(customer_id) == 404 and in_identity(merged_id) == 404
+
+    # The deletion record reaches the read model, which forgets both ids; neither identifier finds anybody.
+    for cid in (customer_id, merged_id):
+        page.goto(f"{stack.url('console')}/customers/{cid}")
+        reload_until(page, lambda: "Unknown customer." in page.inner_text("main"), f"the read model to forget {cid}",
+                     30)
+    for query in (f"email:{email}", f"phone:{phone}"):
+        search(page, stack, query)
+        assert "No customer has this identifier." in page.inner_text("main"), query
+    assert page.dialogs == []
 
 
 async def produce(bootstrap: str, topic: str, key: str, value: bytes) -> None:

@@ -395,18 +395,27 @@ async def test_the_login_throttle_counts_each_address_on_its_own(redis_client: a
 
 async def test_delete_asks_for_the_typed_id_then_calls_identity_with_the_admin_key(
         redis_client: aioredis.Redis) -> None:
-    # identity's DELETE /v1/customers/{id} stood in by a stub HTTP peer that records each call.
+    # identity's DELETE /v1/customers/{id} stood in by a stub HTTP peer that records each call
+    # (tests/e2e/test_console_browser.py deletes through the real identity).
     calls: list[tuple[str, str, str]] = []
+    request_ids: list[str] = []
     identity = web.Application()
 
     async def delete(request: web.Request) -> web.Response:
         cid = request.match_info["cid"]
         calls.append((request.method, cid, request.headers.get("Authorization", "")))
+        request_ids.append(request.query.get("request_id", ""))
         if cid == "c_gone":
             return web.json_response({"error": "unknown customer"}, status=404)
         if cid == "c_broken":
             return web.Response(text="boom <b>", status=500)
-        return web.json_response({"found": True, "customer_id": cid})
+        if cid == "c_lost":
+            assert request.transport is not None
+            request.transport.close()  # the request arrived; its answer never comes back
+            return web.Response(status=200)
+        # identity's answer: the live id it erased and the ids merged into it.
+        return web.json_response({"deleted": True, "deletion_id": "del_0123", "customer_id": cid,
+                                  "merged_ids": ["c_0"], "identifiers_suppressed": 2})
 
     identity.router.add_delete("/v1/customers/{cid}", delete)
     identity_server = TestServer(identity)
@@ -432,24 +441,34 @@ async def test_delete_asks_for_the_typed_id_then_calls_identity_with_the_admin_k
             text = await confirm.text()
             assert confirm.status == 200 and "Delete customer" in text and 'name="confirm_id"' in text
             assert '<span class="mono" id="delete-customer-id">c_1</span>' in text
+            [request_id] = re.findall(r'name="request_id" value="([0-9a-f]{32})"', text)
             assert calls == []  # a GET changes nothing
             # Not confirmed, a wrong id typed, a forged token: nothing reaches identity.
             assert (await client.post("/customers/c_1/delete", data={"csrf": csrf})).status == 400
-            wrong = await client.post("/customers/c_1/delete", data={"csrf": csrf, "confirm_id": "c_2"})
-            assert wrong.status == 400 and "Type the customer id exactly" in await wrong.text()
+            wrong = await client.post("/customers/c_1/delete", data={"csrf": csrf, "confirm_id": "c_2",
+                                                                      "request_id": request_id})
+            wrong_text = await wrong.text()
+            assert wrong.status == 400 and "Type the customer id exactly" in wrong_text
+            assert f'name="request_id" value="{request_id}"' in wrong_text  # the re-shown form is the same request
             forged = await client.post("/customers/c_1/delete", data={"csrf": "forged", "confirm_id": "c_1"})
             assert forged.status == 403
             assert calls == []
-            done = await client.post("/customers/c_1/delete", data={"csrf": csrf, "confirm_id": " c_1 "})
-            assert done.status == 200 and "identity deleted customer" in await done.text()
-            assert calls == [("DELETE", "c_1", "Bearer identity-key")]
+            done = await client.post("/customers/c_1/delete", data={"csrf": csrf, "confirm_id": " c_1 ",
+                                                                     "request_id": request_id})
+            done_text = await done.text()
+            assert done.status == 200 and "identity deleted customer" in done_text
+            assert '<span class="mono merged-id">c_0</span>' in done_text and "del_0123" in done_text
+            assert calls == [("DELETE", "c_1", "Bearer identity-key")] and request_ids == [request_id]
             gone = await client.post("/customers/c_gone/delete", data={"csrf": csrf, "confirm_id": "c_gone"})
             assert gone.status == 404 and "identity does not know customer c_gone" in await gone.text()
             broken = await client.post("/customers/c_broken/delete", data={"csrf": csrf, "confirm_id": "c_broken"})
             assert broken.status == 502 and "boom &lt;b&gt;" in await broken.text()
+            lost = await client.post("/customers/c_lost/delete", data={"csrf": csrf, "confirm_id": "c_lost"})
+            lost_text = await lost.text()
+            assert lost.status == 502 and "may or may not be deleted" in lost_text and "not deleted" not in lost_text
     finally:
         await identity_server.close()
-    assert [c[1] for c in calls] == ["c_1", "c_gone", "c_broken"]
+    assert [c[1] for c in calls] == ["c_1", "c_gone", "c_broken", "c_lost"]
     # identity down (its server closed): a clear message, and nothing claims the customer was deleted.
     async with TestClient(TestServer(console_app(identity_url))) as client:
         csrf = await logged_in(client)
