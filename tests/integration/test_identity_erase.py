@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import redis.asyncio as aioredis
 
-from services.identity.domain import GraphLayout, GraphRules, ResolutionRequest, new_customer_id
+from services.identity.domain import GraphLayout, GraphRules
 from services.identity.graph import IdentityGraph
+from tests.identity_graphs import loaded_graph, request
 from touchstream.identifiers import STRONG_TYPES, Identifier
 from touchstream.privacy import SuppressionList, suppression_token
 
@@ -21,15 +22,9 @@ OTHER = Identifier("email", "ff66")
 TABLET = Identifier("device_id", "dd44")
 
 
-def request(message_id: str, event_time_ms: int, *identifiers: Identifier) -> ResolutionRequest:
-    return ResolutionRequest(message_id, event_time_ms, identifiers, new_customer_id(identifiers))
-
-
 @pytest.fixture
 async def graph(redis_client: aioredis.Redis) -> IdentityGraph:
-    identity_graph = IdentityGraph(redis_client, LAYOUT, RULES, event_ttl_s=3600)
-    await identity_graph.load_script()
-    return identity_graph
+    return await loaded_graph(redis_client, LAYOUT, RULES)
 
 
 async def dump(client: aioredis.Redis) -> str:

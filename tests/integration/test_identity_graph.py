@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import redis.asyncio as aioredis
 
-from services.identity.domain import GraphLayout, GraphRules, ResolutionRequest, new_customer_id
+from services.identity.domain import GraphLayout, GraphRules, new_customer_id
 from services.identity.graph import IdentityGraph
+from tests.identity_graphs import loaded_graph, request
 from touchstream.identifiers import STRONG_TYPES, Identifier
 
 pytestmark = pytest.mark.integration
@@ -19,15 +20,9 @@ PHONE_A = Identifier("phone", "cc33")
 DEVICE = Identifier("device_id", "dd44")
 
 
-def request(message_id: str, event_time_ms: int, *identifiers: Identifier) -> ResolutionRequest:
-    return ResolutionRequest(message_id, event_time_ms, identifiers, new_customer_id(identifiers))
-
-
 @pytest.fixture
 async def graph(redis_client: aioredis.Redis) -> IdentityGraph:
-    identity_graph = IdentityGraph(redis_client, LAYOUT, RULES, event_ttl_s=3600)
-    await identity_graph.load_script()
-    return identity_graph
+    return await loaded_graph(redis_client, LAYOUT, RULES)
 
 
 async def owner(redis_client: aioredis.Redis, identifier: Identifier) -> str | None:

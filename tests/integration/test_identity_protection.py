@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import redis.asyncio as aioredis
 
-from services.identity.domain import GraphLayout, GraphRefused, GraphRules, ResolutionRequest, new_customer_id
+from services.identity.domain import GraphLayout, GraphRefused, GraphRules, new_customer_id
 from services.identity.graph import IdentityGraph
+from tests.identity_graphs import loaded_graph, request
 from touchstream.identifiers import STRONG_TYPES, Identifier
 
 pytestmark = pytest.mark.integration
@@ -25,15 +26,9 @@ def user(n: int) -> Identifier:
     return Identifier("user_id", f"u{n:03d}")
 
 
-def request(message_id: str, event_time_ms: int, *identifiers: Identifier) -> ResolutionRequest:
-    return ResolutionRequest(message_id, event_time_ms, identifiers, new_customer_id(identifiers))
-
-
 @pytest.fixture
 async def graph(redis_client: aioredis.Redis) -> IdentityGraph:
-    identity_graph = IdentityGraph(redis_client, LAYOUT, RULES, event_ttl_s=3600)
-    await identity_graph.load_script()
-    return identity_graph
+    return await loaded_graph(redis_client, LAYOUT, RULES)
 
 
 async def owner(client: aioredis.Redis, identifier: Identifier) -> str | None:
