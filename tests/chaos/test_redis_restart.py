@@ -44,13 +44,17 @@ def redis_errors(stack: local.StackState, service: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
-def assert_every_event_once(stack: local.StackState, count: int, timeout_s: float = 300) -> None:
+def assert_every_event_once(stack: local.StackState, count: int, timeout_s: float = 300, stalled_s: float = 45) -> None:
     deadline = time.monotonic() + timeout_s
     stats: dict[str, Any] = {}
-    while time.monotonic() < deadline:
+    last, last_change = -1, time.monotonic()
+    # Wait for every webhook, or until none has arrived for `stalled_s` (something was lost).
+    while time.monotonic() < deadline and time.monotonic() - last_change < stalled_s:
         stats = httpx.get(f"{stack.url('receiver')}/stats", timeout=10).json()
         if stats["unique"] >= count:
             break
+        if stats["unique"] != last:
+            last, last_change = stats["unique"], time.monotonic()
         time.sleep(1.0)
     deliveries = httpx.get(f"{stack.url('receiver')}/deliveries", params={"limit": count * 2}, timeout=60).json()
     customers = [d["body"]["customer_id"] for d in deliveries]

@@ -11,7 +11,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -19,6 +18,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from services.identity.admin import hash_admin_key
 from services.identity.domain import new_customer_id, prepare_identifiers
+from tests.kafka_reading import collect
 from touchstream import avro
 from touchstream.embedded import ManagedProcess, free_port
 from touchstream.identifiers import DEFAULT_BLOCKLIST
@@ -109,27 +109,6 @@ async def producer(all_topics: str) -> AsyncIterator[AIOKafkaProducer]:
     await kafka.start()
     yield kafka
     await kafka.stop()
-
-
-async def collect(bootstrap: str, topic: str, schema: str, wanted: int, match: Any, wait_s: float = 60.0
-                  ) -> list[tuple[bytes | None, dict[str, Any]]]:
-    """Read `topic` from the start until `wanted` records satisfy `match(key, record)`."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False)
-    await consumer.start()
-    consumer.assign([TopicPartition(topic, p) for p in range(2)])
-    found: list[tuple[bytes | None, dict[str, Any]]] = []
-    try:
-        deadline = time.monotonic() + wait_s
-        while len(found) < wanted and time.monotonic() < deadline:
-            batch = await consumer.getmany(timeout_ms=500)
-            for records in batch.values():
-                for message in records:
-                    record = avro.decode(schema, message.value)
-                    if match(message.key, record):
-                        found.append((message.key, record))
-    finally:
-        await consumer.stop()
-    return found
 
 
 async def test_worker_resolves_links_and_dead_letters_real_events(

@@ -14,12 +14,12 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 
+from tests.kafka_reading import collect
 from touchstream import avro
 from touchstream.embedded import ManagedProcess, free_port
 from touchstream.topics import DEADLETTER, TOUCHPOINTS_RAW, TOUCHPOINTS_RESOLVED
@@ -67,29 +67,6 @@ def identity_worker(all_topics: str, redis_url: str, tmp_path: Path, artifacts_d
         worker.stop()
 
 
-async def collect(bootstrap: str, topic: str, schema: str, wanted: int, match: Any, wait_s: float = 60.0
-                  ) -> list[dict[str, Any]]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False)
-    await consumer.start()
-    consumer.assign([TopicPartition(topic, p) for p in range(2)])
-    found: list[dict[str, Any]] = []
-    try:
-        deadline = time.monotonic() + wait_s
-        while len(found) < wanted and time.monotonic() < deadline:
-            for records in (await consumer.getmany(timeout_ms=500)).values():
-                for message in records:
-                    # Other tests share this session broker and put garbage on these topics on purpose.
-                    try:
-                        record = avro.decode(schema, message.value)
-                    except avro.DecodeError:
-                        continue
-                    if match(record):
-                        found.append(record)
-    finally:
-        await consumer.stop()
-    return found
-
-
 async def test_framed_avro_is_resolved_and_garbage_is_dead_lettered_with_its_bytes(
     identity_worker: None, all_topics: str
 ) -> None:
@@ -123,14 +100,14 @@ async def test_framed_avro_is_resolved_and_garbage_is_dead_lettered_with_its_byt
     finally:
         await producer.stop()
 
-    [resolved] = await collect(all_topics, TOUCHPOINTS_RESOLVED.name, TOUCHPOINTS_RESOLVED.schema, 1,
-                               lambda r: r["event"]["message_id"] == f"{run}-good")
+    [(_, resolved)] = await collect(all_topics, TOUCHPOINTS_RESOLVED.name, TOUCHPOINTS_RESOLVED.schema, 1,
+                                    lambda _key, r: r["event"]["message_id"] == f"{run}-good")
     assert resolved["event"]["order"]["amount"] == 19.9 and resolved["event"]["source"] == "pos-direct"
     assert resolved["customer_id"]
 
     dead = await collect(all_topics, DEADLETTER.name, DEADLETTER.schema, len(garbage),
-                         lambda r: (r["key"] or b"").startswith(run.encode()))
-    by_name = {r["key"].decode().removeprefix(f"{run}-"): r for r in dead}
+                         lambda _key, r: (r["key"] or b"").startswith(run.encode()))
+    by_name = {r["key"].decode().removeprefix(f"{run}-"): r for _, r in dead}
     assert set(by_name) == set(garbage)
     for name, (value, reason) in garbage.items():
         letter = by_name[name]
