@@ -45,6 +45,8 @@ from touchstream.settings import CoreSettings
 from touchstream.topics import TOUCHPOINTS_RAW
 
 OPENAPI_PATH = avro.SCHEMA_DIR / "openapi.yaml"
+# Readiness waits this long for the broker to answer a metadata request.
+BROKER_PROBE_TIMEOUT_S = 2.0
 log = logging.getLogger(__name__)
 
 
@@ -466,6 +468,12 @@ def build_app(core: CoreSettings, settings: IngestSettings) -> Starlette:
             await service.redis.ping()
         except Exception as exc:
             return JSONResponse({"status": "unready", "reason": f"redis: {type(exc).__name__}"}, status_code=503)
+        # A metadata round trip, not the producer's cached view: with the broker away every request
+        # would be answered 503 after the produce timeout, so a load balancer should send none.
+        try:
+            await asyncio.wait_for(service.producer.client.fetch_all_metadata(), BROKER_PROBE_TIMEOUT_S)
+        except Exception as exc:
+            return JSONResponse({"status": "unready", "reason": f"broker: {type(exc).__name__}"}, status_code=503)
         return JSONResponse({"status": "ready"})
 
     async def openapi_json(_request: Request) -> Response:

@@ -132,6 +132,9 @@ def test_ingest_answers_503_while_the_broker_is_away_and_produces_again_after(br
     assert response.status_code == 200, response.text
 
     broker.kill()
+    # Readiness says so at once, so a load balancer stops sending before requests time out.
+    ready = httpx.get(f"{ingest}/readyz", timeout=10)
+    assert ready.status_code == 503 and ready.json()["reason"].startswith("broker"), ready.text
     refused: list[str] = []
     for attempt in range(3):
         ids = [f"{run}-down-{attempt}-{i}" for i in range(5)]
@@ -158,6 +161,7 @@ def test_ingest_answers_503_while_the_broker_is_away_and_produces_again_after(br
         assert time.monotonic() < deadline, "ingest did not produce again within 60 s of the broker's return"
         attempt += 1
         time.sleep(0.5)
+    assert httpx.get(f"{ingest}/readyz", timeout=10).status_code == 200
     for attempt in range(5):
         ids = [f"{run}-later-{attempt}-{i}" for i in range(20)]
         response, _ = send(ingest, ids)
