@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 COALESCE_S = 0.002
+# How much of a receiver's answer body is read (and then ignored); a longer one closes its connection.
+ANSWER_BYTES_READ = 64 * 1024
 
 
 async def resolve_host(host: str, port: int) -> list[str]:
@@ -168,7 +170,11 @@ class GuardedClient:
         """POST `content`; raise ConnectError (AddressRefused), Timeout or ProtocolError when there is no answer."""
         try:
             async with self._client().post(url, data=content, headers=headers, allow_redirects=False) as response:
-                await response.read()
+                # Only the status counts. Read a small body so the connection is kept for the next
+                # request; past ANSWER_BYTES_READ the answer is dropped with its connection.
+                left = ANSWER_BYTES_READ
+                while left > 0 and (chunk := await response.content.read(left)):
+                    left -= len(chunk)
                 return HTTPAnswer(response.status, response.headers)
         except aiohttp.ClientConnectorError as exc:
             refused = _refusal_in(exc)
@@ -308,6 +314,8 @@ class ActionDelivery:
         self._wake = asyncio.Event()
         # 2xx answers not yet written to the ledger, per endpoint: recorded for a whole scan at once.
         self._acknowledged: dict[str, list[tuple[str, int]]] = {}
+        # Their ids, until written (also while a scan is writing them).
+        self._unrecorded: set[str] = set()
 
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
@@ -378,23 +386,33 @@ class ActionDelivery:
             for endpoint, items in done.items():
                 self._acknowledged.setdefault(endpoint, [])[:0] = items
             raise
+        self._recorded(done)
+
+    def _recorded(self, done: dict[str, list[tuple[str, int]]]) -> None:
+        for items in done.values():
+            self._unrecorded.difference_update(action_id for action_id, _ in items)
 
     async def dispatch_due(self) -> int:
         """Start a request for each due action an endpoint has room for; return how many started."""
         # The 2xx answers since the last scan are written in the same round trip as the first claim,
         # before it, so it cannot hand them out again; or on their own if nothing is claimed.
         acknowledged, self._acknowledged = self._acknowledged, {}
+        written: dict[str, list[tuple[str, int]]] = {}
         try:
-            started = await self._dispatch(acknowledged)
+            started = await self._dispatch(acknowledged, written)
             await self._queue.complete_many(acknowledged, self._ledger)
         except BaseException:
             # Not known to be written: keep them for the next scan (writing them twice is harmless).
             for endpoint, items in acknowledged.items():
                 self._acknowledged.setdefault(endpoint, [])[:0] = items
+            self._recorded(written)
             raise
+        self._recorded(written)
+        self._recorded(acknowledged)
         return started
 
-    async def _dispatch(self, acknowledged: dict[str, list[tuple[str, int]]]) -> int:
+    async def _dispatch(self, acknowledged: dict[str, list[tuple[str, int]]],
+                        written: dict[str, list[tuple[str, int]]]) -> int:
         # Another worker may have disabled an endpoint; look again once per poll interval.
         if time.monotonic() - self._disabled_read_at >= self._poll_s:
             for endpoint, why in (await self._queue.disabled(self._endpoints)).items():
@@ -420,6 +438,7 @@ class ActionDelivery:
                 room = 1
             claimed = await self._queue.claim(endpoint, int(now_s * 1000), room, int((now_s + self._lease_s) * 1000),
                                               acknowledged=acknowledged, ledger=self._ledger)
+            written.update(acknowledged)
             acknowledged.clear()
             # Acknowledged before a crash that left them queued: drop, do not send again.
             done = await self._ledger.delivered(i for i, _ in claimed)
@@ -477,6 +496,7 @@ class ActionDelivery:
             # Recorded by the next scan, together with the other answers of the moment (one round
             # trip for all). Until then the lease keeps the action from being claimed again.
             self._acknowledged.setdefault(endpoint, []).append((action_id, int(now_s * 1000)))
+            self._unrecorded.add(action_id)
             self._metrics.deliveries.labels(rule, endpoint, "succeeded").inc()
             self._metrics.event_to_webhook.labels(rule).observe(max(0.0, time.time() - action["received_at_ms"] / 1000))
             return
@@ -512,8 +532,8 @@ class ActionDelivery:
 
     async def _dead_letter_queue(self, endpoint: str, reason: str) -> None:
         """Send every action queued for a disabled endpoint to deadletter, then drop them from the queue."""
-        await self.flush_acknowledged()  # those were delivered: not dead letters
-        queued = await self._queue.all_queued(endpoint)
+        # Those a receiver acknowledged are delivered, not dead letters (their ledger write is on its way).
+        queued = [(i, s) for i, s in await self._queue.all_queued(endpoint) if i not in self._unrecorded]
         if not queued:
             return
         actions = [json.loads(s)["action"] for _, s in queued if s]

@@ -569,3 +569,36 @@ async def test_claim_records_the_acknowledged_answers_first_in_the_same_round_tr
     assert [action_id for action_id, _ in claimed] == ["act_b"]
     assert await ledger.delivered(["act_a", "act_b"]) == {first}
     assert await queue.pending("marketing") == 1
+
+
+async def test_a_long_answer_counts_by_its_status_and_the_next_request_still_goes_out() -> None:
+    from aiohttp import web
+
+    served = {"bytes": 0}
+
+    async def hook(_request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(status=200)
+        await response.prepare(_request)
+        chunk = b"x" * 65_536
+        try:
+            for _ in range(64):  # 4 MiB, more than a webhook answer should ever be
+                await response.write(chunk)
+                served["bytes"] += len(chunk)
+        except (ConnectionResetError, RuntimeError):
+            pass
+        return response
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        async with guarded_client(5, allow_private=True) as guarded:
+            answer = await guarded.post(f"http://127.0.0.1:{port}/hook", content=b"{}")
+            assert answer.status_code == 200
+            again = await guarded.post(f"http://127.0.0.1:{port}/hook", content=b"{}")
+            assert again.status_code == 200
+    finally:
+        await runner.cleanup()
