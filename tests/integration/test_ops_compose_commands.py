@@ -13,6 +13,7 @@ import pytest
 import yaml
 from aiokafka.admin import AIOKafkaAdminClient
 
+from tests.unit.test_deploy_compose import environment as compose_environment
 from touchstream.embedded import ManagedProcess, free_port, start_tansu
 from touchstream.topics import ALL_TOPICS
 
@@ -50,7 +51,7 @@ def test_kafka_init_creates_every_topic_of_the_catalogue(empty_broker: str) -> N
     service = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["kafka-init"]
     command = service["command"]
     assert command[0] == "python"
-    env = {**os.environ, **{k: str(v) for k, v in service["environment"].items()},
+    env = {**os.environ, **compose_environment(service),
            "TOUCHSTREAM_KAFKA_BOOTSTRAP": kafka_bootstrap, "TOUCHSTREAM_PARTITIONS": "2"}
     # Run it twice: a restarted compose stack runs it again on existing topics.
     for _ in range(2):
