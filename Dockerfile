@@ -9,8 +9,9 @@ ENV PYTHONUNBUFFERED=1 \
     TOUCHSTREAM_STATE_DIR=/var/lib/touchstream
 
 WORKDIR /app
-# The code reads schemas/ and deploy/rules/ beside its packages, so the checkout is installed
-# in place (editable) rather than as a wheel that would leave them behind.
+# Schemas, templates and static files ship as package data, but the default rules file is read
+# from deploy/rules/ beside the packages, so the checkout is installed in place (editable).
+# touchstream/schemas is a link to schemas/: both are copied.
 COPY pyproject.toml README.md ./
 COPY touchstream ./touchstream
 COPY services ./services

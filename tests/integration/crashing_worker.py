@@ -2,7 +2,7 @@
 
 Run by tests/integration/test_agent_crash.py as `python crashing_worker.py`; settings come from
 the environment (TOUCHSTREAM_*), plus CRASH_ON (a record value that makes the agent raise) and
-SEEN_FILE (where every batch's values are appended, one per line, before they are handled).
+SEEN_FILE (where every batch's values are appended, a line per batch, before they are handled).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def main() -> None:
         async for events in batches(stream, core):
             values = [event.value.decode() for event in events]
             with seen.open("a") as out:  # noqa: ASYNC230 - a few lines, in a test worker
-                out.write("".join(f"{v}\n" for v in values))
+                out.write(" ".join(values) + "\n")
             if crash_on in values:
                 raise RuntimeError(f"cannot handle {crash_on}")
 
