@@ -1,14 +1,22 @@
-"""Start the whole local stack for a test with a rule file of its own, and keep its logs."""
+"""Start the whole local stack (or one service) for a test, and keep its logs."""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from touchstream import local
+import httpx
 
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+from touchstream import local
+from touchstream.embedded import ManagedProcess
+
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO / "test-artifacts"
 
 
 @contextlib.contextmanager
@@ -28,3 +36,31 @@ def running_stack(run_dir: Path, rules_yaml: str, logs_name: str,
         target.mkdir(parents=True, exist_ok=True)
         for log in (run_dir / "logs").glob("*.log"):
             (target / log.name).write_bytes(log.read_bytes())
+
+
+@contextlib.contextmanager
+def running_ingest(settings: dict[str, str], log: Path, ready_within_s: float = 30.0) -> Iterator[str]:
+    """Run `python -m services.ingest` with the TOUCHSTREAM_* `settings` (its port among them) until
+    its /readyz answers 200; yield its base URL, and check it is still alive when the test is done."""
+    port = settings.get("TOUCHSTREAM_INGEST_WEB_PORT") or settings["TOUCHSTREAM_INGEST_PORT"]
+    env = {**os.environ, **settings, "PYTHONPATH": str(REPO)}
+    with log.open("ab") as out:
+        process = subprocess.Popen([sys.executable, "-m", "services.ingest"], stdout=out, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True, env=env, cwd=REPO)
+    server = ManagedProcess("ingest", process)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + ready_within_s
+        while True:
+            assert server.alive(), f"ingest exited; see {log}"
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"ingest was not ready after {ready_within_s:.0f} s"
+            time.sleep(0.1)
+        yield url
+        assert server.alive(), f"ingest exited during the test; see {log}"
+    finally:
+        server.stop()

@@ -16,8 +16,6 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -28,12 +26,12 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 
 from services.ingest.settings import hash_write_key
+from tests.stacks import running_ingest
 from touchstream import avro
 from touchstream.embedded import ManagedProcess, create_topics, free_port, start_tansu
 from touchstream.topics import TOUCHPOINTS_RAW
 
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[2]
 WRITE_KEY = "broker-restart-key"
 PRODUCE_TIMEOUT_S = 2.0
 
@@ -68,39 +66,16 @@ def broker(artifacts_dir: Path) -> Iterator[Broker]:
 @pytest.fixture
 def ingest(broker: Broker, redis_url: str, artifacts_dir: Path) -> Iterator[str]:
     port = free_port()
-    env = {
-        **os.environ,
+    settings = {
         "TOUCHSTREAM_KAFKA_BOOTSTRAP": broker.bootstrap,
         "TOUCHSTREAM_REDIS_URL": redis_url,
         "TOUCHSTREAM_PARTITIONS": "2",
         "TOUCHSTREAM_INGEST_WEB_PORT": str(port),
         "TOUCHSTREAM_INGEST_WRITE_KEYS": json.dumps({"shop": hash_write_key(WRITE_KEY)}),
         "TOUCHSTREAM_INGEST_PRODUCE_TIMEOUT_S": str(PRODUCE_TIMEOUT_S),
-        "PYTHONPATH": str(REPO),
     }
-    log = open(artifacts_dir / "ingest-broker-restart.log", "ab")  # noqa: SIM115
-    try:
-        process = subprocess.Popen([sys.executable, "-m", "services.ingest"], stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True, env=env, cwd=REPO)
-    finally:
-        log.close()
-    server = ManagedProcess("ingest", process)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert server.alive(), "ingest exited; see test-artifacts/ingest-broker-restart.log"
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "ingest was not ready after 30 s"
-            time.sleep(0.1)
+    with running_ingest(settings, artifacts_dir / "ingest-broker-restart.log") as url:
         yield url
-        assert server.alive(), "ingest exited during the test"
-    finally:
-        server.stop()
 
 
 def send(url: str, message_ids: list[str]) -> tuple[httpx.Response, float]:

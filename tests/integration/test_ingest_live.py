@@ -7,8 +7,6 @@ import asyncio
 import base64
 import json
 import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -34,12 +32,12 @@ from schemathesis.specs.openapi.checks import (
 from segment.analytics.client import Client as SegmentClient
 
 from services.ingest.settings import hash_write_key
+from tests.stacks import running_ingest
 from touchstream import avro
-from touchstream.embedded import ManagedProcess, free_port
+from touchstream.embedded import free_port
 from touchstream.topics import TOUCHPOINTS_RAW
 
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[2]
 WRITE_KEY = "live-test-key"
 
 
@@ -47,40 +45,16 @@ WRITE_KEY = "live-test-key"
 def live_ingest(all_topics: str, redis_url: str, artifacts_dir: Path) -> Iterator[str]:
     """Run `python -m services.ingest` on a free port; yield its base URL."""
     port = free_port()
-    env = {
-        **os.environ,
+    settings = {
         "TOUCHSTREAM_KAFKA_BOOTSTRAP": all_topics,
         "TOUCHSTREAM_REDIS_URL": redis_url,
         "TOUCHSTREAM_PARTITIONS": "2",
         "TOUCHSTREAM_INGEST_PORT": str(port),
         "TOUCHSTREAM_INGEST_WRITE_KEYS": json.dumps({"sdk": hash_write_key(WRITE_KEY)}),
         "TOUCHSTREAM_INGEST_RATE_LIMIT_EVENTS_PER_S": "100000",
-        "PYTHONPATH": str(REPO),
     }
-    log = open(artifacts_dir / "ingest-live.log", "ab")  # noqa: SIM115
-    try:
-        process = subprocess.Popen([sys.executable, "-m", "services.ingest"], stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True, env=env, cwd=REPO)
-    finally:
-        log.close()
-    server = ManagedProcess("ingest", process)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if not server.alive():
-                raise RuntimeError("ingest exited; see test-artifacts/ingest-live.log")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("ingest was not ready after 30 s")
-            time.sleep(0.1)
+    with running_ingest(settings, artifacts_dir / "ingest-live.log") as url:
         yield url
-    finally:
-        server.stop()
 
 
 async def raw_events(bootstrap: str, message_ids: set[str], wait_s: float = 15.0) -> dict[str, dict[str, Any]]:
