@@ -94,9 +94,11 @@ def updates_of(events: Sequence[Any], metrics: ServiceMetrics, arrivals: Latency
     specs = {spec.name: spec for spec in CONSUMED}
     updates: list[Update] = []
     now = time.time() if now_s is None else now_s
+    seen: dict[str, int] = {}  # events per topic, counted once per batch
+    arrival_by_topic: dict[str, Any] = {}  # the histogram's child per topic (labels() is not free)
     for event in events:
         topic = event.message.topic
-        metrics.events_in.labels(topic).inc()
+        seen[topic] = seen.get(topic, 0) + 1
         if event.value is None:
             continue  # a tombstone (`scores` is compacted; an erasure nulls the customer's key)
         try:
@@ -108,12 +110,17 @@ def updates_of(events: Sequence[Any], metrics: ServiceMetrics, arrivals: Latency
                 if arrivals is not None:
                     arrivals.add(topic, latency_s, now)
                 if arrival_seconds is not None:
-                    arrival_seconds.labels(topic).observe(latency_s)
+                    child = arrival_by_topic.get(topic)
+                    if child is None:
+                        child = arrival_by_topic[topic] = arrival_seconds.labels(topic)
+                    child.observe(latency_s)
         except (avro.DecodeError, KeyError, ValueError, TypeError, AttributeError) as exc:
             # The console only reads; producing to deadletter from here could loop on a bad
             # deadletter record, so a record it cannot read is counted and logged instead.
             metrics.events_failed.labels(f"{topic} undecodable").inc()
             log.warning("skipped an unreadable %s record: %s", topic, type(exc).__name__)
+    for topic, count in seen.items():
+        metrics.events_in.labels(topic).inc(count)
     return updates
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 
 from services.console.readmodel import (
     ACTIONS_CAP,
@@ -186,6 +187,7 @@ class ReadModelStore:
         self._add_to_log = client.register_script(_ADD_TO_LOG)
         self._set_segment = client.register_script(_SET_SEGMENT)
         self._drop_segment = client.register_script(_DROP_SEGMENT)
+        self._scripts_loaded = False  # _set_segment and _add_to_log, for _write's EVALSHA
         # One hash tag for both, so the scripts stay legal on Redis Cluster.
         self._segment_keys = [self.key("{seg}"), self.key("{seg}", "counts")]
         # Erased customers (memory only, newest last): records about them still in flight on the
@@ -275,7 +277,7 @@ class ReadModelStore:
         await self._write(writes)
         return len(updates)
 
-    async def _write(self, writes: _BatchWrites) -> None:
+    async def _write(self, writes: _BatchWrites, first_try: bool = True) -> None:
         """Send one batch's writes in one pipeline: one command per key, one script call per capped log."""
         if writes.empty:
             return
@@ -291,12 +293,29 @@ class ReadModelStore:
             pipe.sadd(key, *members)
         for key, field_name, first_ms in writes.hsetnx:
             pipe.hsetnx(key, field_name, first_ms)
+        # EVALSHA straight into the pipeline: going through the Script objects would make redis-py
+        # ask SCRIPT EXISTS first, one more round trip per batch. A Redis that lost its scripts
+        # (restarted) answers NOSCRIPT: load them and send the batch again (every write is idempotent).
+        set_segment, add_to_log = self._set_segment.sha, self._add_to_log.sha
         for cid, (time_ms, value) in writes.segments.items():
-            await self._set_segment(keys=self._segment_change_keys(time_ms),
-                                    args=[cid, time_ms, value, time_ms // DAY_MS], client=pipe)
+            pipe.evalsha(set_segment, 4, *self._segment_change_keys(time_ms), cid, time_ms, value, time_ms // DAY_MS)
         for (order_key, body_key, cap), entries in writes.logs.items():
-            await self._add_to_log(keys=[order_key, body_key], args=[cap, *entries], client=pipe)
-        await pipe.execute()
+            pipe.evalsha(add_to_log, 2, order_key, body_key, cap, *entries)
+        if not self._scripts_loaded and (writes.segments or writes.logs):
+            await self._load_scripts()
+        try:
+            await pipe.execute()
+        except NoScriptError:
+            if not first_try:
+                raise
+            await self._load_scripts()
+            await self._write(writes, first_try=False)
+
+    async def _load_scripts(self) -> None:
+        """Load the batch scripts into Redis (SCRIPT LOAD is idempotent; their sha1 never changes)."""
+        for script in (self._set_segment, self._add_to_log):
+            await self.client.script_load(script.script)
+        self._scripts_loaded = True
 
     async def _apply_merge(self, merge: CustomersMerged) -> None:
         survivor, merged = merge.survivor_id, merge.merged_id

@@ -192,3 +192,16 @@ async def test_the_event_clock_is_the_newest_event_time_applied(store: ReadModel
     assert await store.event_clock() == 5000
     await store.apply([action("c_2", "r", "held_out", 9, "holdout")])
     assert await store.event_clock() == 9000
+
+
+async def test_a_batch_still_lands_after_redis_lost_its_scripts(store: ReadModelStore) -> None:
+    # Batches call the scripts by sha1 without asking SCRIPT EXISTS first; a restarted Redis
+    # answers NOSCRIPT, and the store loads them and sends the batch again.
+    await store.apply([touch("c_1", 1), score("c_1", 1, 0.2)])
+    await store.client.script_flush()
+    await store.apply([touch("c_1", 2), score("c_1", 2, 0.9, "at_risk", "lapsing")])
+    record = await store.customer("c_1")
+    assert [e.message_id for e in record.timeline] == ["m-c_1-2", "m-c_1-1"]
+    assert [s.event_time_ms for s in record.scores] == [1000, 2000]
+    assert await store.segments() == {("at_risk", "lapsing"): 1}
+    assert await store.client.script_exists(store._add_to_log.sha, store._set_segment.sha) == [True, True]
