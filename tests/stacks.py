@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -64,3 +65,20 @@ def running_ingest(settings: dict[str, str], log: Path, ready_within_s: float = 
         assert server.alive(), f"ingest exited during the test; see {log}"
     finally:
         server.stop()
+
+
+def webhooks_received(state: local.StackState, count: int, timeout_s: float, poll_s: float = 1.0,
+                      stalled_s: float | None = None) -> dict[str, Any]:
+    """Poll the receiver's /stats until `count` distinct webhook-ids arrived, `timeout_s` passed, or (with
+    `stalled_s`) none arrived for that long; return the last stats, for the caller to assert on."""
+    deadline = time.monotonic() + timeout_s
+    stats: dict[str, Any] = {}
+    last, last_change = -1, time.monotonic()
+    while time.monotonic() < deadline and (stalled_s is None or time.monotonic() - last_change < stalled_s):
+        stats = httpx.get(f"{state.url('receiver')}/stats", timeout=10).json()
+        if stats["unique"] >= count:
+            break
+        if stats["unique"] != last:
+            last, last_change = stats["unique"], time.monotonic()
+        time.sleep(poll_s)
+    return stats

@@ -21,7 +21,7 @@ import httpx
 import pytest
 import redis
 
-from tests.stacks import running_stack
+from tests.stacks import running_stack, webhooks_received
 from touchstream import local
 
 RULES = """
@@ -79,13 +79,7 @@ def run_with_kills(stack: local.StackState, count: int, rate: float) -> None:
     sender.join()
     assert progress[0] == count, "ingest did not accept every event"
 
-    deadline = time.monotonic() + 600
-    stats: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        stats = httpx.get(f"{stack.url('receiver')}/stats", timeout=10).json()
-        if stats["unique"] >= count:
-            break
-        time.sleep(1.0)
+    stats = webhooks_received(stack, count, 600)
     deliveries = httpx.get(f"{stack.url('receiver')}/deliveries", params={"limit": count * 2}, timeout=60).json()
     customers_with_webhook = [d["body"]["customer_id"] for d in deliveries]
     # Nothing lost: every event's action arrived; nothing doubled: one webhook-id per customer.

@@ -30,7 +30,7 @@ import redis
 from services.triggers.state_store import queue_keys
 from services.triggers.webhooks import RETRY_SCHEDULE_S
 from tests.chaos.test_crash_recovery import RULES, post_events
-from tests.stacks import running_stack
+from tests.stacks import running_stack, webhooks_received
 from touchstream import local
 
 SCALE = 400
@@ -122,13 +122,7 @@ def run_outage(stack: local.StackState, count: int, rate: float, outage_s: float
     assert progress[0] == count, "ingest did not accept every event"
 
     receiver = stack.url("receiver")
-    deadline = time.monotonic() + 120 + outage_s
-    stats: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        stats = httpx.get(f"{receiver}/stats", timeout=10).json()
-        if stats["unique"] >= count:
-            break
-        time.sleep(0.5)
+    stats = webhooks_received(stack, count, 120 + outage_s, poll_s=0.5)
     time.sleep(1.0)  # let the watcher see the last removals
     watch.stop.set()
     watcher.join()

@@ -18,14 +18,13 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 import redis
 
 from tests.chaos.test_crash_recovery import RULES, post_events, redis_json_values
-from tests.stacks import running_stack
+from tests.stacks import running_stack, webhooks_received
 from touchstream import local
 from touchstream.embedded import free_port, start_valkey
 
@@ -45,17 +44,8 @@ def redis_errors(stack: local.StackState, service: str) -> float:
 
 
 def assert_every_event_once(stack: local.StackState, count: int, timeout_s: float = 300, stalled_s: float = 45) -> None:
-    deadline = time.monotonic() + timeout_s
-    stats: dict[str, Any] = {}
-    last, last_change = -1, time.monotonic()
     # Wait for every webhook, or until none has arrived for `stalled_s` (something was lost).
-    while time.monotonic() < deadline and time.monotonic() - last_change < stalled_s:
-        stats = httpx.get(f"{stack.url('receiver')}/stats", timeout=10).json()
-        if stats["unique"] >= count:
-            break
-        if stats["unique"] != last:
-            last, last_change = stats["unique"], time.monotonic()
-        time.sleep(1.0)
+    stats = webhooks_received(stack, count, timeout_s, stalled_s=stalled_s)
     deliveries = httpx.get(f"{stack.url('receiver')}/deliveries", params={"limit": count * 2}, timeout=60).json()
     customers = [d["body"]["customer_id"] for d in deliveries]
     assert stats["unique"] == count, stats

@@ -14,13 +14,12 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from tests.chaos.test_crash_recovery import RULES, post_events
-from tests.stacks import running_stack
+from tests.stacks import running_stack, webhooks_received
 from touchstream import local
 
 WORKERS = ("ingest", "identity", "scoring", "triggers", "console")
@@ -32,24 +31,13 @@ def stack(tmp_path: Path) -> Iterator[local.StackState]:
         yield state
 
 
-def wait_unique(stack: local.StackState, count: int, timeout_s: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    stats: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        stats = httpx.get(f"{stack.url('receiver')}/stats", timeout=10).json()
-        if stats["unique"] >= count:
-            break
-        time.sleep(1.0)
-    return stats
-
-
 @pytest.mark.chaos
 def test_workers_carry_on_after_the_broker_restarts_empty(stack: local.StackState) -> None:
     run_dir = Path(stack.run_dir)
     pids = {name: stack.pids[name] for name in WORKERS}
     before, after = 500, 2_000
     post_events(stack, f"pre-{uuid.uuid4().hex[:6]}", before, 200.0, [0])
-    assert wait_unique(stack, before, 120)["unique"] == before
+    assert webhooks_received(stack, before, 120)["unique"] == before
 
     local.kill(run_dir, "broker")
     time.sleep(15.0)  # longer than the session timeout: every group membership is gone
@@ -58,7 +46,7 @@ def test_workers_carry_on_after_the_broker_restarts_empty(stack: local.StackStat
     progress = [0]
     post_events(stack, f"post-{uuid.uuid4().hex[:6]}", after, 200.0, progress)
     assert progress[0] == after
-    stats = wait_unique(stack, before + after, 300)
+    stats = webhooks_received(stack, before + after, 300)
     assert stats["unique"] == before + after, stats
     deliveries = httpx.get(f"{stack.url('receiver')}/deliveries", params={"limit": 10 * after}, timeout=60).json()
     customers = [d["body"]["customer_id"] for d in deliveries]
