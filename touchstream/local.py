@@ -1,7 +1,8 @@
 """`touchstream local up|down|status`: the whole pipeline on this machine, no Docker.
 
-Starts the embedded broker and Redis, creates the topics, then the five services and a
-webhook receiver, each in its own process group, logs and PIDs under one run directory.
+Starts the embedded broker (Apache Kafka, or the Tansu fallback) and Redis, creates the
+topics, then the five services and a webhook receiver, each in its own process group, logs,
+PIDs and the broker's and Redis's data under one run directory.
 """
 
 from __future__ import annotations
@@ -21,7 +22,17 @@ from pathlib import Path
 
 import httpx
 
-from touchstream.embedded import ManagedProcess, create_topics, free_port, spawn, start_tansu, start_valkey, stop_pid
+from touchstream.embedded import (
+    ManagedProcess,
+    broker_client_env,
+    create_topics,
+    embedded_broker_kind,
+    free_port,
+    spawn,
+    start_broker,
+    start_valkey,
+    stop_pid,
+)
 
 SERVICES = ("ingest", "identity", "scoring", "triggers", "console")
 # Stream services scale by workers in one consumer group; ingest scales behind a load balancer.
@@ -30,6 +41,7 @@ STATE_FILE = "state.json"
 # Valkey's append-only file, and the receiver's record of what it got: both survive a
 # restart of their process while the stack runs; `up` starts them empty.
 REDIS_DATA_DIR = "redis-data"
+KAFKA_DATA_DIR = "kafka-data"
 RECEIVER_JOURNAL = "receiver-journal.jsonl"
 
 
@@ -42,6 +54,7 @@ class StackState:
     webhook_secret: str = ""
     write_key: str = ""
     env_overrides: dict[str, str] = field(default_factory=dict)
+    broker: str = "kafka"
 
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.ports[name]}"
@@ -90,6 +103,7 @@ def service_env(state: StackState, extra: dict[str, str] | None = None) -> dict[
         # The demo receiver is on loopback, which the SSRF guard refuses unless allowed.
         "TOUCHSTREAM_TRIGGERS_ALLOW_PRIVATE_ENDPOINTS": "true",
         "PYTHONUNBUFFERED": "1",
+        **broker_client_env(state.broker),
     }
     env.update(extra or {})
     return env
@@ -122,8 +136,11 @@ def worker_name(service: str, index: int) -> str:
 
 
 def up(run_dir: Path, partitions: int = 4, env_overrides: dict[str, str] | None = None,
-       ready_timeout: float = 90.0, progress: bool = True, workers: int = 1) -> StackState:
-    """Start everything (`workers` processes per stream service) and return once every one answers ready."""
+       ready_timeout: float = 90.0, progress: bool = True, workers: int = 1, broker: str | None = None) -> StackState:
+    """Start everything (`workers` processes per stream service) and return once every one answers ready.
+
+    `broker`: kafka (the default, or TOUCHSTREAM_EMBEDDED_BROKER) or tansu.
+    """
     run_dir = run_dir.resolve()
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -134,21 +151,24 @@ def up(run_dir: Path, partitions: int = 4, env_overrides: dict[str, str] | None 
     state = StackState(
         run_dir=str(run_dir), partitions=partitions, ports={n: free_port() for n in names},
         webhook_secret="whsec_" + base64.b64encode(secrets.token_bytes(24)).decode(),
-        write_key="local-" + secrets.token_hex(12),
+        write_key="local-" + secrets.token_hex(12), broker=embedded_broker_kind(broker),
     )
     say = print if progress else (lambda *_a, **_k: None)
     started: list[ManagedProcess] = []
     try:
         t0 = time.monotonic()
-        # The broker is memory-only, so state left in Redis by an earlier run would describe
-        # records that no longer exist: every `up` starts from empty.
-        shutil.rmtree(run_dir / REDIS_DATA_DIR, ignore_errors=True)
+        # Every `up` starts from empty: broker, Redis and receiver together, so no state in
+        # one describes records the others never had. A restart of one component (`start`)
+        # keeps its data.
+        for data_dir in (KAFKA_DATA_DIR, REDIS_DATA_DIR):
+            shutil.rmtree(run_dir / data_dir, ignore_errors=True)
         (run_dir / RECEIVER_JOURNAL).unlink(missing_ok=True)
-        started.append(start_tansu(state.ports["broker"], logs / "broker.log"))
+        started.append(start_broker(state.broker, state.ports["broker"], run_dir / KAFKA_DATA_DIR,
+                                    logs / "broker.log"))
         started.append(start_valkey(state.ports["redis"], logs / "redis.log", run_dir / REDIS_DATA_DIR))
         asyncio.run(create_topics(state.kafka_bootstrap, partitions))
-        say(f"broker :{state.ports['broker']} and redis :{state.ports['redis']} up, topics created "
-            f"({time.monotonic() - t0:.1f}s)")
+        say(f"broker ({state.broker}) :{state.ports['broker']} and redis :{state.ports['redis']} up, "
+            f"topics created ({time.monotonic() - t0:.1f}s)")
         state.env_overrides = dict(env_overrides or {})
         for name in ("receiver", *SERVICES, *extra_workers):
             started.append(spawn_component(state, name))
@@ -167,14 +187,14 @@ def up(run_dir: Path, partitions: int = 4, env_overrides: dict[str, str] | None 
 def spawn_component(state: StackState, name: str) -> ManagedProcess:
     """Start the receiver, a service, or a service's extra worker (`scoring-2`) of `state`'s stack.
 
-    `broker` and `redis` restart the embedded broker (empty, topics created again) and Valkey
-    (on its append-only file) on their old ports.
+    `broker` and `redis` restart the embedded broker and Valkey on their old ports and data
+    (Kafka's log directory, Valkey's append-only file; the Tansu fallback comes back empty).
     """
     python = sys.executable
     log = Path(state.run_dir, "logs", f"{name}.log")
     if name == "broker":
-        process = start_tansu(state.ports["broker"], log)
-        asyncio.run(create_topics(state.kafka_bootstrap, state.partitions))
+        process = start_broker(state.broker, state.ports["broker"], Path(state.run_dir, KAFKA_DATA_DIR), log)
+        asyncio.run(create_topics(state.kafka_bootstrap, state.partitions))  # only the Tansu fallback lost them
         return process
     if name == "redis":
         return start_valkey(state.ports["redis"], log, Path(state.run_dir, REDIS_DATA_DIR))
