@@ -283,8 +283,15 @@ def _heap_bytes(size: str) -> int:
 
 
 def new_cluster_id() -> str:
-    """Return a KRaft cluster id (22 characters of URL-safe base64 of a random UUID)."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    """Return a KRaft cluster id (22 characters of URL-safe base64 of a random UUID).
+
+    Never one starting with "-": the storage tool would read it as an option (Kafka's own
+    Uuid.randomUuid redraws those too).
+    """
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 def _format_storage(node: KafkaNode, voters: Sequence[KafkaNode], data_dir: Path, cluster_id: str) -> Path:
