@@ -55,13 +55,16 @@ class StackState:
     write_key: str = ""
     env_overrides: dict[str, str] = field(default_factory=dict)
     broker: str = "kafka"
+    # A broker (cluster) this stack did not start: its bootstrap list, and the topics' replication.
+    external_bootstrap: str = ""
+    replication_factor: int = 1
 
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.ports[name]}"
 
     @property
     def kafka_bootstrap(self) -> str:
-        return f"127.0.0.1:{self.ports['broker']}"
+        return self.external_bootstrap or f"127.0.0.1:{self.ports['broker']}"
 
     @property
     def redis_url(self) -> str:
@@ -86,6 +89,7 @@ def service_env(state: StackState, extra: dict[str, str] | None = None) -> dict[
         "TOUCHSTREAM_KAFKA_BOOTSTRAP": state.kafka_bootstrap,
         "TOUCHSTREAM_REDIS_URL": state.redis_url,
         "TOUCHSTREAM_PARTITIONS": str(state.partitions),
+        "TOUCHSTREAM_REPLICATION_FACTOR": str(state.replication_factor),
         "TOUCHSTREAM_STATE_DIR": str(Path(state.run_dir, "state")),
         "TOUCHSTREAM_INGEST_WEB_PORT": str(state.ports["ingest"]),
         "TOUCHSTREAM_INGEST_WRITE_KEYS": json.dumps({"local": hash_write_key(state.write_key)}),
@@ -136,10 +140,13 @@ def worker_name(service: str, index: int) -> str:
 
 
 def up(run_dir: Path, partitions: int = 4, env_overrides: dict[str, str] | None = None,
-       ready_timeout: float = 90.0, progress: bool = True, workers: int = 1, broker: str | None = None) -> StackState:
+       ready_timeout: float = 90.0, progress: bool = True, workers: int = 1, broker: str | None = None,
+       kafka_bootstrap: str | None = None, replication_factor: int = 1) -> StackState:
     """Start everything (`workers` processes per stream service) and return once every one answers ready.
 
-    `broker`: kafka (the default, or TOUCHSTREAM_EMBEDDED_BROKER) or tansu.
+    `broker`: kafka (the default, or TOUCHSTREAM_EMBEDDED_BROKER) or tansu. With `kafka_bootstrap`
+    the stack uses that running broker or cluster instead of starting one (topics created with
+    `replication_factor`).
     """
     run_dir = run_dir.resolve()
     logs = run_dir / "logs"
@@ -147,11 +154,13 @@ def up(run_dir: Path, partitions: int = 4, env_overrides: dict[str, str] | None 
     if (run_dir / STATE_FILE).exists() and any(_alive(p) for p in StackState.load(run_dir).pids.values()):
         raise RuntimeError(f"a stack is already running from {run_dir}; run `touchstream local down` first")
     extra_workers = [worker_name(s, i) for s in STREAM_SERVICES for i in range(1, workers)]
-    names = ("broker", "redis", "receiver", *SERVICES, *extra_workers)
+    own_broker = ("broker",) if kafka_bootstrap is None else ()
+    names = (*own_broker, "redis", "receiver", *SERVICES, *extra_workers)
     state = StackState(
         run_dir=str(run_dir), partitions=partitions, ports={n: free_port() for n in names},
         webhook_secret="whsec_" + base64.b64encode(secrets.token_bytes(24)).decode(),
         write_key="local-" + secrets.token_hex(12), broker=embedded_broker_kind(broker),
+        external_bootstrap=kafka_bootstrap or "", replication_factor=replication_factor,
     )
     say = print if progress else (lambda *_a, **_k: None)
     started: list[ManagedProcess] = []
@@ -163,18 +172,19 @@ def up(run_dir: Path, partitions: int = 4, env_overrides: dict[str, str] | None 
         for data_dir in (KAFKA_DATA_DIR, REDIS_DATA_DIR):
             shutil.rmtree(run_dir / data_dir, ignore_errors=True)
         (run_dir / RECEIVER_JOURNAL).unlink(missing_ok=True)
-        started.append(start_broker(state.broker, state.ports["broker"], run_dir / KAFKA_DATA_DIR,
-                                    logs / "broker.log"))
+        if own_broker:
+            started.append(start_broker(state.broker, state.ports["broker"], run_dir / KAFKA_DATA_DIR,
+                                        logs / "broker.log"))
         started.append(start_valkey(state.ports["redis"], logs / "redis.log", run_dir / REDIS_DATA_DIR))
-        asyncio.run(create_topics(state.kafka_bootstrap, partitions))
-        say(f"broker ({state.broker}) :{state.ports['broker']} and redis :{state.ports['redis']} up, "
-            f"topics created ({time.monotonic() - t0:.1f}s)")
+        asyncio.run(create_topics(state.kafka_bootstrap, partitions, replication_factor=replication_factor))
+        say(f"broker ({state.broker if own_broker else 'external'}) {state.kafka_bootstrap} and redis "
+            f":{state.ports['redis']} up, topics created ({time.monotonic() - t0:.1f}s)")
         state.env_overrides = dict(env_overrides or {})
         for name in ("receiver", *SERVICES, *extra_workers):
             started.append(spawn_component(state, name))
         state.pids = {p.name: p.pid for p in started}
         state.save()
-        for proc in started[2:]:
+        for proc in started[len(own_broker) + 1:]:
             wait_ready(proc.name, state.url(proc.name), proc, ready_timeout)
             say(f"{proc.name:9s} ready on {state.url(proc.name)} ({time.monotonic() - t0:.1f}s)")
     except BaseException:
