@@ -167,6 +167,14 @@ def broker_client_env(kind: str) -> dict[str, str]:
     return {}
 
 
+def broker_description(kind: str) -> str:
+    """Name the embedded broker of `kind` as benchmarks print it, with its version."""
+    if kind == "tansu":
+        return "tansu (embedded fallback, memory-only)"
+    jars = sorted(kafka_libs().glob("kafka_2.13-*.jar"))
+    return f"apache-kafka {jars[-1].stem.removeprefix('kafka_2.13-')} (embedded, KRaft, single node)"
+
+
 def kafka_libs() -> Path:
     """Return the directory of the Apache Kafka broker jars (`make kafka` fills it).
 
