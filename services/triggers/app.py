@@ -42,6 +42,7 @@ from services.triggers.settings import TriggersSettings
 from services.triggers.state_store import DeliveryLedger, DeliveryQueue, RuleStateStore
 from touchstream import avro
 from touchstream.settings import CoreSettings
+from touchstream.startup import ConfigurationError
 from touchstream.streams import Outbox, add_health_pages, batches, faust_topic, make_app
 from touchstream.topics import ACTIONS, CUSTOMER_DELETIONS, DEADLETTER, SCORES
 
@@ -58,22 +59,27 @@ def load_rules(path: Path) -> RuleSet:
     return parse_rule_file(path.read_text(encoding="utf-8"), source=str(path))
 
 
-def check_configuration(rules: Sequence[Rule], settings: TriggersSettings) -> None:
-    """Refuse to start with a rule whose endpoint is unknown or an endpoint the SSRF guard refuses."""
+def check_configuration(rules: Sequence[Rule], settings: TriggersSettings, production: bool = False) -> None:
+    """Refuse to start with a rule whose endpoint is unknown, an endpoint the SSRF guard refuses, or (in
+    production) an allowlist that opens non-public networks."""
+    problems = []
     for rule in rules:
         if rule.action.endpoint not in settings.endpoints:
-            raise ValueError(
+            problems.append(
                 f"rule {rule.id!r}: endpoint {rule.action.endpoint!r} is not registered; "
                 f"set TOUCHSTREAM_TRIGGERS_ENDPOINTS (registered: {sorted(settings.endpoints) or 'none'})"
             )
     for name in settings.deletion_notice_endpoints():
         if name not in settings.endpoints:
-            raise ValueError(f"TOUCHSTREAM_TRIGGERS_DELETION_ENDPOINTS: endpoint {name!r} is not registered "
-                             f"(registered: {sorted(settings.endpoints) or 'none'})")
+            problems.append(f"TOUCHSTREAM_TRIGGERS_DELETION_ENDPOINTS: endpoint {name!r} is not registered "
+                            f"(registered: {sorted(settings.endpoints) or 'none'})")
+    problems += settings.allowlist_refusals(production)
     for name, endpoint in settings.endpoints.items():
-        refusal = endpoint_refusal(endpoint.url, settings.allow_private_endpoints, settings.endpoint_allowlist)
+        refusal = endpoint_refusal(endpoint.url, settings.networks_allowed_for(name))
         if refusal:
-            raise ValueError(f"endpoint {name!r}: {refusal}")
+            problems.append(f"endpoint {name!r}: {refusal}")
+    if problems:
+        raise ConfigurationError("\n".join(problems))
 
 
 def build_app(core: CoreSettings, settings: TriggersSettings, registry: CollectorRegistry = REGISTRY) -> faust.App:
@@ -82,7 +88,7 @@ def build_app(core: CoreSettings, settings: TriggersSettings, registry: Collecto
     rules, policy = rule_set.rules, rule_set.policy
     rules_by_id = {rule.id: rule for rule in rules}
     silence_rules = [rule.id for rule in rules if isinstance(rule.when, Silence)]
-    check_configuration(rules, settings)
+    check_configuration(rules, settings, production=core.is_production)
     app = make_app("triggers", core, settings.web_port, settings.web_host)
     scores_topic = faust_topic(app, SCORES, core)
     actions_topic = faust_topic(app, ACTIONS, core)
@@ -94,8 +100,7 @@ def build_app(core: CoreSettings, settings: TriggersSettings, registry: Collecto
 
     # Clients connect lazily on first use, inside the worker's event loop.
     redis = aioredis.from_url(core.redis_url)
-    http = guarded_client(settings.delivery_timeout_s, allow_private=settings.allow_private_endpoints,
-                          allowlist=settings.endpoint_allowlist)
+    http = guarded_client(settings.delivery_timeout_s, allow_networks=settings.allow_networks)
     states = RuleStateStore(redis, settings.state_ttl_days * DAY_S)
     # Action ids the evaluator queued for delivery itself (see queue_straight_away), oldest first.
     queued_here: OrderedDict[str, None] = OrderedDict()
