@@ -26,7 +26,7 @@ from standardwebhooks import Webhook
 from services.triggers.metrics import TriggersMetrics
 from services.triggers.settings import WebhookEndpoint
 from services.triggers.ssrf import Network, address_refusal
-from services.triggers.state_store import DeliveryLedger, DeliveryQueue
+from services.triggers.state_store import DeliveryLedger, DeliveryQueue, disabled_key
 from services.triggers.webhooks import (
     RETRY_SCHEDULE_S,
     Circuit,
@@ -338,7 +338,11 @@ class ActionDelivery:
             action = fired.pop(action_id)
             self._metrics.deliveries.labels(action["rule_id"], action["endpoint"], "duplicate").inc()
         # The timer loop refreshes which endpoints are disabled; an action queued for one in the
-        # meantime is dead-lettered by the loop, not lost.
+        # meantime is dead-lettered by the loop, not lost. One this worker still thinks disabled is
+        # looked up again first, so an action right after a re-enable is not dead-lettered for nothing.
+        if (any(a["endpoint"] in self._disabled for a in fired.values())
+                and time.monotonic() - self._disabled_read_at >= self._poll_s):
+            await self._read_disabled()
         failures: list[FailedDelivery] = []
         by_endpoint: dict[str, dict[str, tuple[str, int]]] = {}
         now_ms = self._now_ms()
@@ -424,11 +428,8 @@ class ActionDelivery:
 
     async def _dispatch(self, acknowledged: dict[str, list[tuple[str, int]]],
                         written: dict[str, list[tuple[str, int]]]) -> int:
-        # Another worker may have disabled an endpoint; look again once per poll interval.
         if time.monotonic() - self._disabled_read_at >= self._poll_s:
-            for endpoint, why in (await self._queue.disabled(self._endpoints)).items():
-                self._disabled[endpoint] = json.loads(why).get("reason", why)
-            self._disabled_read_at = time.monotonic()
+            await self._read_disabled()
         now_s = self._clock()
         started = 0
         for endpoint in self._endpoints:
@@ -465,6 +466,14 @@ class ActionDelivery:
                 task.add_done_callback(self._finished)
                 started += 1
         return started
+
+    async def _read_disabled(self) -> None:
+        """Re-read which endpoints are disabled: another worker may have disabled one, an operator re-enabled one."""
+        stored = await self._queue.disabled(self._endpoints)
+        for endpoint in sorted(self._disabled.keys() - stored.keys()):
+            log.warning("endpoint %r enabled again; delivering its new actions", endpoint)
+        self._disabled = {endpoint: json.loads(why).get("reason", why) for endpoint, why in stored.items()}
+        self._disabled_read_at = time.monotonic()
 
     async def drain(self) -> None:
         """Wait until every request started so far has finished and its outcome is recorded (tests, shutdown)."""
@@ -537,8 +546,9 @@ class ActionDelivery:
         await self._queue.disable(endpoint, json.dumps({"at_ms": int(now_s * 1000), "reason": reason}))
         self._disabled[endpoint] = reason
         self._metrics.endpoint_disabled.labels(endpoint).inc()
-        log.warning("endpoint %r disabled: %s; its queued actions go to deadletter. Re-enable by deleting the "
-                    "Redis key triggers:endpoint:{%s}:disabled", endpoint, reason, endpoint)
+        log.warning("endpoint %r disabled: %s; its queued actions go to deadletter. Re-enable it by deleting the "
+                    "Redis key %s: every worker resumes within %.1f s, no restart needed",
+                    endpoint, reason, disabled_key(endpoint), self._poll_s)
         await self._dead_letter_queue(endpoint, reason)
 
     async def _dead_letter_queue(self, endpoint: str, reason: str) -> None:

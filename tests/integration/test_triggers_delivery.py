@@ -345,6 +345,35 @@ async def test_gone_disables_the_endpoint_and_dead_letters_its_queue(
     assert len(receiver.verified) == 2
 
 
+async def test_a_re_enabled_endpoint_is_delivered_to_again_by_running_workers(
+        receiver: Receiver, redis_client: aioredis.Redis, client: GuardedClient) -> None:
+    endpoints = {"marketing": WebhookEndpoint(url=receiver.url, secret=SECRET)}
+    # Two running workers; the poll interval is how often each re-reads the disabled set.
+    first = make_harness(redis_client, endpoints, client, poll_s=0.05)
+    second = make_harness(redis_client, endpoints, client, poll_s=0.05)
+    receiver.statuses = [410]
+    await first.delivery.enqueue([an_action(80)])
+    await first.tick()
+    await asyncio.sleep(0.06)
+    await second.tick()  # the second worker learns of the 410 from Redis
+    for worker, n in ((first, 81), (second, 82)):
+        (refused,) = await worker.delivery.enqueue([an_action(n)])
+        assert "disabled" in refused.reason
+
+    assert await DeliveryQueue(redis_client).enable("marketing")  # the operator's re-enable
+    assert not await redis_client.exists(disabled_key("marketing"))
+    await asyncio.sleep(0.06)
+    await first.tick()  # a scan re-reads the disabled set
+    assert await first.delivery.enqueue([an_action(83)]) == []
+    assert await first.tick() == 1
+    # The other worker has not scanned since: its enqueue looks again rather than refusing.
+    assert await second.delivery.enqueue([an_action(84)]) == []
+    assert await second.tick() == 1
+    assert [h["webhook-id"] for h, _ in receiver.verified] == [an_action(n)["action_id"] for n in (80, 83, 84)]
+    assert receiver.rejected == []
+    assert not await DeliveryQueue(redis_client).enable("marketing")
+
+
 async def test_client_error_is_dead_lettered_without_retries(harness: Harness, receiver: Receiver) -> None:
     receiver.statuses = [400]
     await harness.delivery.enqueue([an_action(7)])
