@@ -78,13 +78,24 @@ async def test_pending_examples_survive_a_new_adapter_and_mature_there(redis_cli
     assert await restarted.store.pending_counts([1]) == {1: 2}
 
 
-async def test_model_checkpoint_is_restored(redis_client: aioredis.Redis) -> None:
+async def checkpointed_service(redis_client: aioredis.Redis) -> ScoringService:
+    """Return a service whose model learned one example and was checkpointed to Redis."""
     service = new_service(redis_client)
     await service.score_touchpoints(
         [ResolvedInput(0, "c1", purchase("m1", 0)), ResolvedInput(0, "c2", purchase("m2", 100))]
     )
     assert service.engine.learner.model.examples_learned == 1
     await service.checkpoint()
+    return service
+
+
+def refused_checkpoints(service: ScoringService, reason: str) -> float | None:
+    return service.metrics.service.registry.get_sample_value(
+        "touchstream_scoring_checkpoints_refused_total", {"reason": reason})
+
+
+async def test_model_checkpoint_is_restored(redis_client: aioredis.Redis) -> None:
+    await checkpointed_service(redis_client)
     restarted = new_service(redis_client)
     await restarted.restore_model()
     assert restarted.engine.learner.model.version == "logreg-v2-n1"
@@ -162,11 +173,7 @@ async def test_forecasts_read_states_as_of_a_time(redis_client: aioredis.Redis) 
 
 
 async def test_a_checkpoint_of_another_model_kind_is_not_restored(redis_client: aioredis.Redis) -> None:
-    service = new_service(redis_client)
-    await service.score_touchpoints(
-        [ResolvedInput(0, "c1", purchase("m1", 0)), ResolvedInput(0, "c2", purchase("m2", 100))]
-    )
-    await service.checkpoint()
+    await checkpointed_service(redis_client)
     forest = new_service(redis_client, model="forest")
     await forest.restore_model()
     assert forest.engine.learner.model.version == "arf-v1-n0"
@@ -176,12 +183,7 @@ async def test_a_checkpoint_of_another_model_kind_is_not_restored(redis_client: 
 
 
 async def test_a_tampered_or_unsigned_checkpoint_in_redis_is_never_unpickled(redis_client: aioredis.Redis) -> None:
-    service = new_service(redis_client)
-    await service.score_touchpoints(
-        [ResolvedInput(0, "c1", purchase("m1", 0)), ResolvedInput(0, "c2", purchase("m2", 100))]
-    )
-    await service.checkpoint()
-    store = service.store
+    store = (await checkpointed_service(redis_client)).store
     signed = await store.load_checkpoint()
     assert signed is not None and signed.startswith(FORMAT)
     exploit = pickle.dumps(RunsCodeWhenUnpickled())
@@ -196,30 +198,23 @@ async def test_a_tampered_or_unsigned_checkpoint_in_redis_is_never_unpickled(red
         await restarted.restore_model()
         assert unpickled == [], "the planted checkpoint was unpickled"
         assert restarted.engine.learner.model.version == "logreg-v2-n0"  # a fresh model instead
-        assert restarted.metrics.service.registry.get_sample_value(
-            "touchstream_scoring_checkpoints_refused_total", {"reason": reason}) == 1
+        assert refused_checkpoints(restarted, reason) == 1
         assert await redis_client.get(store.refused_model_key) == planted  # kept for whoever investigates
         # Scoring goes on, and its next checkpoint is signed again.
         await restarted.score_touchpoints([ResolvedInput(0, "c3", purchase(f"m-{reason}", 101))])
         await restarted.checkpoint()
         again = new_service(redis_client)
         await again.restore_model()
-        assert again.metrics.service.registry.get_sample_value(
-            "touchstream_scoring_checkpoints_refused_total", {"reason": reason}) == 0
+        assert refused_checkpoints(again, reason) == 0
     assert unpickled == []
 
 
 async def test_a_checkpoint_signed_with_another_key_is_not_restored(redis_client: aioredis.Redis) -> None:
-    service = new_service(redis_client)
-    await service.score_touchpoints(
-        [ResolvedInput(0, "c1", purchase("m1", 0)), ResolvedInput(0, "c2", purchase("m2", 100))]
-    )
-    await service.checkpoint()
+    await checkpointed_service(redis_client)
     rotated = new_service(redis_client, checkpoint_key="the-key-after-a-rotation")
     await rotated.restore_model()
     assert rotated.engine.learner.model.version == "logreg-v2-n0"
-    assert rotated.metrics.service.registry.get_sample_value(
-        "touchstream_scoring_checkpoints_refused_total", {"reason": "bad_signature"}) == 1
+    assert refused_checkpoints(rotated, "bad_signature") == 1
     same_key = new_service(redis_client)
     await same_key.restore_model()
     assert same_key.engine.learner.model.version == "logreg-v2-n1"
