@@ -63,9 +63,9 @@ def endpoint_refusal(url: str, allow_networks: Sequence[Network] = ()) -> str | 
     for *_, sockaddr in infos:
         refusal = address_refusal(str(sockaddr[0]), allow_networks)
         if refusal:
-            return (f"{host} resolves to {sockaddr[0]}, a {refusal} address; a webhook may reach it only if its "
-                    "network is in the endpoint's allow_networks (or TOUCHSTREAM_TRIGGERS_ALLOW_NETWORKS), "
-                    "outside production, and never if it is link-local or a metadata address")
+            return (f"{host} resolves to {sockaddr[0]}, a {refusal} address the SSRF guard refuses (outside "
+                    "production, the endpoint's allow_networks or TOUCHSTREAM_TRIGGERS_ALLOW_NETWORKS can open a "
+                    "non-public network; link-local and metadata addresses never)")
     return None
 
 

@@ -126,8 +126,6 @@ class WebhookEndpoint(BaseModel):
         return tuple(dict.fromkeys(s.get_secret_value() for s in values))
 
 
-
-
 class TriggersSettings(BaseSettings):
     """Rules, webhook endpoints and delivery limits.
 
