@@ -105,7 +105,7 @@ def service_env(state: StackState, extra: dict[str, str] | None = None) -> dict[
         "TOUCHSTREAM_TRIGGERS_ENDPOINTS": json.dumps(
             {"marketing": {"url": f"{state.url('receiver')}/hook", "secret": state.webhook_secret}}),
         # The demo receiver is on loopback, which the SSRF guard refuses unless allowed.
-        "TOUCHSTREAM_TRIGGERS_ALLOW_PRIVATE_ENDPOINTS": "true",
+        "TOUCHSTREAM_TRIGGERS_ALLOW_NETWORKS": '["127.0.0.0/8"]',
         "PYTHONUNBUFFERED": "1",
         **broker_client_env(state.broker),
     }

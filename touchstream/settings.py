@@ -50,5 +50,10 @@ class CoreSettings(BaseSettings):
         return self
 
     @property
+    def is_production(self) -> bool:
+        """Say whether this deployment is production, where placeholders and dev-only openings are refused."""
+        return self.environment == "prod"
+
+    @property
     def kafka_url(self) -> str:
         return "kafka://" + ";".join(self.kafka_bootstrap.split(","))

@@ -25,6 +25,7 @@ from services.triggers.service import TriggersService, dead_letter_failed_delive
 from services.triggers.settings import TriggersSettings
 from services.triggers.state_store import DeliveryLedger, DeliveryQueue, RuleStateStore
 from touchstream.settings import CoreSettings
+from touchstream.startup import ConfigurationError
 from touchstream.streams import Readiness, StreamKernel, add_health_pages, make_app, run_kernel
 
 log = logging.getLogger(__name__)
@@ -37,34 +38,38 @@ def load_rules(path: Path) -> RuleSet:
     return parse_rule_file(path.read_text(encoding="utf-8"), source=str(path))
 
 
-def check_configuration(rules: Sequence[Rule], settings: TriggersSettings) -> None:
-    """Refuse to start with a rule whose endpoint is unknown or an endpoint the SSRF guard refuses."""
+def check_configuration(rules: Sequence[Rule], settings: TriggersSettings, production: bool = False) -> None:
+    """Refuse to start with a rule whose endpoint is unknown, an endpoint the SSRF guard refuses, or (in
+    production) an allowlist that opens non-public networks."""
+    problems = []
     for rule in rules:
         if rule.action.endpoint not in settings.endpoints:
-            raise ValueError(
+            problems.append(
                 f"rule {rule.id!r}: endpoint {rule.action.endpoint!r} is not registered; "
                 f"set TOUCHSTREAM_TRIGGERS_ENDPOINTS (registered: {sorted(settings.endpoints) or 'none'})"
             )
     for name in settings.deletion_notice_endpoints():
         if name not in settings.endpoints:
-            raise ValueError(f"TOUCHSTREAM_TRIGGERS_DELETION_ENDPOINTS: endpoint {name!r} is not registered "
-                             f"(registered: {sorted(settings.endpoints) or 'none'})")
+            problems.append(f"TOUCHSTREAM_TRIGGERS_DELETION_ENDPOINTS: endpoint {name!r} is not registered "
+                            f"(registered: {sorted(settings.endpoints) or 'none'})")
+    problems += settings.allowlist_refusals(production)
     for name, endpoint in settings.endpoints.items():
-        refusal = endpoint_refusal(endpoint.url, settings.allow_private_endpoints, settings.endpoint_allowlist)
+        refusal = endpoint_refusal(endpoint.url, settings.networks_allowed_for(name))
         if refusal:
-            raise ValueError(f"endpoint {name!r}: {refusal}")
+            problems.append(f"endpoint {name!r}: {refusal}")
+    if problems:
+        raise ConfigurationError("\n".join(problems))
 
 
 def build_app(core: CoreSettings, settings: TriggersSettings, registry: CollectorRegistry = REGISTRY) -> faust.App:
     """Build the triggers Faust app: rules evaluated on scores, actions delivered as signed webhooks."""
     rule_set = load_rules(settings.rules_file)
-    check_configuration(rule_set.rules, settings)
+    check_configuration(rule_set.rules, settings, production=core.is_production)
     app = make_app(STAGE, core, settings.web_port, settings.web_host)
     metrics = TriggersMetrics(registry)
     # Clients connect lazily on first use, inside the worker's event loop.
     redis = aioredis.from_url(core.redis_url)
-    http = guarded_client(settings.delivery_timeout_s, allow_private=settings.allow_private_endpoints,
-                          allowlist=settings.endpoint_allowlist)
+    http = guarded_client(settings.delivery_timeout_s, allow_networks=settings.allow_networks)
     readiness = Readiness("partitions_assigned")
     kernel: StreamKernel
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
 import sys
 import time
 import uuid
@@ -21,6 +23,7 @@ from services.triggers.state_store import delivered_key, state_key
 from tests.integration.test_triggers_delivery import SECRET, Receiver, receiver  # noqa: F401 (fixture)
 from touchstream import avro
 from touchstream.embedded import ManagedProcess, free_port, spawn
+from touchstream.startup import EXIT_CONFIG
 from touchstream.topics import ACTIONS, DEADLETTER, SCORES
 
 pytestmark = pytest.mark.integration
@@ -68,7 +71,7 @@ def worker(all_topics: str, redis_url: str, receiver: Receiver, tmp_path: Path, 
         "TOUCHSTREAM_TRIGGERS_WEB_PORT": str(web_port),
         "TOUCHSTREAM_TRIGGERS_RULES_FILE": str(rules_file),
         "TOUCHSTREAM_TRIGGERS_ENDPOINTS": json.dumps({"marketing": {"url": receiver.url, "secret": SECRET}}),
-        "TOUCHSTREAM_TRIGGERS_ALLOW_PRIVATE_ENDPOINTS": "true",
+        "TOUCHSTREAM_TRIGGERS_ALLOW_NETWORKS": json.dumps(["127.0.0.0/8"]),
         "TOUCHSTREAM_TRIGGERS_TIMER_LATENESS_S": "0",
     }
     process = spawn("triggers", [sys.executable, "-m", "services.triggers"], artifacts_dir / "triggers-worker.log", env)
@@ -235,3 +238,34 @@ async def test_frequency_cap_holds_across_rules_and_batches(
         ("cap-a", "fired", None), ("cap-a", "suppressed", "frequency_cap"),
         ("cap-b", "suppressed", "frequency_cap"), ("cap-b", "suppressed", "frequency_cap")]
     assert not any(p.get("customer_id") == customer and p.get("rule_id") == "cap-b" for _, p in receiver.verified)
+
+
+def start_triggers_with(env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """Run `python -m services.triggers` with `env` on top of a broker-less base; it must refuse before connecting."""
+    base = {"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO), "TOUCHSTREAM_STATE_DIR": str(tmp_path / "state"),
+            "TOUCHSTREAM_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}"}
+    return subprocess.run([sys.executable, "-m", "services.triggers"], env=base | env, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    ("env", "reason"),
+    [({"TOUCHSTREAM_TRIGGERS_ENDPOINTS": json.dumps(
+        {"marketing": {"url": "https://crm.example/hook", "secret": "whsec_AA=="}})},
+      "TOUCHSTREAM_TRIGGERS_ENDPOINTS (marketing.secret): endpoint secret decodes to 1 bytes; use 24 to 64"),
+     ({"TOUCHSTREAM_TRIGGERS_ENDPOINTS": json.dumps(
+         {"marketing": {"url": "http://127.0.0.1:9/hook", "secret": SECRET}})},
+      "endpoint 'marketing': 127.0.0.1 resolves to 127.0.0.1, a loopback address"),
+     ({"TOUCHSTREAM_TRIGGERS_ENDPOINTS": json.dumps(
+         {"marketing": {"url": "http://127.0.0.1:9/hook", "secret": SECRET, "allow_networks": ["127.0.0.0/8"]}}),
+       "TOUCHSTREAM_ENVIRONMENT": "prod", "TOUCHSTREAM_PII_HASH_KEY": "a-real-secret"},
+      "endpoint 'marketing': allow_networks: 127.0.0.0/8 holds loopback addresses; only globally routable networks")],
+)
+def test_a_worker_with_a_bad_webhook_setting_exits_with_the_reason_not_a_traceback(
+        env: dict[str, str], reason: str, tmp_path: Path) -> None:
+    finished = start_triggers_with(env, tmp_path)
+    assert finished.returncode == EXIT_CONFIG, finished.stderr[-2000:]
+    assert finished.stderr.startswith("triggers: refusing to start, bad configuration:\n")
+    assert reason in finished.stderr
+    assert "Traceback" not in finished.stderr
+    assert "whsec_AA==" not in finished.stderr + finished.stdout

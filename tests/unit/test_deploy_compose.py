@@ -149,7 +149,11 @@ def test_settings_accept_the_compose_environment(
     assert settings.web_host == "0.0.0.0"
     assert "WEB_BIND" not in env, "Faust's WEB_BIND is ignored; the service's own web_host setting is the one"
     if name == "triggers":
-        assert settings.allow_private_endpoints
+        # The demo receiver's compose address is private: only its endpoint may reach private
+        # networks, and only the ones Docker hands out (never loopback or link-local).
+        assert settings.allow_networks == ()
+        assert {str(n) for n in settings.endpoints["marketing"].allow_networks} == {
+            "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"}
         assert set(settings.endpoints) == {"marketing"}
         secret = environment(compose["services"]["receiver"])["WEBHOOK_SECRET"]
         assert settings.endpoints["marketing"].secret.get_secret_value() == secret
