@@ -18,6 +18,7 @@ import re
 import secrets
 import ssl
 import time
+import unicodedata
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 import jinja2
@@ -138,12 +139,24 @@ def template_env() -> jinja2.Environment:
 
 
 def safe_next(target: str | None) -> str:
-    """Keep a post-login redirect on this site.
+    """Keep a post-login redirect on this site: a path of its own, or /overview.
+
+    Browsers drop tabs and line breaks from a Location before reading it and treat "\\" as "/",
+    so "/\\t/evil.example" would arrive as "//evil.example": a target with any control character,
+    whitespace or backslash is refused whole, and what is left must parse to a path with no scheme
+    and no host.
 
     >>> safe_next("/customers/c_1"), safe_next("//evil.example"), safe_next("https://evil.example")
     ('/customers/c_1', '/overview', '/overview')
+    >>> safe_next("/\t/evil.example"), safe_next("/\\evil.example"), safe_next("/ok?q=1#top")
+    ('/overview', '/overview', '/ok?q=1#top')
     """
-    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+    if not target or not target.startswith("/") or "\\" in target:
+        return "/overview"
+    if any(char.isspace() or unicodedata.category(char) == "Cc" for char in target):
+        return "/overview"
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc or parts.path.startswith("//"):
         return "/overview"
     return target
 

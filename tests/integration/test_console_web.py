@@ -82,6 +82,18 @@ async def test_pages_need_a_login_and_the_cookie_is_httponly_strict(console: Tes
     assert (await console.get("/customers/c_1", allow_redirects=False)).status != 303
 
 
+async def test_login_never_redirects_to_a_target_a_browser_reads_as_another_site(console: TestClient) -> None:
+    form = await (await console.get("/login", params={"next": "/\t/evil.example"})).text()
+    assert 'name="next" value="/overview"' in form
+    token = await login_token(console)
+    for target in ("/\t/evil.example", "/\n/evil.example", "/\r\n/evil.example"):
+        refused = await console.post("/login", data={"key": "wrong", "next": target, "csrf": token})
+        assert refused.status == 401 and 'name="next" value="/overview"' in await refused.text()
+    accepted = await console.post("/login", data={"key": KEY, "next": "/\t/evil.example", "csrf": token},
+                                  allow_redirects=False)
+    assert accepted.status == 303 and accepted.headers["Location"] == "/overview"
+
+
 async def test_every_page_sends_a_strict_csp(console: TestClient) -> None:
     await logged_in(console)
     for path in ("/login", "/overview", "/rules", "/customers"):
