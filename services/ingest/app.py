@@ -41,7 +41,7 @@ from touchstream import avro
 from touchstream.identifiers import KEY_PRIORITY
 from touchstream.metrics import ServiceMetrics, render
 from touchstream.privacy import SuppressionList, event_suppression_tokens
-from touchstream.settings import CoreSettings
+from touchstream.settings import CoreSettings, Environment
 from touchstream.topics import TOUCHPOINTS_RAW
 
 OPENAPI_PATH = avro.SCHEMA_DIR / "openapi.yaml"
@@ -392,7 +392,7 @@ def load_openapi() -> dict[str, Any]:
 
 def build_app(core: CoreSettings, settings: IngestSettings) -> Starlette:
     """Build the ingest ASGI app; in prod, refuse to run with the well-known dev write key."""
-    if core.environment == "prod" and hash_write_key(DEV_WRITE_KEY) in settings.write_keys.values():
+    if core.environment is Environment.PROD and hash_write_key(DEV_WRITE_KEY) in settings.write_keys.values():
         raise ValueError("the dev write key is configured in prod: set TOUCHSTREAM_INGEST_WRITE_KEYS "
                          "(or {} and `touchstream keys add SOURCE`)")
     service = IngestService(core, settings)

@@ -200,3 +200,13 @@ def test_prod_refuses_dev_keys_and_insecure_cookies() -> None:
     with pytest.raises(ValidationError, match="IDENTITY_ADMIN_KEY"):
         ConsoleSettings(environment="prod", admin_keys=real, cookie_secure=True)
     ConsoleSettings(environment="prod", admin_keys=real, cookie_secure=True, identity_admin_key="x")
+
+
+def test_the_console_refuses_an_unknown_environment_and_checks_prod_in_any_case(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOUCHSTREAM_ENVIRONMENT", "production")
+    with pytest.raises(ValidationError, match="TOUCHSTREAM_ENVIRONMENT must be one of dev, test, prod"):
+        ConsoleSettings()
+    monkeypatch.setenv("TOUCHSTREAM_ENVIRONMENT", "PROD")
+    with pytest.raises(ValidationError, match="dev admin key"):
+        ConsoleSettings()

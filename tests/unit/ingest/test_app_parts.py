@@ -40,8 +40,9 @@ def test_basic_user() -> None:
     assert basic_user("Basic " + base64.b64encode(b"\xff:").decode()) is None
 
 
-def test_prod_refuses_the_dev_write_key() -> None:
+@pytest.mark.parametrize("environment", ["prod", "PROD", " Prod "])
+def test_prod_refuses_the_dev_write_key(environment: str) -> None:
     with pytest.raises(ValueError, match="dev write key"):
-        build_app(CoreSettings(environment="prod", pii_hash_key="real-secret"), IngestSettings())
+        build_app(CoreSettings(environment=environment, pii_hash_key="real-secret"), IngestSettings())
     build_app(CoreSettings(environment="prod", pii_hash_key="real-secret"), IngestSettings(write_keys={}))
     build_app(CoreSettings(), IngestSettings())
