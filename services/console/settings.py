@@ -9,6 +9,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.identity.settings import DEV_ADMIN_KEY, DEV_ADMIN_KEY_SHA256
 from services.triggers.settings import DEFAULT_RULES_FILE
+from touchstream.client_address import TrustedProxies
 from touchstream.settings import Environment, EnvironmentName
 
 
@@ -24,7 +25,14 @@ class ConsoleSettings(BaseSettings):
         frozenset({DEV_ADMIN_KEY_SHA256}), description="sha256 (hex) of the keys that may log in.")
     session_ttl_s: int = Field(8 * 3600, ge=60)
     login_max_failures: int = Field(10, ge=1, description="Failed logins per client address before a 429.")
+    # The console has one account (whoever holds an admin key): this bounds guessing from many
+    # addresses at once, at the price that a flood of wrong keys holds new logins off for the window
+    # (open sessions go on working).
+    login_max_failures_per_account: int = Field(
+        100, ge=1, description="Failed logins from all addresses together before every login gets a 429.")
     login_failure_window_s: int = Field(900, ge=1, description="How long failed logins count (from the first).")
+    trusted_proxies: TrustedProxies = Field(
+        (), description="Networks of the reverse proxies whose X-Forwarded-For names the client (default none).")
     # Browsers only send Secure cookies over https; the local stack is plain http on loopback.
     cookie_secure: bool = False
     key_prefix: str = "ts:console:"

@@ -4,7 +4,7 @@ Every page is rendered on the server with Jinja2 (autoescape on); the only scrip
 static/console.js (live updates), served from this package. Pages sit behind an admin-key
 login that sets an HttpOnly, SameSite=Strict session cookie; every POST carries a CSRF token (the
 login form's is a double-submit token bound to a pre-session cookie), and failed logins are
-rate-limited per client address in Redis.
+rate-limited in Redis per client address (read through trusted proxies) and for all addresses together.
 """
 
 from __future__ import annotations
@@ -60,6 +60,8 @@ from services.identity.customer360 import CustomerView, find_customer, read_cust
 from services.identity.domain import GraphLayout, lookup_identifier
 from services.triggers.rules import Rule, ScoreCrossing
 from services.triggers.state_store import DeliveryLedger
+from touchstream.client_address import client_address
+from touchstream.failures import FailureCounter
 from touchstream.identifiers import InvalidIdentifier
 from touchstream.topics import ACTIONS, SCORES, TOUCHPOINTS_RAW, TOUCHPOINTS_RESOLVED
 
@@ -195,43 +197,46 @@ class Sessions:
         await self.client.delete(self._key(token))
 
 
-class LoginThrottle:
-    """Failed logins per client address, counted in Redis (so across workers) from the first failure on.
+@dataclass(frozen=True)
+class Lockout:
+    """Logins refused for `wait_s` seconds, because of the failures from one address or from all."""
 
-    After `max_failures` within `window_s` every login from that address is refused with 429 until the
-    window ends; a successful login clears the count. Addresses are stored as sha256 digests only.
+    wait_s: int
+    all_addresses: bool
+
+
+class LoginThrottle:
+    """Failed logins counted in Redis (so across workers), per client address and for the console's one
+    account (every admin key), each from its first failure on.
+
+    After `max_failures` from one address, or `max_account_failures` from all of them together, within
+    `window_s`, logins from that address (or from everywhere) are refused with 429 until the window ends.
+    A successful login clears its address's count only: the account's would let a guesser start over
+    each time an operator logs in.
     """
 
-    def __init__(self, client: aioredis.Redis, prefix: str, max_failures: int, window_s: int) -> None:
-        self.client, self.prefix = client, prefix
-        self.max_failures, self.window_s = max_failures, window_s
+    ACCOUNT = "admin"
 
-    def _key(self, address: str) -> str:
-        return f"{self.prefix}login_failures:{hashlib.sha256(address.encode()).hexdigest()}"
+    def __init__(self, client: aioredis.Redis, prefix: str, max_failures: int, window_s: int,
+                 max_account_failures: int) -> None:
+        self.by_address = FailureCounter(client, f"{prefix}login_failures:", max_failures, window_s)
+        self.by_account = FailureCounter(client, f"{prefix}login_account_failures:", max_account_failures, window_s)
 
-    async def retry_after(self, address: str) -> int | None:
-        """Return the seconds until `address` may try again, or None if it may now."""
-        async with self.client.pipeline(transaction=False) as pipe:
-            pipe.get(self._key(address))
-            pipe.ttl(self._key(address))
-            count, ttl = await pipe.execute()
-        if count is None or int(count) < self.max_failures:
-            return None
-        if int(ttl) < 0:  # a count without an expiry would lock the address out for good
-            await self.client.expire(self._key(address), self.window_s)
-            return self.window_s
-        return max(int(ttl), 1)
+    async def lockout(self, address: str) -> Lockout | None:
+        """Return why and how long logins from `address` are refused, or None if it may try now."""
+        account_wait = await self.by_account.retry_after(self.ACCOUNT)
+        address_wait = await self.by_address.retry_after(address)
+        if account_wait is not None and account_wait >= (address_wait or 0):
+            return Lockout(account_wait, all_addresses=True)
+        return Lockout(address_wait, all_addresses=False) if address_wait is not None else None
 
     async def failed(self, address: str) -> int:
         """Count one failure; return how many `address` has in the current window."""
-        async with self.client.pipeline(transaction=False) as pipe:
-            pipe.incr(self._key(address))
-            pipe.expire(self._key(address), self.window_s, nx=True)
-            count, _ = await pipe.execute()
-        return int(count)
+        await self.by_account.failed(self.ACCOUNT)
+        return await self.by_address.failed(address)
 
     async def clear(self, address: str) -> None:
-        await self.client.delete(self._key(address))
+        await self.by_address.clear(address)
 
 
 class ConsoleWeb:
@@ -252,7 +257,7 @@ class ConsoleWeb:
         self.rules = {r.id: r for r in rules}
         self.sessions = Sessions(store.client, settings.key_prefix, settings.session_ttl_s)
         self.throttle = LoginThrottle(store.client, settings.key_prefix, settings.login_max_failures,
-                                      settings.login_failure_window_s)
+                                      settings.login_failure_window_s, settings.login_max_failures_per_account)
         self.templates = template_env()
         self.ledger = DeliveryLedger(store.client, 0)
         self.page_seconds = page_seconds
@@ -362,13 +367,16 @@ class ConsoleWeb:
         return self._login_page(request, safe_next(request.query.get("next")), None)
 
     async def login(self, request: web.Request) -> web.StreamResponse:
-        address = request.remote or "unknown"
+        address = client_address(request.remote, request.headers.getall("X-Forwarded-For", []),
+                                 self.settings.trusted_proxies)
         form = await request.post()
         target = safe_next(str(form.get("next", "")))
-        wait_s = await self.throttle.retry_after(address)
-        if wait_s is not None:
+        lockout = await self.throttle.lockout(address)
+        if lockout is not None:
+            wait_s = lockout.wait_s
+            source = "on this console" if lockout.all_addresses else "from your address"
             response = self._login_page(request, target, status=429, error=(
-                "Too many failed logins from your address: try again in "
+                f"Too many failed logins {source}: try again in "
                 f"{f'{wait_s} s' if wait_s < 60 else duration_in_words(wait_s * 1000)}."))
             response.headers["Retry-After"] = str(wait_s)
             return response

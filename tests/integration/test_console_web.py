@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -390,19 +391,73 @@ async def test_failed_logins_are_rate_limited_per_address_with_retry_after(redis
 
 
 async def test_the_login_throttle_counts_each_address_on_its_own(redis_client: aioredis.Redis) -> None:
-    throttle = LoginThrottle(redis_client, "test:throttle:", max_failures=2, window_s=60)
+    throttle = LoginThrottle(redis_client, "test:throttle:", max_failures=2, window_s=60, max_account_failures=100)
     for _ in range(2):
         await throttle.failed("198.51.100.7")
     await throttle.failed("203.0.113.9")
-    wait = await throttle.retry_after("198.51.100.7")
-    assert wait is not None and 0 < wait <= 60
-    assert await throttle.retry_after("203.0.113.9") is None
+    lockout = await throttle.lockout("198.51.100.7")
+    assert lockout is not None and 0 < lockout.wait_s <= 60 and not lockout.all_addresses
+    assert await throttle.lockout("203.0.113.9") is None
     # The window runs from the first failure: later ones do not extend it.
-    ttl = await redis_client.ttl(throttle._key("198.51.100.7"))
+    ttl = await redis_client.ttl(throttle.by_address.key("198.51.100.7"))
     await throttle.failed("198.51.100.7")
-    assert await redis_client.ttl(throttle._key("198.51.100.7")) <= ttl
+    assert await redis_client.ttl(throttle.by_address.key("198.51.100.7")) <= ttl
     await throttle.clear("198.51.100.7")
-    assert await throttle.retry_after("198.51.100.7") is None
+    assert await throttle.lockout("198.51.100.7") is None
+
+
+def throttled_console(redis_client: aioredis.Redis, **settings: object) -> web.Application:
+    """A console with its own Redis prefix, so the failures it counts are this test's alone."""
+    config = ConsoleSettings(admin_keys=frozenset({hash_admin_key(KEY)}), key_prefix=f"test:{uuid.uuid4().hex}:",
+                             **settings)
+    pages = ConsoleWeb(ReadModelStore(redis_client), config, LAYOUT, HASH_KEY, "US", DEFAULT_BLOCKLIST, RULES)
+    app = web.Application()
+    pages.register(app.router)
+    return app
+
+
+async def login_from(client: TestClient, token: str, key: str, forwarded_for: str) -> int:
+    response = await client.post("/login", data={"key": key, "csrf": token}, allow_redirects=False,
+                                 headers={"X-Forwarded-For": forwarded_for})
+    return response.status
+
+
+async def test_behind_a_trusted_proxy_each_client_address_has_its_own_login_limit(
+        redis_client: aioredis.Redis) -> None:
+    # The test client connects from 127.0.0.1: here it plays the ingress every operator comes through.
+    app = throttled_console(redis_client, trusted_proxies=["127.0.0.1/32"], login_max_failures=2)
+    async with TestClient(TestServer(app)) as client:
+        token = await login_token(client)
+        for _ in range(2):
+            assert await login_from(client, token, "guess", "198.51.100.7") == 401
+        assert await login_from(client, token, KEY, "198.51.100.7") == 429
+        # Another operator behind the same ingress is not locked out by the first one's failures...
+        assert await login_from(client, token, KEY, "203.0.113.9") == 303
+        # ...and a client cannot pick its address: the proxy appends the one it saw, which is what counts.
+        assert await login_from(client, token, KEY, "203.0.113.9, 198.51.100.7") == 429
+
+
+async def test_x_forwarded_for_is_ignored_unless_the_peer_is_a_trusted_proxy(redis_client: aioredis.Redis) -> None:
+    app = throttled_console(redis_client, trusted_proxies=["10.0.0.0/8"], login_max_failures=2)
+    async with TestClient(TestServer(app)) as client:
+        token = await login_token(client)
+        assert await login_from(client, token, "guess", "198.51.100.7") == 401
+        assert await login_from(client, token, "guess", "198.51.100.8") == 401
+        # Both failures counted on the peer (127.0.0.1): a made-up header does not escape the lockout.
+        assert await login_from(client, token, KEY, "203.0.113.9") == 429
+
+
+async def test_failed_logins_from_many_addresses_lock_the_account(redis_client: aioredis.Redis) -> None:
+    app = throttled_console(redis_client, trusted_proxies=["127.0.0.1/32"], login_max_failures=10,
+                            login_max_failures_per_account=3, login_failure_window_s=120)
+    async with TestClient(TestServer(app)) as client:
+        token = await login_token(client)
+        for n in range(3):
+            assert await login_from(client, token, "guess", f"198.51.100.{n}") == 401
+        blocked = await client.post("/login", data={"key": KEY, "csrf": token}, allow_redirects=False,
+                                    headers={"X-Forwarded-For": "203.0.113.9"})
+        assert blocked.status == 429 and 0 < int(blocked.headers["Retry-After"]) <= 120
+        assert "Too many failed logins on this console" in await blocked.text()
 
 
 async def test_delete_asks_for_the_typed_id_then_calls_identity_with_the_admin_key(
