@@ -14,7 +14,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import hashlib
 import logging
 import random
 import time
@@ -42,7 +41,7 @@ from services.ingest.settings import DEV_WRITE_KEY, IngestSettings, hash_write_k
 from touchstream import avro
 from touchstream.client_address import client_address
 from touchstream.failures import FailureCounter
-from touchstream.identifiers import KEY_PRIORITY
+from touchstream.identifiers import KEY_PRIORITY, raw_topic_key
 from touchstream.metrics import ServiceMetrics, render
 from touchstream.privacy import SuppressionList, event_suppression_tokens
 from touchstream.settings import CoreSettings, Environment
@@ -150,16 +149,15 @@ def basic_user(header: str) -> str | None:
         return None
 
 
-def record_key(record: dict[str, Any]) -> bytes:
-    """Return the raw topic's key: sha256 of the most stable identifier, else of the messageId.
+def record_key(record: dict[str, Any], hash_key: bytes) -> bytes:
+    """Return the raw topic's key: the keyed hash of the most stable identifier, else of the messageId.
 
     The rule is `touchstream.identifiers.partition_key`'s, read straight off the record's
     dicts (building Identifier objects per event showed up in profiles).
     """
     by_type = {i["type"]: i["value"] for i in record["identifiers"]}
     text = next((f"{kind}:{by_type[kind]}" for kind in KEY_PRIORITY if kind in by_type), record["message_id"])
-    # Hash the key: keys show up in more places (tools, logs) than values.
-    return hashlib.sha256(text.encode()).hexdigest().encode()
+    return raw_topic_key(text, hash_key)
 
 
 class CachedPartitioner:
@@ -296,7 +294,7 @@ class IngestService:
                     too_large = True
                     raise EventRejected("(event)", f"event is {len(value)} bytes encoded, the limit is {limit} "
                                                    "(max_event_bytes)")
-                encoded.append((record["message_id"], record_key(record), value))
+                encoded.append((record["message_id"], record_key(record, self._hash_key), value))
                 if tokens is not None:
                     tokens.append(event_suppression_tokens(record["identifiers"], self._hash_key,
                                                            self.settings.default_phone_region))

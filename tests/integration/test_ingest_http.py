@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import hashlib
+import hmac
 import json
 import uuid
 from collections.abc import Iterator
@@ -17,6 +19,7 @@ from starlette.testclient import TestClient
 
 from services.ingest.app import build_app
 from services.ingest.settings import IngestSettings, hash_write_key
+from tests.kafka_reading import collect
 from touchstream import avro
 from touchstream.embedded import free_port
 from touchstream.settings import CoreSettings
@@ -269,3 +272,28 @@ def test_x_forwarded_for_is_not_believed_from_an_untrusted_peer(all_topics: str,
         response = client.post("/v1/track", json={"event": "Viewed", "userId": "u11"}, auth=(WRITE_KEY, ""),
                                headers={"X-Forwarded-For": "203.0.113.99"})
         assert response.status_code == 429
+
+
+def test_raw_records_are_keyed_by_the_keyed_hash_of_the_first_strong_identifier(all_topics: str,
+                                                                                  redis_url: str) -> None:
+    pii_key = "raw-key-test-secret"
+    core = CoreSettings(kafka_bootstrap=all_topics, redis_url=redis_url, partitions=2, pii_hash_key=pii_key)
+    settings = IngestSettings(write_keys={"shop": hash_write_key(WRITE_KEY)})
+    run = uuid.uuid4().hex
+    email = f"ann.{run}@example.com"
+    events = [{"type": "track", "event": "Viewed", "email": email, "messageId": f"{run}-1"},
+              {"type": "track", "event": "Viewed", "email": email, "device_id": f"d-{run}", "messageId": f"{run}-2"},
+              {"type": "track", "event": "Viewed", "anonymousId": f"a-{run}", "messageId": f"{run}-3"}]
+    with TestClient(build_app(core, settings)) as client:
+        response = client.post("/v1/batch", auth=(WRITE_KEY, ""), json={"batch": events})
+        assert response.status_code == 200, response.text
+    found = asyncio.run(collect(all_topics, TOUCHPOINTS_RAW.name, TOUCHPOINTS_RAW.schema, 3,
+                                lambda _key, record: record["message_id"].startswith(run), wait_s=15))
+    keys = {record["message_id"]: key for key, record in found}
+    expected = hmac.new(pii_key.encode(), f"email:{email}".encode(), hashlib.sha256).hexdigest().encode()
+    # Not sha256("email:<clear>"), which a list of e-mails reverses (and deadletter would keep for good).
+    assert keys[f"{run}-1"] == expected != hashlib.sha256(f"email:{email}".encode()).hexdigest().encode()
+    assert keys[f"{run}-2"] == expected  # same first strong identifier, same key, same partition
+    assert keys[f"{run}-3"] == hmac.new(pii_key.encode(), f"anonymous_id:a-{run}".encode(),
+                                        hashlib.sha256).hexdigest().encode()
+    assert all(email.encode() not in key and run.encode() not in key for key in keys.values())
