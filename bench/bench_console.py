@@ -43,7 +43,6 @@ from services.identity.domain import GraphLayout
 from services.triggers.rules import parse_rules
 from touchstream import avro
 from touchstream.embedded import create_topics, free_port, spawn, start_tansu, start_valkey
-from touchstream.identifiers import DEFAULT_BLOCKLIST
 from touchstream.topics import SCORES, TOUCHPOINTS_RESOLVED
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,8 +114,8 @@ async def load(store: ReadModelStore, customers: int, batch: int) -> dict[str, A
 async def time_pages(store: ReadModelStore, requests: int) -> dict[str, Any]:
     recorder = Recorder()
     settings = ConsoleSettings(admin_keys=frozenset({hash_admin_key(KEY)}))
-    pages = ConsoleWeb(store, settings, GraphLayout("bench:identity:{graph}:"), b"bench", "US", DEFAULT_BLOCKLIST,
-                       RULES, recorder)  # type: ignore[arg-type]
+    pages = ConsoleWeb(store, settings, GraphLayout("bench:identity:{graph}:"), RULES,
+                       recorder)  # type: ignore[arg-type]
     app = web.Application()
     pages.register(app.router)
     client = TestClient(TestServer(app))

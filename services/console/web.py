@@ -56,13 +56,12 @@ from services.console.readmodel import (
 from services.console.settings import ConsoleSettings
 from services.console.store import ReadModelStore
 from services.identity.admin import hash_admin_key, is_admin
-from services.identity.customer360 import CustomerView, find_customer, read_customer
-from services.identity.domain import GraphLayout, lookup_identifier
+from services.identity.customer360 import CustomerView, read_customer
+from services.identity.domain import GraphLayout
 from services.triggers.rules import Rule, ScoreCrossing
 from services.triggers.state_store import DeliveryLedger
 from touchstream.client_address import client_address
 from touchstream.failures import FailureCounter
-from touchstream.identifiers import InvalidIdentifier
 from touchstream.topics import ACTIONS, SCORES, TOUCHPOINTS_RAW, TOUCHPOINTS_RESOLVED
 
 log = logging.getLogger(__name__)
@@ -163,6 +162,15 @@ def safe_next(target: str | None) -> str:
     return target
 
 
+def _json_object(response: httpx.Response) -> dict[str, Any]:
+    """Return a peer's JSON object answer, or {} for anything else (an HTML error page, a list)."""
+    try:
+        answer = response.json()
+    except ValueError:
+        return {}
+    return answer if isinstance(answer, dict) else {}
+
+
 def rule_thresholds(rules: Sequence[Rule]) -> list[tuple[str, str, float]]:
     """Return (rule id, score name, threshold) of every rule that fires on a score crossing."""
     return [(r.id, r.when.score, r.when.crosses_above) for r in rules if isinstance(r.when, ScoreCrossing)]
@@ -242,17 +250,13 @@ class LoginThrottle:
 class ConsoleWeb:
     """Routes of the console over the read model, the identity graph and scoring's metrics."""
 
-    def __init__(self, store: ReadModelStore, settings: ConsoleSettings, layout: GraphLayout, hash_key: bytes,
-                 phone_region: str, blocklist: frozenset[str], rules: Sequence[Rule],
+    def __init__(self, store: ReadModelStore, settings: ConsoleSettings, layout: GraphLayout, rules: Sequence[Rule],
                  page_seconds: Histogram | None = None, feed_rate: RateMeter | None = None,
                  arrivals: LatencyWindow | None = None) -> None:
         self.store = store
         self.client = store.client
         self.settings = settings
         self.layout = layout
-        self._hash_key = hash_key
-        self._region = phone_region
-        self._blocklist = blocklist
         self.thresholds = rule_thresholds(rules)
         self.rules = {r.id: r for r in rules}
         self.sessions = Sessions(store.client, settings.key_prefix, settings.session_ttl_s)
@@ -416,17 +420,44 @@ class ConsoleWeb:
         query = str(form.get("q", "")).strip()
         kind, sep, value = query.partition(":")
         if sep:
-            try:
-                identifier = lookup_identifier(kind.strip(), value, self._hash_key, self._region, self._blocklist)
-            except InvalidIdentifier as exc:
-                return self._page("search.html", session, status=400, error=f"Not a usable identifier: {exc}")
-            view = await find_customer(self.client, self.layout, identifier)
-            if view is None:
-                return self._page("search.html", session, status=404, error="No customer has this identifier.")
-            raise web.HTTPSeeOther(f"/customers/{view.customer_id}")
+            return await self._find_by_identifier(session, kind.strip(), value)
         if not query:
             return self._page("search.html", session, status=400, error="Type a customer id or an identifier.")
         raise web.HTTPSeeOther(f"/customers/{quote(query, safe='')}")
+
+    async def _find_by_identifier(self, session: Session, kind: str, value: str) -> web.StreamResponse:
+        """Ask identity which customer owns a typed identifier (it normalises and hashes it as the pipeline
+        does); the clear value goes in a POST body, never in a URL."""
+        if not self.settings.identity_url:
+            return self._page("search.html", session, status=503, error=(
+                "Search by identifier needs TOUCHSTREAM_CONSOLE_IDENTITY_URL; search by customer id works."))
+        try:
+            response = await self._call_identity("POST", "/v1/customers/lookup",
+                                                 json={"identifier": {"type": kind, "value": value}})
+        except httpx.HTTPError as exc:
+            return self._page("search.html", session, status=502,
+                              error=f"identity did not answer ({type(exc).__name__}); try again.")
+        answer = _json_object(response)
+        if response.status_code == 404:
+            return self._page("search.html", session, status=404, error="No customer has this identifier.")
+        if response.status_code == 400:
+            reason = f"{answer.get('field', '')} {answer.get('reason', '')}".strip() or response.text[:300]
+            return self._page("search.html", session, status=400, error=f"Not a usable identifier: {reason}")
+        customer_id = answer.get("customer_id")
+        if response.status_code in (401, 403):
+            message = "identity refused the console's admin key (TOUCHSTREAM_CONSOLE_IDENTITY_ADMIN_KEY)."
+        elif response.status_code != 200 or not isinstance(customer_id, str):
+            message = f"identity could not look the identifier up (HTTP {response.status_code})."
+        else:
+            raise web.HTTPSeeOther(f"/customers/{quote(customer_id, safe='')}")
+        return self._page("search.html", session, status=502, error=message)
+
+    async def _call_identity(self, method: str, path: str, **request: Any) -> httpx.Response:
+        """Send one request to identity's customer API with the console's admin key (raises httpx.HTTPError)."""
+        key = self.settings.identity_admin_key.get_secret_value()
+        async with httpx.AsyncClient(timeout=10.0, verify=_tls_context()) as http:
+            return await http.request(method, f"{self.settings.identity_url}{path}",
+                                      headers={"Authorization": f"Bearer {key}"}, **request)
 
     async def _customer_context(self, customer_id: str) -> dict[str, Any] | None:
         record = await self.store.customer(customer_id)
@@ -499,13 +530,10 @@ class ConsoleWeb:
         if not self.settings.identity_url:
             return self._page("error.html", session, status=503,
                               message="Un-merge needs TOUCHSTREAM_CONSOLE_IDENTITY_URL.")
-        key = self.settings.identity_admin_key.get_secret_value()
         try:
-            async with httpx.AsyncClient(timeout=10.0, verify=_tls_context()) as http:
-                response = await http.post(
-                    f"{self.settings.identity_url}/v1/customers/{quote(customer_id, safe='')}/unmerge",
-                    json={"identifiers": [ref], "request_id": request_id or uuid.uuid4().hex},
-                    headers={"Authorization": f"Bearer {key}"})
+            response = await self._call_identity(
+                "POST", f"/v1/customers/{quote(customer_id, safe='')}/unmerge",
+                json={"identifiers": [ref], "request_id": request_id or uuid.uuid4().hex})
         except httpx.HTTPError as exc:
             return self._page("error.html", session, status=502,
                               message=f"identity did not answer: {type(exc).__name__}")
@@ -539,12 +567,9 @@ class ConsoleWeb:
         if not self.settings.identity_url:
             return self._page("error.html", session, status=503,
                               message="Deletion needs TOUCHSTREAM_CONSOLE_IDENTITY_URL; nothing was deleted.")
-        key = self.settings.identity_admin_key.get_secret_value()
         try:
-            async with httpx.AsyncClient(timeout=10.0, verify=_tls_context()) as http:
-                response = await http.delete(
-                    f"{self.settings.identity_url}/v1/customers/{quote(customer_id, safe='')}",
-                    params={"request_id": request_id}, headers={"Authorization": f"Bearer {key}"})
+            response = await self._call_identity("DELETE", f"/v1/customers/{quote(customer_id, safe='')}",
+                                                 params={"request_id": request_id})
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             log.warning("identity unreachable for a deletion: %s", type(exc).__name__)
             return self._page("error.html", session, status=502, message=(
@@ -568,11 +593,7 @@ class ConsoleWeb:
             status = response.status_code if response.status_code < 500 else 502
             return self._page("error.html", session, status=status, message=(
                 f"identity refused the deletion (HTTP {response.status_code}): {response.text[:300]}"))
-        try:
-            answer = response.json()
-        except ValueError:
-            answer = None
-        answer = answer if isinstance(answer, dict) else {}
+        answer = _json_object(response)
         # identity erases the live customer and every id merged into it: name them all, as identity did.
         erased = str(answer.get("customer_id") or customer_id)
         merged = [str(m) for m in answer.get("merged_ids") or ()]
