@@ -11,6 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from aiokafka import AIOKafkaProducer
 
 from services.console.quality import LatencyWindow, RateMeter
 from services.console.readmodel import ActionTaken, DeadLettered, DeliveryFailed, ScoreUpdated, TouchpointSeen
@@ -21,9 +22,14 @@ from services.identity.admin import hash_admin_key
 from services.identity.customer360 import find_customer
 from services.identity.domain import GraphLayout, GraphRules, ResolutionRequest, lookup_identifier, new_customer_id
 from services.identity.graph import IdentityGraph
+from services.identity.settings import IdentitySettings
 from services.triggers.rules import parse_rules
+from tests.integration.test_identity_service import ADMIN_KEY as IDENTITY_KEY
+from tests.integration.test_identity_service import identity_worker, producer, touchpoint  # noqa: F401 (fixtures)
+from tests.kafka_reading import collect
 from touchstream.embedded import free_port
 from touchstream.identifiers import DEFAULT_BLOCKLIST, STRONG_TYPES, InvalidIdentifier
+from touchstream.topics import TOUCHPOINTS_RAW, TOUCHPOINTS_RESOLVED
 
 pytestmark = pytest.mark.integration
 KEY = "console-test-key"
@@ -669,3 +675,26 @@ async def test_a_failure_count_without_an_expiry_never_locks_an_address_out_for_
     await redis_client.set(throttle.by_address.key("192.0.2.1"), 5)  # e.g. written by hand, with no TTL
     assert await throttle.lockout("192.0.2.1") == Lockout(60, all_addresses=False)
     assert 0 < await redis_client.ttl(throttle.by_address.key("192.0.2.1")) <= 60
+
+
+async def test_the_console_finds_a_customer_through_the_real_identity_worker(
+        identity_worker: int, producer: AIOKafkaProducer,  # noqa: F811 (fixtures)
+        all_topics: str, redis_client: aioredis.Redis) -> None:
+    run = uuid.uuid4().hex[:8]
+    email = f"dee.{run}@example.org"
+    await producer.send_and_wait(TOUCHPOINTS_RAW.name, touchpoint(f"{run}-1", int(time.time() * 1000),
+                                                                 ("email", email)), key=run.encode())
+    [(_, resolved)] = await collect(all_topics, TOUCHPOINTS_RESOLVED.name, TOUCHPOINTS_RESOLVED.schema, 1,
+                                    lambda _key, r: r["event"]["message_id"] == f"{run}-1")
+    settings = ConsoleSettings(admin_keys=frozenset({hash_admin_key(KEY)}),
+                               identity_url=f"http://127.0.0.1:{identity_worker}", identity_admin_key=IDENTITY_KEY)
+    app = web.Application()
+    ConsoleWeb(ReadModelStore(redis_client), settings, GraphLayout(IdentitySettings().graph_key_prefix),
+               RULES).register(app.router)
+    async with TestClient(TestServer(app)) as client:
+        csrf = await logged_in(client)
+        found = await client.post("/customers", data={"q": f"email: {email.upper()}", "csrf": csrf},
+                                  allow_redirects=False)
+        assert found.status == 303 and found.headers["Location"] == f"/customers/{resolved['customer_id']}"
+        missing = await client.post("/customers", data={"q": f"email:nobody.{run}@example.org", "csrf": csrf})
+        assert missing.status == 404
