@@ -140,12 +140,12 @@ def template_env() -> jinja2.Environment:
 
 
 def safe_next(target: str | None) -> str:
-    """Keep a post-login redirect on this site: a path of its own, or /overview.
+    r"""Keep a post-login redirect on this site: a path of its own, or /overview.
 
-    Browsers drop tabs and line breaks from a Location before reading it and treat "\\" as "/",
-    so "/\\t/evil.example" would arrive as "//evil.example": a target with any control character,
-    whitespace or backslash is refused whole, and what is left must parse to a path with no scheme
-    and no host.
+    Browsers drop tabs and line breaks from a Location before reading it and treat a backslash as
+    "/", so "/<tab>/evil.example" would arrive as "//evil.example": a target with any control
+    character, whitespace or backslash is refused whole, and what is left must parse to a path with
+    no scheme and no host.
 
     >>> safe_next("/customers/c_1"), safe_next("//evil.example"), safe_next("https://evil.example")
     ('/customers/c_1', '/overview', '/overview')
