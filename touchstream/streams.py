@@ -56,7 +56,7 @@ class ExitOnAgentCrash(mode.OneForOneSupervisor):
 
 class _IdempotentProducer(aiokafka_driver.Producer):
     # Faust only turns idempotence on inside transactions; we want it on plain sends
-    # whenever the broker supports it (Apache Kafka yes, Tansu no).
+    # (on by default; off only for the Tansu fallback, which refuses it).
     def _settings_extra(self) -> dict[str, Any]:
         return {"acks": "all", "enable_idempotence": True}
 
@@ -66,9 +66,9 @@ class _TunedConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
 
     def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)
-        # Faust hardcodes fetch_max_wait_ms=1500, and Tansu holds every fetch that long even
-        # when records arrive (measured: ~615 ms per topic hop at 1500, ~5 ms at 20), so the
-        # wait is a setting: short on the embedded broker, Kafka's usual 500 ms elsewhere.
+        # Faust hardcodes fetch_max_wait_ms=1500. Apache Kafka answers as soon as records
+        # arrive, but the Tansu fallback holds every fetch that long (measured: ~615 ms per
+        # topic hop at 1500, ~5 ms at 20), so the wait is a setting.
         consumer._fetch_max_wait_ms = self.fetch_max_wait_ms
         return consumer
 
@@ -79,7 +79,7 @@ class _TunedConsumer(aiokafka_driver.Consumer):
 
 
 def make_app(service: str, core: CoreSettings, web_port: int, web_host: str = "127.0.0.1") -> faust.App:
-    """Build a Faust app for `service` with settings that work on Tansu and Apache Kafka."""
+    """Build a Faust app for `service` on Apache Kafka (or the Tansu fallback)."""
     if core.idempotent_producer:
         aiokafka_driver.Transport.Producer = _IdempotentProducer
     _TunedConsumerThread.fetch_max_wait_ms = core.fetch_max_wait_ms
@@ -92,13 +92,11 @@ def make_app(service: str, core: CoreSettings, web_port: int, web_host: str = "1
     app = faust.App(
         f"touchstream-{service}",
         broker=core.kafka_url,
-        # Tables are not used for durable state: Tansu's ListOffsets answer would cut
-        # changelog recovery short, so per-customer state lives in Redis.
+        # Per-customer state lives in Redis, not in Faust tables (README, "State placement").
         store="memory://",
         broker_session_timeout=core.session_timeout_s,
         broker_heartbeat_interval=core.heartbeat_interval_s,
-        # Tansu answers "latest" wrongly, so never start from it.
-        consumer_auto_offset_reset="earliest",
+        consumer_auto_offset_reset=core.auto_offset_reset,
         producer_acks=-1,
         topic_partitions=core.partitions,
         topic_replication_factor=core.replication_factor,
@@ -129,10 +127,11 @@ def faust_topic(app: faust.App, spec: TopicSpec, core: CoreSettings) -> faust.To
 class ConsumerLag(Collector):
     """`touchstream_<service>_consumer_lag_messages{topic,partition}` of a Faust app's consumer.
 
-    Lag = the partition's high-water mark from the latest fetch response minus the group's
-    committed offset as this worker knows it (0 before any commit: consumers start from the
-    earliest offset). Fetch high-water marks are right on Tansu, whose ListOffsets "latest"
-    answer is not, and reading them costs no request. A partition appears once fetched from.
+    Lag = the partition's end offset as the broker reports it in every fetch response (its
+    high-water mark: the same answer a ListOffsets(latest) request gives a read-uncommitted
+    consumer, at no extra request) minus the group's committed offset as this worker knows it
+    (0 before any commit: a new group starts from the earliest offset). A partition appears
+    once fetched from.
     """
 
     def __init__(self, service: str) -> None:

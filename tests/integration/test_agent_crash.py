@@ -2,7 +2,7 @@
 being restarted past the batch, as Faust does by default; the next worker gets the batch again.
 
 The worker is tests/integration/crashing_worker.py, built with touchstream.streams.make_app like
-every service, on its own Tansu broker.
+every service, on its own Apache Kafka broker.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from touchstream.embedded import create_topics, free_port, start_tansu, stop_pid
+from touchstream.embedded import create_topics, free_port, start_kafka, stop_pid
 from touchstream.streams import EXIT_AGENT_CRASHED
 from touchstream.topics import TOUCHPOINTS_RAW
 
@@ -58,7 +58,7 @@ def start_worker(bootstrap: str, tmp_path: Path, crash_on: str, log: Path) -> su
 def test_a_crashed_agent_exits_the_worker_and_its_batch_is_handled_again(tmp_path: Path,
                                                                          artifacts_dir: Path) -> None:
     port = free_port()
-    broker = start_tansu(port, artifacts_dir / "tansu-agent-crash.log")
+    broker = start_kafka(port, tmp_path / "kafka", artifacts_dir / "kafka-agent-crash.log")
     bootstrap = f"127.0.0.1:{port}"
     log = artifacts_dir / "agent-crash-worker.log"
     log.write_bytes(b"")
