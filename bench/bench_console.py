@@ -52,7 +52,6 @@ from touchstream.embedded import (
     start_broker,
     start_valkey,
 )
-from touchstream.identifiers import DEFAULT_BLOCKLIST
 from touchstream.topics import SCORES, TOUCHPOINTS_RESOLVED
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,8 +123,8 @@ async def load(store: ReadModelStore, customers: int, batch: int) -> dict[str, A
 async def time_pages(store: ReadModelStore, requests: int) -> dict[str, Any]:
     recorder = Recorder()
     settings = ConsoleSettings(admin_keys=frozenset({hash_admin_key(KEY)}))
-    pages = ConsoleWeb(store, settings, GraphLayout("bench:identity:{graph}:"), b"bench", "US", DEFAULT_BLOCKLIST,
-                       RULES, recorder)  # type: ignore[arg-type]
+    pages = ConsoleWeb(store, settings, GraphLayout("bench:identity:{graph}:"), RULES,
+                       recorder)  # type: ignore[arg-type]
     app = web.Application()
     pages.register(app.router)
     client = TestClient(TestServer(app))

@@ -6,19 +6,55 @@ in a service's `__main__`, never at import time.
 
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import BeforeValidator, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_PLACEHOLDER_SECRET = "dev-only-pii-key-change-me"
 
 
+class Environment(StrEnum):
+    """Where a service runs; prod turns on the checks that refuse placeholder secrets and keys."""
+
+    DEV = "dev"
+    TEST = "test"
+    PROD = "prod"
+
+
+def parse_environment(value: Any) -> Any:
+    """Read TOUCHSTREAM_ENVIRONMENT: one of dev, test, prod (any case); anything else is refused.
+
+    No alias is accepted: "production" or "staging" silently meaning "not prod" would switch off
+    every production check, so an unknown name stops the service instead.
+
+    >>> parse_environment(" PROD ")
+    <Environment.PROD: 'prod'>
+    >>> parse_environment("production")
+    Traceback (most recent call last):
+    ...
+    ValueError: TOUCHSTREAM_ENVIRONMENT must be one of dev, test, prod; 'production' is not one of them
+    """
+    if isinstance(value, Environment):
+        return value
+    known = [e.value for e in Environment]
+    if isinstance(value, str) and value.strip().lower() in known:
+        return Environment(value.strip().lower())
+    raise ValueError(f"TOUCHSTREAM_ENVIRONMENT must be one of {', '.join(known)}; {str(value)[:40]!r} is not one "
+                     "of them")
+
+
+# The type of every settings field read from TOUCHSTREAM_ENVIRONMENT.
+EnvironmentName = Annotated[Environment, BeforeValidator(parse_environment)]
+
+
 class CoreSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TOUCHSTREAM_", frozen=True, extra="ignore")
 
-    environment: str = Field("dev", description="dev, test or prod; placeholder secrets are refused in prod.")
+    environment: EnvironmentName = Field(
+        Environment.DEV, description="dev, test or prod; placeholder secrets are refused in prod.")
     kafka_bootstrap: str = "127.0.0.1:9092"
     redis_url: str = "redis://127.0.0.1:6379/0"
     partitions: int = Field(4, ge=1, description="Partitions per topic (the unit of scale).")
@@ -45,7 +81,7 @@ class CoreSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _refuse_placeholder_secrets(self) -> CoreSettings:
-        if self.environment == "prod" and self.pii_hash_key.get_secret_value() == DEV_PLACEHOLDER_SECRET:
+        if self.environment is Environment.PROD and self.pii_hash_key.get_secret_value() == DEV_PLACEHOLDER_SECRET:
             raise ValueError("TOUCHSTREAM_PII_HASH_KEY must be set to a real secret in prod")
         return self
 

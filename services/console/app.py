@@ -139,9 +139,8 @@ def build_app(core: CoreSettings, settings: ConsoleSettings, identity: IdentityS
     store = ReadModelStore(redis, settings.key_prefix)
     feed_rate = RateMeter()
     arrivals = LatencyWindow()
-    pages = ConsoleWeb(store, settings, GraphLayout(identity.graph_key_prefix),
-                       core.pii_hash_key.get_secret_value().encode(), identity.default_phone_region,
-                       identity.blocklist, load_rules(settings), page_seconds, feed_rate, arrivals)
+    pages = ConsoleWeb(store, settings, GraphLayout(identity.graph_key_prefix), load_rules(settings), page_seconds,
+                       feed_rate, arrivals)
     # Faust's web driver is aiohttp: the console's routes join its router before it starts.
     pages.register(app.web.web_app.router)  # type: ignore[attr-defined]
 

@@ -268,6 +268,8 @@ class FieldError(CustomerRequestError):
 
 
 MAX_ID_CHARS = 200
+LOOKUP_IN_THE_BODY = ('identifiers stay out of URLs and access logs: POST /v1/customers/lookup with '
+                      '{"identifier": {"type": "email", "value": "..."}} instead')
 
 
 def _request_id(value: Any) -> str:
@@ -279,11 +281,51 @@ def _request_id(value: Any) -> str:
     return value
 
 
+async def _json_body(request: Request) -> Any:
+    try:
+        return await request.json()
+    except ValueError:
+        raise FieldError("(body)", "is not valid JSON") from None
+
+
+def _body_identifier(item: Any, resolver: TouchpointResolver) -> Identifier:
+    """Read the identifier of a request body: {"type", "value"} (a clear value, hashed here) or a
+    hashed "type:hash" reference (as the 360 shows it)."""
+    if isinstance(item, str):
+        identifier = parse_identifier_ref(item)
+        if not identifier.type or not identifier.value:
+            raise FieldError("identifier", 'a string must be a hashed "type:hash" reference')
+        return identifier
+    if not isinstance(item, dict):
+        raise FieldError("identifier", 'must be {"type": ..., "value": ...} or a hashed "type:hash" reference')
+    kind, value = item.get("type"), item.get("value")
+    if not isinstance(kind, str) or not kind.strip():
+        raise FieldError("identifier.type", "must be an identifier type such as email, phone or user_id")
+    if not isinstance(value, str) or not value.strip():
+        raise FieldError("identifier.value", "must be a non-empty string")
+    try:
+        return resolver.hashed_lookup(kind, value)
+    except InvalidIdentifier as exc:
+        reason = "is on the blocklist" if "blocklist" in str(exc) else "is not a usable identifier of this type"
+        raise FieldError("identifier.value", reason) from None
+
+
+def _lookup_target(body: Any, resolver: TouchpointResolver) -> Identifier:
+    """Return the identifier a look-up body names: {"identifier": {"type", "value"} or "type:hash"}."""
+    if not isinstance(body, dict):
+        raise FieldError("(body)", 'must be a JSON object: {"identifier": {"type": "email", "value": "..."}}')
+    unknown = sorted(set(body) - {"identifier"})
+    if unknown:
+        raise FieldError(unknown[0], "unknown field; give identifier")
+    if "identifier" not in body:
+        raise FieldError("identifier", 'is required: {"type": "email", "value": "..."} or "type:hash"')
+    return _body_identifier(body["identifier"], resolver)
+
+
 async def _erase_target(body: Any, resolver: TouchpointResolver, client: aioredis.Redis,
                         layout: GraphLayout) -> str | None:
-    """Return the customer id an erasure body names: {"identifier": {"type", "value"}} (clear value,
-    hashed here), {"identifier": "type:hash"} (as the 360 shows it), or {"customer_id": ...}.
-    None when no customer owns the identifier."""
+    """Return the customer id an erasure body names: {"identifier": ...} (see `_body_identifier`) or
+    {"customer_id": ...}. None when no customer owns the identifier."""
     if not isinstance(body, dict):
         raise FieldError("(body)", 'must be a JSON object: {"identifier": {"type": "email", "value": "..."}}')
     unknown = sorted(set(body) - {"identifier", "customer_id", "request_id"})
@@ -296,30 +338,13 @@ async def _erase_target(body: Any, resolver: TouchpointResolver, client: aioredi
         if not isinstance(customer_id, str) or not customer_id.strip() or len(customer_id) > MAX_ID_CHARS:
             raise FieldError("customer_id", f"must be a non-empty string of at most {MAX_ID_CHARS} characters")
         return customer_id
-    item = body["identifier"]
-    if isinstance(item, str):
-        identifier = parse_identifier_ref(item)
-        if not identifier.type or not identifier.value:
-            raise FieldError("identifier", 'a string must be a hashed "type:hash" reference')
-    elif isinstance(item, dict):
-        kind, value = item.get("type"), item.get("value")
-        if not isinstance(kind, str) or not kind.strip():
-            raise FieldError("identifier.type", "must be an identifier type such as email, phone or user_id")
-        if not isinstance(value, str) or not value.strip():
-            raise FieldError("identifier.value", "must be a non-empty string")
-        try:
-            identifier = resolver.hashed_lookup(kind, value)
-        except InvalidIdentifier as exc:
-            reason = "is on the blocklist" if "blocklist" in str(exc) else "is not a usable identifier of this type"
-            raise FieldError("identifier.value", reason) from None
-    else:
-        raise FieldError("identifier", 'must be {"type": ..., "value": ...} or a hashed "type:hash" reference')
+    identifier = _body_identifier(body["identifier"], resolver)
     owner = await client.hget(layout.identifier_key(identifier_ref(identifier)), "owner")
     return None if owner is None else (owner.decode() if isinstance(owner, bytes) else str(owner))
 
 
 def add_customer_pages(app: faust.App, resolver: TouchpointResolver, layout: GraphLayout) -> None:
-    """Serve the admin customer API: 360 lookup by id or identifier, un-merge, and erasure."""
+    """Serve the admin customer API: 360 lookup by id or by identifier (in the body), un-merge, and erasure."""
     client = resolver.graph.client
 
     def refused(request: Request) -> bool:
@@ -346,32 +371,36 @@ def add_customer_pages(app: faust.App, resolver: TouchpointResolver, layout: Gra
             if refused(request):
                 return self.error(401, "admin key required", headers={"WWW-Authenticate": "Bearer"})
             try:
-                try:
-                    body = await request.json()
-                except ValueError:
-                    raise FieldError("(body)", "is not valid JSON") from None
+                body = await _json_body(request)
                 request_id = _request_id(body.get("request_id") if isinstance(body, dict) else None)
                 customer_id = await _erase_target(body, resolver, client, layout)
             except FieldError as exc:
                 return field_error(self, exc)
             return await erase_answer(self, customer_id, request_id)
 
+    @app.page("/v1/customers/lookup")
+    class CustomerLookupView(View):
+        """Find the customer owning an identifier; the identifier travels in the body, never in a URL."""
+
+        async def post(self, request: Request) -> Response:
+            if refused(request):
+                return self.error(401, "admin key required", headers={"WWW-Authenticate": "Bearer"})
+            try:
+                identifier = _lookup_target(await _json_body(request), resolver)
+            except FieldError as exc:
+                return field_error(self, exc)
+            view = await find_customer(client, layout, identifier)
+            if view is None:
+                return self.error(404, "no customer has this identifier")
+            return self.json(view.to_json())
+
     @app.page("/v1/customers")
     class CustomerSearchView(View):
         async def get(self, request: Request) -> Response:
+            """Refuse a look-up by query string: a clear e-mail or phone there lands in every access log."""
             if refused(request):
                 return self.error(401, "admin key required", headers={"WWW-Authenticate": "Bearer"})
-            kind, sep, value = request.query.get("identifier", "").partition(":")
-            if not sep or not kind or not value:
-                return self.error(400, "give ?identifier=<type>:<clear value>, e.g. email:ann@example.com")
-            try:
-                identifier = resolver.hashed_lookup(kind, value)
-            except InvalidIdentifier as exc:
-                return self.error(400, f"unusable identifier: {exc}")
-            view = await find_customer(client, layout, identifier)
-            if view is None:
-                return self.notfound("no customer has this identifier")
-            return self.json(view.to_json())
+            return field_error(self, FieldError("identifier", LOOKUP_IN_THE_BODY))
 
     @app.page("/v1/customers/{customer_id}")
     class CustomerView(View):

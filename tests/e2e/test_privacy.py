@@ -90,8 +90,8 @@ def deliveries(stack: local.StackState) -> list[dict[str, Any]]:
 
 
 def customer_of(stack: local.StackState, kind: str, value: str) -> dict[str, Any] | None:
-    response = httpx.get(f"{stack.url('identity')}/v1/customers", params={"identifier": f"{kind}:{value}"},
-                         headers=ADMIN, timeout=5)
+    response = httpx.post(f"{stack.url('identity')}/v1/customers/lookup",
+                          json={"identifier": {"type": kind, "value": value}}, headers=ADMIN, timeout=5)
     return response.json() if response.status_code == 200 else None
 
 
@@ -192,7 +192,7 @@ async def produce_raw(bootstrap: str, record: dict[str, Any]) -> None:
     await producer.start()
     try:
         await producer.send_and_wait(TOUCHPOINTS_RAW.name, avro.encode(TOUCHPOINTS_RAW.schema, record),
-                                     key=record_key(record))
+                                     key=record_key(record, CoreSettings().pii_hash_key.get_secret_value().encode()))
     finally:
         await producer.stop()
 

@@ -170,6 +170,25 @@ def test_settings_accept_the_compose_environment(
         assert settings.identity_url == "http://identity:6067"
 
 
+def published_ports(compose: dict[str, Any]) -> dict[str, list[str]]:
+    """Return each service's published ports, in compose's short form ("[host_ip:]host:container")."""
+    published: dict[str, list[str]] = {}
+    for name, service in compose["services"].items():
+        for port in service.get("ports", []):
+            assert isinstance(port, str), f"{name}: use the short form of ports, with the host address"
+            published.setdefault(name, []).append(port)
+    return published
+
+
+def test_published_ports_listen_on_loopback_only(compose: dict[str, Any]) -> None:
+    # Dev keys, the dev write key and an anonymous Grafana: nothing another machine may reach.
+    published = published_ports(compose)
+    assert {"ingest", "console", "receiver", "prometheus", "grafana"} <= set(published)
+    for name, ports in published.items():
+        for port in ports:
+            assert port.startswith("127.0.0.1:") and port.count(":") == 2, f"{name} publishes {port!r}"
+
+
 def test_kafka_runs_in_kraft_mode_and_redis_keeps_an_aof(compose: dict[str, Any]) -> None:
     services = compose["services"]
     assert not any("zookeeper" in name for name in services)
