@@ -7,6 +7,7 @@ in a service's `__main__`, never at import time.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -22,13 +23,16 @@ class CoreSettings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     partitions: int = Field(4, ge=1, description="Partitions per topic (the unit of scale).")
     replication_factor: int = Field(1, ge=1)
-    # Tansu (the embedded broker) cannot do InitProducerId; Apache Kafka can.
-    idempotent_producer: bool = False
-    # Tansu makes a group join wait half the session timeout, so keep it short locally.
+    # With acks=all a retried send is never written twice. Off only for the Tansu fallback,
+    # which refuses InitProducerId.
+    idempotent_producer: bool = True
     session_timeout_s: float = 10.0
-    # Tansu answers a fetch only when this wait is over, even if records arrived meanwhile;
-    # Apache Kafka answers early, so 500 there costs nothing.
-    fetch_max_wait_ms: int = Field(20, ge=1, le=5000)
+    # Apache Kafka answers a fetch as soon as records arrive, so the wait costs no latency;
+    # the Tansu fallback holds every fetch this long and runs with 20.
+    fetch_max_wait_ms: int = Field(500, ge=1, le=5000)
+    # Where a consumer group with no committed offset starts. `earliest`: a service that
+    # joins after events were produced (a fresh deploy, a new service) still handles them.
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     heartbeat_interval_s: float = 1.0
     pii_hash_key: SecretStr = SecretStr(DEV_PLACEHOLDER_SECRET)
     batch_size: int = Field(500, ge=1, description="Max events a stream handles per batch.")

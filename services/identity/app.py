@@ -1,4 +1,4 @@
-"""Faust wiring of the identity service: touchpoints.raw -> graph -> touchpoints.resolved + identity.merges."""
+"""Wiring of the identity service: stream kernel -> graph -> touchpoints.resolved + identity.merges."""
 
 from __future__ import annotations
 
@@ -44,10 +44,18 @@ from services.identity.settings import IdentitySettings
 from touchstream import avro
 from touchstream.identifiers import Identifier, InvalidIdentifier
 from touchstream.settings import CoreSettings
-from touchstream.streams import Outbox, add_health_pages, batches, faust_topic, make_app
+from touchstream.streams import (
+    Consumes,
+    Outbox,
+    Readiness,
+    Record,
+    StreamKernel,
+    add_health_pages,
+    make_app,
+    run_kernel,
+)
 from touchstream.topics import (
     CUSTOMER_DELETIONS,
-    DEADLETTER,
     IDENTITY_MERGES,
     SCORES,
     TOUCHPOINTS_RAW,
@@ -77,30 +85,21 @@ class TouchpointResolver:
         metrics: IdentityMetrics,
         settings: IdentitySettings,
         hash_key: bytes,
-        resolved: faust.TopicT,
-        merges: faust.TopicT,
-        deadletter: faust.TopicT,
-        deletions: faust.TopicT | None = None,
-        scores: faust.TopicT | None = None,
+        outbox: Callable[[], Outbox],
     ) -> None:
         self.resolver = resolver
         self.graph = resolver.graph
         self.metrics = metrics
         self.settings = settings
         self._hash_key = hash_key
-        self._resolved = resolved
-        self._merges = merges
-        self._deadletter = deadletter
-        self._deletions = deletions
-        self._scores = scores
+        # For the API's splits and erasures, outside the stream's batches.
+        self._outbox = outbox
 
-    async def resolve_batch(self, events: Sequence[faust.EventT]) -> None:
-        """Decode, resolve in one Redis round trip, emit, and wait for the broker's acks."""
-        outbox = Outbox(self.metrics.service)
+    async def resolve_batch(self, records: list[Record], outbox: Outbox) -> None:
+        """Resolve a decoded batch in one Redis round trip and put its records in `outbox`."""
         pending: list[_Pending] = []
-        for event in events:
-            self.metrics.service.events_in.labels(TOUCHPOINTS_RAW.name).inc()
-            pending_event = await self._prepare(event, outbox)
+        for record in records:
+            pending_event = await self._prepare(record, outbox)
             if pending_event is not None:
                 pending.append(pending_event)
 
@@ -116,20 +115,15 @@ class TouchpointResolver:
                 for line in refusal_log_lines(item.item.request.message_id, resolution):
                     log.info("%s", line)
             for merge in resolution.merges:
-                await outbox.send(self._merges, merge.survivor_id,
+                await outbox.send(IDENTITY_MERGES, merge.survivor_id,
                                   avro.encode(IDENTITY_MERGES.schema, identity_merge_record(merge, item.event)))
-            record = resolved_touchpoint_record(item.event, resolution, item.identifiers, resolved_at_ms)
-            await outbox.send(self._resolved, resolution.customer_id, avro.encode(TOUCHPOINTS_RESOLVED.schema, record))
-        await outbox.flush()
+            resolved = resolved_touchpoint_record(item.event, resolution, item.identifiers, resolved_at_ms)
+            await outbox.send(TOUCHPOINTS_RESOLVED, resolution.customer_id,
+                              avro.encode(TOUCHPOINTS_RESOLVED.schema, resolved))
 
-    async def _prepare(self, event: faust.EventT, outbox: Outbox) -> _Pending | None:
-        raw_key = event.key if isinstance(event.key, bytes) else None
-        original = event.value if isinstance(event.value, bytes) else b""
-        try:
-            touchpoint = avro.decode(TOUCHPOINTS_RAW.schema, original)
-        except avro.DecodeError as exc:
-            await outbox.dead_letter(self._deadletter, STAGE, TOUCHPOINTS_RAW.name, f"undecodable: {exc}",
-                                     raw_key, original)
+    async def _prepare(self, record: Record, outbox: Outbox) -> _Pending | None:
+        touchpoint = record.value
+        if touchpoint is None:
             return None
         prepared = prepare_identifiers(touchpoint["identifiers"], self._hash_key,
                                        self.settings.default_phone_region, self.settings.blocklist)
@@ -138,8 +132,7 @@ class TouchpointResolver:
         if not prepared.hashed:
             # A customer per orphan event would only add noise to scoring; ops see it instead.
             reasons = ", ".join(sorted({f"{r.type_label} {r.reason}" for r in prepared.rejected})) or "none sent"
-            await outbox.dead_letter(self._deadletter, STAGE, TOUCHPOINTS_RAW.name,
-                                     f"no usable identifier: {reasons}", raw_key, original)
+            await outbox.dead_letter(TOUCHPOINTS_RAW.name, f"no usable identifier: {reasons}", record.key, record.raw)
             return None
         request = resolution_request(touchpoint, prepared.hashed)
         item = EventToResolve.of(touchpoint, request, self.resolver.persons is not None)
@@ -155,14 +148,14 @@ class TouchpointResolver:
         now_ms = int(time.time() * 1000)
         result = await self.with_redis_retry(
             lambda: self.graph.unmerge(op_id, now_ms, customer_id, identifiers, MERGE_REASON_OPERATOR))
-        outbox = Outbox(self.metrics.service)
+        outbox = self._outbox()
         for split in result.merges:
             if not result.replayed:
                 self.metrics.unmerges.inc()
                 log.info("identity: operator split %s off %s into %s (%s)", ", ".join(
                     short_ref(i) for i in split.linking_identifiers), split.survivor_id, split.merged_id, op_id)
             record = identity_merge_record(split, {"timestamp_ms": now_ms, "message_id": op_id})
-            await outbox.send(self._merges, split.survivor_id, avro.encode(IDENTITY_MERGES.schema, record))
+            await outbox.send(IDENTITY_MERGES, split.survivor_id, avro.encode(IDENTITY_MERGES.schema, record))
         await outbox.flush()
         return result
 
@@ -195,13 +188,11 @@ class TouchpointResolver:
         return erased, the_deletion_id
 
     async def _announce_erasure(self, erasure: Erasure, the_deletion_id: str, now_ms: int) -> None:
-        outbox = Outbox(self.metrics.service)
-        if self._deletions is not None:
-            record = customer_deletion_record(erasure, the_deletion_id, now_ms)
-            await outbox.send(self._deletions, erasure.customer_id, avro.encode(CUSTOMER_DELETIONS.schema, record))
-        if self._scores is not None:
-            for cid in erasure.customer_ids:
-                await outbox.tombstone(self._scores, cid)
+        outbox = self._outbox()
+        record = customer_deletion_record(erasure, the_deletion_id, now_ms)
+        await outbox.send(CUSTOMER_DELETIONS, erasure.customer_id, avro.encode(CUSTOMER_DELETIONS.schema, record))
+        for cid in erasure.customer_ids:
+            await outbox.tombstone(SCORES, cid)
         await outbox.flush()
 
     async def with_redis_retry(self, call: Callable[[], Awaitable[T]]) -> T:
@@ -222,43 +213,27 @@ def build_app(
 ) -> faust.App:
     """Build the identity Faust app; nothing connects until the worker starts."""
     app = make_app(STAGE, core, settings.web_port, settings.web_host)
-    raw = faust_topic(app, TOUCHPOINTS_RAW, core)
     metrics = IdentityMetrics(registry)
     client = aioredis.from_url(core.redis_url)
     hash_key = core.pii_hash_key.get_secret_value().encode()
     layout = GraphLayout(settings.graph_key_prefix)
     graph = IdentityGraph(client, layout, settings.graph_rules(), settings.event_ttl_s)
     persons = PersonIndex(client, layout, hash_key, settings.matching.max_block_size)
-    resolver = TouchpointResolver(
-        IdentityResolver(graph, persons, settings.matching), metrics, settings, hash_key,
-        resolved=faust_topic(app, TOUCHPOINTS_RESOLVED, core),
-        merges=faust_topic(app, IDENTITY_MERGES, core),
-        deadletter=faust_topic(app, DEADLETTER, core),
-        deletions=faust_topic(app, CUSTOMER_DELETIONS, core),
-        scores=faust_topic(app, SCORES, core),
-    )
-    ready = {"ok": False}
-    progress = {"partitions_assigned": False, "script_loaded": False}
-    add_health_pages(app, ready, registry)
-    add_customer_pages(app, resolver, layout)
+    readiness = Readiness("partitions_assigned", "script_loaded")
+    kernel: StreamKernel
+    resolver = TouchpointResolver(IdentityResolver(graph, persons, settings.matching), metrics, settings, hash_key,
+                                  outbox=lambda: kernel.outbox())
+    kernel = StreamKernel(STAGE, core, [Consumes((TOUCHPOINTS_RAW,), resolver.resolve_batch)], metrics.service,
+                          readiness)
 
-    def mark(step: str) -> None:
-        progress[step] = True
-        ready["ok"] = all(progress.values())
-
-    @app.on_partitions_assigned.connect
-    def on_partitions_assigned(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
-        mark("partitions_assigned")
-
-    @app.agent(raw, name="resolve_touchpoints")
-    async def resolve_touchpoints(stream: faust.StreamT) -> None:
+    async def load_script() -> None:
         await resolver.with_redis_retry(graph.load_script)
-        mark("script_loaded")
-        async for events in batches(stream, core):
-            with metrics.service.batch_seconds.time():
-                metrics.service.batch_events.observe(len(events))
-                await resolver.resolve_batch(events)
+        readiness.done("script_loaded")
 
+    kernel.before_consuming.append(load_script)
+    add_health_pages(app, STAGE, readiness, registry, kernel)
+    add_customer_pages(app, resolver, layout)
+    run_kernel(app, kernel)
     return app
 
 
