@@ -97,6 +97,16 @@ async def wait_until(condition: Any, within_s: float, what: str) -> None:
         await asyncio.sleep(0.2)
 
 
+async def webhook_delivered(process: ManagedProcess, receiver: Receiver, webhook_id: str,  # noqa: F811
+                            what: str) -> None:
+    """Wait up to 90 s for the receiver to get `webhook_id`; fail at once if the worker exited."""
+    async def arrived() -> bool:
+        assert process.alive(), "triggers worker exited; see test-artifacts/triggers-worker.log"
+        return receiver.hits(webhook_id) > 0
+
+    await wait_until(arrived, 90, what)
+
+
 async def test_crossing_score_becomes_one_signed_webhook(worker: tuple[ManagedProcess, int], receiver: Receiver,  # noqa: F811
                                                          all_topics: str, redis_url: str) -> None:
     process, web_port = worker
@@ -115,11 +125,7 @@ async def test_crossing_score_becomes_one_signed_webhook(worker: tuple[ManagedPr
 
     expected_id = action_id("churn-risk-high", customer, f"msg-{customer}-1")
 
-    async def webhook_arrived() -> bool:
-        assert process.alive(), "triggers worker exited; see test-artifacts/triggers-worker.log"
-        return receiver.hits(expected_id) > 0
-
-    await wait_until(webhook_arrived, 90, "the webhook")
+    await webhook_delivered(process, receiver, expected_id, "the webhook")
     _, payload = next((h, p) for h, p in receiver.verified if h["webhook-id"] == expected_id)
     assert payload["customer_id"] == customer and payload["rule_id"] == "churn-risk-high"
     assert payload["data"] == {"customer": customer, "risk": 0.82}
@@ -175,11 +181,7 @@ async def test_scores_of_an_older_version_fire_and_an_unknown_schema_id_is_dead_
 
     expected_id = action_id("churn-risk-high", customer, f"msg-{customer}-1")
 
-    async def webhook_arrived() -> bool:
-        assert process.alive(), "triggers worker exited; see test-artifacts/triggers-worker.log"
-        return receiver.hits(expected_id) > 0
-
-    await wait_until(webhook_arrived, 90, "the webhook for a v1 score")
+    await webhook_delivered(process, receiver, expected_id, "the webhook for a v1 score")
     [dead] = [avro.decode(DEADLETTER.schema, v) for v in await records_about(
         all_topics, DEADLETTER.name, None, want=1, original=from_a_newer_release)]
     assert dead["stage"] == "triggers" and dead["source"] == SCORES.name
@@ -231,11 +233,7 @@ async def test_silence_timer_fires_when_the_event_time_watermark_passes(
 
     expected_id = action_id("paused-for-an-hour", paused, f"silence@{hour_ms}:msg-{paused}-1")
 
-    async def webhook_arrived() -> bool:
-        assert process.alive(), "triggers worker exited; see test-artifacts/triggers-worker.log"
-        return receiver.hits(expected_id) > 0
-
-    await wait_until(webhook_arrived, 90, "the silence webhook")
+    await webhook_delivered(process, receiver, expected_id, "the silence webhook")
     _, payload = next((h, p) for h, p in receiver.verified if h["webhook-id"] == expected_id)
     assert payload["data"] == {"customer": paused, "trigger": "silence"}
     assert not any(p.get("customer_id") == resumed for _, p in receiver.verified)  # its timer was stopped
