@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import struct
 import time
 from collections.abc import Callable
@@ -122,10 +123,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2,000 records, 3 rounds")
     args = parser.parse_args()
     records, rounds = (2_000, 3) if args.quick else (args.records, args.rounds)
+    load_before = os.getloadavg()[0]
     result = {name: measure(name, record, records, rounds) for name, record in CASES.items()}
     older = measure_older_versions(records, rounds)
     print(json.dumps({"records": records, "rounds": rounds, "per_schema": result,
-                      "score_update_older_versions": older}, indent=2))
+                      "score_update_older_versions": older,
+                      "load_average_1m_before_after": [round(load_before, 1), round(os.getloadavg()[0], 1)]},
+                     indent=2))
 
 
 if __name__ == "__main__":
