@@ -269,9 +269,6 @@ class Readiness:
             return self.failing
         return "waiting for: " + ", ".join(sorted(self._pending)) if self._pending else "ready"
 
-    def get(self, key: str, default: Any = None) -> Any:  # the old {"ok": bool} dict's reader
-        return self.ok if key == "ok" else default
-
 
 def transient_redis_error(exc: BaseException) -> bool:
     """Return whether `exc` means Redis is unreachable or restarting (wait it out) rather than failing."""
