@@ -11,6 +11,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from touchstream.eventtime import DEFAULT_EVENT_TIME_TOLERANCE_S
+
 DEV_PLACEHOLDER_SECRET = "dev-only-pii-key-change-me"
 
 
@@ -38,6 +40,14 @@ class CoreSettings(BaseSettings):
     # topics that carry events as sent (touchpoints.raw, touchpoints.resolved). They are not
     # compacted, so an erased customer's events stay there until they age out.
     raw_retention_hours: float = Field(168.0, gt=0, description="Retention of the raw event topics, in hours.")
+    # One event stamped in 2099 would otherwise move every event-time watermark there for good:
+    # every silence timer due at once, every waiting example matured with a wrong label, every
+    # later real event late. Ingest refuses such an event (400), identity dead-letters it, and
+    # scoring, triggers and the console cap their watermarks at the wall clock plus this.
+    event_time_tolerance_s: float = Field(
+        DEFAULT_EVENT_TIME_TOLERANCE_S, ge=0,
+        description="How far past its receive time an event may be stamped, in seconds; "
+                    "no watermark runs further ahead of the wall clock.")
 
     @model_validator(mode="after")
     def _refuse_placeholder_secrets(self) -> CoreSettings:

@@ -42,6 +42,7 @@ from services.identity.metrics import IdentityMetrics
 from services.identity.resolver import EventToResolve, IdentityResolver
 from services.identity.settings import IdentitySettings
 from touchstream import avro
+from touchstream.eventtime import too_far_ahead
 from touchstream.identifiers import Identifier, InvalidIdentifier
 from touchstream.settings import CoreSettings
 from touchstream.streams import Outbox, add_health_pages, batches, faust_topic, make_app
@@ -82,6 +83,7 @@ class TouchpointResolver:
         deadletter: faust.TopicT,
         deletions: faust.TopicT | None = None,
         scores: faust.TopicT | None = None,
+        event_time_tolerance_s: float | None = None,
     ) -> None:
         self.resolver = resolver
         self.graph = resolver.graph
@@ -93,14 +95,16 @@ class TouchpointResolver:
         self._deadletter = deadletter
         self._deletions = deletions
         self._scores = scores
+        self._event_time_tolerance_s = event_time_tolerance_s
 
     async def resolve_batch(self, events: Sequence[faust.EventT]) -> None:
         """Decode, resolve in one Redis round trip, emit, and wait for the broker's acks."""
         outbox = Outbox(self.metrics.service)
         pending: list[_Pending] = []
+        read_at_ms = int(time.time() * 1000)
         for event in events:
             self.metrics.service.events_in.labels(TOUCHPOINTS_RAW.name).inc()
-            pending_event = await self._prepare(event, outbox)
+            pending_event = await self._prepare(event, outbox, read_at_ms)
             if pending_event is not None:
                 pending.append(pending_event)
 
@@ -122,7 +126,7 @@ class TouchpointResolver:
             await outbox.send(self._resolved, resolution.customer_id, avro.encode(TOUCHPOINTS_RESOLVED.schema, record))
         await outbox.flush()
 
-    async def _prepare(self, event: faust.EventT, outbox: Outbox) -> _Pending | None:
+    async def _prepare(self, event: faust.EventT, outbox: Outbox, read_at_ms: int) -> _Pending | None:
         raw_key = event.key if isinstance(event.key, bytes) else None
         original = event.value if isinstance(event.value, bytes) else b""
         try:
@@ -131,6 +135,16 @@ class TouchpointResolver:
             await outbox.dead_letter(self._deadletter, STAGE, TOUCHPOINTS_RAW.name, f"undecodable: {exc}",
                                      raw_key, original)
             return None
+        if self._event_time_tolerance_s is not None:
+            # Dead-lettered rather than clamped: a clamped time would be invented, and scoring's
+            # features and labels would be built on it; the dead letter keeps the original bytes to
+            # fix and replay. Identity's read time stands in for the receive time: events produced
+            # straight to Kafka have no other trustworthy one, and it only ever comes later.
+            ahead = too_far_ahead(int(touchpoint["timestamp_ms"]), read_at_ms, self._event_time_tolerance_s)
+            if ahead is not None:
+                await outbox.dead_letter(self._deadletter, STAGE, TOUCHPOINTS_RAW.name,
+                                         f"timestamp_ms: {ahead}", raw_key, original)
+                return None
         prepared = prepare_identifiers(touchpoint["identifiers"], self._hash_key,
                                        self.settings.default_phone_region, self.settings.blocklist)
         for rejected in prepared.rejected:
@@ -236,6 +250,7 @@ def build_app(
         deadletter=faust_topic(app, DEADLETTER, core),
         deletions=faust_topic(app, CUSTOMER_DELETIONS, core),
         scores=faust_topic(app, SCORES, core),
+        event_time_tolerance_s=core.event_time_tolerance_s,
     )
     ready = {"ok": False}
     progress = {"partitions_assigned": False, "script_loaded": False}

@@ -262,7 +262,7 @@ class IngestService:
         for index, payload in enumerate(payloads):
             try:
                 record = to_touchpoint(payload, call_type, source, received_at_ms, self.settings.default_channel,
-                                       batch_sent_at_ms)
+                                       batch_sent_at_ms, self.core.event_time_tolerance_s)
                 try:
                     value = avro.encode(TOUCHPOINTS_RAW.schema, record)
                 except (ValueError, OverflowError) as exc:  # e.g. a lone surrogate in a string field
