@@ -12,7 +12,8 @@ customers and is therefore done with plain commands (idempotent), never one Lua 
     c:{cid}:mg                 merges and un-merges: merge_id -> JSON
     c:{cid}:df                 actions whose delivery gave up: action_id -> reason
     customers                  customer id -> last event time
-    clock                      "event_time" -> the newest event time applied (closes attribution windows)
+    clock                      "event_time" -> the newest event time applied (closes attribution windows),
+                               at most the wall clock plus the event-time tolerance
     merged_into                merged customer id -> survivor
     {seg}, {seg}:counts        customer id -> "event time|segment|stage" of the latest score; counts per value
     {seg}:flow:<day>           "from>to" -> changes that day (event time, days since 1970); {seg}:days lists days
@@ -24,7 +25,8 @@ customers and is therefore done with plain commands (idempotent), never one Lua 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +48,7 @@ from services.console.readmodel import (
 )
 from services.triggers.erasure import DELETED_RULE_ID
 from services.triggers.state_store import DeliveryLedger
+from touchstream.eventtime import DEFAULT_EVENT_TIME_TOLERANCE_S, event_time_ceiling_ms
 
 Update = TouchpointSeen | ScoreUpdated | ActionTaken | CustomersMerged | DeadLettered | CustomerDeleted
 # How many erased customer ids a console worker remembers (in memory) to drop their in-flight records.
@@ -181,9 +184,15 @@ class _BatchWrites:
 class ReadModelStore:
     """Apply read-model updates in batches and answer the pages' reads."""
 
-    def __init__(self, client: aioredis.Redis, prefix: str = "ts:console:") -> None:
+    def __init__(self, client: aioredis.Redis, prefix: str = "ts:console:",
+                 event_time_tolerance_s: float = DEFAULT_EVENT_TIME_TOLERANCE_S,
+                 clock: Callable[[], float] = time.time) -> None:
         self.client = client
         self.prefix = prefix
+        # The event clock and the segment flow's days stop at the wall clock plus this, so one
+        # record stamped years ahead cannot close every attribution window or empty the flow.
+        self.event_time_tolerance_s = event_time_tolerance_s
+        self._clock = clock
         self._add_to_log = client.register_script(_ADD_TO_LOG)
         self._set_segment = client.register_script(_SET_SEGMENT)
         self._drop_segment = client.register_script(_DROP_SEGMENT)
@@ -194,8 +203,11 @@ class ReadModelStore:
         # other topics are dropped instead of writing the customer back.
         self._forgotten: dict[str, None] = {}
 
-    def _segment_change_keys(self, time_ms: int) -> list[str]:
-        return [*self._segment_keys, self.key("{seg}", "flow", str(time_ms // DAY_MS)), self.key("{seg}", "days")]
+    def _ceiling_ms(self) -> int:
+        return event_time_ceiling_ms(int(self._clock() * 1000), self.event_time_tolerance_s)
+
+    def _segment_change_keys(self, flow_day: int) -> list[str]:
+        return [*self._segment_keys, self.key("{seg}", "flow", str(flow_day)), self.key("{seg}", "days")]
 
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -226,6 +238,7 @@ class ReadModelStore:
         ids |= {u.delivery_failed.customer_id for u in updates
                 if isinstance(u, DeadLettered) and u.delivery_failed is not None}
         merged_into = await self.redirects(ids)
+        ceiling = self._ceiling_ms()
         writes = _BatchWrites()
         for update in updates:
             if isinstance(update, CustomerDeleted):
@@ -252,7 +265,7 @@ class ReadModelStore:
                 continue
             cid = follow_merges(update.customer_id, merged_into)
             writes.zadd_gt(self.key("customers"), cid, update.event_time_ms)
-            writes.zadd_gt(self.key("clock"), "event_time", update.event_time_ms)
+            writes.zadd_gt(self.key("clock"), "event_time", min(update.event_time_ms, ceiling))
             if isinstance(update, TouchpointSeen):
                 writes.log(self.ckey(cid, "tl"), self.ckey(cid, "tle"), update.message_id, update.event_time_ms,
                            update.to_json(), TIMELINE_CAP)
@@ -297,8 +310,10 @@ class ReadModelStore:
         # ask SCRIPT EXISTS first, one more round trip per batch. A Redis that lost its scripts
         # (restarted) answers NOSCRIPT: load them and send the batch again (every write is idempotent).
         set_segment, add_to_log = self._set_segment.sha, self._add_to_log.sha
+        ceiling = self._ceiling_ms()
         for cid, (time_ms, value) in writes.segments.items():
-            pipe.evalsha(set_segment, 4, *self._segment_change_keys(time_ms), cid, time_ms, value, time_ms // DAY_MS)
+            day = min(time_ms, ceiling) // DAY_MS
+            pipe.evalsha(set_segment, 4, *self._segment_change_keys(day), cid, time_ms, value, day)
         for (order_key, body_key, cap), entries in writes.logs.items():
             pipe.evalsha(add_to_log, 2, order_key, body_key, cap, *entries)
         if not self._scripts_loaded and (writes.segments or writes.logs):
@@ -384,8 +399,9 @@ class ReadModelStore:
             if segment is not None:
                 # The survivor now holds the merged customer's scores: its latest may be the newer one.
                 time_ms, value = _text(segment).split("|", 1)
-                await self._set_segment(keys=self._segment_change_keys(int(time_ms)),
-                                        args=[survivor, time_ms, value, int(time_ms) // DAY_MS], client=pipe)
+                day = min(int(time_ms), self._ceiling_ms()) // DAY_MS
+                await self._set_segment(keys=self._segment_change_keys(day),
+                                        args=[survivor, time_ms, value, day], client=pipe)
             pipe.delete(*(self.ckey(merged, p) for p in (*parts, "tle", "sce", "ace", "mg", "df")))
             await pipe.execute()
 
@@ -524,9 +540,10 @@ class ReadModelStore:
         return sorted(((b, a, n) for (b, a), n in totals.items() if n > 0), key=lambda r: (-r[2], r[0], r[1]))
 
     async def event_clock(self) -> int | None:
-        """Return the newest event time the read model has applied (None before the first record)."""
+        """Return the newest event time the read model has applied (None before the first record),
+        at most the wall clock plus the event-time tolerance (a clock stored beyond it reads as that)."""
         value = await self.client.zscore(self.key("clock"), "event_time")
-        return None if value is None else int(value)
+        return None if value is None else min(int(value), self._ceiling_ms())
 
     async def customer_count(self) -> int:
         return int(await self.client.zcard(self.key("customers")))

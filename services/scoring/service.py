@@ -6,7 +6,7 @@ import asyncio
 import heapq
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +17,7 @@ from services.scoring.segments import StageRules
 from services.scoring.settings import ScoringSettings
 from services.scoring.state import CustomerState, Touchpoint, merge_states
 from services.scoring.store import RedisScoringStore, StateChanges, customer_of
+from touchstream.eventtime import DEFAULT_EVENT_TIME_TOLERANCE_S, event_time_ceiling_ms
 
 log = logging.getLogger(__name__)
 # How long, and how many, erased customer ids a worker remembers to drop their in-flight records.
@@ -67,10 +68,15 @@ def build_engine(settings: ScoringSettings) -> ScoringEngine:
 class ScoringService:
     """Score batches of touchpoints and apply merges against Redis-held state."""
 
-    def __init__(self, store: RedisScoringStore, settings: ScoringSettings, metrics: ScoringMetrics) -> None:
+    def __init__(self, store: RedisScoringStore, settings: ScoringSettings, metrics: ScoringMetrics,
+                 event_time_tolerance_s: float = DEFAULT_EVENT_TIME_TOLERANCE_S,
+                 clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.settings = settings
         self.metrics = metrics
+        # No watermark runs past the wall clock plus this (CoreSettings.event_time_tolerance_s).
+        self.event_time_tolerance_s = event_time_tolerance_s
+        self._clock = clock
         self.engine = build_engine(settings)
         # Both agents read-modify-write the same customer states; one batch at a time.
         self._lock = asyncio.Lock()
@@ -112,7 +118,9 @@ class ScoringService:
 
         One ScoreUpdate per input, plus one per rescore when `emit_rescores` is set. A rescore
         due at T runs just before the first input that moves its partition's watermark to T,
-        so its features see the events up to T and none after.
+        so its features see the events up to T and none after. A watermark never passes the wall
+        clock plus the event-time tolerance, so one event stamped years ahead matures no label
+        and passes no rescore early (a watermark stored beyond it before is pulled back).
         """
         if self._forgotten:
             inputs = [i for i in inputs if i.customer_id not in self._forgotten]
@@ -121,10 +129,13 @@ class ScoringService:
         async with self._lock:
             await self._restore_once()
             partitions = sorted({i.partition for i in inputs})
+            ceiling = event_time_ceiling_ms(int(self._clock() * 1000), self.event_time_tolerance_s)
             batch_max: dict[int, int] = {}
             for item in inputs:
                 t = item.touch.timestamp_ms
-                batch_max[item.partition] = max(batch_max.get(item.partition, t), t)
+                if t > ceiling:
+                    self.metrics.events_ahead.inc()
+                batch_max[item.partition] = min(max(batch_max.get(item.partition, t), t), ceiling)
             ticks = await self.store.due_ticks(batch_max)
             tick_ids = [customer_id for due in ticks.values() for customer_id, _ in due]
             states, watermarks = await self.store.load([*(i.customer_id for i in inputs), *tick_ids], partitions)
@@ -136,7 +147,7 @@ class ScoringService:
             records: list[dict[str, Any]] = []
             for item in inputs:
                 t = item.touch.timestamp_ms
-                watermark = max(watermarks.get(item.partition, t), t)
+                watermark = min(max(watermarks.get(item.partition, t), t), ceiling)
                 watermarks[item.partition] = watermark
                 records.extend(self._run_ticks(item.partition, queues[item.partition], watermark, states, changes))
                 state = states.setdefault(item.customer_id, CustomerState())

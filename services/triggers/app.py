@@ -41,6 +41,7 @@ from services.triggers.rules import Rule, RuleSet, Silence, parse_rule_file
 from services.triggers.settings import TriggersSettings
 from services.triggers.state_store import DeliveryLedger, DeliveryQueue, RuleStateStore
 from touchstream import avro
+from touchstream.eventtime import event_time_ceiling_ms
 from touchstream.settings import CoreSettings
 from touchstream.streams import Outbox, add_health_pages, batches, faust_topic, make_app
 from touchstream.topics import ACTIONS, CUSTOMER_DELETIONS, DEADLETTER, SCORES
@@ -197,7 +198,9 @@ def build_app(core: CoreSettings, settings: TriggersSettings, registry: Collecto
 
     async def fire_timers(latest_event_ms: int, current: dict[StateKey, CrossingState],
                           context: DecisionContext) -> tuple[list[ActionDecided], dict[StateKey, CrossingState]]:
-        watermark = await until_redis_answers(lambda: states.raise_watermark(latest_event_ms))
+        # One score stamped years ahead must not make every timer due at once.
+        ceiling_ms = event_time_ceiling_ms(int(time.time() * 1000), core.event_time_tolerance_s)
+        watermark = await until_redis_answers(lambda: states.raise_watermark(latest_event_ms, ceiling_ms))
         metrics.watermark.set(watermark / 1000)
         watermark -= int(settings.timer_lateness_s * 1000)
         due = await until_redis_answers(lambda: states.due_timers(watermark))

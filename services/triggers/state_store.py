@@ -37,12 +37,19 @@ def delivered_key(action_id: str) -> str:
 TIMERS_KEY = "triggers:timers:{triggers}:due"
 WATERMARK_KEY = "triggers:watermark:{triggers}"
 
-# Raise the stored watermark to ARGV[1] if that is later; return the stored value.
+# Raise the stored watermark to ARGV[1] if that is later, but never past the ceiling ARGV[2]
+# (pulling back one stored beyond it); return the stored value.
 _RAISE_WATERMARK = """
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
-local candidate = tonumber(ARGV[1])
+local ceiling = tonumber(ARGV[2])
+local candidate, text = tonumber(ARGV[1]), ARGV[1]
+if candidate > ceiling then candidate, text = ceiling, ARGV[2] end
+if current > ceiling then
+  redis.call('SET', KEYS[1], ARGV[2])
+  current = ceiling
+end
 if candidate > current then
-  redis.call('SET', KEYS[1], ARGV[1])
+  redis.call('SET', KEYS[1], text)
   return candidate
 end
 return current
@@ -135,9 +142,10 @@ class RuleStateStore:
                 await self._raise_cap(keys=[cap_key(customer_id, day)], args=[count, 3 * 86_400], client=pipe)
             await pipe.execute()
 
-    async def raise_watermark(self, event_time_ms: int) -> int:
-        """Move the shared event-time watermark forward to `event_time_ms` if later; return it."""
-        return int(await self._raise_watermark(keys=[WATERMARK_KEY], args=[event_time_ms]))
+    async def raise_watermark(self, event_time_ms: int, ceiling_ms: int) -> int:
+        """Move the shared event-time watermark forward to `event_time_ms` if later, never past
+        `ceiling_ms` (the wall clock plus the event-time tolerance); return it."""
+        return int(await self._raise_watermark(keys=[WATERMARK_KEY], args=[event_time_ms, ceiling_ms]))
 
     async def due_timers(self, watermark_ms: int, limit: int = 1000) -> list[StateKey]:
         """Return the keys of timers due at or before `watermark_ms`.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
@@ -11,7 +13,7 @@ from services.scoring.metrics import ScoringMetrics
 from services.scoring.service import MergeInput, ResolvedInput, ScoringService
 from services.scoring.settings import ScoringSettings
 from services.scoring.state import CustomerState, Touchpoint, apply_touchpoint
-from services.scoring.store import RedisScoringStore, StateChanges
+from services.scoring.store import RedisScoringStore, StateChanges, customer_of
 from touchstream import avro
 
 pytestmark = pytest.mark.integration
@@ -169,3 +171,27 @@ async def test_a_checkpoint_of_another_model_kind_is_not_restored(redis_client: 
     same = new_service(redis_client)
     await same.restore_model()
     assert same.engine.learner.model.version == "logreg-v2-n1"
+
+
+async def test_an_event_stamped_in_2099_matures_no_label_and_passes_no_rescore_early(
+        redis_client: aioredis.Redis) -> None:
+    service = new_service(redis_client, tick_days=14)
+    registry = service.metrics.service.registry
+    now_days = time.time() * 1000 / DAY_MS
+    # Two customers bought in the last days: their examples are due about 90 days from now.
+    await service.score_touchpoints([ResolvedInput(0, "ann", purchase("m1", now_days - 2)),
+                                     ResolvedInput(0, "bob", purchase("m2", now_days - 1))])
+    # Someone's event stamped in 2099 on the same partition, then a real one of ann's.
+    await service.score_touchpoints([ResolvedInput(0, "eve", purchase("m3", 4_086_000_000_000 / DAY_MS))])
+    await service.score_touchpoints([ResolvedInput(0, "ann", purchase("m4", now_days - 0.01))])
+
+    def counted(name: str, **labels: str) -> float:
+        return registry.get_sample_value(f"touchstream_scoring_{name}_total", labels) or 0.0
+
+    assert counted("examples_learned", label="positive") + counted("examples_learned", label="negative") == 0
+    assert {customer_of(m) for m in await service.store.due_members(0, 2**62)} >= {"ann", "bob"}
+    assert counted("rescores") == 0
+    assert counted("events_late") == 0
+    _, watermarks = await service.store.load([], [0])
+    assert watermarks[0] <= time.time() * 1000 + 300_000
+    assert counted("events_ahead") == 1
