@@ -6,6 +6,7 @@ in a service's `__main__`, never at import time.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from pydantic import Field, SecretStr, model_validator
@@ -40,6 +41,11 @@ class CoreSettings(BaseSettings):
     # topics that carry events as sent (touchpoints.raw, touchpoints.resolved). They are not
     # compacted, so an erased customer's events stay there until they age out.
     raw_retention_hours: float = Field(168.0, gt=0, description="Retention of the raw event topics, in hours.")
+    # Scoring, triggers and the console remember erased customers (touchstream.privacy.ErasedCustomers)
+    # for as long as those topics may still hold their events: the retention, plus this because the
+    # broker deletes a whole log segment at a time, and a segment rolls after segment.ms (7 days by default).
+    erased_kept_beyond_retention_hours: float = Field(
+        168.0, ge=0, description="How much longer than raw_retention_hours an erased customer id is remembered.")
     # One event stamped in 2099 would otherwise move every event-time watermark there for good:
     # every silence timer due at once, every waiting example matured with a wrong label, every
     # later real event late. Ingest refuses such an event (400), identity dead-letters it, and
@@ -54,6 +60,15 @@ class CoreSettings(BaseSettings):
         if self.environment == "prod" and self.pii_hash_key.get_secret_value() == DEV_PLACEHOLDER_SECRET:
             raise ValueError("TOUCHSTREAM_PII_HASH_KEY must be set to a real secret in prod")
         return self
+
+    @property
+    def erased_customer_ttl_s(self) -> int:
+        """How long the services remember an erased customer id, in seconds.
+
+        >>> CoreSettings(raw_retention_hours=168, erased_kept_beyond_retention_hours=24).erased_customer_ttl_s
+        691200
+        """
+        return math.ceil((self.raw_retention_hours + self.erased_kept_beyond_retention_hours) * 3600)
 
     @property
     def kafka_url(self) -> str:

@@ -16,6 +16,8 @@ customers and is therefore done with plain commands (idempotent), never one Lua 
                                at most the wall clock plus the event-time tolerance
     merged_into                merged customer id -> survivor
     {seg}, {seg}:counts        customer id -> "event time|segment|stage" of the latest score; counts per value
+    erased                     erased customers' tokens (touchstream.privacy.ErasedCustomers): records about
+                               them (in flight during the erasure, or read again) are dropped, never modelled
     {seg}:flow:<day>           "from>to" -> changes that day (event time, days since 1970); {seg}:days lists days
     rules, rule:{id}:o:<count> sets of action ids per outcome (SCARD is the count: idempotent)
     rule:{id}:treated/holdout  customer id -> event time of the first action
@@ -49,10 +51,9 @@ from services.console.readmodel import (
 from services.triggers.erasure import DELETED_RULE_ID
 from services.triggers.state_store import DeliveryLedger
 from touchstream.eventtime import DEFAULT_EVENT_TIME_TOLERANCE_S, event_time_ceiling_ms
+from touchstream.privacy import DEFAULT_ERASED_TTL_S, ErasedCustomers
 
 Update = TouchpointSeen | ScoreUpdated | ActionTaken | CustomersMerged | DeadLettered | CustomerDeleted
-# How many erased customer ids a console worker remembers (in memory) to drop their in-flight records.
-FORGOTTEN_KEPT = 100_000
 
 # Add entries to a capped log (sorted set KEYS[1] + hash KEYS[2], one customer's slot) and
 # drop the oldest beyond the cap ARGV[1]; entries follow as (member, event time, body) triples.
@@ -111,6 +112,17 @@ _LOGS = (("tl", TIMELINE_CAP), ("sc", SCORE_HISTORY_CAP), ("ac", ACTIONS_CAP))
 def _deletion_notice(update: Update) -> bool:
     """A `customer.deleted` webhook (triggers tells marketing about an erasure): never read-modelled."""
     return isinstance(update, ActionTaken) and update.rule_id == DELETED_RULE_ID
+
+
+def _customers_named(update: Update) -> set[str]:
+    """The customer ids a read-model update writes about (none for a deletion)."""
+    if isinstance(update, CustomerDeleted):
+        return set()
+    if isinstance(update, CustomersMerged):
+        return {update.survivor_id, update.merged_id}
+    if isinstance(update, DeadLettered):
+        return set() if update.delivery_failed is None else {update.delivery_failed.customer_id}
+    return {update.customer_id}
 
 
 def _text(value: bytes | str) -> str:
@@ -186,7 +198,7 @@ class ReadModelStore:
 
     def __init__(self, client: aioredis.Redis, prefix: str = "ts:console:",
                  event_time_tolerance_s: float = DEFAULT_EVENT_TIME_TOLERANCE_S,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, erased_ttl_s: int = DEFAULT_ERASED_TTL_S) -> None:
         self.client = client
         self.prefix = prefix
         # The event clock and the segment flow's days stop at the wall clock plus this, so one
@@ -199,9 +211,7 @@ class ReadModelStore:
         self._scripts_loaded = False  # _set_segment and _add_to_log, for _write's EVALSHA
         # One hash tag for both, so the scripts stay legal on Redis Cluster.
         self._segment_keys = [self.key("{seg}"), self.key("{seg}", "counts")]
-        # Erased customers (memory only, newest last): records about them still in flight on the
-        # other topics are dropped instead of writing the customer back.
-        self._forgotten: dict[str, None] = {}
+        self.erased = ErasedCustomers(client, self.key("erased"), erased_ttl_s)
 
     def _ceiling_ms(self) -> int:
         return event_time_ceiling_ms(int(self._clock() * 1000), self.event_time_tolerance_s)
@@ -232,8 +242,7 @@ class ReadModelStore:
 
     async def apply(self, updates: Sequence[Update]) -> int:
         """Write a batch of updates; every write is idempotent, so replaying a batch changes nothing."""
-        if self._forgotten or any(isinstance(u, CustomerDeleted) or _deletion_notice(u) for u in updates):
-            updates = await self._apply_deletions(updates)
+        updates = await self._apply_deletions(updates)
         ids = {u.customer_id for u in updates if not isinstance(u, CustomersMerged | DeadLettered | CustomerDeleted)}
         ids |= {u.delivery_failed.customer_id for u in updates
                 if isinstance(u, DeadLettered) and u.delivery_failed is not None}
@@ -406,28 +415,17 @@ class ReadModelStore:
             await pipe.execute()
 
     async def _apply_deletions(self, updates: Sequence[Update]) -> list[Update]:
-        """Forget the customers of every CustomerDeleted in `updates` (all ids listed), and return
-        the other updates minus those about a customer erased here lately."""
+        """Forget the customers of every CustomerDeleted in `updates` (all ids listed, recorded as erased
+        first), and return the other updates minus those about an erased customer: in flight when the
+        erasure landed, or read again by a restarted or lagging worker, they would write it back."""
         for update in updates:
             if isinstance(update, CustomerDeleted):
+                await self.erased.add(update.customer_ids)
                 for cid in update.customer_ids:
                     await self.forget(cid)
-                    self._forgotten.pop(cid, None)
-                    self._forgotten[cid] = None
-        while len(self._forgotten) > FORGOTTEN_KEPT:
-            del self._forgotten[next(iter(self._forgotten))]
-        gone = self._forgotten
-
-        def erased(update: Update) -> bool:
-            if isinstance(update, CustomerDeleted) or _deletion_notice(update):
-                return True
-            if isinstance(update, CustomersMerged):
-                return update.survivor_id in gone or update.merged_id in gone
-            if isinstance(update, DeadLettered):
-                return update.delivery_failed is not None and update.delivery_failed.customer_id in gone
-            return update.customer_id in gone
-
-        return [u for u in updates if not erased(u)]
+        gone = await self.erased.among(cid for update in updates for cid in _customers_named(update))
+        return [u for u in updates
+                if not (isinstance(u, CustomerDeleted) or _deletion_notice(u) or gone & _customers_named(u))]
 
     async def forget(self, customer_id: str) -> list[str]:
         """Remove every trace of a customer (and of the ids merged into it); return the ids forgotten.

@@ -39,9 +39,10 @@ from services.triggers.events import ScoreUpdated
 from services.triggers.metrics import TriggersMetrics
 from services.triggers.rules import Rule, RuleSet, Silence, parse_rule_file
 from services.triggers.settings import TriggersSettings
-from services.triggers.state_store import DeliveryLedger, DeliveryQueue, RuleStateStore
+from services.triggers.state_store import ERASED_KEY, DeliveryLedger, DeliveryQueue, RuleStateStore
 from touchstream import avro
 from touchstream.eventtime import event_time_ceiling_ms
+from touchstream.privacy import ErasedCustomers
 from touchstream.settings import CoreSettings
 from touchstream.streams import Outbox, add_health_pages, batches, faust_topic, make_app
 from touchstream.topics import ACTIONS, CUSTOMER_DELETIONS, DEADLETTER, SCORES
@@ -100,8 +101,12 @@ def build_app(core: CoreSettings, settings: TriggersSettings, registry: Collecto
     states = RuleStateStore(redis, settings.state_ttl_days * DAY_S)
     # Action ids the evaluator queued for delivery itself (see queue_straight_away), oldest first.
     queued_here: OrderedDict[str, None] = OrderedDict()
-    # Customers erased lately (memory only): their scores and actions still in flight are dropped.
-    forgotten: OrderedDict[str, None] = OrderedDict()
+    # Durable (Redis): scores of erased customers are not evaluated, their actions never queued nor sent,
+    # also when a restarted or lagging worker reads `scores` or `actions` again.
+    erased = ErasedCustomers(redis, ERASED_KEY, core.erased_customer_ttl_s)
+    # An erasure and a batch of scores never interleave in this worker: a batch that found the customer
+    # not erased cannot save its rule states after the erasure deleted them.
+    erasure_lock = asyncio.Lock()
 
     async def dead_letter_actions(failures: Sequence[FailedDelivery]) -> None:
         outbox = Outbox(metrics)
@@ -125,6 +130,7 @@ def build_app(core: CoreSettings, settings: TriggersSettings, registry: Collecto
         lease_s=settings.delivery_lease_s,
         poll_s=settings.dispatch_poll_s,
         schedule=settings.retry_schedule_s,
+        erased=erased,
     )
 
     async def until_redis_answers(call: Callable[[], Awaitable[T]]) -> T:
@@ -146,12 +152,14 @@ def build_app(core: CoreSettings, settings: TriggersSettings, registry: Collecto
             if event.value is None:
                 continue  # a tombstone: `scores` is compacted, and an erasure nulls the customer's key
             try:
-                score = ScoreUpdated.from_record(avro.decode(SCORES.schema, event.value))
-                if score.customer_id not in forgotten:
-                    scores.append(score)
+                scores.append(ScoreUpdated.from_record(avro.decode(SCORES.schema, event.value)))
             except avro.DecodeError as exc:
                 await outbox.dead_letter(deadletter_topic, "triggers", SCORES.name, f"decode: {exc}",
                                          _raw(event.key), event.value)
+        gone = await until_redis_answers(lambda: erased.among(s.customer_id for s in scores))
+        if gone:
+            metrics.events_erased.inc(sum(s.customer_id in gone for s in scores))
+            scores = [s for s in scores if s.customer_id not in gone]
         keys = {(rule.id, score.customer_id) for score in scores for rule in rules}
         stored = await until_redis_answers(lambda: states.load(keys))
         context = DecisionContext(policy, now_ms=int(time.time() * 1000))
@@ -236,11 +244,10 @@ def build_app(core: CoreSettings, settings: TriggersSettings, registry: Collecto
                 continue
             if action["action_id"] in queued_here:
                 continue
-            if action["customer_id"] in forgotten and action["rule_id"] != DELETED_RULE_ID:
-                continue  # decided before the erasure, consumed after it: never sent
             actions.append(action)
             originals.setdefault(action["action_id"], event)
         # Only a Redis write: the timer task does the HTTP, so a dead receiver never stalls this stream.
+        # Actions about erased customers (decided before the erasure, or read again) are not queued.
         failures = await until_redis_answers(lambda: delivery.enqueue(actions))
         for failure in failures:
             event = originals[failure.action["action_id"]]
@@ -275,13 +282,10 @@ def build_app(core: CoreSettings, settings: TriggersSettings, registry: Collecto
                 await outbox.dead_letter(deadletter_topic, "triggers", CUSTOMER_DELETIONS.name, f"decode: {exc}",
                                          _raw(event.key), event.value or b"")
         ids = [cid for record in records for cid in deleted_ids(record)]
-        for cid in ids:
-            forgotten[cid] = None
-        while len(forgotten) > QUEUED_HERE_KEPT:
-            forgotten.popitem(last=False)
         if ids:
-            deleted, dropped = await until_redis_answers(
-                lambda: forget_customers(redis, delivery_queue, ids, rules_by_id, settings.endpoints))
+            async with erasure_lock:
+                deleted, dropped = await until_redis_answers(
+                    lambda: forget_customers(redis, delivery_queue, erased, ids, rules_by_id, settings.endpoints))
             metrics.customers_forgotten.inc(len(set(ids)))
             metrics.deliveries_dropped.inc(dropped)
             log.info("triggers: forgot %d customer ids (%d keys, %d queued actions)", len(set(ids)), deleted, dropped)
@@ -304,7 +308,8 @@ def build_app(core: CoreSettings, settings: TriggersSettings, registry: Collecto
     @app.agent(scores_topic, name="evaluate_rules")
     async def evaluate_rules(stream: faust.StreamT) -> None:
         async for events in batches(stream, core):
-            await evaluate_score_batch(events)
+            async with erasure_lock:
+                await evaluate_score_batch(events)
 
     @app.agent(actions_topic, name="deliver_actions")
     async def deliver_actions(stream: faust.StreamT) -> None:

@@ -195,3 +195,24 @@ async def test_an_event_stamped_in_2099_matures_no_label_and_passes_no_rescore_e
     _, watermarks = await service.store.load([], [0])
     assert watermarks[0] <= time.time() * 1000 + 300_000
     assert counted("events_ahead") == 1
+
+
+async def test_an_erased_customer_stays_erased_for_a_restarted_worker_that_reads_its_records_again(
+        redis_client: aioredis.Redis) -> None:
+    history = [ResolvedInput(0, "ann", purchase("m1", 1)), ResolvedInput(1, "ann_old", purchase("m2", 1)),
+               ResolvedInput(0, "bob", purchase("m3", 1))]
+    first = new_service(redis_client)
+    await first.score_touchpoints(history)
+    await first.forget_customers(["ann", "ann_old"], range(2))
+
+    restarted = new_service(redis_client)  # a new process: nothing in memory
+    records = await restarted.score_touchpoints([*history, ResolvedInput(0, "ann", purchase("m4", 2))])
+    await restarted.apply_merges([MergeInput(0, "mg1", "ann", "ann_old"), MergeInput(0, "mg2", "bob", "ann")])
+    assert [r["customer_id"] for r in records] == ["bob"]
+    states, _ = await restarted.store.load(["ann", "ann_old", "bob"])
+    assert set(states) == {"bob"}
+    keys = [k.decode() async for k in redis_client.scan_iter(match=f"{PREFIX}:customer:*")]
+    assert keys == [f"{PREFIX}:customer:bob"]
+    members = await restarted.store.due_members(0, 2**62) + await restarted.store.due_members(1, 2**62)
+    assert {customer_of(m) for m in members} == {"bob"}
+    assert "ann" not in str(await redis_client.zrange(f"{PREFIX}:erased", 0, -1))  # one-way tokens only
