@@ -4,6 +4,13 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The Apache Kafka broker the embedded runtime runs: its jars and their dependencies from
+# Maven Central (version pinned in deploy/kafka/pom.xml, the same as compose's), copied into
+# the venv; Maven's own cache (~/.m2) keeps the downloads. A JDK and Maven come from Debian
+# when missing.
+KAFKA_POM := deploy/kafka/pom.xml
+KAFKA_LIBS := $(VENV)/kafka/libs
+KAFKA_STAMP := $(VENV)/kafka/.installed
 # apt-get needs root; CI runs as root, a developer may not.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -18,7 +25,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv and install touchstream with its dev tools
+install: $(STAMP) $(KAFKA_STAMP) ## create .venv, install touchstream with its dev tools and the Kafka broker
+
+$(KAFKA_STAMP): $(KAFKA_POM) | $(STAMP)
+	@missing=""; command -v java >/dev/null || missing="$$missing openjdk-17-jre-headless"; \
+	command -v mvn >/dev/null || missing="$$missing maven"; \
+	if [ -n "$$missing" ]; then $(SUDO) apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing; fi
+	rm -rf $(KAFKA_LIBS)
+	mvn -q -B -f $(KAFKA_POM) dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory=$(abspath $(KAFKA_LIBS))
+	touch $(KAFKA_STAMP)
+
+kafka: $(KAFKA_STAMP) ## resolve the Apache Kafka broker from Maven Central (and a JDK from Debian if missing)
 
 # Debian packages the tests drive: promtool (ops checks) and headless Chromium (console pages).
 APT_TOOLS := prometheus chromium
@@ -29,10 +47,10 @@ tools: ## install promtool and headless Chromium from Debian if missing; the tes
 	if [ -n "$$missing" ]; then $(SUDO) apt-get update -q && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing; fi
 
-demo: $(STAMP) ## start broker, Redis, services and a receiver; replay CDNOW; print a summary
+demo: $(STAMP) $(KAFKA_STAMP) ## start broker, Redis, services and a receiver; replay CDNOW; print a summary
 	$(BIN)/touchstream demo
 
-up-local: $(STAMP) ## start the local stack in the background (touchstream local up)
+up-local: $(STAMP) $(KAFKA_STAMP) ## start the local stack in the background (touchstream local up)
 	$(BIN)/touchstream local up
 
 down-local: $(STAMP) ## stop the local stack
@@ -44,7 +62,7 @@ lint: $(STAMP) ## ruff
 typecheck: $(STAMP) ## mypy
 	$(BIN)/mypy
 
-test: lint typecheck tools ## lint, typecheck, unit and integration tests (starts its own broker and Redis)
+test: lint typecheck tools $(KAFKA_STAMP) ## lint, typecheck, unit and integration tests (starts its own broker and Redis)
 	$(BIN)/pytest -q -m "not chaos"
 
 up: ## docker compose: Kafka (KRaft), Redis, services, Prometheus, Grafana (needs Docker: fails on dev/CI machines)
@@ -53,17 +71,17 @@ up: ## docker compose: Kafka (KRaft), Redis, services, Prometheus, Grafana (need
 down: ## stop the compose stack (its volumes stay; `docker compose down -v` drops them)
 	docker compose down
 
-test-chaos: $(STAMP) tools ## long fault runs: kill -9, Redis and broker restarts, receiver outage, 10,000 bad inputs
+test-chaos: $(STAMP) $(KAFKA_STAMP) tools ## long fault runs: kill -9, Redis and broker restarts, receiver outage, 10,000 bad inputs
 	$(BIN)/pytest -q -m chaos
 	TOUCHSTREAM_FUZZ_COUNT=10000 $(BIN)/pytest -q tests/integration/test_bad_input.py
 
-bench: $(STAMP) ## run every benchmark (each prints JSON); summary table in bench/results/summary.md
+bench: $(STAMP) $(KAFKA_STAMP) ## run every benchmark (each prints JSON); summary table in bench/results/summary.md
 	$(BIN)/python bench/run_all.py
 
-bench-quick: $(STAMP) ## the same with --quick where a benchmark supports it
+bench-quick: $(STAMP) $(KAFKA_STAMP) ## the same with --quick where a benchmark supports it
 	$(BIN)/python bench/run_all.py --quick
 
 clean: ## remove the venv and run files
 	rm -rf $(VENV) .run test-artifacts
 
-.PHONY: help install tools up down demo up-local down-local lint typecheck test test-chaos bench bench-quick clean
+.PHONY: help install kafka tools up down demo up-local down-local lint typecheck test test-chaos bench bench-quick clean

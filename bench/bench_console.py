@@ -5,10 +5,11 @@ customer with 1,000 touchpoints, 1,000 scores and 20 actions, all through `ReadM
 in batches of 500 as the worker does (that load is the store-only update rate). Then serves the
 real pages (aiohttp, as inside the worker) and times GET /customers/<heavy customer>: server time
 (handler start to response ready) and loopback round trip. With the worker part (default on), it
-also starts Tansu and a real console worker (`python -m services.console`), produces records to
-its topics and measures how fast the worker turns them into the read model. Last (default on), it
-runs the whole stack, pushes events through ingest at the pipeline's own maximum rate and reports
-how far the console's read model lags the pipeline and how fast it catches up.
+also starts the embedded broker (Apache Kafka) and a real console worker
+(`python -m services.console`), produces records to its topics and measures how fast the worker
+turns them into the read model. Last (default on), it runs the whole stack, pushes events
+through ingest at the pipeline's own maximum rate and reports how far the console's read model
+lags the pipeline and how fast it catches up.
 
 Prints JSON. `.venv/bin/python bench/bench_console.py [--customers 10000] [--requests 500] [--worker-records 50000]
 [--pipeline-events 3000]`
@@ -42,8 +43,15 @@ from services.identity.admin import hash_admin_key
 from services.identity.domain import GraphLayout
 from services.triggers.rules import parse_rules
 from touchstream import avro
-from touchstream.embedded import create_topics, free_port, spawn, start_tansu, start_valkey
-from touchstream.identifiers import DEFAULT_BLOCKLIST
+from touchstream.embedded import (
+    broker_client_env,
+    create_topics,
+    embedded_broker_kind,
+    free_port,
+    spawn,
+    start_broker,
+    start_valkey,
+)
 from touchstream.topics import SCORES, TOUCHPOINTS_RESOLVED
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,8 +123,8 @@ async def load(store: ReadModelStore, customers: int, batch: int) -> dict[str, A
 async def time_pages(store: ReadModelStore, requests: int) -> dict[str, Any]:
     recorder = Recorder()
     settings = ConsoleSettings(admin_keys=frozenset({hash_admin_key(KEY)}))
-    pages = ConsoleWeb(store, settings, GraphLayout("bench:identity:{graph}:"), b"bench", "US", DEFAULT_BLOCKLIST,
-                       RULES, recorder)  # type: ignore[arg-type]
+    pages = ConsoleWeb(store, settings, GraphLayout("bench:identity:{graph}:"), RULES,
+                       recorder)  # type: ignore[arg-type]
     app = web.Application()
     pages.register(app.router)
     client = TestClient(TestServer(app))
@@ -154,12 +162,13 @@ async def time_pages(store: ReadModelStore, requests: int) -> dict[str, Any]:
 async def worker_rate(records: int, redis_port: int, tmp: Path) -> dict[str, Any]:
     """Produce `records` (half touchpoints, half scores) and time a real console worker through them."""
     broker_port, web_port = free_port(), free_port()
-    broker = start_tansu(broker_port, tmp / "tansu.log")
+    kind = embedded_broker_kind()
+    broker = start_broker(kind, broker_port, tmp / "kafka", tmp / "broker.log")
     bootstrap = f"127.0.0.1:{broker_port}"
     worker = None
     try:
         await create_topics(bootstrap, 2)
-        env = {"PYTHONPATH": str(REPO), "TOUCHSTREAM_KAFKA_BOOTSTRAP": bootstrap,
+        env = {"PYTHONPATH": str(REPO), "TOUCHSTREAM_KAFKA_BOOTSTRAP": bootstrap, **broker_client_env(kind),
                "TOUCHSTREAM_REDIS_URL": f"redis://127.0.0.1:{redis_port}/1", "TOUCHSTREAM_PARTITIONS": "2",
                "TOUCHSTREAM_STATE_DIR": str(tmp / "state"), "TOUCHSTREAM_CONSOLE_WEB_PORT": str(web_port)}
         worker = spawn("console", [sys.executable, "-m", "services.console"], tmp / "console.log", env)

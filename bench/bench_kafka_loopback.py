@@ -1,4 +1,4 @@
-"""aiokafka produce and consume rates against the embedded broker (Tansu) on loopback.
+"""aiokafka produce and consume rates against the embedded broker (Apache Kafka) on loopback.
 
 Produces N records of a realistic size (an Avro TouchpointEvent is ~300 bytes) with acks=all,
 as ingest does, then consumes them back from the start. Prints JSON. These bound what one
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from touchstream.embedded import free_port, start_tansu
+from touchstream.embedded import broker_description, embedded_broker_kind, free_port, start_broker
 
 
 async def measure(bootstrap: str, records: int, size: int, partitions: int) -> dict[str, float]:
@@ -68,12 +68,13 @@ def main() -> None:
         args.records = 20_000
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
-        broker = start_tansu(port, Path(tmp) / "tansu.log")
+        kind = embedded_broker_kind()
+        broker = start_broker(kind, port, Path(tmp) / "kafka", Path(tmp) / "broker.log")
         try:
             result = asyncio.run(measure(f"127.0.0.1:{port}", args.records, args.size, args.partitions))
         finally:
             broker.stop()
-    print(json.dumps({"bench": "kafka_loopback", "broker": "tansu (embedded)", **result}, indent=2))
+    print(json.dumps({"bench": "kafka_loopback", "broker": broker_description(kind), **result}, indent=2))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import asyncio
 import json
 import multiprocessing
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -38,7 +39,7 @@ import httpx
 import redis
 
 from touchstream import local
-from touchstream.embedded import create_topics, free_port, start_tansu
+from touchstream.embedded import broker_description, create_topics, embedded_broker_kind, free_port, start_broker
 from touchstream.receiver import percentile
 from touchstream.topics import TopicSpec
 
@@ -103,7 +104,8 @@ async def _relay(bootstrap: str, source: str | None, target: str | None, count: 
 def raw_relay_rate(count: int, partitions: int, payload_size: int = 300) -> dict[str, Any]:
     """Events/s through HOPS topics with aiokafka only, one process per stage."""
     port = free_port()
-    broker = start_tansu(port)
+    data_dir = Path(tempfile.mkdtemp(prefix="touchstream-relay-"))
+    broker = start_broker(embedded_broker_kind(), port, data_dir / "kafka", data_dir / "broker.log")
     bootstrap = f"127.0.0.1:{port}"
     try:
         run = uuid.uuid4().hex[:6]
@@ -116,7 +118,7 @@ def raw_relay_rate(count: int, partitions: int, payload_size: int = 300) -> dict
                      for s, t in stages]
         for process in processes:
             process.start()
-        time.sleep(8.0)  # consumer group joins on Tansu wait half the session timeout
+        time.sleep(8.0)  # every stage has joined its group and fetched once
         t0 = time.perf_counter()
         started.set()
         if not finished.wait(600):
@@ -127,6 +129,7 @@ def raw_relay_rate(count: int, partitions: int, payload_size: int = 300) -> dict
         return {"events": count, "hops": HOPS, "seconds": round(elapsed, 2), "events_per_s": round(count / elapsed, 1)}
     finally:
         broker.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- pipeline
@@ -274,6 +277,8 @@ def main() -> None:
         "pipeline": main_run,
         "ratio_pipeline_to_raw": round(main_run["events_per_s"] / raw["events_per_s"], 3),
         "cores": multiprocessing.cpu_count(),
+        "broker": broker_description(embedded_broker_kind()),
+        "load_average_1m_at_end": round(os.getloadavg()[0], 2),
     }
     if not args.quick:
         result["scale"] = [pipeline_run(events // 2, partitions=n, workers=n) for n in (1, 2, 4)]

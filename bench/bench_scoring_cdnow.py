@@ -3,7 +3,7 @@
 Replays the calibration period of CDNOW (1997-01-01 .. 1997-09-30, 39 weeks) through
 scoring, in event order, one of two ways:
 - `--via worker` (default): a real scoring worker process (`python -m services.scoring`)
-  on the embedded Tansu broker and Valkey; the events go to `touchpoints.resolved` as
+  on the embedded broker (Apache Kafka) and Valkey; the events go to `touchpoints.resolved` as
   ResolvedTouchpoint Avro, and the run waits until the worker has sent every ScoreUpdate.
   The worker is then stopped (it checkpoints its model on shutdown) and the forecasts are
   read from its Redis state and checkpoint.
@@ -52,7 +52,17 @@ from services.scoring.state import Touchpoint
 from services.scoring.store import RedisScoringStore
 from touchstream import avro
 from touchstream.datasets import Purchase, cdnow_purchases
-from touchstream.embedded import create_topics, free_port, spawn, start_tansu, start_valkey, wait_for_port
+from touchstream.embedded import (
+    broker_client_env,
+    broker_description,
+    create_topics,
+    embedded_broker_kind,
+    free_port,
+    spawn,
+    start_broker,
+    start_valkey,
+    wait_for_port,
+)
 from touchstream.replay import sum_metric
 from touchstream.topics import SCORES, TOUCHPOINTS_RESOLVED
 
@@ -145,15 +155,16 @@ async def replay_through_worker(
     redis_url: str, purchases: list[Purchase], times: list[int], settings: ScoringSettings, partitions: int,
     run_dir: Path,
 ) -> dict[str, float]:
-    """Run a scoring worker on Tansu, produce the events, wait for every ScoreUpdate, stop it."""
+    """Run a scoring worker on the embedded broker, produce the events, wait for every ScoreUpdate, stop it."""
     broker_port, web_port = free_port(), free_port()
-    broker = start_tansu(broker_port, run_dir / "tansu.log")
+    kind = embedded_broker_kind()
+    broker = start_broker(kind, broker_port, run_dir / "kafka", run_dir / "broker.log")
     bootstrap = f"127.0.0.1:{broker_port}"
     worker = None
     try:
         await create_topics(bootstrap, partitions)
         env = {
-            "TOUCHSTREAM_KAFKA_BOOTSTRAP": bootstrap, "TOUCHSTREAM_REDIS_URL": redis_url,
+            "TOUCHSTREAM_KAFKA_BOOTSTRAP": bootstrap, **broker_client_env(kind), "TOUCHSTREAM_REDIS_URL": redis_url,
             "TOUCHSTREAM_PARTITIONS": str(partitions), "TOUCHSTREAM_STATE_DIR": str(run_dir / "state"),
             "TOUCHSTREAM_SCORING_WEB_PORT": str(web_port), "TOUCHSTREAM_SCORING_KEY_PREFIX": settings.key_prefix,
             "TOUCHSTREAM_SCORING_MODEL": settings.model, "TOUCHSTREAM_SCORING_TICK_DAYS": str(settings.tick_days),
@@ -313,7 +324,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "actual_buyers_holdout": int(y.sum()),
         "actual_transactions_holdout": len(holdout),
         "touchstream": {
-            "path": {"worker": "scoring worker process on embedded Tansu + Valkey",
+            "path": {"worker": f"scoring worker process on {broker_description(embedded_broker_kind())} + Valkey",
                      "service": "ScoringService + RedisScoringStore on embedded Valkey, in-process"}[args.via],
             "model": learner.model.version,
             "settings": {"model": settings.model, "horizon_days": settings.horizon_days,

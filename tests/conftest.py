@@ -1,4 +1,4 @@
-"""Session fixtures: one real Tansu broker and one real Valkey per test session, on free loopback ports.
+"""Session fixtures: one real Apache Kafka broker and one real Valkey per test session, on free loopback ports.
 
 Tests get fresh state from factories (a fresh Redis database index, unique topic names)
 rather than sharing mutable state.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -15,7 +16,15 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from touchstream.embedded import ManagedProcess, create_topics, free_port, start_tansu, start_valkey
+from touchstream.embedded import (
+    ManagedProcess,
+    broker_client_env,
+    create_topics,
+    embedded_broker_kind,
+    free_port,
+    start_broker,
+    start_valkey,
+)
 
 
 @pytest.fixture(scope="session")
@@ -26,24 +35,24 @@ def artifacts_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def broker(artifacts_dir: Path) -> Iterator[ManagedProcess]:
-    port = free_port()
-    proc = start_tansu(port, artifacts_dir / "tansu.log")
-    proc.port = port  # type: ignore[attr-defined]
+def broker(artifacts_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedProcess]:
+    """The embedded broker (Apache Kafka unless TOUCHSTREAM_EMBEDDED_BROKER says tansu)."""
+    kind = embedded_broker_kind()
+    # Services and clients built by the tests read their settings from the environment.
+    os.environ.update(broker_client_env(kind))
+    proc = start_broker(kind, free_port(), tmp_path_factory.mktemp("kafka"), artifacts_dir / f"{kind}.log")
     yield proc
     proc.stop()
 
 
 @pytest.fixture(scope="session")
 def kafka_bootstrap(broker: ManagedProcess) -> str:
-    return f"127.0.0.1:{broker.port}"  # type: ignore[attr-defined]
+    return f"127.0.0.1:{broker.port}"
 
 
 @pytest.fixture(scope="session")
 def redis_server(artifacts_dir: Path) -> Iterator[ManagedProcess]:
-    port = free_port()
-    proc = start_valkey(port, artifacts_dir / "valkey.log")
-    proc.port = port  # type: ignore[attr-defined]
+    proc = start_valkey(free_port(), artifacts_dir / "valkey.log")
     yield proc
     proc.stop()
 
@@ -55,7 +64,7 @@ _db_numbers = itertools.count(1)
 def redis_url(redis_server: ManagedProcess) -> str:
     """A Redis URL on a database index no other test in this session uses (16 by default, then reused after flush)."""
     db = next(_db_numbers) % 16
-    return f"redis://127.0.0.1:{redis_server.port}/{db}"  # type: ignore[attr-defined]
+    return f"redis://127.0.0.1:{redis_server.port}/{db}"
 
 
 @pytest.fixture

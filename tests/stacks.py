@@ -22,12 +22,12 @@ ARTIFACTS = REPO / "test-artifacts"
 
 @contextlib.contextmanager
 def running_stack(run_dir: Path, rules_yaml: str, logs_name: str,
-                  env_overrides: dict[str, str] | None = None) -> Iterator[local.StackState]:
+                  env_overrides: dict[str, str] | None = None, **up_options: Any) -> Iterator[local.StackState]:
     """Run `local.up` with `rules_yaml` as the triggers' rule file; copy the logs to test-artifacts/`logs_name`."""
     rules = run_dir / "rules.yaml"
     rules.write_text(rules_yaml)
     env = {"TOUCHSTREAM_TRIGGERS_RULES_FILE": str(rules), **(env_overrides or {})}
-    state = local.up(run_dir, partitions=2, env_overrides=env, progress=False)
+    state = local.up(run_dir, partitions=2, env_overrides=env, progress=False, **up_options)
     try:
         yield state
     finally:

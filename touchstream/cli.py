@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from touchstream.embedded import BROKER_KINDS, BrokerUnavailable
+
 DEFAULT_RUN_DIR = Path(".run/local")
 
 
@@ -19,6 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     local_cmd.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
     local_cmd.add_argument("--partitions", type=int, default=4)
     local_cmd.add_argument("--workers", type=int, default=1, help="processes per stream service")
+    local_cmd.add_argument("--broker", choices=BROKER_KINDS, default=None,
+                           help="embedded broker: kafka (default; Apache Kafka, needs Java) or tansu (fallback "
+                                "without Java: memory-only, no idempotent producer, no compaction)")
 
     demo_cmd = commands.add_parser("demo", help="replay CDNOW through the local pipeline and summarise")
     demo_cmd.add_argument("--run-dir", type=Path, default=Path(".run/demo"))
@@ -27,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     demo_cmd.add_argument("--limit", type=int, default=None, help="replay only the first N purchases")
     demo_cmd.add_argument("--partitions", type=int, default=4)
     demo_cmd.add_argument("--summary-json", type=Path, default=None, help="also write the summary here")
+    demo_cmd.add_argument("--broker", choices=BROKER_KINDS, default=None, help="as for `local up`")
 
     receiver_cmd = commands.add_parser("receiver", help="run a local webhook receiver")
     receiver_cmd.add_argument("--port", type=int, required=True)
@@ -46,11 +52,19 @@ def main(argv: list[str] | None = None) -> int:
         return keys_main(argv[1:])
 
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except BrokerUnavailable as exc:  # one line with the fix, not a stack trace
+        print(f"touchstream: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "local":
         from touchstream import local
 
         if args.action == "up":
-            state = local.up(args.run_dir, partitions=args.partitions, workers=args.workers)
+            state = local.up(args.run_dir, partitions=args.partitions, workers=args.workers, broker=args.broker)
             print(f"up; ingest at {state.url('ingest')} (write key {state.write_key}); "
                   f"logs in {args.run_dir / 'logs'}")
         elif args.action == "down":
@@ -62,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from touchstream.demo import run_demo
 
-        summary = run_demo(args.run_dir, args.days_per_second, args.limit, args.partitions)
+        summary = run_demo(args.run_dir, args.days_per_second, args.limit, args.partitions, args.broker)
         if args.summary_json:
             args.summary_json.write_text(json.dumps(summary, indent=2))
         return 0

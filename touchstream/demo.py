@@ -78,14 +78,15 @@ def show_sample_webhook(state: local.StackState) -> None:
         print("  " + json.dumps(delivery["body"], indent=2).replace("\n", "\n  "))
 
 
-def run_demo(run_dir: Path, days_per_second: float, limit: int | None, partitions: int) -> dict[str, Any]:
+def run_demo(run_dir: Path, days_per_second: float, limit: int | None, partitions: int,
+             broker: str | None = None) -> dict[str, Any]:
     purchases = cdnow_purchases()
     if limit:
         purchases = purchases[:limit]
     calls = list(iter_track_calls(purchases))
     print(f"CDNOW: {len(calls):,} purchases by {len({p.customer for p in purchases}):,} customers, "
           f"{purchases[0].date} .. {purchases[-1].date}")
-    state = local.up(run_dir, partitions=partitions)
+    state = local.up(run_dir, partitions=partitions, broker=broker)
     try:
         def show(progress: ReplayProgress) -> None:
             day = datetime.fromtimestamp(progress.event_time_ms / 1000, UTC).date()

@@ -1,7 +1,8 @@
 """`touchstream local up|down|status`: the whole pipeline on this machine, no Docker.
 
-Starts the embedded broker and Redis, creates the topics, then the five services and a
-webhook receiver, each in its own process group, logs and PIDs under one run directory.
+Starts the embedded broker (Apache Kafka, or the Tansu fallback) and Redis, creates the
+topics, then the five services and a webhook receiver, each in its own process group, logs,
+PIDs and the broker's and Redis's data under one run directory.
 """
 
 from __future__ import annotations
@@ -21,7 +22,17 @@ from pathlib import Path
 
 import httpx
 
-from touchstream.embedded import ManagedProcess, create_topics, free_port, spawn, start_tansu, start_valkey, stop_pid
+from touchstream.embedded import (
+    ManagedProcess,
+    broker_client_env,
+    create_topics,
+    embedded_broker_kind,
+    free_port,
+    spawn,
+    start_broker,
+    start_valkey,
+    stop_pid,
+)
 
 SERVICES = ("ingest", "identity", "scoring", "triggers", "console")
 # Stream services scale by workers in one consumer group; ingest scales behind a load balancer.
@@ -30,6 +41,7 @@ STATE_FILE = "state.json"
 # Valkey's append-only file, and the receiver's record of what it got: both survive a
 # restart of their process while the stack runs; `up` starts them empty.
 REDIS_DATA_DIR = "redis-data"
+KAFKA_DATA_DIR = "kafka-data"
 RECEIVER_JOURNAL = "receiver-journal.jsonl"
 
 
@@ -42,13 +54,17 @@ class StackState:
     webhook_secret: str = ""
     write_key: str = ""
     env_overrides: dict[str, str] = field(default_factory=dict)
+    broker: str = "kafka"
+    # A broker (cluster) this stack did not start: its bootstrap list, and the topics' replication.
+    external_bootstrap: str = ""
+    replication_factor: int = 1
 
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.ports[name]}"
 
     @property
     def kafka_bootstrap(self) -> str:
-        return f"127.0.0.1:{self.ports['broker']}"
+        return self.external_bootstrap or f"127.0.0.1:{self.ports['broker']}"
 
     @property
     def redis_url(self) -> str:
@@ -73,6 +89,7 @@ def service_env(state: StackState, extra: dict[str, str] | None = None) -> dict[
         "TOUCHSTREAM_KAFKA_BOOTSTRAP": state.kafka_bootstrap,
         "TOUCHSTREAM_REDIS_URL": state.redis_url,
         "TOUCHSTREAM_PARTITIONS": str(state.partitions),
+        "TOUCHSTREAM_REPLICATION_FACTOR": str(state.replication_factor),
         "TOUCHSTREAM_STATE_DIR": str(Path(state.run_dir, "state")),
         "TOUCHSTREAM_INGEST_WEB_PORT": str(state.ports["ingest"]),
         "TOUCHSTREAM_INGEST_WRITE_KEYS": json.dumps({"local": hash_write_key(state.write_key)}),
@@ -88,8 +105,9 @@ def service_env(state: StackState, extra: dict[str, str] | None = None) -> dict[
         "TOUCHSTREAM_TRIGGERS_ENDPOINTS": json.dumps(
             {"marketing": {"url": f"{state.url('receiver')}/hook", "secret": state.webhook_secret}}),
         # The demo receiver is on loopback, which the SSRF guard refuses unless allowed.
-        "TOUCHSTREAM_TRIGGERS_ALLOW_PRIVATE_ENDPOINTS": "true",
+        "TOUCHSTREAM_TRIGGERS_ALLOW_NETWORKS": '["127.0.0.0/8"]',
         "PYTHONUNBUFFERED": "1",
+        **broker_client_env(state.broker),
     }
     env.update(extra or {})
     return env
@@ -122,39 +140,51 @@ def worker_name(service: str, index: int) -> str:
 
 
 def up(run_dir: Path, partitions: int = 4, env_overrides: dict[str, str] | None = None,
-       ready_timeout: float = 90.0, progress: bool = True, workers: int = 1) -> StackState:
-    """Start everything (`workers` processes per stream service) and return once every one answers ready."""
+       ready_timeout: float = 90.0, progress: bool = True, workers: int = 1, broker: str | None = None,
+       kafka_bootstrap: str | None = None, replication_factor: int = 1) -> StackState:
+    """Start everything (`workers` processes per stream service) and return once every one answers ready.
+
+    `broker`: kafka (the default, or TOUCHSTREAM_EMBEDDED_BROKER) or tansu. With `kafka_bootstrap`
+    the stack uses that running broker or cluster instead of starting one (topics created with
+    `replication_factor`).
+    """
     run_dir = run_dir.resolve()
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     if (run_dir / STATE_FILE).exists() and any(_alive(p) for p in StackState.load(run_dir).pids.values()):
         raise RuntimeError(f"a stack is already running from {run_dir}; run `touchstream local down` first")
     extra_workers = [worker_name(s, i) for s in STREAM_SERVICES for i in range(1, workers)]
-    names = ("broker", "redis", "receiver", *SERVICES, *extra_workers)
+    own_broker = ("broker",) if kafka_bootstrap is None else ()
+    names = (*own_broker, "redis", "receiver", *SERVICES, *extra_workers)
     state = StackState(
         run_dir=str(run_dir), partitions=partitions, ports={n: free_port() for n in names},
         webhook_secret="whsec_" + base64.b64encode(secrets.token_bytes(24)).decode(),
-        write_key="local-" + secrets.token_hex(12),
+        write_key="local-" + secrets.token_hex(12), broker=embedded_broker_kind(broker),
+        external_bootstrap=kafka_bootstrap or "", replication_factor=replication_factor,
     )
     say = print if progress else (lambda *_a, **_k: None)
     started: list[ManagedProcess] = []
     try:
         t0 = time.monotonic()
-        # The broker is memory-only, so state left in Redis by an earlier run would describe
-        # records that no longer exist: every `up` starts from empty.
-        shutil.rmtree(run_dir / REDIS_DATA_DIR, ignore_errors=True)
+        # Every `up` starts from empty: broker, Redis and receiver together, so no state in
+        # one describes records the others never had. A restart of one component (`start`)
+        # keeps its data.
+        for data_dir in (KAFKA_DATA_DIR, REDIS_DATA_DIR):
+            shutil.rmtree(run_dir / data_dir, ignore_errors=True)
         (run_dir / RECEIVER_JOURNAL).unlink(missing_ok=True)
-        started.append(start_tansu(state.ports["broker"], logs / "broker.log"))
+        if own_broker:
+            started.append(start_broker(state.broker, state.ports["broker"], run_dir / KAFKA_DATA_DIR,
+                                        logs / "broker.log"))
         started.append(start_valkey(state.ports["redis"], logs / "redis.log", run_dir / REDIS_DATA_DIR))
-        asyncio.run(create_topics(state.kafka_bootstrap, partitions))
-        say(f"broker :{state.ports['broker']} and redis :{state.ports['redis']} up, topics created "
-            f"({time.monotonic() - t0:.1f}s)")
+        asyncio.run(create_topics(state.kafka_bootstrap, partitions, replication_factor=replication_factor))
+        say(f"broker ({state.broker if own_broker else 'external'}) {state.kafka_bootstrap} and redis "
+            f":{state.ports['redis']} up, topics created ({time.monotonic() - t0:.1f}s)")
         state.env_overrides = dict(env_overrides or {})
         for name in ("receiver", *SERVICES, *extra_workers):
             started.append(spawn_component(state, name))
         state.pids = {p.name: p.pid for p in started}
         state.save()
-        for proc in started[2:]:
+        for proc in started[len(own_broker) + 1:]:
             wait_ready(proc.name, state.url(proc.name), proc, ready_timeout)
             say(f"{proc.name:9s} ready on {state.url(proc.name)} ({time.monotonic() - t0:.1f}s)")
     except BaseException:
@@ -167,14 +197,14 @@ def up(run_dir: Path, partitions: int = 4, env_overrides: dict[str, str] | None 
 def spawn_component(state: StackState, name: str) -> ManagedProcess:
     """Start the receiver, a service, or a service's extra worker (`scoring-2`) of `state`'s stack.
 
-    `broker` and `redis` restart the embedded broker (empty, topics created again) and Valkey
-    (on its append-only file) on their old ports.
+    `broker` and `redis` restart the embedded broker and Valkey on their old ports and data
+    (Kafka's log directory, Valkey's append-only file; the Tansu fallback comes back empty).
     """
     python = sys.executable
     log = Path(state.run_dir, "logs", f"{name}.log")
     if name == "broker":
-        process = start_tansu(state.ports["broker"], log)
-        asyncio.run(create_topics(state.kafka_bootstrap, state.partitions))
+        process = start_broker(state.broker, state.ports["broker"], Path(state.run_dir, KAFKA_DATA_DIR), log)
+        asyncio.run(create_topics(state.kafka_bootstrap, state.partitions))  # only the Tansu fallback lost them
         return process
     if name == "redis":
         return start_valkey(state.ports["redis"], log, Path(state.run_dir, REDIS_DATA_DIR))

@@ -7,9 +7,11 @@ in a service's `__main__`, never at import time.
 from __future__ import annotations
 
 import math
+from enum import StrEnum
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import BeforeValidator, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from touchstream.eventtime import DEFAULT_EVENT_TIME_TOLERANCE_S
@@ -17,21 +19,59 @@ from touchstream.eventtime import DEFAULT_EVENT_TIME_TOLERANCE_S
 DEV_PLACEHOLDER_SECRET = "dev-only-pii-key-change-me"
 
 
+class Environment(StrEnum):
+    """Where a service runs; prod turns on the checks that refuse placeholder secrets and keys."""
+
+    DEV = "dev"
+    TEST = "test"
+    PROD = "prod"
+
+
+def parse_environment(value: Any) -> Any:
+    """Read TOUCHSTREAM_ENVIRONMENT: one of dev, test, prod (any case); anything else is refused.
+
+    No alias is accepted: "production" or "staging" silently meaning "not prod" would switch off
+    every production check, so an unknown name stops the service instead.
+
+    >>> parse_environment(" PROD ")
+    <Environment.PROD: 'prod'>
+    >>> parse_environment("production")
+    Traceback (most recent call last):
+    ...
+    ValueError: TOUCHSTREAM_ENVIRONMENT must be one of dev, test, prod; 'production' is not one of them
+    """
+    if isinstance(value, Environment):
+        return value
+    known = [e.value for e in Environment]
+    if isinstance(value, str) and value.strip().lower() in known:
+        return Environment(value.strip().lower())
+    raise ValueError(f"TOUCHSTREAM_ENVIRONMENT must be one of {', '.join(known)}; {str(value)[:40]!r} is not one "
+                     "of them")
+
+
+# The type of every settings field read from TOUCHSTREAM_ENVIRONMENT.
+EnvironmentName = Annotated[Environment, BeforeValidator(parse_environment)]
+
+
 class CoreSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TOUCHSTREAM_", frozen=True, extra="ignore")
 
-    environment: str = Field("dev", description="dev, test or prod; placeholder secrets are refused in prod.")
+    environment: EnvironmentName = Field(
+        Environment.DEV, description="dev, test or prod; placeholder secrets are refused in prod.")
     kafka_bootstrap: str = "127.0.0.1:9092"
     redis_url: str = "redis://127.0.0.1:6379/0"
     partitions: int = Field(4, ge=1, description="Partitions per topic (the unit of scale).")
     replication_factor: int = Field(1, ge=1)
-    # Tansu (the embedded broker) cannot do InitProducerId; Apache Kafka can.
-    idempotent_producer: bool = False
-    # Tansu makes a group join wait half the session timeout, so keep it short locally.
+    # With acks=all a retried send is never written twice. Off only for the Tansu fallback,
+    # which refuses InitProducerId.
+    idempotent_producer: bool = True
     session_timeout_s: float = 10.0
-    # Tansu answers a fetch only when this wait is over, even if records arrived meanwhile;
-    # Apache Kafka answers early, so 500 there costs nothing.
-    fetch_max_wait_ms: int = Field(20, ge=1, le=5000)
+    # Apache Kafka answers a fetch as soon as records arrive, so the wait costs no latency;
+    # the Tansu fallback holds every fetch this long and runs with 20.
+    fetch_max_wait_ms: int = Field(500, ge=1, le=5000)
+    # Where a consumer group with no committed offset starts. `earliest`: a service that
+    # joins after events were produced (a fresh deploy, a new service) still handles them.
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     heartbeat_interval_s: float = 1.0
     pii_hash_key: SecretStr = SecretStr(DEV_PLACEHOLDER_SECRET)
     batch_size: int = Field(500, ge=1, description="Max events a stream handles per batch.")
@@ -57,7 +97,7 @@ class CoreSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _refuse_placeholder_secrets(self) -> CoreSettings:
-        if self.environment == "prod" and self.pii_hash_key.get_secret_value() == DEV_PLACEHOLDER_SECRET:
+        if self.environment is Environment.PROD and self.pii_hash_key.get_secret_value() == DEV_PLACEHOLDER_SECRET:
             raise ValueError("TOUCHSTREAM_PII_HASH_KEY must be set to a real secret in prod")
         return self
 
@@ -69,6 +109,11 @@ class CoreSettings(BaseSettings):
         691200
         """
         return math.ceil((self.raw_retention_hours + self.erased_kept_beyond_retention_hours) * 3600)
+
+    @property
+    def is_production(self) -> bool:
+        """Say whether this deployment is production, where placeholders and dev-only openings are refused."""
+        return self.environment == "prod"
 
     @property
     def kafka_url(self) -> str:

@@ -3,21 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import faust
-import mode
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from faust.transport.drivers import aiokafka as aiokafka_driver
 from faust.web import Request, Response, View
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+from redis.exceptions import BusyLoadingError as RedisBusyLoadingError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from touchstream import avro
@@ -32,73 +40,35 @@ MAX_REDIS_BACKOFF_S = 2.0
 EXIT_AGENT_CRASHED = 70
 
 
-class ExitOnAgentCrash(mode.OneForOneSupervisor):
-    """Stop the worker at once, exit code 70, when an agent crashes; a supervisor restarts it.
-
-    Faust's default restarts a crashed agent on the records after the batch it was handling,
-    so that batch would be skipped without a trace. Exiting without a graceful stop commits
-    nothing more: the restarted worker (or another one after a rebalance) handles the batch
-    again, which every stage's idempotent writes allow. A cancelled agent (a rebalance) is
-    restarted as usual.
-    """
-
-    async def restart_service(self, service: mode.ServiceT) -> None:
-        reason = service.crash_reason
-        if reason is None or isinstance(reason, asyncio.CancelledError):
-            await super().restart_service(service)
-            return
-        log.critical("agent %s crashed (%s: %s); exiting with code %d so the batch is handled again after a "
-                     "restart", service, type(reason).__name__, str(reason)[:300], EXIT_AGENT_CRASHED)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(EXIT_AGENT_CRASHED)
-
-
 class _IdempotentProducer(aiokafka_driver.Producer):
-    # Faust only turns idempotence on inside transactions; we want it on plain sends
-    # whenever the broker supports it (Apache Kafka yes, Tansu no).
+    # Faust only turns idempotence on inside transactions; its producer serves the few records
+    # sent outside the kernel (none today), and should match the kernel's (acks=all, idempotent).
     def _settings_extra(self) -> dict[str, Any]:
         return {"acks": "all", "enable_idempotence": True}
 
 
-class _TunedConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
-    fetch_max_wait_ms = 500
-
-    def _create_worker_consumer(self, transport: Any) -> Any:
-        consumer = super()._create_worker_consumer(transport)
-        # Faust hardcodes fetch_max_wait_ms=1500, and Tansu holds every fetch that long even
-        # when records arrive (measured: ~615 ms per topic hop at 1500, ~5 ms at 20), so the
-        # wait is a setting: short on the embedded broker, Kafka's usual 500 ms elsewhere.
-        consumer._fetch_max_wait_ms = self.fetch_max_wait_ms
-        return consumer
-
-
-class _TunedConsumer(aiokafka_driver.Consumer):
-    def _new_consumer_thread(self) -> _TunedConsumerThread:
-        return _TunedConsumerThread(self, loop=self.loop, beacon=self.beacon)
-
-
 def make_app(service: str, core: CoreSettings, web_port: int, web_host: str = "127.0.0.1") -> faust.App:
-    """Build a Faust app for `service` with settings that work on Tansu and Apache Kafka."""
+    """Build the Faust app of `service`: web server (pages, /metrics, health), timers, worker lifecycle.
+
+    Records are not consumed through Faust streams but by the service's StreamKernel (group
+    `touchstream-<service>`), beneath Faust's per-event machinery (README, "The hot loop"). Faust
+    still joins a group of its own (`touchstream-<service>-worker`, its assignor's leader topic only).
+    """
     if core.idempotent_producer:
         aiokafka_driver.Transport.Producer = _IdempotentProducer
-    _TunedConsumerThread.fetch_max_wait_ms = core.fetch_max_wait_ms
-    aiokafka_driver.Transport.Consumer = _TunedConsumer
     # Faust creates its data dir but not the parents.
     core.state_dir.mkdir(parents=True, exist_ok=True)
     # Faust lets its own WEB_BIND / WEB_PORT variables override the arguments below; the
     # service's settings (TOUCHSTREAM_<SERVICE>_WEB_HOST / _WEB_PORT) are the one source.
     faust_env = {k: v for k, v in os.environ.items() if k not in ("WEB_BIND", "WEB_PORT")}
     app = faust.App(
-        f"touchstream-{service}",
+        f"touchstream-{service}-worker",
         broker=core.kafka_url,
-        # Tables are not used for durable state: Tansu's ListOffsets answer would cut
-        # changelog recovery short, so per-customer state lives in Redis.
+        # Per-customer state lives in Redis, not in Faust tables (README, "State placement").
         store="memory://",
         broker_session_timeout=core.session_timeout_s,
         broker_heartbeat_interval=core.heartbeat_interval_s,
-        # Tansu answers "latest" wrongly, so never start from it.
-        consumer_auto_offset_reset="earliest",
+        consumer_auto_offset_reset=core.auto_offset_reset,
         producer_acks=-1,
         topic_partitions=core.partitions,
         topic_replication_factor=core.replication_factor,
@@ -106,38 +76,37 @@ def make_app(service: str, core: CoreSettings, web_port: int, web_host: str = "1
         web_bind=web_host,
         web_port=web_port,
         web_in_thread=False,
-        broker_commit_interval=1.0,
         datadir=str(core.state_dir / f"{service}-data"),
         env=faust_env,
-        agent_supervisor=ExitOnAgentCrash,
     )
     return app
 
 
-def faust_topic(app: faust.App, spec: TopicSpec, core: CoreSettings) -> faust.TopicT:
-    """Declare `spec` as a raw-bytes Faust topic; values are decoded by touchstream.avro."""
-    return app.topic(
-        spec.name,
-        key_type=bytes,
-        value_type=bytes,
-        key_serializer="raw",
-        value_serializer="raw",
-        partitions=core.partitions,
-    )
+def run_kernel(app: faust.App, kernel: StreamKernel) -> None:
+    """Run `kernel` as one of `app`'s tasks, stopped (consumer and producer closed) before the app stops."""
+
+    @app.task
+    async def consume() -> None:
+        await kernel.run()
+
+    async def stop_kernel(sender: Any, *args: Any, **kwargs: Any) -> None:
+        await kernel.stop()
+
+    app.on_before_shutdown.connect(stop_kernel)  # type: ignore[arg-type]
 
 
 class ConsumerLag(Collector):
-    """`touchstream_<service>_consumer_lag_messages{topic,partition}` of a Faust app's consumer.
+    """`touchstream_<service>_consumer_lag_messages{topic,partition}` of a service's stream kernel.
 
-    Lag = the partition's high-water mark from the latest fetch response minus the group's
-    committed offset as this worker knows it (0 before any commit: consumers start from the
-    earliest offset). Fetch high-water marks are right on Tansu, whose ListOffsets "latest"
-    answer is not, and reading them costs no request. A partition appears once fetched from.
+    Lag = the partition's end offset as the broker reports it in every fetch response (its
+    high-water mark: the answer a ListOffsets(latest) request gives a read-uncommitted consumer,
+    at no extra request) minus the group's committed offset (read from the broker when the
+    partition is assigned, then updated on every commit). A partition appears once fetched from.
     """
 
     def __init__(self, service: str) -> None:
         self._name = metric_name(service, "consumer_lag", "messages")
-        self.app: faust.App | None = None
+        self.lags: Callable[[], dict[tuple[str, int], int]] = dict
 
     def describe(self) -> list[GaugeMetricFamily]:
         # No names declared: a test process may build the same service's app more than once.
@@ -146,54 +115,27 @@ class ConsumerLag(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily(
             self._name, "Records on the partition not yet processed and committed by this worker "
-            "(fetch high-water mark minus committed offset).", labels=["topic", "partition"])
+            "(end offset minus committed offset).", labels=["topic", "partition"])
         for (topic, partition), lag in sorted(self.lags().items()):
             family.add_metric([topic, str(partition)], lag)
         yield family
-
-    def lags(self) -> dict[tuple[str, int], int]:
-        """Return the lag of every partition assigned to this worker whose high-water mark is known."""
-        app = self.app
-        consumer = app._consumer if app is not None else None
-        if app is None or consumer is None:  # the worker has not started its consumer
-            return {}
-        try:
-            thread: Any = consumer._thread  # type: ignore[attr-defined]
-            client = thread._ensure_consumer()
-            assignment = client._subscription.subscription.assignment
-        except Exception:  # not started, or between assignments
-            return {}
-        if assignment is None:
-            return {}
-        lags = {}
-        internal = f"{app.conf.id}-"  # Faust's own topics (the assignor's leader topic)
-        for tp in list(assignment.tps):
-            if tp.topic.startswith(internal):
-                continue
-            state = assignment.state_value(tp)
-            if state is None or state.highwater is None:
-                continue
-            # None: neither this worker nor the group committed anything here yet, and consumers
-            # start from the earliest offset, so nothing of the partition counts as done.
-            committed = consumer._committed_offset.get(tp) or 0  # type: ignore[attr-defined]
-            lags[(tp.topic, tp.partition)] = max(0, int(state.highwater) - int(committed))
-        return lags
 
 
 _lag_collectors: dict[tuple[int, str], ConsumerLag] = {}
 
 
-def add_health_pages(app: faust.App, ready: dict[str, bool], registry: CollectorRegistry = REGISTRY) -> None:
-    """Serve /metrics (of `registry`), /healthz (process alive) and /readyz (`ready['ok']` is true).
+def add_health_pages(app: faust.App, service: str, readiness: Readiness, registry: CollectorRegistry = REGISTRY,
+                     kernel: StreamKernel | None = None) -> None:
+    """Serve /metrics (of `registry`), /healthz (process alive) and /readyz (503 with the reason until ready).
 
-    /metrics also carries the consumer lag of every partition the worker holds (ConsumerLag).
+    With `kernel`, /metrics also carries the consumer lag of every partition the worker holds.
     """
-    service = app.conf.id.removeprefix("touchstream-")
     key = (id(registry), service)
     if key not in _lag_collectors:
         _lag_collectors[key] = ConsumerLag(service)
         registry.register(_lag_collectors[key])
-    _lag_collectors[key].app = app
+    if kernel is not None:
+        _lag_collectors[key].lags = kernel.lags
 
     @app.page("/metrics")
     class MetricsView(View):
@@ -209,69 +151,391 @@ def add_health_pages(app: faust.App, ready: dict[str, bool], registry: Collector
     @app.page("/readyz")
     class ReadyView(View):
         async def get(self, request: Request) -> Response:
-            if ready.get("ok"):
+            if readiness.ok:
                 return self.json({"status": "ready"})
-            return self.json({"status": "starting"}, status=503)
-
-
-def batches(stream: faust.StreamT, core: CoreSettings) -> AsyncIterator[list[faust.EventT]]:
-    """Yield lists of events (not values) so each batch can see keys and partitions."""
-    # take_events exists on faust.Stream but not on the StreamT interface.
-    return stream.take_events(core.batch_size, within=core.batch_within_s)  # type: ignore[attr-defined]
+            return self.json({"status": "not ready", "reason": readiness.reason()}, status=503)
 
 
 class Outbox:
-    """Collect a batch's outgoing records, then send them all and wait for the broker's acks."""
+    """Collect a batch's outgoing records; `flush` sends them all and returns once the broker acked each.
 
-    def __init__(self, metrics: ServiceMetrics) -> None:
+    Nothing leaves before `flush`, so a handler attempt that fails sends nothing.
+    """
+
+    def __init__(self, producer: AIOKafkaProducer, metrics: ServiceMetrics, stage: str) -> None:
+        self._producer = producer
         self._metrics = metrics
-        self._pending: list[Any] = []
+        self._stage = stage
+        self._pending: list[tuple[str, bytes | None, bytes | None]] = []
 
-    async def send(self, topic: faust.TopicT, key: str | bytes | None, value: bytes) -> None:
-        raw_key = key.encode() if isinstance(key, str) else key
-        self._pending.append(await topic.send(key=raw_key, value=value))
-        self._metrics.events_out.labels(topic.get_topic_name()).inc()
+    def __len__(self) -> int:
+        return len(self._pending)
 
-    async def tombstone(self, topic: faust.TopicT, key: str | bytes) -> None:
+    async def send(self, topic: TopicSpec | str, key: str | bytes | None, value: bytes) -> None:
+        self._pending.append((_topic_name(topic), key.encode() if isinstance(key, str) else key, value))
+
+    async def tombstone(self, topic: TopicSpec | str, key: str | bytes) -> None:
         """Send a null value for `key` (on a compacted topic, the broker then forgets the key)."""
-        raw_key = key.encode() if isinstance(key, str) else key
-        # Straight to the producer: a raw-serialised Faust topic cannot send a None value.
-        producer = topic.app.producer
-        self._pending.append(await producer.send(topic.get_topic_name(), raw_key, None, None, None, None))
-        self._metrics.events_out.labels(topic.get_topic_name()).inc()
+        self._pending.append((_topic_name(topic), key.encode() if isinstance(key, str) else key, None))
 
-    async def dead_letter(
-        self, topic: faust.TopicT, stage: str, source: str, reason: str, key: bytes | None, original: bytes
-    ) -> None:
-        record = {
-            "source": source,
-            "stage": stage,
-            "reason": reason[:1000],
-            "key": key,
-            "original": original,
-            "failed_at_ms": int(time.time() * 1000),
-        }
+    async def dead_letter(self, source: str, reason: str, key: bytes | None, original: bytes | None) -> None:
+        """Send the original bytes to `deadletter` with the reason (the reason's head labels the metric)."""
+        record = {"source": source, "stage": self._stage, "reason": reason[:1000], "key": key,
+                  "original": original or b"", "failed_at_ms": int(time.time() * 1000)}
         self._metrics.events_failed.labels(reason.split(":")[0][:60]).inc()
-        await self.send(topic, source, avro.encode(DEADLETTER.schema, record))
+        await self.send(DEADLETTER, source, avro.encode(DEADLETTER.schema, record))
+
+    def adopt(self, other: Outbox) -> None:
+        """Take over `other`'s pending records (a handler attempt that succeeded)."""
+        self._pending += other._pending
+        other._pending = []
+
+    def child(self) -> Outbox:
+        return Outbox(self._producer, self._metrics, self._stage)
 
     async def flush(self) -> None:
-        """Return only once every record sent since the last flush is acknowledged."""
+        """Send every pending record and return once each is acknowledged (acks=all).
+
+        On a broker error the records not acknowledged stay pending and the error is raised:
+        a later flush sends them again (a receiver dedupes by its own ids).
+        """
         pending, self._pending = self._pending, []
-        if pending:
-            await asyncio.gather(*pending)
+        if not pending:
+            return
+        futures = [await self._producer.send(topic, value, key) for topic, key, value in pending]
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        failed = [record for record, result in zip(pending, results, strict=True) if isinstance(result, BaseException)]
+        per_topic = Counter(topic for (topic, _, _), result in zip(pending, results, strict=True)
+                            if not isinstance(result, BaseException))
+        for topic, count in per_topic.items():
+            self._metrics.events_out.labels(topic).inc(count)
+        if failed:
+            self._pending = failed + self._pending
+            error = next(r for r in results if isinstance(r, BaseException))
+            raise error
+
+
+def _topic_name(topic: TopicSpec | str) -> str:
+    return topic if isinstance(topic, str) else topic.name
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One consumed record, decoded once by the kernel. `value` is None for a tombstone."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    raw: bytes | None
+    value: dict[str, Any] | None
+
+
+Handler = Callable[[list[Record], Outbox], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Consumes:
+    """A service's input: the topics one handler takes, and how the kernel treats what it cannot read.
+
+    `tombstones`: hand null values to the handler (value None) instead of passing over them.
+    `dead_letters`: send what cannot be decoded or handled to `deadletter`; False for a stage
+    that must not produce there (the console reads `deadletter` itself: it could loop), whose
+    failed records are counted, logged and passed over.
+    """
+
+    specs: tuple[TopicSpec, ...]
+    handle: Handler
+    tombstones: bool = False
+    dead_letters: bool = True
+
+
+class Readiness:
+    """What /readyz answers: every start step done, and no stage failing right now."""
+
+    def __init__(self, *steps: str) -> None:
+        self._pending = set(steps)
+        self.failing: str | None = None
+
+    def done(self, step: str) -> None:
+        self._pending.discard(step)
+
+    @property
+    def ok(self) -> bool:
+        return not self._pending and self.failing is None
+
+    def reason(self) -> str:
+        if self.failing:
+            return self.failing
+        return "waiting for: " + ", ".join(sorted(self._pending)) if self._pending else "ready"
+
+    def get(self, key: str, default: Any = None) -> Any:  # the old {"ok": bool} dict's reader
+        return self.ok if key == "ok" else default
+
+
+def transient_redis_error(exc: BaseException) -> bool:
+    """Return whether `exc` means Redis is unreachable or restarting (wait it out) rather than failing."""
+    if isinstance(exc, RedisBusyLoadingError | RedisConnectionError | RedisTimeoutError):
+        return True
+    return isinstance(exc, OSError) and not isinstance(exc, RedisError)
+
+
+class StreamKernel:
+    """The one consuming loop of every stream service, beneath Faust's per-event stream machinery.
+
+    Per batch (aiokafka `getmany`: whatever has arrived, up to `batch_size`): decode each record
+    once (what cannot be decoded goes to `deadletter`), hand each input's records to its handler,
+    send the handlers' records in one producer batch and wait for the acks, then commit the
+    batch's offsets. A crash anywhere before the commit means the batch comes again, which every
+    stage's idempotent effects allow (at-least-once).
+
+    Failures: Redis unreachable or restarting is waited out (the batch retried whole). Any other
+    exception from a handler is retried `max_attempts` times; then the batch is handled record by
+    record, and each record that still fails alone is dead-lettered with the exception as its
+    reason, the rest handled. If no record succeeds alone and the errors are Redis's (OOM,
+    WRONGTYPE, a script error), the dependency is failing, not the records: /readyz turns 503
+    with the reason and the batch is retried until it passes. Nothing is skipped silently.
+    """
+
+    def __init__(self, service: str, core: CoreSettings, inputs: Sequence[Consumes], metrics: ServiceMetrics,
+                 readiness: Readiness, *, max_attempts: int = 3, retry_backoff_s: float = 0.5) -> None:
+        self.service = service
+        self.group_id = f"touchstream-{service}"
+        self.core = core
+        self.inputs = tuple(inputs)
+        self.metrics = metrics
+        self.readiness = readiness
+        self.max_attempts = max_attempts
+        self.retry_backoff_s = retry_backoff_s
+        self._input_of = {spec.name: consumes for consumes in self.inputs for spec in consumes.specs}
+        self._spec_of = {spec.name: spec for consumes in self.inputs for spec in consumes.specs}
+        self.consumer: AIOKafkaConsumer | None = None
+        self.producer: AIOKafkaProducer | None = None
+        self.committed: dict[TopicPartition, int] = {}
+        self.before_consuming: list[Callable[[], Awaitable[None]]] = []
+        self._stopping = False
+        self._stage_failures = metrics.counter(
+            "stage_failures", "Handler attempts that raised, by topic and exception type.", ["topic", "error"])
+
+    def outbox(self) -> Outbox:
+        """An outbox on the kernel's producer (for work outside the loop, e.g. an API call)."""
+        if self.producer is None:
+            raise RuntimeError(f"{self.service}: the stream kernel has not started")
+        return Outbox(self.producer, self.metrics, self.service)
+
+    async def start_producer(self) -> None:
+        if self.producer is None:
+            self.producer = AIOKafkaProducer(
+                bootstrap_servers=self.core.kafka_bootstrap, acks="all",
+                enable_idempotence=self.core.idempotent_producer, client_id=f"{self.group_id}-producer")
+            await self.producer.start()
+
+    async def run(self) -> None:
+        """Consume until cancelled; a bug in the loop itself exits the process (code 70) to be restarted."""
+        try:
+            await self.start_producer()
+            await self._subscribe()
+            # The consumer joins its group and fetches meanwhile, so the lag shows while these wait.
+            for step in self.before_consuming:
+                await step()
+            await self._consume()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            if self._stopping:  # the worker is shutting down and closed the consumer under the loop
+                return
+            log.critical("%s: the stream kernel crashed (%s: %s); exiting with code %d so the batch is handled "
+                         "again after a restart", self.service, type(exc).__name__, str(exc)[:300], EXIT_AGENT_CRASHED)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_AGENT_CRASHED)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for client in (self.consumer, self.producer):
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await client.stop()
+        self.consumer = self.producer = None
+
+    async def _subscribe(self) -> None:
+        kernel = self
+
+        class Listener(ConsumerRebalanceListener):
+            async def on_partitions_revoked(self, revoked: Any) -> None:
+                for tp in revoked:
+                    kernel.committed.pop(tp, None)
+
+            async def on_partitions_assigned(self, assigned: Any) -> None:
+                consumer = kernel.consumer
+                for tp in assigned:
+                    if consumer is not None:
+                        kernel.committed[tp] = await consumer.committed(tp) or 0
+                kernel.readiness.done("partitions_assigned")
+
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.core.kafka_bootstrap, group_id=self.group_id, client_id=self.group_id,
+            enable_auto_commit=False, auto_offset_reset=self.core.auto_offset_reset,
+            # Range assignment gives one worker the same partition numbers of every input topic:
+            # the topics are co-partitioned by customer_id, so a customer's records meet there.
+            partition_assignment_strategy=(RangePartitionAssignor,),
+            max_poll_records=self.core.batch_size, fetch_max_wait_ms=self.core.fetch_max_wait_ms,
+            session_timeout_ms=int(self.core.session_timeout_s * 1000),
+            heartbeat_interval_ms=int(self.core.heartbeat_interval_s * 1000))
+        await self.consumer.start()
+        self.consumer.subscribe(list(self._spec_of), listener=Listener())
+
+    async def _consume(self) -> None:
+        assert self.consumer is not None
+        while True:
+            batch = await self.consumer.getmany(timeout_ms=500, max_records=self.core.batch_size)
+            if batch:
+                await self.handle_batch(batch)
+
+    async def handle_batch(self, batch: Mapping[TopicPartition, Sequence[Any]]) -> None:
+        """Decode, handle, flush and commit one `getmany` batch (records of any input topics)."""
+        started = time.perf_counter()
+        outbox = self.outbox()
+        by_input: dict[int, list[Record]] = {}
+        count = 0
+        for tp, messages in batch.items():
+            consumes = self._input_of[tp.topic]
+            spec = self._spec_of[tp.topic]
+            records = by_input.setdefault(id(consumes), [])
+            self.metrics.events_in.labels(tp.topic).inc(len(messages))
+            count += len(messages)
+            for message in messages:
+                if message.value is None:
+                    if consumes.tombstones:
+                        records.append(Record(tp.topic, tp.partition, message.offset, message.key, None, None))
+                    continue
+                try:
+                    value = avro.decode(spec.schema, message.value)
+                except avro.DecodeError as exc:
+                    if consumes.dead_letters:
+                        await outbox.dead_letter(tp.topic, f"undecodable: {exc}", message.key, message.value)
+                    else:
+                        self.metrics.events_failed.labels(f"{tp.topic} undecodable").inc()
+                        log.warning("%s: passed over an unreadable %s record: %s", self.service, tp.topic, exc)
+                    continue
+                records.append(Record(tp.topic, tp.partition, message.offset, message.key, message.value, value))
+        for consumes in self.inputs:
+            handed = by_input.get(id(consumes))
+            if handed:
+                await self._handle_isolating(consumes, handed, outbox)
+        await self._flush(outbox)
+        await self._commit({tp: messages[-1].offset + 1 for tp, messages in batch.items() if messages})
+        self.metrics.batch_events.observe(count)
+        self.metrics.batch_seconds.observe(time.perf_counter() - started)
+
+    async def _handle_isolating(self, consumes: Consumes, records: list[Record], outbox: Outbox) -> None:
+        topic = records[0].topic
+        while True:
+            error = await self._attempts(consumes, records, outbox, self.max_attempts)
+            if error is None:
+                self.readiness.failing = None
+                return
+            failed: list[tuple[Record, BaseException]] = []
+            for record in records:
+                alone = await self._attempts(consumes, [record], outbox, 1)
+                if alone is not None:
+                    failed.append((record, alone))
+            succeeded = len(records) - len(failed)
+            if failed and succeeded == 0 and all(isinstance(e, RedisError) for _, e in failed):
+                self.readiness.failing = f"{topic}: Redis refuses every record ({type(error).__name__}: {error})"
+                log.error("%s: %s; retrying the batch in %.1fs", self.service, self.readiness.failing,
+                          self.retry_backoff_s * 4)
+                await asyncio.sleep(self.retry_backoff_s * 4)
+                continue
+            for record, exc in failed:
+                reason = f"handler failed: {type(exc).__name__}: {exc}"
+                log.error("%s: %s %s[%d]@%d after %d failed attempts: %s", self.service,
+                          "dead-lettering" if consumes.dead_letters else "passing over", record.topic,
+                          record.partition, record.offset, self.max_attempts + 1, reason)
+                if consumes.dead_letters:
+                    await outbox.dead_letter(record.topic, reason, record.key, record.raw)
+                else:
+                    self.metrics.events_failed.labels(f"{record.topic} handler failed").inc()
+            self.readiness.failing = None
+            return
+
+    async def _attempts(self, consumes: Consumes, records: list[Record], outbox: Outbox,
+                        attempts: int) -> BaseException | None:
+        """Run the handler on `records` up to `attempts` times; return the last error, or None once it passed."""
+        last: BaseException | None = None
+        for attempt in range(attempts):
+            attempt_outbox = outbox.child()
+            try:
+                await while_redis_is_down(partial(consumes.handle, records, attempt_outbox), self.metrics,
+                                          f"{self.service}: {records[0].topic}")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                last = exc
+                self._stage_failures.labels(records[0].topic, type(exc).__name__).inc()
+                log.warning("%s: handling %d %s records failed (attempt %d of %d): %s: %s", self.service,
+                            len(records), records[0].topic, attempt + 1, attempts, type(exc).__name__, exc)
+                if attempt + 1 < attempts:
+                    await asyncio.sleep(self.retry_backoff_s * (attempt + 1))
+                continue
+            outbox.adopt(attempt_outbox)
+            return None
+        return last
+
+    async def _flush(self, outbox: Outbox) -> None:
+        backoff = self.retry_backoff_s
+        while True:
+            try:
+                await outbox.flush()
+                if self.readiness.failing and self.readiness.failing.startswith("broker"):
+                    self.readiness.failing = None
+                return
+            except KafkaError as exc:
+                self.readiness.failing = f"broker did not acknowledge: {type(exc).__name__}: {exc}"
+                log.warning("%s: %s; sending %d records again in %.1fs", self.service, self.readiness.failing,
+                            len(outbox), backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_REDIS_BACKOFF_S)
+
+    async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
+        if self.consumer is None or not offsets:
+            return
+        try:
+            await self.consumer.commit(offsets)
+            self.committed.update(offsets)
+        except (CommitFailedError, IllegalStateError, KafkaError) as exc:
+            # A rebalance took the partitions away: their new owner handles these records again.
+            log.warning("%s: commit refused (%s: %s); the new owner of the partitions repeats them",
+                        self.service, type(exc).__name__, exc)
+
+    def lags(self) -> dict[tuple[str, int], int]:
+        """Return end offset (the high-water mark of the latest fetch) minus committed offset, per partition."""
+        consumer = self.consumer
+        if consumer is None:
+            return {}
+        lags = {}
+        for tp in list(consumer.assignment()):
+            highwater = consumer.highwater(tp)
+            if highwater is None:
+                continue
+            lags[(tp.topic, tp.partition)] = max(0, int(highwater) - self.committed.get(tp, 0))
+        return lags
 
 
 async def while_redis_is_down(call: Callable[[], Awaitable[T]], metrics: ServiceMetrics, what: str) -> T:
     """Run `call` until Redis answers it: a batch waits for Redis rather than being skipped.
 
     Only an unreachable or restarting Redis is waited for (connection refused or closed,
-    timeouts, "loading the dataset"); any other error is raised, and crashes the worker.
+    timeouts, "loading the dataset"); any other error is raised to the caller (the kernel
+    retries, then isolates the failing record).
     """
     backoff = 0.1
     while True:
         try:
             return await call()
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        except Exception as exc:
+            if not transient_redis_error(exc):
+                raise
             metrics.redis_errors.inc()
             log.warning("%s: Redis unavailable (%s), retrying in %.1fs", what, exc, backoff)
             await asyncio.sleep(backoff)

@@ -11,7 +11,7 @@ from touchstream.streams import run_worker
 
 def main() -> None:
     """Build the settings from the environment and run the worker until stopped."""
-    # Identity's settings too: a typed identifier must be normalised and hashed exactly as identity does.
+    # Identity's settings too: the customer pages read identity's graph with its key layout.
     run_worker(build_app(CoreSettings(), ConsoleSettings(), IdentitySettings()))
 
 

@@ -1,4 +1,4 @@
-"""Faust wiring: agent `update_read_model` (five topics -> Redis read model) and the pages on the same web server.
+"""Wiring: the stream kernel feeds the read model (six topics -> Redis) and the pages share the web server.
 
 The pages are aiohttp routes added to the Faust worker's own web server (one port for pages,
 JSON API, /metrics and health), so the console is one process per worker like every service.
@@ -6,7 +6,6 @@ JSON API, /metrics and health), so the console is one process per worker like ev
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -15,7 +14,6 @@ from typing import Any
 import faust
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY, CollectorRegistry, Histogram
-from redis.exceptions import RedisError
 
 from services.console.quality import LatencyWindow, RateMeter
 from services.console.readmodel import (
@@ -32,10 +30,18 @@ from services.console.web import ConsoleWeb
 from services.identity.domain import GraphLayout
 from services.identity.settings import IdentitySettings
 from services.triggers.rules import Rule, RuleError, parse_rules
-from touchstream import avro
 from touchstream.metrics import ServiceMetrics
 from touchstream.settings import CoreSettings
-from touchstream.streams import add_health_pages, batches, make_app
+from touchstream.streams import (
+    Consumes,
+    Outbox,
+    Readiness,
+    Record,
+    StreamKernel,
+    add_health_pages,
+    make_app,
+    run_kernel,
+)
 from touchstream.topics import (
     ACTIONS,
     CUSTOMER_DELETIONS,
@@ -85,42 +91,37 @@ def received_at_ms(topic: str, record: Mapping[str, Any]) -> int | None:
     return value if isinstance(value, int) else None
 
 
-def updates_of(events: Sequence[Any], metrics: ServiceMetrics, arrivals: LatencyWindow | None = None,
+def updates_of(records: Sequence[Record], metrics: ServiceMetrics, arrivals: LatencyWindow | None = None,
                arrival_seconds: Histogram | None = None, now_s: float | None = None) -> list[Update]:
-    """Decode a batch (any of the five topics, in arrival order) into read-model updates.
+    """Turn a batch of decoded records (any of the consumed topics, in arrival order) into read-model updates.
 
     With `arrivals` / `arrival_seconds`, also note how long after ingest accepted it each record got here.
     """
-    specs = {spec.name: spec for spec in CONSUMED}
     updates: list[Update] = []
     now = time.time() if now_s is None else now_s
-    seen: dict[str, int] = {}  # events per topic, counted once per batch
     arrival_by_topic: dict[str, Any] = {}  # the histogram's child per topic (labels() is not free)
-    for event in events:
-        topic = event.message.topic
-        seen[topic] = seen.get(topic, 0) + 1
-        if event.value is None:
+    for record in records:
+        topic, value = record.topic, record.value
+        if value is None:
             continue  # a tombstone (`scores` is compacted; an erasure nulls the customer's key)
         try:
-            record = avro.decode(specs[topic].schema, event.value)
-            updates.append(_CONVERTERS[topic](record))
-            received = received_at_ms(topic, record)
-            if received is not None:
-                latency_s = max(0.0, now - received / 1000)
-                if arrivals is not None:
-                    arrivals.add(topic, latency_s, now)
-                if arrival_seconds is not None:
-                    child = arrival_by_topic.get(topic)
-                    if child is None:
-                        child = arrival_by_topic[topic] = arrival_seconds.labels(topic)
-                    child.observe(latency_s)
-        except (avro.DecodeError, KeyError, ValueError, TypeError, AttributeError) as exc:
+            updates.append(_CONVERTERS[topic](value))
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
             # The console only reads; producing to deadletter from here could loop on a bad
             # deadletter record, so a record it cannot read is counted and logged instead.
-            metrics.events_failed.labels(f"{topic} undecodable").inc()
+            metrics.events_failed.labels(f"{topic} unreadable").inc()
             log.warning("skipped an unreadable %s record: %s", topic, type(exc).__name__)
-    for topic, count in seen.items():
-        metrics.events_in.labels(topic).inc(count)
+            continue
+        received = received_at_ms(topic, value)
+        if received is not None:
+            latency_s = max(0.0, now - received / 1000)
+            if arrivals is not None:
+                arrivals.add(topic, latency_s, now)
+            if arrival_seconds is not None:
+                child = arrival_by_topic.get(topic)
+                if child is None:
+                    child = arrival_by_topic[topic] = arrival_seconds.labels(topic)
+                child.observe(latency_s)
     return updates
 
 
@@ -128,62 +129,46 @@ def build_app(core: CoreSettings, settings: ConsoleSettings, identity: IdentityS
               registry: CollectorRegistry = REGISTRY) -> faust.App:
     """Build the console Faust app: the read model agent and the pages."""
     app = make_app("console", core, settings.web_port, settings.web_host)
-    source = app.topic(*(spec.name for spec in CONSUMED), key_type=bytes, value_type=bytes,
-                       key_serializer="raw", value_serializer="raw", partitions=core.partitions)
     metrics = ServiceMetrics("console", registry)
     page_seconds = metrics.histogram("page_render", "Server time to answer a page.", ["page"])
     updates_applied = metrics.counter("read_model_updates", "Read-model updates written to Redis.")
     arrival_seconds = metrics.histogram("event_to_read_model", "From ingest accepting an event to its record "
                                         "reaching the console, by topic.", ["topic"])
-    ready = {"ok": False}
-    add_health_pages(app, ready, registry)
 
     redis = aioredis.from_url(core.redis_url)
     store = ReadModelStore(redis, settings.key_prefix, core.event_time_tolerance_s,
                            erased_ttl_s=core.erased_customer_ttl_s)
     feed_rate = RateMeter()
     arrivals = LatencyWindow()
-    pages = ConsoleWeb(store, settings, GraphLayout(identity.graph_key_prefix),
-                       core.pii_hash_key.get_secret_value().encode(), identity.default_phone_region,
-                       identity.blocklist, load_rules(settings), page_seconds, feed_rate, arrivals)
+    pages = ConsoleWeb(store, settings, GraphLayout(identity.graph_key_prefix), load_rules(settings), page_seconds,
+                       feed_rate, arrivals)
     # Faust's web driver is aiohttp: the console's routes join its router before it starts.
     pages.register(app.web.web_app.router)  # type: ignore[attr-defined]
 
-    async def apply_batch(events: Sequence[faust.EventT]) -> None:
-        started = time.perf_counter()
-        updates = updates_of(events, metrics, arrivals, arrival_seconds)
-        while True:
-            try:
-                await store.apply(updates)
-                break
-            except (RedisError, OSError) as exc:
-                # Never drop a batch because Redis blinked; every write is idempotent, so retry it whole.
-                metrics.redis_errors.inc()
-                log.warning("redis unavailable, retrying in %.1fs: %s", REDIS_RETRY_S, exc)
-                await asyncio.sleep(REDIS_RETRY_S)
+    async def apply_batch(records: list[Record], outbox: Outbox) -> None:
+        updates = updates_of(records, metrics, arrivals, arrival_seconds)
+        # Every write is idempotent: a batch retried (Redis blinked) or handled again changes nothing.
+        await store.apply(updates)
         updates_applied.inc(len(updates))
         feed_rate.add(len(updates), time.time())
-        metrics.batch_events.observe(len(events))
-        metrics.batch_seconds.observe(time.perf_counter() - started)
 
-    @app.agent(source, name="update_read_model")
-    async def update_read_model(stream: faust.StreamT) -> None:
-        async for events in batches(stream, core):
-            await apply_batch(events)
+    readiness = Readiness("partitions_assigned")
+    # Tombstones and unreadable records are passed over here: the console only reads, and
+    # producing to deadletter from the console could loop on a bad deadletter record.
+    kernel = StreamKernel("console", core, [Consumes(CONSUMED, apply_batch, dead_letters=False)],
+                          metrics, readiness)
+    add_health_pages(app, "console", readiness, registry, kernel)
+    run_kernel(app, kernel)
 
     @app.timer(interval=settings.pipeline_sample_s, name="sample_pipeline")
     async def sample_pipeline() -> None:
         # Counters sampled in the background, so the overview has a rate when someone opens it.
         await pages.sample_pipeline()
 
-    async def mark_ready(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
-        ready["ok"] = True
-
     async def close_clients(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
         await redis.aclose()
 
     # mode's SignalHandlerT is written with mypy_extensions callable types that no plain
     # async def matches, so the connect calls are the one place type checking is waived.
-    app.on_partitions_assigned.connect(mark_ready)  # type: ignore[arg-type]
     app.on_before_shutdown.connect(close_clients)  # type: ignore[arg-type]
     return app

@@ -9,20 +9,30 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.identity.settings import DEV_ADMIN_KEY, DEV_ADMIN_KEY_SHA256
 from services.triggers.settings import DEFAULT_RULES_FILE
+from touchstream.client_address import TrustedProxies
+from touchstream.settings import Environment, EnvironmentName
 
 
 class ConsoleSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TOUCHSTREAM_CONSOLE_", frozen=True, extra="ignore",
                                       populate_by_name=True)
 
-    environment: str = Field("dev", validation_alias=AliasChoices("TOUCHSTREAM_ENVIRONMENT", "environment"))
+    environment: EnvironmentName = Field(Environment.DEV,
+                                         validation_alias=AliasChoices("TOUCHSTREAM_ENVIRONMENT", "environment"))
     web_port: int = Field(6070, description="Port of the pages, the JSON API, /metrics, /healthz and /readyz.")
     web_host: str = "127.0.0.1"
     admin_keys: frozenset[str] = Field(
         frozenset({DEV_ADMIN_KEY_SHA256}), description="sha256 (hex) of the keys that may log in.")
     session_ttl_s: int = Field(8 * 3600, ge=60)
     login_max_failures: int = Field(10, ge=1, description="Failed logins per client address before a 429.")
+    # The console has one account (whoever holds an admin key): this bounds guessing from many
+    # addresses at once, at the price that a flood of wrong keys holds new logins off for the window
+    # (open sessions go on working).
+    login_max_failures_per_account: int = Field(
+        100, ge=1, description="Failed logins from all addresses together before every login gets a 429.")
     login_failure_window_s: int = Field(900, ge=1, description="How long failed logins count (from the first).")
+    trusted_proxies: TrustedProxies = Field(
+        (), description="Networks of the reverse proxies whose X-Forwarded-For names the client (default none).")
     # Browsers only send Secure cookies over https; the local stack is plain http on loopback.
     cookie_secure: bool = False
     key_prefix: str = "ts:console:"
@@ -47,11 +57,13 @@ class ConsoleSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _refuse_dev_key_in_prod(self) -> ConsoleSettings:
-        if self.environment == "prod" and DEV_ADMIN_KEY_SHA256 in self.admin_keys:
+        if self.environment is not Environment.PROD:
+            return self
+        if DEV_ADMIN_KEY_SHA256 in self.admin_keys:
             raise ValueError("TOUCHSTREAM_CONSOLE_ADMIN_KEYS must not contain the dev admin key in prod")
-        if self.environment == "prod" and not self.cookie_secure:
+        if not self.cookie_secure:
             raise ValueError("TOUCHSTREAM_CONSOLE_COOKIE_SECURE must be true in prod (serve the console over https)")
-        if self.environment == "prod" and self.identity_admin_key.get_secret_value() == DEV_ADMIN_KEY:
+        if self.identity_admin_key.get_secret_value() == DEV_ADMIN_KEY:
             raise ValueError("TOUCHSTREAM_CONSOLE_IDENTITY_ADMIN_KEY must be set to a real key in prod")
         return self
 

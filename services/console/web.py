@@ -4,7 +4,7 @@ Every page is rendered on the server with Jinja2 (autoescape on); the only scrip
 static/console.js (live updates), served from this package. Pages sit behind an admin-key
 login that sets an HttpOnly, SameSite=Strict session cookie; every POST carries a CSRF token (the
 login form's is a double-submit token bound to a pre-session cookie), and failed logins are
-rate-limited per client address in Redis.
+rate-limited in Redis per client address (read through trusted proxies) and for all addresses together.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import re
 import secrets
 import ssl
 import time
+import unicodedata
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 import jinja2
@@ -55,11 +56,12 @@ from services.console.readmodel import (
 from services.console.settings import ConsoleSettings
 from services.console.store import ReadModelStore
 from services.identity.admin import hash_admin_key, is_admin
-from services.identity.customer360 import CustomerView, find_customer, read_customer
-from services.identity.domain import GraphLayout, lookup_identifier
+from services.identity.customer360 import CustomerView, read_customer
+from services.identity.domain import GraphLayout
 from services.triggers.rules import Rule, ScoreCrossing
 from services.triggers.state_store import DeliveryLedger
-from touchstream.identifiers import InvalidIdentifier
+from touchstream.client_address import client_address
+from touchstream.failures import FailureCounter
 from touchstream.topics import ACTIONS, SCORES, TOUCHPOINTS_RAW, TOUCHPOINTS_RESOLVED
 
 log = logging.getLogger(__name__)
@@ -138,14 +140,35 @@ def template_env() -> jinja2.Environment:
 
 
 def safe_next(target: str | None) -> str:
-    """Keep a post-login redirect on this site.
+    r"""Keep a post-login redirect on this site: a path of its own, or /overview.
+
+    Browsers drop tabs and line breaks from a Location before reading it and treat a backslash as
+    "/", so "/<tab>/evil.example" would arrive as "//evil.example": a target with any control
+    character, whitespace or backslash is refused whole, and what is left must parse to a path with
+    no scheme and no host.
 
     >>> safe_next("/customers/c_1"), safe_next("//evil.example"), safe_next("https://evil.example")
     ('/customers/c_1', '/overview', '/overview')
+    >>> safe_next("/\t/evil.example"), safe_next("/\\evil.example"), safe_next("/ok?q=1#top")
+    ('/overview', '/overview', '/ok?q=1#top')
     """
-    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+    if not target or not target.startswith("/") or "\\" in target:
+        return "/overview"
+    if any(char.isspace() or unicodedata.category(char) == "Cc" for char in target):
+        return "/overview"
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc or parts.path.startswith("//"):
         return "/overview"
     return target
+
+
+def _json_object(response: httpx.Response) -> dict[str, Any]:
+    """Return a peer's JSON object answer, or {} for anything else (an HTML error page, a list)."""
+    try:
+        answer = response.json()
+    except ValueError:
+        return {}
+    return answer if isinstance(answer, dict) else {}
 
 
 def rule_thresholds(rules: Sequence[Rule]) -> list[tuple[str, str, float]]:
@@ -182,64 +205,63 @@ class Sessions:
         await self.client.delete(self._key(token))
 
 
-class LoginThrottle:
-    """Failed logins per client address, counted in Redis (so across workers) from the first failure on.
+@dataclass(frozen=True)
+class Lockout:
+    """Logins refused for `wait_s` seconds, because of the failures from one address or from all."""
 
-    After `max_failures` within `window_s` every login from that address is refused with 429 until the
-    window ends; a successful login clears the count. Addresses are stored as sha256 digests only.
+    wait_s: int
+    all_addresses: bool
+
+
+class LoginThrottle:
+    """Failed logins counted in Redis (so across workers), per client address and for the console's one
+    account (every admin key), each from its first failure on.
+
+    After `max_failures` from one address, or `max_account_failures` from all of them together, within
+    `window_s`, logins from that address (or from everywhere) are refused with 429 until the window ends.
+    A successful login clears its address's count only: the account's would let a guesser start over
+    each time an operator logs in.
     """
 
-    def __init__(self, client: aioredis.Redis, prefix: str, max_failures: int, window_s: int) -> None:
-        self.client, self.prefix = client, prefix
-        self.max_failures, self.window_s = max_failures, window_s
+    ACCOUNT = "admin"
 
-    def _key(self, address: str) -> str:
-        return f"{self.prefix}login_failures:{hashlib.sha256(address.encode()).hexdigest()}"
+    def __init__(self, client: aioredis.Redis, prefix: str, max_failures: int, window_s: int,
+                 max_account_failures: int) -> None:
+        self.by_address = FailureCounter(client, f"{prefix}login_failures:", max_failures, window_s)
+        self.by_account = FailureCounter(client, f"{prefix}login_account_failures:", max_account_failures, window_s)
 
-    async def retry_after(self, address: str) -> int | None:
-        """Return the seconds until `address` may try again, or None if it may now."""
-        async with self.client.pipeline(transaction=False) as pipe:
-            pipe.get(self._key(address))
-            pipe.ttl(self._key(address))
-            count, ttl = await pipe.execute()
-        if count is None or int(count) < self.max_failures:
-            return None
-        if int(ttl) < 0:  # a count without an expiry would lock the address out for good
-            await self.client.expire(self._key(address), self.window_s)
-            return self.window_s
-        return max(int(ttl), 1)
+    async def lockout(self, address: str) -> Lockout | None:
+        """Return why and how long logins from `address` are refused, or None if it may try now."""
+        account_wait = await self.by_account.retry_after(self.ACCOUNT)
+        address_wait = await self.by_address.retry_after(address)
+        if account_wait is not None and account_wait >= (address_wait or 0):
+            return Lockout(account_wait, all_addresses=True)
+        return Lockout(address_wait, all_addresses=False) if address_wait is not None else None
 
     async def failed(self, address: str) -> int:
         """Count one failure; return how many `address` has in the current window."""
-        async with self.client.pipeline(transaction=False) as pipe:
-            pipe.incr(self._key(address))
-            pipe.expire(self._key(address), self.window_s, nx=True)
-            count, _ = await pipe.execute()
-        return int(count)
+        await self.by_account.failed(self.ACCOUNT)
+        return await self.by_address.failed(address)
 
     async def clear(self, address: str) -> None:
-        await self.client.delete(self._key(address))
+        await self.by_address.clear(address)
 
 
 class ConsoleWeb:
     """Routes of the console over the read model, the identity graph and scoring's metrics."""
 
-    def __init__(self, store: ReadModelStore, settings: ConsoleSettings, layout: GraphLayout, hash_key: bytes,
-                 phone_region: str, blocklist: frozenset[str], rules: Sequence[Rule],
+    def __init__(self, store: ReadModelStore, settings: ConsoleSettings, layout: GraphLayout, rules: Sequence[Rule],
                  page_seconds: Histogram | None = None, feed_rate: RateMeter | None = None,
                  arrivals: LatencyWindow | None = None) -> None:
         self.store = store
         self.client = store.client
         self.settings = settings
         self.layout = layout
-        self._hash_key = hash_key
-        self._region = phone_region
-        self._blocklist = blocklist
         self.thresholds = rule_thresholds(rules)
         self.rules = {r.id: r for r in rules}
         self.sessions = Sessions(store.client, settings.key_prefix, settings.session_ttl_s)
         self.throttle = LoginThrottle(store.client, settings.key_prefix, settings.login_max_failures,
-                                      settings.login_failure_window_s)
+                                      settings.login_failure_window_s, settings.login_max_failures_per_account)
         self.templates = template_env()
         self.ledger = DeliveryLedger(store.client, 0)
         self.page_seconds = page_seconds
@@ -349,13 +371,16 @@ class ConsoleWeb:
         return self._login_page(request, safe_next(request.query.get("next")), None)
 
     async def login(self, request: web.Request) -> web.StreamResponse:
-        address = request.remote or "unknown"
+        address = client_address(request.remote, request.headers.getall("X-Forwarded-For", []),
+                                 self.settings.trusted_proxies)
         form = await request.post()
         target = safe_next(str(form.get("next", "")))
-        wait_s = await self.throttle.retry_after(address)
-        if wait_s is not None:
+        lockout = await self.throttle.lockout(address)
+        if lockout is not None:
+            wait_s = lockout.wait_s
+            source = "on this console" if lockout.all_addresses else "from your address"
             response = self._login_page(request, target, status=429, error=(
-                "Too many failed logins from your address: try again in "
+                f"Too many failed logins {source}: try again in "
                 f"{f'{wait_s} s' if wait_s < 60 else duration_in_words(wait_s * 1000)}."))
             response.headers["Retry-After"] = str(wait_s)
             return response
@@ -395,17 +420,44 @@ class ConsoleWeb:
         query = str(form.get("q", "")).strip()
         kind, sep, value = query.partition(":")
         if sep:
-            try:
-                identifier = lookup_identifier(kind.strip(), value, self._hash_key, self._region, self._blocklist)
-            except InvalidIdentifier as exc:
-                return self._page("search.html", session, status=400, error=f"Not a usable identifier: {exc}")
-            view = await find_customer(self.client, self.layout, identifier)
-            if view is None:
-                return self._page("search.html", session, status=404, error="No customer has this identifier.")
-            raise web.HTTPSeeOther(f"/customers/{view.customer_id}")
+            return await self._find_by_identifier(session, kind.strip(), value)
         if not query:
             return self._page("search.html", session, status=400, error="Type a customer id or an identifier.")
         raise web.HTTPSeeOther(f"/customers/{quote(query, safe='')}")
+
+    async def _find_by_identifier(self, session: Session, kind: str, value: str) -> web.StreamResponse:
+        """Ask identity which customer owns a typed identifier (it normalises and hashes it as the pipeline
+        does); the clear value goes in a POST body, never in a URL."""
+        if not self.settings.identity_url:
+            return self._page("search.html", session, status=503, error=(
+                "Search by identifier needs TOUCHSTREAM_CONSOLE_IDENTITY_URL; search by customer id works."))
+        try:
+            response = await self._call_identity("POST", "/v1/customers/lookup",
+                                                 json={"identifier": {"type": kind, "value": value}})
+        except httpx.HTTPError as exc:
+            return self._page("search.html", session, status=502,
+                              error=f"identity did not answer ({type(exc).__name__}); try again.")
+        answer = _json_object(response)
+        if response.status_code == 404:
+            return self._page("search.html", session, status=404, error="No customer has this identifier.")
+        if response.status_code == 400:
+            reason = f"{answer.get('field', '')} {answer.get('reason', '')}".strip() or response.text[:300]
+            return self._page("search.html", session, status=400, error=f"Not a usable identifier: {reason}")
+        customer_id = answer.get("customer_id")
+        if response.status_code in (401, 403):
+            message = "identity refused the console's admin key (TOUCHSTREAM_CONSOLE_IDENTITY_ADMIN_KEY)."
+        elif response.status_code != 200 or not isinstance(customer_id, str):
+            message = f"identity could not look the identifier up (HTTP {response.status_code})."
+        else:
+            raise web.HTTPSeeOther(f"/customers/{quote(customer_id, safe='')}")
+        return self._page("search.html", session, status=502, error=message)
+
+    async def _call_identity(self, method: str, path: str, **request: Any) -> httpx.Response:
+        """Send one request to identity's customer API with the console's admin key (raises httpx.HTTPError)."""
+        key = self.settings.identity_admin_key.get_secret_value()
+        async with httpx.AsyncClient(timeout=10.0, verify=_tls_context()) as http:
+            return await http.request(method, f"{self.settings.identity_url}{path}",
+                                      headers={"Authorization": f"Bearer {key}"}, **request)
 
     async def _customer_context(self, customer_id: str) -> dict[str, Any] | None:
         record = await self.store.customer(customer_id)
@@ -478,13 +530,10 @@ class ConsoleWeb:
         if not self.settings.identity_url:
             return self._page("error.html", session, status=503,
                               message="Un-merge needs TOUCHSTREAM_CONSOLE_IDENTITY_URL.")
-        key = self.settings.identity_admin_key.get_secret_value()
         try:
-            async with httpx.AsyncClient(timeout=10.0, verify=_tls_context()) as http:
-                response = await http.post(
-                    f"{self.settings.identity_url}/v1/customers/{quote(customer_id, safe='')}/unmerge",
-                    json={"identifiers": [ref], "request_id": request_id or uuid.uuid4().hex},
-                    headers={"Authorization": f"Bearer {key}"})
+            response = await self._call_identity(
+                "POST", f"/v1/customers/{quote(customer_id, safe='')}/unmerge",
+                json={"identifiers": [ref], "request_id": request_id or uuid.uuid4().hex})
         except httpx.HTTPError as exc:
             return self._page("error.html", session, status=502,
                               message=f"identity did not answer: {type(exc).__name__}")
@@ -518,12 +567,9 @@ class ConsoleWeb:
         if not self.settings.identity_url:
             return self._page("error.html", session, status=503,
                               message="Deletion needs TOUCHSTREAM_CONSOLE_IDENTITY_URL; nothing was deleted.")
-        key = self.settings.identity_admin_key.get_secret_value()
         try:
-            async with httpx.AsyncClient(timeout=10.0, verify=_tls_context()) as http:
-                response = await http.delete(
-                    f"{self.settings.identity_url}/v1/customers/{quote(customer_id, safe='')}",
-                    params={"request_id": request_id}, headers={"Authorization": f"Bearer {key}"})
+            response = await self._call_identity("DELETE", f"/v1/customers/{quote(customer_id, safe='')}",
+                                                 params={"request_id": request_id})
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             log.warning("identity unreachable for a deletion: %s", type(exc).__name__)
             return self._page("error.html", session, status=502, message=(
@@ -547,11 +593,7 @@ class ConsoleWeb:
             status = response.status_code if response.status_code < 500 else 502
             return self._page("error.html", session, status=status, message=(
                 f"identity refused the deletion (HTTP {response.status_code}): {response.text[:300]}"))
-        try:
-            answer = response.json()
-        except ValueError:
-            answer = None
-        answer = answer if isinstance(answer, dict) else {}
+        answer = _json_object(response)
         # identity erases the live customer and every id merged into it: name them all, as identity did.
         erased = str(answer.get("customer_id") or customer_id)
         merged = [str(m) for m in answer.get("merged_ids") or ()]

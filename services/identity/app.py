@@ -1,4 +1,4 @@
-"""Faust wiring of the identity service: touchpoints.raw -> graph -> touchpoints.resolved + identity.merges."""
+"""Wiring of the identity service: stream kernel -> graph -> touchpoints.resolved + identity.merges."""
 
 from __future__ import annotations
 
@@ -45,10 +45,18 @@ from touchstream import avro
 from touchstream.eventtime import too_far_ahead
 from touchstream.identifiers import Identifier, InvalidIdentifier
 from touchstream.settings import CoreSettings
-from touchstream.streams import Outbox, add_health_pages, batches, faust_topic, make_app
+from touchstream.streams import (
+    Consumes,
+    Outbox,
+    Readiness,
+    Record,
+    StreamKernel,
+    add_health_pages,
+    make_app,
+    run_kernel,
+)
 from touchstream.topics import (
     CUSTOMER_DELETIONS,
-    DEADLETTER,
     IDENTITY_MERGES,
     SCORES,
     TOUCHPOINTS_RAW,
@@ -78,11 +86,7 @@ class TouchpointResolver:
         metrics: IdentityMetrics,
         settings: IdentitySettings,
         hash_key: bytes,
-        resolved: faust.TopicT,
-        merges: faust.TopicT,
-        deadletter: faust.TopicT,
-        deletions: faust.TopicT | None = None,
-        scores: faust.TopicT | None = None,
+        outbox: Callable[[], Outbox],
         event_time_tolerance_s: float | None = None,
     ) -> None:
         self.resolver = resolver
@@ -90,21 +94,16 @@ class TouchpointResolver:
         self.metrics = metrics
         self.settings = settings
         self._hash_key = hash_key
-        self._resolved = resolved
-        self._merges = merges
-        self._deadletter = deadletter
-        self._deletions = deletions
-        self._scores = scores
+        # For the API's splits and erasures, outside the stream's batches.
+        self._outbox = outbox
         self._event_time_tolerance_s = event_time_tolerance_s
 
-    async def resolve_batch(self, events: Sequence[faust.EventT]) -> None:
-        """Decode, resolve in one Redis round trip, emit, and wait for the broker's acks."""
-        outbox = Outbox(self.metrics.service)
+    async def resolve_batch(self, records: list[Record], outbox: Outbox) -> None:
+        """Resolve a decoded batch in one Redis round trip and put its records in `outbox`."""
         pending: list[_Pending] = []
         read_at_ms = int(time.time() * 1000)
-        for event in events:
-            self.metrics.service.events_in.labels(TOUCHPOINTS_RAW.name).inc()
-            pending_event = await self._prepare(event, outbox, read_at_ms)
+        for record in records:
+            pending_event = await self._prepare(record, outbox, read_at_ms)
             if pending_event is not None:
                 pending.append(pending_event)
 
@@ -120,20 +119,15 @@ class TouchpointResolver:
                 for line in refusal_log_lines(item.item.request.message_id, resolution):
                     log.info("%s", line)
             for merge in resolution.merges:
-                await outbox.send(self._merges, merge.survivor_id,
+                await outbox.send(IDENTITY_MERGES, merge.survivor_id,
                                   avro.encode(IDENTITY_MERGES.schema, identity_merge_record(merge, item.event)))
-            record = resolved_touchpoint_record(item.event, resolution, item.identifiers, resolved_at_ms)
-            await outbox.send(self._resolved, resolution.customer_id, avro.encode(TOUCHPOINTS_RESOLVED.schema, record))
-        await outbox.flush()
+            resolved = resolved_touchpoint_record(item.event, resolution, item.identifiers, resolved_at_ms)
+            await outbox.send(TOUCHPOINTS_RESOLVED, resolution.customer_id,
+                              avro.encode(TOUCHPOINTS_RESOLVED.schema, resolved))
 
-    async def _prepare(self, event: faust.EventT, outbox: Outbox, read_at_ms: int) -> _Pending | None:
-        raw_key = event.key if isinstance(event.key, bytes) else None
-        original = event.value if isinstance(event.value, bytes) else b""
-        try:
-            touchpoint = avro.decode(TOUCHPOINTS_RAW.schema, original)
-        except avro.DecodeError as exc:
-            await outbox.dead_letter(self._deadletter, STAGE, TOUCHPOINTS_RAW.name, f"undecodable: {exc}",
-                                     raw_key, original)
+    async def _prepare(self, record: Record, outbox: Outbox, read_at_ms: int) -> _Pending | None:
+        touchpoint = record.value
+        if touchpoint is None:
             return None
         if self._event_time_tolerance_s is not None:
             # Dead-lettered rather than clamped: a clamped time would be invented, and scoring's
@@ -142,8 +136,7 @@ class TouchpointResolver:
             # straight to Kafka have no other trustworthy one, and it only ever comes later.
             ahead = too_far_ahead(int(touchpoint["timestamp_ms"]), read_at_ms, self._event_time_tolerance_s)
             if ahead is not None:
-                await outbox.dead_letter(self._deadletter, STAGE, TOUCHPOINTS_RAW.name,
-                                         f"timestamp_ms: {ahead}", raw_key, original)
+                await outbox.dead_letter(TOUCHPOINTS_RAW.name, f"timestamp_ms: {ahead}", record.key, record.raw)
                 return None
         prepared = prepare_identifiers(touchpoint["identifiers"], self._hash_key,
                                        self.settings.default_phone_region, self.settings.blocklist)
@@ -152,8 +145,7 @@ class TouchpointResolver:
         if not prepared.hashed:
             # A customer per orphan event would only add noise to scoring; ops see it instead.
             reasons = ", ".join(sorted({f"{r.type_label} {r.reason}" for r in prepared.rejected})) or "none sent"
-            await outbox.dead_letter(self._deadletter, STAGE, TOUCHPOINTS_RAW.name,
-                                     f"no usable identifier: {reasons}", raw_key, original)
+            await outbox.dead_letter(TOUCHPOINTS_RAW.name, f"no usable identifier: {reasons}", record.key, record.raw)
             return None
         request = resolution_request(touchpoint, prepared.hashed)
         item = EventToResolve.of(touchpoint, request, self.resolver.persons is not None)
@@ -169,14 +161,14 @@ class TouchpointResolver:
         now_ms = int(time.time() * 1000)
         result = await self.with_redis_retry(
             lambda: self.graph.unmerge(op_id, now_ms, customer_id, identifiers, MERGE_REASON_OPERATOR))
-        outbox = Outbox(self.metrics.service)
+        outbox = self._outbox()
         for split in result.merges:
             if not result.replayed:
                 self.metrics.unmerges.inc()
                 log.info("identity: operator split %s off %s into %s (%s)", ", ".join(
                     short_ref(i) for i in split.linking_identifiers), split.survivor_id, split.merged_id, op_id)
             record = identity_merge_record(split, {"timestamp_ms": now_ms, "message_id": op_id})
-            await outbox.send(self._merges, split.survivor_id, avro.encode(IDENTITY_MERGES.schema, record))
+            await outbox.send(IDENTITY_MERGES, split.survivor_id, avro.encode(IDENTITY_MERGES.schema, record))
         await outbox.flush()
         return result
 
@@ -209,13 +201,11 @@ class TouchpointResolver:
         return erased, the_deletion_id
 
     async def _announce_erasure(self, erasure: Erasure, the_deletion_id: str, now_ms: int) -> None:
-        outbox = Outbox(self.metrics.service)
-        if self._deletions is not None:
-            record = customer_deletion_record(erasure, the_deletion_id, now_ms)
-            await outbox.send(self._deletions, erasure.customer_id, avro.encode(CUSTOMER_DELETIONS.schema, record))
-        if self._scores is not None:
-            for cid in erasure.customer_ids:
-                await outbox.tombstone(self._scores, cid)
+        outbox = self._outbox()
+        record = customer_deletion_record(erasure, the_deletion_id, now_ms)
+        await outbox.send(CUSTOMER_DELETIONS, erasure.customer_id, avro.encode(CUSTOMER_DELETIONS.schema, record))
+        for cid in erasure.customer_ids:
+            await outbox.tombstone(SCORES, cid)
         await outbox.flush()
 
     async def with_redis_retry(self, call: Callable[[], Awaitable[T]]) -> T:
@@ -236,44 +226,27 @@ def build_app(
 ) -> faust.App:
     """Build the identity Faust app; nothing connects until the worker starts."""
     app = make_app(STAGE, core, settings.web_port, settings.web_host)
-    raw = faust_topic(app, TOUCHPOINTS_RAW, core)
     metrics = IdentityMetrics(registry)
     client = aioredis.from_url(core.redis_url)
     hash_key = core.pii_hash_key.get_secret_value().encode()
     layout = GraphLayout(settings.graph_key_prefix)
     graph = IdentityGraph(client, layout, settings.graph_rules(), settings.event_ttl_s)
     persons = PersonIndex(client, layout, hash_key, settings.matching.max_block_size)
-    resolver = TouchpointResolver(
-        IdentityResolver(graph, persons, settings.matching), metrics, settings, hash_key,
-        resolved=faust_topic(app, TOUCHPOINTS_RESOLVED, core),
-        merges=faust_topic(app, IDENTITY_MERGES, core),
-        deadletter=faust_topic(app, DEADLETTER, core),
-        deletions=faust_topic(app, CUSTOMER_DELETIONS, core),
-        scores=faust_topic(app, SCORES, core),
-        event_time_tolerance_s=core.event_time_tolerance_s,
-    )
-    ready = {"ok": False}
-    progress = {"partitions_assigned": False, "script_loaded": False}
-    add_health_pages(app, ready, registry)
-    add_customer_pages(app, resolver, layout)
+    readiness = Readiness("partitions_assigned", "script_loaded")
+    kernel: StreamKernel
+    resolver = TouchpointResolver(IdentityResolver(graph, persons, settings.matching), metrics, settings, hash_key,
+                                  outbox=lambda: kernel.outbox(), event_time_tolerance_s=core.event_time_tolerance_s)
+    kernel = StreamKernel(STAGE, core, [Consumes((TOUCHPOINTS_RAW,), resolver.resolve_batch)], metrics.service,
+                          readiness)
 
-    def mark(step: str) -> None:
-        progress[step] = True
-        ready["ok"] = all(progress.values())
-
-    @app.on_partitions_assigned.connect
-    def on_partitions_assigned(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
-        mark("partitions_assigned")
-
-    @app.agent(raw, name="resolve_touchpoints")
-    async def resolve_touchpoints(stream: faust.StreamT) -> None:
+    async def load_script() -> None:
         await resolver.with_redis_retry(graph.load_script)
-        mark("script_loaded")
-        async for events in batches(stream, core):
-            with metrics.service.batch_seconds.time():
-                metrics.service.batch_events.observe(len(events))
-                await resolver.resolve_batch(events)
+        readiness.done("script_loaded")
 
+    kernel.before_consuming.append(load_script)
+    add_health_pages(app, STAGE, readiness, registry, kernel)
+    add_customer_pages(app, resolver, layout)
+    run_kernel(app, kernel)
     return app
 
 
@@ -308,6 +281,8 @@ class FieldError(CustomerRequestError):
 
 
 MAX_ID_CHARS = 200
+LOOKUP_IN_THE_BODY = ('identifiers stay out of URLs and access logs: POST /v1/customers/lookup with '
+                      '{"identifier": {"type": "email", "value": "..."}} instead')
 
 
 def _request_id(value: Any) -> str:
@@ -319,11 +294,51 @@ def _request_id(value: Any) -> str:
     return value
 
 
+async def _json_body(request: Request) -> Any:
+    try:
+        return await request.json()
+    except ValueError:
+        raise FieldError("(body)", "is not valid JSON") from None
+
+
+def _body_identifier(item: Any, resolver: TouchpointResolver) -> Identifier:
+    """Read the identifier of a request body: {"type", "value"} (a clear value, hashed here) or a
+    hashed "type:hash" reference (as the 360 shows it)."""
+    if isinstance(item, str):
+        identifier = parse_identifier_ref(item)
+        if not identifier.type or not identifier.value:
+            raise FieldError("identifier", 'a string must be a hashed "type:hash" reference')
+        return identifier
+    if not isinstance(item, dict):
+        raise FieldError("identifier", 'must be {"type": ..., "value": ...} or a hashed "type:hash" reference')
+    kind, value = item.get("type"), item.get("value")
+    if not isinstance(kind, str) or not kind.strip():
+        raise FieldError("identifier.type", "must be an identifier type such as email, phone or user_id")
+    if not isinstance(value, str) or not value.strip():
+        raise FieldError("identifier.value", "must be a non-empty string")
+    try:
+        return resolver.hashed_lookup(kind, value)
+    except InvalidIdentifier as exc:
+        reason = "is on the blocklist" if "blocklist" in str(exc) else "is not a usable identifier of this type"
+        raise FieldError("identifier.value", reason) from None
+
+
+def _lookup_target(body: Any, resolver: TouchpointResolver) -> Identifier:
+    """Return the identifier a look-up body names: {"identifier": {"type", "value"} or "type:hash"}."""
+    if not isinstance(body, dict):
+        raise FieldError("(body)", 'must be a JSON object: {"identifier": {"type": "email", "value": "..."}}')
+    unknown = sorted(set(body) - {"identifier"})
+    if unknown:
+        raise FieldError(unknown[0], "unknown field; give identifier")
+    if "identifier" not in body:
+        raise FieldError("identifier", 'is required: {"type": "email", "value": "..."} or "type:hash"')
+    return _body_identifier(body["identifier"], resolver)
+
+
 async def _erase_target(body: Any, resolver: TouchpointResolver, client: aioredis.Redis,
                         layout: GraphLayout) -> str | None:
-    """Return the customer id an erasure body names: {"identifier": {"type", "value"}} (clear value,
-    hashed here), {"identifier": "type:hash"} (as the 360 shows it), or {"customer_id": ...}.
-    None when no customer owns the identifier."""
+    """Return the customer id an erasure body names: {"identifier": ...} (see `_body_identifier`) or
+    {"customer_id": ...}. None when no customer owns the identifier."""
     if not isinstance(body, dict):
         raise FieldError("(body)", 'must be a JSON object: {"identifier": {"type": "email", "value": "..."}}')
     unknown = sorted(set(body) - {"identifier", "customer_id", "request_id"})
@@ -336,30 +351,13 @@ async def _erase_target(body: Any, resolver: TouchpointResolver, client: aioredi
         if not isinstance(customer_id, str) or not customer_id.strip() or len(customer_id) > MAX_ID_CHARS:
             raise FieldError("customer_id", f"must be a non-empty string of at most {MAX_ID_CHARS} characters")
         return customer_id
-    item = body["identifier"]
-    if isinstance(item, str):
-        identifier = parse_identifier_ref(item)
-        if not identifier.type or not identifier.value:
-            raise FieldError("identifier", 'a string must be a hashed "type:hash" reference')
-    elif isinstance(item, dict):
-        kind, value = item.get("type"), item.get("value")
-        if not isinstance(kind, str) or not kind.strip():
-            raise FieldError("identifier.type", "must be an identifier type such as email, phone or user_id")
-        if not isinstance(value, str) or not value.strip():
-            raise FieldError("identifier.value", "must be a non-empty string")
-        try:
-            identifier = resolver.hashed_lookup(kind, value)
-        except InvalidIdentifier as exc:
-            reason = "is on the blocklist" if "blocklist" in str(exc) else "is not a usable identifier of this type"
-            raise FieldError("identifier.value", reason) from None
-    else:
-        raise FieldError("identifier", 'must be {"type": ..., "value": ...} or a hashed "type:hash" reference')
+    identifier = _body_identifier(body["identifier"], resolver)
     owner = await client.hget(layout.identifier_key(identifier_ref(identifier)), "owner")
     return None if owner is None else (owner.decode() if isinstance(owner, bytes) else str(owner))
 
 
 def add_customer_pages(app: faust.App, resolver: TouchpointResolver, layout: GraphLayout) -> None:
-    """Serve the admin customer API: 360 lookup by id or identifier, un-merge, and erasure."""
+    """Serve the admin customer API: 360 lookup by id or by identifier (in the body), un-merge, and erasure."""
     client = resolver.graph.client
 
     def refused(request: Request) -> bool:
@@ -386,32 +384,36 @@ def add_customer_pages(app: faust.App, resolver: TouchpointResolver, layout: Gra
             if refused(request):
                 return self.error(401, "admin key required", headers={"WWW-Authenticate": "Bearer"})
             try:
-                try:
-                    body = await request.json()
-                except ValueError:
-                    raise FieldError("(body)", "is not valid JSON") from None
+                body = await _json_body(request)
                 request_id = _request_id(body.get("request_id") if isinstance(body, dict) else None)
                 customer_id = await _erase_target(body, resolver, client, layout)
             except FieldError as exc:
                 return field_error(self, exc)
             return await erase_answer(self, customer_id, request_id)
 
+    @app.page("/v1/customers/lookup")
+    class CustomerLookupView(View):
+        """Find the customer owning an identifier; the identifier travels in the body, never in a URL."""
+
+        async def post(self, request: Request) -> Response:
+            if refused(request):
+                return self.error(401, "admin key required", headers={"WWW-Authenticate": "Bearer"})
+            try:
+                identifier = _lookup_target(await _json_body(request), resolver)
+            except FieldError as exc:
+                return field_error(self, exc)
+            view = await find_customer(client, layout, identifier)
+            if view is None:
+                return self.error(404, "no customer has this identifier")
+            return self.json(view.to_json())
+
     @app.page("/v1/customers")
     class CustomerSearchView(View):
         async def get(self, request: Request) -> Response:
+            """Refuse a look-up by query string: a clear e-mail or phone there lands in every access log."""
             if refused(request):
                 return self.error(401, "admin key required", headers={"WWW-Authenticate": "Bearer"})
-            kind, sep, value = request.query.get("identifier", "").partition(":")
-            if not sep or not kind or not value:
-                return self.error(400, "give ?identifier=<type>:<clear value>, e.g. email:ann@example.com")
-            try:
-                identifier = resolver.hashed_lookup(kind, value)
-            except InvalidIdentifier as exc:
-                return self.error(400, f"unusable identifier: {exc}")
-            view = await find_customer(client, layout, identifier)
-            if view is None:
-                return self.notfound("no customer has this identifier")
-            return self.json(view.to_json())
+            return field_error(self, FieldError("identifier", LOOKUP_IN_THE_BODY))
 
     @app.page("/v1/customers/{customer_id}")
     class CustomerView(View):

@@ -8,6 +8,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from services.identity.domain import GraphRules
 from services.identity.matching import MatchSettings
 from touchstream.identifiers import DEFAULT_BLOCKLIST, STRONG_TYPES
+from touchstream.settings import Environment
 
 DEV_ADMIN_KEY = "dev-admin-key"
 # sha256 of DEV_ADMIN_KEY: only hashes of admin keys are ever configured.
@@ -42,15 +43,15 @@ class IdentitySettings(BaseSettings):
     # Long enough to cover any redelivery after a crash or a consumer-group rebalance.
     event_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="How long an event's resolution is remembered.")
 
-    def refuse_placeholders(self, environment: str) -> None:
+    def refuse_placeholders(self, environment: Environment) -> None:
         """Refuse the dev admin key in prod, as CoreSettings refuses the dev PII key.
 
-        >>> IdentitySettings().refuse_placeholders("prod")
+        >>> IdentitySettings().refuse_placeholders(Environment.PROD)
         Traceback (most recent call last):
         ...
         ValueError: TOUCHSTREAM_IDENTITY_ADMIN_KEYS holds the dev admin key; set real key hashes in prod
         """
-        if environment == "prod" and DEV_ADMIN_KEY_SHA256 in self.admin_keys:
+        if environment is Environment.PROD and DEV_ADMIN_KEY_SHA256 in self.admin_keys:
             raise ValueError("TOUCHSTREAM_IDENTITY_ADMIN_KEYS holds the dev admin key; set real key hashes in prod")
 
     def graph_rules(self) -> GraphRules:

@@ -1,10 +1,11 @@
 """Ingest HTTP app (Starlette): authenticate, validate, dedupe, produce, answer after the broker's ack.
 
-Request flow: route -> body (size-capped, gzip) -> JSON -> write key (HTTP Basic user, or
-`writeKey` in the body as Segment allows) -> every event translated and Avro-encoded (any
-error refuses the whole request, see `encode_all`) -> rate limit and provisional messageId claims
-in one Redis call (`admission`) -> records produced -> claims made final -> `200` once the broker
-acknowledged them all.
+Request flow: route -> client address (through trusted proxies) not locked out by failed
+authentications -> write key from the HTTP Basic user, checked before the body is read -> body
+(size-capped, gzip) -> JSON -> or else the write key from `writeKey` in the body, as Segment
+allows -> every event translated and Avro-encoded (any error refuses the whole request, see
+`encode_all`) -> rate limit and provisional messageId claims in one Redis call (`admission`) ->
+records produced -> claims made final -> `200` once the broker acknowledged them all.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import hashlib
 import logging
 import random
 import time
@@ -39,13 +39,16 @@ from services.ingest.keys import WriteKeyStore
 from services.ingest.segment import EVENT_TYPES, EventRejected, parse_timestamp, to_touchpoint
 from services.ingest.settings import DEV_WRITE_KEY, IngestSettings, hash_write_key
 from touchstream import avro
-from touchstream.identifiers import KEY_PRIORITY
+from touchstream.client_address import client_address
+from touchstream.failures import FailureCounter
+from touchstream.identifiers import KEY_PRIORITY, raw_topic_key
 from touchstream.metrics import ServiceMetrics, render
 from touchstream.privacy import SuppressionList, event_suppression_tokens
-from touchstream.settings import CoreSettings
+from touchstream.settings import CoreSettings, Environment
 from touchstream.topics import TOUCHPOINTS_RAW
 
 OPENAPI_PATH = avro.SCHEMA_DIR / "openapi.yaml"
+AUTH_FAILURES_PREFIX = "ts:in:authfail:"
 # Readiness waits this long for the broker to answer a metadata request.
 BROKER_PROBE_TIMEOUT_S = 2.0
 log = logging.getLogger(__name__)
@@ -68,6 +71,9 @@ class IngestMetrics(ServiceMetrics):
         self.claims_unconfirmed = self.counter(
             "claims_unconfirmed", "Acknowledged events whose messageId claim Redis did not make final; a retry "
                                   "after the claim expires is produced again (downstream dedupes by messageId).")
+        self.auth_refused = self.counter(
+            "auth_refused", "Requests refused for their write key (bad_key: 401) or their client address "
+            "(locked_out: 429 after too many bad keys).", ["reason"])
         self.request_seconds = self.histogram("request_duration", "Request time until the broker's ack.",
                                               ["endpoint"])
 
@@ -149,16 +155,15 @@ def basic_user(header: str) -> str | None:
         return None
 
 
-def record_key(record: dict[str, Any]) -> bytes:
-    """Return the raw topic's key: sha256 of the most stable identifier, else of the messageId.
+def record_key(record: dict[str, Any], hash_key: bytes) -> bytes:
+    """Return the raw topic's key: the keyed hash of the most stable identifier, else of the messageId.
 
     The rule is `touchstream.identifiers.partition_key`'s, read straight off the record's
     dicts (building Identifier objects per event showed up in profiles).
     """
     by_type = {i["type"]: i["value"] for i in record["identifiers"]}
     text = next((f"{kind}:{by_type[kind]}" for kind in KEY_PRIORITY if kind in by_type), record["message_id"])
-    # Hash the key: keys show up in more places (tools, logs) than values.
-    return hashlib.sha256(text.encode()).hexdigest().encode()
+    return raw_topic_key(text, hash_key)
 
 
 class CachedPartitioner:
@@ -195,6 +200,7 @@ class IngestService:
         self.keys: WriteKeyStore | None = None
         self.admitter: Admitter | None = None
         self.suppression: SuppressionList | None = None
+        self.auth_failures: FailureCounter | None = None
         self._hash_key = core.pii_hash_key.get_secret_value().encode()
         self._partitioner = CachedPartitioner()
 
@@ -205,6 +211,8 @@ class IngestService:
         self.admitter = Admitter(self.redis, self.settings.dedupe_ttl_s, self.settings.provisional_claim_ttl_ms)
         self.suppression = SuppressionList(self.redis, self.settings.suppression_key,
                                            self.settings.suppression_refresh_s)
+        self.auth_failures = FailureCounter(self.redis, AUTH_FAILURES_PREFIX, self.settings.auth_max_failures,
+                                            self.settings.auth_failure_window_s)
         self.producer = AIOKafkaProducer(
             bootstrap_servers=self.core.kafka_bootstrap,
             acks="all",
@@ -244,14 +252,25 @@ class IngestService:
         except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
             raise _bad_request("(body)", f"not valid JSON: {str(exc)[:200]}") from None
 
-    async def authenticate(self, header_key: str | None, body: Any) -> str:
-        """Return the source of the request's write key; refuse unknown and revoked keys."""
-        assert self.keys is not None
-        key = header_key
-        if key is None and isinstance(body, dict) and isinstance(body.get("writeKey"), str):
-            key = body["writeKey"]
+    async def refuse_if_locked_out(self, address: str) -> None:
+        """Refuse every request from an address with too many failed authentications, until its window ends.
+
+        Before the key is looked at, so a guesser learns nothing more once locked out, not even a right guess.
+        """
+        assert self.auth_failures is not None
+        wait_s = await self.auth_failures.retry_after(address)
+        if wait_s is not None:
+            self.metrics.auth_refused.labels("locked_out").inc()
+            raise Refused(429, f"too many failed authentications from this address; retry after {wait_s}s",
+                          headers={"Retry-After": str(wait_s)}, retry=True)
+
+    async def authenticate(self, key: str | None, address: str) -> str:
+        """Return the source of a write key; refuse unknown and revoked keys, counting the failure."""
+        assert self.keys is not None and self.auth_failures is not None
         source = await self.keys.source_for(key) if key else None
         if source is None:
+            self.metrics.auth_refused.labels("bad_key").inc()
+            await self.auth_failures.failed(address)
             raise _unauthorized()
         return source
 
@@ -281,7 +300,7 @@ class IngestService:
                     too_large = True
                     raise EventRejected("(event)", f"event is {len(value)} bytes encoded, the limit is {limit} "
                                                    "(max_event_bytes)")
-                encoded.append((record["message_id"], record_key(record), value))
+                encoded.append((record["message_id"], record_key(record, self._hash_key), value))
                 if tokens is not None:
                     tokens.append(event_suppression_tokens(record["identifiers"], self._hash_key,
                                                            self.settings.default_phone_region))
@@ -418,7 +437,7 @@ def load_openapi() -> dict[str, Any]:
 
 def build_app(core: CoreSettings, settings: IngestSettings) -> Starlette:
     """Build the ingest ASGI app; in prod, refuse to run with the well-known dev write key."""
-    if core.environment == "prod" and hash_write_key(DEV_WRITE_KEY) in settings.write_keys.values():
+    if core.environment is Environment.PROD and hash_write_key(DEV_WRITE_KEY) in settings.write_keys.values():
         raise ValueError("the dev write key is configured in prod: set TOUCHSTREAM_INGEST_WRITE_KEYS "
                          "(or {} and `touchstream keys add SOURCE`)")
     service = IngestService(core, settings)
@@ -448,14 +467,18 @@ def build_app(core: CoreSettings, settings: IngestSettings) -> Starlette:
     async def _handle(request: Request, call_type: str | None, batch: bool) -> Response:
         if call_type is not None and call_type not in EVENT_TYPES:
             raise Refused(404, f"unknown call type {call_type[:40]!r}; use one of {', '.join(EVENT_TYPES)} or batch")
+        address = client_address(request.client.host if request.client else None,
+                                 request.headers.getlist("x-forwarded-for"), settings.trusted_proxies)
+        await service.refuse_if_locked_out(address)
         header = request.headers.get("authorization")
-        header_key = basic_user(header) if header else None
-        if header and header_key is None:
-            raise _unauthorized()
+        # A key in the header is checked before the body is read, gunzipped and parsed.
+        source = await service.authenticate(basic_user(header), address) if header else None
         limit, limit_name = ((settings.max_batch_bytes, "max_batch_bytes") if batch
                              else (settings.max_event_bytes, "max_event_bytes"))
         body = await service.read_json(request, limit, limit_name)
-        source = await service.authenticate(header_key, body)
+        if source is None:
+            body_key = body.get("writeKey") if isinstance(body, dict) else None
+            source = await service.authenticate(body_key if isinstance(body_key, str) else None, address)
         if not batch:
             encoded, suppressed = await service.encode_and_screen(source, [body], call_type, None, check_size=False)
             return await service.accept(source, encoded, suppressed)

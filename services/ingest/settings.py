@@ -8,6 +8,7 @@ import math
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from touchstream.client_address import TrustedProxies
 from touchstream.privacy import DEFAULT_SUPPRESSION_KEY
 
 DEV_WRITE_KEY = "dev-write-key"
@@ -40,6 +41,12 @@ class IngestSettings(BaseSettings):
     rate_limit_burst_events: int = Field(
         10_000, ge=1, description="Events a source may send at once above the sustained rate.")
     rate_limits: dict[str, float] = Field(default_factory=dict, description="Per-source events/s overrides.")
+    # A key guesser, or a client stuck on a revoked key, gets 429 instead of a cheap 401 per try.
+    auth_max_failures: int = Field(
+        20, ge=1, description="Failed authentications per client address before every request from it gets 429.")
+    auth_failure_window_s: int = Field(60, ge=1, description="How long failed authentications count (from the first).")
+    trusted_proxies: TrustedProxies = Field(
+        (), description="Networks of the reverse proxies whose X-Forwarded-For names the client (default none).")
     produce_timeout_s: float = Field(10.0, gt=0, description="How long a request waits for the broker's ack.")
     dedupe_ttl_s: int = Field(24 * 3600, ge=1, description="How long a messageId is remembered per source.")
     # A messageId is claimed provisionally for the produce timeout plus this margin, and kept for

@@ -16,9 +16,13 @@ Models per worker, and checkpoints:
   River model, its prequential quality and drift detector, the purchases-per-window mean
   and the RFM quantile sketches. Customer state is partitioned; the model is not.
 - Every `checkpoint_interval_s` and on shutdown the worker pickles its Learner to one
-  shared Redis key, `{prefix}:model` (last writer wins). A starting worker restores that
-  newest checkpoint, unless it was written by an older version or for another
-  `model` kind, in which case it starts a fresh model and logs why.
+  shared Redis key, `{prefix}:model` (last writer wins), signed with HMAC-SHA256 under
+  `checkpoint_key` (checkpoint.py). A starting worker restores that newest checkpoint,
+  unless it was written by an older version or for another `model` kind, in which case it
+  starts a fresh model and logs why. A checkpoint whose signature is missing or wrong is
+  never unpickled: the worker starts a fresh model, logs an ERROR, counts it in
+  `touchstream_scoring_checkpoints_refused_total` (alert TouchstreamScoringCheckpointRefused)
+  and keeps the bytes at `{prefix}:model:refused`.
 - So with N workers, N models learn from disjoint customers between restarts and each
   restart re-seeds all of them from whichever checkpoint was written last. Every model
   sees a random share of customers (partitioning is by customer id hash), so they learn

@@ -1,9 +1,8 @@
-"""Faust wiring of the scoring service: decode -> ScoringService -> scores, deadletter, metrics."""
+"""Wiring of the scoring service: stream kernel (decoded batches) -> ScoringService -> scores, metrics."""
 
 from __future__ import annotations
 
 import logging
-import time
 from functools import partial
 from typing import Any
 
@@ -18,8 +17,18 @@ from services.scoring.state import touchpoint_from_record
 from services.scoring.store import RedisScoringStore
 from touchstream import avro
 from touchstream.settings import CoreSettings
-from touchstream.streams import Outbox, add_health_pages, batches, faust_topic, make_app, while_redis_is_down
-from touchstream.topics import CUSTOMER_DELETIONS, DEADLETTER, IDENTITY_MERGES, SCORES, TOUCHPOINTS_RESOLVED
+from touchstream.streams import (
+    Consumes,
+    Outbox,
+    Readiness,
+    Record,
+    StreamKernel,
+    add_health_pages,
+    make_app,
+    run_kernel,
+    while_redis_is_down,
+)
+from touchstream.topics import CUSTOMER_DELETIONS, IDENTITY_MERGES, SCORES, TOUCHPOINTS_RESOLVED
 
 STAGE = "scoring"
 log = logging.getLogger(__name__)
@@ -27,102 +36,19 @@ log = logging.getLogger(__name__)
 
 def build_app(core: CoreSettings, settings: ScoringSettings, metrics: ScoringMetrics | None = None) -> faust.App:
     """Build the scoring Faust app; nothing connects until the worker starts."""
-    app = make_app("scoring", core, settings.web_port, settings.web_host)
-    resolved_topic = faust_topic(app, TOUCHPOINTS_RESOLVED, core)
-    merges_topic = faust_topic(app, IDENTITY_MERGES, core)
-    scores_topic = faust_topic(app, SCORES, core)
-    deadletter_topic = faust_topic(app, DEADLETTER, core)
-    deletions_topic = faust_topic(app, CUSTOMER_DELETIONS, core)
+    app = make_app(STAGE, core, settings.web_port, settings.web_host)
     metrics = metrics or ScoringMetrics()
     # from_url only builds a pool; the first command opens a connection.
     redis = aioredis.from_url(core.redis_url)
     store = RedisScoringStore(redis, settings.key_prefix, core.erased_customer_ttl_s)
     service = ScoringService(store, settings, metrics, event_time_tolerance_s=core.event_time_tolerance_s)
-    ready = {"ok": False}
-    add_health_pages(app, ready)
+    stage = ScoringStage(service, metrics, core.partitions)
+    readiness = Readiness("partitions_assigned", "model_restored")
+    kernel = StreamKernel(STAGE, core, stage.inputs(), metrics.service, readiness)
+    kernel.before_consuming.append(partial(stage.restore_model, readiness))
+    add_health_pages(app, STAGE, readiness, kernel=kernel)
+    run_kernel(app, kernel)
     app.scoring_service = service  # type: ignore[attr-defined]  # for tests and the console
-
-    # mode's SignalHandlerT rejects even an exactly matching handler under mypy, hence the ignores.
-    @app.on_partitions_assigned.connect  # type: ignore[arg-type]
-    async def mark_ready(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
-        ready["ok"] = True
-
-    @app.agent(resolved_topic)
-    async def score_touchpoints(stream: faust.StreamT) -> None:
-        await while_redis_is_down(service.restore_model, metrics.service, "scoring: restore model")
-        async for batch in batches(stream, core):
-            started = time.perf_counter()
-            outbox = Outbox(metrics.service)
-            inputs: list[ResolvedInput] = []
-            for event in batch:
-                metrics.service.events_in.labels(TOUCHPOINTS_RESOLVED.name).inc()
-                try:
-                    record = avro.decode(TOUCHPOINTS_RESOLVED.schema, event.value)
-                except avro.DecodeError as exc:
-                    reason = f"undecodable: {exc}"
-                    source = TOUCHPOINTS_RESOLVED.name
-                    await outbox.dead_letter(deadletter_topic, STAGE, source, reason, event.key, event.value)
-                    continue
-                touch = touchpoint_from_record(record["event"])
-                inputs.append(ResolvedInput(event.message.partition, record["customer_id"], touch))
-            # A batch that failed half-way is scored again whole: each state remembers the events
-            # it has applied, so a repeat changes no state (the model may learn an example twice).
-            updates = await while_redis_is_down(partial(service.score_touchpoints, inputs), metrics.service,
-                                                "scoring: touchpoints")
-            for update in updates:
-                await outbox.send(scores_topic, update["customer_id"], avro.encode(SCORES.schema, update))
-            await outbox.flush()
-            metrics.service.batch_events.observe(len(batch))
-            metrics.service.batch_seconds.observe(time.perf_counter() - started)
-
-    @app.agent(merges_topic)
-    async def apply_merges(stream: faust.StreamT) -> None:
-        async for batch in batches(stream, core):
-            outbox = Outbox(metrics.service)
-            merges: list[MergeInput] = []
-            for event in batch:
-                metrics.service.events_in.labels(IDENTITY_MERGES.name).inc()
-                try:
-                    record = avro.decode(IDENTITY_MERGES.schema, event.value)
-                except avro.DecodeError as exc:
-                    await outbox.dead_letter(
-                        deadletter_topic, STAGE, IDENTITY_MERGES.name, f"undecodable: {exc}", event.key, event.value
-                    )
-                    continue
-                if record["kind"] != "merge":
-                    # An unmerge starts a new customer from nothing; there is no state to move.
-                    metrics.merges.labels("unmerge_ignored").inc()
-                    continue
-                merges.append(
-                    MergeInput(event.message.partition, record["merge_id"], record["survivor_id"], record["merged_id"])
-                )
-            await while_redis_is_down(partial(service.apply_merges, merges), metrics.service, "scoring: merges")
-            await outbox.flush()
-
-    @app.agent(deletions_topic, name="forget_customers")
-    async def forget_customers(stream: faust.StreamT) -> None:
-        """Erasures: delete each listed customer's state, waiting examples and ticks (idempotent)."""
-        async for batch in batches(stream, core):
-            outbox = Outbox(metrics.service)
-            ids: list[str] = []
-            for event in batch:
-                metrics.service.events_in.labels(CUSTOMER_DELETIONS.name).inc()
-                try:
-                    record = avro.decode(CUSTOMER_DELETIONS.schema, event.value or b"")
-                except avro.DecodeError as exc:
-                    await outbox.dead_letter(deadletter_topic, STAGE, CUSTOMER_DELETIONS.name, f"undecodable: {exc}",
-                                             event.key, event.value or b"")
-                    continue
-                ids += [record["customer_id"], *record["merged_ids"]]
-            if ids:
-                await while_redis_is_down(partial(service.forget_customers, ids, range(core.partitions)),
-                                          metrics.service, "scoring: erasures")
-                metrics.customers_forgotten.inc(len(set(ids)))
-                # identity tombstoned `scores` already; a score this worker sent meanwhile (a batch
-                # that ran before the erasure reached it) would be the key's latest value: null it again.
-                for cid in dict.fromkeys(ids):
-                    await outbox.tombstone(scores_topic, cid)
-            await outbox.flush()
 
     @app.timer(interval=settings.checkpoint_interval_s)
     async def checkpoint_model() -> None:
@@ -137,3 +63,55 @@ def build_app(core: CoreSettings, settings: ScoringSettings, metrics: ScoringMet
         await service.checkpoint()
 
     return app
+
+
+class ScoringStage:
+    """The scoring service's handlers of decoded batches: touchpoints, merges, erasures."""
+
+    def __init__(self, service: ScoringService, metrics: ScoringMetrics, partitions: int) -> None:
+        self.service = service
+        self.metrics = metrics
+        self.partitions = partitions
+
+    def inputs(self) -> tuple[Consumes, ...]:
+        # Erasures first within a batch: a touchpoint of an erased customer in the same batch is dropped.
+        return (Consumes((CUSTOMER_DELETIONS,), self.forget_customers),
+                Consumes((IDENTITY_MERGES,), self.apply_merges),
+                Consumes((TOUCHPOINTS_RESOLVED,), self.score_touchpoints))
+
+    async def restore_model(self, readiness: Readiness) -> None:
+        await while_redis_is_down(self.service.restore_model, self.metrics.service, "scoring: restore model")
+        readiness.done("model_restored")
+
+    async def score_touchpoints(self, records: list[Record], outbox: Outbox) -> None:
+        # A batch handled again (a crash before its commit) changes no state: each state remembers
+        # the events it has applied (the model may learn an example twice).
+        inputs = [ResolvedInput(r.partition, r.value["customer_id"], touchpoint_from_record(r.value["event"]))
+                  for r in records if r.value is not None]
+        for update in await self.service.score_touchpoints(inputs):
+            await outbox.send(SCORES, update["customer_id"], avro.encode(SCORES.schema, update))
+
+    async def apply_merges(self, records: list[Record], outbox: Outbox) -> None:
+        merges: list[MergeInput] = []
+        for record in records:
+            merge = record.value
+            if merge is None:
+                continue
+            if merge["kind"] != "merge":
+                # An unmerge starts a new customer from nothing; there is no state to move.
+                self.metrics.merges.labels("unmerge_ignored").inc()
+                continue
+            merges.append(MergeInput(record.partition, merge["merge_id"], merge["survivor_id"], merge["merged_id"]))
+        await self.service.apply_merges(merges)
+
+    async def forget_customers(self, records: list[Record], outbox: Outbox) -> None:
+        """Erasures: delete each listed customer's state, waiting examples and ticks (idempotent)."""
+        ids = [cid for r in records if r.value is not None for cid in (r.value["customer_id"], *r.value["merged_ids"])]
+        if not ids:
+            return
+        await self.service.forget_customers(ids, range(self.partitions))
+        self.metrics.customers_forgotten.inc(len(set(ids)))
+        # identity tombstoned `scores` already; a score this worker sent meanwhile (a batch that
+        # ran before the erasure reached it) would be the key's latest value: null it again.
+        for cid in dict.fromkeys(ids):
+            await outbox.tombstone(SCORES, cid)

@@ -48,5 +48,11 @@ class ScoringMetrics:
         self.duplicates = self.service.counter("events_duplicate", "Touchpoints already applied (redeliveries).")
         self.merges = self.service.counter("merges", "identity.merges records, by outcome.", ["outcome"])
         self.checkpoints = self.service.counter("checkpoints", "Model checkpoints written to Redis.")
+        self.checkpoints_refused = self.service.counter(
+            "checkpoints_refused", "Model checkpoints not loaded because their signature was missing or wrong, "
+            "by reason (unsigned, bad_signature).", ["reason"])
+        # Present at 0 from the start, so the first refusal is an increase an alert can see.
+        for reason in ("unsigned", "bad_signature"):
+            self.checkpoints_refused.labels(reason)
         self.customers_forgotten = self.service.counter(
             "customers_forgotten", "Customer ids erased (customers.deletions), states and waiting examples deleted.")

@@ -18,6 +18,7 @@ from typing import Literal
 
 from river import compose, drift, forest, linear_model, metrics, optim, preprocessing, stats
 
+from services.scoring.checkpoint import signed_checkpoint, verified_payload
 from services.scoring.features import model_inputs
 from services.scoring.segments import RfmQuantiles
 
@@ -180,13 +181,14 @@ class Learner:
     purchases_per_positive: stats.Mean = field(default_factory=stats.Mean)
     rfm_quantiles: RfmQuantiles = field(default_factory=RfmQuantiles)
 
-    def to_bytes(self) -> bytes:
-        return pickle.dumps(self)
+    def to_bytes(self, key: bytes) -> bytes:
+        """Return this learner as a checkpoint signed with `key`."""
+        return signed_checkpoint(pickle.dumps(self), key)
 
     @staticmethod
-    def from_bytes(data: bytes) -> Learner:
-        # Checkpoints come only from this service's own Redis keys, never from users.
-        learner = pickle.loads(data)
+    def from_bytes(data: bytes, key: bytes) -> Learner:
+        """Restore a learner from a checkpoint; raise UntrustedCheckpoint, before unpickling, unless `key` signed it."""
+        learner = pickle.loads(verified_payload(data, key))
         if not isinstance(learner, Learner):
             raise TypeError(f"checkpoint holds a {type(learner).__name__}, not a Learner")
         # A checkpoint pickled by an older version lacks attributes this one reads.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import heapq
 import logging
 import time
@@ -10,6 +11,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from services.scoring.checkpoint import UntrustedCheckpoint
 from services.scoring.engine import HorizonForecast, ScoringEngine, rescore_touchpoint, score_update_record
 from services.scoring.metrics import ScoringMetrics
 from services.scoring.model import IncompatibleCheckpoint, Learner, PropensityModel
@@ -75,6 +77,7 @@ class ScoringService:
         self.event_time_tolerance_s = event_time_tolerance_s
         self._clock = clock
         self.engine = build_engine(settings)
+        self._checkpoint_key = settings.checkpoint_key.get_secret_value().encode()
         # Both agents read-modify-write the same customer states; one batch at a time.
         self._lock = asyncio.Lock()
         self._restored = False
@@ -90,9 +93,11 @@ class ScoringService:
         data = await self.store.load_checkpoint()
         if data is not None:
             try:
-                learner = Learner.from_bytes(data)
+                learner = Learner.from_bytes(data, self._checkpoint_key)
                 if learner.model.kind != self.settings.model:
                     raise IncompatibleCheckpoint(f"checkpoint holds a {learner.model.kind} model")
+            except UntrustedCheckpoint as exc:
+                await self._refuse_checkpoint(data, exc)
             except IncompatibleCheckpoint as exc:
                 # Starting fresh costs some quality for a while; refusing to start costs the pipeline.
                 log.warning("not restoring the scoring model (%s); starting a new %s model", exc, self.settings.model)
@@ -101,10 +106,25 @@ class ScoringService:
                 log.info("restored scoring model %s", learner.model.version)
         self._restored = True
 
+    async def _refuse_checkpoint(self, data: bytes, exc: UntrustedCheckpoint) -> None:
+        # A fresh model rather than a refusal to start: the pipeline keeps scoring and relearns as
+        # labels mature, a restart would only meet the same checkpoint again, and an upgrade from
+        # unsigned checkpoints or a key rotation needs no one to clear Redis by hand. Loud instead:
+        # an ERROR line, a metric that alerts, and the bytes kept aside for whoever investigates.
+        self.metrics.checkpoints_refused.labels(exc.reason).inc()
+        await self.store.keep_refused_checkpoint(data)
+        log.error(
+            "REFUSED the scoring model checkpoint in Redis (%s): %s. It was not unpickled; starting a new %s "
+            "model. Its %d bytes (sha256 %s) are kept at %s. Expected once after an upgrade to signed "
+            "checkpoints or a change of TOUCHSTREAM_SCORING_CHECKPOINT_KEY; otherwise someone who can write "
+            "Redis tried to run code in scoring.",
+            exc.reason, exc, self.settings.model, len(data), hashlib.sha256(data).hexdigest(),
+            self.store.refused_model_key)
+
     async def checkpoint(self) -> None:
-        """Write the model and its quality tracker to Redis."""
+        """Write the model and its quality tracker to Redis, signed."""
         async with self._lock:
-            await self.store.save_checkpoint(self.engine.learner.to_bytes())
+            await self.store.save_checkpoint(self.engine.learner.to_bytes(self._checkpoint_key))
         self.metrics.checkpoints.inc()
 
     async def score_touchpoints(self, inputs: list[ResolvedInput]) -> list[dict[str, Any]]:

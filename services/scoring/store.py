@@ -9,7 +9,9 @@ Key layout (prefix from settings, default `ts:scoring`):
   {prefix}:watermark:{partition}   string, newest event time seen on the partition (ms)
   {prefix}:tick:{partition}        sorted set, member customer_id, score = event time of its
                                    next as-of rescore (one member per customer)
-  {prefix}:model                   string, pickled Learner checkpoint
+  {prefix}:model                   string, pickled Learner checkpoint, signed (checkpoint.py)
+  {prefix}:model:refused           string, the last checkpoint refused for a missing or wrong
+                                   signature, kept as found for whoever investigates (never loaded)
   {prefix}:erased                  sorted set, erased customers' tokens (touchstream.privacy.ErasedCustomers):
                                    their events, merges and ticks are dropped, never scored again
 
@@ -233,3 +235,11 @@ class RedisScoringStore:
 
     async def save_checkpoint(self, data: bytes) -> None:
         await self.redis.set(self.model_key, data)
+
+    @property
+    def refused_model_key(self) -> str:
+        return f"{self.prefix}:model:refused"
+
+    async def keep_refused_checkpoint(self, data: bytes) -> None:
+        """Keep a checkpoint refused as untrusted aside; the next checkpoint overwrites the model key."""
+        await self.redis.set(self.refused_model_key, data)

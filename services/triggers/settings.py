@@ -2,17 +2,83 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 from pathlib import Path
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from standardwebhooks import Webhook
 
+from services.triggers.ssrf import Network, allowlist_refusal, parse_network
 from services.triggers.webhooks import RETRY_SCHEDULE_S
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 DEFAULT_RULES_FILE = REPO_ROOT / "deploy" / "rules" / "default.yaml"
+
+
+# The Standard Webhooks spec: a secret is 24 to 64 random bytes, sent as `whsec_` + base64.
+SECRET_PREFIX = "whsec_"
+SECRET_BYTES_MIN, SECRET_BYTES_MAX = 24, 64
+
+
+def secret_problem(secret: str) -> str | None:
+    """Say what is wrong with a webhook signing secret, or None if it is a usable Standard Webhooks secret.
+
+    The message never repeats the secret.
+
+    >>> secret_problem("whsec_" + "A" * 32) is None
+    True
+    >>> secret_problem("whsec_AA==")
+    'decodes to 1 bytes; use 24 to 64 random bytes (whsec_ + base64 of 32 random bytes is typical)'
+    >>> secret_problem("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+    'must start with whsec_ (Standard Webhooks format: whsec_ + base64)'
+    """
+    if not secret.startswith(SECRET_PREFIX):
+        return f"must start with {SECRET_PREFIX} (Standard Webhooks format: {SECRET_PREFIX} + base64)"
+    try:
+        key = base64.b64decode(secret.removeprefix(SECRET_PREFIX), validate=True)
+    except (binascii.Error, ValueError):
+        return f"is not {SECRET_PREFIX} + valid base64"
+    if not SECRET_BYTES_MIN <= len(key) <= SECRET_BYTES_MAX:
+        return (f"decodes to {len(key)} bytes; use {SECRET_BYTES_MIN} to {SECRET_BYTES_MAX} random bytes "
+                f"({SECRET_PREFIX} + base64 of 32 random bytes is typical)")
+    return None
+
+
+def _usable_secret(secret: SecretStr) -> SecretStr:
+    problem = secret_problem(secret.get_secret_value())
+    if problem:
+        raise ValueError(f"endpoint secret {problem}")
+    return secret
+
+
+SigningSecret = Annotated[SecretStr, AfterValidator(_usable_secret)]
+
+
+def _network(value: Any) -> Any:
+    return parse_network(value) if isinstance(value, str) else value
+
+
+AllowedNetwork = Annotated[Network, BeforeValidator(_network)]
+
+
+def _refuse_useless_networks(networks: tuple[Network, ...]) -> tuple[Network, ...]:
+    for network in networks:
+        refusal = allowlist_refusal(network, production=False)
+        if refusal:
+            raise ValueError(f"{network} {refusal}")
+    return networks
 
 
 class WebhookEndpoint(BaseModel):
@@ -23,11 +89,16 @@ class WebhookEndpoint(BaseModel):
     either the old or the new one.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # Errors name the field and the reason, never the value: it may be a secret.
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
     url: str
-    secret: SecretStr | None = Field(None, description="Standard Webhooks secret, `whsec_` + base64.")
-    secrets: tuple[SecretStr, ...] = Field((), description="More secrets to sign with (rotation).")
+    secret: SigningSecret | None = Field(None, description="Standard Webhooks secret: whsec_ + base64 of 24-64 bytes.")
+    secrets: tuple[SigningSecret, ...] = Field((), description="More secrets to sign with (rotation).")
+    # A receiver on a non-public address (loopback, a private network) is an SSRF risk, so it
+    # is reachable only if its network is listed here; refused in production.
+    allow_networks: tuple[AllowedNetwork, ...] = Field(
+        (), description="Non-public networks (CIDR or one address) this endpoint may resolve to.")
 
     @field_validator("url")
     @classmethod
@@ -37,19 +108,10 @@ class WebhookEndpoint(BaseModel):
             raise ValueError(f"endpoint url must be http(s)://host/..., got {url!r}")
         return url
 
-    @field_validator("secret")
+    @field_validator("allow_networks")
     @classmethod
-    def _usable_secret(cls, secret: SecretStr | None) -> SecretStr | None:
-        if secret is not None:
-            _check_secret(secret)
-        return secret
-
-    @field_validator("secrets")
-    @classmethod
-    def _usable_secrets(cls, secrets: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
-        for secret in secrets:
-            _check_secret(secret)
-        return secrets
+    def _openable_networks(cls, networks: tuple[Network, ...]) -> tuple[Network, ...]:
+        return _refuse_useless_networks(networks)
 
     @model_validator(mode="after")
     def _at_least_one_secret(self) -> WebhookEndpoint:
@@ -64,13 +126,6 @@ class WebhookEndpoint(BaseModel):
         return tuple(dict.fromkeys(s.get_secret_value() for s in values))
 
 
-def _check_secret(secret: SecretStr) -> None:
-    try:
-        Webhook(secret.get_secret_value())
-    except Exception as exc:  # the library raises binascii.Error or its own error types
-        raise ValueError(f"endpoint secret is not a Standard Webhooks secret (whsec_<base64>): {exc}") from exc
-
-
 class TriggersSettings(BaseSettings):
     """Rules, webhook endpoints and delivery limits.
 
@@ -78,18 +133,18 @@ class TriggersSettings(BaseSettings):
     TOUCHSTREAM_TRIGGERS_ENDPOINTS='{"marketing": {"url": "https://crm.example/hook", "secret": "whsec_..."}}'.
     """
 
-    model_config = SettingsConfigDict(env_prefix="TOUCHSTREAM_TRIGGERS_", frozen=True, extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="TOUCHSTREAM_TRIGGERS_", frozen=True, extra="ignore",
+                                      hide_input_in_errors=True)
 
     web_port: int = 6069
     web_host: str = "127.0.0.1"
     rules_file: Path = DEFAULT_RULES_FILE
     endpoints: dict[str, WebhookEndpoint] = Field(default_factory=dict)
-    # Loopback and private receivers are an SSRF risk in production; the local demo
-    # receiver listens on 127.0.0.1, so it has to be allowed explicitly.
-    allow_private_endpoints: bool = False
-    # Networks (CIDR or single addresses) a receiver may resolve to even though they are
-    # private, e.g. a partner reached over a VPN; checked at registration and at connect.
-    endpoint_allowlist: tuple[str, ...] = ()
+    # Non-public networks (CIDR or single addresses) every endpoint may resolve to, on top of
+    # each endpoint's own `allow_networks`: e.g. '["127.0.0.0/8"]' for the local demo receiver.
+    # Checked at registration and at every connect; link-local and metadata addresses stay
+    # refused whatever is listed, and production refuses any non-public network here.
+    allow_networks: tuple[AllowedNetwork, ...] = ()
     endpoint_concurrency: int = Field(8, ge=1, description="Webhook requests in flight per endpoint per worker.")
     delivery_timeout_s: float = Field(5.0, gt=0)
     breaker_threshold: int = Field(5, ge=1, description="Failures in a row that open an endpoint's circuit.")
@@ -113,6 +168,23 @@ class TriggersSettings(BaseSettings):
     # Where `customer.deleted` notices go when a customer is erased (names of registered endpoints);
     # unset: every registered endpoint, since each may hold actions about the customer.
     deletion_endpoints: tuple[str, ...] | None = None
+
+    def networks_allowed_for(self, endpoint: str) -> tuple[Network, ...]:
+        """Return the non-public networks `endpoint` may reach: the global ones and its own."""
+        return (*self.allow_networks, *self.endpoints[endpoint].allow_networks)
+
+    def allowlist_refusals(self, production: bool) -> list[str]:
+        """Say which allowlisted networks may not be opened (every non-public one, in production)."""
+        listed = [("TOUCHSTREAM_TRIGGERS_ALLOW_NETWORKS", n) for n in self.allow_networks]
+        listed += [(f"endpoint {name!r}: allow_networks", n)
+                   for name, endpoint in sorted(self.endpoints.items()) for n in endpoint.allow_networks]
+        return [f"{where}: {network} {refusal}" for where, network in listed
+                if (refusal := allowlist_refusal(network, production))]
+
+    @field_validator("allow_networks")
+    @classmethod
+    def _openable_networks(cls, networks: tuple[Network, ...]) -> tuple[Network, ...]:
+        return _refuse_useless_networks(networks)
 
     def deletion_notice_endpoints(self) -> list[str]:
         """Return the endpoints that get a `customer.deleted` notice."""

@@ -256,7 +256,8 @@ class DeliveryQueue:
     Key layout (the `{endpoint}` hash tag keeps each endpoint's keys in one Cluster slot):
       triggers:queue:{<endpoint>}:due      sorted set action_id -> due epoch ms
       triggers:queue:{<endpoint>}:actions  hash action_id -> JSON {action, attempts, last_error}
-      triggers:endpoint:{<endpoint>}:disabled  JSON {at_ms, reason} once the receiver said 410
+      triggers:endpoint:{<endpoint>}:disabled  JSON {at_ms, reason} once the receiver said 410; deleting it
+                                               re-enables the endpoint on every worker at its next scan
     """
 
     def __init__(self, redis: aioredis.Redis) -> None:
@@ -364,6 +365,10 @@ class DeliveryQueue:
 
     async def disable(self, endpoint: str, state_json: str) -> None:
         await self._redis.set(disabled_key(endpoint), state_json)
+
+    async def enable(self, endpoint: str) -> bool:
+        """Lift a 410's disabling of `endpoint` (workers see it at their next scan); return whether it was disabled."""
+        return bool(await self._redis.delete(disabled_key(endpoint)))
 
     async def disabled(self, endpoints: Iterable[str]) -> dict[str, str]:
         """Return the disabled ones of `endpoints`, with why (JSON)."""

@@ -41,7 +41,11 @@ def stack(tmp_path: Path) -> Iterator[local.StackState]:
         yield state
 
 
-def post_events(state: local.StackState, run: str, count: int, rate: float, progress: list[int]) -> None:
+def post_events(state: local.StackState, run: str, count: int, rate: float, progress: list[int],
+                statuses: list[int] | None = None) -> None:
+    """Send `count` first purchases in batches of 100 at `rate` events/s, each batch retried (as a client
+    would) until ingest answers 200; `progress` holds the number accepted, `statuses` every answer's code."""
+
     async def send() -> None:
         async with httpx.AsyncClient(timeout=60) as client:
             started = time.perf_counter()
@@ -53,6 +57,8 @@ def post_events(state: local.StackState, run: str, count: int, rate: float, prog
                 for attempt in range(20):
                     response = await client.post(f"{state.url('ingest')}/v1/batch", json={"batch": batch},
                                                  auth=(state.write_key, ""))
+                    if statuses is not None:
+                        statuses.append(response.status_code)
                     if response.status_code == 200:
                         break
                     await asyncio.sleep(0.5 * (attempt + 1))

@@ -69,10 +69,11 @@ def stack(tmp_path: Path) -> Iterator[local.StackState]:
 
 
 class EveryPartitionToEveryMember(AbstractPartitionAssignor):
-    """An assignor under the name Faust's workers join with, so joining their group is not refused while the
-    killed members are still in it; every member gets every partition (only the rewinding consumer is alive)."""
+    """An assignor under the name the stream kernel's consumers join with (aiokafka's range assignor), so
+    joining their group is not refused while the killed members are still in it; every member gets every
+    partition (only the rewinding consumer is alive)."""
 
-    name = "faust"
+    name = "range"
     version = 0
 
     @classmethod

@@ -1,10 +1,12 @@
-"""Erasure and consent through the whole local stack (real Tansu, Valkey, every service in its own process).
+"""Erasure and consent through the whole local stack (real Apache Kafka, Valkey, every service in its own process).
 
 Deletion: a customer known by e-mail, phone and user id (first as two customers that then merge)
 is scored, acted on and read-modelled; another customer shares the stack. Erasing the first by
 e-mail leaves no trace of its identifiers (clear or hashed) nor of its customer ids in any Redis
 key or value, in the latest value per key of the compacted `scores` topic, or in any service's
-/metrics; the other customer is untouched. A new event carrying the erased e-mail is dropped at
+/metrics; the other customer is untouched. Once the broker has compacted `scores` (its segment
+settings made small here), no record on it, latest or not, holds a value for the erased
+customer: the tombstones really erase. A new event carrying the erased e-mail is dropped at
 ingest (counted), one produced straight to Kafka is dropped by identity (counted), and marketing
 gets a signed `customer.deleted` webhook.
 
@@ -25,6 +27,8 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from services.console.store import CustomerRecord, ReadModelStore
 from services.identity.domain import identifier_ref, lookup_identifier
@@ -86,8 +90,8 @@ def deliveries(stack: local.StackState) -> list[dict[str, Any]]:
 
 
 def customer_of(stack: local.StackState, kind: str, value: str) -> dict[str, Any] | None:
-    response = httpx.get(f"{stack.url('identity')}/v1/customers", params={"identifier": f"{kind}:{value}"},
-                         headers=ADMIN, timeout=5)
+    response = httpx.post(f"{stack.url('identity')}/v1/customers/lookup",
+                          json={"identifier": {"type": kind, "value": value}}, headers=ADMIN, timeout=5)
     return response.json() if response.status_code == 200 else None
 
 
@@ -136,23 +140,51 @@ async def redis_dump(url: str) -> str:
     return "\n".join(parts)
 
 
-async def latest_scores(bootstrap: str) -> dict[bytes, bytes | None]:
-    """The latest value per key on `scores`, as a compacted topic's reader sees it."""
+async def scores_records(bootstrap: str) -> list[tuple[bytes, bytes | None]]:
+    """Every (key, value) record on `scores` that the broker still holds, oldest first per partition."""
     consumer = AIOKafkaConsumer(SCORES.name, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
                                 group_id=None, enable_auto_commit=False)
     await consumer.start()
-    latest: dict[bytes, bytes | None] = {}
+    found: list[tuple[bytes, bytes | None]] = []
     try:
         idle = 0
         while idle < 3:
             batch = await consumer.getmany(timeout_ms=1000)
             idle = 0 if batch else idle + 1
             for records in batch.values():
-                for record in records:
-                    latest[record.key] = record.value
+                found += [(record.key, record.value) for record in records]
     finally:
         await consumer.stop()
-    return latest
+    return found
+
+
+async def latest_scores(bootstrap: str) -> dict[bytes, bytes | None]:
+    """The latest value per key on `scores`, as a compacted topic's reader sees it."""
+    return dict(await scores_records(bootstrap))
+
+
+async def compact_scores_soon(bootstrap: str) -> None:
+    """Make the broker's cleaner compact `scores` within seconds: tiny segments, any dirt is enough."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, SCORES.name, configs={
+            "cleanup.policy": "compact", "segment.ms": "200", "min.cleanable.dirty.ratio": "0.001",
+            "min.compaction.lag.ms": "0"})])
+    finally:
+        await admin.close()
+
+
+async def roll_scores_segments(bootstrap: str) -> None:
+    """Append a tombstone of an unused key to every partition of `scores`, so each active segment
+    (never compacted) rolls over once older than segment.ms; consumers skip tombstones."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        for partition in await producer.partitions_for(SCORES.name):
+            await producer.send_and_wait(SCORES.name, key=b"c_segment-roll", value=None, partition=partition)
+    finally:
+        await producer.stop()
 
 
 async def produce_raw(bootstrap: str, record: dict[str, Any]) -> None:
@@ -160,7 +192,7 @@ async def produce_raw(bootstrap: str, record: dict[str, Any]) -> None:
     await producer.start()
     try:
         await producer.send_and_wait(TOUCHPOINTS_RAW.name, avro.encode(TOUCHPOINTS_RAW.schema, record),
-                                     key=record_key(record))
+                                     key=record_key(record, CoreSettings().pii_hash_key.get_secret_value().encode()))
     finally:
         await producer.stop()
 
@@ -250,6 +282,18 @@ def test_erased_customer_leaves_no_trace(stack: local.StackState) -> None:
     except AssertionError:
         raise AssertionError(f"traces left: {remaining}") from None
     assert not asyncio.run(read_model(stack.redis_url, ann_id)).known
+
+    # Compaction is real: once the cleaner ran, no record left on `scores` carries a value for the
+    # erased customer, not only the latest one per key.
+    erased_keys = {cid.encode() for cid in (ann_id, *merged_ids)}
+    asyncio.run(compact_scores_soon(stack.kafka_bootstrap))
+
+    def compacted_away() -> bool:
+        asyncio.run(roll_scores_segments(stack.kafka_bootstrap))
+        history = asyncio.run(scores_records(stack.kafka_bootstrap))
+        return not [key for key, value in history if key in erased_keys and value is not None]
+
+    wait_until("the erased customer's score values compacted away", compacted_away, timeout=90)
 
     # The other customer is intact.
     assert customer_of(stack, "email", other_email)["customer_id"] == bob_id  # type: ignore[index]

@@ -1,8 +1,8 @@
-"""A Faust worker built with touchstream.streams whose agent fails on a record it is told to fail on.
+"""A worker built like every service (Faust app + StreamKernel) whose handler fails on one customer id.
 
-Run by tests/integration/test_agent_crash.py as `python crashing_worker.py`; settings come from
-the environment (TOUCHSTREAM_*), plus CRASH_ON (a record value that makes the agent raise) and
-SEEN_FILE (where every batch's values are appended, a line per batch, before they are handled).
+Run by tests/integration/test_poison_record.py as `python crashing_worker.py`; settings come from
+the environment (TOUCHSTREAM_*), plus CRASH_ON (a customer id on `customers.deletions` that makes
+the handler raise) and SEEN_FILE (where the ids of every batch handled without error are appended).
 """
 
 from __future__ import annotations
@@ -10,30 +10,43 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import faust
+from prometheus_client import REGISTRY
 
+from touchstream.metrics import ServiceMetrics
 from touchstream.settings import CoreSettings
-from touchstream.streams import batches, faust_topic, make_app, run_worker
-from touchstream.topics import TOUCHPOINTS_RAW
+from touchstream.streams import (
+    Consumes,
+    Outbox,
+    Readiness,
+    Record,
+    StreamKernel,
+    add_health_pages,
+    make_app,
+    run_kernel,
+    run_worker,
+)
+from touchstream.topics import CUSTOMER_DELETIONS
 
 
 def main() -> None:
     """Build the worker from the environment and run it (pytest only imports this file)."""
     core = CoreSettings()
     app = make_app("crash-test", core, int(os.environ["WEB_PORT_FOR_TEST"]))
-    raw = faust_topic(app, TOUCHPOINTS_RAW, core)
     seen = Path(os.environ["SEEN_FILE"])
     crash_on = os.environ["CRASH_ON"]
 
-    @app.agent(raw)
-    async def handle(stream: faust.StreamT) -> None:
-        async for events in batches(stream, core):
-            values = [event.value.decode() for event in events]
-            with seen.open("a") as out:  # noqa: ASYNC230 - a few lines, in a test worker
-                out.write(" ".join(values) + "\n")
-            if crash_on in values:
-                raise RuntimeError(f"cannot handle {crash_on}")
+    async def handle(records: list[Record], outbox: Outbox) -> None:
+        ids = [record.value["customer_id"] for record in records if record.value]
+        if crash_on in ids:
+            raise RuntimeError(f"cannot handle {crash_on}")
+        with seen.open("a") as out:  # noqa: ASYNC230 - a few lines, in a test worker
+            out.write(" ".join(ids) + "\n")
 
+    readiness = Readiness("partitions_assigned")
+    kernel = StreamKernel("crash-test", core, [Consumes((CUSTOMER_DELETIONS,), handle)],
+                          ServiceMetrics("crash_test", REGISTRY), readiness)
+    add_health_pages(app, "crash_test", readiness, kernel=kernel)
+    run_kernel(app, kernel)
     run_worker(app)
 
 

@@ -1,13 +1,10 @@
 """The broker goes away under a live ingest (`python -m services.ingest`) and comes back.
 
-While it is away every request is answered 503 with Retry-After within the produce timeout:
-never a 2xx, never a 500, never a hang. Once it is back (the embedded broker restarts empty and
-the topics are created again) ingest produces again without a restart, and every event it
-answered 2xx is on the broker.
-
-The embedded broker (Tansu) keeps its data in memory only: the events acknowledged before its
-restart are gone with it. That is its documented limit, asserted here so a change in it is
-noticed; Apache Kafka (compose, k8s) keeps them.
+The broker (Apache Kafka, killed with SIGKILL, then started again on the same data directory)
+goes away under a live ingest. While it is away every request is answered 503 with Retry-After
+within the produce timeout: never a 2xx, never a 500, never a hang. Once it is back ingest
+produces again without a restart, and every event it answered 2xx, before the kill and after,
+is on the broker.
 """
 
 from __future__ import annotations
@@ -28,7 +25,7 @@ from aiokafka import AIOKafkaConsumer
 from services.ingest.settings import hash_write_key
 from tests.stacks import running_ingest
 from touchstream import avro
-from touchstream.embedded import ManagedProcess, create_topics, free_port, start_tansu
+from touchstream.embedded import create_topics, free_port, start_kafka
 from touchstream.topics import TOUCHPOINTS_RAW
 
 pytestmark = pytest.mark.integration
@@ -37,19 +34,20 @@ PRODUCE_TIMEOUT_S = 2.0
 
 
 class Broker:
-    def __init__(self, log: Path) -> None:
+    def __init__(self, log: Path, data_dir: Path) -> None:
         self.port = free_port()
         self.log = log
-        self.process = self.start()
+        self.data_dir = data_dir
+        self.process = start_kafka(self.port, self.data_dir, self.log)
+        asyncio.run(create_topics(self.bootstrap, 2))
 
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self) -> ManagedProcess:
-        process = start_tansu(self.port, self.log)
-        asyncio.run(create_topics(self.bootstrap, 2))
-        return process
+    def restart(self) -> None:
+        """Start the broker again on its port and data directory (its topics and records are there)."""
+        self.process = start_kafka(self.port, self.data_dir, self.log)
 
     def kill(self) -> None:
         os.killpg(self.process.pid, signal.SIGKILL)
@@ -57,8 +55,8 @@ class Broker:
 
 
 @pytest.fixture
-def broker(artifacts_dir: Path) -> Iterator[Broker]:
-    broker = Broker(artifacts_dir / "tansu-restart.log")
+def broker(artifacts_dir: Path, tmp_path: Path) -> Iterator[Broker]:
+    broker = Broker(artifacts_dir / "kafka-restart.log", tmp_path / "kafka")
     yield broker
     broker.process.stop()
 
@@ -121,7 +119,7 @@ def test_ingest_answers_503_while_the_broker_is_away_and_produces_again_after(br
         assert elapsed < PRODUCE_TIMEOUT_S + 2.0, f"answered after {elapsed:.1f}s"
         refused += ids
 
-    broker.process = broker.start()  # same port, empty, topics created again
+    broker.restart()
     # Each request is retried as a client would on 503 (the new broker may refuse a partition for a
     # moment), and must be accepted within 60 s of the broker's return; nothing else may be answered.
     deadline = time.monotonic() + 60
@@ -142,10 +140,10 @@ def test_ingest_answers_503_while_the_broker_is_away_and_produces_again_after(br
     assert httpx.get(f"{ingest}/readyz", timeout=10).status_code == 200
 
     on_broker = asyncio.run(message_ids_on(broker.bootstrap))
-    # Every 2xx is on the broker.
-    assert set(accepted) <= on_broker, sorted(set(accepted) - on_broker)[:5]
-    # The memory-only embedded broker lost what it held before its restart. (A request answered
-    # 503 may still have reached the broker once it was back: the producer kept the records; a
-    # client's retry of it is then a duplicate that the pipeline dedupes by messageId.)
-    assert not set(before) & on_broker
-    assert on_broker <= set(accepted) | set(refused)
+    # Every 2xx is on the broker, those acknowledged before the kill too: they were on disk.
+    acknowledged = set(before) | set(accepted)
+    assert acknowledged <= on_broker, sorted(acknowledged - on_broker)[:5]
+    # (A request answered 503 may still have reached the broker once it was back: the producer
+    # kept the records; a client's retry of it is then a duplicate that the pipeline dedupes by
+    # messageId.)
+    assert on_broker <= acknowledged | set(refused)

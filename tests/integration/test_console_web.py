@@ -4,23 +4,32 @@ from __future__ import annotations
 
 import re
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from aiokafka import AIOKafkaProducer
 
 from services.console.quality import LatencyWindow, RateMeter
 from services.console.readmodel import ActionTaken, DeadLettered, DeliveryFailed, ScoreUpdated, TouchpointSeen
 from services.console.settings import ConsoleSettings
 from services.console.store import ReadModelStore
-from services.console.web import CSP, LOGIN_COOKIE, SESSION_COOKIE, STAGES, ConsoleWeb, LoginThrottle
+from services.console.web import CSP, LOGIN_COOKIE, SESSION_COOKIE, STAGES, ConsoleWeb, Lockout, LoginThrottle
 from services.identity.admin import hash_admin_key
+from services.identity.customer360 import find_customer
 from services.identity.domain import GraphLayout, GraphRules, ResolutionRequest, lookup_identifier, new_customer_id
 from services.identity.graph import IdentityGraph
+from services.identity.settings import IdentitySettings
 from services.triggers.rules import parse_rules
-from touchstream.identifiers import DEFAULT_BLOCKLIST, STRONG_TYPES
+from tests.integration.test_identity_service import ADMIN_KEY as IDENTITY_KEY
+from tests.integration.test_identity_service import identity_worker, producer, touchpoint  # noqa: F401 (fixtures)
+from tests.kafka_reading import collect
+from touchstream.embedded import free_port
+from touchstream.identifiers import DEFAULT_BLOCKLIST, STRONG_TYPES, InvalidIdentifier
+from touchstream.topics import TOUCHPOINTS_RAW, TOUCHPOINTS_RESOLVED
 
 pytestmark = pytest.mark.integration
 KEY = "console-test-key"
@@ -40,7 +49,7 @@ HOSTILE = {"note": "<script>alert(1)</script>", "img": "<img src=x onerror=alert
 async def console(redis_client: aioredis.Redis) -> AsyncIterator[TestClient]:
     settings = ConsoleSettings(admin_keys=frozenset({hash_admin_key(KEY)}), min_group_size=2,
                                attribution_window_hours=1)
-    pages = ConsoleWeb(ReadModelStore(redis_client), settings, LAYOUT, HASH_KEY, "US", DEFAULT_BLOCKLIST, RULES)
+    pages = ConsoleWeb(ReadModelStore(redis_client), settings, LAYOUT, RULES)
     app = web.Application()
     pages.register(app.router)
     client = TestClient(TestServer(app))
@@ -80,6 +89,18 @@ async def test_pages_need_a_login_and_the_cookie_is_httponly_strict(console: Tes
     [cookie] = [h for h in accepted.headers.getall("Set-Cookie") if h.startswith(f"{SESSION_COOKIE}=")]
     assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/" in cookie
     assert (await console.get("/customers/c_1", allow_redirects=False)).status != 303
+
+
+async def test_login_never_redirects_to_a_target_a_browser_reads_as_another_site(console: TestClient) -> None:
+    form = await (await console.get("/login", params={"next": "/\t/evil.example"})).text()
+    assert 'name="next" value="/overview"' in form
+    token = await login_token(console)
+    for target in ("/\t/evil.example", "/\n/evil.example", "/\r\n/evil.example"):
+        refused = await console.post("/login", data={"key": "wrong", "next": target, "csrf": token})
+        assert refused.status == 401 and 'name="next" value="/overview"' in await refused.text()
+    accepted = await console.post("/login", data={"key": KEY, "next": "/\t/evil.example", "csrf": token},
+                                  allow_redirects=False)
+    assert accepted.status == 303 and accepted.headers["Location"] == "/overview"
 
 
 async def test_every_page_sends_a_strict_csp(console: TestClient) -> None:
@@ -150,8 +171,39 @@ async def test_open_complaints_show_with_their_sla_clock(console: TestClient, re
     assert "parcel never arrived" not in section  # resolved
 
 
-async def test_a_typed_identifier_finds_the_customer_identity_resolved(console: TestClient,
-                                                                       redis_client: aioredis.Redis) -> None:
+@pytest.fixture
+async def identity_lookup(redis_client: aioredis.Redis) -> AsyncIterator[tuple[str, list[dict[str, object]]]]:
+    """identity's POST /v1/customers/lookup stood in by a peer that does what identity does (normalise and
+    hash with the PII key, read the graph's owner) and records every request it gets; yields its URL and
+    the requests. (tests/e2e/test_console_browser.py searches through the real identity.)"""
+    calls: list[dict[str, object]] = []
+    identity = web.Application()
+
+    async def lookup(request: web.Request) -> web.Response:
+        body = await request.json()
+        calls.append({"path": request.path_qs, "authorization": request.headers.get("Authorization"), "body": body})
+        wanted = body["identifier"]
+        try:
+            identifier = lookup_identifier(wanted["type"], wanted["value"], HASH_KEY, "US", DEFAULT_BLOCKLIST)
+        except InvalidIdentifier:
+            return web.json_response({"error": "identifier.value: is not a usable identifier of this type",
+                                      "field": "identifier.value", "reason": "is not a usable identifier of this type"},
+                                     status=400)
+        view = await find_customer(redis_client, LAYOUT, identifier)
+        if view is None:
+            return web.json_response({"error": "no customer has this identifier"}, status=404)
+        return web.json_response(view.to_json())
+
+    identity.router.add_post("/v1/customers/lookup", lookup)
+    server = TestServer(identity)
+    await server.start_server()
+    yield str(server.make_url("")).rstrip("/"), calls
+    await server.close()
+
+
+async def test_a_typed_identifier_finds_the_customer_identity_resolved(
+        redis_client: aioredis.Redis, identity_lookup: tuple[str, list[dict[str, object]]]) -> None:
+    identity_url, calls = identity_lookup
     graph = IdentityGraph(redis_client, LAYOUT, GraphRules(STRONG_TYPES, {"user_id": 1}, 5, 3), event_ttl_s=3600)
     await graph.load_script()
     # What identity would have stored for "Ann@Example.com": normalised, then keyed-hashed.
@@ -164,22 +216,47 @@ async def test_a_typed_identifier_finds_the_customer_identity_resolved(console: 
         ActionTaken("a-2", "churn-high", cid, "fired", None, "marketing", 2000, 2005),
         DeadLettered("delivery", "endpoint", "d", DeliveryFailed(cid, "a-2", "endpoint: HTTP 500 after 8 tries")),
     ])
+    settings = ConsoleSettings(admin_keys=frozenset({hash_admin_key(KEY)}), identity_url=identity_url,
+                               identity_admin_key="identity-key")
+    pages = ConsoleWeb(ReadModelStore(redis_client), settings, LAYOUT, RULES)
+    app = web.Application()
+    pages.register(app.router)
+    async with TestClient(TestServer(app)) as console:
+        csrf = await logged_in(console)
+        found = await console.post("/customers", data={"q": "email:  ANN@example.com ", "csrf": csrf},
+                                   allow_redirects=False)
+        assert found.status == 303 and found.headers["Location"] == f"/customers/{cid}"
+        assert "ann" not in found.headers["Location"]
+        # identity was asked with the typed value in the JSON body and the admin key, never in a URL.
+        assert calls == [{"path": "/v1/customers/lookup", "authorization": "Bearer identity-key",
+                          "body": {"identifier": {"type": "email", "value": "  ANN@example.com"}}}]
+        page = await (await console.get(f"/customers/{cid}")).text()
+        assert email.value[:12] in page  # identity's view of the identities, hashed
+        assert "82.0%" in page and "v7" in page
+        assert "How overdue the next purchase is strongly raises churn risk" in page
+        assert "churn-high (churn_risk 0.7)" in page  # the rule threshold on the chart
+        assert "pending for marketing" in page
+        assert "failed: endpoint: HTTP 500 after 8 tries" in page
+        missing = await console.post("/customers", data={"q": "email:nobody@example.com", "csrf": csrf})
+        assert missing.status == 404 and "No customer has this identifier" in await missing.text()
+        bad = await console.post("/customers", data={"q": "email:not-an-address", "csrf": csrf})
+        assert bad.status == 400 and "identifier.value is not a usable identifier" in await bad.text()
+        assert all("ann" not in str(call["path"]).lower() for call in calls)
+
+
+async def test_searching_an_identifier_without_identity_says_what_is_missing(console: TestClient,
+                                                                              redis_client: aioredis.Redis) -> None:
     csrf = await logged_in(console)
-    found = await console.post("/customers", data={"q": "email:  ANN@example.com ", "csrf": csrf},
-                               allow_redirects=False)
-    assert found.status == 303 and found.headers["Location"] == f"/customers/{cid}"
-    assert "ann" not in found.headers["Location"]
-    page = await (await console.get(f"/customers/{cid}")).text()
-    assert email.value[:12] in page  # identity's view of the identities, hashed
-    assert "82.0%" in page and "v7" in page
-    assert "How overdue the next purchase is strongly raises churn risk" in page
-    assert "churn-high (churn_risk 0.7)" in page  # the rule threshold on the chart
-    assert "pending for marketing" in page
-    assert "failed: endpoint: HTTP 500 after 8 tries" in page
-    missing = await console.post("/customers", data={"q": "email:nobody@example.com", "csrf": csrf})
-    assert missing.status == 404 and "No customer has this identifier" in await missing.text()
-    bad = await console.post("/customers", data={"q": "email:not-an-address", "csrf": csrf})
-    assert bad.status == 400
+    unconfigured = await console.post("/customers", data={"q": "email:ann@example.com", "csrf": csrf})
+    assert unconfigured.status == 503 and "TOUCHSTREAM_CONSOLE_IDENTITY_URL" in await unconfigured.text()
+    down = ConsoleSettings(admin_keys=frozenset({hash_admin_key(KEY)}),
+                           identity_url=f"http://127.0.0.1:{free_port()}")
+    app = web.Application()
+    ConsoleWeb(ReadModelStore(redis_client), down, LAYOUT, RULES).register(app.router)
+    async with TestClient(TestServer(app)) as client:
+        csrf = await logged_in(client)
+        response = await client.post("/customers", data={"q": "email:ann@example.com", "csrf": csrf})
+        assert response.status == 502 and "identity did not answer" in await response.text()
 
 
 async def test_overview_shows_segments_model_quality_and_dead_letters(redis_client: aioredis.Redis) -> None:
@@ -211,7 +288,7 @@ async def test_overview_shows_segments_model_quality_and_dead_letters(redis_clie
                                triggers_metrics_url=str(scoring_server.make_url("/triggers-metrics")))
     feed = RateMeter()
     feed.add(120, time.time())
-    pages = ConsoleWeb(store, settings, LAYOUT, HASH_KEY, "US", DEFAULT_BLOCKLIST, RULES, feed_rate=feed)
+    pages = ConsoleWeb(store, settings, LAYOUT, RULES, feed_rate=feed)
     app = web.Application()
     pages.register(app.router)
     async with TestClient(TestServer(app)) as client:
@@ -242,7 +319,7 @@ async def test_split_asks_for_confirmation_then_calls_identity_with_the_admin_ke
     settings = ConsoleSettings(admin_keys=frozenset({hash_admin_key(KEY)}),
                                identity_url=str(identity_server.make_url("")).rstrip("/"),
                                identity_admin_key="identity-key")
-    pages = ConsoleWeb(ReadModelStore(redis_client), settings, LAYOUT, HASH_KEY, "US", DEFAULT_BLOCKLIST, RULES)
+    pages = ConsoleWeb(ReadModelStore(redis_client), settings, LAYOUT, RULES)
     app = web.Application()
     pages.register(app.router)
     ref = "phone:" + "ab" * 32
@@ -350,7 +427,7 @@ async def test_the_login_form_needs_its_csrf_token_bound_to_the_pre_session_cook
 async def test_failed_logins_are_rate_limited_per_address_with_retry_after(redis_client: aioredis.Redis) -> None:
     settings = ConsoleSettings(admin_keys=frozenset({hash_admin_key(KEY)}), login_max_failures=3,
                                login_failure_window_s=120)
-    pages = ConsoleWeb(ReadModelStore(redis_client), settings, LAYOUT, HASH_KEY, "US", DEFAULT_BLOCKLIST, RULES)
+    pages = ConsoleWeb(ReadModelStore(redis_client), settings, LAYOUT, RULES)
     app = web.Application()
     pages.register(app.router)
     async with TestClient(TestServer(app)) as client:
@@ -378,19 +455,73 @@ async def test_failed_logins_are_rate_limited_per_address_with_retry_after(redis
 
 
 async def test_the_login_throttle_counts_each_address_on_its_own(redis_client: aioredis.Redis) -> None:
-    throttle = LoginThrottle(redis_client, "test:throttle:", max_failures=2, window_s=60)
+    throttle = LoginThrottle(redis_client, "test:throttle:", max_failures=2, window_s=60, max_account_failures=100)
     for _ in range(2):
         await throttle.failed("198.51.100.7")
     await throttle.failed("203.0.113.9")
-    wait = await throttle.retry_after("198.51.100.7")
-    assert wait is not None and 0 < wait <= 60
-    assert await throttle.retry_after("203.0.113.9") is None
+    lockout = await throttle.lockout("198.51.100.7")
+    assert lockout is not None and 0 < lockout.wait_s <= 60 and not lockout.all_addresses
+    assert await throttle.lockout("203.0.113.9") is None
     # The window runs from the first failure: later ones do not extend it.
-    ttl = await redis_client.ttl(throttle._key("198.51.100.7"))
+    ttl = await redis_client.ttl(throttle.by_address.key("198.51.100.7"))
     await throttle.failed("198.51.100.7")
-    assert await redis_client.ttl(throttle._key("198.51.100.7")) <= ttl
+    assert await redis_client.ttl(throttle.by_address.key("198.51.100.7")) <= ttl
     await throttle.clear("198.51.100.7")
-    assert await throttle.retry_after("198.51.100.7") is None
+    assert await throttle.lockout("198.51.100.7") is None
+
+
+def throttled_console(redis_client: aioredis.Redis, **settings: object) -> web.Application:
+    """A console with its own Redis prefix, so the failures it counts are this test's alone."""
+    config = ConsoleSettings(admin_keys=frozenset({hash_admin_key(KEY)}), key_prefix=f"test:{uuid.uuid4().hex}:",
+                             **settings)
+    pages = ConsoleWeb(ReadModelStore(redis_client), config, LAYOUT, RULES)
+    app = web.Application()
+    pages.register(app.router)
+    return app
+
+
+async def login_from(client: TestClient, token: str, key: str, forwarded_for: str) -> int:
+    response = await client.post("/login", data={"key": key, "csrf": token}, allow_redirects=False,
+                                 headers={"X-Forwarded-For": forwarded_for})
+    return response.status
+
+
+async def test_behind_a_trusted_proxy_each_client_address_has_its_own_login_limit(
+        redis_client: aioredis.Redis) -> None:
+    # The test client connects from 127.0.0.1: here it plays the ingress every operator comes through.
+    app = throttled_console(redis_client, trusted_proxies=["127.0.0.1/32"], login_max_failures=2)
+    async with TestClient(TestServer(app)) as client:
+        token = await login_token(client)
+        for _ in range(2):
+            assert await login_from(client, token, "guess", "198.51.100.7") == 401
+        assert await login_from(client, token, KEY, "198.51.100.7") == 429
+        # Another operator behind the same ingress is not locked out by the first one's failures...
+        assert await login_from(client, token, KEY, "203.0.113.9") == 303
+        # ...and a client cannot pick its address: the proxy appends the one it saw, which is what counts.
+        assert await login_from(client, token, KEY, "203.0.113.9, 198.51.100.7") == 429
+
+
+async def test_x_forwarded_for_is_ignored_unless_the_peer_is_a_trusted_proxy(redis_client: aioredis.Redis) -> None:
+    app = throttled_console(redis_client, trusted_proxies=["10.0.0.0/8"], login_max_failures=2)
+    async with TestClient(TestServer(app)) as client:
+        token = await login_token(client)
+        assert await login_from(client, token, "guess", "198.51.100.7") == 401
+        assert await login_from(client, token, "guess", "198.51.100.8") == 401
+        # Both failures counted on the peer (127.0.0.1): a made-up header does not escape the lockout.
+        assert await login_from(client, token, KEY, "203.0.113.9") == 429
+
+
+async def test_failed_logins_from_many_addresses_lock_the_account(redis_client: aioredis.Redis) -> None:
+    app = throttled_console(redis_client, trusted_proxies=["127.0.0.1/32"], login_max_failures=10,
+                            login_max_failures_per_account=3, login_failure_window_s=120)
+    async with TestClient(TestServer(app)) as client:
+        token = await login_token(client)
+        for n in range(3):
+            assert await login_from(client, token, "guess", f"198.51.100.{n}") == 401
+        blocked = await client.post("/login", data={"key": KEY, "csrf": token}, allow_redirects=False,
+                                    headers={"X-Forwarded-For": "203.0.113.9"})
+        assert blocked.status == 429 and 0 < int(blocked.headers["Retry-After"]) <= 120
+        assert "Too many failed logins on this console" in await blocked.text()
 
 
 async def test_delete_asks_for_the_typed_id_then_calls_identity_with_the_admin_key(
@@ -425,7 +556,7 @@ async def test_delete_asks_for_the_typed_id_then_calls_identity_with_the_admin_k
     def console_app(url: str | None) -> web.Application:
         settings = ConsoleSettings(admin_keys=frozenset({hash_admin_key(KEY)}), identity_url=url,
                                    identity_admin_key="identity-key")
-        pages = ConsoleWeb(ReadModelStore(redis_client), settings, LAYOUT, HASH_KEY, "US", DEFAULT_BLOCKLIST, RULES)
+        pages = ConsoleWeb(ReadModelStore(redis_client), settings, LAYOUT, RULES)
         app = web.Application()
         pages.register(app.router)
         return app
@@ -504,7 +635,7 @@ async def test_overview_shows_events_per_second_by_stage_and_latency_from_ingest
     now = time.time()
     for latency in (0.1, 0.2, 0.3, 0.4):
         arrivals.add("scores", latency, now)
-    pages = ConsoleWeb(ReadModelStore(redis_client), settings, LAYOUT, HASH_KEY, "US", DEFAULT_BLOCKLIST, RULES,
+    pages = ConsoleWeb(ReadModelStore(redis_client), settings, LAYOUT, RULES,
                        arrivals=arrivals)
     await pages.sample_pipeline(now - 10)
     for stage in totals:
@@ -540,7 +671,30 @@ async def test_overview_shows_events_per_second_by_stage_and_latency_from_ingest
 
 async def test_a_failure_count_without_an_expiry_never_locks_an_address_out_for_good(
         redis_client: aioredis.Redis) -> None:
-    throttle = LoginThrottle(redis_client, "test:throttle:", max_failures=2, window_s=60)
-    await redis_client.set(throttle._key("192.0.2.1"), 5)  # e.g. written by hand, with no TTL
-    assert await throttle.retry_after("192.0.2.1") == 60
-    assert 0 < await redis_client.ttl(throttle._key("192.0.2.1")) <= 60
+    throttle = LoginThrottle(redis_client, "test:throttle:", max_failures=2, window_s=60, max_account_failures=100)
+    await redis_client.set(throttle.by_address.key("192.0.2.1"), 5)  # e.g. written by hand, with no TTL
+    assert await throttle.lockout("192.0.2.1") == Lockout(60, all_addresses=False)
+    assert 0 < await redis_client.ttl(throttle.by_address.key("192.0.2.1")) <= 60
+
+
+async def test_the_console_finds_a_customer_through_the_real_identity_worker(
+        identity_worker: int, producer: AIOKafkaProducer,  # noqa: F811 (fixtures)
+        all_topics: str, redis_client: aioredis.Redis) -> None:
+    run = uuid.uuid4().hex[:8]
+    email = f"dee.{run}@example.org"
+    await producer.send_and_wait(TOUCHPOINTS_RAW.name, touchpoint(f"{run}-1", int(time.time() * 1000),
+                                                                 ("email", email)), key=run.encode())
+    [(_, resolved)] = await collect(all_topics, TOUCHPOINTS_RESOLVED.name, TOUCHPOINTS_RESOLVED.schema, 1,
+                                    lambda _key, r: r["event"]["message_id"] == f"{run}-1")
+    settings = ConsoleSettings(admin_keys=frozenset({hash_admin_key(KEY)}),
+                               identity_url=f"http://127.0.0.1:{identity_worker}", identity_admin_key=IDENTITY_KEY)
+    app = web.Application()
+    ConsoleWeb(ReadModelStore(redis_client), settings, GraphLayout(IdentitySettings().graph_key_prefix),
+               RULES).register(app.router)
+    async with TestClient(TestServer(app)) as client:
+        csrf = await logged_in(client)
+        found = await client.post("/customers", data={"q": f"email: {email.upper()}", "csrf": csrf},
+                                  allow_redirects=False)
+        assert found.status == 303 and found.headers["Location"] == f"/customers/{resolved['customer_id']}"
+        missing = await client.post("/customers", data={"q": f"email:nobody.{run}@example.org", "csrf": csrf})
+        assert missing.status == 404

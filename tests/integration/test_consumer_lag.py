@@ -1,4 +1,4 @@
-"""touchstream_<service>_consumer_lag_messages on a live identity worker (own Tansu, real Valkey).
+"""touchstream_<service>_consumer_lag_messages on a live identity worker (own Apache Kafka broker, real Valkey).
 
 Records wait on touchpoints.raw while the worker cannot work (its Redis is not there yet):
 the lag is the number of records per partition. Once Redis starts the worker catches up,
@@ -21,7 +21,7 @@ import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from touchstream.embedded import ManagedProcess, create_topics, free_port, start_tansu, start_valkey
+from touchstream.embedded import ManagedProcess, create_topics, free_port, start_kafka, start_valkey
 from touchstream.topics import TOUCHPOINTS_RAW
 
 pytestmark = pytest.mark.integration
@@ -31,9 +31,9 @@ LAG = re.compile(r'^touchstream_identity_consumer_lag_messages\{partition="(\d+)
 
 
 @pytest.fixture
-def broker(artifacts_dir: Path) -> Iterator[str]:
+def broker(artifacts_dir: Path, tmp_path: Path) -> Iterator[str]:
     port = free_port()
-    process = start_tansu(port, artifacts_dir / "tansu-lag.log")
+    process = start_kafka(port, tmp_path / "kafka", artifacts_dir / "kafka-lag.log")
     bootstrap = f"127.0.0.1:{port}"
     asyncio.run(create_topics(bootstrap, 2))
     yield bootstrap

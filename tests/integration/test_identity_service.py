@@ -158,7 +158,7 @@ async def test_worker_resolves_links_and_dead_letters_real_events(
     assert "touchstream_identity_merges_total 1.0" in metrics
 
 
-async def test_customer_api_looks_up_by_clear_identifier_and_splits_a_customer(
+async def test_customer_api_looks_up_by_an_identifier_in_the_body_and_splits_a_customer(
     identity_worker: int, producer: AIOKafkaProducer, all_topics: str
 ) -> None:
     run = uuid.uuid4().hex[:8]
@@ -173,17 +173,26 @@ async def test_customer_api_looks_up_by_clear_identifier_and_splits_a_customer(
     base = f"http://127.0.0.1:{identity_worker}/v1/customers"
     admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
+    def by(kind: str, value: str) -> dict[str, object]:
+        return {"identifier": {"type": kind, "value": value}}
+
     async with httpx.AsyncClient(timeout=10) as client:
-        anonymous = await client.get(base, params={"identifier": f"email:{email}"})
-        wrong = await client.get(base, params={"identifier": f"email:{email}"}, headers={"Authorization": "Bearer x"})
-        found = await client.get(base, params={"identifier": f"email: {email.upper()}"}, headers=admin)
+        anonymous = await client.post(f"{base}/lookup", json=by("email", email))
+        wrong = await client.post(f"{base}/lookup", json=by("email", email), headers={"Authorization": "Bearer x"})
+        found = await client.post(f"{base}/lookup", json=by("email", f" {email.upper()}"), headers=admin)
         customer = found.json()
+        # A clear identifier in the query string is refused, pointing to the look-up that keeps it out of URLs.
+        in_url = await client.get(base, params={"identifier": f"email:{email}"}, headers=admin)
+        unusable = await client.post(f"{base}/lookup", json=by("email", "not-an-address"), headers=admin)
+        extra = await client.post(f"{base}/lookup", json={**by("email", email), "mode": "x"}, headers=admin)
+        not_json = await client.post(f"{base}/lookup", content=b"email:" + email.encode(), headers=admin)
+        nobody = await client.post(f"{base}/lookup", json=by("email", f"nobody.{run}@example.org"), headers=admin)
         basic = await client.get(f"{base}/{customer['customer_id']}", auth=("ops", ADMIN_KEY))
         split = await client.post(f"{base}/{customer['customer_id']}/unmerge", headers=admin,
                                   json={"identifiers": [{"type": "phone", "value": phone}], "request_id": run})
         retried = await client.post(f"{base}/{customer['customer_id']}/unmerge", headers=admin,
                                     json={"identifiers": [{"type": "phone", "value": phone}], "request_id": run})
-        by_phone = await client.get(base, params={"identifier": f"phone:{phone}"}, headers=admin)
+        by_phone = await client.post(f"{base}/lookup", json=by("phone", phone), headers=admin)
         after = await client.get(f"{base}/{customer['customer_id']}", headers=admin)
         unknown = await client.get(f"{base}/c_nobody", headers=admin)
 
@@ -191,6 +200,12 @@ async def test_customer_api_looks_up_by_clear_identifier_and_splits_a_customer(
     assert basic.json() == customer
     assert sorted(i["type"] for i in customer["identities"]) == ["device_id", "email", "phone"]
     assert email not in found.text and phone not in found.text and device not in found.text
+    assert in_url.status_code == 400 and in_url.json()["field"] == "identifier"
+    assert "POST /v1/customers/lookup" in in_url.json()["reason"] and email not in in_url.text
+    assert (unusable.status_code, unusable.json()["field"]) == (400, "identifier.value")
+    assert (extra.status_code, extra.json()["field"]) == (400, "mode")
+    assert (not_json.status_code, not_json.json()["field"]) == (400, "(body)")
+    assert nobody.status_code == 404
     assert customer["first_seen_ms"] == now - 2000 and customer["last_seen_ms"] == now - 1000
     # Named after the earliest event's most stable identifier, whichever partition was read first.
     hashed = prepare_identifiers([{"type": "email", "value": email}, {"type": "device_id", "value": device}],
@@ -238,7 +253,8 @@ async def test_customer_api_erases_a_customer_once_and_later_events_are_dropped(
     admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
     async with httpx.AsyncClient(timeout=30) as client:
-        customer = (await client.get(base, params={"identifier": f"email:{email}"}, headers=admin)).json()
+        customer = (await client.post(f"{base}/lookup", json={"identifier": {"type": "email", "value": email}},
+                                      headers=admin)).json()
         [merged_id] = [m["merged_id"] for m in customer["merges"] if m["kind"] == "merge"]
         anonymous = await client.delete(f"{base}/{merged_id}")
         too_long = await client.delete(f"{base}/{'x' * 201}", headers=admin)
@@ -248,7 +264,8 @@ async def test_customer_api_erases_a_customer_once_and_later_events_are_dropped(
         bad_id = await client.post(f"{base}/delete", headers=admin, json={"identifier": {"type": "email"}})
         erased = await client.delete(f"{base}/{merged_id}", headers=admin, params={"request_id": run})
         again = await client.delete(f"{base}/{customer['customer_id']}", headers=admin, params={"request_id": run})
-        lookup = await client.get(base, params={"identifier": f"phone:{phone}"}, headers=admin)
+        lookup = await client.post(f"{base}/lookup", json={"identifier": {"type": "phone", "value": phone}},
+                                   headers=admin)
 
     assert anonymous.status_code == 401
     assert (too_long.status_code, too_long.json()["field"]) == (400, "customer_id")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import hashlib
+import hmac
 import json
 import uuid
 from collections.abc import Iterator
@@ -12,10 +14,12 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import yaml
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
 from services.ingest.app import build_app
 from services.ingest.settings import IngestSettings, hash_write_key
+from tests.kafka_reading import collect
 from touchstream import avro
 from touchstream.embedded import free_port
 from touchstream.settings import CoreSettings
@@ -208,6 +212,91 @@ def test_a_bad_batch_sent_at_is_refused_once_for_the_batch(ingest: TestClient) -
     assert response.json()["errors"] == [{"index": None, "field": "sentAt",
                                           "reason": "'yesterday' is not an ISO 8601 timestamp"}]
 
+
+def test_a_write_key_in_the_header_is_checked_before_the_body_is_read(ingest: TestClient) -> None:
+    bomb = gzip.compress(b'{"event": "x", "userId": "u", "p": "' + b"0" * 1_000_000 + b'"}')
+    oversized = b'{"batch": [' + b" " * 600_000 + b"]}"
+    for path, body, headers in [("/v1/track", b"{not json", {}), ("/v1/batch", oversized, {}),
+                                ("/v1/track", bomb, {"Content-Encoding": "gzip"})]:
+        refused = ingest.post(path, auth=("wrong", ""), content=body, headers=headers)
+        # Not the 400 or 413 its body would earn: nothing about a bad key's body is worth reading.
+        assert refused.status_code == 401, (path, refused.text)
+        assert refused.json()["code"] == "unauthorized"
+        accepted_key = ingest.post(path, auth=(WRITE_KEY, ""), content=body, headers=headers)
+        assert accepted_key.status_code in (400, 413), accepted_key.text
+
+
+def client_behind(app: Starlette, peer: str) -> TestClient:
+    return TestClient(app, client=(peer, 50000))
+
+
+def test_failed_authentications_lock_a_client_address_out_with_retry_after(all_topics: str, redis_url: str) -> None:
+    core = CoreSettings(kafka_bootstrap=all_topics, redis_url=redis_url, partitions=2)
+    # The test client's peer is the ingress every upstream system comes through.
+    settings = IngestSettings(write_keys={"shop": hash_write_key(WRITE_KEY)}, auth_max_failures=3,
+                              auth_failure_window_s=60, trusted_proxies=["10.9.0.0/16"])
+    run = uuid.uuid4().int
+    guesser, neighbour = f"198.18.{run % 250}.{run // 250 % 250}", f"198.19.{run % 250}.{run // 250 % 250}"
+    event = {"event": "Viewed", "userId": "u10"}
+    # Two workers on one Redis: the failures counted on one lock the address out on the other.
+    with client_behind(build_app(core, settings), "10.9.0.1") as first, \
+            client_behind(build_app(core, settings), "10.9.0.2") as second:
+        as_guesser, as_neighbour = {"X-Forwarded-For": guesser}, {"X-Forwarded-For": neighbour}
+        assert first.post("/v1/track", json=event, auth=("guess-1", ""), headers=as_guesser).status_code == 401
+        assert second.post("/v1/track", json=event, headers=as_guesser).status_code == 401  # no key at all
+        assert first.post("/v1/track", json={**event, "writeKey": "guess-3"}, headers=as_guesser).status_code == 401
+        locked = second.post("/v1/track", json=event, auth=(WRITE_KEY, ""), headers=as_guesser)
+        assert locked.status_code == 429, locked.text  # even the right key, so a lucky guess shows nothing
+        assert 0 < int(locked.headers["Retry-After"]) <= 60
+        assert locked.json()["code"] == "rate_limited" and "failed authentications" in locked.json()["message"]
+        # Another client behind the same proxies is not locked out by the guesser.
+        assert first.post("/v1/track", json=event, auth=(WRITE_KEY, ""), headers=as_neighbour).status_code == 200
+        # Each worker counts what it refused.
+        assert 'touchstream_ingest_auth_refused_total{reason="bad_key"} 2.0' in first.get("/metrics").text
+        second_metrics = second.get("/metrics").text
+        assert 'touchstream_ingest_auth_refused_total{reason="bad_key"} 1.0' in second_metrics
+        assert 'touchstream_ingest_auth_refused_total{reason="locked_out"} 1.0' in second_metrics
+
+
+def test_x_forwarded_for_is_not_believed_from_an_untrusted_peer(all_topics: str, redis_url: str) -> None:
+    core = CoreSettings(kafka_bootstrap=all_topics, redis_url=redis_url, partitions=2)
+    settings = IngestSettings(write_keys={"shop": hash_write_key(WRITE_KEY)}, auth_max_failures=2,
+                              trusted_proxies=["10.9.0.0/16"])
+    run = uuid.uuid4().int
+    peer = f"198.51.{run % 250}.{run // 250 % 250}"
+    with client_behind(build_app(core, settings), peer) as client:
+        for n in range(2):
+            claimed = {"X-Forwarded-For": f"203.0.113.{n}"}
+            assert client.post("/v1/track", json={"event": "x"}, auth=("guess", ""), headers=claimed).status_code == 401
+        # Both failures counted on the peer itself: a made-up header does not escape the lockout.
+        response = client.post("/v1/track", json={"event": "Viewed", "userId": "u11"}, auth=(WRITE_KEY, ""),
+                               headers={"X-Forwarded-For": "203.0.113.99"})
+        assert response.status_code == 429
+
+
+def test_raw_records_are_keyed_by_the_keyed_hash_of_the_first_strong_identifier(all_topics: str,
+                                                                                  redis_url: str) -> None:
+    pii_key = "raw-key-test-secret"
+    core = CoreSettings(kafka_bootstrap=all_topics, redis_url=redis_url, partitions=2, pii_hash_key=pii_key)
+    settings = IngestSettings(write_keys={"shop": hash_write_key(WRITE_KEY)})
+    run = uuid.uuid4().hex
+    email = f"ann.{run}@example.com"
+    events = [{"type": "track", "event": "Viewed", "email": email, "messageId": f"{run}-1"},
+              {"type": "track", "event": "Viewed", "email": email, "device_id": f"d-{run}", "messageId": f"{run}-2"},
+              {"type": "track", "event": "Viewed", "anonymousId": f"a-{run}", "messageId": f"{run}-3"}]
+    with TestClient(build_app(core, settings)) as client:
+        response = client.post("/v1/batch", auth=(WRITE_KEY, ""), json={"batch": events})
+        assert response.status_code == 200, response.text
+    found = asyncio.run(collect(all_topics, TOUCHPOINTS_RAW.name, TOUCHPOINTS_RAW.schema, 3,
+                                lambda _key, record: record["message_id"].startswith(run), wait_s=15))
+    keys = {record["message_id"]: key for key, record in found}
+    expected = hmac.new(pii_key.encode(), f"email:{email}".encode(), hashlib.sha256).hexdigest().encode()
+    # Not sha256("email:<clear>"), which a list of e-mails reverses (and deadletter would keep for good).
+    assert keys[f"{run}-1"] == expected != hashlib.sha256(f"email:{email}".encode()).hexdigest().encode()
+    assert keys[f"{run}-2"] == expected  # same first strong identifier, same key, same partition
+    assert keys[f"{run}-3"] == hmac.new(pii_key.encode(), f"anonymous_id:a-{run}".encode(),
+                                        hashlib.sha256).hexdigest().encode()
+    assert all(email.encode() not in key and run.encode() not in key for key in keys.values())
 
 def test_an_event_stamped_in_2099_is_refused_naming_the_field_and_the_rest_resent_is_accepted(
         ingest: TestClient, all_topics: str) -> None:

@@ -14,7 +14,7 @@ import yaml
 from aiokafka.admin import AIOKafkaAdminClient
 
 from tests.unit.test_deploy_compose import environment as compose_environment
-from touchstream.embedded import ManagedProcess, free_port, start_tansu
+from touchstream.embedded import ManagedProcess, free_port, start_kafka
 from touchstream.topics import ALL_TOPICS
 
 pytestmark = pytest.mark.integration
@@ -36,9 +36,9 @@ async def partitions_of(bootstrap: str) -> dict[str, int]:
 
 @pytest.fixture
 def empty_broker(tmp_path: Path) -> Iterator[str]:
-    """A broker of its own (Tansu starts in well under a second), so no other test's topics count."""
+    """A broker of its own, so no other test's topics count."""
     port = free_port()
-    broker: ManagedProcess = start_tansu(port, tmp_path / "tansu.log")
+    broker: ManagedProcess = start_kafka(port, tmp_path / "kafka", tmp_path / "kafka.log")
     try:
         yield f"127.0.0.1:{port}"
     finally:

@@ -46,7 +46,8 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_the_wheel_lists_templates_static_files_and_schemas(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = _sources()
-    assert {"touchstream/schemas/ScoreUpdate.avsc", "touchstream/schemas/openapi.yaml",
+    assert {"touchstream/schemas/ScoreUpdate.v3.avsc", "touchstream/schemas/registry.txt",
+            "touchstream/schemas/openapi.yaml",
             "touchstream/schemas/rules.schema.json", "services/console/templates/login.html",
             "services/console/static/console.js", "services/console/static/console.css"} <= expected
     assert expected <= names, sorted(expected - names)

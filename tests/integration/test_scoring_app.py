@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 import sys
 import time
 import uuid
@@ -15,6 +17,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from services.scoring.labels import DAY_MS
 from touchstream import avro
 from touchstream.embedded import free_port, spawn, wait_for_port
+from touchstream.startup import EXIT_CONFIG
 from touchstream.topics import DEADLETTER, SCORES, TOUCHPOINTS_RESOLVED
 
 pytestmark = pytest.mark.integration
@@ -118,3 +121,22 @@ async def test_worker_scores_resolved_touchpoints_and_dead_letters_garbage(
         assert 'touchstream_scoring_events_in_total{topic="touchpoints.resolved"}' in metrics
     finally:
         worker.stop()
+
+
+@pytest.mark.parametrize(
+    ("env", "reason"),
+    [({"TOUCHSTREAM_ENVIRONMENT": "prod", "TOUCHSTREAM_PII_HASH_KEY": "a-real-secret"},
+      "TOUCHSTREAM_SCORING_CHECKPOINT_KEY is the dev placeholder; set a real secret in prod"),
+     ({"TOUCHSTREAM_SCORING_CHECKPOINT_KEY": "too-short"},
+      "TOUCHSTREAM_SCORING_CHECKPOINT_KEY: must be at least 16 characters")],
+)
+def test_a_worker_with_a_bad_checkpoint_key_exits_with_the_reason_not_a_traceback(
+        env: dict[str, str], reason: str, tmp_path: Path) -> None:
+    base = {"PATH": os.environ["PATH"], "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+            "TOUCHSTREAM_STATE_DIR": str(tmp_path / "state"), "TOUCHSTREAM_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}"}
+    finished = subprocess.run([sys.executable, "-m", "services.scoring"], env=base | env, capture_output=True,
+                              text=True, timeout=120)
+    assert finished.returncode == EXIT_CONFIG, finished.stderr[-2000:]
+    assert finished.stderr.startswith("scoring: refusing to start, bad configuration:\n")
+    assert reason in finished.stderr
+    assert "Traceback" not in finished.stderr and "too-short" not in finished.stderr

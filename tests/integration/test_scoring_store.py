@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import pickle
 import time
 
 import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
+from services.scoring.checkpoint import FORMAT, TAG_BYTES
 from services.scoring.labels import DAY_MS
 from services.scoring.metrics import ScoringMetrics
 from services.scoring.service import MergeInput, ResolvedInput, ScoringService
 from services.scoring.settings import ScoringSettings
 from services.scoring.state import CustomerState, Touchpoint, apply_touchpoint
 from services.scoring.store import RedisScoringStore, StateChanges, customer_of
+from tests.unit.scoring.test_scoring_checkpoint import RunsCodeWhenUnpickled, unpickled
 from touchstream import avro
 
 pytestmark = pytest.mark.integration
@@ -76,13 +79,24 @@ async def test_pending_examples_survive_a_new_adapter_and_mature_there(redis_cli
     assert await restarted.store.pending_counts([1]) == {1: 2}
 
 
-async def test_model_checkpoint_is_restored(redis_client: aioredis.Redis) -> None:
+async def checkpointed_service(redis_client: aioredis.Redis) -> ScoringService:
+    """Return a service whose model learned one example and was checkpointed to Redis."""
     service = new_service(redis_client)
     await service.score_touchpoints(
         [ResolvedInput(0, "c1", purchase("m1", 0)), ResolvedInput(0, "c2", purchase("m2", 100))]
     )
     assert service.engine.learner.model.examples_learned == 1
     await service.checkpoint()
+    return service
+
+
+def refused_checkpoints(service: ScoringService, reason: str) -> float | None:
+    return service.metrics.service.registry.get_sample_value(
+        "touchstream_scoring_checkpoints_refused_total", {"reason": reason})
+
+
+async def test_model_checkpoint_is_restored(redis_client: aioredis.Redis) -> None:
+    await checkpointed_service(redis_client)
     restarted = new_service(redis_client)
     await restarted.restore_model()
     assert restarted.engine.learner.model.version == "logreg-v2-n1"
@@ -160,17 +174,51 @@ async def test_forecasts_read_states_as_of_a_time(redis_client: aioredis.Redis) 
 
 
 async def test_a_checkpoint_of_another_model_kind_is_not_restored(redis_client: aioredis.Redis) -> None:
-    service = new_service(redis_client)
-    await service.score_touchpoints(
-        [ResolvedInput(0, "c1", purchase("m1", 0)), ResolvedInput(0, "c2", purchase("m2", 100))]
-    )
-    await service.checkpoint()
+    await checkpointed_service(redis_client)
     forest = new_service(redis_client, model="forest")
     await forest.restore_model()
     assert forest.engine.learner.model.version == "arf-v1-n0"
     same = new_service(redis_client)
     await same.restore_model()
     assert same.engine.learner.model.version == "logreg-v2-n1"
+
+
+async def test_a_tampered_or_unsigned_checkpoint_in_redis_is_never_unpickled(redis_client: aioredis.Redis) -> None:
+    store = (await checkpointed_service(redis_client)).store
+    signed = await store.load_checkpoint()
+    assert signed is not None and signed.startswith(FORMAT)
+    exploit = pickle.dumps(RunsCodeWhenUnpickled())
+    planted_checkpoints = [
+        (exploit, "unsigned"),  # what an attacker who can write Redis would plant
+        (signed[: len(FORMAT) + TAG_BYTES] + exploit, "bad_signature"),  # a real signature, another payload
+    ]
+    for planted, reason in planted_checkpoints:
+        unpickled.clear()
+        await redis_client.set(store.model_key, planted)
+        restarted = new_service(redis_client)
+        await restarted.restore_model()
+        assert unpickled == [], "the planted checkpoint was unpickled"
+        assert restarted.engine.learner.model.version == "logreg-v2-n0"  # a fresh model instead
+        assert refused_checkpoints(restarted, reason) == 1
+        assert await redis_client.get(store.refused_model_key) == planted  # kept for whoever investigates
+        # Scoring goes on, and its next checkpoint is signed again.
+        await restarted.score_touchpoints([ResolvedInput(0, "c3", purchase(f"m-{reason}", 101))])
+        await restarted.checkpoint()
+        again = new_service(redis_client)
+        await again.restore_model()
+        assert refused_checkpoints(again, reason) == 0
+    assert unpickled == []
+
+
+async def test_a_checkpoint_signed_with_another_key_is_not_restored(redis_client: aioredis.Redis) -> None:
+    await checkpointed_service(redis_client)
+    rotated = new_service(redis_client, checkpoint_key="the-key-after-a-rotation")
+    await rotated.restore_model()
+    assert rotated.engine.learner.model.version == "logreg-v2-n0"
+    assert refused_checkpoints(rotated, "bad_signature") == 1
+    same_key = new_service(redis_client)
+    await same_key.restore_model()
+    assert same_key.engine.learner.model.version == "logreg-v2-n1"
 
 
 async def test_an_event_stamped_in_2099_matures_no_label_and_passes_no_rescore_early(

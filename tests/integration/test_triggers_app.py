@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import os
+import struct
+import subprocess
 import sys
 import time
 import uuid
@@ -11,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import fastavro
 import httpx
 import pytest
 import redis.asyncio as aioredis
@@ -21,6 +26,7 @@ from services.triggers.state_store import delivered_key, state_key
 from tests.integration.test_triggers_delivery import SECRET, Receiver, receiver  # noqa: F401 (fixture)
 from touchstream import avro
 from touchstream.embedded import ManagedProcess, free_port, spawn
+from touchstream.startup import EXIT_CONFIG
 from touchstream.topics import ACTIONS, DEADLETTER, SCORES
 
 pytestmark = pytest.mark.integration
@@ -68,7 +74,7 @@ def worker(all_topics: str, redis_url: str, receiver: Receiver, tmp_path: Path, 
         "TOUCHSTREAM_TRIGGERS_WEB_PORT": str(web_port),
         "TOUCHSTREAM_TRIGGERS_RULES_FILE": str(rules_file),
         "TOUCHSTREAM_TRIGGERS_ENDPOINTS": json.dumps({"marketing": {"url": receiver.url, "secret": SECRET}}),
-        "TOUCHSTREAM_TRIGGERS_ALLOW_PRIVATE_ENDPOINTS": "true",
+        "TOUCHSTREAM_TRIGGERS_ALLOW_NETWORKS": json.dumps(["127.0.0.0/8"]),
         "TOUCHSTREAM_TRIGGERS_TIMER_LATENESS_S": "0",
     }
     process = spawn("triggers", [sys.executable, "-m", "services.triggers"], artifacts_dir / "triggers-worker.log", env)
@@ -94,6 +100,16 @@ async def wait_until(condition: Any, within_s: float, what: str) -> None:
         await asyncio.sleep(0.2)
 
 
+async def webhook_delivered(process: ManagedProcess, receiver: Receiver, webhook_id: str,  # noqa: F811
+                            what: str) -> None:
+    """Wait up to 90 s for the receiver to get `webhook_id`; fail at once if the worker exited."""
+    async def arrived() -> bool:
+        assert process.alive(), "triggers worker exited; see test-artifacts/triggers-worker.log"
+        return receiver.hits(webhook_id) > 0
+
+    await wait_until(arrived, 90, what)
+
+
 async def test_crossing_score_becomes_one_signed_webhook(worker: tuple[ManagedProcess, int], receiver: Receiver,  # noqa: F811
                                                          all_topics: str, redis_url: str) -> None:
     process, web_port = worker
@@ -112,11 +128,7 @@ async def test_crossing_score_becomes_one_signed_webhook(worker: tuple[ManagedPr
 
     expected_id = action_id("churn-risk-high", customer, f"msg-{customer}-1")
 
-    async def webhook_arrived() -> bool:
-        assert process.alive(), "triggers worker exited; see test-artifacts/triggers-worker.log"
-        return receiver.hits(expected_id) > 0
-
-    await wait_until(webhook_arrived, 90, "the webhook")
+    await webhook_delivered(process, receiver, expected_id, "the webhook")
     _, payload = next((h, p) for h, p in receiver.verified if h["webhook-id"] == expected_id)
     assert payload["customer_id"] == customer and payload["rule_id"] == "churn-risk-high"
     assert payload["data"] == {"customer": customer, "risk": 0.82}
@@ -144,6 +156,39 @@ async def test_crossing_score_becomes_one_signed_webhook(worker: tuple[ManagedPr
         metrics = (await client.get("/metrics")).text
     assert 'touchstream_triggers_event_to_webhook_seconds_count{rule="churn-risk-high"}' in metrics
     assert 'touchstream_triggers_actions_total{outcome="held_out",reason="holdout",rule="everyone-held-out"}' in metrics
+
+
+async def test_scores_of_an_older_version_fire_and_an_unknown_schema_id_is_dead_lettered(
+        worker: tuple[ManagedProcess, int], receiver: Receiver, all_topics: str) -> None:  # noqa: F811
+    process, _ = worker
+    customer = f"cus_{uuid.uuid4().hex[:12]}"
+    v1 = avro.default_codec().version(SCORES.schema, 1)
+
+    def as_written_before_ids_were_per_version(record: dict[str, Any]) -> bytes:
+        # ScoreUpdate v1's body under id 4, as such records still lie on the compacted topic.
+        body = io.BytesIO()
+        fastavro.schemaless_writer(body, avro.default_codec().parsed(v1.schema_id), record)
+        return struct.pack(">bI", 0, avro.SCHEMA_IDS[SCORES.schema]) + body.getvalue()
+
+    from_a_newer_release = struct.pack(">bI", 0, 4711) + avro.encode(SCORES.schema,
+                                                                     a_score_record(customer, 0.9, 9))[5:]
+    producer = AIOKafkaProducer(bootstrap_servers=all_topics)
+    await producer.start()
+    try:
+        for n, risk in enumerate([0.4, 0.82]):
+            await producer.send_and_wait(SCORES.name, as_written_before_ids_were_per_version(
+                a_score_record(customer, risk, n)), key=customer.encode())
+        await producer.send_and_wait(SCORES.name, from_a_newer_release, key=customer.encode())
+    finally:
+        await producer.stop()
+
+    expected_id = action_id("churn-risk-high", customer, f"msg-{customer}-1")
+
+    await webhook_delivered(process, receiver, expected_id, "the webhook for a v1 score")
+    [dead] = [avro.decode(DEADLETTER.schema, v) for v in await records_about(
+        all_topics, DEADLETTER.name, None, want=1, original=from_a_newer_release)]
+    assert dead["stage"] == "triggers" and dead["source"] == SCORES.name
+    assert "unknown schema id 4711 on topic scores" in dead["reason"]
 
 
 async def records_about(bootstrap: str, topic: str, key: bytes | None, want: int, original: bytes | None = None,
@@ -191,11 +236,7 @@ async def test_silence_timer_fires_when_the_event_time_watermark_passes(
 
     expected_id = action_id("paused-for-an-hour", paused, f"silence@{hour_ms}:msg-{paused}-1")
 
-    async def webhook_arrived() -> bool:
-        assert process.alive(), "triggers worker exited; see test-artifacts/triggers-worker.log"
-        return receiver.hits(expected_id) > 0
-
-    await wait_until(webhook_arrived, 90, "the silence webhook")
+    await webhook_delivered(process, receiver, expected_id, "the silence webhook")
     _, payload = next((h, p) for h, p in receiver.verified if h["webhook-id"] == expected_id)
     assert payload["data"] == {"customer": paused, "trigger": "silence"}
     assert not any(p.get("customer_id") == resumed for _, p in receiver.verified)  # its timer was stopped
@@ -236,6 +277,36 @@ async def test_frequency_cap_holds_across_rules_and_batches(
         ("cap-b", "suppressed", "frequency_cap"), ("cap-b", "suppressed", "frequency_cap")]
     assert not any(p.get("customer_id") == customer and p.get("rule_id") == "cap-b" for _, p in receiver.verified)
 
+
+def start_triggers_with(env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """Run `python -m services.triggers` with `env` on top of a broker-less base; it must refuse before connecting."""
+    base = {"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO), "TOUCHSTREAM_STATE_DIR": str(tmp_path / "state"),
+            "TOUCHSTREAM_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}"}
+    return subprocess.run([sys.executable, "-m", "services.triggers"], env=base | env, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    ("env", "reason"),
+    [({"TOUCHSTREAM_TRIGGERS_ENDPOINTS": json.dumps(
+        {"marketing": {"url": "https://crm.example/hook", "secret": "whsec_AA=="}})},
+      "TOUCHSTREAM_TRIGGERS_ENDPOINTS (marketing.secret): endpoint secret decodes to 1 bytes; use 24 to 64"),
+     ({"TOUCHSTREAM_TRIGGERS_ENDPOINTS": json.dumps(
+         {"marketing": {"url": "http://127.0.0.1:9/hook", "secret": SECRET}})},
+      "endpoint 'marketing': 127.0.0.1 resolves to 127.0.0.1, a loopback address"),
+     ({"TOUCHSTREAM_TRIGGERS_ENDPOINTS": json.dumps(
+         {"marketing": {"url": "http://127.0.0.1:9/hook", "secret": SECRET, "allow_networks": ["127.0.0.0/8"]}}),
+       "TOUCHSTREAM_ENVIRONMENT": "prod", "TOUCHSTREAM_PII_HASH_KEY": "a-real-secret"},
+      "endpoint 'marketing': allow_networks: 127.0.0.0/8 holds loopback addresses; only globally routable networks")],
+)
+def test_a_worker_with_a_bad_webhook_setting_exits_with_the_reason_not_a_traceback(
+        env: dict[str, str], reason: str, tmp_path: Path) -> None:
+    finished = start_triggers_with(env, tmp_path)
+    assert finished.returncode == EXIT_CONFIG, finished.stderr[-2000:]
+    assert finished.stderr.startswith("triggers: refusing to start, bad configuration:\n")
+    assert reason in finished.stderr
+    assert "Traceback" not in finished.stderr
+    assert "whsec_AA==" not in finished.stderr + finished.stdout
 
 async def test_a_score_stamped_in_2099_fires_no_silence_timer_early(
         worker: tuple[ManagedProcess, int], receiver: Receiver, all_topics: str) -> None:  # noqa: F811

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from ipaddress import ip_network
 from typing import Any
 
 import pytest
@@ -34,6 +35,7 @@ from services.triggers.delivery import (
 from services.triggers.erasure import forget_customers
 from services.triggers.metrics import TriggersMetrics
 from services.triggers.settings import WebhookEndpoint
+from services.triggers.ssrf import Network
 from services.triggers.state_store import (
     ERASED_KEY,
     DeliveryLedger,
@@ -53,6 +55,7 @@ pytestmark = pytest.mark.integration
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 NEW_SECRET = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD"
 T0 = 1_800_000_000.0
+LOOPBACK: tuple[Network, ...] = (ip_network("127.0.0.0/8"),)
 
 
 @dataclass
@@ -178,7 +181,7 @@ def make_harness(redis_client: aioredis.Redis, endpoints: dict[str, WebhookEndpo
 
 @pytest.fixture
 async def client() -> Any:
-    async with guarded_client(5, allow_private=True) as http:
+    async with guarded_client(5, allow_networks=LOOPBACK) as http:
         yield http
 
 
@@ -345,6 +348,35 @@ async def test_gone_disables_the_endpoint_and_dead_letters_its_queue(
     assert len(receiver.verified) == 2
 
 
+async def test_a_re_enabled_endpoint_is_delivered_to_again_by_running_workers(
+        receiver: Receiver, redis_client: aioredis.Redis, client: GuardedClient) -> None:
+    endpoints = {"marketing": WebhookEndpoint(url=receiver.url, secret=SECRET)}
+    # Two running workers; the poll interval is how often each re-reads the disabled set.
+    first = make_harness(redis_client, endpoints, client, poll_s=0.05)
+    second = make_harness(redis_client, endpoints, client, poll_s=0.05)
+    receiver.statuses = [410]
+    await first.delivery.enqueue([an_action(80)])
+    await first.tick()
+    await asyncio.sleep(0.06)
+    await second.tick()  # the second worker learns of the 410 from Redis
+    for worker, n in ((first, 81), (second, 82)):
+        (refused,) = await worker.delivery.enqueue([an_action(n)])
+        assert "disabled" in refused.reason
+
+    assert await DeliveryQueue(redis_client).enable("marketing")  # the operator's re-enable
+    assert not await redis_client.exists(disabled_key("marketing"))
+    await asyncio.sleep(0.06)
+    await first.tick()  # a scan re-reads the disabled set
+    assert await first.delivery.enqueue([an_action(83)]) == []
+    assert await first.tick() == 1
+    # The other worker has not scanned since: its enqueue looks again rather than refusing.
+    assert await second.delivery.enqueue([an_action(84)]) == []
+    assert await second.tick() == 1
+    assert [h["webhook-id"] for h, _ in receiver.verified] == [an_action(n)["action_id"] for n in (80, 83, 84)]
+    assert receiver.rejected == []
+    assert not await DeliveryQueue(redis_client).enable("marketing")
+
+
 async def test_client_error_is_dead_lettered_without_retries(harness: Harness, receiver: Receiver) -> None:
     receiver.statuses = [400]
     await harness.delivery.enqueue([an_action(7)])
@@ -412,7 +444,7 @@ async def test_one_dead_receiver_never_slows_the_other(
     second_receiver.delay_s = 3.0  # hangs past the client timeout
     endpoints = {"marketing": WebhookEndpoint(url=receiver.url, secret=SECRET),
                  "slow": WebhookEndpoint(url=second_receiver.url, secret=SECRET)}
-    async with guarded_client(1.0, allow_private=True) as client:
+    async with guarded_client(1.0, allow_networks=LOOPBACK) as client:
         metrics = TriggersMetrics(CollectorRegistry())
 
         async def sink(_: Sequence[FailedDelivery]) -> None:
@@ -472,7 +504,7 @@ async def test_connect_time_guard_refuses_a_name_that_now_resolves_to_loopback(r
     async def rebinding(host: str, _: int) -> list[str]:
         return ["127.0.0.1"]  # registration saw a public address; DNS now answers loopback
 
-    async with guarded_client(2, allow_private=False, resolve=rebinding) as guarded:
+    async with guarded_client(2, resolve=rebinding) as guarded:
         with pytest.raises(AddressRefused, match="loopback"):
             await guarded.post(f"http://hooks.example.com:{port}/hook", content=b"{}")
     assert receiver.verified == [] and receiver.rejected == []
@@ -488,7 +520,7 @@ async def test_guard_connects_to_the_checked_address_with_the_name_as_host(
         return ["127.0.0.1"]
 
     url = f"http://hooks.example.com:{port}/hook"
-    async with guarded_client(2, allow_private=False, allowlist=["127.0.0.0/8"], resolve=resolver) as guarded:
+    async with guarded_client(2, allow_networks=LOOPBACK, resolve=resolver) as guarded:
         harness = make_harness(redis_client, {"marketing": WebhookEndpoint(url=url, secret=SECRET)}, guarded)
         await harness.delivery.enqueue([an_action(50)])
         await harness.tick()
@@ -499,7 +531,7 @@ async def test_guard_connects_to_the_checked_address_with_the_name_as_host(
 
 async def test_connect_time_guard_refuses_a_literal_refused_address(receiver: Receiver) -> None:
     # No DNS involved: the check sits where the socket is made, so a literal IP cannot slip past it.
-    async with guarded_client(2, allow_private=False) as guarded:
+    async with guarded_client(2) as guarded:
         with pytest.raises(AddressRefused, match="loopback"):
             await guarded.post(receiver.url, content=b"{}", headers={})
     assert receiver.verified == [] and receiver.rejected == []
@@ -514,12 +546,12 @@ async def test_guard_checks_every_new_connection_but_resolves_once_per_ttl(recei
         return ["127.0.0.1"]
 
     checked: list[str] = []
-    async with guarded_client(2, allow_private=False, allowlist=["127.0.0.0/8"], resolve=resolver) as guarded:
+    async with guarded_client(2, allow_networks=LOOPBACK, resolve=resolver) as guarded:
         original = guarded.refusal
 
-        def spy(address: str) -> str | None:
+        def spy(address: str, allow_networks: Sequence[Network] = ()) -> str | None:
             checked.append(address)
-            return original(address)
+            return original(address, allow_networks)
 
         guarded.refusal = spy  # type: ignore[method-assign]
         for n in range(3):
@@ -532,11 +564,49 @@ async def test_guard_checks_every_new_connection_but_resolves_once_per_ttl(recei
     assert checked.count("127.0.0.1") >= 3
 
 
+async def test_an_endpoints_allowlist_opens_loopback_for_it_alone_at_connect(
+        receiver: Receiver, redis_client: aioredis.Redis) -> None:
+    # Same receiver, same host and port: the endpoint without the allowlist must not ride on a
+    # connection the allowed one opened.
+    endpoints = {"allowed": WebhookEndpoint(url=receiver.url, secret=SECRET, allow_networks=LOOPBACK),
+                 "other": WebhookEndpoint(url=receiver.url, secret=SECRET)}
+    async with guarded_client(2) as guarded:
+        harness = make_harness(redis_client, endpoints, guarded)
+        await harness.delivery.enqueue([an_action(70, endpoint="allowed"), an_action(71, endpoint="other")])
+        assert await harness.tick() == 2
+        await harness.delivery.enqueue([an_action(72, endpoint="other")])
+        await harness.tick()
+    assert [h["webhook-id"] for h, _ in receiver.verified] == [an_action(70)["action_id"]]
+    assert harness.count("succeeded", endpoint="allowed") == 1
+    assert harness.count("retried", endpoint="other") == 2
+    assert harness.metrics.registry.get_sample_value(
+        "touchstream_triggers_delivery_attempts_failed_total", {"endpoint": "other", "cause": "AddressRefused"}) == 2
+
+
+@pytest.mark.parametrize(
+    ("resolved", "refusal"),
+    [("169.254.169.254", "link-local"), ("100.100.100.200", "cloud metadata"),
+     ("::ffff:169.254.169.254", "link-local"), ("64:ff9b::a9fe:a9fe", "link-local")])
+async def test_connect_time_guard_refuses_metadata_addresses_whatever_is_allowed(
+        receiver: Receiver, resolved: str, refusal: str) -> None:
+    port = int(receiver.url.rsplit(":", 1)[1].split("/")[0])
+
+    async def metadata(host: str, _: int) -> list[str]:
+        return [resolved]
+
+    everything = (ip_network("0.0.0.0/0"), ip_network("::/0"))
+    async with guarded_client(2, allow_networks=everything, resolve=metadata) as guarded:
+        with pytest.raises(AddressRefused, match=refusal):
+            await guarded.post(f"http://hooks.example.com:{port}/hook", content=b"{}")
+        assert "link-local" in (guarded.refusal("fe80::1") or "")
+    assert receiver.verified == [] and receiver.rejected == []
+
+
 def test_ssrf_guard_refuses_loopback_unless_allowed(receiver: Receiver) -> None:
-    assert "loopback" in (endpoint_refusal(receiver.url, allow_private=False) or "")
-    assert endpoint_refusal(receiver.url, allow_private=True) is None
-    assert endpoint_refusal(receiver.url, allow_private=False, allowlist=["127.0.0.1/32"]) is None
-    assert "does not resolve" in (endpoint_refusal("http://no-such-host.invalid/hook", allow_private=True) or "")
+    assert "loopback" in (endpoint_refusal(receiver.url) or "")
+    assert endpoint_refusal(receiver.url, LOOPBACK) is None
+    assert endpoint_refusal(receiver.url, [ip_network("127.0.0.1/32")]) is None
+    assert "does not resolve" in (endpoint_refusal("http://no-such-host.invalid/hook", LOOPBACK) or "")
 
 
 async def test_an_action_is_forgotten_only_after_its_dead_letter_is_written(
@@ -598,7 +668,7 @@ async def test_a_long_answer_counts_by_its_status_and_the_next_request_still_goe
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     try:
-        async with guarded_client(5, allow_private=True) as guarded:
+        async with guarded_client(5, allow_networks=LOOPBACK) as guarded:
             answer = await guarded.post(f"http://127.0.0.1:{port}/hook", content=b"{}")
             assert answer.status_code == 200
             again = await guarded.post(f"http://127.0.0.1:{port}/hook", content=b"{}")

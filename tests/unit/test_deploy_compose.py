@@ -149,7 +149,11 @@ def test_settings_accept_the_compose_environment(
     assert settings.web_host == "0.0.0.0"
     assert "WEB_BIND" not in env, "Faust's WEB_BIND is ignored; the service's own web_host setting is the one"
     if name == "triggers":
-        assert settings.allow_private_endpoints
+        # The demo receiver's compose address is private: only its endpoint may reach private
+        # networks, and only the ones Docker hands out (never loopback or link-local).
+        assert settings.allow_networks == ()
+        assert {str(n) for n in settings.endpoints["marketing"].allow_networks} == {
+            "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"}
         assert set(settings.endpoints) == {"marketing"}
         secret = environment(compose["services"]["receiver"])["WEBHOOK_SECRET"]
         assert settings.endpoints["marketing"].secret.get_secret_value() == secret
@@ -164,6 +168,25 @@ def test_settings_accept_the_compose_environment(
         assert settings.ingest_metrics_url == "http://ingest:6066/metrics"
         assert settings.identity_metrics_url == "http://identity:6067/metrics"
         assert settings.identity_url == "http://identity:6067"
+
+
+def published_ports(compose: dict[str, Any]) -> dict[str, list[str]]:
+    """Return each service's published ports, in compose's short form ("[host_ip:]host:container")."""
+    published: dict[str, list[str]] = {}
+    for name, service in compose["services"].items():
+        for port in service.get("ports", []):
+            assert isinstance(port, str), f"{name}: use the short form of ports, with the host address"
+            published.setdefault(name, []).append(port)
+    return published
+
+
+def test_published_ports_listen_on_loopback_only(compose: dict[str, Any]) -> None:
+    # Dev keys, the dev write key and an anonymous Grafana: nothing another machine may reach.
+    published = published_ports(compose)
+    assert {"ingest", "console", "receiver", "prometheus", "grafana"} <= set(published)
+    for name, ports in published.items():
+        for port in ports:
+            assert port.startswith("127.0.0.1:") and port.count(":") == 2, f"{name} publishes {port!r}"
 
 
 def test_kafka_runs_in_kraft_mode_and_redis_keeps_an_aof(compose: dict[str, Any]) -> None:

@@ -39,6 +39,7 @@ Manifest = dict[str, Any]
 # What an operator puts in the Secret instead of the base's placeholders.
 REAL_SECRETS = {
     "TOUCHSTREAM_PII_HASH_KEY": "a-real-secret-from-the-vault",
+    "TOUCHSTREAM_SCORING_CHECKPOINT_KEY": "a-real-checkpoint-key-from-the-vault",
     "TOUCHSTREAM_CONSOLE_IDENTITY_ADMIN_KEY": "a-real-admin-key-from-the-vault",
 }
 
@@ -216,3 +217,9 @@ def test_the_environment_is_made_of_real_settings(
     if service == "identity":
         assert settings.admin_keys == frozenset()
         settings.refuse_placeholders(core.environment)
+    if service == "scoring":
+        settings.refuse_placeholders(core.is_production)
+        key = "TOUCHSTREAM_SCORING_CHECKPOINT_KEY"
+        monkeypatch.setenv(key, secret[key])
+        with pytest.raises(ValueError, match=key):
+            ScoringSettings().refuse_placeholders(core.is_production)

@@ -111,7 +111,8 @@ def test_alert_unit_tests_pass(promtool: str) -> None:
     alerts = {r["alert"] for g in load_rules()["groups"] for r in g["rules"] if "alert" in r}
     covered = set(re.findall(r"alertname: (\w+)", (PROMETHEUS / "alerts_test.yml").read_text()))
     main_alerts = {"TouchstreamPipelineStalled", "TouchstreamDeadLettersRising", "TouchstreamWebhookEndpointFailing",
-                   "TouchstreamWebhookDeliveriesDeadLettered", "TouchstreamModelDrift", "TouchstreamServiceDown"}
+                   "TouchstreamWebhookDeliveriesDeadLettered", "TouchstreamModelDrift", "TouchstreamServiceDown",
+                   "TouchstreamScoringCheckpointRefused"}
     assert main_alerts <= alerts
     assert main_alerts <= covered, f"main alerts without a promtool unit test: {main_alerts - covered}"
 

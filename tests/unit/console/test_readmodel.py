@@ -144,9 +144,19 @@ rules:
     assert rule_thresholds(rules) == [("high", "churn_risk", 0.7)]
 
 
-@pytest.mark.parametrize("target", ["//evil.example/x", "https://evil.example", "evil", "", "/\\evil.example"])
+@pytest.mark.parametrize("target", [
+    "//evil.example/x", "https://evil.example", "evil", "", "/\\evil.example",
+    # A browser drops tabs and line breaks from a Location, leaving "//evil.example".
+    "/\t/evil.example", "/\n/evil.example", "/\r\n/evil.example", "\t//evil.example", "/\t\\evil.example",
+    "/ /evil.example", "/\x00/evil.example", "/\x7f/evil.example", "/\u00a0/evil.example", "/\u3000/evil.example",
+])
 def test_login_never_redirects_off_site(target: str) -> None:
     assert safe_next(target) == "/overview"
+
+
+@pytest.mark.parametrize("target", ["/customers/c_1", "/rules?rule=churn-high#outcomes", "/customers/a%2Fb"])
+def test_login_keeps_a_redirect_to_a_page_of_this_site(target: str) -> None:
+    assert safe_next(target) == target
 
 
 def test_model_quality_is_read_from_scoring_metrics() -> None:
@@ -190,3 +200,13 @@ def test_prod_refuses_dev_keys_and_insecure_cookies() -> None:
     with pytest.raises(ValidationError, match="IDENTITY_ADMIN_KEY"):
         ConsoleSettings(environment="prod", admin_keys=real, cookie_secure=True)
     ConsoleSettings(environment="prod", admin_keys=real, cookie_secure=True, identity_admin_key="x")
+
+
+def test_the_console_refuses_an_unknown_environment_and_checks_prod_in_any_case(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOUCHSTREAM_ENVIRONMENT", "production")
+    with pytest.raises(ValidationError, match="TOUCHSTREAM_ENVIRONMENT must be one of dev, test, prod"):
+        ConsoleSettings()
+    monkeypatch.setenv("TOUCHSTREAM_ENVIRONMENT", "PROD")
+    with pytest.raises(ValidationError, match="dev admin key"):
+        ConsoleSettings()

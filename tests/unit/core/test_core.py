@@ -11,7 +11,7 @@ from touchstream import avro
 from touchstream.datasets import cdnow_purchases, purchase_to_track_call
 from touchstream.identifiers import Identifier, InvalidIdentifier, normalise, partition_key, pseudonymise
 from touchstream.receiver import WebhookLog
-from touchstream.settings import CoreSettings
+from touchstream.settings import CoreSettings, Environment
 from touchstream.topics import ALL_TOPICS
 
 EVENT = {"message_id": "m1", "type": "track", "event": "Order Completed", "timestamp_ms": 1, "received_at_ms": 2,
@@ -50,7 +50,24 @@ def test_validation_names_the_field() -> None:
 def test_placeholder_secret_refused_in_prod() -> None:
     with pytest.raises(ValidationError, match="PII_HASH_KEY"):
         CoreSettings(environment="prod")
-    assert CoreSettings(environment="prod", pii_hash_key=SecretStr("real")).environment == "prod"
+    assert CoreSettings(environment="prod", pii_hash_key=SecretStr("real")).environment is Environment.PROD
+
+
+@pytest.mark.parametrize("name", ["production", "Production", "staging", "", "prod-eu", "1"])
+def test_an_unknown_environment_is_refused_naming_the_setting(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # "production" used to pass as "not prod" and switch every production check off.
+    monkeypatch.setenv("TOUCHSTREAM_ENVIRONMENT", name)
+    with pytest.raises(ValidationError, match="TOUCHSTREAM_ENVIRONMENT must be one of dev, test, prod"):
+        CoreSettings()
+
+
+@pytest.mark.parametrize("name", ["prod", "PROD", " Prod "])
+def test_prod_in_any_case_turns_the_production_checks_on(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOUCHSTREAM_ENVIRONMENT", name)
+    with pytest.raises(ValidationError, match="PII_HASH_KEY"):
+        CoreSettings()
+    monkeypatch.setenv("TOUCHSTREAM_PII_HASH_KEY", "a-real-secret")
+    assert CoreSettings().environment is Environment.PROD
 
 
 def test_identifier_normalisation_and_hashing() -> None:

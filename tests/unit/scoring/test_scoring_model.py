@@ -6,6 +6,8 @@ import math
 
 from services.scoring.model import Learner, PrequentialQuality, PropensityModel
 
+KEY = b"unit-test-checkpoint-key"
+
 
 def trained_model() -> PropensityModel:
     model = PropensityModel(learning_rate=0.1)
@@ -29,7 +31,7 @@ def test_an_untrained_model_gives_no_reasons() -> None:
 def test_checkpoint_round_trip_keeps_predictions_and_quality() -> None:
     learner = Learner(trained_model())
     learner.quality.update(True, 0.8)
-    restored = Learner.from_bytes(learner.to_bytes())
+    restored = Learner.from_bytes(learner.to_bytes(KEY), KEY)
     features = {"log_recency_days": 3.4, "log_complaints": 0.0}
     assert restored.model.predict_propensity(features) == learner.model.predict_propensity(features)
     assert restored.model.version == learner.model.version == "logreg-v2-n400"
@@ -48,7 +50,7 @@ def test_the_forest_option_learns_and_explains_by_perturbation() -> None:
     reasons = dict(model.reason_codes({"log_recency_days": math.log1p(205), "log_complaints": 1.0}, 2))
     # Replacing a long recency by the average one lowers churn risk: recency is why it is high.
     assert reasons["log_recency_days"] > 0
-    restored = Learner.from_bytes(Learner(model).to_bytes())
+    restored = Learner.from_bytes(Learner(model).to_bytes(KEY), KEY)
     assert restored.model.version == "arf-v1-n600"
 
 

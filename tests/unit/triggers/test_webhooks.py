@@ -1,6 +1,10 @@
-"""Delivery policy: status verdicts, backoff, SSRF address classes, endpoint settings."""
+"""Delivery policy: status verdicts, backoff, endpoint settings."""
 
 from __future__ import annotations
+
+import base64
+import json
+from ipaddress import ip_network
 
 import pytest
 from pydantic import ValidationError
@@ -11,12 +15,11 @@ from services.triggers.webhooks import (
     Circuit,
     CircuitBreaker,
     Verdict,
-    address_allowed,
-    address_refusal,
     next_retry_at,
     retry_after_s,
     verdict_for_status,
 )
+from touchstream.startup import configuration_problems
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
@@ -77,43 +80,53 @@ def test_a_success_resets_the_count_of_failures_in_a_row() -> None:
     assert breaker.state(1) is Circuit.CLOSED
 
 
-def test_allowlist_takes_networks_and_single_addresses() -> None:
-    assert address_allowed("10.2.3.4", ["10.0.0.0/8"])
-    assert address_allowed("::ffff:127.0.0.1", ["127.0.0.1"])
-    assert not address_allowed("10.2.3.4", ["192.168.0.0/16", "127.0.0.1"])
-
-
-@pytest.mark.parametrize(
-    ("address", "refusal"),
-    [("127.0.0.1", "loopback"), ("::1", "loopback"), ("10.1.2.3", "private"), ("192.168.0.10", "private"),
-     ("172.16.5.5", "private"), ("169.254.169.254", "link-local"), ("fe80::1", "link-local"),
-     ("100.64.0.1", "cgnat"), ("fd00::1", "private"), ("::ffff:127.0.0.1", "loopback"), ("0.0.0.0", "unspecified"),
-     ("224.0.0.1", "multicast"), ("8.8.8.8", None), ("2606:4700:4700::1111", None)],
-)
-def test_address_classes(address: str, refusal: str | None) -> None:
-    assert address_refusal(address) == refusal
-
-
 def test_endpoints_come_from_json_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TOUCHSTREAM_TRIGGERS_ENDPOINTS",
                        f'{{"marketing": {{"url": "http://127.0.0.1:9999/hook", "secret": "{SECRET}"}}}}')
-    monkeypatch.setenv("TOUCHSTREAM_TRIGGERS_ALLOW_PRIVATE_ENDPOINTS", "true")
+    monkeypatch.setenv("TOUCHSTREAM_TRIGGERS_ALLOW_NETWORKS", '["127.0.0.0/8"]')
     settings = TriggersSettings()
     assert settings.endpoints["marketing"].url == "http://127.0.0.1:9999/hook"
     assert settings.endpoints["marketing"].secret.get_secret_value() == SECRET
     assert SECRET not in repr(settings)
-    assert settings.allow_private_endpoints and settings.web_port == 6069
+    assert settings.networks_allowed_for("marketing") == (ip_network("127.0.0.0/8"),)
+    assert settings.web_port == 6069
     assert settings.rules_file.name == "default.yaml" and settings.rules_file.exists()
 
 
 @pytest.mark.parametrize(
     ("url", "secret", "message"),
-    [("ftp://host/x", SECRET, "must be http"), ("http://host/x", "not base64!", "not a Standard Webhooks secret"),
-     ("http://host/x", "whsec_", "not a Standard Webhooks secret")],
+    [("ftp://host/x", SECRET, "must be http"), ("http://host/x", "whsec_not base64!", "not whsec_ \\+ valid base64"),
+     ("http://host/x", "whsec_", "decodes to 0 bytes")],
 )
 def test_bad_endpoints_are_refused(url: str, secret: str, message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         WebhookEndpoint(url=url, secret=secret)
+
+
+@pytest.mark.parametrize(
+    ("secret", "reason"),
+    [("whsec_AA==", "decodes to 1 bytes; use 24 to 64"),
+     ("whsec_" + base64.b64encode(b"x" * 23).decode(), "decodes to 23 bytes"),
+     ("whsec_" + base64.b64encode(b"x" * 65).decode(), "decodes to 65 bytes"),
+     (SECRET.removeprefix("whsec_"), "must start with whsec_"),
+     ("WHSEC_" + SECRET.removeprefix("whsec_"), "must start with whsec_")],
+)
+def test_weak_or_unprefixed_secrets_are_refused_naming_the_endpoint(
+        secret: str, reason: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOUCHSTREAM_TRIGGERS_ENDPOINTS",
+                       json.dumps({"crm": {"url": "https://crm.example/hook", "secrets": [SECRET, secret]}}))
+    with pytest.raises(ValidationError) as refused:
+        TriggersSettings()
+    (problem,) = configuration_problems(refused.value, "TOUCHSTREAM_TRIGGERS_")
+    assert problem.startswith("TOUCHSTREAM_TRIGGERS_ENDPOINTS (crm.secrets.1): endpoint secret ")
+    assert reason in problem
+    assert secret not in problem
+
+
+def test_secrets_of_24_to_64_bytes_are_accepted() -> None:
+    for size in (24, 32, 64):
+        secret = "whsec_" + base64.b64encode(bytes(range(size))).decode()
+        assert WebhookEndpoint(url="https://crm.example/hook", secret=secret).signing_secrets == (secret,)
 
 
 def test_settings_are_frozen() -> None:
@@ -131,5 +144,5 @@ def test_endpoint_with_rotating_secrets_signs_with_each_once() -> None:
     assert WebhookEndpoint(url="https://crm.example/hook", secrets=(NEW_SECRET,)).signing_secrets == (NEW_SECRET,)
     with pytest.raises(ValidationError, match="needs a `secret`"):
         WebhookEndpoint(url="https://crm.example/hook")
-    with pytest.raises(ValidationError, match="not a Standard Webhooks secret"):
+    with pytest.raises(ValidationError, match="not whsec_ \\+ valid base64"):
         WebhookEndpoint(url="https://crm.example/hook", secrets=(SECRET, "whsec_***"))
