@@ -26,7 +26,17 @@ from aiokafka.coordinator.assignors.abstract import AbstractPartitionAssignor
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment, ConsumerProtocolMemberMetadata
 
 from services.identity.domain import identifier_ref, lookup_identifier
-from tests.e2e.test_privacy import ADMIN, customer_of, deliveries, metric, read_model, redis_dump, send, wait_until
+from tests.e2e.test_privacy import (
+    ADMIN,
+    RULES,
+    customer_of,
+    deliveries,
+    metric,
+    read_model,
+    redis_dump,
+    send,
+    wait_until,
+)
 from tests.stacks import running_stack
 from touchstream import local
 from touchstream.identifiers import DEFAULT_BLOCKLIST
@@ -42,16 +52,6 @@ from touchstream.topics import (
 
 pytestmark = pytest.mark.integration
 
-RULES = """
-rules:
-  - id: replay-risk
-    when: {score: churn_risk, crosses_above: 0.3, rearm_below: 0.2}
-    action:
-      endpoint: marketing
-      template: {kind: retention_offer}
-    cooldown_hours: 24
-    holdout_percent: 0
-"""
 # Each consumer group and what it is rewound on: every topic it reads but customers.deletions, which
 # stays at its end.
 REWOUND = {
