@@ -43,10 +43,21 @@ def running_stack(run_dir: Path, rules_yaml: str, logs_name: str,
 def running_ingest(settings: dict[str, str], log: Path, ready_within_s: float = 30.0) -> Iterator[str]:
     """Run `python -m services.ingest` with the TOUCHSTREAM_* `settings` (its port among them) until
     its /readyz answers 200; yield its base URL, and check it is still alive when the test is done."""
+    with ingest_process(settings, log, ready_within_s) as (url, server):
+        yield url
+        assert server.alive(), f"ingest exited during the test; see {log}"
+
+
+@contextlib.contextmanager
+def ingest_process(settings: dict[str, str], log: Path, ready_within_s: float = 30.0,
+                   script: Path | None = None) -> Iterator[tuple[str, ManagedProcess]]:
+    """Run `python -m services.ingest` (or `python <script>`, an ingest built differently) with the
+    TOUCHSTREAM_* `settings` until its /readyz answers 200; yield its base URL and process, stop it after."""
     port = settings.get("TOUCHSTREAM_INGEST_WEB_PORT") or settings["TOUCHSTREAM_INGEST_PORT"]
     env = {**os.environ, **settings, "PYTHONPATH": str(REPO)}
+    argv = [sys.executable, str(script)] if script is not None else [sys.executable, "-m", "services.ingest"]
     with log.open("ab") as out:
-        process = subprocess.Popen([sys.executable, "-m", "services.ingest"], stdout=out, stderr=subprocess.STDOUT,
+        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True, env=env, cwd=REPO)
     server = ManagedProcess("ingest", process)
     url = f"http://127.0.0.1:{port}"
@@ -61,8 +72,7 @@ def running_ingest(settings: dict[str, str], log: Path, ready_within_s: float = 
                 pass
             assert time.monotonic() < deadline, f"ingest was not ready after {ready_within_s:.0f} s"
             time.sleep(0.1)
-        yield url
-        assert server.alive(), f"ingest exited during the test; see {log}"
+        yield url, server
     finally:
         server.stop()
 

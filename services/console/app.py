@@ -136,7 +136,8 @@ def build_app(core: CoreSettings, settings: ConsoleSettings, identity: IdentityS
                                         "reaching the console, by topic.", ["topic"])
 
     redis = aioredis.from_url(core.redis_url)
-    store = ReadModelStore(redis, settings.key_prefix)
+    store = ReadModelStore(redis, settings.key_prefix, core.event_time_tolerance_s,
+                           erased_ttl_s=core.erased_customer_ttl_s)
     feed_rate = RateMeter()
     arrivals = LatencyWindow()
     pages = ConsoleWeb(store, settings, GraphLayout(identity.graph_key_prefix), load_rules(settings), page_seconds,

@@ -12,9 +12,12 @@ customers and is therefore done with plain commands (idempotent), never one Lua 
     c:{cid}:mg                 merges and un-merges: merge_id -> JSON
     c:{cid}:df                 actions whose delivery gave up: action_id -> reason
     customers                  customer id -> last event time
-    clock                      "event_time" -> the newest event time applied (closes attribution windows)
+    clock                      "event_time" -> the newest event time applied (closes attribution windows),
+                               at most the wall clock plus the event-time tolerance
     merged_into                merged customer id -> survivor
     {seg}, {seg}:counts        customer id -> "event time|segment|stage" of the latest score; counts per value
+    erased                     erased customers' tokens (touchstream.privacy.ErasedCustomers): records about
+                               them (in flight during the erasure, or read again) are dropped, never modelled
     {seg}:flow:<day>           "from>to" -> changes that day (event time, days since 1970); {seg}:days lists days
     rules, rule:{id}:o:<count> sets of action ids per outcome (SCARD is the count: idempotent)
     rule:{id}:treated/holdout  customer id -> event time of the first action
@@ -24,7 +27,8 @@ customers and is therefore done with plain commands (idempotent), never one Lua 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,10 +50,10 @@ from services.console.readmodel import (
 )
 from services.triggers.erasure import DELETED_RULE_ID
 from services.triggers.state_store import DeliveryLedger
+from touchstream.eventtime import DEFAULT_EVENT_TIME_TOLERANCE_S, event_time_ceiling_ms
+from touchstream.privacy import DEFAULT_ERASED_TTL_S, ErasedCustomers
 
 Update = TouchpointSeen | ScoreUpdated | ActionTaken | CustomersMerged | DeadLettered | CustomerDeleted
-# How many erased customer ids a console worker remembers (in memory) to drop their in-flight records.
-FORGOTTEN_KEPT = 100_000
 
 # Add entries to a capped log (sorted set KEYS[1] + hash KEYS[2], one customer's slot) and
 # drop the oldest beyond the cap ARGV[1]; entries follow as (member, event time, body) triples.
@@ -108,6 +112,17 @@ _LOGS = (("tl", TIMELINE_CAP), ("sc", SCORE_HISTORY_CAP), ("ac", ACTIONS_CAP))
 def _deletion_notice(update: Update) -> bool:
     """A `customer.deleted` webhook (triggers tells marketing about an erasure): never read-modelled."""
     return isinstance(update, ActionTaken) and update.rule_id == DELETED_RULE_ID
+
+
+def _customers_named(update: Update) -> set[str]:
+    """The customer ids a read-model update writes about (none for a deletion)."""
+    if isinstance(update, CustomerDeleted):
+        return set()
+    if isinstance(update, CustomersMerged):
+        return {update.survivor_id, update.merged_id}
+    if isinstance(update, DeadLettered):
+        return set() if update.delivery_failed is None else {update.delivery_failed.customer_id}
+    return {update.customer_id}
 
 
 def _text(value: bytes | str) -> str:
@@ -181,21 +196,28 @@ class _BatchWrites:
 class ReadModelStore:
     """Apply read-model updates in batches and answer the pages' reads."""
 
-    def __init__(self, client: aioredis.Redis, prefix: str = "ts:console:") -> None:
+    def __init__(self, client: aioredis.Redis, prefix: str = "ts:console:",
+                 event_time_tolerance_s: float = DEFAULT_EVENT_TIME_TOLERANCE_S,
+                 clock: Callable[[], float] = time.time, erased_ttl_s: int = DEFAULT_ERASED_TTL_S) -> None:
         self.client = client
         self.prefix = prefix
+        # The event clock and the segment flow's days stop at the wall clock plus this, so one
+        # record stamped years ahead cannot close every attribution window or empty the flow.
+        self.event_time_tolerance_s = event_time_tolerance_s
+        self._clock = clock
         self._add_to_log = client.register_script(_ADD_TO_LOG)
         self._set_segment = client.register_script(_SET_SEGMENT)
         self._drop_segment = client.register_script(_DROP_SEGMENT)
         self._scripts_loaded = False  # _set_segment and _add_to_log, for _write's EVALSHA
         # One hash tag for both, so the scripts stay legal on Redis Cluster.
         self._segment_keys = [self.key("{seg}"), self.key("{seg}", "counts")]
-        # Erased customers (memory only, newest last): records about them still in flight on the
-        # other topics are dropped instead of writing the customer back.
-        self._forgotten: dict[str, None] = {}
+        self.erased = ErasedCustomers(client, self.key("erased"), erased_ttl_s)
 
-    def _segment_change_keys(self, time_ms: int) -> list[str]:
-        return [*self._segment_keys, self.key("{seg}", "flow", str(time_ms // DAY_MS)), self.key("{seg}", "days")]
+    def _ceiling_ms(self) -> int:
+        return event_time_ceiling_ms(int(self._clock() * 1000), self.event_time_tolerance_s)
+
+    def _segment_change_keys(self, flow_day: int) -> list[str]:
+        return [*self._segment_keys, self.key("{seg}", "flow", str(flow_day)), self.key("{seg}", "days")]
 
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -220,12 +242,12 @@ class ReadModelStore:
 
     async def apply(self, updates: Sequence[Update]) -> int:
         """Write a batch of updates; every write is idempotent, so replaying a batch changes nothing."""
-        if self._forgotten or any(isinstance(u, CustomerDeleted) or _deletion_notice(u) for u in updates):
-            updates = await self._apply_deletions(updates)
+        updates = await self._apply_deletions(updates)
         ids = {u.customer_id for u in updates if not isinstance(u, CustomersMerged | DeadLettered | CustomerDeleted)}
         ids |= {u.delivery_failed.customer_id for u in updates
                 if isinstance(u, DeadLettered) and u.delivery_failed is not None}
         merged_into = await self.redirects(ids)
+        ceiling = self._ceiling_ms()
         writes = _BatchWrites()
         for update in updates:
             if isinstance(update, CustomerDeleted):
@@ -252,7 +274,7 @@ class ReadModelStore:
                 continue
             cid = follow_merges(update.customer_id, merged_into)
             writes.zadd_gt(self.key("customers"), cid, update.event_time_ms)
-            writes.zadd_gt(self.key("clock"), "event_time", update.event_time_ms)
+            writes.zadd_gt(self.key("clock"), "event_time", min(update.event_time_ms, ceiling))
             if isinstance(update, TouchpointSeen):
                 writes.log(self.ckey(cid, "tl"), self.ckey(cid, "tle"), update.message_id, update.event_time_ms,
                            update.to_json(), TIMELINE_CAP)
@@ -297,8 +319,10 @@ class ReadModelStore:
         # ask SCRIPT EXISTS first, one more round trip per batch. A Redis that lost its scripts
         # (restarted) answers NOSCRIPT: load them and send the batch again (every write is idempotent).
         set_segment, add_to_log = self._set_segment.sha, self._add_to_log.sha
+        ceiling = self._ceiling_ms()
         for cid, (time_ms, value) in writes.segments.items():
-            pipe.evalsha(set_segment, 4, *self._segment_change_keys(time_ms), cid, time_ms, value, time_ms // DAY_MS)
+            day = min(time_ms, ceiling) // DAY_MS
+            pipe.evalsha(set_segment, 4, *self._segment_change_keys(day), cid, time_ms, value, day)
         for (order_key, body_key, cap), entries in writes.logs.items():
             pipe.evalsha(add_to_log, 2, order_key, body_key, cap, *entries)
         if not self._scripts_loaded and (writes.segments or writes.logs):
@@ -384,34 +408,24 @@ class ReadModelStore:
             if segment is not None:
                 # The survivor now holds the merged customer's scores: its latest may be the newer one.
                 time_ms, value = _text(segment).split("|", 1)
-                await self._set_segment(keys=self._segment_change_keys(int(time_ms)),
-                                        args=[survivor, time_ms, value, int(time_ms) // DAY_MS], client=pipe)
+                day = min(int(time_ms), self._ceiling_ms()) // DAY_MS
+                await self._set_segment(keys=self._segment_change_keys(day),
+                                        args=[survivor, time_ms, value, day], client=pipe)
             pipe.delete(*(self.ckey(merged, p) for p in (*parts, "tle", "sce", "ace", "mg", "df")))
             await pipe.execute()
 
     async def _apply_deletions(self, updates: Sequence[Update]) -> list[Update]:
-        """Forget the customers of every CustomerDeleted in `updates` (all ids listed), and return
-        the other updates minus those about a customer erased here lately."""
+        """Forget the customers of every CustomerDeleted in `updates` (all ids listed, recorded as erased
+        first), and return the other updates minus those about an erased customer: in flight when the
+        erasure landed, or read again by a restarted or lagging worker, they would write it back."""
         for update in updates:
             if isinstance(update, CustomerDeleted):
+                await self.erased.add(update.customer_ids)
                 for cid in update.customer_ids:
                     await self.forget(cid)
-                    self._forgotten.pop(cid, None)
-                    self._forgotten[cid] = None
-        while len(self._forgotten) > FORGOTTEN_KEPT:
-            del self._forgotten[next(iter(self._forgotten))]
-        gone = self._forgotten
-
-        def erased(update: Update) -> bool:
-            if isinstance(update, CustomerDeleted) or _deletion_notice(update):
-                return True
-            if isinstance(update, CustomersMerged):
-                return update.survivor_id in gone or update.merged_id in gone
-            if isinstance(update, DeadLettered):
-                return update.delivery_failed is not None and update.delivery_failed.customer_id in gone
-            return update.customer_id in gone
-
-        return [u for u in updates if not erased(u)]
+        gone = await self.erased.among(cid for update in updates for cid in _customers_named(update))
+        return [u for u in updates
+                if not (isinstance(u, CustomerDeleted) or _deletion_notice(u) or gone & _customers_named(u))]
 
     async def forget(self, customer_id: str) -> list[str]:
         """Remove every trace of a customer (and of the ids merged into it); return the ids forgotten.
@@ -524,9 +538,10 @@ class ReadModelStore:
         return sorted(((b, a, n) for (b, a), n in totals.items() if n > 0), key=lambda r: (-r[2], r[0], r[1]))
 
     async def event_clock(self) -> int | None:
-        """Return the newest event time the read model has applied (None before the first record)."""
+        """Return the newest event time the read model has applied (None before the first record),
+        at most the wall clock plus the event-time tolerance (a clock stored beyond it reads as that)."""
         value = await self.client.zscore(self.key("clock"), "event_time")
-        return None if value is None else int(value)
+        return None if value is None else min(int(value), self._ceiling_ms())
 
     async def customer_count(self) -> int:
         return int(await self.client.zcard(self.key("customers")))

@@ -42,6 +42,7 @@ from services.identity.metrics import IdentityMetrics
 from services.identity.resolver import EventToResolve, IdentityResolver
 from services.identity.settings import IdentitySettings
 from touchstream import avro
+from touchstream.eventtime import too_far_ahead
 from touchstream.identifiers import Identifier, InvalidIdentifier
 from touchstream.settings import CoreSettings
 from touchstream.streams import (
@@ -86,6 +87,7 @@ class TouchpointResolver:
         settings: IdentitySettings,
         hash_key: bytes,
         outbox: Callable[[], Outbox],
+        event_time_tolerance_s: float | None = None,
     ) -> None:
         self.resolver = resolver
         self.graph = resolver.graph
@@ -94,12 +96,14 @@ class TouchpointResolver:
         self._hash_key = hash_key
         # For the API's splits and erasures, outside the stream's batches.
         self._outbox = outbox
+        self._event_time_tolerance_s = event_time_tolerance_s
 
     async def resolve_batch(self, records: list[Record], outbox: Outbox) -> None:
         """Resolve a decoded batch in one Redis round trip and put its records in `outbox`."""
         pending: list[_Pending] = []
+        read_at_ms = int(time.time() * 1000)
         for record in records:
-            pending_event = await self._prepare(record, outbox)
+            pending_event = await self._prepare(record, outbox, read_at_ms)
             if pending_event is not None:
                 pending.append(pending_event)
 
@@ -121,10 +125,19 @@ class TouchpointResolver:
             await outbox.send(TOUCHPOINTS_RESOLVED, resolution.customer_id,
                               avro.encode(TOUCHPOINTS_RESOLVED.schema, resolved))
 
-    async def _prepare(self, record: Record, outbox: Outbox) -> _Pending | None:
+    async def _prepare(self, record: Record, outbox: Outbox, read_at_ms: int) -> _Pending | None:
         touchpoint = record.value
         if touchpoint is None:
             return None
+        if self._event_time_tolerance_s is not None:
+            # Dead-lettered rather than clamped: a clamped time would be invented, and scoring's
+            # features and labels would be built on it; the dead letter keeps the original bytes to
+            # fix and replay. Identity's read time stands in for the receive time: events produced
+            # straight to Kafka have no other trustworthy one, and it only ever comes later.
+            ahead = too_far_ahead(int(touchpoint["timestamp_ms"]), read_at_ms, self._event_time_tolerance_s)
+            if ahead is not None:
+                await outbox.dead_letter(TOUCHPOINTS_RAW.name, f"timestamp_ms: {ahead}", record.key, record.raw)
+                return None
         prepared = prepare_identifiers(touchpoint["identifiers"], self._hash_key,
                                        self.settings.default_phone_region, self.settings.blocklist)
         for rejected in prepared.rejected:
@@ -222,7 +235,7 @@ def build_app(
     readiness = Readiness("partitions_assigned", "script_loaded")
     kernel: StreamKernel
     resolver = TouchpointResolver(IdentityResolver(graph, persons, settings.matching), metrics, settings, hash_key,
-                                  outbox=lambda: kernel.outbox())
+                                  outbox=lambda: kernel.outbox(), event_time_tolerance_s=core.event_time_tolerance_s)
     kernel = StreamKernel(STAGE, core, [Consumes((TOUCHPOINTS_RAW,), resolver.resolve_batch)], metrics.service,
                           readiness)
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from touchstream.eventtime import too_far_ahead
 from touchstream.identifiers import KNOWN_TYPES
 from touchstream.privacy import CONSENT_WITHDRAWN
 
@@ -256,12 +257,14 @@ def extract_consent(payload: dict[str, Any]) -> list[str]:
 
 
 def to_touchpoint(payload: Any, call_type: str | None, source: str, received_at_ms: int,
-                  default_channel: str = "web", batch_sent_at_ms: int | None = None) -> dict[str, Any]:
+                  default_channel: str = "web", batch_sent_at_ms: int | None = None,
+                  event_time_tolerance_s: float | None = None) -> dict[str, Any]:
     """Build a TouchpointEvent record from one API call, or raise EventRejected.
 
     `batch_sent_at_ms` is the batch-level `sentAt` (Segment SDKs put it there), already
     parsed; an event's own `sentAt` wins. With both a timestamp and a sentAt, the timestamp is corrected for the
-    client's clock skew (see `corrected_timestamp`).
+    client's clock skew (see `corrected_timestamp`). With `event_time_tolerance_s`, an event stamped
+    (after that correction) further than this past `received_at_ms` is refused.
     """
     if not isinstance(payload, dict):
         raise EventRejected("(event)", "must be a JSON object")
@@ -299,6 +302,11 @@ def to_touchpoint(payload: Any, call_type: str | None, source: str, received_at_
             extras["sentAt"] = sent_at if sent_at is not None else batch_sent_at_ms
         if not MIN_TIMESTAMP_MS <= timestamp_ms < MAX_TIMESTAMP_MS:
             raise EventRejected(timestamp_field, "is out of range once corrected for clock skew (sentAt)")
+        if event_time_tolerance_s is not None:
+            ahead = too_far_ahead(timestamp_ms, received_at_ms, event_time_tolerance_s)
+            if ahead is not None:
+                raise EventRejected(timestamp_field, ahead if timestamp_ms == client_ms
+                                    else f"{ahead}, once corrected for clock skew (sentAt)")
     consent = extract_consent(payload)
     return {
         "message_id": message_id,

@@ -307,3 +307,41 @@ def test_a_worker_with_a_bad_webhook_setting_exits_with_the_reason_not_a_traceba
     assert reason in finished.stderr
     assert "Traceback" not in finished.stderr
     assert "whsec_AA==" not in finished.stderr + finished.stdout
+
+async def test_a_score_stamped_in_2099_fires_no_silence_timer_early(
+        worker: tuple[ManagedProcess, int], receiver: Receiver, all_topics: str) -> None:  # noqa: F811
+    process, web_port = worker
+    paused, ahead, marker = (f"cus_{uuid.uuid4().hex[:12]}" for _ in range(3))
+    now_ms = int(time.time() * 1000)
+    records = [
+        # A silence timer due in 50 minutes of event time...
+        (paused, a_score_record(paused, 0.1, 1, "Subscription Paused", at_ms=now_ms - 10 * 60_000)),
+        # ...someone's score stamped in 2099 (written straight to the topic, past any ingest check)...
+        (ahead, a_score_record(ahead, 0.1, 1, "Page Viewed", at_ms=4_086_000_000_000)),
+        # ...and a real event whose webhook says the two before it were handled.
+        (marker, a_score_record(marker, 0.1, 1, "Cap Test", at_ms=now_ms)),
+    ]
+    producer = AIOKafkaProducer(bootstrap_servers=all_topics)
+    await producer.start()
+    try:
+        for customer, record in records:  # one partition: handled in this order
+            await producer.send_and_wait(SCORES.name, avro.encode(SCORES.schema, record), key=customer.encode(),
+                                         partition=0)
+    finally:
+        await producer.stop()
+
+    marker_id = action_id("cap-a", marker, f"msg-{marker}-1")
+
+    async def marker_arrived() -> bool:
+        assert process.alive(), "triggers worker exited; see test-artifacts/triggers-worker.log"
+        return receiver.hits(marker_id) > 0
+
+    await wait_until(marker_arrived, 90, "the marker's webhook")
+    await asyncio.sleep(2.0)  # a timer fired in the same batch would be on its way by now
+    assert not any(p.get("customer_id") == paused for _, p in receiver.verified)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{web_port}") as client:
+        metrics = (await client.get("/metrics")).text
+    [watermark_s] = [float(line.split()[-1]) for line in metrics.splitlines()
+                     if line.startswith("touchstream_triggers_event_time_watermark_seconds ")]
+    assert watermark_s <= time.time() + 300
+    assert 'touchstream_triggers_timers_total{result="expired",rule="paused-for-an-hour"}' not in metrics
