@@ -62,8 +62,13 @@ lint: $(STAMP) ## ruff
 typecheck: $(STAMP) ## mypy
 	$(BIN)/mypy
 
-test: lint typecheck tools $(KAFKA_STAMP) ## lint, typecheck, unit and integration tests (starts its own broker and Redis)
-	$(BIN)/pytest -q -m "not chaos"
+# Test processes: one per core by default; each starts its own broker and Redis, and a test
+# file stays on one process (module fixtures such as a running stack are shared there).
+TEST_WORKERS ?= auto
+
+test: lint typecheck tools $(KAFKA_STAMP) ## lint, typecheck, unit and integration tests in parallel (own broker and Redis per process)
+	@start=$$(date +%s); $(BIN)/pytest -q -m "not chaos" -n $(TEST_WORKERS) --dist loadfile; rc=$$?; \
+	echo "make test: pytest took $$(( $$(date +%s) - start )) s with $(TEST_WORKERS) workers"; exit $$rc
 
 up: ## docker compose: Kafka (KRaft), Redis, services, Prometheus, Grafana (needs Docker: fails on dev/CI machines)
 	docker compose up -d --build --wait

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
+from tests.stacks import ARTIFACTS
 from touchstream.embedded import (
     ManagedProcess,
     broker_client_env,
@@ -29,9 +30,9 @@ from touchstream.embedded import (
 
 @pytest.fixture(scope="session")
 def artifacts_dir() -> Path:
-    path = Path(__file__).resolve().parent.parent / "test-artifacts"
-    path.mkdir(exist_ok=True)
-    return path
+    """Where a test keeps logs for CI: test-artifacts/<pytest-xdist worker>/."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return ARTIFACTS
 
 
 @pytest.fixture(scope="session")

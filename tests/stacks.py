@@ -17,7 +17,8 @@ from touchstream import local
 from touchstream.embedded import ManagedProcess
 
 REPO = Path(__file__).resolve().parent.parent
-ARTIFACTS = REPO / "test-artifacts"
+# One folder per pytest-xdist worker: each runs its own broker and Redis, whose logs would mix.
+ARTIFACTS = REPO / "test-artifacts" / os.environ.get("PYTEST_XDIST_WORKER", "main")
 
 
 @contextlib.contextmanager
