@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 from pydantic import AliasChoices, Field
@@ -10,17 +9,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from touchstream.client_address import TrustedProxies
 from touchstream.privacy import DEFAULT_SUPPRESSION_KEY
+from touchstream.write_keys import hash_write_key
+
+__all__ = ["DEV_WRITE_KEY", "IngestSettings", "hash_write_key"]
 
 DEV_WRITE_KEY = "dev-write-key"
-
-
-def hash_write_key(key: str) -> str:
-    """Return the stored form of a write key.
-
-    >>> hash_write_key("k")[:16]
-    '8254c329a92850f6'
-    """
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 class IngestSettings(BaseSettings):
