@@ -6,11 +6,13 @@ The scripts and the key layout are in `scripts.py`; the rules (what may merge) i
 from __future__ import annotations
 
 import hashlib
-import hmac
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from services.identity.domain import (
     Erasure,
@@ -26,17 +28,70 @@ from services.identity.domain import (
     script_call,
     unmerge_call,
 )
-from services.identity.matching import PersonAttributes, blocking_keys
-from services.identity.scripts import ERASE_SCRIPT, MERGE_SCRIPT, RESOLVE_SCRIPT, UNMERGE_SCRIPT, script_sha
+from services.identity.matching import PersonAttributes
+from services.identity.scripts import (
+    ERASE_SCRIPT,
+    MATCH_CANDIDATES_SCRIPT,
+    MATCH_FORGET_SCRIPT,
+    MATCH_INDEX_SCRIPT,
+    MERGE_SCRIPT,
+    RESOLVE_SCRIPT,
+    UNMERGE_SCRIPT,
+    script_sha,
+)
 
 RESOLVE_SCRIPT_SHA = script_sha(RESOLVE_SCRIPT)
 MERGE_SCRIPT_SHA = script_sha(MERGE_SCRIPT)
 UNMERGE_SCRIPT_SHA = script_sha(UNMERGE_SCRIPT)
 ERASE_SCRIPT_SHA = script_sha(ERASE_SCRIPT)
+MATCH_CANDIDATES_SHA = script_sha(MATCH_CANDIDATES_SCRIPT)
+MATCH_INDEX_SHA = script_sha(MATCH_INDEX_SCRIPT)
+MATCH_FORGET_SHA = script_sha(MATCH_FORGET_SCRIPT)
 _SCRIPTS = {RESOLVE_SCRIPT_SHA: RESOLVE_SCRIPT, MERGE_SCRIPT_SHA: MERGE_SCRIPT, UNMERGE_SCRIPT_SHA: UNMERGE_SCRIPT,
             ERASE_SCRIPT_SHA: ERASE_SCRIPT}
 
 Call = tuple[str, list[str], list[str]]  # (script sha, KEYS, ARGV)
+Argument = str | int | bytes
+
+
+def pack_command(args: Sequence[Argument]) -> bytes:
+    """Encode one command in RESP, as Redis reads it.
+
+    redis-py's general packer costs about three times as much per argument, and a batch of
+    events sends thousands of arguments.
+
+    >>> pack_command(["GET", "k"]), pack_command(["SET", "k", 7])
+    (b'*2\r\n$3\r\nGET\r\n$1\r\nk\r\n', b'*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\n7\r\n')
+    """
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg if isinstance(arg, bytes) else arg.encode() if isinstance(arg, str) else str(arg).encode()
+        parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+async def run_commands(client: aioredis.Redis, commands: Sequence[Sequence[Argument]]) -> list[Any]:
+    """Send commands in one write on one connection and read their answers in order.
+
+    An error answer is returned in its place (as the exception), not raised, so one failing
+    command leaves the others' answers readable; a lost connection is dropped and raised.
+    """
+    pool = client.connection_pool
+    connection = await pool.get_connection()
+    try:
+        await connection.send_packed_command(b"".join(pack_command(c) for c in commands), check_health=False)
+        answers: list[Any] = []
+        for _ in commands:
+            try:
+                answers.append(await connection.read_response())
+            except ResponseError as error:
+                answers.append(error)
+        return answers
+    except BaseException:
+        await connection.disconnect()
+        raise
+    finally:
+        await pool.release(connection)
 
 
 class IdentityGraph:
@@ -102,7 +157,8 @@ class IdentityGraph:
     async def sweep(self, customer_ids: Sequence[str], identifiers: Sequence[Identifier], chunk: int = 1000) -> int:
         """Remove what the erase script cannot find by key: the per-event answers (`event:*`, kept
         `event_ttl_s` for redeliveries) that name the customer, and its ids in other identifiers'
-        shared-use sets and in the matching blocks. One SCAN over the graph's keys; returns keys changed.
+        shared-use sets, in the matching blocks and among other customers' possible matches (and
+        the review list). One SCAN over the graph's keys; returns keys changed.
         """
         needles = [n for n in (*customer_ids, *(i.value for i in identifiers)) if n]
         if not needles:
@@ -113,18 +169,45 @@ class IdentityGraph:
 
         async def flush() -> int:
             events = [k for k in batch if k.startswith(f"{prefix}event:".encode())]
-            sets = [k for k in batch if k.endswith(b":customers") or k.startswith(f"{prefix}block:".encode())]
+            # block: is where matching kept its blocks before match:block:.
+            sets = [k for k in batch if k.endswith(b":customers") or k.startswith(f"{prefix}match:block:".encode())
+                    or k.startswith(f"{prefix}block:".encode())]
+            possible = [k for k in batch if k.startswith(f"{prefix}match:possible:".encode())]
+            blocks = [k for k in batch if k.startswith(f"{prefix}match:blocks:".encode())]
+            review = [k for k in batch if k == f"{prefix}match:review".encode()]
             done = 0
             values = await self.client.mget(events) if events else []
+            entries = await self.client.lrange(review[0], 0, -1) if review else []
             async with self.client.pipeline(transaction=False) as pipe:
                 for key, value in zip(events, values, strict=True):
                     if value is not None and any(n.encode() in value for n in needles):
                         pipe.delete(key)
                         done += 1
+                for entry in entries:
+                    if any(n.encode() in entry for n in needles):
+                        pipe.lrem(review[0], 0, entry.decode() if isinstance(entry, bytes) else entry)
+                        done += 1
                 for key in sets:
                     pipe.srem(key, *customer_ids)
+                for key in possible:
+                    pipe.hdel(key, *customer_ids)
                 replies = await pipe.execute()
-            return done + sum(1 for r in replies[done:] if r)
+            return done + sum(1 for r in replies[done:] if r) + sum([await drop_from_blocks(k) for k in blocks])
+
+        async def drop_from_blocks(key: bytes) -> int:
+            # A block's value is its customer ids, space-separated: find the blocks naming the
+            # customer, then take it out with a script that re-reads each (the index may have grown it).
+            gone = {c.encode() for c in customer_ids}
+            fields = [field async for field, value in self.client.hscan_iter(key, count=chunk)
+                      if gone & set(value.split(b" "))]
+            if not fields:
+                return 0
+            args = [len(customer_ids), *customer_ids, *fields]
+            try:
+                return int(await self.client.evalsha(MATCH_FORGET_SHA, 1, key, *args))
+            except NoScriptError:
+                await self.client.script_load(MATCH_FORGET_SCRIPT)
+                return int(await self.client.evalsha(MATCH_FORGET_SHA, 1, key, *args))
 
         async for key in self.client.scan_iter(match=f"{_glob_escape(prefix)}*", count=chunk):
             batch.append(key if isinstance(key, bytes) else str(key).encode())
@@ -155,10 +238,7 @@ class IdentityGraph:
         return resolutions
 
     async def _evalsha_all(self, calls: Sequence[Call]) -> list[object]:
-        async with self.client.pipeline(transaction=False) as pipe:
-            for sha, keys, args in calls:
-                pipe.evalsha(sha, len(keys), *keys, *args)
-            return list(await pipe.execute(raise_on_error=False))
+        return await run_commands(self.client, [("EVALSHA", sha, len(keys), *keys, *args) for sha, keys, args in calls])
 
 
 def _glob_escape(text: str) -> str:
@@ -172,59 +252,148 @@ def _glob_escape(text: str) -> str:
     return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
 
 
-class PersonIndex:
-    """Personal attributes and blocking keys for probabilistic matching, under the graph's prefix.
+@dataclass(frozen=True)
+class MatchState:
+    """What the person index says about matching as a whole: the model state JSON and the counters."""
 
-    - ``person:<customer_id>``  JSON of the latest attributes seen for that customer. These are
-      clear personal data (fuzzy comparison cannot work on hashes): they stay in the identity
-      graph's Redis, are never emitted, and are only written when matching is switched on.
-    - ``block:<hmac>``         set of customer ids sharing a blocking key; the key is hashed so
-      key names carry no personal data.
+    model_state: bytes | None
+    records: int
+    pairs: int
+
+
+@dataclass(frozen=True)
+class IndexedRecord:
+    customer_id: str
+    person: PersonAttributes
+    digests: Sequence[str]  # of its blocking keys (`PersonIndex.block_digest`)
+
+
+@dataclass(frozen=True)
+class PossibleMatchEntry:
+    customer_id: str
+    other_customer_id: str
+    entry_json: str
+
+
+class PersonIndex:
+    """Records' personal attributes, their blocking keys and the matching model, under the graph's prefix.
+
+    The key layout is in `scripts.py` (``match:*``). Attributes are clear personal data (fuzzy
+    comparison cannot work on hashes): they stay in the identity graph's Redis, are never
+    emitted, and are only written when matching is switched on. A batch costs two script calls:
+    one finds every record's candidates (and reads the model), one indexes the batch.
     """
 
-    def __init__(self, client: aioredis.Redis, layout: GraphLayout, hash_key: bytes, max_block_size: int) -> None:
+    def __init__(self, client: aioredis.Redis, layout: GraphLayout, hash_key: bytes, max_block_size: int,
+                 max_records_per_customer: int = 20, review_length: int = 1000) -> None:
         self.client = client
         self.layout = layout
-        self._hash_key = hash_key
+        # A key of its own for blocking keys (BLAKE2b takes at most 64 bytes), apart from the identifiers' HMACs.
+        self._digest_key = hashlib.sha256(b"touchstream-identity-blocking|" + hash_key).digest()
         self._max_block_size = max_block_size
+        self._max_records = max_records_per_customer
+        self._review_length = review_length
+        self.model_key = f"{layout.prefix}match:model"
 
-    def block_key(self, blocking_key: str) -> str:
-        digest = hmac.new(self._hash_key, blocking_key.encode(), hashlib.sha256).hexdigest()[:32]
-        return f"{self.layout.prefix}block:{digest}"
+    def block_digest(self, blocking_key: str) -> str:
+        return hashlib.blake2b(blocking_key.encode(), key=self._digest_key, digest_size=16).hexdigest()
+
+    def blocks_key(self, digest: str) -> str:
+        """Name the hash holding a block (one of 16, by the digest's first hex digit)."""
+        return f"{self.layout.prefix}match:blocks:{digest[0]}"
 
     def person_key(self, customer_id: str) -> str:
-        return f"{self.layout.prefix}person:{customer_id}"
+        return f"{self.layout.prefix}match:person:{customer_id}"
 
-    async def candidates_many(self, people: Sequence[PersonAttributes]) -> list[dict[str, PersonAttributes]]:
-        """Return, for each person, the customers sharing a blocking key with it and their attributes."""
-        if not people:
-            return []
-        keys = [[self.block_key(k) for k in blocking_keys(p)] for p in people]
-        async with self.client.pipeline(transaction=False) as pipe:
-            for person_keys in keys:
-                for key in person_keys:
-                    pipe.scard(key)
-                    pipe.smembers(key)
-            answers = iter(await pipe.execute())
-        wanted: list[set[str]] = []
-        for person_keys in keys:
-            ids: set[str] = set()
-            for _ in person_keys:
-                size, members = next(answers), next(answers)
-                # A blocking key shared by too many says too little: skip rather than compare them all.
-                if size <= self._max_block_size:
-                    ids.update(m.decode() for m in members)
-            wanted.append(ids)
-        every = sorted(set().union(*wanted))
-        records = await self.client.mget([self.person_key(i) for i in every]) if every else []
-        known = {i: PersonAttributes.from_json(r) for i, r in zip(every, records, strict=True) if r is not None}
-        return [{i: known[i] for i in sorted(ids) if i in known} for ids in wanted]
+    def possible_key(self, customer_id: str) -> str:
+        return f"{self.layout.prefix}match:possible:{customer_id}"
 
-    async def add_many(self, entries: Sequence[tuple[str, PersonAttributes]]) -> None:
-        """Index each person under its customer id so later events can be matched to it."""
+    @property
+    def review_key(self) -> str:
+        return f"{self.layout.prefix}match:review"
+
+    def patterns_key(self, chunk: int) -> str:
+        return f"{self.layout.prefix}match:patterns:{chunk}"
+
+    async def candidates(
+        self, digests_per_record: Sequence[Sequence[str]]
+    ) -> tuple[MatchState, list[list[tuple[str, PersonAttributes]]]]:
+        """Return the matching state and, per record, the stored records sharing one of its blocking keys."""
+        args: list[Argument] = [self.layout.prefix, self._max_block_size]
+        for digests in digests_per_record:
+            args.append(len(digests))
+            args.extend(digests)
+        answer = await self._run(MATCH_CANDIDATES_SHA, args)
+        model_state, records, pairs, *found = answer
+        parsed: dict[bytes, list[PersonAttributes]] = {}
+        candidates = []
+        for flat in found:
+            pairs_of_record: list[tuple[str, PersonAttributes]] = []
+            for n in range(0, len(flat), 2):
+                blob = flat[n + 1]
+                people = parsed.get(blob)
+                if people is None:
+                    people = parsed[blob] = [PersonAttributes.from_record(r) for r in blob.split(b"\n")]
+                customer_id = flat[n].decode()
+                pairs_of_record.extend((customer_id, person) for person in people)
+            candidates.append(pairs_of_record)
+        return MatchState(model_state, int(records), int(pairs)), candidates
+
+    async def index(
+        self, records: Sequence[IndexedRecord], patterns: Mapping[str, int], chunk: int, new_records: int,
+        new_pairs: int, possible: Sequence[PossibleMatchEntry], model_state: str | None = None,
+    ) -> int:
+        """Index records under their customers, count the batch's patterns, note possible matches; return records."""
+        args: list[Argument] = [self.layout.prefix, self._max_block_size, self._max_records,
+                                         self._review_length, chunk, new_records, new_pairs, len(records)]
+        for record in records:
+            args.extend((record.customer_id, record.person.to_record(), len(record.digests)))
+            args.extend(record.digests)
+        args.append(len(patterns))
+        for key, count in patterns.items():
+            args.extend((key, count))
+        args.append(len(possible))
+        for entry in possible:
+            args.extend((entry.customer_id, entry.other_customer_id, entry.entry_json))
+        count = int(await self._run(MATCH_INDEX_SHA, args))
+        if model_state is not None:
+            await self.client.set(self.model_key, model_state)
+        return count
+
+    async def window_patterns(self, chunks: Sequence[int]) -> dict[str, int]:
+        """Add up the pattern counts of the chunks that make up EM's window."""
         async with self.client.pipeline(transaction=False) as pipe:
-            for customer_id, person in entries:
-                pipe.set(self.person_key(customer_id), person.to_json())
-                for key in blocking_keys(person):
-                    pipe.sadd(self.block_key(key), customer_id)
-            await pipe.execute()
+            for chunk in chunks:
+                pipe.hgetall(self.patterns_key(chunk))
+            answers = await pipe.execute()
+        total: dict[str, int] = {}
+        for counts in answers:
+            for key, count in counts.items():
+                name = key.decode()
+                total[name] = total.get(name, 0) + int(count)
+        return total
+
+    async def drop_chunks(self, chunks: Sequence[int]) -> None:
+        """Forget pattern counts that slid out of the window."""
+        if chunks:
+            await self.client.delete(*(self.patterns_key(c) for c in chunks))
+
+    async def model_state(self) -> bytes | None:
+        return cast(bytes | None, await self.client.get(self.model_key))
+
+    async def review(self, limit: int) -> list[dict[str, Any]]:
+        """Return the latest possible matches, newest first."""
+        return [json.loads(entry) for entry in await self.client.lrange(self.review_key, 0, limit - 1)]
+
+    async def _run(self, sha: str, args: Sequence[Argument]) -> Any:
+        [answer] = await run_commands(self.client, [("EVALSHA", sha, 1, self.model_key, *args)])
+        if isinstance(answer, NoScriptError):
+            await self._load_scripts()
+            [answer] = await run_commands(self.client, [("EVALSHA", sha, 1, self.model_key, *args)])
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    async def _load_scripts(self) -> None:
+        for script in (MATCH_CANDIDATES_SCRIPT, MATCH_INDEX_SCRIPT):
+            await self.client.script_load(script)

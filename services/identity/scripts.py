@@ -1,7 +1,8 @@
-"""The identity graph's Lua scripts: resolve an event, merge two customers, split identifiers off one, erase one.
+"""The identity graph's Lua scripts: resolve an event, merge two customers, split identifiers off one, erase one;
+and the person index's two: find a batch's matching candidates, index a batch's records.
 
 Each script runs atomically in Redis, so two workers touching the same identifiers can
-never interleave inside one update. All three share one prelude (key names, merge, rules).
+never interleave inside one update. The four graph scripts share one prelude (key names, merge, rules).
 
 Key layout (see `domain.GraphLayout`), every key under one prefix with a hash tag:
 
@@ -19,6 +20,19 @@ Key layout (see `domain.GraphLayout`), every key under one prefix with a hash ta
 - ``suppressed``                     set of suppression tokens, sha1("suppress:<type>:<hmac>"), of the
                                      identifiers of erased customers: events carrying one are dropped
 - ``suppressed:version``             counter raised on every erasure (ingest reloads its copy on a change)
+
+Probabilistic matching (only written when matching is on; `graph.PersonIndex`):
+
+- ``match:person:<id>``              the attributes of the records the customer was created with or
+                                     carried: JSON arrays, one per line (clear personal data; never emitted)
+- ``match:blocks:<hex digit>``       hash: blocking key digest (keyed BLAKE2b, so no personal data in
+                                     names) -> the customer ids sharing it, space-separated; sharded by the
+                                     digest's first hex digit; a block stops growing past the largest compared
+- ``match:model``                    JSON: the fitted Fellegi-Sunter model in use and the last fit tried
+- ``match:records``, ``match:pairs`` counters: records matched and candidate pairs compared
+- ``match:patterns:<chunk>``         hash: comparison pattern -> pairs, per chunk of records (EM's window)
+- ``match:possible:<id>``            hash: other customer id -> JSON of a possible match (review band)
+- ``match:review``                   list of the latest possible matches, newest first (JSON)
 
 ARGV of every script: prefix, rules (JSON), op id, time_ms, ttl_s, then the script's own.
 Rules: {"strong": [types], "limits": {type: n}, "default_limit": n, "shared_max": n}.
@@ -418,11 +432,244 @@ if ARGV[7] == "erase" then
         if #kept > 0 then redis.call("RPUSH", hkey(other), unpack(kept)) end
       end
     end
-    redis.call("DEL", ckey(id), mkey(id), hkey(id), akey(id), prefix .. "person:" .. id)
+    -- person:<id> is where matching kept attributes before match:person:<id>; still erased.
+    redis.call("DEL", ckey(id), mkey(id), hkey(id), akey(id), prefix .. "person:" .. id,
+               prefix .. "match:person:" .. id, prefix .. "match:possible:" .. id)
   end
 end
 return cjson.encode({found = true, customer_id = live, merged_ids = merged_ids, identifiers = refs,
                      suppressed = suppressed})
+"""
+
+# The person index keeps few, large keys so that a batch costs a handful of Redis calls
+# rather than a few per record: blocks are fields of 16 hashes (by the digest's first hex
+# digit), a block's value its customer ids separated by spaces; a customer's records are
+# one string, the records' JSON arrays separated by newlines (JSON never holds a raw one).
+MATCH_PRELUDE = r"""
+local prefix = ARGV[1]
+local max_block = tonumber(ARGV[2])
+local cursor = 2
+local function take()
+  cursor = cursor + 1
+  return ARGV[cursor]
+end
+-- Lua's unpack takes at most ~8000 values: call with many arguments in chunks.
+local function call_chunked(command, key, items, per_item)
+  local answers, chunk = {}, math.floor(4000 / per_item) * per_item
+  for first = 1, #items, chunk do
+    local last = math.min(first + chunk - 1, #items)
+    local part = key and redis.call(command, key, unpack(items, first, last))
+                      or redis.call(command, unpack(items, first, last))
+    if type(part) == "table" then
+      for _, value in ipairs(part) do answers[#answers + 1] = value end
+    end
+  end
+  return answers
+end
+local function bucket_key(digest) return prefix .. "match:blocks:" .. string.sub(digest, 1, 1) end
+-- Current values of the blocks named by `digests` (a set), as digest -> value or false.
+local function read_blocks(digests)
+  local by_bucket, values = {}, {}
+  for digest in pairs(digests) do
+    local key = bucket_key(digest)
+    by_bucket[key] = by_bucket[key] or {}
+    table.insert(by_bucket[key], digest)
+  end
+  for key, names in pairs(by_bucket) do
+    local found = call_chunked("HMGET", key, names, 1)
+    for n, digest in ipairs(names) do values[digest] = found[n] end
+  end
+  return values, by_bucket
+end
+local function block_size(value)
+  if not value then return 0 end
+  local _, spaces = string.gsub(value, " ", "")
+  return spaces + 1
+end
+"""
+
+# KEYS[1]: match:model (it routes the call on Redis Cluster; every key shares its hash tag).
+# ARGV[1] prefix, ARGV[2] largest block compared, then per record: the number of its blocking
+# key digests and the digests. Answers the model state JSON (or nil), the records and pairs
+# counters, then per record a flat list: customer id, its records (newline-separated JSON), ...
+MATCH_CANDIDATES_SCRIPT = MATCH_PRELUDE + r"""
+local state = redis.call("MGET", KEYS[1], prefix .. "match:records", prefix .. "match:pairs")
+local records, digests = {}, {}
+while cursor < #ARGV do
+  local own = {}
+  for _ = 1, tonumber(take()) do
+    local digest = take()
+    own[#own + 1] = digest
+    digests[digest] = true
+  end
+  records[#records + 1] = own
+end
+local values = read_blocks(digests)
+local ids_of = {}
+local function ids(digest)
+  local found = ids_of[digest]
+  if found then return found end
+  found = {}
+  -- A key shared by more than max_block customers says too little to compare them all.
+  if values[digest] and block_size(values[digest]) <= max_block then
+    for id in string.gmatch(values[digest], "%S+") do found[#found + 1] = id end
+  end
+  ids_of[digest] = found
+  return found
+end
+local wanted, wanted_list, per_record = {}, {}, {}
+for r, own in ipairs(records) do
+  local seen, list = {}, {}
+  for _, digest in ipairs(own) do
+    for _, id in ipairs(ids(digest)) do
+      if not seen[id] then
+        seen[id] = true
+        list[#list + 1] = id
+        if not wanted[id] then
+          wanted[id] = true
+          wanted_list[#wanted_list + 1] = prefix .. "match:person:" .. id
+        end
+      end
+    end
+  end
+  per_record[r] = list
+end
+local blobs = {}
+local found = call_chunked("MGET", nil, wanted_list, 1)
+for n, key in ipairs(wanted_list) do
+  blobs[string.sub(key, #prefix + 14)] = found[n]
+end
+local out = {state[1], tonumber(state[2] or "0"), tonumber(state[3] or "0")}
+for r, list in ipairs(per_record) do
+  local flat = {}
+  for _, id in ipairs(list) do
+    if blobs[id] then
+      flat[#flat + 1] = id
+      flat[#flat + 1] = blobs[id]
+    end
+  end
+  out[#out + 1] = flat
+end
+return out
+"""
+
+# KEYS[1]: match:model. ARGV[1] prefix, [2] largest block compared, [3] most records kept per
+# customer, [4] review list length, [5] pattern chunk, [6] records matched, [7] pairs compared,
+# then three sections, each led by its count:
+#   records:   customer id, record JSON, number of blocking key digests, digests...
+#   patterns:  pattern, count
+#   possible:  customer id, other customer id, entry JSON
+MATCH_INDEX_SCRIPT = MATCH_PRELUDE + r"""
+local max_records, review_length = tonumber(ARGV[3]), tonumber(ARGV[4])
+cursor = 7
+local records, digests = {}, {}
+for _ = 1, tonumber(take()) do
+  local id, record, n = take(), take(), tonumber(take())
+  local own = {}
+  for _ = 1, n do
+    local digest = take()
+    own[#own + 1] = digest
+    digests[digest] = true
+  end
+  records[#records + 1] = {id = id, record = record, digests = own}
+end
+
+local values, by_bucket = read_blocks(digests)
+local sizes, changed = {}, {}
+local person_keys, persons, person_list = {}, {}, {}
+for _, entry in ipairs(records) do
+  for _, digest in ipairs(entry.digests) do
+    local value = values[digest]
+    sizes[digest] = sizes[digest] or block_size(value)
+    -- Past max_block members a block is never compared again: no use growing it.
+    if sizes[digest] <= max_block and
+        not (value and string.find(" " .. value .. " ", " " .. entry.id .. " ", 1, true)) then
+      values[digest] = value and (value .. " " .. entry.id) or entry.id
+      sizes[digest] = sizes[digest] + 1
+      changed[digest] = true
+    end
+  end
+  if not person_keys[entry.id] then
+    person_keys[entry.id] = true
+    person_list[#person_list + 1] = prefix .. "match:person:" .. entry.id
+  end
+end
+for key, names in pairs(by_bucket) do
+  local pairs_to_set = {}
+  for _, digest in ipairs(names) do
+    if changed[digest] then
+      pairs_to_set[#pairs_to_set + 1] = digest
+      pairs_to_set[#pairs_to_set + 1] = values[digest]
+    end
+  end
+  if #pairs_to_set > 0 then call_chunked("HSET", key, pairs_to_set, 2) end
+end
+
+local found = call_chunked("MGET", nil, person_list, 1)
+for n, key in ipairs(person_list) do persons[key] = found[n] end
+local person_changed = {}
+for _, entry in ipairs(records) do
+  local key = prefix .. "match:person:" .. entry.id
+  local blob = persons[key]
+  if not blob then
+    persons[key] = entry.record
+    person_changed[key] = true
+  elseif not string.find("\n" .. blob .. "\n", "\n" .. entry.record .. "\n", 1, true) then
+    local _, count = string.gsub(blob, "\n", "")
+    if count + 1 < max_records then
+      persons[key] = blob .. "\n" .. entry.record
+      person_changed[key] = true
+    end
+  end
+end
+local to_set = {}
+for key in pairs(person_changed) do
+  to_set[#to_set + 1] = key
+  to_set[#to_set + 1] = persons[key]
+end
+if #to_set > 0 then call_chunked("MSET", nil, to_set, 2) end
+
+local patterns = prefix .. "match:patterns:" .. ARGV[5]
+for _ = 1, tonumber(take()) do
+  local pattern, count = take(), take()
+  redis.call("HINCRBY", patterns, pattern, count)
+end
+for _ = 1, tonumber(take()) do
+  local id, other, entry = take(), take(), take()
+  redis.call("HSET", prefix .. "match:possible:" .. id, other, entry)
+  redis.call("HSET", prefix .. "match:possible:" .. other, id, entry)
+  redis.call("LPUSH", prefix .. "match:review", entry)
+end
+redis.call("LTRIM", prefix .. "match:review", 0, review_length - 1)
+redis.call("INCRBY", prefix .. "match:pairs", ARGV[7])
+return redis.call("INCRBY", prefix .. "match:records", ARGV[6])
+"""
+
+# KEYS[1]: a match:blocks:<hex digit> hash. ARGV[1] the number of customer ids, the ids, then the
+# fields (block digests) to take them out of. Reads each block again, so a member the index
+# script added meanwhile is kept. Answers the number of blocks changed.
+MATCH_FORGET_SCRIPT = r"""
+local gone = {}
+local n = tonumber(ARGV[1])
+for i = 2, n + 1 do gone[ARGV[i]] = true end
+local changed = 0
+for i = n + 2, #ARGV do
+  local value = redis.call("HGET", KEYS[1], ARGV[i])
+  if value then
+    local kept = {}
+    for id in string.gmatch(value, "%S+") do
+      if not gone[id] then kept[#kept + 1] = id end
+    end
+    if #kept == 0 then
+      redis.call("HDEL", KEYS[1], ARGV[i])
+      changed = changed + 1
+    elseif #kept < select(2, string.gsub(value, " ", "")) + 1 then
+      redis.call("HSET", KEYS[1], ARGV[i], table.concat(kept, " "))
+      changed = changed + 1
+    end
+  end
+end
+return changed
 """
 
 RESOLVE_SCRIPT = PRELUDE + RESOLVE_BODY
