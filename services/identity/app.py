@@ -18,7 +18,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.identity.admin import is_admin
-from services.identity.customer360 import find_customer, read_customer
+from services.identity.customer360 import find_customer, read_customer, read_review
 from services.identity.domain import (
     MERGE_REASON_OPERATOR,
     Erasure,
@@ -230,7 +230,7 @@ def build_app(
     graph = IdentityGraph(client, layout, settings.graph_rules(), settings.event_ttl_s)
     persons = PersonIndex(client, layout, hash_key, settings.matching.max_block_size)
     resolver = TouchpointResolver(
-        IdentityResolver(graph, persons, settings.matching), metrics, settings, hash_key,
+        IdentityResolver(graph, persons, settings.matching, observer=metrics), metrics, settings, hash_key,
         resolved=faust_topic(app, TOUCHPOINTS_RESOLVED, core),
         merges=faust_topic(app, IDENTITY_MERGES, core),
         deadletter=faust_topic(app, DEADLETTER, core),
@@ -419,6 +419,31 @@ def add_customer_pages(app: faust.App, resolver: TouchpointResolver, layout: Gra
             except FieldError as exc:
                 return field_error(self, exc)
             return await erase_answer(self, customer_id, request_id)
+
+    @app.page("/v1/matching/review")
+    class MatchReviewView(View):
+        """The latest possible matches (plausible, not merged), for an operator to look at."""
+
+        async def get(self, request: Request) -> Response:
+            if refused(request):
+                return self.error(401, "admin key required", headers={"WWW-Authenticate": "Bearer"})
+            try:
+                limit = min(max(int(request.query.get("limit", "100")), 1), 1000)
+            except ValueError:
+                return self.error(400, "limit must be a whole number")
+            return self.json({"possible_matches": await read_review(client, layout, limit)})
+
+    @app.page("/v1/matching/model")
+    class MatchModelView(View):
+        """The fitted Fellegi-Sunter model in use: m, u and weight per field and level, the prior, the fit."""
+
+        async def get(self, request: Request) -> Response:
+            if refused(request):
+                return self.error(401, "admin key required", headers={"WWW-Authenticate": "Bearer"})
+            persons = resolver.resolver.persons
+            if persons is None:
+                return self.notfound("probabilistic matching is off")
+            return self.json(await persons.describe_model())
 
     @app.page("/v1/customers/{customer_id}/unmerge")
     class UnmergeView(View):

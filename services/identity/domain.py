@@ -155,6 +155,24 @@ class GraphLayout:
     def event_key(self, message_id: str) -> str:
         return f"{self.prefix}event:{message_id}"
 
+    # Probabilistic matching's keys (scripts.py lists what each holds).
+    def match_key(self, name: str) -> str:
+        """Name one of matching's single keys: model, records, pairs, review.
+
+        >>> GraphLayout("p:").match_key("model"), GraphLayout("p:").match_possible_key("c_1")
+        ('p:match:model', 'p:match:possible:c_1')
+        """
+        return f"{self.prefix}match:{name}"
+
+    def match_person_key(self, customer_id: str) -> str:
+        return f"{self.prefix}match:person:{customer_id}"
+
+    def match_possible_key(self, customer_id: str) -> str:
+        return f"{self.prefix}match:possible:{customer_id}"
+
+    def match_patterns_key(self, chunk: int) -> str:
+        return f"{self.prefix}match:patterns:{chunk}"
+
 
 def identifier_ref(identifier: Identifier) -> str:
     """Return the graph's name for a hashed identifier.
@@ -296,7 +314,8 @@ def parse_resolution(answer: str | bytes) -> Resolution:
     Lua's cjson writes an empty array as ``{}``, hence the ``or []``.
 
     >>> parse_resolution('{"customer_id":"c_1","created":true,"replayed":false,"merges":{},"refused":{}}')
-    Resolution(customer_id='c_1', created=True, replayed=False, merges=(), refused=(), suppressed=False)
+    Resolution(customer_id='c_1', created=True, replayed=False, merges=(), refused=(), suppressed=False, \
+possible_matches=())
     >>> parse_resolution('{"customer_id":"","created":false,"replayed":false,"suppressed":true}').suppressed
     True
     """

@@ -6,7 +6,6 @@ The scripts and the key layout are in `scripts.py`; the rules (what may merge) i
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -28,6 +27,7 @@ from services.identity.domain import (
     script_call,
     unmerge_call,
 )
+from services.identity.match_model import ModelState
 from services.identity.matching import PersonAttributes
 from services.identity.scripts import (
     ERASE_SCRIPT,
@@ -55,7 +55,7 @@ Argument = str | int | bytes
 
 
 def pack_command(args: Sequence[Argument]) -> bytes:
-    """Encode one command in RESP, as Redis reads it.
+    r"""Encode one command in RESP, as Redis reads it.
 
     redis-py's general packer costs about three times as much per argument, and a batch of
     events sends thousands of arguments.
@@ -293,27 +293,10 @@ class PersonIndex:
         self._max_block_size = max_block_size
         self._max_records = max_records_per_customer
         self._review_length = review_length
-        self.model_key = f"{layout.prefix}match:model"
+        self.model_key = layout.match_key("model")
 
     def block_digest(self, blocking_key: str) -> str:
         return hashlib.blake2b(blocking_key.encode(), key=self._digest_key, digest_size=16).hexdigest()
-
-    def blocks_key(self, digest: str) -> str:
-        """Name the hash holding a block (one of 16, by the digest's first hex digit)."""
-        return f"{self.layout.prefix}match:blocks:{digest[0]}"
-
-    def person_key(self, customer_id: str) -> str:
-        return f"{self.layout.prefix}match:person:{customer_id}"
-
-    def possible_key(self, customer_id: str) -> str:
-        return f"{self.layout.prefix}match:possible:{customer_id}"
-
-    @property
-    def review_key(self) -> str:
-        return f"{self.layout.prefix}match:review"
-
-    def patterns_key(self, chunk: int) -> str:
-        return f"{self.layout.prefix}match:patterns:{chunk}"
 
     async def candidates(
         self, digests_per_record: Sequence[Sequence[str]]
@@ -342,10 +325,13 @@ class PersonIndex:
     async def index(
         self, records: Sequence[IndexedRecord], patterns: Mapping[str, int], chunk: int, new_records: int,
         new_pairs: int, possible: Sequence[PossibleMatchEntry], model_state: str | None = None,
+        pending: Sequence[bytes] = (), max_pending: int = 1, drop_pending: bool = False,
     ) -> int:
-        """Index records under their customers, count the batch's patterns, note possible matches; return records."""
-        args: list[Argument] = [self.layout.prefix, self._max_block_size, self._max_records,
-                                         self._review_length, chunk, new_records, new_pairs, len(records)]
+        """Index records under their customers, count the batch's patterns, note possible matches and the
+        pairs left pending; return the records matched so far."""
+        args: list[Argument] = [self.layout.prefix, self._max_block_size, self._max_records, self._review_length,
+                                chunk, new_records, new_pairs, max_pending, "1" if drop_pending else "0",
+                                len(records)]
         for record in records:
             args.extend((record.customer_id, record.person.to_record(), len(record.digests)))
             args.extend(record.digests)
@@ -355,6 +341,8 @@ class PersonIndex:
         args.append(len(possible))
         for entry in possible:
             args.extend((entry.customer_id, entry.other_customer_id, entry.entry_json))
+        args.append(len(pending))
+        args.extend(pending)
         count = int(await self._run(MATCH_INDEX_SHA, args))
         if model_state is not None:
             await self.client.set(self.model_key, model_state)
@@ -364,7 +352,7 @@ class PersonIndex:
         """Add up the pattern counts of the chunks that make up EM's window."""
         async with self.client.pipeline(transaction=False) as pipe:
             for chunk in chunks:
-                pipe.hgetall(self.patterns_key(chunk))
+                pipe.hgetall(self.layout.match_patterns_key(chunk))
             answers = await pipe.execute()
         total: dict[str, int] = {}
         for counts in answers:
@@ -373,17 +361,24 @@ class PersonIndex:
                 total[name] = total.get(name, 0) + int(count)
         return total
 
+    async def pending(self) -> list[bytes]:
+        """Return the pairs compared while no model was usable, oldest first."""
+        return cast(list[bytes], await self.client.lrange(self.layout.match_key("pending"), 0, -1))
+
     async def drop_chunks(self, chunks: Sequence[int]) -> None:
         """Forget pattern counts that slid out of the window."""
         if chunks:
-            await self.client.delete(*(self.patterns_key(c) for c in chunks))
+            await self.client.delete(*(self.layout.match_patterns_key(c) for c in chunks))
 
-    async def model_state(self) -> bytes | None:
-        return cast(bytes | None, await self.client.get(self.model_key))
-
-    async def review(self, limit: int) -> list[dict[str, Any]]:
-        """Return the latest possible matches, newest first."""
-        return [json.loads(entry) for entry in await self.client.lrange(self.review_key, 0, limit - 1)]
+    async def describe_model(self) -> dict[str, Any]:
+        """Return the matching model in use as an operator reads it, with the last fit tried and the counters."""
+        state_text, records, pairs = await self.client.mget(
+            self.model_key, self.layout.match_key("records"), self.layout.match_key("pairs"))
+        state = ModelState.from_json(state_text)
+        return {"model": None if state.model is None else state.model.describe(),
+                "last_fit_tried_at_records": state.tried_at_records,
+                "last_fit_rejected_fields": list(state.rejected_fields),
+                "records": int(records or 0), "pairs": int(pairs or 0)}
 
     async def _run(self, sha: str, args: Sequence[Argument]) -> Any:
         [answer] = await run_commands(self.client, [("EVALSHA", sha, 1, self.model_key, *args)])

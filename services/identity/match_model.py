@@ -73,8 +73,9 @@ class MatchModel:
     @classmethod
     def from_json(cls, text: str | bytes) -> MatchModel:
         data = json.loads(text)
-        if data.get("fields") != [f.name for f in COMPARED_FIELDS]:
-            raise ValueError("the stored model compares other fields; it is refitted from scratch")
+        if data.get("fields") != [f.name for f in COMPARED_FIELDS] or [len(v) for v in data["m"]] != list(
+                LEVEL_COUNTS):
+            raise ValueError("the stored model compares other fields or levels; it is refitted from scratch")
         return cls(data["prior"], tuple(tuple(v) for v in data["m"]), tuple(tuple(v) for v in data["u"]),
                    data["pairs"], data["log_likelihood"], data["iterations"], data["converged"],
                    data["fitted_at_records"])
@@ -197,10 +198,10 @@ def implausible_fields(model: MatchModel) -> list[str]:
     """Name the fields on which the fitted match class does not look like one person's records.
 
     Two records of one person agree exactly on a field more often than they show any other
-    level, and more often than two people do. EM always splits the pairs into two classes, even
-    when none of them is a match (a stream of one channel's distinct customers): the class it
-    then calls "match" is some other kind of likeness (neighbours, namesakes), and it fails this.
-    A model with any such field is not used.
+    level, and at least as often as two people do (a field no pair had leaves m and u alike).
+    EM always splits the pairs into two classes, even when none of them is a match (a stream of
+    one channel's distinct customers): the class it then calls "match" is some other kind of
+    likeness (neighbours, namesakes), and it fails this. A model with any such field is not used.
 
     >>> person = MatchModel(0.2, ((0.1, 0.9), (0.2, 0.8)), ((0.8, 0.2), (0.9, 0.1)))
     >>> neighbours = MatchModel(0.2, ((0.1, 0.9), (0.9, 0.1)), ((0.8, 0.2), (0.5, 0.5)))
@@ -208,7 +209,7 @@ def implausible_fields(model: MatchModel) -> list[str]:
     ([], ['surname'])
     """
     return [spec.name for spec, ms, us in zip(COMPARED_FIELDS, model.m, model.u, strict=False)
-            if ms[-1] < max(ms) or ms[-1] <= us[-1]]
+            if ms[-1] < max(ms) or ms[-1] < us[-1]]
 
 
 @dataclass(frozen=True)
@@ -233,8 +234,8 @@ class ModelState:
 
         >>> ModelState.from_json(None) == ModelState()
         True
-        >>> state = ModelState(MatchModel(0.2, ((0.1, 0.9),), ((0.8, 0.2),)), 500, 120)
-        >>> ModelState.from_json(state.to_json()).model is None  # one field, not COMPARED_FIELDS
+        >>> older = ModelState(MatchModel(0.2, ((0.1, 0.9),), ((0.8, 0.2),)), 500, 120)
+        >>> ModelState.from_json(older.to_json()).model is None  # levels other than COMPARED_FIELDS'
         True
         """
         if not text:

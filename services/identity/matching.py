@@ -241,7 +241,7 @@ def compare_people(a: PersonAttributes, b: PersonAttributes) -> Pattern:
     >>> compare_people(ann, ann)
     (3, 3, 2, 2, 3, -1, 3, 2, 1)
     >>> compare_people(ann, PersonAttributes("lee", "anne", "19900201", "12", "main stret", "", "canbera", "2606"))
-    (3, 2, 1, 2, 2, -1, 2, 1, -1)
+    (2, 3, 1, 2, 2, -1, 2, 1, -1)
     """
     names = (_text_level(a.given_name, b.given_name), _text_level(a.surname, b.surname))
     if names != (3, 3) and a.given_name and a.surname and b.given_name and b.surname:

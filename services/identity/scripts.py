@@ -31,6 +31,8 @@ Probabilistic matching (only written when matching is on; `graph.PersonIndex`):
 - ``match:model``                    JSON: the fitted Fellegi-Sunter model in use and the last fit tried
 - ``match:records``, ``match:pairs`` counters: records matched and candidate pairs compared
 - ``match:patterns:<chunk>``         hash: comparison pattern -> pairs, per chunk of records (EM's window)
+- ``match:pending``                  list of JSON: pairs compared before any model was usable, decided
+                                     (and dropped) by the first usable fit
 - ``match:possible:<id>``            hash: other customer id -> JSON of a possible match (review band)
 - ``match:review``                   list of the latest possible matches, newest first (JSON)
 
@@ -555,13 +557,17 @@ return out
 
 # KEYS[1]: match:model. ARGV[1] prefix, [2] largest block compared, [3] most records kept per
 # customer, [4] review list length, [5] pattern chunk, [6] records matched, [7] pairs compared,
-# then three sections, each led by its count:
+# [8] most pending pairs kept, [9] "1" to drop the pending pairs first (they were just decided),
+# then four sections, each led by its count:
 #   records:   customer id, record JSON, number of blocking key digests, digests...
 #   patterns:  pattern, count
 #   possible:  customer id, other customer id, entry JSON
+#   pending:   pair JSON (compared while no model was usable, decided by the first one)
 MATCH_INDEX_SCRIPT = MATCH_PRELUDE + r"""
 local max_records, review_length = tonumber(ARGV[3]), tonumber(ARGV[4])
-cursor = 7
+local pending = prefix .. "match:pending"
+if ARGV[9] == "1" then redis.call("DEL", pending) end
+cursor = 9
 local records, digests = {}, {}
 for _ = 1, tonumber(take()) do
   local id, record, n = take(), take(), tonumber(take())
@@ -641,6 +647,11 @@ for _ = 1, tonumber(take()) do
   redis.call("LPUSH", prefix .. "match:review", entry)
 end
 redis.call("LTRIM", prefix .. "match:review", 0, review_length - 1)
+local waiting = tonumber(take())
+if waiting > 0 then
+  for _ = 1, waiting do redis.call("RPUSH", pending, take()) end
+  redis.call("LTRIM", pending, -tonumber(ARGV[8]), -1)
+end
 redis.call("INCRBY", prefix .. "match:pairs", ARGV[7])
 return redis.call("INCRBY", prefix .. "match:records", ARGV[6])
 """

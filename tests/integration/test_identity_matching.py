@@ -1,16 +1,20 @@
-"""Probabilistic matching through IdentityResolver (graph script + person index) on a real Valkey."""
+"""Probabilistic matching through IdentityResolver (graph script + person index + EM) on a real Valkey."""
 
 from __future__ import annotations
 
 import json
+import random
 from typing import Any
 
+import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
+from services.identity.customer360 import read_customer, read_review
 from services.identity.domain import GraphLayout, prepare_identifiers, resolution_request
 from services.identity.graph import IdentityGraph, PersonIndex
-from services.identity.matching import MatchSettings
+from services.identity.match_model import MatchModel, ModelState, fit_match_model
+from services.identity.matching import LEVEL_COUNTS, MISSING, MatchSettings, Pattern
 from services.identity.resolver import EventToResolve, IdentityResolver
 from services.identity.settings import IdentitySettings
 
@@ -20,6 +24,7 @@ KEY = b"matching-test-key"
 LAYOUT = GraphLayout("test:match:{graph}:")
 ANN = {"first_name": "Ann", "last_name": "Lee", "birthday": "1990-01-02",
        "address": {"street_number": "12", "line1": "main street", "city": "canberra", "postcode": "2600"}}
+ANN_TYPO = {**ANN, "last_name": "Lea", "address": {**ANN["address"], "postcode": "2606"}}
 
 
 def item(message_id: str, time_ms: int, identifier: tuple[str, str], traits: dict[str, Any] | None) -> EventToResolve:
@@ -35,26 +40,116 @@ def resolver(client: aioredis.Redis, **match: Any) -> IdentityResolver:
     return IdentityResolver(graph, PersonIndex(client, LAYOUT, KEY, settings.max_block_size), settings)
 
 
-async def test_a_second_channel_record_of_the_same_person_merges_with_a_score(redis_client: aioredis.Redis) -> None:
+def _levels(n: int, exact: float) -> tuple[float, ...]:
+    return (*[(1 - exact) / (n - 1)] * (n - 1), exact)
+
+
+def _sampled(pairs: int, seed: int) -> dict[Pattern, int]:
+    """Patterns drawn from a typical model: records of one person agree, of two people do not."""
+    truth = MatchModel(0.3, tuple(_levels(n, 0.85) for n in LEVEL_COUNTS),
+                       tuple((0.9, *[0.1 / (n - 1)] * (n - 1)) for n in LEVEL_COUNTS))
+    rng = np.random.default_rng(seed)
+    counts: dict[Pattern, int] = {}
+    for _ in range(pairs):
+        table = truth.m if rng.random() < truth.prior else truth.u
+        pattern = tuple(MISSING if rng.random() < 0.05 else int(rng.choice(n, p=table[f]))
+                        for f, n in enumerate(LEVEL_COUNTS))
+        counts[pattern] = counts.get(pattern, 0) + 1
+    return counts
+
+
+async def seed_model(client: aioredis.Redis) -> MatchModel:
+    """Store a fitted model, last tried long enough ago that the tests' few records do not refit it."""
+    model = fit_match_model(_sampled(3000, seed=1), fitted_at_records=10_000)
+    await client.set(LAYOUT.match_key("model"), ModelState(model, 10_000, 3000).to_json())
+    return model
+
+
+async def test_a_second_channel_record_of_the_same_person_merges_with_its_weight(redis_client: aioredis.Redis) -> None:
+    await seed_model(redis_client)
     identity = resolver(redis_client)
     await identity.graph.load_script()
-    typo = {**ANN, "last_name": "Lea", "address": {**ANN["address"], "postcode": "2606"}}
 
     [crm] = await identity.resolve([item("crm-1", 1000, ("crm_id", "A1"), ANN)])
-    [pos] = await identity.resolve([item("pos-1", 2000, ("pos_id", "B7"), typo)])
+    [pos] = await identity.resolve([item("pos-1", 2000, ("pos_id", "B7"), ANN_TYPO)])
 
     assert pos.customer_id == crm.customer_id
     [merge] = pos.merges
     assert (merge.survivor_id, merge.reason) == (crm.customer_id, "probabilistic")
-    assert merge.score is not None and merge.score >= MatchSettings().threshold
+    assert merge.score is not None and merge.score > 0
     history = [json.loads(e) for e in await redis_client.lrange(LAYOUT.history_key(crm.customer_id), 0, -1)]
     assert [(h["reason"], h["score"]) for h in history] == [("probabilistic", merge.score)]
-    # Nothing personal in the index's key names: blocking keys are hashed.
+    # Nothing personal in the index's key names: blocking keys are digests.
     names = b" ".join(await redis_client.keys("*"))
     assert b"lee" not in names.lower() and b"2600" not in names
 
 
+async def test_no_merge_is_made_before_a_model_was_fitted(redis_client: aioredis.Redis) -> None:
+    identity = resolver(redis_client)
+    await identity.graph.load_script()
+
+    answers = await identity.resolve([item("crm-1", 1000, ("crm_id", "A1"), ANN),
+                                      item("pos-1", 2000, ("pos_id", "B7"), ANN)])
+
+    assert answers[0].customer_id != answers[1].customer_id
+    assert identity.model_state.model is None  # one pair, fewer than the model has parameters
+    assert await redis_client.get(LAYOUT.match_key("pairs")) == b"1"
+
+
+async def test_the_model_is_learned_from_the_stream_and_links_its_duplicates(redis_client: aioredis.Redis) -> None:
+    rng = random.Random(7)
+
+    def word() -> str:
+        return "".join(rng.choice("bcdfghklmnprstvwz") + rng.choice("aeiou") for _ in range(rng.randint(2, 4)))
+
+    people = [{"first_name": word(), "last_name": word(), "birthday": f"19{rng.randint(30, 99)}-"
+               f"{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}", "address": {
+                   "street_number": str(rng.randint(1, 150)), "line1": f"{word()} road", "city": word(),
+                   "postcode": str(rng.randint(2000, 7999))}}
+              for _ in range(400)]
+
+    def typo(text: str) -> str:
+        at = rng.randrange(len(text))
+        return text[:at] + rng.choice("aeiouxyz") + text[at + 1:]
+
+    def duplicate(person: dict[str, Any]) -> dict[str, Any]:
+        # One keying error in one field, as a second channel would make it.
+        field = rng.choice(["first_name", "last_name", "line1", "city", "postcode"])
+        if field in person:
+            return {**person, field: typo(person[field])}
+        return {**person, "address": {**person["address"], field: typo(person["address"][field])}}
+
+    duplicates = [duplicate(p) for p in people[:150]]
+    records = [(f"p{i}", p) for i, p in enumerate(people)] + [(f"p{i}", p) for i, p in enumerate(duplicates)]
+    rng.shuffle(records)
+    identity = resolver(redis_client)
+    await identity.graph.load_script()
+
+    customer_of: dict[str, set[str]] = {}
+    for start in range(0, len(records), 100):
+        batch = records[start:start + 100]
+        answers = await identity.resolve([item(f"m{start + n}", start + n, ("crm_record", f"r{start + n}"), traits)
+                                          for n, (_, traits) in enumerate(batch)])
+        for (person, _), answer in zip(batch, answers, strict=True):
+            customer_of.setdefault(person, set()).add(answer.customer_id)
+
+    state = ModelState.from_json(await redis_client.get(LAYOUT.match_key("model")))
+    assert state.model is not None and state.model.converged and not state.rejected_fields
+    final = {p: {await _live(redis_client, c) for c in ids} for p, ids in customer_of.items()}
+    linked = sum(1 for p in (f"p{i}" for i in range(150)) if len(final[p]) == 1)
+    assert linked >= 140  # a few may come in a batch before the first fit
+    everyone = [c for ids in final.values() for c in ids]
+    assert len(everyone) == len(set(everyone))  # no two people ever share a customer
+
+
+async def _live(client: aioredis.Redis, customer_id: str) -> str:
+    while (into := await client.hget(LAYOUT.customer_key(customer_id), "merged_into")) is not None:
+        customer_id = into.decode()
+    return customer_id
+
+
 async def test_records_in_one_batch_match_each_other_and_replays_merge_once(redis_client: aioredis.Redis) -> None:
+    await seed_model(redis_client)
     identity = resolver(redis_client)
     await identity.graph.load_script()
     batch = [item("crm-1", 1000, ("crm_id", "A1"), ANN), item("pos-1", 2000, ("pos_id", "B7"), ANN)]
@@ -65,14 +160,33 @@ async def test_records_in_one_batch_match_each_other_and_replays_merge_once(redi
     assert first[0].customer_id == first[1].customer_id == again[1].customer_id
     assert [m.reason for m in first[1].merges] == ["probabilistic"]
     assert again[1].replayed and again[1].merges == first[1].merges
+    assert await redis_client.get(LAYOUT.match_key("records")) == b"2"  # the replay is not counted again
 
 
-async def test_people_who_differ_stay_apart(redis_client: aioredis.Redis) -> None:
+async def test_a_record_matching_two_customers_joins_them(redis_client: aioredis.Redis) -> None:
+    await seed_model(redis_client)
+    identity = resolver(redis_client)
+    await identity.graph.load_script()
+    moved = {**ANN, "address": {"street_number": "3", "line1": "high street", "city": "sydney", "postcode": "2000"}}
+    both = {**ANN, "address": {**moved["address"], "line2": "main street"}}
+
+    one, other = await identity.resolve([item("crm-1", 1000, ("crm_id", "A1"), ANN),
+                                         item("crm-2", 1001, ("crm_id", "A2"), {**moved, "birthday": "1971-03-05"})])
+    assert one.customer_id != other.customer_id
+    [bridge] = await identity.resolve([item("pos-1", 2000, ("pos_id", "B1"), {**both, "birthday": "1990-01-02"}),
+                                       ])
+
+    assert {m.merged_id for m in bridge.merges} | {bridge.customer_id} >= {one.customer_id}
+    assert await _live(redis_client, one.customer_id) == bridge.customer_id
+
+
+async def test_people_who_differ_stay_apart_and_a_spouse_is_not_merged(redis_client: aioredis.Redis) -> None:
+    await seed_model(redis_client)
     identity = resolver(redis_client)
     await identity.graph.load_script()
     spouse = {**ANN, "first_name": "Bob", "birthday": "1987-05-30"}
     namesake = {**ANN, "birthday": "1975-09-11", "address": {"street_number": "3", "line1": "high street",
-                                                               "city": "sydney", "postcode": "2000"}}
+                                                               "city": "sydney", "postcode": "4870"}}
 
     answers = await identity.resolve([item("crm-1", 1000, ("crm_id", "A1"), ANN),
                                       item("pos-1", 2000, ("pos_id", "B1"), spouse),
@@ -81,7 +195,28 @@ async def test_people_who_differ_stay_apart(redis_client: aioredis.Redis) -> Non
     assert len({a.customer_id for a in answers}) == 3 and not any(a.merges for a in answers)
 
 
+async def test_possible_matches_are_kept_for_review_and_shown_not_merged(redis_client: aioredis.Redis) -> None:
+    await seed_model(redis_client)
+    # A merge needs near certainty here, so a moved namesake with the same birth date is only possible.
+    identity = resolver(redis_client, match_probability=0.999999)
+    await identity.graph.load_script()
+    moved = {**ANN, "address": {"street_number": "3", "line1": "high street", "city": "canberra",
+                                "postcode": "4870"}}
+
+    [ann] = await identity.resolve([item("crm-1", 1000, ("crm_id", "A1"), ANN)])
+    [maybe] = await identity.resolve([item("pos-1", 2000, ("pos_id", "B1"), moved)])
+
+    assert maybe.customer_id != ann.customer_id and not maybe.merges
+    [possible] = maybe.possible_matches
+    assert possible.customer_id == ann.customer_id and 0.05 <= possible.probability < 0.999999
+    [entry] = await read_review(redis_client, LAYOUT, 10)
+    assert entry["live_customer_ids"] == [maybe.customer_id, ann.customer_id]
+    view = await read_customer(redis_client, LAYOUT, ann.customer_id)
+    assert view is not None and [m["customer_id"] for m in view.possible_matches] == [maybe.customer_id]
+
+
 async def test_matching_never_overrides_conflicting_strong_ids(redis_client: aioredis.Redis) -> None:
+    await seed_model(redis_client)
     identity = resolver(redis_client)
     await identity.graph.load_script()
     await identity.resolve([item("crm-1", 1000, ("user_id", "u1"), ANN)])
@@ -89,6 +224,27 @@ async def test_matching_never_overrides_conflicting_strong_ids(redis_client: aio
     [other] = await identity.resolve([item("pos-1", 2000, ("user_id", "u2"), ANN)])
 
     assert not other.merges and [r.reason for r in other.refused] == ["conflicting_strong_id"]
+
+
+async def test_erasure_takes_the_customer_out_of_the_person_index(redis_client: aioredis.Redis) -> None:
+    await seed_model(redis_client)
+    identity = resolver(redis_client, match_probability=0.999999)
+    await identity.graph.load_script()
+    moved = {**ANN, "address": {"street_number": "3", "line1": "high street", "city": "canberra",
+                                "postcode": "4870"}}
+    [ann] = await identity.resolve([item("crm-1", 1000, ("crm_id", "A1"), ANN)])
+    [maybe] = await identity.resolve([item("pos-1", 2000, ("pos_id", "B1"), moved)])
+    assert maybe.possible_matches
+
+    erased = await identity.graph.erase("erase:1", 3000, ann.customer_id, "erase")
+    await identity.graph.sweep(list(erased.customer_ids), list(erased.identifiers))
+
+    assert await redis_client.get(LAYOUT.match_person_key(ann.customer_id)) is None
+    for key in await redis_client.keys(f"{LAYOUT.prefix}match:blocks:*"):
+        assert not any(ann.customer_id.encode() in v for v in (await redis_client.hgetall(key)).values())
+    assert await redis_client.hgetall(LAYOUT.match_possible_key(maybe.customer_id)) == {}
+    assert await read_review(redis_client, LAYOUT, 10) == []
+    assert await redis_client.get(LAYOUT.match_person_key(maybe.customer_id)) is not None  # the other stays
 
 
 async def test_with_matching_off_attributes_are_ignored(redis_client: aioredis.Redis) -> None:
@@ -100,4 +256,4 @@ async def test_with_matching_off_attributes_are_ignored(redis_client: aioredis.R
                                       item("pos-1", 2000, ("pos_id", "B1"), ANN)])
 
     assert answers[0].customer_id != answers[1].customer_id
-    assert not await redis_client.keys(f"{LAYOUT.prefix}person:*")
+    assert not await redis_client.keys(f"{LAYOUT.prefix}match:*")
