@@ -31,9 +31,9 @@ from services.identity.match_model import ModelState
 from services.identity.matching import PersonAttributes
 from services.identity.scripts import (
     ERASE_SCRIPT,
-    MATCH_CANDIDATES_SCRIPT,
+    MATCH_EXCHANGE_SCRIPT,
+    MATCH_FINISH_SCRIPT,
     MATCH_FORGET_SCRIPT,
-    MATCH_INDEX_SCRIPT,
     MERGE_SCRIPT,
     RESOLVE_SCRIPT,
     UNMERGE_SCRIPT,
@@ -44,8 +44,8 @@ RESOLVE_SCRIPT_SHA = script_sha(RESOLVE_SCRIPT)
 MERGE_SCRIPT_SHA = script_sha(MERGE_SCRIPT)
 UNMERGE_SCRIPT_SHA = script_sha(UNMERGE_SCRIPT)
 ERASE_SCRIPT_SHA = script_sha(ERASE_SCRIPT)
-MATCH_CANDIDATES_SHA = script_sha(MATCH_CANDIDATES_SCRIPT)
-MATCH_INDEX_SHA = script_sha(MATCH_INDEX_SCRIPT)
+MATCH_EXCHANGE_SHA = script_sha(MATCH_EXCHANGE_SCRIPT)
+MATCH_FINISH_SHA = script_sha(MATCH_FINISH_SCRIPT)
 MATCH_FORGET_SHA = script_sha(MATCH_FORGET_SCRIPT)
 _SCRIPTS = {RESOLVE_SCRIPT_SHA: RESOLVE_SCRIPT, MERGE_SCRIPT_SHA: MERGE_SCRIPT, UNMERGE_SCRIPT_SHA: UNMERGE_SCRIPT,
             ERASE_SCRIPT_SHA: ERASE_SCRIPT}
@@ -70,28 +70,66 @@ def pack_command(args: Sequence[Argument]) -> bytes:
     return b"".join(parts)
 
 
-async def run_commands(client: aioredis.Redis, commands: Sequence[Sequence[Argument]]) -> list[Any]:
-    """Send commands in one write on one connection and read their answers in order.
+class CommandChannel:
+    """One connection held for a batch: commands go out as soon as they are ready, their answers are
+    read later in the order sent, so Redis works on one part of a batch while Python works on another.
 
-    An error answer is returned in its place (as the exception), not raised, so one failing
-    command leaves the others' answers readable; a lost connection is dropped and raised.
+    An error answer is returned in its place (as the exception), not raised. Leaving the channel
+    with answers unread, or on an exception, drops the connection (its state is unknown).
     """
-    pool = client.connection_pool
-    connection = await pool.get_connection()
-    try:
-        await connection.send_packed_command(b"".join(pack_command(c) for c in commands), check_health=False)
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._pool = client.connection_pool
+        self._connection: Any = None
+        self._unread = 0
+
+    async def __aenter__(self) -> CommandChannel:
+        self._connection = await self._pool.get_connection()
+        return self
+
+    async def __aexit__(self, exc_type: object, exc: object, traceback: object) -> None:
+        try:
+            if exc_type is not None or self._unread:
+                await self._connection.disconnect()
+        finally:
+            await self._pool.release(self._connection)
+
+    async def send(self, commands: Sequence[Sequence[Argument]]) -> None:
+        if commands:
+            await self._connection.send_packed_command(b"".join(pack_command(c) for c in commands),
+                                                       check_health=False)
+            self._unread += len(commands)
+
+    async def receive(self, count: int) -> list[Any]:
+        """Read the answers of the next `count` commands sent."""
         answers: list[Any] = []
-        for _ in commands:
+        for _ in range(count):
             try:
-                answers.append(await connection.read_response())
+                answers.append(await self._connection.read_response())
             except ResponseError as error:
                 answers.append(error)
+            self._unread -= 1
         return answers
-    except BaseException:
-        await connection.disconnect()
-        raise
-    finally:
-        await pool.release(connection)
+
+
+async def run_commands(client: aioredis.Redis, commands: Sequence[Sequence[Argument]]) -> list[Any]:
+    """Send commands in one write on one connection and read their answers in order (errors in place)."""
+    async with CommandChannel(client) as channel:
+        await channel.send(commands)
+        return await channel.receive(len(commands))
+
+
+def evalsha(sha: str, keys: Sequence[str], args: Sequence[Argument]) -> tuple[Argument, ...]:
+    return ("EVALSHA", sha, len(keys), *keys, *args)
+
+
+def parse_answer(answer: object) -> Resolution:
+    """Read one graph script's answer; an error answer is raised."""
+    if isinstance(answer, Exception):
+        raise answer
+    if not isinstance(answer, str | bytes):
+        raise TypeError(f"graph script answered {type(answer).__name__}, expected JSON text")
+    return parse_resolution(answer)
 
 
 class IdentityGraph:
@@ -125,14 +163,12 @@ class IdentityGraph:
         [answer] = await self.run([(MERGE_SCRIPT_SHA, [self.layout.customer_key(customers[0])], args)])
         return answer
 
-    async def merge_many(
-        self, merges: Sequence[tuple[str, int, tuple[str, str], str, float | None]]
-    ) -> list[Resolution]:
-        """Run several merges (op id, time, customers, reason, score) in one pipeline, in order."""
-        return await self.run([
-            (MERGE_SCRIPT_SHA, [self.layout.customer_key(customers[0])],
-             merge_call(op_id, time_ms, customers, reason, score, self.layout, self.rules, self._event_ttl_s))
-            for op_id, time_ms, customers, reason, score in merges])
+    def merge_command(self, op_id: str, time_ms: int, customers: tuple[str, str], reason: str,
+                      score: float | None) -> tuple[Argument, ...]:
+        """The command merging two customers (whatever they were merged into since), for a pipeline."""
+        # The one KEY routes the call on Redis Cluster; every key it touches shares its hash tag.
+        return evalsha(MERGE_SCRIPT_SHA, [self.layout.customer_key(customers[0])],
+                       merge_call(op_id, time_ms, customers, reason, score, self.layout, self.rules, self._event_ttl_s))
 
     async def unmerge(
         self, op_id: str, time_ms: int, customer_id: str, identifiers: Sequence[Identifier], reason: str
@@ -228,17 +264,10 @@ class IdentityGraph:
             # calls that did run answer again from their event key.
             await self.load_script()
             answers = await self._evalsha_all(calls)
-        resolutions = []
-        for answer in answers:
-            if isinstance(answer, Exception):
-                raise answer
-            if not isinstance(answer, str | bytes):
-                raise TypeError(f"graph script answered {type(answer).__name__}, expected JSON text")
-            resolutions.append(parse_resolution(answer))
-        return resolutions
+        return [parse_answer(answer) for answer in answers]
 
     async def _evalsha_all(self, calls: Sequence[Call]) -> list[object]:
-        return await run_commands(self.client, [("EVALSHA", sha, len(keys), *keys, *args) for sha, keys, args in calls])
+        return await run_commands(self.client, [evalsha(sha, keys, args) for sha, keys, args in calls])
 
 
 def _glob_escape(text: str) -> str:
@@ -262,10 +291,13 @@ class MatchState:
 
 
 @dataclass(frozen=True)
-class IndexedRecord:
+class ExchangedRecord:
+    """A record as the index saw it: its customer ("" if its event was suppressed), whether its event
+    created that customer, and (if so) the stored records sharing one of its blocks."""
+
     customer_id: str
-    person: PersonAttributes
-    digests: Sequence[str]  # of its blocking keys (`PersonIndex.block_digest`)
+    created: bool
+    candidates: list[tuple[str, PersonAttributes]]
 
 
 @dataclass(frozen=True)
@@ -280,8 +312,9 @@ class PersonIndex:
 
     The key layout is in `scripts.py` (``match:*``). Attributes are clear personal data (fuzzy
     comparison cannot work on hashes): they stay in the identity graph's Redis, are never
-    emitted, and are only written when matching is switched on. A batch costs two script calls:
-    one finds every record's candidates (and reads the model), one indexes the batch.
+    emitted, and are only written when matching is switched on. A chunk of records costs one
+    script call (find candidates, index the records), a batch one more (patterns, counters,
+    possible matches), and a refit one read of EM's window.
     """
 
     def __init__(self, client: aioredis.Redis, layout: GraphLayout, hash_key: bytes, max_block_size: int,
@@ -298,44 +331,48 @@ class PersonIndex:
     def block_digest(self, blocking_key: str) -> str:
         return hashlib.blake2b(blocking_key.encode(), key=self._digest_key, digest_size=16).hexdigest()
 
-    async def candidates(
-        self, digests_per_record: Sequence[Sequence[str]]
-    ) -> tuple[MatchState, list[list[tuple[str, PersonAttributes]]]]:
-        """Return the matching state and, per record, the stored records sharing one of its blocking keys."""
-        args: list[Argument] = [self.layout.prefix, self._max_block_size]
-        for digests in digests_per_record:
-            args.append(len(digests))
+    def exchange_command(self, records: Sequence[tuple[str, PersonAttributes, Sequence[str]]]) -> tuple[Argument, ...]:
+        """The command finding candidates for, then indexing, records given as (event op id, attributes, digests).
+
+        It must follow the resolve calls of those events in the same connection: it reads their answers.
+        """
+        args: list[Argument] = [self.layout.prefix, self._max_block_size, self._max_records]
+        for op_id, person, digests in records:
+            args.extend((op_id, person.to_record(), len(digests)))
             args.extend(digests)
-        answer = await self._run(MATCH_CANDIDATES_SHA, args)
-        model_state, records, pairs, *found = answer
-        parsed: dict[bytes, list[PersonAttributes]] = {}
-        candidates = []
-        for flat in found:
-            pairs_of_record: list[tuple[str, PersonAttributes]] = []
-            for n in range(0, len(flat), 2):
-                blob = flat[n + 1]
+        return evalsha(MATCH_EXCHANGE_SHA, [self.model_key], args)
+
+    @staticmethod
+    def parse_exchange(answer: object, parsed: dict[bytes, list[PersonAttributes]]) -> tuple[
+            MatchState, list[ExchangedRecord]]:
+        """Read an exchange answer; `parsed` caches record texts across the calls of a batch."""
+        if isinstance(answer, Exception):
+            raise answer
+        assert isinstance(answer, list)
+        model_state, records, pairs, *flat_records = answer
+        exchanged = []
+        for n in range(0, len(flat_records), 3):
+            customer_id, created, flat = flat_records[n:n + 3]
+            candidates: list[tuple[str, PersonAttributes]] = []
+            for k in range(0, len(flat), 2):
+                blob = flat[k + 1]
                 people = parsed.get(blob)
                 if people is None:
                     people = parsed[blob] = [PersonAttributes.from_record(r) for r in blob.split(b"\n")]
-                customer_id = flat[n].decode()
-                pairs_of_record.extend((customer_id, person) for person in people)
-            candidates.append(pairs_of_record)
-        return MatchState(model_state, int(records), int(pairs)), candidates
+                candidate = flat[k].decode()
+                candidates.extend((candidate, person) for person in people)
+            exchanged.append(ExchangedRecord(customer_id.decode(), created == 1, candidates))
+        return MatchState(model_state, int(records), int(pairs)), exchanged
 
-    async def index(
-        self, records: Sequence[IndexedRecord], patterns: Mapping[str, int], chunk: int, new_records: int,
-        new_pairs: int, possible: Sequence[PossibleMatchEntry], model_state: str | None = None,
-        pending: Sequence[bytes] = (), max_pending: int = 1, drop_pending: bool = False,
-    ) -> int:
-        """Index records under their customers, count the batch's patterns, note possible matches and the
-        pairs left pending; return the records matched so far."""
-        args: list[Argument] = [self.layout.prefix, self._max_block_size, self._max_records, self._review_length,
-                                chunk, new_records, new_pairs, max_pending, "1" if drop_pending else "0",
-                                len(records)]
-        for record in records:
-            args.extend((record.customer_id, record.person.to_record(), len(record.digests)))
-            args.extend(record.digests)
-        args.append(len(patterns))
+    def finish_command(
+        self, patterns: Mapping[str, int], chunk: int, new_records: int, new_pairs: int,
+        possible: Sequence[PossibleMatchEntry], model_state: str | None, pending: Sequence[bytes],
+        max_pending: int, drop_pending: bool,
+    ) -> tuple[Argument, ...]:
+        """The command recording what a batch's matching leaves: pattern counts, counters, possible matches,
+        pairs left pending (or dropped, once decided) and a refitted model."""
+        args: list[Argument] = [self.layout.prefix, self._review_length, chunk, new_records, new_pairs, max_pending,
+                                "1" if drop_pending else "0", model_state or "", len(patterns)]
         for key, count in patterns.items():
             args.extend((key, count))
         args.append(len(possible))
@@ -343,10 +380,7 @@ class PersonIndex:
             args.extend((entry.customer_id, entry.other_customer_id, entry.entry_json))
         args.append(len(pending))
         args.extend(pending)
-        count = int(await self._run(MATCH_INDEX_SHA, args))
-        if model_state is not None:
-            await self.client.set(self.model_key, model_state)
-        return count
+        return evalsha(MATCH_FINISH_SHA, [self.model_key], args)
 
     async def window_patterns(self, chunks: Sequence[int]) -> dict[str, int]:
         """Add up the pattern counts of the chunks that make up EM's window."""
@@ -380,15 +414,6 @@ class PersonIndex:
                 "last_fit_rejected_fields": list(state.rejected_fields),
                 "records": int(records or 0), "pairs": int(pairs or 0)}
 
-    async def _run(self, sha: str, args: Sequence[Argument]) -> Any:
-        [answer] = await run_commands(self.client, [("EVALSHA", sha, 1, self.model_key, *args)])
-        if isinstance(answer, NoScriptError):
-            await self._load_scripts()
-            [answer] = await run_commands(self.client, [("EVALSHA", sha, 1, self.model_key, *args)])
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
-
-    async def _load_scripts(self) -> None:
-        for script in (MATCH_CANDIDATES_SCRIPT, MATCH_INDEX_SCRIPT):
+    async def load_scripts(self) -> None:
+        for script in (MATCH_EXCHANGE_SCRIPT, MATCH_FINISH_SCRIPT):
             await self.client.script_load(script)

@@ -62,6 +62,41 @@ class BatchComparison:
         return counts
 
 
+class BatchComparer:
+    """Compare a batch's records in order, a chunk at a time: each with its stored candidates and the
+    earlier records of the batch (the index only had those before the batch began)."""
+
+    def __init__(self) -> None:
+        self._earlier: dict[str, list[tuple[str, PersonAttributes]]] = {}
+        # The same pair of attribute values compares the same: identical records (a customer
+        # sending the same traits twice) cost one comparison.
+        self._memo: dict[tuple[PersonAttributes, PersonAttributes], Pattern] = {}
+
+    def compare(self, records: Sequence[NewRecord]) -> BatchComparison:
+        result = BatchComparison()
+        memo, earlier = self._memo, self._earlier
+        for record in records:
+            pairs: list[CandidatePair] = []
+            if record.matchable:
+                seen: set[tuple[str, PersonAttributes]] = set()
+                candidates: list[tuple[str, PersonAttributes]] = list(record.stored)
+                for key in record.keys:
+                    candidates.extend(earlier.get(key, ()))
+                for candidate in candidates:
+                    if candidate[0] == record.customer_id or candidate in seen:
+                        continue
+                    seen.add(candidate)
+                    pattern = memo.get((record.person, candidate[1]))
+                    if pattern is None:
+                        pattern = memo[(record.person, candidate[1])] = compare_people(record.person, candidate[1])
+                        result.comparisons += 1
+                    pairs.append(CandidatePair(candidate[0], pattern))
+            result.pairs.append(pairs)
+            for key in record.keys:
+                earlier.setdefault(key, []).append((record.customer_id, record.person))
+        return result
+
+
 def compare_batch(records: Sequence[NewRecord]) -> BatchComparison:
     """Compare each matchable record with its stored candidates and the earlier records of the batch, in order.
 
@@ -72,31 +107,7 @@ def compare_batch(records: Sequence[NewRecord]) -> BatchComparison:
     >>> [[p.customer_id for p in pairs] for pairs in compare_batch(batch).pairs]
     [[], [], ['c0', 'c1']]
     """
-    earlier: dict[str, list[tuple[str, PersonAttributes]]] = {}
-    result = BatchComparison()
-    # The same pair of attribute values compares the same: identical records (a customer
-    # sending the same traits twice) cost one comparison.
-    memo: dict[tuple[PersonAttributes, PersonAttributes], Pattern] = {}
-    for record in records:
-        pairs: list[CandidatePair] = []
-        if record.matchable:
-            seen: set[tuple[str, PersonAttributes]] = set()
-            candidates: list[tuple[str, PersonAttributes]] = list(record.stored)
-            for key in record.keys:
-                candidates.extend(earlier.get(key, ()))
-            for candidate in candidates:
-                if candidate[0] == record.customer_id or candidate in seen:
-                    continue
-                seen.add(candidate)
-                pattern = memo.get((record.person, candidate[1]))
-                if pattern is None:
-                    pattern = memo[(record.person, candidate[1])] = compare_people(record.person, candidate[1])
-                    result.comparisons += 1
-                pairs.append(CandidatePair(candidate[0], pattern))
-        result.pairs.append(pairs)
-        for key in record.keys:
-            earlier.setdefault(key, []).append((record.customer_id, record.person))
-    return result
+    return BatchComparer().compare(records)
 
 
 def decide_record(pairs: Iterable[CandidatePair], scorer: PatternScorer, match_probability: float,

@@ -8,15 +8,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import orjson
+from redis.exceptions import NoScriptError
 
 from services.identity.domain import MERGE_REASON_PROBABILISTIC, PossibleMatch, Resolution, ResolutionRequest
-from services.identity.graph import IdentityGraph, IndexedRecord, PersonIndex, PossibleMatchEntry
-from services.identity.linking import BatchComparison, CandidatePair, NewRecord, compare_batch, decide_record
+from services.identity.graph import (
+    CommandChannel,
+    IdentityGraph,
+    MatchState,
+    PersonIndex,
+    PossibleMatchEntry,
+    parse_answer,
+    run_commands,
+)
+from services.identity.linking import BatchComparer, CandidatePair, NewRecord, decide_record
 from services.identity.match_model import (
     MatchModel,
     ModelState,
@@ -30,7 +40,11 @@ from services.identity.match_model import (
     refit_due,
     window_chunks,
 )
-from services.identity.matching import MatchSettings, PersonAttributes, blocking_keys, person_attributes
+from services.identity.matching import MatchSettings, Pattern, PersonAttributes, blocking_keys, person_attributes
+
+# Events per chunk when matching: Redis resolves and indexes one chunk while Python compares the
+# one before, so the two cores work at once; smaller chunks overlap more but cost more round trips.
+CHUNK_EVENTS = 100
 
 
 @dataclass(frozen=True)
@@ -52,13 +66,8 @@ class MatchObserver(Protocol):
     def count_model_fit(self, model: MatchModel, used: bool) -> None: ...
 
 
-@dataclass(frozen=True)
-class _Person:
-    n: int  # position in the batch
-    person: PersonAttributes
-    keys: tuple[str, ...]  # blocking keys
-    digests: tuple[str, ...]  # the same, as the index names them
-    matchable: bool  # the event created its customer: no identifier anchored it
+class _ScriptsMissing(Exception):
+    """Redis answered NOSCRIPT: it restarted or flushed its scripts."""
 
 
 @dataclass(frozen=True)
@@ -73,18 +82,39 @@ class _Link:
 
 
 @dataclass
-class _Decisions:
+class _Batch:
+    """What matching one batch gathers as its chunks come back."""
+
+    items: Sequence[EventToResolve]
+    resolutions: list[Resolution | None]
+    keys: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    digests: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    comparer: BatchComparer = field(default_factory=BatchComparer)
+    parsed: dict[bytes, list[PersonAttributes]] = field(default_factory=dict)
+    state: MatchState | None = None
+    scorer: PatternScorer | None = None  # the model the batch is decided with (fixed at its start)
+    patterns: dict[Pattern, int] = field(default_factory=dict)  # of first-time events only
+    new_records: int = 0
+    pending: list[bytes] = field(default_factory=list)
     links: list[_Link] = field(default_factory=list)
+    merge_answers: list[Resolution] = field(default_factory=list)
     possible: list[tuple[int | None, str, PossibleMatch]] = field(default_factory=list)  # (n, own id, match)
     household: int = 0
     drop_pending: bool = False
 
+    @property
+    def new_pairs(self) -> int:
+        return sum(self.patterns.values())
+
 
 class IdentityResolver:
-    """One batch: one pipelined graph round trip, then probabilistic matching in three more.
+    """Resolve a batch in order; with matching on, link the records no identifier anchored.
 
-    Matching costs two person-index script calls and one pipeline of merges per batch, plus,
-    when the model is refitted, one read of EM's window.
+    Without matching: one pipelined round trip. With it, the batch goes in chunks over one
+    connection: a chunk's resolve calls and one person-index call (candidates, then indexing),
+    then its merges once Python decided them, while Redis already works on the next chunks;
+    one more call per batch records its patterns and counters (and, when due, the refitted
+    model). Decisions use the model as it was when the batch began.
     """
 
     def __init__(self, graph: IdentityGraph, persons: PersonIndex | None, match: MatchSettings,
@@ -96,6 +126,7 @@ class IdentityResolver:
         self._state_text: bytes | None = None
         self._state = ModelState()
         self._scorer: PatternScorer | None = None
+        self._scripts_loaded = False
 
     @property
     def model_state(self) -> ModelState:
@@ -103,13 +134,26 @@ class IdentityResolver:
         return self._state
 
     async def resolve(self, items: Sequence[EventToResolve]) -> list[Resolution]:
-        resolutions = await self.graph.resolve([item.request for item in items])
         if self.persons is None or not any(item.person for item in items):
-            return resolutions
-        return await self._match_batch(items, resolutions)
+            return await self.graph.resolve([item.request for item in items])
+        if not self._scripts_loaded:
+            await self._load_scripts()
+        try:
+            return await self._resolve_matching(items)
+        except _ScriptsMissing:
+            # Redis lost its scripts mid-batch. Rerunning the batch is safe: what did run answers
+            # again from its op ids (as a redelivery, so its pairs are not counted again).
+            await self._load_scripts()
+            return await self._resolve_matching(items)
 
-    async def _match_batch(self, items: Sequence[EventToResolve], resolutions: list[Resolution]) -> list[Resolution]:
-        """Compare the batch's new records with their candidates, refit the model if due, then link.
+    async def _load_scripts(self) -> None:
+        assert self.persons is not None
+        await self.graph.load_script()
+        await self.persons.load_scripts()
+        self._scripts_loaded = True
+
+    async def _resolve_matching(self, items: Sequence[EventToResolve]) -> list[Resolution]:
+        """Resolve and match a batch chunk by chunk (see the class), then record what it leaves.
 
         Only a customer the event just created lacks an anchor; a known one was matched exactly,
         and its attributes are only indexed. Earlier events of the same batch are candidates too,
@@ -118,89 +162,155 @@ class IdentityResolver:
         is usable wait in the index and are decided by the first usable fit.
         """
         assert self.persons is not None
-        people = self._people(items, resolutions)
-        matchable = [p for p in people if p.matchable]
-        match_state, stored = await self.persons.candidates([p.digests for p in matchable])
-        stored_of = dict(zip((p.n for p in matchable), stored, strict=True))
-        comparison = compare_batch([
-            NewRecord(resolutions[p.n].customer_id, p.person, p.keys, tuple(stored_of.get(p.n, ())), p.matchable)
-            for p in people])
-        fresh = [not resolutions[p.n].replayed for p in people]
-        batch_patterns = BatchComparison(
-            [pairs for pairs, new in zip(comparison.pairs, fresh, strict=True) if new]).pattern_counts()
-        new_records, new_pairs = sum(fresh), sum(batch_patterns.values())
-        records, pairs = match_state.records + new_records, match_state.pairs + new_pairs
+        batch = _Batch(items, [None] * len(items))
+        chunks = [range(start, min(start + CHUNK_EVENTS, len(items))) for start in range(0, len(items), CHUNK_EVENTS)]
+        queue: deque[tuple[str, Any, int]] = deque()  # what was sent, in order: (kind, payload, commands)
+        async with CommandChannel(self.graph.client) as channel:
 
-        self._load_state(match_state.model_state)
-        decisions = _Decisions()
-        state_to_store = None
-        if new_pairs and refit_due(self._state, records, pairs, self.match.refit_growth,
-                                   self.match.refit_every_records, self.match.min_pairs_to_fit):
-            had_model = self._state.model is not None
-            state_to_store = await self._refit(match_state.records, records, pairs, batch_patterns)
-            if not had_model and self._scorer is not None:
-                await self._decide_pending(decisions)
-        pending: list[bytes] = []
-        for p, pairs_of_record in zip(people, comparison.pairs, strict=True):
-            own = resolutions[p.n].customer_id
-            if self._scorer is None:
-                if not resolutions[p.n].replayed:
-                    request = items[p.n].request
-                    pending.extend(orjson.dumps([own, pair.customer_id, pattern_key(pair.pattern),
-                                                 request.message_id, request.event_time_ms])
-                                   for pair in pairs_of_record)
-                continue
-            self._decide(decisions, p.n, own, items[p.n].request, pairs_of_record)
-        if self._observer is not None:
-            self._observer.count_comparisons(new_pairs, decisions.household)
+            async def send_chunk(chunk: range) -> None:
+                commands = self._chunk_commands(batch, chunk)
+                await channel.send(commands)
+                queue.append(("chunk", chunk, len(commands)))
 
-        answers = await self.graph.merge_many([
-            (link.op_id, link.time_ms, link.customers, MERGE_REASON_PROBABILISTIC, link.weight)
-            for link in decisions.links])
-        await self.persons.index(
-            [IndexedRecord(resolutions[p.n].customer_id, p.person, p.digests) for p in people],
-            {pattern_key(pattern): count for pattern, count in batch_patterns.items()},
-            pattern_chunk(match_state.records, self.match.window_records), new_records, new_pairs,
-            [PossibleMatchEntry(own, match.customer_id, self._review_entry(own, match, items, n))
-             for n, own, match in decisions.possible if n is None or not resolutions[n].replayed],
-            state_to_store, pending, self.match.window_records, decisions.drop_pending)
-        return self._with_matches(resolutions, decisions, answers)
+            for chunk in chunks[:2]:
+                await send_chunk(chunk)
+            following = iter(chunks[2:])
+            while queue:
+                kind, payload, count = queue.popleft()
+                answers = await channel.receive(count)
+                if any(isinstance(a, NoScriptError) for a in answers):
+                    raise _ScriptsMissing
+                if kind == "merges":
+                    batch.merge_answers.extend(parse_answer(a) for a in answers)
+                    continue
+                links = self._match_chunk(batch, payload, answers)
+                merges = [self.graph.merge_command(link.op_id, link.time_ms, link.customers,
+                                                   MERGE_REASON_PROBABILISTIC, link.weight) for link in links]
+                await channel.send(merges)
+                queue.append(("merges", None, len(merges)))
+                upcoming = next(following, None)
+                if upcoming is not None:
+                    await send_chunk(upcoming)
+        await self._finish(batch)
+        return self._with_matches(batch)
 
-    def _people(self, items: Sequence[EventToResolve], resolutions: Sequence[Resolution]) -> list[_Person]:
+    def _chunk_commands(self, batch: _Batch, chunk: range) -> list[tuple[Any, ...]]:
+        """A chunk's resolve calls, then one person-index call for those of its events with attributes."""
         assert self.persons is not None
-        people = []
-        for n, item in enumerate(items):
-            if item.person is not None and not resolutions[n].suppressed:
-                keys = tuple(blocking_keys(item.person))
-                digests = tuple(self.persons.block_digest(k) for k in keys)
-                people.append(_Person(n, item.person, keys, digests, resolutions[n].created))
-        return people
+        commands: list[tuple[Any, ...]] = []
+        records = []
+        for n in chunk:
+            item = batch.items[n]
+            sha, keys, args = self.graph.resolve_call(item.request)
+            commands.append(("EVALSHA", sha, len(keys), *keys, *args))
+            if item.person is not None:
+                batch.keys[n] = tuple(blocking_keys(item.person))
+                batch.digests[n] = tuple(self.persons.block_digest(k) for k in batch.keys[n])
+                records.append((item.request.message_id, item.person, batch.digests[n]))
+        if records:
+            commands.append(self.persons.exchange_command(records))
+        return commands
 
-    def _decide(self, decisions: _Decisions, n: int | None, own: str, request: ResolutionRequest | tuple[str, int],
-                pairs: Sequence[CandidatePair]) -> None:
+    def _match_chunk(self, batch: _Batch, chunk: range, answers: Sequence[object]) -> list[_Link]:
+        """Read a chunk's answers, compare its new records, and decide them (or leave them pending)."""
+        assert self.persons is not None
+        for n, answer in zip(chunk, answers, strict=False):
+            batch.resolutions[n] = parse_answer(answer)
+        people = [n for n in chunk if n in batch.digests]
+        if not people:
+            return []
+        state, exchanged = self.persons.parse_exchange(answers[-1], batch.parsed)
+        if batch.state is None:
+            batch.state = state
+            self._load_state(state.model_state)
+            batch.scorer = self._scorer
+        new_records = []
+        for n, seen in zip(people, exchanged, strict=True):
+            resolution = batch.resolutions[n]
+            assert resolution is not None
+            if resolution.suppressed or not seen.customer_id:
+                continue
+            person = batch.items[n].person
+            assert person is not None
+            new_records.append((n, NewRecord(resolution.customer_id, person, batch.keys[n], tuple(seen.candidates),
+                                             resolution.created)))
+        comparison = batch.comparer.compare([record for _, record in new_records])
+        links: list[_Link] = []
+        for (n, record), pairs in zip(new_records, comparison.pairs, strict=True):
+            resolution = batch.resolutions[n]
+            assert resolution is not None
+            request = batch.items[n].request
+            if not resolution.replayed:
+                batch.new_records += 1
+                for pair in pairs:
+                    batch.patterns[pair.pattern] = batch.patterns.get(pair.pattern, 0) + 1
+            if batch.scorer is not None:
+                links.extend(self._decide(batch, n, record.customer_id, request.message_id, request.event_time_ms,
+                                          pairs))
+            elif not resolution.replayed:
+                batch.pending.extend(orjson.dumps([record.customer_id, pair.customer_id, pattern_key(pair.pattern),
+                                                   request.message_id, request.event_time_ms]) for pair in pairs)
+        batch.links.extend(links)
+        return links
+
+    def _decide(self, batch: _Batch, n: int | None, own: str, message_id: str, time_ms: int,
+                pairs: Sequence[CandidatePair]) -> list[_Link]:
         """Decide one record's pairs: a merge per customer it matches, a possible match per plausible one."""
-        assert self._scorer is not None
-        message_id, time_ms = (request.message_id, request.event_time_ms) if isinstance(
-            request, ResolutionRequest) else request
-        decision = decide_record(pairs, self._scorer, self.match.match_probability, self.match.review_probability,
+        assert batch.scorer is not None
+        decision = decide_record(pairs, batch.scorer, self.match.match_probability, self.match.review_probability,
                                  self.match.household_guard)
-        decisions.household += decision.household_refused
-        decisions.links.extend(_Link(n, f"{message_id}:match:{link.customer_id}", time_ms,
-                                     (own, link.customer_id), link.weight) for link in decision.links)
-        decisions.possible.extend((n, own, PossibleMatch(d.customer_id, d.probability, d.weight))
-                                  for d in decision.possible)
+        batch.household += decision.household_refused
+        batch.possible.extend((n, own, PossibleMatch(d.customer_id, d.probability, d.weight))
+                              for d in decision.possible)
+        return [_Link(n, f"{message_id}:match:{link.customer_id}", time_ms, (own, link.customer_id), link.weight)
+                for link in decision.links]
 
-    async def _decide_pending(self, decisions: _Decisions) -> None:
-        """Decide the pairs compared before there was a usable model, record by record, oldest first."""
+    async def _finish(self, batch: _Batch) -> None:
+        """Refit the model if due (deciding the pending pairs if it is the first usable one), then record
+        the batch's patterns, counters and possible matches, and the merges of pairs that were pending."""
+        assert self.persons is not None
+        if batch.state is None:  # no event of the batch had attributes left to match
+            return
+        records = batch.state.records + batch.new_records
+        pairs = batch.state.pairs + batch.new_pairs
+        state_to_store = None
+        late: list[_Link] = []
+        if batch.new_pairs and refit_due(self._state, records, pairs, self.match.refit_growth,
+                                         self.match.refit_every_records, self.match.min_pairs_to_fit):
+            had_model = self._state.model is not None
+            state_to_store = await self._refit(batch.state.records, records, pairs, batch.patterns)
+            if not had_model and self._scorer is not None:
+                batch.scorer = self._scorer
+                late = await self._decide_pending(batch)
+        if self._observer is not None:
+            self._observer.count_comparisons(batch.new_pairs, batch.household)
+        finish = self.persons.finish_command(
+            {pattern_key(pattern): count for pattern, count in batch.patterns.items()},
+            pattern_chunk(batch.state.records, self.match.window_records), batch.new_records, batch.new_pairs,
+            [PossibleMatchEntry(own, match.customer_id, self._review_entry(own, match, batch, n))
+             for n, own, match in batch.possible if n is None or not self._resolution(batch, n).replayed],
+            state_to_store, [] if batch.drop_pending else batch.pending, self.match.window_records,
+            batch.drop_pending)
+        merges = [self.graph.merge_command(link.op_id, link.time_ms, link.customers, MERGE_REASON_PROBABILISTIC,
+                                           link.weight) for link in late]
+        answers = await run_commands(self.graph.client, [*merges, finish])
+        if any(isinstance(a, NoScriptError) for a in answers):
+            raise _ScriptsMissing
+        if isinstance(answers[-1], Exception):
+            raise answers[-1]
+        batch.links.extend(late)
+        batch.merge_answers.extend(parse_answer(a) for a in answers[:-1])
+
+    async def _decide_pending(self, batch: _Batch) -> list[_Link]:
+        """Decide the pairs compared before there was a usable model (this batch's too), oldest first."""
         assert self.persons is not None
         by_record: dict[tuple[str, str, int], list[CandidatePair]] = {}
-        for entry in await self.persons.pending():
+        for entry in [*await self.persons.pending(), *batch.pending]:
             own, other, key, message_id, time_ms = orjson.loads(entry)
-            by_record.setdefault((own, message_id, time_ms), []).append(
-                CandidatePair(other, parse_pattern_key(key)))
-        for (own, message_id, time_ms), pairs in by_record.items():
-            self._decide(decisions, None, own, (message_id, time_ms), pairs)
-        decisions.drop_pending = True
+            by_record.setdefault((own, message_id, time_ms), []).append(CandidatePair(other, parse_pattern_key(key)))
+        batch.drop_pending = True
+        return [link for (own, message_id, time_ms), pairs in by_record.items()
+                for link in self._decide(batch, None, own, message_id, time_ms, pairs)]
 
     def _load_state(self, text: bytes | None) -> None:
         """Take the stored model (another worker may have refitted it); parse it only when it changed."""
@@ -209,8 +319,7 @@ class IdentityResolver:
             self._state = ModelState.from_json(text)
             self._scorer = self._state.model.scorer() if self._state.model is not None else None
 
-    async def _refit(self, records_before: int, records: int, pairs: int,
-                     batch_patterns: dict[tuple[int, ...], int]) -> str:
+    async def _refit(self, records_before: int, records: int, pairs: int, batch_patterns: dict[Pattern, int]) -> str:
         """Fit the model on the window's pairs and this batch's; use it only if it looks like matches."""
         assert self.persons is not None
         chunks = window_chunks(records_before, self.match.window_records)
@@ -230,28 +339,34 @@ class IdentityResolver:
         return text
 
     @staticmethod
-    def _review_entry(own: str, match: PossibleMatch, items: Sequence[EventToResolve], n: int | None) -> str:
+    def _resolution(batch: _Batch, n: int) -> Resolution:
+        resolution = batch.resolutions[n]
+        assert resolution is not None
+        return resolution
+
+    @staticmethod
+    def _review_entry(own: str, match: PossibleMatch, batch: _Batch, n: int | None) -> str:
         return json.dumps({
             "customer_ids": [own, match.customer_id],
             "probability": round(match.probability, 6), "weight_bits": round(match.weight, 3),
-            "caused_by": items[n].request.message_id if n is not None else None,
+            "caused_by": batch.items[n].request.message_id if n is not None else None,
             "noted_at_ms": int(time.time() * 1000),
         })
 
-    @staticmethod
-    def _with_matches(resolutions: Sequence[Resolution], decisions: _Decisions,
-                      answers: Sequence[Resolution]) -> list[Resolution]:
+    @classmethod
+    def _with_matches(cls, batch: _Batch) -> list[Resolution]:
         """Fold each event's merges (its customer is the last merge's survivor) and possible matches into its
         answer. Merges of pairs that were pending go with the batch's last event, whose customer they leave alone."""
-        updated = list(resolutions)
+        updated = [cls._resolution(batch, n) for n in range(len(batch.items))]
         last = len(updated) - 1
-        for link, merged in zip(decisions.links, answers, strict=True):
-            resolution = updated[last if link.n is None else link.n]
+        for link, merged in zip(batch.links, batch.merge_answers, strict=True):
+            at = last if link.n is None else link.n
+            resolution = updated[at]
             customer_id = resolution.customer_id if link.n is None else merged.customer_id or resolution.customer_id
-            updated[last if link.n is None else link.n] = dataclasses.replace(
-                resolution, customer_id=customer_id, merges=resolution.merges + merged.merges,
-                refused=resolution.refused + merged.refused)
-        for n, _, match in decisions.possible:
+            updated[at] = dataclasses.replace(resolution, customer_id=customer_id,
+                                              merges=resolution.merges + merged.merges,
+                                              refused=resolution.refused + merged.refused)
+        for n, _, match in batch.possible:
             at = last if n is None else n
             updated[at] = dataclasses.replace(updated[at], possible_matches=(*updated[at].possible_matches, match))
         return updated

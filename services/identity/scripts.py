@@ -1,5 +1,5 @@
 """The identity graph's Lua scripts: resolve an event, merge two customers, split identifiers off one, erase one;
-and the person index's two: find a batch's matching candidates, index a batch's records.
+and the person index's: exchange a chunk of records (find candidates, index them), finish a batch, forget a customer.
 
 Each script runs atomically in Redis, so two workers touching the same identifiers can
 never interleave inside one update. The four graph scripts share one prelude (key names, merge, rules).
@@ -491,22 +491,38 @@ end
 """
 
 # KEYS[1]: match:model (it routes the call on Redis Cluster; every key shares its hash tag).
-# ARGV[1] prefix, ARGV[2] largest block compared, then per record: the number of its blocking
-# key digests and the digests. Answers the model state JSON (or nil), the records and pairs
-# counters, then per record a flat list: customer id, its records (newline-separated JSON), ...
-MATCH_CANDIDATES_SCRIPT = MATCH_PRELUDE + r"""
+# Runs right after the resolve script calls of the same records, so it reads their answers:
+# ARGV[1] prefix, [2] largest block compared, [3] most records kept per customer, then per
+# record: its event's op id, its record JSON, the number of its blocking key digests, the digests.
+# For each record whose event created its customer (no identifier anchored it), finds the stored
+# records sharing a block; then indexes every record under its customer (a suppressed event has
+# no answer and is skipped). Candidates are read before any record of the call is indexed.
+# Answers the model state JSON (or nil), the records and pairs counters, then per record:
+# customer id ("" if skipped), 1 if created else 0, and a flat list: customer id, its records
+# (newline-separated JSON), ...
+MATCH_EXCHANGE_SCRIPT = MATCH_PRELUDE + r"""
+local max_records = tonumber(ARGV[3])
+cursor = 3
 local state = redis.call("MGET", KEYS[1], prefix .. "match:records", prefix .. "match:pairs")
 local records, digests = {}, {}
 while cursor < #ARGV do
+  local op_id, record, n = take(), take(), tonumber(take())
   local own = {}
-  for _ = 1, tonumber(take()) do
+  for _ = 1, n do
     local digest = take()
     own[#own + 1] = digest
     digests[digest] = true
   end
-  records[#records + 1] = own
+  local answer = redis.call("GET", prefix .. "event:" .. op_id)
+  local entry = {record = record, digests = own, id = "", created = false}
+  if answer then
+    entry.id = string.match(answer, '"customer_id":"([^"]*)"') or ""
+    entry.created = string.find(answer, '"created":true', 1, true) ~= nil
+  end
+  records[#records + 1] = entry
 end
-local values = read_blocks(digests)
+
+local values, by_bucket = read_blocks(digests)
 local ids_of = {}
 local function ids(digest)
   local found = ids_of[digest]
@@ -519,123 +535,122 @@ local function ids(digest)
   ids_of[digest] = found
   return found
 end
-local wanted, wanted_list, per_record = {}, {}, {}
-for r, own in ipairs(records) do
-  local seen, list = {}, {}
-  for _, digest in ipairs(own) do
-    for _, id in ipairs(ids(digest)) do
-      if not seen[id] then
-        seen[id] = true
-        list[#list + 1] = id
-        if not wanted[id] then
-          wanted[id] = true
-          wanted_list[#wanted_list + 1] = prefix .. "match:person:" .. id
+local wanted, person_list = {}, {}
+local function want(id)
+  if not wanted[id] then
+    wanted[id] = true
+    person_list[#person_list + 1] = prefix .. "match:person:" .. id
+  end
+end
+for _, entry in ipairs(records) do
+  entry.candidates = {}
+  if entry.created then
+    local seen = {}
+    for _, digest in ipairs(entry.digests) do
+      for _, id in ipairs(ids(digest)) do
+        if not seen[id] and id ~= entry.id then
+          seen[id] = true
+          entry.candidates[#entry.candidates + 1] = id
+          want(id)
         end
       end
     end
   end
-  per_record[r] = list
-end
-local blobs = {}
-local found = call_chunked("MGET", nil, wanted_list, 1)
-for n, key in ipairs(wanted_list) do
-  blobs[string.sub(key, #prefix + 14)] = found[n]
-end
-local out = {state[1], tonumber(state[2] or "0"), tonumber(state[3] or "0")}
-for r, list in ipairs(per_record) do
-  local flat = {}
-  for _, id in ipairs(list) do
-    if blobs[id] then
-      flat[#flat + 1] = id
-      flat[#flat + 1] = blobs[id]
-    end
-  end
-  out[#out + 1] = flat
-end
-return out
-"""
-
-# KEYS[1]: match:model. ARGV[1] prefix, [2] largest block compared, [3] most records kept per
-# customer, [4] review list length, [5] pattern chunk, [6] records matched, [7] pairs compared,
-# [8] most pending pairs kept, [9] "1" to drop the pending pairs first (they were just decided),
-# then four sections, each led by its count:
-#   records:   customer id, record JSON, number of blocking key digests, digests...
-#   patterns:  pattern, count
-#   possible:  customer id, other customer id, entry JSON
-#   pending:   pair JSON (compared while no model was usable, decided by the first one)
-MATCH_INDEX_SCRIPT = MATCH_PRELUDE + r"""
-local max_records, review_length = tonumber(ARGV[3]), tonumber(ARGV[4])
-local pending = prefix .. "match:pending"
-if ARGV[9] == "1" then redis.call("DEL", pending) end
-cursor = 9
-local records, digests = {}, {}
-for _ = 1, tonumber(take()) do
-  local id, record, n = take(), take(), tonumber(take())
-  local own = {}
-  for _ = 1, n do
-    local digest = take()
-    own[#own + 1] = digest
-    digests[digest] = true
-  end
-  records[#records + 1] = {id = id, record = record, digests = own}
+  if entry.id ~= "" then want(entry.id) end
 end
 
-local values, by_bucket = read_blocks(digests)
+-- Index: each record's customer joins its blocks, its record joins the customer's records.
 local sizes, changed = {}, {}
-local person_keys, persons, person_list = {}, {}, {}
 for _, entry in ipairs(records) do
-  for _, digest in ipairs(entry.digests) do
-    local value = values[digest]
-    sizes[digest] = sizes[digest] or block_size(value)
-    -- Past max_block members a block is never compared again: no use growing it.
-    if sizes[digest] <= max_block and
-        not (value and string.find(" " .. value .. " ", " " .. entry.id .. " ", 1, true)) then
-      values[digest] = value and (value .. " " .. entry.id) or entry.id
-      sizes[digest] = sizes[digest] + 1
-      changed[digest] = true
+  if entry.id ~= "" then
+    for _, digest in ipairs(entry.digests) do
+      local value = values[digest]
+      sizes[digest] = sizes[digest] or block_size(value)
+      -- Past max_block members a block is never compared again: no use growing it.
+      if sizes[digest] <= max_block and not (value and string.find(value, entry.id, 1, true)) then
+        values[digest] = value and (value .. " " .. entry.id) or entry.id
+        sizes[digest] = sizes[digest] + 1
+        changed[digest] = true
+      end
     end
-  end
-  if not person_keys[entry.id] then
-    person_keys[entry.id] = true
-    person_list[#person_list + 1] = prefix .. "match:person:" .. entry.id
   end
 end
 for key, names in pairs(by_bucket) do
-  local pairs_to_set = {}
+  local to_set = {}
   for _, digest in ipairs(names) do
     if changed[digest] then
-      pairs_to_set[#pairs_to_set + 1] = digest
-      pairs_to_set[#pairs_to_set + 1] = values[digest]
+      to_set[#to_set + 1] = digest
+      to_set[#to_set + 1] = values[digest]
     end
   end
-  if #pairs_to_set > 0 then call_chunked("HSET", key, pairs_to_set, 2) end
+  if #to_set > 0 then call_chunked("HSET", key, to_set, 2) end
 end
 
+local before, blobs = {}, {}
 local found = call_chunked("MGET", nil, person_list, 1)
-for n, key in ipairs(person_list) do persons[key] = found[n] end
+for n, key in ipairs(person_list) do
+  before[key] = found[n]
+  blobs[key] = found[n]
+end
 local person_changed = {}
 for _, entry in ipairs(records) do
-  local key = prefix .. "match:person:" .. entry.id
-  local blob = persons[key]
-  if not blob then
-    persons[key] = entry.record
-    person_changed[key] = true
-  elseif not string.find("\n" .. blob .. "\n", "\n" .. entry.record .. "\n", 1, true) then
-    local _, count = string.gsub(blob, "\n", "")
-    if count + 1 < max_records then
-      persons[key] = blob .. "\n" .. entry.record
+  if entry.id ~= "" then
+    local key = prefix .. "match:person:" .. entry.id
+    local blob = blobs[key]
+    if not blob then
+      blobs[key] = entry.record
       person_changed[key] = true
+    elseif not string.find(blob, entry.record, 1, true) then
+      local _, lines = string.gsub(blob, "\n", "")
+      if lines + 1 < max_records then
+        blobs[key] = blob .. "\n" .. entry.record
+        person_changed[key] = true
+      end
     end
   end
 end
 local to_set = {}
 for key in pairs(person_changed) do
   to_set[#to_set + 1] = key
-  to_set[#to_set + 1] = persons[key]
+  to_set[#to_set + 1] = blobs[key]
 end
 if #to_set > 0 then call_chunked("MSET", nil, to_set, 2) end
 
-local patterns = prefix .. "match:patterns:" .. ARGV[5]
+local out = {state[1], tonumber(state[2] or "0"), tonumber(state[3] or "0")}
+for _, entry in ipairs(records) do
+  local flat = {}
+  for _, id in ipairs(entry.candidates) do
+    local blob = before[prefix .. "match:person:" .. id]
+    if blob then
+      flat[#flat + 1] = id
+      flat[#flat + 1] = blob
+    end
+  end
+  out[#out + 1] = entry.id
+  out[#out + 1] = entry.created and 1 or 0
+  out[#out + 1] = flat
+end
+return out
+"""
+
+# KEYS[1]: match:model. What a batch's matching leaves once decided: ARGV[1] prefix, [2] review
+# list length, [3] pattern chunk, [4] records matched, [5] pairs compared, [6] most pending pairs
+# kept, [7] "1" to drop the pending pairs first (they were just decided), [8] the model state
+# JSON to store ("" to leave it), then three sections, each led by its count:
+#   patterns:  pattern, count
+#   possible:  customer id, other customer id, entry JSON
+#   pending:   pair JSON (compared while no model was usable, decided by the first usable one)
+MATCH_FINISH_SCRIPT = r"""
+local prefix, review_length = ARGV[1], tonumber(ARGV[2])
+local cursor = 8
+local function take()
+  cursor = cursor + 1
+  return ARGV[cursor]
+end
+local pending = prefix .. "match:pending"
+if ARGV[7] == "1" then redis.call("DEL", pending) end
+if ARGV[8] ~= "" then redis.call("SET", KEYS[1], ARGV[8]) end
+local patterns = prefix .. "match:patterns:" .. ARGV[3]
 for _ = 1, tonumber(take()) do
   local pattern, count = take(), take()
   redis.call("HINCRBY", patterns, pattern, count)
@@ -650,10 +665,10 @@ redis.call("LTRIM", prefix .. "match:review", 0, review_length - 1)
 local waiting = tonumber(take())
 if waiting > 0 then
   for _ = 1, waiting do redis.call("RPUSH", pending, take()) end
-  redis.call("LTRIM", pending, -tonumber(ARGV[8]), -1)
+  redis.call("LTRIM", pending, -tonumber(ARGV[6]), -1)
 end
-redis.call("INCRBY", prefix .. "match:pairs", ARGV[7])
-return redis.call("INCRBY", prefix .. "match:records", ARGV[6])
+redis.call("INCRBY", prefix .. "match:pairs", ARGV[5])
+return redis.call("INCRBY", prefix .. "match:records", ARGV[4])
 """
 
 # KEYS[1]: a match:blocks:<hex digit> hash. ARGV[1] the number of customer ids, the ids, then the

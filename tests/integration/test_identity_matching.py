@@ -15,7 +15,7 @@ from services.identity.domain import GraphLayout, prepare_identifiers, resolutio
 from services.identity.graph import IdentityGraph, PersonIndex
 from services.identity.match_model import MatchModel, ModelState, fit_match_model
 from services.identity.matching import LEVEL_COUNTS, MISSING, MatchSettings, Pattern
-from services.identity.resolver import EventToResolve, IdentityResolver
+from services.identity.resolver import CHUNK_EVENTS, EventToResolve, IdentityResolver
 from services.identity.settings import IdentitySettings
 
 pytestmark = pytest.mark.integration
@@ -257,3 +257,30 @@ async def test_with_matching_off_attributes_are_ignored(redis_client: aioredis.R
 
     assert answers[0].customer_id != answers[1].customer_id
     assert not await redis_client.keys(f"{LAYOUT.prefix}match:*")
+
+
+async def test_a_batch_larger_than_a_chunk_matches_across_its_chunks(redis_client: aioredis.Redis) -> None:
+    await seed_model(redis_client)
+    identity = resolver(redis_client)
+    filler = [item(f"f{i}", 1000 + i, ("crm_id", f"F{i}"), None) for i in range(CHUNK_EVENTS + 20)]
+    batch = [item("crm-1", 999, ("crm_id", "A1"), ANN), *filler, item("pos-1", 5000, ("pos_id", "B7"), ANN_TYPO),
+             *filler[:CHUNK_EVENTS], item("pos-2", 6000, ("pos_id", "B8"), ANN)]
+
+    answers = await identity.resolve(batch)
+
+    ann, typo, again = answers[0], answers[CHUNK_EVENTS + 21], answers[-1]
+    assert ann.created and typo.merges and again.merges
+    assert await _live(redis_client, ann.customer_id) == await _live(redis_client, typo.customer_id) == \
+        await _live(redis_client, again.customer_id)
+    assert not any(a.merges for a in answers[1:CHUNK_EVENTS + 21])
+
+
+async def test_lost_scripts_are_loaded_again_and_the_batch_still_matches(redis_client: aioredis.Redis) -> None:
+    await seed_model(redis_client)
+    identity = resolver(redis_client)
+    [ann] = await identity.resolve([item("crm-1", 1000, ("crm_id", "A1"), ANN)])
+    await redis_client.script_flush()  # as after a Redis restart
+
+    [typo] = await identity.resolve([item("pos-1", 2000, ("pos_id", "B7"), ANN_TYPO)])
+
+    assert [m.survivor_id for m in typo.merges] == [ann.customer_id] and typo.customer_id == ann.customer_id
