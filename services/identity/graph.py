@@ -329,7 +329,8 @@ class PersonIndex:
         self.model_key = layout.match_key("model")
 
     def block_digest(self, blocking_key: str) -> str:
-        return hashlib.blake2b(blocking_key.encode(), key=self._digest_key, digest_size=16).hexdigest()
+        # 64 bits: a collision only adds a candidate, and shorter names keep the index smaller.
+        return hashlib.blake2b(blocking_key.encode(), key=self._digest_key, digest_size=8).hexdigest()
 
     def exchange_command(self, records: Sequence[tuple[str, PersonAttributes, Sequence[str]]]) -> tuple[Argument, ...]:
         """The command finding candidates for, then indexing, records given as (event op id, attributes, digests).

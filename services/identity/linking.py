@@ -66,7 +66,8 @@ class BatchComparer:
     """Compare a batch's records in order, a chunk at a time: each with its stored candidates and the
     earlier records of the batch (the index only had those before the batch began)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_block_size: int = 200) -> None:
+        self._max_block_size = max_block_size
         self._earlier: dict[str, list[tuple[str, PersonAttributes]]] = {}
         # The same pair of attribute values compares the same: identical records (a customer
         # sending the same traits twice) cost one comparison.
@@ -81,7 +82,10 @@ class BatchComparer:
                 seen: set[tuple[str, PersonAttributes]] = set()
                 candidates: list[tuple[str, PersonAttributes]] = list(record.stored)
                 for key in record.keys:
-                    candidates.extend(earlier.get(key, ()))
+                    block = earlier.get(key, ())
+                    # As in the index: a key shared by more records than this says too little.
+                    if len(block) <= self._max_block_size:
+                        candidates.extend(block)
                 for candidate in candidates:
                     if candidate[0] == record.customer_id or candidate in seen:
                         continue

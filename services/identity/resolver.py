@@ -162,7 +162,7 @@ class IdentityResolver:
         is usable wait in the index and are decided by the first usable fit.
         """
         assert self.persons is not None
-        batch = _Batch(items, [None] * len(items))
+        batch = _Batch(items, [None] * len(items), comparer=BatchComparer(self.match.max_block_size))
         chunks = [range(start, min(start + CHUNK_EVENTS, len(items))) for start in range(0, len(items), CHUNK_EVENTS)]
         queue: deque[tuple[str, Any, int]] = deque()  # what was sent, in order: (kind, payload, commands)
         async with CommandChannel(self.graph.client) as channel:

@@ -26,8 +26,9 @@ Probabilistic matching (only written when matching is on; `graph.PersonIndex`):
 - ``match:person:<id>``              the attributes of the records the customer was created with or
                                      carried: JSON arrays, one per line (clear personal data; never emitted)
 - ``match:blocks:<hex digit>``       hash: blocking key digest (keyed BLAKE2b, so no personal data in
-                                     names) -> the customer ids sharing it, space-separated; sharded by the
-                                     digest's first hex digit; a block stops growing past the largest compared
+                                     names) -> the customer ids sharing it, space-separated, or "*" once
+                                     more than the largest block compared share it; sharded by the digest's
+                                     first hex digit
 - ``match:model``                    JSON: the fitted Fellegi-Sunter model in use and the last fit tried
 - ``match:records``, ``match:pairs`` counters: records matched and candidate pairs compared
 - ``match:patterns:<chunk>``         hash: comparison pattern -> pairs, per chunk of records (EM's window)
@@ -468,14 +469,27 @@ local function call_chunked(command, key, items, per_item)
   end
   return answers
 end
-local function bucket_key(digest) return prefix .. "match:blocks:" .. string.sub(digest, 1, 1) end
+local bucket_keys = {}
+local function bucket_key(digest)
+  local digit = string.sub(digest, 1, 1)
+  local key = bucket_keys[digit]
+  if not key then
+    key = prefix .. "match:blocks:" .. digit
+    bucket_keys[digit] = key
+  end
+  return key
+end
 -- Current values of the blocks named by `digests` (a set), as digest -> value or false.
 local function read_blocks(digests)
   local by_bucket, values = {}, {}
   for digest in pairs(digests) do
     local key = bucket_key(digest)
-    by_bucket[key] = by_bucket[key] or {}
-    table.insert(by_bucket[key], digest)
+    local names = by_bucket[key]
+    if not names then
+      names = {}
+      by_bucket[key] = names
+    end
+    names[#names + 1] = digest
   end
   for key, names in pairs(by_bucket) do
     local found = call_chunked("HMGET", key, names, 1)
@@ -483,11 +497,9 @@ local function read_blocks(digests)
   end
   return values, by_bucket
 end
-local function block_size(value)
-  if not value then return 0 end
-  local _, spaces = string.gsub(value, " ", "")
-  return spaces + 1
-end
+-- A block that grew past max_block members is replaced by FULL: it is never compared again, and
+-- its ids are no use to keep.
+local FULL = "*"
 """
 
 # KEYS[1]: match:model (it routes the call on Redis Cluster; every key shares its hash tag).
@@ -529,8 +541,9 @@ local function ids(digest)
   if found then return found end
   found = {}
   -- A key shared by more than max_block customers says too little to compare them all.
-  if values[digest] and block_size(values[digest]) <= max_block then
-    for id in string.gmatch(values[digest], "%S+") do found[#found + 1] = id end
+  local value = values[digest]
+  if value and value ~= FULL then
+    for id in string.gmatch(value, "%S+") do found[#found + 1] = id end
   end
   ids_of[digest] = found
   return found
@@ -560,16 +573,17 @@ for _, entry in ipairs(records) do
 end
 
 -- Index: each record's customer joins its blocks, its record joins the customer's records.
-local sizes, changed = {}, {}
+local changed = {}
 for _, entry in ipairs(records) do
   if entry.id ~= "" then
     for _, digest in ipairs(entry.digests) do
       local value = values[digest]
-      sizes[digest] = sizes[digest] or block_size(value)
-      -- Past max_block members a block is never compared again: no use growing it.
-      if sizes[digest] <= max_block and not (value and string.find(value, entry.id, 1, true)) then
-        values[digest] = value and (value .. " " .. entry.id) or entry.id
-        sizes[digest] = sizes[digest] + 1
+      if not value then
+        values[digest] = entry.id
+        changed[digest] = true
+      elseif value ~= FULL and not string.find(value, entry.id, 1, true) then
+        local _, spaces = string.gsub(value, " ", " ")
+        values[digest] = spaces + 1 >= max_block and FULL or (value .. " " .. entry.id)
         changed[digest] = true
       end
     end

@@ -284,3 +284,22 @@ async def test_lost_scripts_are_loaded_again_and_the_batch_still_matches(redis_c
     [typo] = await identity.resolve([item("pos-1", 2000, ("pos_id", "B7"), ANN_TYPO)])
 
     assert [m.survivor_id for m in typo.merges] == [ann.customer_id] and typo.customer_id == ann.customer_id
+
+
+async def test_a_block_shared_by_more_than_the_largest_compared_is_no_longer_used(
+        redis_client: aioredis.Redis) -> None:
+    await seed_model(redis_client)
+    identity = resolver(redis_client, max_block_size=2)
+    # Three people born the same day in one postcode: only their birth date + postcode block is shared.
+    people = [{"first_name": given, "last_name": family, "birthday": "1990-01-02", "address": {"postcode": "2600"}}
+              for given, family in (("ann", "lee"), ("bob", "ng"), ("cat", "okafor"))]
+    await identity.resolve([item(f"m{n}", 1000 + n, ("crm_id", f"A{n}"), p) for n, p in enumerate(people)])
+    blocks = {v for key in await redis_client.keys(f"{LAYOUT.prefix}match:blocks:*")
+              for v in (await redis_client.hgetall(key)).values()}
+    assert b"*" in blocks
+
+    [late] = await identity.resolve([item("m9", 2000, ("crm_id", "A9"), {**people[0], "first_name": "dan",
+                                                                           "last_name": "smith"})])
+
+    assert late.created and not late.merges and not late.possible_matches
+    assert await redis_client.get(LAYOUT.match_key("pairs")) == b"3"  # the full block brought no pair

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.identity.linking import CandidatePair, NewRecord, compare_batch, decide_record
+from services.identity.linking import BatchComparer, CandidatePair, NewRecord, compare_batch, decide_record
 from services.identity.match_model import MatchModel
 from services.identity.matching import LEVEL_COUNTS, PersonAttributes, blocking_keys, compare_people
 
@@ -35,6 +35,15 @@ def test_a_record_is_compared_with_stored_candidates_and_earlier_records_of_its_
     # ANN_TYPO against ANN, then SPOUSE against ANN and ANN_TYPO; the second ANN pair is memoised.
     assert compared.comparisons == 3
     assert sum(compared.pattern_counts().values()) == 4
+
+
+def test_a_key_shared_by_more_earlier_records_than_the_largest_block_brings_none_of_them() -> None:
+    namesakes = [record(f"c{n}", ANN._replace(street_number=str(n), address_1="", suburb="", postcode=""))
+                 for n in range(4)]
+
+    capped = BatchComparer(max_block_size=2).compare(namesakes)
+
+    assert [len(pairs) for pairs in capped.pairs] == [0, 1, 2, 0]
 
 
 def test_an_anchored_record_is_only_a_candidate_for_later_ones() -> None:
