@@ -36,7 +36,6 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field
 from rapidfuzz.distance import OSA, JaroWinkler
 
-_SPACES = re.compile(r"\s+")
 _NOT_DIGIT = re.compile(r"\D")
 
 MISSING = -1  # the level of a field one side lacks: it says nothing either way
@@ -85,7 +84,8 @@ class PersonAttributes(NamedTuple):
 def _clean(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
-    return _SPACES.sub(" ", str(value)).strip().lower()
+    # split() with no argument takes any run of whitespace and the ends: a third of a regex's cost.
+    return " ".join(str(value).lower().split())
 
 
 def _first(sources: Iterable[Mapping[str, Any]], *names: str) -> str:
@@ -231,7 +231,8 @@ def _date_level(a: str, b: str) -> int:
 
 def _better_of_swapped(direct: tuple[int, int], swapped: tuple[int, int]) -> tuple[int, int]:
     # Two fields keyed the wrong way round swap together: take whichever reading agrees more.
-    return swapped if sum(max(x, 0) for x in swapped) > sum(max(x, 0) for x in direct) else direct
+    agree_swapped = max(swapped[0], 0) + max(swapped[1], 0)
+    return swapped if agree_swapped > max(direct[0], 0) + max(direct[1], 0) else direct
 
 
 def compare_people(a: PersonAttributes, b: PersonAttributes) -> Pattern:
