@@ -101,10 +101,18 @@ class _Batch:
     possible: list[tuple[int | None, str, PossibleMatch]] = field(default_factory=list)  # (n, own id, match)
     household: int = 0
     drop_pending: bool = False
+    # Customers this batch's links joined, each to one of its group, so a later record of the batch
+    # sees one customer where its candidates name several (the merges are not all made yet).
+    joined: dict[str, str] = field(default_factory=dict)
 
     @property
     def new_pairs(self) -> int:
         return sum(self.patterns.values())
+
+    def customer_of(self, customer_id: str) -> str:
+        while customer_id in self.joined:
+            customer_id = self.joined[customer_id]
+        return customer_id
 
 
 class IdentityResolver:
@@ -245,8 +253,14 @@ class IdentityResolver:
                 for pair in pairs:
                     batch.patterns[pair.pattern] = batch.patterns.get(pair.pattern, 0) + 1
             if batch.scorer is not None:
-                links.extend(self._decide(batch, n, record.customer_id, request.message_id, request.event_time_ms,
-                                          pairs))
+                own = batch.customer_of(record.customer_id)
+                grouped = [CandidatePair(batch.customer_of(p.customer_id), p.pattern) for p in pairs]
+                decided = self._decide(batch, n, record.customer_id, request.message_id, request.event_time_ms,
+                                       [p for p in grouped if p.customer_id != own])
+                for link in decided:
+                    if batch.customer_of(link.customers[1]) != own:
+                        batch.joined[batch.customer_of(link.customers[1])] = own
+                links.extend(decided)
             elif not resolution.replayed:
                 batch.pending.extend(orjson.dumps([record.customer_id, pair.customer_id, pattern_key(pair.pattern),
                                                    request.message_id, request.event_time_ms]) for pair in pairs)

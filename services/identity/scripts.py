@@ -510,8 +510,8 @@ local FULL = "*"
 # records sharing a block; then indexes every record under its customer (a suppressed event has
 # no answer and is skipped). Candidates are read before any record of the call is indexed.
 # Answers the model state JSON (or nil), the records and pairs counters, then per record:
-# customer id ("" if skipped), 1 if created else 0, and a flat list: customer id, its records
-# (newline-separated JSON), ...
+# customer id ("" if skipped), 1 if created else 0, and a flat list: the customer a candidate
+# lives on now, the candidate's records (newline-separated JSON), ...
 MATCH_EXCHANGE_SCRIPT = MATCH_PRELUDE + r"""
 local max_records = tonumber(ARGV[3])
 cursor = 3
@@ -630,13 +630,27 @@ for key in pairs(person_changed) do
 end
 if #to_set > 0 then call_chunked("MSET", nil, to_set, 2) end
 
+-- Candidates are named by the customer they live on now (merges since they were indexed).
+local live_of = {}
+local function live(id)
+  local found = live_of[id]
+  if found then return found end
+  found = id
+  for _ = 1, 64 do
+    local into = redis.call("HGET", prefix .. "customer:" .. found, "merged_into")
+    if not into then break end
+    found = into
+  end
+  live_of[id] = found
+  return found
+end
 local out = {state[1], tonumber(state[2] or "0"), tonumber(state[3] or "0")}
 for _, entry in ipairs(records) do
   local flat = {}
   for _, id in ipairs(entry.candidates) do
     local blob = before[prefix .. "match:person:" .. id]
     if blob then
-      flat[#flat + 1] = id
+      flat[#flat + 1] = live(id)
       flat[#flat + 1] = blob
     end
   end

@@ -6,17 +6,17 @@ import json
 import random
 from typing import Any
 
-import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
 from services.identity.customer360 import read_customer, read_review
 from services.identity.domain import GraphLayout, prepare_identifiers, resolution_request
 from services.identity.graph import IdentityGraph, PersonIndex
-from services.identity.match_model import MatchModel, ModelState, fit_match_model
-from services.identity.matching import LEVEL_COUNTS, MISSING, MatchSettings, Pattern
+from services.identity.match_model import MatchModel, ModelState
+from services.identity.matching import MatchSettings
 from services.identity.resolver import CHUNK_EVENTS, EventToResolve, IdentityResolver
 from services.identity.settings import IdentitySettings
+from tests.identity_models import store_fitted_model
 
 pytestmark = pytest.mark.integration
 
@@ -40,29 +40,8 @@ def resolver(client: aioredis.Redis, **match: Any) -> IdentityResolver:
     return IdentityResolver(graph, PersonIndex(client, LAYOUT, KEY, settings.max_block_size), settings)
 
 
-def _levels(n: int, exact: float) -> tuple[float, ...]:
-    return (*[(1 - exact) / (n - 1)] * (n - 1), exact)
-
-
-def _sampled(pairs: int, seed: int) -> dict[Pattern, int]:
-    """Patterns drawn from a typical model: records of one person agree, of two people do not."""
-    truth = MatchModel(0.3, tuple(_levels(n, 0.85) for n in LEVEL_COUNTS),
-                       tuple((0.9, *[0.1 / (n - 1)] * (n - 1)) for n in LEVEL_COUNTS))
-    rng = np.random.default_rng(seed)
-    counts: dict[Pattern, int] = {}
-    for _ in range(pairs):
-        table = truth.m if rng.random() < truth.prior else truth.u
-        pattern = tuple(MISSING if rng.random() < 0.05 else int(rng.choice(n, p=table[f]))
-                        for f, n in enumerate(LEVEL_COUNTS))
-        counts[pattern] = counts.get(pattern, 0) + 1
-    return counts
-
-
 async def seed_model(client: aioredis.Redis) -> MatchModel:
-    """Store a fitted model, last tried long enough ago that the tests' few records do not refit it."""
-    model = fit_match_model(_sampled(3000, seed=1), fitted_at_records=10_000)
-    await client.set(LAYOUT.match_key("model"), ModelState(model, 10_000, 3000).to_json())
-    return model
+    return await store_fitted_model(client, LAYOUT)
 
 
 async def test_a_second_channel_record_of_the_same_person_merges_with_its_weight(redis_client: aioredis.Redis) -> None:

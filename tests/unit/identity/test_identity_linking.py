@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from services.identity.linking import BatchComparer, CandidatePair, NewRecord, compare_batch, decide_record
-from services.identity.match_model import MatchModel
 from services.identity.matching import LEVEL_COUNTS, PersonAttributes, blocking_keys, compare_people
+from tests.identity_models import typical_model
 
 ANN = PersonAttributes("ann", "lee", "19900102", "12", "main street", "", "canberra", "2600", "act")
 ANN_TYPO = ANN._replace(surname="lea", postcode="2606")
@@ -12,12 +12,7 @@ SPOUSE = ANN._replace(given_name="bob", date_of_birth="19870530")
 EXACT = tuple(n - 1 for n in LEVEL_COUNTS)
 
 
-def _levels(n: int, exact: float) -> tuple[float, ...]:
-    return (*[(1 - exact) / (n - 1)] * (n - 1), exact)
-
-
-MODEL = MatchModel(0.2, tuple(_levels(n, 0.85) for n in LEVEL_COUNTS),
-                   tuple((0.9, *[0.1 / (n - 1)] * (n - 1)) for n in LEVEL_COUNTS))
+MODEL = typical_model(0.2)
 
 
 def record(customer_id: str, person: PersonAttributes, *stored: tuple[str, PersonAttributes],

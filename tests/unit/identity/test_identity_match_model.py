@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from services.identity.match_model import (
@@ -17,35 +16,11 @@ from services.identity.match_model import (
     refit_due,
     window_chunks,
 )
-from services.identity.matching import LEVEL_COUNTS, MISSING, Pattern
+from services.identity.matching import LEVEL_COUNTS, MISSING
+from tests.identity_models import agreeing, disagreeing, sample_patterns, typical_model
 
-
-def _levels(n: int, exact: float) -> tuple[float, ...]:
-    rest = (1 - exact) / (n - 1)
-    return (*[rest] * (n - 1), exact)
-
-
-# A plausible truth: one person's records mostly agree exactly; two people's mostly disagree.
-TRUE_M = tuple(_levels(n, 0.85) for n in LEVEL_COUNTS)
-TRUE_U = tuple((0.9, *[0.1 / (n - 1)] * (n - 1)) for n in LEVEL_COUNTS)
-TRUE = MatchModel(0.3, TRUE_M, TRUE_U)
-
-
-def sample_patterns(model: MatchModel, pairs: int, missing: float, seed: int) -> dict[Pattern, int]:
-    """Draw comparison patterns from `model` (each field independently missing with probability `missing`)."""
-    rng = np.random.default_rng(seed)
-    is_match = rng.random(pairs) < model.prior
-    columns = []
-    for f, levels in enumerate(LEVEL_COUNTS):
-        from_m = rng.choice(levels, size=pairs, p=model.m[f])
-        from_u = rng.choice(levels, size=pairs, p=model.u[f])
-        column = np.where(is_match, from_m, from_u)
-        columns.append(np.where(rng.random(pairs) < missing, MISSING, column))
-    counts: dict[Pattern, int] = {}
-    for row in zip(*columns, strict=True):
-        pattern = tuple(int(x) for x in row)
-        counts[pattern] = counts.get(pattern, 0) + 1
-    return counts
+TRUE = typical_model(0.3)
+TRUE_M, TRUE_U = TRUE.m, TRUE.u
 
 
 def test_em_recovers_the_parameters_that_generated_the_pairs() -> None:
@@ -61,7 +36,7 @@ def test_em_recovers_the_parameters_that_generated_the_pairs() -> None:
 
 def test_the_match_class_is_the_agreeing_one_whatever_the_prior() -> None:
     # Mostly matches: EM's two classes are found either way round; "match" must be the agreeing one.
-    mostly = MatchModel(0.9, TRUE_M, TRUE_U)
+    mostly = typical_model(0.9)
 
     fitted = fit_match_model(sample_patterns(mostly, 5_000, missing=0.0, seed=2))
 
@@ -85,11 +60,10 @@ def test_pairs_of_different_kinds_of_strangers_give_an_implausible_model() -> No
     # Neighbours agree on the address fields only, namesakes on names and birth date only: no class
     # agrees on everything, which EM's "match" class of two people would have to.
     neighbours = MatchModel(1.0 - 1e-9, tuple(
-        _levels(n, 0.9) if f in (3, 4, 5, 6, 7, 8) else (0.9, *[0.1 / (n - 1)] * (n - 1))
-        for f, n in enumerate(LEVEL_COUNTS)), TRUE_U)
+        agreeing(n, 0.9) if f in (3, 4, 5, 6, 7, 8) else disagreeing(n, 0.9) for f, n in enumerate(LEVEL_COUNTS)),
+        TRUE_U)
     namesakes = MatchModel(1.0 - 1e-9, tuple(
-        _levels(n, 0.9) if f in (0, 1, 2) else (0.9, *[0.1 / (n - 1)] * (n - 1))
-        for f, n in enumerate(LEVEL_COUNTS)), TRUE_U)
+        agreeing(n, 0.9) if f in (0, 1, 2) else disagreeing(n, 0.9) for f, n in enumerate(LEVEL_COUNTS)), TRUE_U)
     strangers = merge_pattern_counts(sample_patterns(neighbours, 3_000, 0.05, seed=5),
                                      sample_patterns(namesakes, 3_000, 0.05, seed=6))
 
