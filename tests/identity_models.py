@@ -1,4 +1,5 @@
-"""Matching models the identity tests share: a typical one, comparison patterns drawn from it, one stored fitted."""
+"""What the matching tests share: one person's traits as events carry them, a typical model, comparison
+patterns drawn from it, and a fitted model stored in the graph."""
 
 from __future__ import annotations
 
@@ -8,6 +9,15 @@ import redis.asyncio as aioredis
 from services.identity.domain import GraphLayout
 from services.identity.match_model import MatchModel, ModelState, fit_match_model
 from services.identity.matching import LEVEL_COUNTS, MISSING, Pattern
+
+ANN = {"first_name": "Ann", "last_name": "Lee", "birthday": "1990-01-02",
+       "address": {"street_number": "12", "line1": "main street", "city": "canberra", "postcode": "2600"}}
+# Ann again with a keying error in her surname and in her postcode: one person.
+ANN_TYPO = {**ANN, "last_name": "Lea", "address": {**ANN["address"], "postcode": "2606"}}
+# Ann's name and birth date at another street and postcode of her town: plausibly her, not surely.
+ANN_MOVED = {**ANN, "address": {"street_number": "3", "line1": "high street", "city": "canberra", "postcode": "4870"}}
+# A merge needing near certainty makes ANN_MOVED a possible match under the stored model.
+NEAR_CERTAINTY = 0.999999
 
 
 def agreeing(levels: int, exact: float) -> tuple[float, ...]:

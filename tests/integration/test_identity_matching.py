@@ -10,21 +10,18 @@ import pytest
 import redis.asyncio as aioredis
 
 from services.identity.customer360 import read_customer, read_review
-from services.identity.domain import GraphLayout, prepare_identifiers, resolution_request
+from services.identity.domain import GraphLayout, Resolution, prepare_identifiers, resolution_request
 from services.identity.graph import IdentityGraph, PersonIndex
 from services.identity.match_model import MatchModel, ModelState
 from services.identity.matching import MatchSettings
 from services.identity.resolver import CHUNK_EVENTS, EventToResolve, IdentityResolver
 from services.identity.settings import IdentitySettings
-from tests.identity_models import store_fitted_model
+from tests.identity_models import ANN, ANN_MOVED, ANN_TYPO, NEAR_CERTAINTY, store_fitted_model
 
 pytestmark = pytest.mark.integration
 
 KEY = b"matching-test-key"
 LAYOUT = GraphLayout("test:match:{graph}:")
-ANN = {"first_name": "Ann", "last_name": "Lee", "birthday": "1990-01-02",
-       "address": {"street_number": "12", "line1": "main street", "city": "canberra", "postcode": "2600"}}
-ANN_TYPO = {**ANN, "last_name": "Lea", "address": {**ANN["address"], "postcode": "2606"}}
 
 
 def item(message_id: str, time_ms: int, identifier: tuple[str, str], traits: dict[str, Any] | None) -> EventToResolve:
@@ -47,7 +44,6 @@ async def seed_model(client: aioredis.Redis) -> MatchModel:
 async def test_a_second_channel_record_of_the_same_person_merges_with_its_weight(redis_client: aioredis.Redis) -> None:
     await seed_model(redis_client)
     identity = resolver(redis_client)
-    await identity.graph.load_script()
 
     [crm] = await identity.resolve([item("crm-1", 1000, ("crm_id", "A1"), ANN)])
     [pos] = await identity.resolve([item("pos-1", 2000, ("pos_id", "B7"), ANN_TYPO)])
@@ -65,7 +61,6 @@ async def test_a_second_channel_record_of_the_same_person_merges_with_its_weight
 
 async def test_no_merge_is_made_before_a_model_was_fitted(redis_client: aioredis.Redis) -> None:
     identity = resolver(redis_client)
-    await identity.graph.load_script()
 
     answers = await identity.resolve([item("crm-1", 1000, ("crm_id", "A1"), ANN),
                                       item("pos-1", 2000, ("pos_id", "B7"), ANN)])
@@ -102,7 +97,6 @@ async def test_the_model_is_learned_from_the_stream_and_links_its_duplicates(red
     records = [(f"p{i}", p) for i, p in enumerate(people)] + [(f"p{i}", p) for i, p in enumerate(duplicates)]
     rng.shuffle(records)
     identity = resolver(redis_client)
-    await identity.graph.load_script()
 
     customer_of: dict[str, set[str]] = {}
     for start in range(0, len(records), 100):
@@ -130,7 +124,6 @@ async def _live(client: aioredis.Redis, customer_id: str) -> str:
 async def test_records_in_one_batch_match_each_other_and_replays_merge_once(redis_client: aioredis.Redis) -> None:
     await seed_model(redis_client)
     identity = resolver(redis_client)
-    await identity.graph.load_script()
     batch = [item("crm-1", 1000, ("crm_id", "A1"), ANN), item("pos-1", 2000, ("pos_id", "B7"), ANN)]
 
     first = await identity.resolve(batch)
@@ -145,7 +138,6 @@ async def test_records_in_one_batch_match_each_other_and_replays_merge_once(redi
 async def test_a_record_matching_two_customers_joins_them(redis_client: aioredis.Redis) -> None:
     await seed_model(redis_client)
     identity = resolver(redis_client)
-    await identity.graph.load_script()
     moved = {**ANN, "address": {"street_number": "3", "line1": "high street", "city": "sydney", "postcode": "2000"}}
     both = {**ANN, "address": {**moved["address"], "line2": "main street"}}
 
@@ -162,7 +154,6 @@ async def test_a_record_matching_two_customers_joins_them(redis_client: aioredis
 async def test_people_who_differ_stay_apart_and_a_spouse_is_not_merged(redis_client: aioredis.Redis) -> None:
     await seed_model(redis_client)
     identity = resolver(redis_client)
-    await identity.graph.load_script()
     spouse = {**ANN, "first_name": "Bob", "birthday": "1987-05-30"}
     namesake = {**ANN, "birthday": "1975-09-11", "address": {"street_number": "3", "line1": "high street",
                                                                "city": "sydney", "postcode": "4870"}}
@@ -174,20 +165,21 @@ async def test_people_who_differ_stay_apart_and_a_spouse_is_not_merged(redis_cli
     assert len({a.customer_id for a in answers}) == 3 and not any(a.merges for a in answers)
 
 
-async def test_possible_matches_are_kept_for_review_and_shown_not_merged(redis_client: aioredis.Redis) -> None:
-    await seed_model(redis_client)
-    # A merge needs near certainty here, so a moved namesake with the same birth date is only possible.
-    identity = resolver(redis_client, match_probability=0.999999)
-    await identity.graph.load_script()
-    moved = {**ANN, "address": {"street_number": "3", "line1": "high street", "city": "canberra",
-                                "postcode": "4870"}}
-
+async def ann_and_a_possible_match(client: aioredis.Redis) -> tuple[IdentityResolver, Resolution, Resolution]:
+    """Resolve Ann, then a record that is only possibly her; return the resolver and both answers."""
+    await seed_model(client)
+    identity = resolver(client, match_probability=NEAR_CERTAINTY)
     [ann] = await identity.resolve([item("crm-1", 1000, ("crm_id", "A1"), ANN)])
-    [maybe] = await identity.resolve([item("pos-1", 2000, ("pos_id", "B1"), moved)])
+    [maybe] = await identity.resolve([item("pos-1", 2000, ("pos_id", "B1"), ANN_MOVED)])
+    return identity, ann, maybe
+
+
+async def test_possible_matches_are_kept_for_review_and_shown_not_merged(redis_client: aioredis.Redis) -> None:
+    _, ann, maybe = await ann_and_a_possible_match(redis_client)
 
     assert maybe.customer_id != ann.customer_id and not maybe.merges
     [possible] = maybe.possible_matches
-    assert possible.customer_id == ann.customer_id and 0.05 <= possible.probability < 0.999999
+    assert possible.customer_id == ann.customer_id and 0.05 <= possible.probability < NEAR_CERTAINTY
     [entry] = await read_review(redis_client, LAYOUT, 10)
     assert entry["live_customer_ids"] == [maybe.customer_id, ann.customer_id]
     view = await read_customer(redis_client, LAYOUT, ann.customer_id)
@@ -197,7 +189,6 @@ async def test_possible_matches_are_kept_for_review_and_shown_not_merged(redis_c
 async def test_matching_never_overrides_conflicting_strong_ids(redis_client: aioredis.Redis) -> None:
     await seed_model(redis_client)
     identity = resolver(redis_client)
-    await identity.graph.load_script()
     await identity.resolve([item("crm-1", 1000, ("user_id", "u1"), ANN)])
 
     [other] = await identity.resolve([item("pos-1", 2000, ("user_id", "u2"), ANN)])
@@ -206,13 +197,7 @@ async def test_matching_never_overrides_conflicting_strong_ids(redis_client: aio
 
 
 async def test_erasure_takes_the_customer_out_of_the_person_index(redis_client: aioredis.Redis) -> None:
-    await seed_model(redis_client)
-    identity = resolver(redis_client, match_probability=0.999999)
-    await identity.graph.load_script()
-    moved = {**ANN, "address": {"street_number": "3", "line1": "high street", "city": "canberra",
-                                "postcode": "4870"}}
-    [ann] = await identity.resolve([item("crm-1", 1000, ("crm_id", "A1"), ANN)])
-    [maybe] = await identity.resolve([item("pos-1", 2000, ("pos_id", "B1"), moved)])
+    identity, ann, maybe = await ann_and_a_possible_match(redis_client)
     assert maybe.possible_matches
 
     erased = await identity.graph.erase("erase:1", 3000, ann.customer_id, "erase")

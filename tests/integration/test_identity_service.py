@@ -20,7 +20,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from services.identity.admin import hash_admin_key
 from services.identity.domain import GraphLayout, new_customer_id, prepare_identifiers
 from services.identity.settings import IdentitySettings
-from tests.identity_models import store_fitted_model
+from tests.identity_models import ANN, ANN_MOVED, ANN_TYPO, NEAR_CERTAINTY, store_fitted_model
 from tests.kafka_reading import collect
 from touchstream import avro
 from touchstream.embedded import ManagedProcess, free_port
@@ -296,10 +296,6 @@ async def test_customer_api_erases_a_customer_once_and_later_events_are_dropped(
                              lambda _key, r: r["event"]["message_id"] == f"{run}-4", wait_s=3)
 
 
-ANN = {"first_name": "Ann", "last_name": "Lee", "birthday": "1990-01-02",
-       "address": {"street_number": "12", "line1": "main street", "city": "canberra", "postcode": "2600"}}
-
-
 def identify(message_id: str, timestamp_ms: int, identifier: tuple[str, str], traits: dict[str, object]) -> bytes:
     return avro.encode(TOUCHPOINTS_RAW.schema, {
         "message_id": message_id, "type": "identify", "timestamp_ms": timestamp_ms, "received_at_ms": timestamp_ms,
@@ -317,8 +313,7 @@ def matching_worker(all_topics: str, redis_url: str, tmp_path: Path, artifacts_d
         await client.aclose()
 
     asyncio.run(store_model())
-    # A merge needs near certainty, so the moved namesake below is only a possible match.
-    matching = {"enabled": True, "match_probability": 0.999999}
+    matching = {"enabled": True, "match_probability": NEAR_CERTAINTY}
     worker, web_port = spawn_identity_worker(all_topics, redis_url, tmp_path, artifacts_dir,
                                              {"TOUCHSTREAM_IDENTITY_MATCHING": json.dumps(matching)})
     try:
@@ -333,10 +328,8 @@ async def test_matching_links_a_typo_and_shows_a_possible_match_for_review(
 ) -> None:
     run = uuid.uuid4().hex[:8]
     now = int(time.time() * 1000)
-    typo = {**ANN, "last_name": "Lea", "address": {**ANN["address"], "postcode": "2606"}}
-    moved = {**ANN, "address": {"street_number": "3", "line1": "high street", "city": "canberra", "postcode": "4870"}}
-    for n, (identifier, traits) in enumerate(((("crm_id", f"A-{run}"), ANN), (("pos_id", f"B-{run}"), typo),
-                                               (("pos_id", f"C-{run}"), moved))):
+    for n, (identifier, traits) in enumerate(((("crm_id", f"A-{run}"), ANN), (("pos_id", f"B-{run}"), ANN_TYPO),
+                                               (("pos_id", f"C-{run}"), ANN_MOVED))):
         # One key, one partition: each record is matched against the ones before it.
         await producer.send_and_wait(TOUCHPOINTS_RAW.name, identify(f"{run}-{n}", now + n, identifier, traits),
                                      key=run.encode())
@@ -357,7 +350,7 @@ async def test_matching_links_a_typo_and_shows_a_possible_match_for_review(
     assert resolved[f"{run}-1"] == ann != moved_id
     assert anonymous.status_code == 401
     [entry] = review["possible_matches"]
-    assert entry["live_customer_ids"] == [moved_id, ann] and 0.05 <= entry["probability"] < 0.999999
+    assert entry["live_customer_ids"] == [moved_id, ann] and 0.05 <= entry["probability"] < NEAR_CERTAINTY
     assert [m["customer_id"] for m in customer["possible_matches"]] == [moved_id]
     assert [m["reason"] for m in customer["merges"]] == ["probabilistic"]
     assert model["model"]["converged"] and model["records"] == 3 and model["pairs"] >= 2
