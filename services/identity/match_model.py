@@ -116,10 +116,10 @@ class PatternScorer:
 def starting_model(patterns: np.ndarray, counts: np.ndarray) -> MatchModel:
     """Return EM's starting point: u from the data, m leaning to agreement, prior a guess.
 
-    Nearly every candidate pair is two people, so the levels' overall frequencies are a good
-    first u. A pair of one person mostly agrees exactly: m starts at 0.9 on the exact level and
-    shares the rest evenly. The starting prior is 0.1. EM moves all of them; the start only
-    decides which of the two classes it finds is called "match" (the agreeing one).
+    u starts at the levels' overall frequencies (what the candidates would show if they were all
+    strangers), m at 0.9 on the exact level with the rest shared evenly (records of one person
+    mostly agree), the prior at 0.1. EM moves all of them; the start only decides which of the
+    two classes it finds comes out as "match" (the agreeing one; see `_match_class_agrees`).
     """
     m, u = [], []
     for f, levels in enumerate(LEVEL_COUNTS):
