@@ -193,8 +193,8 @@ class IdentityGraph:
     async def sweep(self, customer_ids: Sequence[str], identifiers: Sequence[Identifier], chunk: int = 1000) -> int:
         """Remove what the erase script cannot find by key: the per-event answers (`event:*`, kept
         `event_ttl_s` for redeliveries) that name the customer, and its ids in other identifiers'
-        shared-use sets, in the matching blocks and among other customers' possible matches (and
-        the review list). One SCAN over the graph's keys; returns keys changed.
+        shared-use sets, in the matching blocks, among other customers' possible matches, and in
+        the review and pending lists. One SCAN over the graph's keys; returns keys changed.
         """
         needles = [n for n in (*customer_ids, *(i.value for i in identifiers)) if n]
         if not needles:
@@ -205,23 +205,22 @@ class IdentityGraph:
 
         async def flush() -> int:
             events = [k for k in batch if k.startswith(f"{prefix}event:".encode())]
-            # block: is where matching kept its blocks before match:block:.
-            sets = [k for k in batch if k.endswith(b":customers") or k.startswith(f"{prefix}match:block:".encode())
-                    or k.startswith(f"{prefix}block:".encode())]
+            # block: is where matching kept its blocks before match:blocks:.
+            sets = [k for k in batch if k.endswith(b":customers") or k.startswith(f"{prefix}block:".encode())]
             possible = [k for k in batch if k.startswith(f"{prefix}match:possible:".encode())]
             blocks = [k for k in batch if k.startswith(f"{prefix}match:blocks:".encode())]
-            review = [k for k in batch if k == f"{prefix}match:review".encode()]
+            lists = [k for k in batch if k in (f"{prefix}match:review".encode(), f"{prefix}match:pending".encode())]
             done = 0
             values = await self.client.mget(events) if events else []
-            entries = await self.client.lrange(review[0], 0, -1) if review else []
+            entries = [(key, entry) for key in lists for entry in await self.client.lrange(key, 0, -1)]
             async with self.client.pipeline(transaction=False) as pipe:
                 for key, value in zip(events, values, strict=True):
                     if value is not None and any(n.encode() in value for n in needles):
                         pipe.delete(key)
                         done += 1
-                for entry in entries:
+                for key, entry in entries:
                     if any(n.encode() in entry for n in needles):
-                        pipe.lrem(review[0], 0, entry.decode() if isinstance(entry, bytes) else entry)
+                        pipe.lrem(key, 0, entry.decode() if isinstance(entry, bytes) else entry)
                         done += 1
                 for key in sets:
                     pipe.srem(key, *customer_ids)

@@ -68,6 +68,11 @@ async def test_no_merge_is_made_before_a_model_was_fitted(redis_client: aioredis
     assert answers[0].customer_id != answers[1].customer_id
     assert identity.model_state.model is None  # one pair, fewer than the model has parameters
     assert await redis_client.get(LAYOUT.match_key("pairs")) == b"1"
+    assert await redis_client.llen(LAYOUT.match_key("pending")) == 1  # kept for the first plausible fit
+    # Erasing either customer takes the pair out of what waits.
+    erased = await identity.graph.erase("erase:1", 3000, answers[1].customer_id, "erase")
+    await identity.graph.sweep(list(erased.customer_ids), list(erased.identifiers))
+    assert await redis_client.llen(LAYOUT.match_key("pending")) == 0
 
 
 async def test_the_model_is_learned_from_the_stream_and_links_its_duplicates(redis_client: aioredis.Redis) -> None:
