@@ -349,10 +349,10 @@ class PersonIndex:
         if isinstance(answer, Exception):
             raise answer
         assert isinstance(answer, list)
-        model_state, records, pairs, *flat_records = answer
+        model_state, records, pairs, body = answer
         exchanged = []
-        for n in range(0, len(flat_records), 3):
-            customer_id, created, flat = flat_records[n:n + 3]
+        for part in body.split(b"\x1e") if body else ():
+            customer_id, created, *flat = part.split(b"\x1f")
             candidates: list[tuple[str, PersonAttributes]] = []
             for k in range(0, len(flat), 2):
                 blob = flat[k + 1]
@@ -361,7 +361,7 @@ class PersonIndex:
                     people = parsed[blob] = [PersonAttributes.from_record(r) for r in blob.split(b"\n")]
                 candidate = flat[k].decode()
                 candidates.extend((candidate, person) for person in people)
-            exchanged.append(ExchangedRecord(customer_id.decode(), created == 1, candidates))
+            exchanged.append(ExchangedRecord(customer_id.decode(), created == b"1", candidates))
         return MatchState(model_state, int(records), int(pairs)), exchanged
 
     def finish_command(

@@ -509,9 +509,10 @@ local FULL = "*"
 # For each record whose event created its customer (no identifier anchored it), finds the stored
 # records sharing a block; then indexes every record under its customer (a suppressed event has
 # no answer and is skipped). Candidates are read before any record of the call is indexed.
-# Answers the model state JSON (or nil), the records and pairs counters, then per record:
-# customer id ("" if skipped), 1 if created else 0, and a flat list: the customer a candidate
-# lives on now, the candidate's records (newline-separated JSON), ...
+# Answers the model state JSON (or nil), the records and pairs counters, and one string: per
+# record (separated by ASCII RS, \30) its fields separated by ASCII US (\31): customer id ("" if
+# skipped), 1 if created else 0, then per candidate the customer it lives on now and its records
+# (JSON arrays, one per line). JSON escapes control characters, so neither separator occurs in it.
 MATCH_EXCHANGE_SCRIPT = MATCH_PRELUDE + r"""
 local max_records = tonumber(ARGV[3])
 cursor = 3
@@ -644,21 +645,20 @@ local function live(id)
   live_of[id] = found
   return found
 end
-local out = {state[1], tonumber(state[2] or "0"), tonumber(state[3] or "0")}
+-- One string, not nested arrays: the client reads a bulk string at once and splits it in C.
+local parts = {}
 for _, entry in ipairs(records) do
-  local flat = {}
+  local fields = {entry.id, entry.created and "1" or "0"}
   for _, id in ipairs(entry.candidates) do
     local blob = before[prefix .. "match:person:" .. id]
     if blob then
-      flat[#flat + 1] = live(id)
-      flat[#flat + 1] = blob
+      fields[#fields + 1] = live(id)
+      fields[#fields + 1] = blob
     end
   end
-  out[#out + 1] = entry.id
-  out[#out + 1] = entry.created and 1 or 0
-  out[#out + 1] = flat
+  parts[#parts + 1] = table.concat(fields, "\31")
 end
-return out
+return {state[1], tonumber(state[2] or "0"), tonumber(state[3] or "0"), table.concat(parts, "\30")}
 """
 
 # KEYS[1]: match:model. What a batch's matching leaves once decided: ARGV[1] prefix, [2] review
