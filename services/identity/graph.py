@@ -35,20 +35,22 @@ from services.identity.scripts import (
     MATCH_FINISH_SCRIPT,
     MATCH_FORGET_SCRIPT,
     MERGE_SCRIPT,
+    RESOLVE_EVENTS_SCRIPT,
     RESOLVE_SCRIPT,
     UNMERGE_SCRIPT,
     script_sha,
 )
 
 RESOLVE_SCRIPT_SHA = script_sha(RESOLVE_SCRIPT)
+RESOLVE_EVENTS_SHA = script_sha(RESOLVE_EVENTS_SCRIPT)
 MERGE_SCRIPT_SHA = script_sha(MERGE_SCRIPT)
 UNMERGE_SCRIPT_SHA = script_sha(UNMERGE_SCRIPT)
 ERASE_SCRIPT_SHA = script_sha(ERASE_SCRIPT)
 MATCH_EXCHANGE_SHA = script_sha(MATCH_EXCHANGE_SCRIPT)
 MATCH_FINISH_SHA = script_sha(MATCH_FINISH_SCRIPT)
 MATCH_FORGET_SHA = script_sha(MATCH_FORGET_SCRIPT)
-_SCRIPTS = {RESOLVE_SCRIPT_SHA: RESOLVE_SCRIPT, MERGE_SCRIPT_SHA: MERGE_SCRIPT, UNMERGE_SCRIPT_SHA: UNMERGE_SCRIPT,
-            ERASE_SCRIPT_SHA: ERASE_SCRIPT}
+_SCRIPTS = {RESOLVE_SCRIPT_SHA: RESOLVE_SCRIPT, RESOLVE_EVENTS_SHA: RESOLVE_EVENTS_SCRIPT,
+            MERGE_SCRIPT_SHA: MERGE_SCRIPT, UNMERGE_SCRIPT_SHA: UNMERGE_SCRIPT, ERASE_SCRIPT_SHA: ERASE_SCRIPT}
 
 Call = tuple[str, list[str], list[str]]  # (script sha, KEYS, ARGV)
 Argument = str | int | bytes
@@ -149,6 +151,26 @@ class IdentityGraph:
     def resolve_call(self, request: ResolutionRequest) -> Call:
         keys, args = script_call(request, self.layout, self.rules, self._event_ttl_s)
         return RESOLVE_SCRIPT_SHA, keys, args
+
+    def resolve_events_command(self, requests: Sequence[ResolutionRequest]) -> tuple[Argument, ...]:
+        """One command resolving several events in order, each as `resolve` would (see RESOLVE_EVENTS_SCRIPT)."""
+        keys: list[str] = []
+        args: list[Argument] = [self.layout.prefix, self.rules.to_json(), "", "0", self._event_ttl_s]
+        for request in requests:
+            event_keys, event_args = script_call(request, self.layout, self.rules, self._event_ttl_s)
+            keys.extend(event_keys)
+            refs = event_args[6:]
+            args.extend((event_args[2], event_args[3], event_args[5], len(refs), *refs))
+        return evalsha(RESOLVE_EVENTS_SHA, keys, args)
+
+    @staticmethod
+    def parse_events_answer(answer: object) -> list[Resolution]:
+        """Read the answer of `resolve_events_command`; an error answer is raised."""
+        if isinstance(answer, Exception):
+            raise answer
+        if not isinstance(answer, bytes):
+            raise TypeError(f"graph script answered {type(answer).__name__}, expected text")
+        return [parse_resolution(one) for one in answer.split(b"\x1e")]
 
     async def resolve(self, requests: Sequence[ResolutionRequest]) -> list[Resolution]:
         """Resolve each request in order; the answers are in the same order."""

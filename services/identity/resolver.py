@@ -119,8 +119,8 @@ class IdentityResolver:
     """Resolve a batch in order; with matching on, link the records no identifier anchored.
 
     Without matching: one pipelined round trip. With it, the batch goes in chunks over one
-    connection: a chunk's resolve calls and one person-index call (candidates, then indexing),
-    then its merges once Python decided them, while Redis already works on the next chunks;
+    connection: one call resolving a chunk's events and one person-index call (candidates, then
+    indexing), then its merges once Python decided them, while Redis already works on the next chunks;
     one more call per batch records its patterns and counters (and, when due, the refitted
     model). Decisions use the model as it was when the batch began.
     """
@@ -203,14 +203,12 @@ class IdentityResolver:
         return self._with_matches(batch)
 
     def _chunk_commands(self, batch: _Batch, chunk: range) -> list[tuple[Any, ...]]:
-        """A chunk's resolve calls, then one person-index call for those of its events with attributes."""
+        """One call resolving a chunk's events, then one person-index call for those with attributes."""
         assert self.persons is not None
-        commands: list[tuple[Any, ...]] = []
+        commands = [self.graph.resolve_events_command([batch.items[n].request for n in chunk])]
         records = []
         for n in chunk:
             item = batch.items[n]
-            sha, keys, args = self.graph.resolve_call(item.request)
-            commands.append(("EVALSHA", sha, len(keys), *keys, *args))
             if item.person is not None:
                 batch.keys[n] = tuple(blocking_keys(item.person))
                 batch.digests[n] = tuple(self.persons.block_digest(k) for k in batch.keys[n])
@@ -222,8 +220,8 @@ class IdentityResolver:
     def _match_chunk(self, batch: _Batch, chunk: range, answers: Sequence[object]) -> list[_Link]:
         """Read a chunk's answers, compare its new records, and decide them (or leave them pending)."""
         assert self.persons is not None
-        for n, answer in zip(chunk, answers, strict=False):
-            batch.resolutions[n] = parse_answer(answer)
+        for n, answer in zip(chunk, self.graph.parse_events_answer(answers[0]), strict=True):
+            batch.resolutions[n] = answer
         people = [n for n in chunk if n in batch.digests]
         if not people:
             return []
@@ -234,8 +232,7 @@ class IdentityResolver:
             batch.scorer = self._scorer
         new_records = []
         for n, seen in zip(people, exchanged, strict=True):
-            resolution = batch.resolutions[n]
-            assert resolution is not None
+            resolution = self._resolution(batch, n)
             if resolution.suppressed or not seen.customer_id:
                 continue
             person = batch.items[n].person
@@ -245,8 +242,7 @@ class IdentityResolver:
         comparison = batch.comparer.compare([record for _, record in new_records])
         links: list[_Link] = []
         for (n, record), pairs in zip(new_records, comparison.pairs, strict=True):
-            resolution = batch.resolutions[n]
-            assert resolution is not None
+            resolution = self._resolution(batch, n)
             request = batch.items[n].request
             if not resolution.replayed:
                 batch.new_records += 1

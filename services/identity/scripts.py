@@ -727,6 +727,33 @@ return changed
 """
 
 RESOLVE_SCRIPT = PRELUDE + RESOLVE_BODY
+# Several events in one call, each exactly as RESOLVE_SCRIPT resolves it, in order: the body runs
+# once per event with that event's KEYS and ARGV. KEYS: every event's identifier keys, in order.
+# ARGV[1] prefix, [2] rules, [3] and [4] unused, [5] ttl_s, then per event: op id, time_ms, new
+# customer id candidate, the number of its identifiers, the refs. Answers the events' answers
+# (JSON) separated by ASCII RS (\30): one string to read, not one answer per event.
+RESOLVE_EVENTS_SCRIPT = PRELUDE + """
+local function resolve_event(KEYS, ARGV)
+""" + RESOLVE_BODY + r"""
+end
+local answers = {}
+local key_at, cursor = 0, 5
+while cursor < #ARGV do
+  local event_op, event_time, candidate, refs = ARGV[cursor + 1], ARGV[cursor + 2], ARGV[cursor + 3],
+    tonumber(ARGV[cursor + 4])
+  local keys, argv = {}, {prefix, ARGV[2], event_op, event_time, ttl, candidate}
+  for i = 1, refs do
+    keys[i] = KEYS[key_at + i]
+    argv[6 + i] = ARGV[cursor + 4 + i]
+  end
+  key_at = key_at + refs
+  cursor = cursor + 4 + refs
+  -- The prelude's functions read the event's op id and time from these.
+  op_id, now_s, now = event_op, event_time, tonumber(event_time)
+  answers[#answers + 1] = resolve_event(keys, argv)
+end
+return table.concat(answers, "\30")
+"""
 MERGE_SCRIPT = PRELUDE + MERGE_BODY
 UNMERGE_SCRIPT = PRELUDE + UNMERGE_BODY
 ERASE_SCRIPT = PRELUDE + ERASE_BODY

@@ -6,7 +6,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from services.identity.domain import GraphLayout, GraphRules, new_customer_id
-from services.identity.graph import IdentityGraph
+from services.identity.graph import IdentityGraph, run_commands
 from tests.identity_graphs import loaded_graph, request
 from touchstream.identifiers import STRONG_TYPES, Identifier
 
@@ -119,3 +119,22 @@ async def test_a_batch_is_resolved_in_order_and_reloads_a_flushed_script(
 
     assert first.created and not second.created
     assert second.customer_id == first.customer_id
+
+
+async def test_events_resolved_in_one_call_answer_as_one_call_each(redis_client: aioredis.Redis) -> None:
+    """The matching path resolves a chunk of events in one script call: same answers, same graph."""
+    user_1, user_2 = Identifier("user_id", "u1"), Identifier("user_id", "u2")
+    events = [request("m1", 1000, EMAIL_A), request("m2", 2000, PHONE_A, DEVICE),
+              request("m3", 3000, DEVICE, EMAIL_A), request("m4", 500, EMAIL_B, PHONE_A),
+              request("m5", 4000, user_1, EMAIL_B), request("m6", 4500, user_2, EMAIL_A), request("m2", 2000, PHONE_A)]
+    one_by_one = await loaded_graph(redis_client, GraphLayout("test:each:{graph}:"), RULES)
+    together = await loaded_graph(redis_client, GraphLayout("test:chunk:{graph}:"), RULES)
+
+    each = await one_by_one.resolve(events)
+    [answer] = await run_commands(redis_client, [together.resolve_events_command(events)])
+    chunked = together.parse_events_answer(answer)
+
+    assert chunked == each
+    assert any(r.merges for r in each) and any(r.refused for r in each) and each[-1].replayed
+    assert sorted(k.replace(b"chunk", b"each") for k in await redis_client.keys("test:chunk:*")) == sorted(
+        await redis_client.keys("test:each:*"))
