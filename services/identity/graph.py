@@ -34,23 +34,25 @@ from services.identity.scripts import (
     MATCH_EXCHANGE_SCRIPT,
     MATCH_FINISH_SCRIPT,
     MATCH_FORGET_SCRIPT,
+    MERGE_MANY_SCRIPT,
     MERGE_SCRIPT,
-    RESOLVE_EVENTS_SCRIPT,
+    RESOLVE_MANY_SCRIPT,
     RESOLVE_SCRIPT,
     UNMERGE_SCRIPT,
     script_sha,
 )
 
 RESOLVE_SCRIPT_SHA = script_sha(RESOLVE_SCRIPT)
-RESOLVE_EVENTS_SHA = script_sha(RESOLVE_EVENTS_SCRIPT)
+RESOLVE_MANY_SHA = script_sha(RESOLVE_MANY_SCRIPT)
+MERGE_MANY_SHA = script_sha(MERGE_MANY_SCRIPT)
 MERGE_SCRIPT_SHA = script_sha(MERGE_SCRIPT)
 UNMERGE_SCRIPT_SHA = script_sha(UNMERGE_SCRIPT)
 ERASE_SCRIPT_SHA = script_sha(ERASE_SCRIPT)
 MATCH_EXCHANGE_SHA = script_sha(MATCH_EXCHANGE_SCRIPT)
 MATCH_FINISH_SHA = script_sha(MATCH_FINISH_SCRIPT)
 MATCH_FORGET_SHA = script_sha(MATCH_FORGET_SCRIPT)
-_SCRIPTS = {RESOLVE_SCRIPT_SHA: RESOLVE_SCRIPT, RESOLVE_EVENTS_SHA: RESOLVE_EVENTS_SCRIPT,
-            MERGE_SCRIPT_SHA: MERGE_SCRIPT, UNMERGE_SCRIPT_SHA: UNMERGE_SCRIPT, ERASE_SCRIPT_SHA: ERASE_SCRIPT}
+_SCRIPTS = {RESOLVE_SCRIPT_SHA: RESOLVE_SCRIPT, MERGE_SCRIPT_SHA: MERGE_SCRIPT, UNMERGE_SCRIPT_SHA: UNMERGE_SCRIPT,
+            ERASE_SCRIPT_SHA: ERASE_SCRIPT, RESOLVE_MANY_SHA: RESOLVE_MANY_SCRIPT, MERGE_MANY_SHA: MERGE_MANY_SCRIPT}
 
 Call = tuple[str, list[str], list[str]]  # (script sha, KEYS, ARGV)
 Argument = str | int | bytes
@@ -152,25 +154,37 @@ class IdentityGraph:
         keys, args = script_call(request, self.layout, self.rules, self._event_ttl_s)
         return RESOLVE_SCRIPT_SHA, keys, args
 
-    def resolve_events_command(self, requests: Sequence[ResolutionRequest]) -> tuple[Argument, ...]:
-        """One command resolving several events in order, each as `resolve` would (see RESOLVE_EVENTS_SCRIPT)."""
+    def resolve_many_command(self, requests: Sequence[ResolutionRequest]) -> tuple[Argument, ...]:
+        """One command resolving several events in order, each as `resolve` would (see `script_for_many`)."""
+        return self._many(RESOLVE_MANY_SHA, [script_call(r, self.layout, self.rules, self._event_ttl_s)
+                                             for r in requests])
+
+    def merge_many_command(
+        self, merges: Sequence[tuple[str, int, tuple[str, str], str, float | None]]
+    ) -> tuple[Argument, ...]:
+        """One command making several merges (op id, time, customers, reason, score) in order."""
+        return self._many(MERGE_MANY_SHA, [
+            ([self.layout.customer_key(customers[0])],
+             merge_call(op_id, time_ms, customers, reason, score, self.layout, self.rules, self._event_ttl_s))
+            for op_id, time_ms, customers, reason, score in merges])
+
+    def _many(self, sha: str, calls: Sequence[tuple[list[str], list[str]]]) -> tuple[Argument, ...]:
         keys: list[str] = []
         args: list[Argument] = [self.layout.prefix, self.rules.to_json(), "", "0", self._event_ttl_s]
-        for request in requests:
-            event_keys, event_args = script_call(request, self.layout, self.rules, self._event_ttl_s)
-            keys.extend(event_keys)
-            refs = event_args[6:]
-            args.extend((event_args[2], event_args[3], event_args[5], len(refs), *refs))
-        return evalsha(RESOLVE_EVENTS_SHA, keys, args)
+        for call_keys, call_args in calls:
+            # Every call's ARGV starts with prefix, rules, op id, time, ttl (domain._common_args).
+            keys.extend(call_keys)
+            args.extend((call_args[2], call_args[3], len(call_keys), len(call_args) - 5, *call_args[5:]))
+        return evalsha(sha, keys, args)
 
     @staticmethod
-    def parse_events_answer(answer: object) -> list[Resolution]:
-        """Read the answer of `resolve_events_command`; an error answer is raised."""
+    def parse_many_answer(answer: object) -> list[Resolution]:
+        """Read the answer of a `..._many_command`; an error answer is raised."""
         if isinstance(answer, Exception):
             raise answer
         if not isinstance(answer, bytes):
             raise TypeError(f"graph script answered {type(answer).__name__}, expected text")
-        return [parse_resolution(one) for one in answer.split(b"\x1e")]
+        return [parse_resolution(one) for one in answer.split(b"\x1e")] if answer else []
 
     async def resolve(self, requests: Sequence[ResolutionRequest]) -> list[Resolution]:
         """Resolve each request in order; the answers are in the same order."""
@@ -184,13 +198,6 @@ class IdentityGraph:
         # The one KEY routes the call on Redis Cluster; every key it touches shares its hash tag.
         [answer] = await self.run([(MERGE_SCRIPT_SHA, [self.layout.customer_key(customers[0])], args)])
         return answer
-
-    def merge_command(self, op_id: str, time_ms: int, customers: tuple[str, str], reason: str,
-                      score: float | None) -> tuple[Argument, ...]:
-        """The command merging two customers (whatever they were merged into since), for a pipeline."""
-        # The one KEY routes the call on Redis Cluster; every key it touches shares its hash tag.
-        return evalsha(MERGE_SCRIPT_SHA, [self.layout.customer_key(customers[0])],
-                       merge_call(op_id, time_ms, customers, reason, score, self.layout, self.rules, self._event_ttl_s))
 
     async def unmerge(
         self, op_id: str, time_ms: int, customer_id: str, identifiers: Sequence[Identifier], reason: str

@@ -23,7 +23,6 @@ from services.identity.graph import (
     MatchState,
     PersonIndex,
     PossibleMatchEntry,
-    parse_answer,
     run_commands,
 )
 from services.identity.linking import BatchComparer, CandidatePair, NewRecord, decide_record
@@ -189,13 +188,12 @@ class IdentityResolver:
                 if any(isinstance(a, NoScriptError) for a in answers):
                     raise _ScriptsMissing
                 if kind == "merges":
-                    batch.merge_answers.extend(parse_answer(a) for a in answers)
+                    batch.merge_answers.extend(self.graph.parse_many_answer(answers[0]))
                     continue
                 links = self._match_chunk(batch, payload, answers)
-                merges = [self.graph.merge_command(link.op_id, link.time_ms, link.customers,
-                                                   MERGE_REASON_PROBABILISTIC, link.weight) for link in links]
-                await channel.send(merges)
-                queue.append(("merges", None, len(merges)))
+                if links:
+                    await channel.send([self._merges_command(links)])
+                    queue.append(("merges", None, 1))
                 upcoming = next(following, None)
                 if upcoming is not None:
                     await send_chunk(upcoming)
@@ -205,7 +203,7 @@ class IdentityResolver:
     def _chunk_commands(self, batch: _Batch, chunk: range) -> list[tuple[Any, ...]]:
         """One call resolving a chunk's events, then one person-index call for those with attributes."""
         assert self.persons is not None
-        commands = [self.graph.resolve_events_command([batch.items[n].request for n in chunk])]
+        commands = [self.graph.resolve_many_command([batch.items[n].request for n in chunk])]
         records = []
         for n in chunk:
             item = batch.items[n]
@@ -220,7 +218,7 @@ class IdentityResolver:
     def _match_chunk(self, batch: _Batch, chunk: range, answers: Sequence[object]) -> list[_Link]:
         """Read a chunk's answers, compare its new records, and decide them (or leave them pending)."""
         assert self.persons is not None
-        for n, answer in zip(chunk, self.graph.parse_events_answer(answers[0]), strict=True):
+        for n, answer in zip(chunk, self.graph.parse_many_answer(answers[0]), strict=True):
             batch.resolutions[n] = answer
         people = [n for n in chunk if n in batch.digests]
         if not people:
@@ -301,15 +299,18 @@ class IdentityResolver:
              for n, own, match in batch.possible if n is None or not self._resolution(batch, n).replayed],
             state_to_store, [] if batch.drop_pending else batch.pending, self.match.window_records,
             batch.drop_pending)
-        merges = [self.graph.merge_command(link.op_id, link.time_ms, link.customers, MERGE_REASON_PROBABILISTIC,
-                                           link.weight) for link in late]
-        answers = await run_commands(self.graph.client, [*merges, finish])
+        answers = await run_commands(self.graph.client, [*([self._merges_command(late)] if late else []), finish])
         if any(isinstance(a, NoScriptError) for a in answers):
             raise _ScriptsMissing
         if isinstance(answers[-1], Exception):
             raise answers[-1]
-        batch.links.extend(late)
-        batch.merge_answers.extend(parse_answer(a) for a in answers[:-1])
+        if late:
+            batch.links.extend(late)
+            batch.merge_answers.extend(self.graph.parse_many_answer(answers[0]))
+
+    def _merges_command(self, links: Sequence[_Link]) -> tuple[Any, ...]:
+        return self.graph.merge_many_command([(link.op_id, link.time_ms, link.customers, MERGE_REASON_PROBABILISTIC,
+                                               link.weight) for link in links])
 
     async def _decide_pending(self, batch: _Batch) -> list[_Link]:
         """Decide the pairs compared before there was a usable model (this batch's too), oldest first."""

@@ -727,36 +727,45 @@ return changed
 """
 
 RESOLVE_SCRIPT = PRELUDE + RESOLVE_BODY
-# Several events in one call, each exactly as RESOLVE_SCRIPT resolves it, in order: the body runs
-# once per event with that event's KEYS and ARGV. KEYS: every event's identifier keys, in order.
-# ARGV[1] prefix, [2] rules, [3] and [4] unused, [5] ttl_s, then per event: op id, time_ms, new
-# customer id candidate, the number of its identifiers, the refs. Answers the events' answers
-# (JSON) separated by ASCII RS (\30): one string to read, not one answer per event.
-RESOLVE_EVENTS_SCRIPT = PRELUDE + """
-local function resolve_event(KEYS, ARGV)
-""" + RESOLVE_BODY + r"""
+MERGE_SCRIPT = PRELUDE + MERGE_BODY
+UNMERGE_SCRIPT = PRELUDE + UNMERGE_BODY
+ERASE_SCRIPT = PRELUDE + ERASE_BODY
+
+
+def script_for_many(body: str) -> str:
+    """Return a script running `body` (after the prelude) once per operation of a call, in order.
+
+    Each operation runs exactly as the one-operation script would, with its own KEYS and ARGV:
+    one call and one answer for a chunk of operations instead of one per operation. KEYS: every
+    operation's keys, in order. ARGV[1] prefix, [2] rules, [3] and [4] unused, [5] ttl_s, then per
+    operation: op id, time_ms, its number of KEYS, its number of own ARGV (those after the five
+    common ones), its own ARGV. Answers the operations' answers (JSON) separated by ASCII RS (\\30).
+    """
+    return PRELUDE + """
+local function run_one(KEYS, ARGV)
+""" + body + r"""
 end
 local answers = {}
 local key_at, cursor = 0, 5
 while cursor < #ARGV do
-  local event_op, event_time, candidate, refs = ARGV[cursor + 1], ARGV[cursor + 2], ARGV[cursor + 3],
-    tonumber(ARGV[cursor + 4])
-  local keys, argv = {}, {prefix, ARGV[2], event_op, event_time, ttl, candidate}
-  for i = 1, refs do
-    keys[i] = KEYS[key_at + i]
-    argv[6 + i] = ARGV[cursor + 4 + i]
-  end
-  key_at = key_at + refs
-  cursor = cursor + 4 + refs
-  -- The prelude's functions read the event's op id and time from these.
-  op_id, now_s, now = event_op, event_time, tonumber(event_time)
-  answers[#answers + 1] = resolve_event(keys, argv)
+  local operation, time_ms = ARGV[cursor + 1], ARGV[cursor + 2]
+  local key_count, arg_count = tonumber(ARGV[cursor + 3]), tonumber(ARGV[cursor + 4])
+  local keys, argv = {}, {prefix, ARGV[2], operation, time_ms, ttl}
+  for i = 1, key_count do keys[i] = KEYS[key_at + i] end
+  for i = 1, arg_count do argv[5 + i] = ARGV[cursor + 4 + i] end
+  key_at = key_at + key_count
+  cursor = cursor + 4 + arg_count
+  -- The prelude's functions read the operation's id and time from these.
+  op_id, now_s, now = operation, time_ms, tonumber(time_ms)
+  answers[#answers + 1] = run_one(keys, argv)
 end
 return table.concat(answers, "\30")
 """
-MERGE_SCRIPT = PRELUDE + MERGE_BODY
-UNMERGE_SCRIPT = PRELUDE + UNMERGE_BODY
-ERASE_SCRIPT = PRELUDE + ERASE_BODY
+
+
+# The matching path resolves a chunk's events, and makes a chunk's merges, in one call each.
+RESOLVE_MANY_SCRIPT = script_for_many(RESOLVE_BODY)
+MERGE_MANY_SCRIPT = script_for_many(MERGE_BODY)
 
 
 def script_sha(script: str) -> str:
