@@ -316,6 +316,7 @@ class MatchState:
     model_state: bytes | None
     records: int
     pairs: int
+    pending: int = 0  # pairs waiting for a usable model
 
 
 @dataclass(frozen=True)
@@ -378,7 +379,7 @@ class PersonIndex:
         if isinstance(answer, Exception):
             raise answer
         assert isinstance(answer, list)
-        model_state, records, pairs, body = answer
+        model_state, records, pairs, pending, body = answer
         exchanged = []
         for part in body.split(b"\x1e") if body else ():
             customer_id, created, *flat = part.split(b"\x1f")
@@ -391,7 +392,7 @@ class PersonIndex:
                 candidate = flat[k].decode()
                 candidates.extend((candidate, person) for person in people)
             exchanged.append(ExchangedRecord(customer_id.decode(), created == b"1", candidates))
-        return MatchState(model_state, int(records), int(pairs)), exchanged
+        return MatchState(model_state, int(records), int(pairs), int(pending)), exchanged
 
     def finish_command(
         self, patterns: Mapping[str, int], chunk: int, new_records: int, new_pairs: int,

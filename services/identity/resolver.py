@@ -285,11 +285,12 @@ class IdentityResolver:
         late: list[_Link] = []
         if batch.new_pairs and refit_due(self._state, records, pairs, self.match.refit_growth,
                                          self.match.refit_every_records, self.match.min_pairs_to_fit):
-            had_model = self._state.model is not None
             state_to_store = await self._refit(batch.state.records, records, pairs, batch.patterns)
-            if not had_model and self._scorer is not None:
-                batch.scorer = self._scorer
-                late = await self._decide_pending(batch)
+        # Pairs wait while no model is usable; the first batch to finish with one decides them (another
+        # worker may have left some after the first usable fit was made).
+        if self._scorer is not None and (batch.pending or batch.state.pending):
+            batch.scorer = self._scorer
+            late = await self._decide_pending(batch)
         if self._observer is not None:
             self._observer.count_comparisons(batch.new_pairs, batch.household)
         finish = self.persons.finish_command(

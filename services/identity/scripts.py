@@ -509,7 +509,8 @@ local FULL = "*"
 # For each record whose event created its customer (no identifier anchored it), finds the stored
 # records sharing a block; then indexes every record under its customer (a suppressed event has
 # no answer and is skipped). Candidates are read before any record of the call is indexed.
-# Answers the model state JSON (or nil), the records and pairs counters, and one string: per
+# Answers the model state JSON (or nil), the records and pairs counters, the pending pairs' count,
+# and one string: per
 # record (separated by ASCII RS, \30) its fields separated by ASCII US (\31): customer id ("" if
 # skipped), 1 if created else 0, then per candidate the customer it lives on now and its records
 # (JSON arrays, one per line). JSON escapes control characters, so neither separator occurs in it.
@@ -517,6 +518,7 @@ MATCH_EXCHANGE_SCRIPT = MATCH_PRELUDE + r"""
 local max_records = tonumber(ARGV[3])
 cursor = 3
 local state = redis.call("MGET", KEYS[1], prefix .. "match:records", prefix .. "match:pairs")
+local waiting = redis.call("LLEN", prefix .. "match:pending")
 local records, digests = {}, {}
 while cursor < #ARGV do
   local op_id, record, n = take(), take(), tonumber(take())
@@ -658,7 +660,7 @@ for _, entry in ipairs(records) do
   end
   parts[#parts + 1] = table.concat(fields, "\31")
 end
-return {state[1], tonumber(state[2] or "0"), tonumber(state[3] or "0"), table.concat(parts, "\30")}
+return {state[1], tonumber(state[2] or "0"), tonumber(state[3] or "0"), waiting, table.concat(parts, "\30")}
 """
 
 # KEYS[1]: match:model. What a batch's matching leaves once decided: ARGV[1] prefix, [2] review

@@ -75,6 +75,22 @@ async def test_no_merge_is_made_before_a_model_was_fitted(redis_client: aioredis
     assert await redis_client.llen(LAYOUT.match_key("pending")) == 0
 
 
+async def test_pairs_left_pending_by_one_worker_are_decided_by_the_next_batch_with_a_model(
+        redis_client: aioredis.Redis) -> None:
+    first = await resolver(redis_client).resolve([item("crm-1", 1000, ("crm_id", "A1"), ANN),
+                                                  item("pos-1", 2000, ("pos_id", "B7"), ANN_TYPO)])
+    assert first[0].customer_id != first[1].customer_id  # no model yet: the pair waits
+    await seed_model(redis_client)  # another worker fitted one
+
+    [other] = await resolver(redis_client).resolve([item("crm-2", 3000, ("crm_id", "A2"), {**ANN_MOVED, **{
+        "first_name": "Bob", "birthday": "1970-03-05"}})])
+
+    assert [m.merged_id for m in other.merges] == [first[1].customer_id]  # announced with that batch
+    assert other.customer_id != first[0].customer_id  # whose own customer it leaves alone
+    assert await _live(redis_client, first[1].customer_id) == first[0].customer_id
+    assert await redis_client.llen(LAYOUT.match_key("pending")) == 0
+
+
 async def test_the_model_is_learned_from_the_stream_and_links_its_duplicates(redis_client: aioredis.Redis) -> None:
     rng = random.Random(7)
 
