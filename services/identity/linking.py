@@ -1,11 +1,10 @@
-"""From candidates to decisions, one batch at a time, without I/O: compare, then link, hold for review or leave.
+"""From candidates to decisions, without I/O: compare, then link, hold for review or leave.
 
-A batch is matched in two passes. The first compares every new record with the stored records
-sharing a blocking key and with the earlier records of the same batch, giving each candidate
-pair's comparison pattern; the patterns feed the model (it may be refitted on them before any
-decision). The second decides with the model: a record links to every customer one of whose
-records it matches (transitive linking: one record matching two customers joins them), and a
-pair the model finds plausible but not likely is a possible match, kept for review.
+Every new record is compared with the stored records sharing a blocking key and with the
+earlier records of its batch, giving each candidate pair's comparison pattern (the patterns
+also feed the model's next fit). Then the model decides: a record links to every customer one
+of whose records it matches (transitive linking: one record matching two customers joins them),
+and a customer the model finds plausible but not likely is a possible match, kept for review.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from services.identity.match_model import PatternScorer
-from services.identity.matching import Pattern, PersonAttributes, blocking_keys, compare_people, is_household_pattern
+from services.identity.matching import Pattern, PersonAttributes, compare_people, is_household_pattern
 
 
 @dataclass(frozen=True)
@@ -104,6 +103,7 @@ class BatchComparer:
 def compare_batch(records: Sequence[NewRecord]) -> BatchComparison:
     """Compare each matchable record with its stored candidates and the earlier records of the batch, in order.
 
+    >>> from services.identity.matching import blocking_keys
     >>> ann = PersonAttributes("ann", "lee", "19900102", postcode="2600")
     >>> bob = PersonAttributes("bob", "ng", "19700305", postcode="2000")
     >>> batch = [NewRecord("c1", ann, tuple(blocking_keys(ann))), NewRecord("c2", bob, tuple(blocking_keys(bob))),
@@ -142,6 +142,3 @@ def decide_record(pairs: Iterable[CandidatePair], scorer: PatternScorer, match_p
         household_refused=household,
     )
 
-
-def record_keys(person: PersonAttributes) -> tuple[str, ...]:
-    return tuple(blocking_keys(person))
