@@ -251,22 +251,24 @@ class ModelState:
 def refit_due(state: ModelState, records: int, pairs: int, growth: float, every: int, min_pairs: int) -> bool:
     """Say whether to fit the model now that `records` records and `pairs` candidate pairs were seen.
 
-    Without a usable model, a fit is tried on every batch that brought new pairs, once there
-    are `min_pairs` (nothing is merged meanwhile). With one, it is refitted each time the records
-    grew by the factor `growth` since the last try (early fits see little data and change the
-    most) and at least every `every` records (the data can drift).
+    Without a usable model, a fit is tried once there are `min_pairs` pairs, then each time the
+    pairs grew by the factor `growth` since the last try: a stream with no duplicates (every fit
+    implausible) pays for a logarithmic number of fits, and the pairs compared meanwhile wait to
+    be decided. With a usable model, it is refitted each time the records grew by `growth` since
+    the last try (early fits see little data and change the most) and at least every `every`
+    records (the data can drift).
 
     >>> refit_due(ModelState(), 300, 40, 2.0, 50_000, 45), refit_due(ModelState(), 300, 45, 2.0, 50_000, 45)
     (False, True)
     >>> tried = ModelState(tried_at_records=300, tried_at_pairs=45)
-    >>> refit_due(tried, 400, 45, 2.0, 50_000, 45), refit_due(tried, 400, 46, 2.0, 50_000, 45)
+    >>> refit_due(tried, 400, 89, 2.0, 50_000, 45), refit_due(tried, 400, 90, 2.0, 50_000, 45)
     (False, True)
     >>> fitted = ModelState(MatchModel(0.1, ((0.5, 0.5),), ((0.5, 0.5),)), tried_at_records=1000)
     >>> refit_due(fitted, 1999, 10**6, 2.0, 50_000, 45), refit_due(fitted, 2000, 10**6, 2.0, 50_000, 45)
     (False, True)
     """
     if state.model is None:
-        return pairs >= min_pairs and pairs > state.tried_at_pairs
+        return pairs >= max(min_pairs, state.tried_at_pairs * growth)
     last = state.tried_at_records
     return records >= min(last * growth, last + every)
 
