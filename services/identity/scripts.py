@@ -538,14 +538,18 @@ while cursor < #ARGV do
 end
 
 local values, by_bucket = read_blocks(digests)
-local ids_of = {}
+local ids_of, none = {}, {}
 local function ids(digest)
   local found = ids_of[digest]
   if found then return found end
-  found = {}
-  -- A key shared by more than max_block customers says too little to compare them all.
   local value = values[digest]
-  if value and value ~= FULL then
+  -- A key shared by more than max_block customers says too little to compare them all.
+  if not value or value == FULL then
+    found = none
+  elseif not string.find(value, " ", 1, true) then
+    found = {value}  -- most blocks hold one customer
+  else
+    found = {}
     for id in string.gmatch(value, "%S+") do found[#found + 1] = id end
   end
   ids_of[digest] = found
