@@ -18,7 +18,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.identity.admin import is_admin
-from services.identity.customer360 import find_customer, read_customer
+from services.identity.customer360 import find_customer, read_customer, read_review
 from services.identity.domain import (
     MERGE_REASON_OPERATOR,
     Erasure,
@@ -234,8 +234,9 @@ def build_app(
     persons = PersonIndex(client, layout, hash_key, settings.matching.max_block_size)
     readiness = Readiness("partitions_assigned", "script_loaded")
     kernel: StreamKernel
-    resolver = TouchpointResolver(IdentityResolver(graph, persons, settings.matching), metrics, settings, hash_key,
-                                  outbox=lambda: kernel.outbox(), event_time_tolerance_s=core.event_time_tolerance_s)
+    resolver = TouchpointResolver(IdentityResolver(graph, persons, settings.matching, observer=metrics), metrics,
+                                  settings, hash_key, outbox=lambda: kernel.outbox(),
+                                  event_time_tolerance_s=core.event_time_tolerance_s)
     kernel = StreamKernel(STAGE, core, [Consumes((TOUCHPOINTS_RAW,), resolver.resolve_batch)], metrics.service,
                           readiness)
 
@@ -436,6 +437,31 @@ def add_customer_pages(app: faust.App, resolver: TouchpointResolver, layout: Gra
             except FieldError as exc:
                 return field_error(self, exc)
             return await erase_answer(self, customer_id, request_id)
+
+    @app.page("/v1/matching/review")
+    class MatchReviewView(View):
+        """The latest possible matches (plausible, not merged), for an operator to look at."""
+
+        async def get(self, request: Request) -> Response:
+            if refused(request):
+                return self.error(401, "admin key required", headers={"WWW-Authenticate": "Bearer"})
+            try:
+                limit = min(max(int(request.query.get("limit", "100")), 1), 1000)
+            except ValueError:
+                return self.error(400, "limit must be a whole number")
+            return self.json({"possible_matches": await read_review(client, layout, limit)})
+
+    @app.page("/v1/matching/model")
+    class MatchModelView(View):
+        """The fitted Fellegi-Sunter model in use: m, u and weight per field and level, the prior, the fit."""
+
+        async def get(self, request: Request) -> Response:
+            if refused(request):
+                return self.error(401, "admin key required", headers={"WWW-Authenticate": "Bearer"})
+            persons = resolver.resolver.persons
+            if persons is None:
+                return self.notfound("probabilistic matching is off")
+            return self.json(await persons.describe_model())
 
     @app.page("/v1/customers/{customer_id}/unmerge")
     class UnmergeView(View):
