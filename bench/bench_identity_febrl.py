@@ -75,7 +75,16 @@ from services.identity.matching import MatchSettings
 from services.identity.resolver import EventToResolve, IdentityResolver
 from services.identity.settings import IdentitySettings
 from touchstream import avro
-from touchstream.embedded import ManagedProcess, create_topics, free_port, start_tansu, start_valkey
+from touchstream.embedded import (
+    ManagedProcess,
+    broker_client_env,
+    broker_description,
+    create_topics,
+    embedded_broker_kind,
+    free_port,
+    start_broker,
+    start_valkey,
+)
 from touchstream.identifiers import DEFAULT_BLOCKLIST
 from touchstream.topics import TOUCHPOINTS_RAW, TOUCHPOINTS_RESOLVED
 
@@ -406,11 +415,13 @@ async def through_service(args: argparse.Namespace, redis_url: str, dataset: Dat
                           tmp: Path) -> dict[str, Any]:
     broker_port, web_port = free_port(), free_port()
     bootstrap = f"127.0.0.1:{broker_port}"
-    broker = start_tansu(broker_port, tmp / "broker.log")
+    kind = embedded_broker_kind()
+    broker = start_broker(kind, broker_port, tmp / "kafka", tmp / "broker.log")
     worker = None
     try:
         await create_topics(bootstrap, 2)
-        env = {**os.environ, "TOUCHSTREAM_KAFKA_BOOTSTRAP": bootstrap, "TOUCHSTREAM_REDIS_URL": redis_url,
+        env = {**os.environ, "TOUCHSTREAM_KAFKA_BOOTSTRAP": bootstrap, **broker_client_env(kind),
+               "TOUCHSTREAM_REDIS_URL": redis_url,
                "TOUCHSTREAM_PARTITIONS": "2", "TOUCHSTREAM_PII_HASH_KEY": HASH_KEY.decode(),
                "TOUCHSTREAM_STATE_DIR": str(tmp / "state"), "TOUCHSTREAM_IDENTITY_WEB_PORT": str(web_port),
                "TOUCHSTREAM_BATCH_SIZE": str(args.batch),
@@ -429,6 +440,7 @@ async def through_service(args: argparse.Namespace, redis_url: str, dataset: Dat
         return {"dataset": dataset.name, **scores, "seconds": round(seconds, 2),
                 "records_per_s": round(dataset.records / seconds),
                 "worker_events_per_s_deterministic": round(len(synthetic) / det_seconds),
+                "broker": broker_description(kind),
                 "note": "one worker, 2 partitions, embedded broker + Valkey on loopback, produce-to-resolved wall time"}
     finally:
         if worker is not None:
