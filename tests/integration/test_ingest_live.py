@@ -132,7 +132,7 @@ def test_sdks_see_a_400_as_final_not_as_a_reason_to_retry(live_ingest: str, sdk:
     client.join()
     [error] = errors
     assert (error.status, error.code) == (400, "invalid_request")
-    assert "order.amount" in error.message
+    assert "properties.total" in error.message
     metrics = httpx.get(f"{live_ingest}/metrics").text
     assert 'touchstream_ingest_requests_total{endpoint="batch",status="400"} 1.0' in metrics
 
