@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from touchstream.embedded import BROKER_KINDS, BrokerUnavailable
+from touchstream.event_semantics import EventSemantics, EventSemanticsError, load_event_semantics
 
 DEFAULT_RUN_DIR = Path(".run/local")
 
@@ -39,9 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     receiver_cmd.add_argument("--secret", required=True, help="Standard Webhooks secret (whsec_...)")
     receiver_cmd.add_argument("--journal", type=Path, help="file keeping every delivery across restarts")
 
-    rules_cmd = commands.add_parser("rules", help="retention rule files")
-    rules_cmd.add_argument("action", choices=["validate"])
-    rules_cmd.add_argument("files", type=Path, nargs="+", help="rule files (YAML)")
+    rules_cmd = commands.add_parser("rules", help="retention rule files: validate, backtest")
+    rules_actions = rules_cmd.add_subparsers(dest="action", required=True)
+    validate_cmd = rules_actions.add_parser(
+        "validate", help="check rule files: schema, meaning, and that every event name they compare is known")
+    validate_cmd.add_argument("files", type=Path, nargs="+", help="rule files (YAML)")
+    validate_cmd.add_argument("--events", type=Path, default=None, metavar="SEMANTICS.yaml",
+                              help="event semantics file the names are checked against (default: "
+                                   "TOUCHSTREAM_EVENT_SEMANTICS_FILE, else the built-in table)")
 
     # Listed here for --help; its arguments are parsed by services.ingest.keys.
     commands.add_parser("keys", help="ingest write keys: add SOURCE, revoke SOURCE, list")
@@ -81,9 +87,7 @@ def _run(args: argparse.Namespace) -> int:
             args.summary_json.write_text(json.dumps(summary, indent=2))
         return 0
     if args.command == "rules":
-        from services.triggers.rule_check import validate_files
-
-        return validate_files(args.files, sys.stdout)
+        return _rules(args)
     if args.command == "receiver":
         import uvicorn
 
@@ -93,6 +97,28 @@ def _run(args: argparse.Namespace) -> int:
                     log_level="warning")
         return 0
     return 2
+
+
+def _event_semantics(path: Path | None) -> EventSemantics:
+    """Return the table at `path`, else the one TOUCHSTREAM_EVENT_SEMANTICS_FILE names, else the defaults."""
+    if path is None:
+        from touchstream.settings import CoreSettings
+        from touchstream.startup import settings_or_exit
+
+        path = settings_or_exit("touchstream", CoreSettings).event_semantics_file
+    return load_event_semantics(path)
+
+
+def _rules(args: argparse.Namespace) -> int:
+    try:
+        semantics = _event_semantics(args.events)
+    except EventSemanticsError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    from services.triggers.rule_check import validate_files
+
+    return validate_files(args.files, sys.stdout, semantics)
 
 
 if __name__ == "__main__":
