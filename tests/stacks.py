@@ -27,7 +27,10 @@ def running_stack(run_dir: Path, rules_yaml: str, logs_name: str,
     """Run `local.up` with `rules_yaml` as the triggers' rule file; copy the logs to test-artifacts/`logs_name`."""
     rules = run_dir / "rules.yaml"
     rules.write_text(rules_yaml)
-    env = {"TOUCHSTREAM_TRIGGERS_RULES_FILE": str(rules), **(env_overrides or {})}
+    # Test events carry fixed dates that age with every day the suite exists: act on them however old
+    # (the backfill horizon off) unless a test of the horizon sets it.
+    env = {"TOUCHSTREAM_TRIGGERS_RULES_FILE": str(rules), "TOUCHSTREAM_TRIGGERS_BACKFILL_HORIZON_HOURS": "0",
+           **(env_overrides or {})}
     state = local.up(run_dir, partitions=2, env_overrides=env, progress=False, **up_options)
     try:
         yield state

@@ -86,7 +86,10 @@ def run_demo(run_dir: Path, days_per_second: float, limit: int | None, partition
     calls = list(iter_track_calls(purchases))
     print(f"CDNOW: {len(calls):,} purchases by {len({p.customer for p in purchases}):,} customers, "
           f"{purchases[0].date} .. {purchases[-1].date}")
-    state = local.up(run_dir, partitions=partitions, broker=broker)
+    # CDNOW is 1997: replayed as if it happened now, so the backfill horizon (which keeps webhooks
+    # about history from going out) is off here; `touchstream import` is how real history goes in.
+    state = local.up(run_dir, partitions=partitions, broker=broker,
+                     env_overrides={"TOUCHSTREAM_TRIGGERS_BACKFILL_HORIZON_HOURS": "0"})
     try:
         def show(progress: ReplayProgress) -> None:
             day = datetime.fromtimestamp(progress.event_time_ms / 1000, UTC).date()
