@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -49,6 +50,24 @@ def main(argv: list[str] | None = None) -> int:
                               help="event semantics file the names are checked against (default: "
                                    "TOUCHSTREAM_EVENT_SEMANTICS_FILE, else the built-in table)")
 
+    import_cmd = commands.add_parser(
+        "import", help="send history (CSV or JSON Lines of Segment-shaped events) through ingest, resumably")
+    import_cmd.add_argument("file", type=Path)
+    import_cmd.add_argument("--url", default=os.environ.get("TOUCHSTREAM_IMPORT_URL", "http://127.0.0.1:6066"),
+                            help="ingest's base URL (default: TOUCHSTREAM_IMPORT_URL, else http://127.0.0.1:6066)")
+    import_cmd.add_argument("--write-key", default=os.environ.get("TOUCHSTREAM_IMPORT_WRITE_KEY"),
+                            help="write key of the import's source (default: TOUCHSTREAM_IMPORT_WRITE_KEY); "
+                                 "`touchstream keys add backfill` prints one")
+    import_cmd.add_argument("--format", choices=["csv", "jsonl"], default=None, help="default: from the extension")
+    import_cmd.add_argument("--columns", type=Path, default=None, metavar="MAPPING.yaml",
+                            help="CSV: event field -> column mapping (default: each header names its field)")
+    import_cmd.add_argument("--rate", type=float, default=200.0,
+                            help="events/s sent at most, so live traffic keeps its latency (0: no limit)")
+    import_cmd.add_argument("--batch-size", type=int, default=500, help="events per request (1-2500)")
+    import_cmd.add_argument("--state", type=Path, default=None, help="default: FILE.import-state.json")
+    import_cmd.add_argument("--report", type=Path, default=None, help="default: FILE.import-report.json")
+    import_cmd.add_argument("--restart", action="store_true", help="forget the saved state; start at line 1")
+
     # Listed here for --help; its arguments are parsed by services.ingest.keys.
     commands.add_parser("keys", help="ingest write keys: add SOURCE, revoke SOURCE, list")
     argv = sys.argv[1:] if argv is None else argv
@@ -88,6 +107,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "rules":
         return _rules(args)
+    if args.command == "import":
+        return _import(args)
     if args.command == "receiver":
         import uvicorn
 
@@ -97,6 +118,37 @@ def _run(args: argparse.Namespace) -> int:
                     log_level="warning")
         return 0
     return 2
+
+
+def _import(args: argparse.Namespace) -> int:
+    from services.ingest.backfill import MappingError, parse_column_mapping
+    from services.ingest.importer import ImportOptions, ImportStopped, default_paths, file_format_of, run_import
+
+    if not args.write_key:
+        print("touchstream import: pass --write-key (or set TOUCHSTREAM_IMPORT_WRITE_KEY); "
+              "`touchstream keys add backfill` prints a key for a source of its own", file=sys.stderr)
+        return 2
+    if not 1 <= args.batch_size <= 2500:
+        print("touchstream import: --batch-size must be 1 to 2500 (ingest's max_batch_events)", file=sys.stderr)
+        return 2
+    try:
+        if not args.file.is_file():
+            raise ImportStopped(f"{args.file}: no such file")
+        file_format = file_format_of(args.file, args.format)
+        mapping = None
+        if args.columns is not None:
+            mapping = parse_column_mapping(args.columns.read_text(encoding="utf-8"), str(args.columns))
+    except (ImportStopped, MappingError, OSError) as exc:
+        print(f"touchstream import: {exc}", file=sys.stderr)
+        return 1
+    paths = default_paths(args.file)
+    options = ImportOptions(
+        url=args.url, write_key=args.write_key, file_format=file_format, mapping=mapping,
+        state_path=args.state or paths["state_path"], report_path=args.report or paths["report_path"],
+        refusals_path=(args.state.with_name(args.state.name + ".refused.jsonl") if args.state
+                       else paths["refusals_path"]),
+        batch_events=args.batch_size, events_per_s=args.rate, restart=args.restart)
+    return run_import(args.file, options)
 
 
 def _event_semantics(path: Path | None) -> EventSemantics:
