@@ -50,6 +50,26 @@ def main(argv: list[str] | None = None) -> int:
                               help="event semantics file the names are checked against (default: "
                                    "TOUCHSTREAM_EVENT_SEMANTICS_FILE, else the built-in table)")
 
+    backtest_cmd = rules_actions.add_parser(
+        "backtest", help="replay the score history through a rule file; count what it would have fired (sends "
+                         "nothing)")
+    backtest_cmd.add_argument("file", type=Path, help="rule file (YAML)")
+    backtest_cmd.add_argument("--from", dest="start", default=None, metavar="DATE",
+                              help="count decisions from this UTC date or ISO time on (earlier scores only warm "
+                                   "the rule states up)")
+    backtest_cmd.add_argument("--to", dest="end", default=None, metavar="DATE",
+                              help="up to this UTC date (the whole day) or ISO time (excluded)")
+    backtest_cmd.add_argument("--scores", type=Path, default=None, metavar="SCORES.jsonl",
+                              help="a score history file instead of the scores topic")
+    backtest_cmd.add_argument("--bootstrap", default=None,
+                              help="broker to read the scores topic from (default: TOUCHSTREAM_KAFKA_BOOTSTRAP)")
+    backtest_cmd.add_argument("--save-scores", type=Path, default=None, metavar="SCORES.jsonl",
+                              help="also write the scores read from the topic to this file")
+    backtest_cmd.add_argument("--by", choices=["day", "week"], default="day", help="period of the fired counts")
+    backtest_cmd.add_argument("--json", action="store_true", help="print the report as JSON")
+    backtest_cmd.add_argument("--events", type=Path, default=None, metavar="SEMANTICS.yaml",
+                              help="as for validate: the event names the rules may compare")
+
     import_cmd = commands.add_parser(
         "import", help="send history (CSV or JSON Lines of Segment-shaped events) through ingest, resumably")
     import_cmd.add_argument("file", type=Path)
@@ -168,9 +188,87 @@ def _rules(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return 1
-    from services.triggers.rule_check import validate_files
+    from services.triggers.rule_check import rule_file_problems, validate_files
 
-    return validate_files(args.files, sys.stdout, semantics)
+    if args.action == "validate":
+        return validate_files(args.files, sys.stdout, semantics)
+    # A backtest of a rule file that would not validate would count for rules that cannot run.
+    try:
+        problems = rule_file_problems(args.file.read_text(encoding="utf-8"), str(args.file), semantics)
+    except OSError as exc:
+        problems = [f"{args.file}: cannot read: {exc.strerror or exc}"]
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    return 1 if problems else _backtest(args)
+
+
+def utc_bound_ms(text: str, whole_day: bool = False) -> int:
+    """Return epoch ms of a UTC date (its start, or with `whole_day` the next day's start) or ISO time.
+
+    >>> utc_bound_ms("2026-03-02"), utc_bound_ms("2026-03-02", whole_day=True), utc_bound_ms("2026-03-02T12:00:00Z")
+    (1772409600000, 1772496000000, 1772452800000)
+    """
+    from datetime import UTC, date, datetime, timedelta
+
+    if len(text) == 10:
+        day = date.fromisoformat(text) + timedelta(days=1 if whole_day else 0)
+        return int(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp() * 1000)
+    moment = datetime.fromisoformat(text)
+    return int((moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp() * 1000)
+
+
+def _backtest(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from services.triggers.backtest import backtest, report_text
+    from services.triggers.rules import parse_rule_file
+    from services.triggers.score_history import (
+        ScoreHistoryError,
+        read_score_file,
+        read_scores_topic,
+        score_lines,
+    )
+
+    try:
+        start = None if args.start is None else utc_bound_ms(args.start)
+        end = None if args.end is None else utc_bound_ms(args.end, whole_day=True)
+    except ValueError as exc:
+        print(f"touchstream rules backtest: --from/--to: {exc} (use 2026-03-01 or 2026-03-01T12:00:00Z)",
+              file=sys.stderr)
+        return 2
+    try:
+        if args.scores is not None:
+            history = read_score_file(args.scores)
+            source = str(args.scores)
+        else:
+            from touchstream.settings import CoreSettings
+            from touchstream.startup import settings_or_exit
+
+            bootstrap = args.bootstrap or settings_or_exit("touchstream", CoreSettings).kafka_bootstrap
+            history = asyncio.run(read_scores_topic(bootstrap, keep_records=args.save_scores is not None))
+            source = f"the scores topic on {bootstrap}"
+    except ScoreHistoryError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    except OSError as exc:  # the broker cannot be reached
+        print(f"touchstream rules backtest: cannot read the scores topic: {exc}", file=sys.stderr)
+        return 1
+    if args.save_scores is not None and history.records:
+        args.save_scores.write_text("".join(line + "\n" for line in score_lines(history.records)), encoding="utf-8")
+    rule_set = parse_rule_file(args.file.read_text(encoding="utf-8"), str(args.file))
+    report = backtest(rule_set, history.scores, start, end, args.by)
+    if args.json:
+        print(json.dumps({"rules_file": str(args.file), "source": source, "unreadable_records": history.unreadable,
+                          **report.to_json()}, indent=2))
+    else:
+        print(report_text(report, str(args.file)))
+        print(f"\nscores from {source}" + (f" ({history.unreadable} unreadable records skipped)"
+                                            if history.unreadable else ""))
+        if args.scores is None:
+            print("note: scores is compacted; where the broker has compacted it, only each customer's latest score is "
+                  "left. Keep a history with --save-scores for later backtests.")
+    return 0
 
 
 if __name__ == "__main__":
