@@ -123,6 +123,32 @@ def test_official_sdk_calls_arrive_on_the_raw_topic(live_ingest: str, all_topics
 
 
 @pytest.mark.parametrize("sdk", sorted(SDKS))
+def test_spec_event_names_from_the_sdks_arrive_with_their_meaning(live_ingest: str, all_topics: str, sdk: str) -> None:
+    errors: list[Any] = []
+    client = SDKS[sdk](write_key=WRITE_KEY, host=live_ingest, max_retries=1,
+                       on_error=lambda error, batch: errors.append(error))
+    run = uuid.uuid4().hex[:8]
+    user = f"user-{run}"
+    calls = {
+        "complaint": ("Complaint Submitted", {"text": "Parcel broken", "rating": 1}),
+        "feedback": ("Product Reviewed", {"review_body": "meh", "rating": "2"}),  # the spec's rating is text
+        "refund": ("order_refunded", {"order_id": "o-1", "total": 30, "currency": "EUR"}),
+        "unsubscribe": ("Unsubscribed", {"email_id": "e-1"}),
+    }
+    for kind, (name, properties) in calls.items():
+        client.track(user, name, properties, message_id=f"{sdk}-{run}-{kind}")
+    client.flush()
+    client.join()
+    assert errors == []
+    events = asyncio.run(raw_events(all_topics, {f"{sdk}-{run}-{kind}" for kind in calls}))
+    meaning = {kind: events[f"{sdk}-{run}-{kind}"] for kind in calls}
+    assert meaning["complaint"]["feedback"] == {"kind": "complaint", "text": "Parcel broken", "rating": 1}
+    assert meaning["feedback"]["feedback"] == {"kind": "complaint", "text": "meh", "rating": 2}
+    assert meaning["refund"]["order"]["amount"] == -30.0
+    assert meaning["unsubscribe"]["consent"] == ["-email", "-marketing"]
+
+
+@pytest.mark.parametrize("sdk", sorted(SDKS))
 def test_sdks_see_a_400_as_final_not_as_a_reason_to_retry(live_ingest: str, sdk: str) -> None:
     errors: list[Any] = []
     client = SDKS[sdk](write_key=WRITE_KEY, host=live_ingest, max_retries=3,
