@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -179,3 +180,12 @@ def test_the_defaults_know_the_spec_names_rules_use() -> None:
         row = table.meaning_of(name)
         assert row is not None and row.meaning is meaning, name
     assert table.meaning_of("Something Else") is None
+
+
+def test_the_shipped_example_file_is_valid_and_means_what_its_comments_say() -> None:
+    path = Path(__file__).resolve().parents[3] / "deploy" / "events" / "example.yaml"
+    table = load_event_semantics(path)
+    assert track("NPS Answered", {"score": 6}, table)["feedback"]["kind"] == "complaint"
+    assert track("Order Cancelled", {"grand_total": 25}, table)["order"]["amount"] == -25.0
+    assert consent_update(("sms", "email"), track("SMS Opt Out", {}, table)["consent"]) == ("email",)
+    assert table.meaning_of("Order Completed").meaning is Meaning.ORDER  # the defaults stay
