@@ -19,10 +19,8 @@ import pytest
 
 from services.ingest.backfill import parse_column_mapping
 from services.ingest.importer import ImportOptions, default_paths, run_import
-from services.ingest.settings import hash_write_key
 from tests.kafka_reading import collect
-from tests.stacks import REPO, running_ingest
-from touchstream.embedded import free_port
+from tests.stacks import REPO, running_ingest_for
 from touchstream.topics import TOUCHPOINTS_RAW
 
 pytestmark = pytest.mark.integration
@@ -31,16 +29,7 @@ WRITE_KEY = "backfill-test-key"
 
 @pytest.fixture
 def live_ingest(all_topics: str, redis_url: str, artifacts_dir: Path) -> Iterator[str]:
-    port = free_port()
-    settings = {
-        "TOUCHSTREAM_KAFKA_BOOTSTRAP": all_topics,
-        "TOUCHSTREAM_REDIS_URL": redis_url,
-        "TOUCHSTREAM_PARTITIONS": "2",
-        "TOUCHSTREAM_INGEST_PORT": str(port),
-        "TOUCHSTREAM_INGEST_WRITE_KEYS": json.dumps({"backfill": hash_write_key(WRITE_KEY)}),
-        "TOUCHSTREAM_INGEST_RATE_LIMIT_EVENTS_PER_S": "100000",
-    }
-    with running_ingest(settings, artifacts_dir / "ingest-import.log") as url:
+    with running_ingest_for(all_topics, redis_url, {"backfill": WRITE_KEY}, artifacts_dir / "ingest-import.log") as url:
         yield url
 
 

@@ -31,10 +31,8 @@ from schemathesis.specs.openapi.checks import (
 )
 from segment.analytics.client import Client as SegmentClient
 
-from services.ingest.settings import hash_write_key
-from tests.stacks import running_ingest
+from tests.stacks import running_ingest_for
 from touchstream import avro
-from touchstream.embedded import free_port
 from touchstream.topics import TOUCHPOINTS_RAW
 
 pytestmark = pytest.mark.integration
@@ -44,16 +42,7 @@ WRITE_KEY = "live-test-key"
 @pytest.fixture
 def live_ingest(all_topics: str, redis_url: str, artifacts_dir: Path) -> Iterator[str]:
     """Run `python -m services.ingest` on a free port; yield its base URL."""
-    port = free_port()
-    settings = {
-        "TOUCHSTREAM_KAFKA_BOOTSTRAP": all_topics,
-        "TOUCHSTREAM_REDIS_URL": redis_url,
-        "TOUCHSTREAM_PARTITIONS": "2",
-        "TOUCHSTREAM_INGEST_PORT": str(port),
-        "TOUCHSTREAM_INGEST_WRITE_KEYS": json.dumps({"sdk": hash_write_key(WRITE_KEY)}),
-        "TOUCHSTREAM_INGEST_RATE_LIMIT_EVENTS_PER_S": "100000",
-    }
-    with running_ingest(settings, artifacts_dir / "ingest-live.log") as url:
+    with running_ingest_for(all_topics, redis_url, {"sdk": WRITE_KEY}, artifacts_dir / "ingest-live.log") as url:
         yield url
 
 
