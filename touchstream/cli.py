@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     demo_cmd.add_argument("--partitions", type=int, default=4)
     demo_cmd.add_argument("--summary-json", type=Path, default=None, help="also write the summary here")
     demo_cmd.add_argument("--broker", choices=BROKER_KINDS, default=None, help="as for `local up`")
+    demo_cmd.add_argument("--screenshots", type=Path, default=None, metavar="DIR",
+                          help="save the console's customer, overview and rules pages here (headless Chromium)")
 
     receiver_cmd = commands.add_parser("receiver", help="run a local webhook receiver")
     receiver_cmd.add_argument("--port", type=int, required=True)
@@ -121,7 +123,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from touchstream.demo import run_demo
 
-        summary = run_demo(args.run_dir, args.days_per_second, args.limit, args.partitions, args.broker)
+        summary = run_demo(args.run_dir, args.days_per_second, args.limit, args.partitions, args.broker,
+                           args.screenshots)
         if args.summary_json:
             args.summary_json.write_text(json.dumps(summary, indent=2))
         return 0

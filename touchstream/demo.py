@@ -79,7 +79,9 @@ def show_sample_webhook(state: local.StackState) -> None:
 
 
 def run_demo(run_dir: Path, days_per_second: float, limit: int | None, partitions: int,
-             broker: str | None = None) -> dict[str, Any]:
+             broker: str | None = None, screenshots: Path | None = None) -> dict[str, Any]:
+    """Replay CDNOW through a fresh local stack, print a summary; with `screenshots`, save the console's
+    pages there (touchstream.screenshots) before the stack stops."""
     purchases = cdnow_purchases()
     if limit:
         purchases = purchases[:limit]
@@ -114,6 +116,13 @@ def run_demo(run_dir: Path, days_per_second: float, limit: int | None, partition
             "events_per_second": round(accepted / total_s, 1),
         }
         show_sample_webhook(state)
+        if screenshots is not None:
+            from services.identity.settings import DEV_ADMIN_KEY
+            from touchstream.screenshots import capture_console
+
+            # The local stack's console takes the dev admin key (docs/console.md).
+            for path in capture_console(state, screenshots, DEV_ADMIN_KEY):
+                print(f"screenshot: {path}")
         print("\nsummary")
         for key, value in summary.items():
             print(f"  {key:26s} {value:,}" if isinstance(value, int) else f"  {key:26s} {value}")
