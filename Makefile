@@ -50,6 +50,11 @@ tools: ## install promtool and headless Chromium from Debian if missing; the tes
 demo: $(STAMP) $(KAFKA_STAMP) ## start broker, Redis, services and a receiver; replay CDNOW; print a summary
 	$(BIN)/touchstream demo
 
+# The first 20,000 CDNOW purchases (Jan-Mar 1997): enough customers reach a third purchase for the
+# loyalty rule to fire, and the run stays a few minutes long.
+screenshots: $(STAMP) $(KAFKA_STAMP) tools ## regenerate the README's console screenshots from the CDNOW demo (headless Chromium)
+	$(BIN)/touchstream demo --limit 20000 --screenshots docs/images
+
 up-local: $(STAMP) $(KAFKA_STAMP) ## start the local stack in the background (touchstream local up)
 	$(BIN)/touchstream local up
 
@@ -89,4 +94,4 @@ bench-quick: $(STAMP) $(KAFKA_STAMP) ## the same with --quick where a benchmark 
 clean: ## remove the venv and run files
 	rm -rf $(VENV) .run test-artifacts
 
-.PHONY: help install kafka tools up down demo up-local down-local lint typecheck test test-chaos bench bench-quick clean
+.PHONY: help install kafka tools up down demo screenshots up-local down-local lint typecheck test test-chaos bench bench-quick clean

@@ -17,7 +17,9 @@ sha1("erased:<customer id>"), never the ids.
 Consent: an event's `consent` list replaces the customer's consent when it is not empty;
 an empty list says nothing (it is the Avro default, so producers that never send consent
 do not wipe it). To withdraw every category send the single category CONSENT_WITHDRAWN
-("none"); over HTTP an explicit `"consent": []` is translated to it by ingest.
+("none"); over HTTP an explicit `"consent": []` is translated to it by ingest. A list of
+withdrawals only (`-category`, what ingest makes of an unsubscribe event) removes those categories
+and leaves the others standing.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ DEFAULT_SUPPRESSION_KEY = "ts:identity:{graph}:suppressed"
 # CoreSettings.erased_customer_ttl_s with its defaults (168 h retention + 168 h), for the stores' constructors.
 DEFAULT_ERASED_TTL_S = 14 * 86_400
 CONSENT_WITHDRAWN = "none"
+# `-email` in an event's consent withdraws that one category (an unsubscribe), the rest stands.
+CONSENT_WITHDRAW_PREFIX = "-"
 
 
 def suppression_token(hashed: Identifier) -> str:
@@ -126,11 +130,17 @@ def consent_update(current: Sequence[str] | None, event_consent: Sequence[str]) 
     True
     >>> consent_update(("email",), ["sms", "email", "sms"]), consent_update(("email",), ["none"])
     (('email', 'sms'), ())
+    >>> consent_update(("email", "loyalty", "marketing"), ["-email", "-marketing"])  # an unsubscribe
+    ('loyalty',)
     """
-    del current  # the latest statement replaces the previous one whole
     if not event_consent:
         return None
-    return tuple(sorted({c for c in event_consent if c != CONSENT_WITHDRAWN}))
+    withdrawn = {c[len(CONSENT_WITHDRAW_PREFIX):] for c in event_consent if c.startswith(CONSENT_WITHDRAW_PREFIX)}
+    granted = {c for c in event_consent if not c.startswith(CONSENT_WITHDRAW_PREFIX) and c != CONSENT_WITHDRAWN}
+    if withdrawn and not granted and CONSENT_WITHDRAWN not in event_consent:
+        return tuple(sorted(set(current or ()) - withdrawn))
+    # Otherwise the latest statement replaces the previous one whole.
+    return tuple(sorted(granted - withdrawn))
 
 
 class SuppressionList:

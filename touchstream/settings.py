@@ -95,6 +95,12 @@ class CoreSettings(BaseSettings):
         description="How far past its receive time an event may be stamped, in seconds; "
                     "no watermark runs further ahead of the wall clock.")
 
+    # Read by ingest (event names -> order, complaint, ...) and by `touchstream rules validate` /
+    # `backtest` (which event names exist): one file, so rules and ingest agree on the names.
+    event_semantics_file: Path | None = Field(
+        None, description="YAML file adding to or changing the event-name meanings (touchstream/event_semantics.py); "
+                          "unset: the defaults (Segment's and RudderStack's spec names).")
+
     @model_validator(mode="after")
     def _refuse_placeholder_secrets(self) -> CoreSettings:
         if self.environment is Environment.PROD and self.pii_hash_key.get_secret_value() == DEV_PLACEHOLDER_SECRET:

@@ -40,11 +40,13 @@ from services.ingest.segment import EVENT_TYPES, EventRejected, parse_timestamp,
 from services.ingest.settings import DEV_WRITE_KEY, IngestSettings, hash_write_key
 from touchstream import avro
 from touchstream.client_address import client_address
+from touchstream.event_semantics import EventSemantics, EventSemanticsError, load_event_semantics
 from touchstream.failures import FailureCounter
 from touchstream.identifiers import KEY_PRIORITY, raw_topic_key
 from touchstream.metrics import ServiceMetrics, render
 from touchstream.privacy import SuppressionList, event_suppression_tokens
 from touchstream.settings import CoreSettings, Environment
+from touchstream.startup import ConfigurationError
 from touchstream.topics import TOUCHPOINTS_RAW
 
 OPENAPI_PATH = avro.SCHEMA_DIR / "openapi.yaml"
@@ -191,9 +193,10 @@ class CachedPartitioner:
 class IngestService:
     """Holds the producer, Redis client and settings for the request handlers."""
 
-    def __init__(self, core: CoreSettings, settings: IngestSettings) -> None:
+    def __init__(self, core: CoreSettings, settings: IngestSettings, semantics: EventSemantics) -> None:
         self.core = core
         self.settings = settings
+        self.semantics = semantics
         self.metrics = IngestMetrics()
         self.producer: AIOKafkaProducer | None = None
         self.redis: aioredis.Redis | None = None
@@ -288,7 +291,7 @@ class IngestService:
         for index, payload in enumerate(payloads):
             try:
                 record = to_touchpoint(payload, call_type, source, received_at_ms, self.settings.default_channel,
-                                       batch_sent_at_ms, self.core.event_time_tolerance_s)
+                                       batch_sent_at_ms, self.core.event_time_tolerance_s, self.semantics)
                 try:
                     value = avro.encode(TOUCHPOINTS_RAW.schema, record)
                 except (ValueError, OverflowError) as exc:  # e.g. a lone surrogate in a string field
@@ -436,11 +439,16 @@ def load_openapi() -> dict[str, Any]:
 
 
 def build_app(core: CoreSettings, settings: IngestSettings) -> Starlette:
-    """Build the ingest ASGI app; in prod, refuse to run with the well-known dev write key."""
+    """Build the ingest ASGI app; in prod, refuse to run with the well-known dev write key. A bad event
+    semantics file (TOUCHSTREAM_EVENT_SEMANTICS_FILE) is a ConfigurationError listing its problems by line."""
     if core.environment is Environment.PROD and hash_write_key(DEV_WRITE_KEY) in settings.write_keys.values():
         raise ValueError("the dev write key is configured in prod: set TOUCHSTREAM_INGEST_WRITE_KEYS "
                          "(or {} and `touchstream keys add SOURCE`)")
-    service = IngestService(core, settings)
+    try:
+        semantics = load_event_semantics(core.event_semantics_file)
+    except EventSemanticsError as exc:
+        raise ConfigurationError("\n".join(f"TOUCHSTREAM_EVENT_SEMANTICS_FILE: {p}" for p in exc.problems)) from None
+    service = IngestService(core, settings, semantics)
     openapi = load_openapi()
 
     async def single(request: Request) -> Response:

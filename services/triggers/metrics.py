@@ -14,8 +14,9 @@ class TriggersMetrics(ServiceMetrics):
         super().__init__("triggers", registry)
         self.actions = self.counter(
             "actions",
-            "Rule decisions, by rule, outcome (fired, held_out, suppressed) and reason "
-            "(holdout, cooldown, consent, frequency_cap, quiet_hours, quiet_hours_hold).",
+            "Rule decisions, by rule, outcome (fired, held_out, suppressed, backfill) and reason "
+            "(holdout, cooldown, consent, frequency_cap, quiet_hours, quiet_hours_hold; for backfill, fired or "
+            "holdout: what it would have been about a recent event).",
             ["rule", "outcome", "reason"],
         )
         self.timers = self.counter(

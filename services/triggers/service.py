@@ -21,6 +21,7 @@ from services.triggers.crossing import (
     CrossingState,
     DecisionContext,
     StateKey,
+    as_backfill,
     customer_zone,
     evaluate_scores,
     fire_due_timers,
@@ -30,7 +31,7 @@ from services.triggers.delivery import ActionDelivery, FailedDelivery
 from services.triggers.erasure import DELETED_RULE_ID, deleted_ids, deletion_action_records, forget_customers
 from services.triggers.events import ScoreUpdated
 from services.triggers.metrics import TriggersMetrics
-from services.triggers.rules import RuleSet, Silence
+from services.triggers.rules import HOUR_MS, RuleSet, Silence
 from services.triggers.settings import TriggersSettings
 from services.triggers.state_store import DeliveryQueue, RuleStateStore
 from touchstream import avro
@@ -95,6 +96,8 @@ class TriggersService:
                                                                     {**stored, **changed}, context)
             decisions += timer_decisions
             changed.update(timer_changes)
+        if self.settings.backfill_horizon_hours:
+            decisions = as_backfill(decisions, context.now_ms - round(self.settings.backfill_horizon_hours * HOUR_MS))
         created_at_ms = int(time.time() * 1000)
         actions = []
         for decided in decisions:
