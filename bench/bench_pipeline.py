@@ -20,7 +20,9 @@ How each figure is measured:
   hours) reached the receiver. events_per_s = events / (first POST -> drained).
 - cpu_us_per_event (stack): CPU seconds of every process of the stack (each component's whole
   process group: broker, Valkey, receiver, services) over that same window, from /proc/PID/stat,
-  divided by the events. The benchmark's own client is not counted.
+  divided by the events; `cpu_system_share` is each one's kernel share. The benchmark's own
+  client is not counted; its scrapes of /metrics cost the services ~1 ms each, a few a second.
+  `idle_cpu_us_per_event`: what the idle stack (polls, heartbeats, timers) spends in as long.
 - irreducible_us_per_event: the sum of four parts measured in the same run (bench/irreducible.py):
   relay_us, an aiokafka relay moving as many records of the same sizes through the same hops on
   the stack's own broker (relay processes + broker from /proc, the broker's idle rate with the
@@ -33,7 +35,8 @@ How each figure is measured:
   efficiency = irreducible_us_per_event / stack_us_per_event.
 - latency: the one-webhook workload offered as a steady stream (a request every ~10 ms, open
   loop) at 25/50/75/90% of its measured sustained rate; p50/p99 of accepted (ingest's receive
-  time) -> webhook received, for that level's events only.
+  time) -> webhook received, for that level's events only, with the level's mean identity batch
+  and CPU per event (small batches pay each stage's per-batch costs on few events).
 - redis_bytes_per_customer: Valkey's used_memory after minus before a workload's run, divided by
   that workload's customers (people, not events); `redis_bytes_by_key_family` estimates where the
   bytes sit at the end (MEMORY USAGE of sampled keys x keys per family).
@@ -132,7 +135,7 @@ class Backlog:
         while posted - self.consumed > self.limit:
             self.consumed = await self._read(session) - self.baseline
             if posted - self.consumed > self.limit:
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.25)
 
 
 async def post_events(state: local.StackState, calls: Sequence[dict[str, Any]], rate: float | None,
@@ -273,7 +276,8 @@ def wait_drained(client: httpx.Client, state: local.StackState, before: Counters
             return time.perf_counter(), now
         if time.perf_counter() > deadline:
             raise TimeoutError(f"not drained after {timeout_s:.0f}s: {(now - before).values}")
-        time.sleep(0.2)
+        # A scrape costs each service ~1 ms of CPU (measured): at 4 a second, well under 1% of a run's.
+        time.sleep(0.25)
 
 
 def wait_for_webhooks(state: local.StackState, target: int, timeout: float = 900) -> float:
@@ -326,17 +330,22 @@ def run_workload(state: local.StackState, calls: Sequence[dict[str, Any]], warm:
         before = read_counters(client, state)
         load_before = load_average()
         cpu_before = components_cpu_s(state.pids)
+        system_before = components_cpu_s(state.pids, system_only=True)
         t0 = time.perf_counter()
         retried: Counter[int] = Counter()
         posted_s = asyncio.run(post_events(state, calls, None, backlog=Backlog(state, backlog), retried=retried))
         t_end, after = wait_drained(client, state, before, events, timeout_s)
         cpu_after = components_cpu_s(state.pids)
+        system_after = components_cpu_s(state.pids, system_only=True)
     elapsed = t_end - t0
     done = after - before
     memory_after = redis_used_memory(state)
     cpu_us = {name: round((cpu_after[name] - cpu_before.get(name, 0.0)) / events * 1e6, 1) for name in cpu_after}
     cpu_us = dict(sorted(cpu_us.items(), key=lambda item: -item[1]))
     stack_us = round(sum(cpu_us.values()), 1)
+    spent = {name: cpu_after[name] - cpu_before.get(name, 0.0) for name in cpu_after}
+    system_share = {name: round((system_after[name] - system_before.get(name, 0.0)) / spent[name], 2)
+                    for name in cpu_us if spent[name] > 0}
     fired = {key.removeprefix("action "): int(value) for key, value in done.values.items()
              if key.startswith("action ") and value}
     result: dict[str, Any] = {
@@ -344,6 +353,8 @@ def run_workload(state: local.StackState, calls: Sequence[dict[str, Any]], warm:
         "posted_in_s": round(posted_s, 2), "backlog_limit_events": backlog,
         "ingest_requests_retried": {str(status): count for status, count in sorted(retried.items())},
         "cpu_us_per_event": {**cpu_us, "total": stack_us},
+        # Kernel time (system calls: socket reads and writes, fsync) as a share of each component's CPU.
+        "cpu_system_share": system_share,
         "cpu_bound_events_per_s": round((multiprocessing.cpu_count() * 1e6) / stack_us, 1) if stack_us else None,
         "records_per_event": {
             TOUCHPOINTS_RESOLVED.name: round(done["identity_out_resolved"] / events, 4),
@@ -386,10 +397,13 @@ def latency_levels(state: local.StackState, max_rate: float, levels: Sequence[fl
             count = max(200, int(rate * seconds))
             calls = one_webhook_calls(f"{run}-l{round(level * 100)}", count)
             before = read_counters(client, state)
+            cpu_before = components_cpu_s(state.pids)
             batch = max(1, round(rate / STEADY_REQUESTS_PER_S))
             retried: Counter[int] = Counter()
             posted_s = asyncio.run(post_events(state, calls, rate, batch_size=batch, retried=retried))
-            wait_drained(client, state, before, count, timeout_s)
+            _, after = wait_drained(client, state, before, count, timeout_s)
+            cpu_after = components_cpu_s(state.pids)
+            done = after - before
             deliveries = delivered_bodies(state, count * 2, rule_ids={ONE_WEBHOOK_RULE_ID})[-count:]
             latencies = sorted((d["arrived_at_ms"] - d["body"]["received_at_ms"]) / 1000 for d in deliveries)
             results.append({
@@ -398,6 +412,11 @@ def latency_levels(state: local.StackState, max_rate: float, levels: Sequence[fl
                 "p50_ms": round((percentile(latencies, 0.5) or 0) * 1000, 1),
                 "p99_ms": round((percentile(latencies, 0.99) or 0) * 1000, 1),
                 "ingest_requests_retried": {str(status): n for status, n in sorted(retried.items())},
+                # A steady stream makes small batches, and each stage pays its per-batch costs on few events.
+                "identity_mean_batch_events": round(done["identity_batched_events"] / max(done["identity_batches"], 1),
+                                                    1),
+                "cpu_us_per_event": round(sum(cpu_after[k] - cpu_before.get(k, 0.0) for k in cpu_after) / count * 1e6,
+                                          1),
                 "load_average": load_average()})
     return results
 

@@ -16,11 +16,11 @@ def _stat_fields(pid: int | str) -> list[str] | None:
         return None
 
 
-def _cpu_s(fields: list[str], with_reaped_children: bool) -> float:
+def _cpu_s(fields: list[str], with_reaped_children: bool, system_only: bool = False) -> float:
     # After the command name: [0] state, [2] pgrp, [11] utime, [12] stime, [13] cutime, [14] cstime.
-    ticks = int(fields[11]) + int(fields[12])
+    ticks = int(fields[12]) if system_only else int(fields[11]) + int(fields[12])
     if with_reaped_children:
-        ticks += int(fields[13]) + int(fields[14])
+        ticks += int(fields[14]) if system_only else int(fields[13]) + int(fields[14])
     return ticks / _TICKS_PER_S
 
 
@@ -49,11 +49,12 @@ def process_run_time_s(pid: int) -> float:
     return total_ns / 1e9
 
 
-def process_group_cpu_s(leader: int) -> float:
+def process_group_cpu_s(leader: int, system_only: bool = False) -> float:
     """Return the CPU seconds of every process in `leader`'s process group, children it reaped included.
 
     The stack starts each component in a session of its own (touchstream.embedded.spawn), so
-    its group is the component with whatever it forks.
+    its group is the component with whatever it forks. `system_only`: the kernel's share only
+    (system calls: on loopback a socket write also pays for the receiving side's TCP work).
     """
     total = 0.0
     for entry in os.scandir("/proc"):
@@ -61,16 +62,16 @@ def process_group_cpu_s(leader: int) -> float:
             continue
         fields = _stat_fields(entry.name)
         if fields and int(fields[2]) == leader:
-            total += _cpu_s(fields, with_reaped_children=True)
+            total += _cpu_s(fields, with_reaped_children=True, system_only=system_only)
     return total
 
 
-def components_cpu_s(pids: dict[str, int]) -> dict[str, float]:
+def components_cpu_s(pids: dict[str, int], system_only: bool = False) -> dict[str, float]:
     """Return CPU seconds per component; a service's extra workers (`scoring-2`) count under its name."""
     totals: dict[str, float] = {}
     for name, pid in pids.items():
         component = name.rsplit("-", 1)[0] if name[-1].isdigit() else name
-        totals[component] = totals.get(component, 0.0) + process_group_cpu_s(pid)
+        totals[component] = totals.get(component, 0.0) + process_group_cpu_s(pid, system_only)
     return totals
 
 
