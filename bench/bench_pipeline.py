@@ -144,7 +144,9 @@ async def post_events(state: local.StackState, calls: Sequence[dict[str, Any]], 
     """POST `calls` to /v1/batch as fast as allowed, or as a steady stream at `rate` events/s; return the seconds.
 
     A 429 (ingest's rate limit) or a 503 that says `retry` (the broker did not acknowledge in
-    time) is sent again after a pause, as an SDK would; `retried` counts them by status.
+    time) is sent again after a pause, as an SDK would, and so is a request whose kept-alive
+    connection the server closed as it was sent (ingest dedupes by messageId, so a resend is
+    safe); `retried` counts them by status (0 for a lost connection).
     """
     bodies = [orjson.dumps({"batch": list(calls[i:i + batch_size])}) for i in range(0, len(calls), batch_size)]
     headers = {"Authorization": _auth_header(state.write_key), "Content-Type": "application/json"}
@@ -156,16 +158,23 @@ async def post_events(state: local.StackState, calls: Sequence[dict[str, Any]], 
         async def post(body: bytes) -> None:
             try:
                 while True:
-                    async with session.post(url, data=body, headers=headers) as answer:
-                        text = await answer.text()
-                        if answer.status == 429 or (answer.status == 503 and '"retry":true' in text):
-                            if retried is not None:
-                                retried[answer.status] += 1
-                            await asyncio.sleep(float(answer.headers.get("Retry-After", "0.5") or 0.5))
-                            continue
-                        if answer.status >= 300:
-                            raise RuntimeError(f"ingest answered {answer.status}: {text[:300]}")
-                        return
+                    try:
+                        async with session.post(url, data=body, headers=headers) as answer:
+                            status, text = answer.status, await answer.text()
+                            retry_after = answer.headers.get("Retry-After")
+                    except (aiohttp.ClientOSError, aiohttp.ClientConnectionResetError, aiohttp.ServerDisconnectedError):
+                        if retried is not None:
+                            retried[0] += 1
+                        await asyncio.sleep(0.1)
+                        continue
+                    if status == 429 or (status == 503 and '"retry":true' in text):
+                        if retried is not None:
+                            retried[status] += 1
+                        await asyncio.sleep(float(retry_after or 0.5))
+                        continue
+                    if status >= 300:
+                        raise RuntimeError(f"ingest answered {status}: {text[:300]}")
+                    return
             finally:
                 in_flight.release()
 
