@@ -45,7 +45,7 @@ How each figure is measured:
 Usage: .venv/bin/python bench/bench_pipeline.py [--quick] [--events N] [--scale]
 
 --quick (3,000 events per workload, 10 s per latency level) takes a few minutes; the default
-(20,000 events, 30 s per level) ~10-15 minutes on 2 cores. --scale adds the older sweep of the
+(20,000 events, 30 s per level) under ~10 minutes on 2 busy cores. --scale adds the older sweep of the
 one-webhook workload at 1, 2 and 4 partitions x workers (a fresh stack each).
 """
 
