@@ -118,10 +118,11 @@ def run_demo(run_dir: Path, days_per_second: float, limit: int | None, partition
         show_sample_webhook(state)
         if screenshots is not None:
             from services.identity.settings import DEV_ADMIN_KEY
-            from touchstream.screenshots import capture_console
+            from touchstream.screenshots import capture_console, most_active
 
-            # The local stack's console takes the dev admin key (docs/console.md).
-            for path in capture_console(state, screenshots, DEV_ADMIN_KEY):
+            # The local stack's console and identity take the dev admin key (docs/console.md).
+            active = most_active((str(call["userId"]) for _, call in calls), 50)
+            for path in capture_console(state, screenshots, DEV_ADMIN_KEY, active):
                 print(f"screenshot: {path}")
         print("\nsummary")
         for key, value in summary.items():

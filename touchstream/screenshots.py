@@ -4,9 +4,9 @@ Chromium from the CDNOW demo's data once the pipeline has drained, never from te
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterable, Mapping
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import httpx
 
@@ -18,27 +18,35 @@ CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "-
 VIEWPORT = {"width": 1280, "height": 900}
 
 
-def showcase_customer(deliveries: Iterable[Mapping[str, Any]]) -> str | None:
-    """Return the customer to show: of those a webhook went to, the one with the highest lifetime spend.
+def most_active(user_ids: Iterable[str], count: int) -> list[str]:
+    """Return the `count` user ids seen most often (most events first, ties by id): the richest customer pages.
 
-    >>> showcase_customer([{"body": {"customer_id": "c_1", "data": {"lifetime_spend": 80.0}}},
-    ...                    {"body": {"customer_id": "c_2", "data": {"lifetime_spend": 120.5}}},
-    ...                    {"body": {"customer_id": "c_3", "data": {}}}])
-    'c_2'
+    >>> most_active(["b", "a", "b", "c", "a", "b"], 2)
+    ['b', 'a']
     """
-    best: tuple[float, str] | None = None
-    for delivery in deliveries:
-        body = delivery.get("body") or {}
-        customer, data = body.get("customer_id"), body.get("data") or {}
-        spend = data.get("lifetime_spend") if isinstance(data, Mapping) else None
-        if isinstance(customer, str) and isinstance(spend, int | float):
-            candidate = (float(spend), customer)
-            best = candidate if best is None or candidate > best else best
-    return None if best is None else best[1]
+    seen = Counter(user_ids)
+    return sorted(seen, key=lambda user: (-seen[user], user))[:count]
 
 
-def capture_console(state: local.StackState, out_dir: Path, admin_key: str) -> list[Path]:
-    """Log in to the stack's console and save the customer, overview and rules pages as PNGs in `out_dir`."""
+def showcase_customer(state: local.StackState, user_ids: Iterable[str], admin_key: str) -> str:
+    """Return the customer id of the first of `user_ids` a webhook went to (identity's lookup API finds it)."""
+    deliveries = httpx.get(f"{state.url('receiver')}/deliveries", params={"limit": 1_000_000}, timeout=60).json()
+    delivered = {d["body"].get("customer_id") for d in deliveries}
+    for user_id in user_ids:
+        response = httpx.post(f"{state.url('identity')}/v1/customers/lookup", timeout=10,
+                              headers={"Authorization": f"Bearer {admin_key}"},
+                              json={"identifier": {"type": "user_id", "value": user_id}})
+        customer_id = response.json().get("customer_id") if response.status_code == 200 else None
+        if customer_id in delivered:
+            return str(customer_id)
+    raise RuntimeError("none of the most active customers got a webhook: replay more of CDNOW (--limit)")
+
+
+def capture_console(state: local.StackState, out_dir: Path, admin_key: str, user_ids: Iterable[str]) -> list[Path]:
+    """Log in to the stack's console and save the customer, overview and rules pages as PNGs in `out_dir`.
+
+    The customer page is that of the first of `user_ids` (the demo passes the most active ones) a webhook went to.
+    """
     chromium = shutil.which("chromium")
     if chromium is None:
         raise RuntimeError("screenshots need Debian's chromium: `make tools` (apt-get install -y chromium)")
@@ -46,10 +54,7 @@ def capture_console(state: local.StackState, out_dir: Path, admin_key: str) -> l
         from playwright.sync_api import sync_playwright
     except ImportError as exc:
         raise RuntimeError("screenshots need Playwright: `make install` (the dev extras)") from exc
-    deliveries = httpx.get(f"{state.url('receiver')}/deliveries", params={"limit": 1_000_000}, timeout=60).json()
-    customer = showcase_customer(deliveries)
-    if customer is None:
-        raise RuntimeError("no webhook carried a customer with a lifetime spend: replay more of CDNOW (--limit)")
+    customer = showcase_customer(state, user_ids, admin_key)
     out_dir.mkdir(parents=True, exist_ok=True)
     console = state.url("console")
     shots = {"console-customer.png": f"{console}/customers/{customer}", "console-overview.png": f"{console}/overview",

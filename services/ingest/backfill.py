@@ -18,6 +18,8 @@ from typing import Any
 import orjson
 import yaml
 
+from touchstream.yaml_lines import node_position, yaml_error_position
+
 # Ingest's own limits (IngestSettings: max_batch_events, max_batch_bytes). The JSON of an event is
 # larger than the Avro record ingest measures against max_event_bytes, so batches keep a margin.
 MAX_BATCH_EVENTS = 2500
@@ -158,20 +160,20 @@ class MappingError(ValueError):
 
 
 def _column(spec: Any, where: str) -> Column:
-    """Read `Column` or `Column:type` (or {column, type}) into a Column."""
+    """Read `Column` or `Column:type` (or {column, type}) into a Column; `where` prefixes any error."""
     if isinstance(spec, Mapping):
         unknown = set(spec) - {"column", "type"}
         if unknown or not isinstance(spec.get("column"), str):
-            raise MappingError(f"{where}: use a column name, 'name:type', or {{column: name, type: ...}}")
+            raise MappingError(f"{where}use a column name, 'name:type', or {{column: name, type: ...}}")
         name, kind = spec["column"], spec.get("type", "string")
     elif isinstance(spec, str):
         name, _, kind = spec.rpartition(":") if spec.rpartition(":")[2] in COLUMN_TYPES else (spec, "", "string")
     else:
-        raise MappingError(f"{where}: use a column name, 'name:type', or {{column: name, type: ...}}")
+        raise MappingError(f"{where}use a column name, 'name:type', or {{column: name, type: ...}}")
     if kind not in COLUMN_TYPES:
-        raise MappingError(f"{where}: unknown type {kind!r}; use one of {', '.join(COLUMN_TYPES)}")
+        raise MappingError(f"{where}unknown type {kind!r}; use one of {', '.join(COLUMN_TYPES)}")
     if not name.strip():
-        raise MappingError(f"{where}: the column name is empty")
+        raise MappingError(f"{where}the column name is empty")
     return Column(name.strip(), kind)
 
 
@@ -189,17 +191,24 @@ def parse_column_mapping(text: str, source: str = "mapping") -> ColumnMapping:
     (Column(column='amount', type='number'), {'event': 'Order Completed'})
     """
     try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
         document = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise MappingError(f"{source}: not valid YAML: {exc}") from None
+        raise MappingError(f"{source}:{yaml_error_position(exc)}: not valid YAML: "
+                           f"{getattr(exc, 'problem', None) or exc}") from None
+
+    def at(*path: Any) -> str:
+        line, column = node_position(root, path)
+        return f"{source}:{line}:{column}: {'.'.join(map(str, path)) + ': ' if path else ''}"
+
     if not isinstance(document, Mapping) or set(document) - {"columns", "constants"}:
-        raise MappingError(f"{source}: expected a mapping with 'columns' (and optionally 'constants')")
+        raise MappingError(f"{at()}expected a mapping with 'columns' (and optionally 'constants')")
     columns = document.get("columns") or {}
     constants = document.get("constants") or {}
     if not isinstance(columns, Mapping) or not isinstance(constants, Mapping):
-        raise MappingError(f"{source}: 'columns' and 'constants' map event fields (e.g. properties.total) to "
+        raise MappingError(f"{at()}'columns' and 'constants' map event fields (e.g. properties.total) to "
                            "columns and values")
-    return ColumnMapping({str(path): _column(spec, f"{source}: columns.{path}") for path, spec in columns.items()},
+    return ColumnMapping({str(path): _column(spec, at("columns", path)) for path, spec in columns.items()},
                          {str(path): value for path, value in constants.items()})
 
 

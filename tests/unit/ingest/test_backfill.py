@@ -102,14 +102,16 @@ def mapping_headers(mapping: ColumnMapping) -> list[str]:
 
 
 @pytest.mark.parametrize(("text", "message"), [
-    ("columns: {userId: {column: c, type: float}}", "unknown type 'float'"),
-    ("columns: {userId: {col: c}}", "use a column name"),
-    ("rows: {}", "expected a mapping with 'columns'"),
-    ("columns: [", "not valid YAML"),
+    ("columns:\n  email: Mail\n  userId: {column: c, type: float}\n",
+     "map.yaml:3:11: columns.userId: unknown type 'float'"),
+    ("columns: {userId: {col: c}}", "map.yaml:1:19: columns.userId: use a column name"),
+    ("rows: {}", "map.yaml:1:1: expected a mapping with 'columns'"),
+    ("columns: [", "map.yaml:1:11: not valid YAML"),
 ])
-def test_a_bad_mapping_says_where(text: str, message: str) -> None:
-    with pytest.raises(MappingError, match=message):
+def test_a_bad_mapping_says_where_with_its_line(text: str, message: str) -> None:
+    with pytest.raises(MappingError) as error:
         parse_column_mapping(text, "map.yaml")
+    assert str(error.value).startswith(message), str(error.value)
 
 
 def test_batches_stay_within_ingests_event_and_byte_limits() -> None:
