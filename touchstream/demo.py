@@ -118,11 +118,11 @@ def run_demo(run_dir: Path, days_per_second: float, limit: int | None, partition
         show_sample_webhook(state)
         if screenshots is not None:
             from services.identity.settings import DEV_ADMIN_KEY
-            from touchstream.screenshots import capture_console, most_active
+            from touchstream.screenshots import capture_console, showcase_candidates
 
             # The local stack's console and identity take the dev admin key (docs/console.md).
-            active = most_active((str(call["userId"]) for _, call in calls), 50)
-            for path in capture_console(state, screenshots, DEV_ADMIN_KEY, active):
+            candidates = showcase_candidates((str(call["userId"]) for _, call in calls), 50)
+            for path in capture_console(state, screenshots, DEV_ADMIN_KEY, candidates):
                 print(f"screenshot: {path}")
         print("\nsummary")
         for key, value in summary.items():

@@ -16,16 +16,22 @@ from touchstream import local
 CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 VIEWPORT = {"width": 1280, "height": 900}
+# A customer page with this many events is about 1,500 pixels tall.
+MAX_EVENTS_SHOWN = 12
+# The tallest picture taken; a page beyond it is cut at the bottom.
+MAX_HEIGHT_PX = 2400
 
 
-def most_active(user_ids: Iterable[str], count: int) -> list[str]:
-    """Return the `count` user ids seen most often (most events first, ties by id): the richest customer pages.
+def showcase_candidates(user_ids: Iterable[str], count: int, max_events: int = MAX_EVENTS_SHOWN) -> list[str]:
+    """Return up to `count` user ids with the most events, none with more than `max_events`: rich customer
+    pages that still fit a picture (the page lists every event kept).
 
-    >>> most_active(["b", "a", "b", "c", "a", "b"], 2)
+    >>> showcase_candidates(["b", "a", "b", "c", "a", "b", "d", "d", "d", "d"], 2, max_events=3)
     ['b', 'a']
     """
     seen = Counter(user_ids)
-    return sorted(seen, key=lambda user: (-seen[user], user))[:count]
+    fitting = [user for user, events in seen.items() if events <= max_events]
+    return sorted(fitting, key=lambda user: (-seen[user], user))[:count]
 
 
 def showcase_customer(state: local.StackState, user_ids: Iterable[str], admin_key: str) -> str:
@@ -45,7 +51,7 @@ def showcase_customer(state: local.StackState, user_ids: Iterable[str], admin_ke
 def capture_console(state: local.StackState, out_dir: Path, admin_key: str, user_ids: Iterable[str]) -> list[Path]:
     """Log in to the stack's console and save the customer, overview and rules pages as PNGs in `out_dir`.
 
-    The customer page is that of the first of `user_ids` (the demo passes the most active ones) a webhook went to.
+    The customer page is that of the first of `user_ids` a webhook went to (the demo passes `showcase_candidates`).
     """
     chromium = shutil.which("chromium")
     if chromium is None:
@@ -74,7 +80,9 @@ def capture_console(state: local.StackState, out_dir: Path, admin_key: str, user
                 # the server, so the loaded page is the finished picture; the pause lets the fonts settle.
                 page.wait_for_load_state("load")
                 page.wait_for_timeout(1000)
-                page.screenshot(path=str(out_dir / name), full_page=True)
+                height = min(int(page.evaluate("document.documentElement.scrollHeight")), MAX_HEIGHT_PX)
+                page.screenshot(path=str(out_dir / name), full_page=True,
+                                clip={"x": 0, "y": 0, "width": VIEWPORT["width"], "height": height})
                 saved.append(out_dir / name)
         finally:
             browser.close()
