@@ -28,6 +28,9 @@ from touchstream.identifiers import Identifier, InvalidIdentifier, normalise, ps
 # identity's graph prefix + "suppressed": the set must share the graph's hash slot ({graph}).
 DEFAULT_SUPPRESSION_KEY = "ts:identity:{graph}:suppressed"
 CONSENT_WITHDRAWN = "none"
+# The rule_id of the `customer.deleted` notice triggers puts on `actions` after an erasure: not a
+# rule, but it names the action in triggers' metrics, and the console never read-models it.
+DELETED_RULE_ID = "customer.deleted"
 
 
 def suppression_token(hashed: Identifier) -> str:
