@@ -40,7 +40,6 @@ from services.console.settings import ConsoleSettings
 from services.console.store import ReadModelStore, Update
 from services.console.web import ConsoleWeb
 from services.identity.admin import hash_admin_key
-from services.identity.domain import GraphLayout
 from services.triggers.rules import parse_rules
 from touchstream import avro
 from touchstream.embedded import (
@@ -123,8 +122,7 @@ async def load(store: ReadModelStore, customers: int, batch: int) -> dict[str, A
 async def time_pages(store: ReadModelStore, requests: int) -> dict[str, Any]:
     recorder = Recorder()
     settings = ConsoleSettings(admin_keys=frozenset({hash_admin_key(KEY)}))
-    pages = ConsoleWeb(store, settings, GraphLayout("bench:identity:{graph}:"), RULES,
-                       recorder)  # type: ignore[arg-type]
+    pages = ConsoleWeb(store, settings, RULES, recorder)  # type: ignore[arg-type]
     app = web.Application()
     pages.register(app.router)
     client = TestClient(TestServer(app))

@@ -14,9 +14,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from touchstream import avro
-from touchstream.topics import ACTIONS
-
 TIMELINE_CAP = 200
 SCORE_HISTORY_CAP = 200
 ACTIONS_CAP = 200
@@ -131,13 +128,23 @@ class CustomerDeleted:
 
 
 @dataclass(frozen=True)
-class DeliveryFailed:
-    """An action whose webhook delivery gave up (triggers dead-lettered it)."""
+class DeliveryEnded:
+    """How a fired action's delivery ended (actions.deliveries): delivered, or dead-lettered after its tries."""
 
-    customer_id: str
     action_id: str
-    reason: str
-    rule_id: str = ""
+    rule_id: str
+    customer_id: str
+    endpoint: str
+    outcome: str  # delivered, dead_lettered
+    attempts: int
+    status: int | None
+    reason: str | None
+    received_at_ms: int
+    ended_at_ms: int
+
+    @property
+    def delivered(self) -> bool:
+        return self.outcome == "delivered"
 
 
 @dataclass(frozen=True)
@@ -145,7 +152,6 @@ class DeadLettered:
     stage: str
     reason: str
     digest: str
-    delivery_failed: DeliveryFailed | None = None
 
 
 def is_purchase(order_amount: float | None, event_name: str | None) -> bool:
@@ -268,6 +274,23 @@ def customers_merged(record: Mapping[str, Any]) -> CustomersMerged:
     )
 
 
+def delivery_ended(record: Mapping[str, Any]) -> DeliveryEnded:
+    """Turn a decoded ActionDeliveryEnded into a delivery outcome (the reason kept short)."""
+    reason = record.get("reason")
+    return DeliveryEnded(
+        action_id=record["action_id"],
+        rule_id=record["rule_id"],
+        customer_id=record["customer_id"],
+        endpoint=record["endpoint"],
+        outcome=str(record["outcome"]),
+        attempts=int(record["attempts"]),
+        status=record.get("status"),
+        reason=reason[:200] if reason else None,
+        received_at_ms=int(record["received_at_ms"]),
+        ended_at_ms=int(record["ended_at_ms"]),
+    )
+
+
 def customer_deleted(record: Mapping[str, Any]) -> CustomerDeleted:
     """Turn a decoded CustomerDeletion into the ids to forget, the live one first.
 
@@ -281,25 +304,17 @@ def customer_deleted(record: Mapping[str, Any]) -> CustomerDeleted:
 def dead_lettered(record: Mapping[str, Any]) -> DeadLettered:
     """Turn a decoded DeadLetter into a count key: stage, the reason's first clause, a digest for dedupe.
 
-    A delivery dead letter carries the action itself, so the customer page can say it failed.
+    (How an action's delivery failed comes from actions.deliveries, never from the dead letter's bytes.)
 
     >>> d = dead_lettered({"stage": "identity", "reason": "no usable identifier: email invalid",
     ...                    "source": "touchpoints.raw", "original": b"x", "failed_at_ms": 1})
-    >>> d.stage, d.reason, d.delivery_failed
-    ('identity', 'no usable identifier', None)
+    >>> d.stage, d.reason
+    ('identity', 'no usable identifier')
     """
     digest = hashlib.sha256(
         b"\x1f".join([record["source"].encode(), str(record["failed_at_ms"]).encode(), record["original"]])
     ).hexdigest()
-    failed = None
-    if record["stage"] == "delivery" and record["source"] == ACTIONS.name:
-        try:
-            action = avro.decode(ACTIONS.schema, record["original"])
-            failed = DeliveryFailed(action["customer_id"], action["action_id"], record["reason"][:200],
-                                    action["rule_id"])
-        except avro.DecodeError:
-            failed = None
-    return DeadLettered(record["stage"], record["reason"].split(":")[0].strip()[:80], digest, failed)
+    return DeadLettered(record["stage"], record["reason"].split(":")[0].strip()[:80], digest)
 
 
 RESOLUTION_EVENT_NAMES = frozenset({"complaint resolved", "ticket resolved", "case closed", "ticket closed"})

@@ -10,13 +10,14 @@ customers and is therefore done with plain commands (idempotent), never one Lua 
     c:{cid}:pu                 purchases: message_id -> event time (for rule outcomes, not capped)
     c:{cid}:ch                 channels: channel -> last event time
     c:{cid}:mg                 merges and un-merges: merge_id -> JSON
-    c:{cid}:df                 actions whose delivery gave up: action_id -> reason
+    c:{cid}:dv                 how fired actions' deliveries ended (actions.deliveries): action_id -> JSON
     customers                  customer id -> last event time
     clock                      "event_time" -> the newest event time applied (closes attribution windows)
     merged_into                merged customer id -> survivor
     {seg}, {seg}:counts        customer id -> "event time|segment|stage" of the latest score; counts per value
     {seg}:flow:<day>           "from>to" -> changes that day (event time, days since 1970); {seg}:days lists days
     rules, rule:{id}:o:<count> sets of action ids per outcome (SCARD is the count: idempotent)
+    rule:{id}:delivered / :delivery_failed  sets of action ids by how their delivery ended
     rule:{id}:treated/holdout  customer id -> event time of the first action
     dl:<stage>:<reason>        set of dead-letter digests; dlreasons lists those keys
 """
@@ -39,15 +40,15 @@ from services.console.readmodel import (
     CustomerDeleted,
     CustomersMerged,
     DeadLettered,
+    DeliveryEnded,
     ScoreUpdated,
     TouchpointSeen,
     converted_within,
     follow_merges,
 )
-from services.triggers.erasure import DELETED_RULE_ID
-from services.triggers.state_store import DeliveryLedger
+from touchstream.privacy import DELETED_RULE_ID
 
-Update = TouchpointSeen | ScoreUpdated | ActionTaken | CustomersMerged | DeadLettered | CustomerDeleted
+Update = TouchpointSeen | ScoreUpdated | ActionTaken | CustomersMerged | DeadLettered | CustomerDeleted | DeliveryEnded
 # How many erased customer ids a console worker remembers (in memory) to drop their in-flight records.
 FORGOTTEN_KEPT = 100_000
 
@@ -107,7 +108,7 @@ _LOGS = (("tl", TIMELINE_CAP), ("sc", SCORE_HISTORY_CAP), ("ac", ACTIONS_CAP))
 
 def _deletion_notice(update: Update) -> bool:
     """A `customer.deleted` webhook (triggers tells marketing about an erasure): never read-modelled."""
-    return isinstance(update, ActionTaken) and update.rule_id == DELETED_RULE_ID
+    return isinstance(update, ActionTaken | DeliveryEnded) and update.rule_id == DELETED_RULE_ID
 
 
 def _text(value: bytes | str) -> str:
@@ -125,8 +126,7 @@ class CustomerRecord:
     actions: list[ActionTaken]  # newest first
     channels: list[tuple[str, int]]
     merges: list[dict[str, Any]]
-    failed: dict[str, str] = field(default_factory=dict)  # action id -> why delivery gave up
-    delivered: set[str] = field(default_factory=set)
+    deliveries: dict[str, DeliveryEnded] = field(default_factory=dict)  # action id -> how its delivery ended
 
     @property
     def latest_score(self) -> ScoreUpdated | None:
@@ -223,8 +223,6 @@ class ReadModelStore:
         if self._forgotten or any(isinstance(u, CustomerDeleted) or _deletion_notice(u) for u in updates):
             updates = await self._apply_deletions(updates)
         ids = {u.customer_id for u in updates if not isinstance(u, CustomersMerged | DeadLettered | CustomerDeleted)}
-        ids |= {u.delivery_failed.customer_id for u in updates
-                if isinstance(u, DeadLettered) and u.delivery_failed is not None}
         merged_into = await self.redirects(ids)
         writes = _BatchWrites()
         for update in updates:
@@ -243,12 +241,13 @@ class ReadModelStore:
             if isinstance(update, DeadLettered):
                 writes.sadd(self.key("dl", update.stage, update.reason), update.digest)
                 writes.sadd(self.key("dlreasons"), json.dumps([update.stage, update.reason]))
-                if update.delivery_failed is not None:
-                    failed = update.delivery_failed
-                    cid = follow_merges(failed.customer_id, merged_into)
-                    writes.hsets.setdefault(self.ckey(cid, "df"), {})[failed.action_id] = failed.reason
-                    if failed.rule_id:
-                        writes.sadd(self.key("rule", failed.rule_id, "delivery_failed"), failed.action_id)
+                continue
+            if isinstance(update, DeliveryEnded):
+                # Not customer activity (no event of the customer's): only the action's delivery status.
+                cid = follow_merges(update.customer_id, merged_into)
+                writes.hsets.setdefault(self.ckey(cid, "dv"), {})[update.action_id] = json.dumps(vars(update))
+                group = "delivered" if update.delivered else "delivery_failed"
+                writes.sadd(self.key("rule", update.rule_id, group), update.action_id)
                 continue
             cid = follow_merges(update.customer_id, merged_into)
             writes.zadd_gt(self.key("customers"), cid, update.event_time_ms)
@@ -340,7 +339,7 @@ class ReadModelStore:
         async with self.client.pipeline(transaction=False) as pipe:
             for part in parts:
                 pipe.zrange(self.ckey(merged, part), 0, -1, withscores=True)
-            for part in ("tle", "sce", "ace", "mg", "df"):
+            for part in ("tle", "sce", "ace", "mg", "dv"):
                 pipe.hgetall(self.ckey(merged, part))
             for rule in rules:
                 pipe.hget(self.key("rule", rule, "treated"), merged)
@@ -350,7 +349,7 @@ class ReadModelStore:
             replies = await pipe.execute()
         segment = replies.pop()
         zsets = dict(zip(parts, replies[: len(parts)], strict=True))
-        hashes = dict(zip(("tle", "sce", "ace", "mg", "df"), replies[len(parts): len(parts) + 5], strict=True))
+        hashes = dict(zip(("tle", "sce", "ace", "mg", "dv"), replies[len(parts): len(parts) + 5], strict=True))
         groups = replies[len(parts) + 5: -1]
         last_seen = replies[-1]
         async with self.client.pipeline(transaction=False) as pipe:
@@ -367,7 +366,7 @@ class ReadModelStore:
                 pipe.zadd(self.ckey(survivor, "pu"), {_text(m): t for m, t in zsets["pu"]})
             if zsets["ch"]:
                 pipe.zadd(self.ckey(survivor, "ch"), {_text(m): t for m, t in zsets["ch"]}, gt=True)
-            for part in ("mg", "df"):
+            for part in ("mg", "dv"):
                 if hashes[part]:
                     pipe.hset(self.ckey(survivor, part), mapping=hashes[part])
             for i, rule in enumerate(rules):
@@ -386,7 +385,7 @@ class ReadModelStore:
                 time_ms, value = _text(segment).split("|", 1)
                 await self._set_segment(keys=self._segment_change_keys(int(time_ms)),
                                         args=[survivor, time_ms, value, int(time_ms) // DAY_MS], client=pipe)
-            pipe.delete(*(self.ckey(merged, p) for p in (*parts, "tle", "sce", "ace", "mg", "df")))
+            pipe.delete(*(self.ckey(merged, p) for p in (*parts, "tle", "sce", "ace", "mg", "dv")))
             await pipe.execute()
 
     async def _apply_deletions(self, updates: Sequence[Update]) -> list[Update]:
@@ -408,7 +407,7 @@ class ReadModelStore:
             if isinstance(update, CustomersMerged):
                 return update.survivor_id in gone or update.merged_id in gone
             if isinstance(update, DeadLettered):
-                return update.delivery_failed is not None and update.delivery_failed.customer_id in gone
+                return False
             return update.customer_id in gone
 
         return [u for u in updates if not erased(u)]
@@ -440,7 +439,7 @@ class ReadModelStore:
         async with self.client.pipeline(transaction=False) as pipe:
             for cid in ids:
                 pipe.delete(*(self.ckey(cid, part) for part in ("tl", "tle", "sc", "sce", "ac", "ace", "pu", "ch",
-                                                                  "mg", "df")))
+                                                                  "mg", "dv")))
                 await self._drop_segment(keys=self._segment_keys, args=[cid], client=pipe)
             pipe.zrem(self.key("customers"), *ids)
             pipe.hdel(self.key("merged_into"), *ids)
@@ -451,6 +450,7 @@ class ReadModelStore:
                     for name in fields[rule]:
                         pipe.srem(self.key("rule", rule, "o", name), *action_ids)
                     pipe.srem(self.key("rule", rule, "delivery_failed"), *action_ids)
+                    pipe.srem(self.key("rule", rule, "delivered"), *action_ids)
             for key, entries in zip(mentions, merge_logs, strict=True):
                 stale = [merge_id for merge_id, body in entries.items()
                          if any(cid in _text(body) for cid in ids)]
@@ -468,8 +468,8 @@ class ReadModelStore:
             pipe.zrevrange(self.ckey(live, "ac"), 0, -1)
             pipe.zrevrange(self.ckey(live, "ch"), 0, -1, withscores=True)
             pipe.hvals(self.ckey(live, "mg"))
-            pipe.hgetall(self.ckey(live, "df"))
-            tl_ids, sc_ids, ac_ids, channels, merges, failed = await pipe.execute()
+            pipe.hvals(self.ckey(live, "dv"))
+            tl_ids, sc_ids, ac_ids, channels, merges, deliveries = await pipe.execute()
         async with self.client.pipeline(transaction=False) as pipe:
             pipe.hmget(self.ckey(live, "tle"), tl_ids or ["-"])
             pipe.hmget(self.ckey(live, "sce"), sc_ids or ["-"])
@@ -484,15 +484,16 @@ class ReadModelStore:
             actions=[ActionTaken.from_json(b) for b in ac_bodies if b is not None],
             channels=[(_text(c), int(t)) for c, t in channels],
             merges=merge_list,
-            failed={_text(k): _text(v) for k, v in failed.items()},
+            deliveries={d.action_id: d for d in (DeliveryEnded(**json.loads(body)) for body in deliveries)},
         )
 
     async def change_marker(self, customer_id: str) -> str:
-        """Return a token that changes when the customer's timeline, scores or actions change (live updates)."""
+        """Return a token that changes with the customer's timeline, scores, actions or deliveries (live updates)."""
         live = follow_merges(customer_id, await self.redirects([customer_id]))
         async with self.client.pipeline(transaction=False) as pipe:
             for part in ("tl", "sc", "ac"):
                 pipe.zrevrange(self.ckey(live, part), 0, 0, withscores=True)
+            pipe.hlen(self.ckey(live, "dv"))
             replies = await pipe.execute()
         return f"{live}|{replies!r}"
 
@@ -552,15 +553,13 @@ class ReadModelStore:
                 pipe.scard(self.key("rule", rule_id, "o", name))
             pipe.hgetall(self.key("rule", rule_id, "treated"))
             pipe.hgetall(self.key("rule", rule_id, "holdout"))
-            pipe.smembers(self.key("rule", rule_id, "o", "fired"))
+            pipe.scard(self.key("rule", rule_id, "delivered"))
             pipe.scard(self.key("rule", rule_id, "delivery_failed"))
             replies = await pipe.execute()
         counts = {name: int(n) for name, n in zip(fields, replies[: len(fields)], strict=True)}
-        treated, holdout, fired, failed = replies[-4:]
-        # triggers' ledger says which webhooks a receiver acknowledged (kept for its delivered TTL).
-        delivered = len(await DeliveryLedger(self.client, 0).delivered(_text(a) for a in fired))
+        treated, holdout, delivered, failed = replies[-4:]
         return RuleCounts(rule_id, counts, {_text(c): int(t) for c, t in treated.items()},
-                          {_text(c): int(t) for c, t in holdout.items()}, delivered, int(failed))
+                          {_text(c): int(t) for c, t in holdout.items()}, int(delivered), int(failed))
 
     async def converted(self, first_action_ms: dict[str, int], window_ms: int) -> int:
         """Count the customers with a purchase within `window_ms` after their first action."""

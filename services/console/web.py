@@ -34,6 +34,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import Histogram
 
+from services.console.identities import IdentityAnswerError, IdentityProfile, identity_profile
 from services.console.quality import (
     CounterRate,
     LatencyWindow,
@@ -56,13 +57,10 @@ from services.console.readmodel import (
 from services.console.settings import ConsoleSettings
 from services.console.store import ReadModelStore
 from services.identity.admin import hash_admin_key, is_admin
-from services.identity.customer360 import CustomerView, read_customer
-from services.identity.domain import GraphLayout
 from services.triggers.rules import Rule, ScoreCrossing
-from services.triggers.state_store import DeliveryLedger
 from touchstream.client_address import client_address
 from touchstream.failures import FailureCounter
-from touchstream.topics import ACTIONS, SCORES, TOUCHPOINTS_RAW, TOUCHPOINTS_RESOLVED
+from touchstream.topics import ACTION_DELIVERIES, ACTIONS, SCORES, TOUCHPOINTS_RAW, TOUCHPOINTS_RESOLVED
 
 log = logging.getLogger(__name__)
 
@@ -110,11 +108,13 @@ STAGES = (
     Stage("scoring", "events scored", "touchstream_scoring_events_in_total", TOUCHPOINTS_RESOLVED.name),
     Stage("triggers", "scores evaluated", "touchstream_triggers_events_in_total", SCORES.name),
 )
-# Topics whose records carry ingest's received_at_ms: how long after ingest accepted an event it shows here.
+# Topics whose records carry ingest's received_at_ms: how long after ingest accepted an event it shows here
+# (a delivery outcome: how long until the receiver acknowledged the webhook).
 ARRIVALS = (
-    (TOUCHPOINTS_RESOLVED.name, "a touchpoint (after identity)"),
-    (SCORES.name, "a score (after scoring)"),
-    (ACTIONS.name, "an action (after triggers)"),
+    (TOUCHPOINTS_RESOLVED.name, "visible here as a touchpoint (after identity)"),
+    (SCORES.name, "visible here as a score (after scoring)"),
+    (ACTIONS.name, "visible here as an action (after triggers)"),
+    (ACTION_DELIVERIES.name, "webhook acknowledged (2xx)"),
 )
 
 
@@ -136,6 +136,7 @@ def template_env() -> jinja2.Environment:
     env.filters["pct"] = _pct
     env.globals["reason_in_words"] = reason_in_words
     env.filters["duration"] = duration_in_words
+    env.filters["latency_ms"] = lambda ms: seconds_in_words(max(0, ms) / 1000)
     return env
 
 
@@ -247,23 +248,29 @@ class LoginThrottle:
         await self.by_address.clear(address)
 
 
-class ConsoleWeb:
-    """Routes of the console over the read model, the identity graph and scoring's metrics."""
+@dataclass(frozen=True)
+class IdentityLookup:
+    """What identity's customer API said about a customer: its view, or why there is none to show."""
 
-    def __init__(self, store: ReadModelStore, settings: ConsoleSettings, layout: GraphLayout, rules: Sequence[Rule],
+    profile: IdentityProfile | None
+    problem: str | None = None  # None with no profile: identity does not know the customer
+
+
+class ConsoleWeb:
+    """Routes of the console over its read model, identity's customer API and the services' metrics."""
+
+    def __init__(self, store: ReadModelStore, settings: ConsoleSettings, rules: Sequence[Rule],
                  page_seconds: Histogram | None = None, feed_rate: RateMeter | None = None,
                  arrivals: LatencyWindow | None = None) -> None:
         self.store = store
         self.client = store.client
         self.settings = settings
-        self.layout = layout
         self.thresholds = rule_thresholds(rules)
         self.rules = {r.id: r for r in rules}
         self.sessions = Sessions(store.client, settings.key_prefix, settings.session_ttl_s)
         self.throttle = LoginThrottle(store.client, settings.key_prefix, settings.login_max_failures,
                                       settings.login_failure_window_s, settings.login_max_failures_per_account)
         self.templates = template_env()
-        self.ledger = DeliveryLedger(store.client, 0)
         self.page_seconds = page_seconds
         self.feed_rate = feed_rate
         self.arrivals = arrivals
@@ -452,20 +459,42 @@ class ConsoleWeb:
             raise web.HTTPSeeOther(f"/customers/{quote(customer_id, safe='')}")
         return self._page("search.html", session, status=502, error=message)
 
-    async def _call_identity(self, method: str, path: str, **request: Any) -> httpx.Response:
+    async def _call_identity(self, method: str, path: str, timeout_s: float = 10.0, **request: Any) -> httpx.Response:
         """Send one request to identity's customer API with the console's admin key (raises httpx.HTTPError)."""
         key = self.settings.identity_admin_key.get_secret_value()
-        async with httpx.AsyncClient(timeout=10.0, verify=_tls_context()) as http:
+        async with httpx.AsyncClient(timeout=timeout_s, verify=_tls_context()) as http:
             return await http.request(method, f"{self.settings.identity_url}{path}",
                                       headers={"Authorization": f"Bearer {key}"}, **request)
 
+    async def identity_lookup(self, customer_id: str) -> IdentityLookup:
+        """Ask identity's `GET /v1/customers/{id}` for the customer's identifiers; never raise: the page
+        shows what it has and says why identity's part is missing."""
+        if not self.settings.identity_url:
+            return IdentityLookup(None, "Set TOUCHSTREAM_CONSOLE_IDENTITY_URL to show the identifiers identity holds.")
+        try:
+            response = await self._call_identity("GET", f"/v1/customers/{quote(customer_id, safe='')}",
+                                                 timeout_s=self.settings.identity_timeout_s)
+        except httpx.HTTPError as exc:
+            return IdentityLookup(None, f"identity did not answer ({type(exc).__name__}); the identifiers are not "
+                                        "shown. Reload to try again.")
+        if response.status_code == 404:
+            return IdentityLookup(None)
+        if response.status_code in (401, 403):
+            return IdentityLookup(None, "identity refused the console's admin key "
+                                        "(TOUCHSTREAM_CONSOLE_IDENTITY_ADMIN_KEY).")
+        if response.status_code != 200:
+            return IdentityLookup(None, f"identity could not show this customer (HTTP {response.status_code}).")
+        try:
+            return IdentityLookup(identity_profile(response.json()))
+        except (ValueError, IdentityAnswerError) as exc:
+            log.warning("identity's customer view was not understood: %s", exc)
+            return IdentityLookup(None, f"identity's answer was not understood ({exc}).")
+
     async def _customer_context(self, customer_id: str) -> dict[str, Any] | None:
         record = await self.store.customer(customer_id)
-        identity: CustomerView | None = await read_customer(self.client, self.layout, record.customer_id)
-        if not record.known and identity is None:
-            return None
-        fired = [a.action_id for a in record.actions if a.outcome == "fired"]
-        record.delivered = await self.ledger.delivered(fired)
+        identity = await self.identity_lookup(record.customer_id)
+        if not record.known and identity.profile is None:
+            return None  # neither the read model nor identity knows it (or identity cannot say)
         points = [(s.event_time_ms, s.churn_risk, s.purchase_propensity) for s in record.scores]
         marks = [(a.event_time_ms, a.outcome, a.rule_id) for a in record.actions]
         chart = score_chart(points, [(f"{rid} ({score} {value:g})", value) for rid, score, value in self.thresholds],

@@ -9,12 +9,11 @@ from services.console.readmodel import (
     ActionTaken,
     CustomersMerged,
     DeadLettered,
-    DeliveryFailed,
+    DeliveryEnded,
     ScoreUpdated,
     TouchpointSeen,
 )
 from services.console.store import ReadModelStore
-from services.triggers.state_store import delivered_key
 
 pytestmark = pytest.mark.integration
 
@@ -135,16 +134,24 @@ async def test_dead_letters_are_counted_once_per_record(store: ReadModelStore) -
     assert await store.dead_letters() == [("ingest", "schema", 2), ("identity", "no usable identifier", 1)]
 
 
-async def test_a_failed_delivery_shows_on_the_action_and_follows_a_merge(store: ReadModelStore) -> None:
-    await store.apply([action("c_b", "r", "fired", 1), action("c_c", "r", "fired", 1),
-                       DeadLettered("delivery", "endpoint", "d1",
-                                    DeliveryFailed("c_b", "a-r-c_b-1", "HTTP 500", "r"))])
-    assert (await store.customer("c_b")).failed == {"a-r-c_b-1": "HTTP 500"}
-    await store.client.set(delivered_key("a-r-c_c-1"), 1)  # what triggers writes on a receiver's 2xx
+def ended(cid: str, action_id: str, outcome: str, attempts: int = 1, status: int | None = 204,
+          reason: str | None = None) -> DeliveryEnded:
+    return DeliveryEnded(action_id, "r", cid, "marketing", outcome, attempts, status, reason, 1000, 1400)
+
+
+async def test_how_deliveries_ended_shows_on_the_actions_counts_once_and_follows_a_merge(
+        store: ReadModelStore) -> None:
+    failed = ended("c_b", "a-r-c_b-1", "dead_lettered", 10, 500, "webhook: HTTP 500 after 10 tries")
+    delivered = ended("c_c", "a-r-c_c-1", "delivered")
+    # The outcome may arrive before the action it is about (two topics): both orders end the same.
+    await store.apply([failed, action("c_b", "r", "fired", 1), action("c_c", "r", "fired", 1), delivered])
+    await store.apply([failed, delivered])  # replayed: counted once
+    assert (await store.customer("c_b")).deliveries == {"a-r-c_b-1": failed}
+    assert (await store.customer("c_c")).deliveries == {"a-r-c_c-1": delivered}
     counts = await store.rule_counts("r")
     assert (counts.delivered, counts.delivery_failed) == (1, 1)
     await store.apply([CustomersMerged("g", "c_a", "c_b", "merge", "shared_identifier", 2)])
-    assert (await store.customer("c_a")).failed == {"a-r-c_b-1": "HTTP 500"}
+    assert (await store.customer("c_a")).deliveries == {"a-r-c_b-1": failed}
 
 
 async def test_forget_leaves_no_trace_of_the_customer_or_the_ids_merged_into_it(store: ReadModelStore) -> None:
@@ -153,7 +160,7 @@ async def test_forget_leaves_no_trace_of_the_customer_or_the_ids_merged_into_it(
                        CustomersMerged("g-1", "c_x", "c_y", "merge", "shared_identifier", 3),
                        CustomersMerged("u-1", "c_k", "c_x", "unmerge", "operator", 4),
                        touch("c_keep", 5), score("c_keep", 5, 0.1), action("c_keep", "r", "fired", 5),
-                       DeadLettered("delivery", "endpoint", "d", DeliveryFailed("c_x", "a-r-c_x-1", "HTTP 500"))])
+                       ended("c_x", "a-r-c_x-1", "dead_lettered", 3, 500, "webhook: HTTP 500 after 3 tries")])
     assert await store.forget("c_y") == ["c_x", "c_y"]
     secrets = ("c_x", "c_y", "a-r-c_x-1", "a-r-c_y-2")
     found = []
