@@ -12,11 +12,8 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
-TIMELINE_CAP = 200
-SCORE_HISTORY_CAP = 200
-ACTIONS_CAP = 200
 PURCHASE_EVENT_NAMES = frozenset({"order completed", "purchase", "order placed", "checkout completed"})
 # Free-form properties are attacker-controlled and unbounded: keep a few, short, as text.
 MAX_PROPERTIES = 20
@@ -320,7 +317,21 @@ def dead_lettered(record: Mapping[str, Any]) -> DeadLettered:
 RESOLUTION_EVENT_NAMES = frozenset({"complaint resolved", "ticket resolved", "case closed", "ticket closed"})
 
 
-def open_complaints(timeline: Sequence[TouchpointSeen], now_ms: int) -> list[tuple[TouchpointSeen, int]]:
+class TimelineEvent(Protocol):
+    """What the complaint clock needs of a timeline entry."""
+
+    @property
+    def event_time_ms(self) -> int: ...
+    @property
+    def name(self) -> str | None: ...
+    @property
+    def feedback_kind(self) -> str | None: ...
+
+
+Event = TypeVar("Event", bound=TimelineEvent)
+
+
+def open_complaints(timeline: Sequence[Event], now_ms: int) -> list[tuple[Event, int]]:
     """Return complaints with no later resolution event, oldest first, each with how long it has been open.
 
     >>> def e(n, t, kind=None): return TouchpointSeen("c", f"m{t}", t, "track", n, "web", "s", None, None, kind, None)
@@ -329,7 +340,7 @@ def open_complaints(timeline: Sequence[TouchpointSeen], now_ms: int) -> list[tup
     [('m30', 70)]
     """
     ordered = sorted(timeline, key=lambda event: event.event_time_ms)
-    found: list[tuple[TouchpointSeen, int]] = []
+    found: list[tuple[Event, int]] = []
     for event in ordered:
         if event.feedback_kind == "complaint":
             found.append((event, max(0, now_ms - event.event_time_ms)))

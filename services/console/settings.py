@@ -36,6 +36,8 @@ class ConsoleSettings(BaseSettings):
     # Browsers only send Secure cookies over https; the local stack is plain http on loopback.
     cookie_secure: bool = False
     key_prefix: str = "ts:console:"
+    customer_ttl_days: float = Field(400, gt=0, description="A customer with no record for this long drops out of the "
+                                     "read model (its page; the overview's counts keep it).")
     # The same rule file triggers evaluates, so thresholds drawn on charts are the live ones.
     rules_file: Path = Field(
         DEFAULT_RULES_FILE,

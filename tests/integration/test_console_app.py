@@ -105,9 +105,9 @@ async def test_records_on_every_topic_reach_the_read_model(worker: tuple[Managed
     try:
         async def merged_and_complete() -> bool:
             assert process.alive(), "console worker exited; see test-artifacts/console-worker.log"
-            record = await store.customer(a)
-            return (len(record.timeline) == 2 and bool(record.actions) and bool(record.merges)
-                    and bool(record.deliveries))
+            record = await store.customer(b)  # b's hash becomes a redirect once a holds what it had
+            return (record.customer_id == a and len(record.timeline) == 2 and bool(record.actions)
+                    and bool(record.merges) and bool(record.deliveries))
 
         await wait_until(merged_and_complete, 90, "the read model")
         record = await store.customer(b)
