@@ -16,6 +16,8 @@ Key layout (prefix `ts:console:` by default):
     rules                    set of rule ids seen; rule:{<rule id>} set of the customers with an action of it
                              (each customer's tally of the rule is in its own hash)
     dl:<stage>:<reason>      set of dead-letter digests (the count); dlreasons lists those keys
+    pipeline:minutes         hash epoch minute -> the pipeline's sample of that minute (charts.PipelineSample),
+                             the last HISTORY_MINUTES: a ring buffer, written by the sampler every few seconds
 
 Every write is idempotent (entries keyed by message, action or merge id; tallies and counts only
 move when an entry is new or newer), so a batch handled twice changes nothing. A batch is one round
@@ -33,6 +35,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
+from services.console.charts import HISTORY_MINUTES, PipelineSample
 from services.console.entries import (
     ACTIONS_CAP,
     PURCHASES_CAP,
@@ -783,3 +786,19 @@ class ReadModelStore:
             replies = await pipe.execute()
         return sum(converted_within(first_action_ms[cid], purchase_times(found), window_ms)
                    for cid, found in zip(customers, replies, strict=True))
+
+    async def record_pipeline_sample(self, sample: PipelineSample) -> None:
+        """Keep `sample` as its minute's (the latest sample of a minute wins) and drop minutes past the window."""
+        key = self.key("pipeline", "minutes")
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.hset(key, str(sample.minute), sample.to_json())
+            pipe.hkeys(key)
+            _, minutes = await pipe.execute()
+        old = [m for m in minutes if int(m) <= sample.minute - HISTORY_MINUTES]
+        if old:
+            await self.client.hdel(key, *old)
+
+    async def pipeline_samples(self) -> list[PipelineSample]:
+        """Return the kept minute samples, oldest first."""
+        found = await self.client.hgetall(self.key("pipeline", "minutes"))
+        return sorted((PipelineSample.from_json(text) for text in found.values()), key=lambda s: s.minute)

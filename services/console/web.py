@@ -34,6 +34,19 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import Histogram
 
+from services.console.charts import (
+    PipelineSample,
+    dead_letter_bars,
+    latency_lines,
+    line_table,
+    quality_lines,
+    rate_lines,
+    recent_samples,
+    score_lines,
+    segment_heatmap,
+    segment_sankey,
+    uplift_forest,
+)
 from services.console.identities import IdentityAnswerError, IdentityProfile, identity_profile
 from services.console.quality import (
     CounterRate,
@@ -52,10 +65,10 @@ from services.console.readmodel import (
     duration_in_words,
     open_complaints,
     reason_in_words,
-    score_chart,
 )
 from services.console.settings import ConsoleSettings
 from services.console.store import ReadModelStore
+from services.console.vendor import ECHARTS
 from services.identity.admin import hash_admin_key, is_admin
 from services.triggers.rules import Rule, ScoreCrossing
 from touchstream.client_address import client_address
@@ -87,7 +100,14 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
-STATIC_FILES = {"console.css": "text/css", "console.js": "text/javascript"}
+# Served by name from a fixed list (no request path ever reaches the filesystem): name -> (file, type, max age).
+# The chart library's URL carries its version (the pages link `?v=<version>`), so browsers may keep it a year.
+STATIC_FILES = {
+    "console.css": ("console.css", "text/css", 300),
+    "console.js": ("console.js", "text/javascript", 300),
+    "charts.js": ("charts.js", "text/javascript", 300),
+    "echarts.min.js": (f"vendor/{ECHARTS.name}", "text/javascript", 365 * 86_400),
+}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -118,6 +138,15 @@ ARRIVALS = (
 )
 
 
+# The console's own line on the pipeline charts: records it applied to the read model.
+CONSOLE_STAGE = "console"
+
+
+def _digest(value: Any) -> str:
+    """A short fingerprint of JSON-shaped data (what a live page compares to know it changed)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def _time(ms: int | None) -> str:
     if ms is None:
         return "-"
@@ -135,6 +164,8 @@ def template_env() -> jinja2.Environment:
     env.filters["time"] = _time
     env.filters["pct"] = _pct
     env.globals["reason_in_words"] = reason_in_words
+    env.globals["chart_library_version"] = ECHARTS.version
+    env.globals["line_table"] = line_table
     env.filters["duration"] = duration_in_words
     env.filters["latency_ms"] = lambda ms: seconds_in_words(max(0, ms) / 1000)
     return env
@@ -161,6 +192,12 @@ def safe_next(target: str | None) -> str:
     if parts.scheme or parts.netloc or parts.path.startswith("//"):
         return "/overview"
     return target
+
+
+@cache
+def _static_bytes(path: str) -> bytes:
+    """A static file's bytes, read once (they only change with a new release)."""
+    return (HERE / "static" / path).read_bytes()
 
 
 def _json_object(response: httpx.Response) -> dict[str, Any]:
@@ -275,6 +312,8 @@ class ConsoleWeb:
         self.feed_rate = feed_rate
         self.arrivals = arrivals
         self.stage_rates = {stage.name: CounterRate() for stage in STAGES}
+        # The services' /metrics texts of the latest sample (the live overview reads these, never scrapes).
+        self.last_texts: dict[str, str | None] = {}
 
     def register(self, router: web.UrlDispatcher) -> None:
         """Add every route to `router` (the Faust worker's aiohttp app, or a test app)."""
@@ -288,6 +327,10 @@ class ConsoleWeb:
         router.add_get("/customers/{customer_id}",
                        self._secure(self._authed(self._timed("customer", self.customer_page))))
         router.add_get("/customers/{customer_id}/live", self._secure(self._authed(self.customer_live)))
+        router.add_get("/overview/live", self._secure(self._authed(self.overview_live)))
+        router.add_get("/overview/fragment", self._secure(self._authed(self.overview_fragment)))
+        router.add_get("/rules/live", self._secure(self._authed(self.rules_live)))
+        router.add_get("/rules/fragment", self._secure(self._authed(self.rules_fragment)))
         router.add_get("/customers/{customer_id}/fragment", self._secure(self._authed(self.customer_fragment)))
         router.add_get("/customers/{customer_id}/split", self._secure(self._authed(self.split_form)))
         router.add_post("/customers/{customer_id}/split", self._secure(self._authed(self.split, csrf=True)))
@@ -297,6 +340,8 @@ class ConsoleWeb:
         router.add_get("/v1/rules/{rule_id}/outcomes", self._secure(self._authed(self.rule_outcomes_json,
                                                                                   api=True)))
         router.add_get("/static/{name}", self._secure(self.static))
+        # Browsers ask for one on every page; "no content" keeps their consoles free of a 404.
+        router.add_get("/favicon.ico", self._secure(self.no_icon))
 
     # -- plumbing -------------------------------------------------------------------------------------
 
@@ -350,13 +395,18 @@ class ConsoleWeb:
         return web.Response(text=body, content_type="text/html", charset="utf-8", status=status)
 
     async def static(self, request: web.Request) -> web.StreamResponse:
-        """Serve the console's own stylesheet and script (a fixed list: no path ever reaches the filesystem)."""
-        content_type = STATIC_FILES.get(request.match_info["name"])
-        if content_type is None:
+        """Serve the console's stylesheet, scripts and the vendored chart library (a fixed list), compressed."""
+        found = STATIC_FILES.get(request.match_info["name"])
+        if found is None:
             raise web.HTTPNotFound()
-        body = (HERE / "static" / request.match_info["name"]).read_bytes()
-        return web.Response(body=body, content_type=content_type, charset="utf-8",
-                            headers={"Cache-Control": "public, max-age=300"})
+        path, content_type, max_age_s = found
+        response = web.Response(body=_static_bytes(path), content_type=content_type, charset="utf-8",
+                                headers={"Cache-Control": f"public, max-age={max_age_s}"})
+        response.enable_compression()
+        return response
+
+    async def no_icon(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(status=204, headers={"Cache-Control": "public, max-age=86400"})
 
     # -- login ----------------------------------------------------------------------------------------
 
@@ -497,7 +547,7 @@ class ConsoleWeb:
             return None  # neither the read model nor identity knows it (or identity cannot say)
         points = [(s.event_time_ms, s.churn_risk, s.purchase_propensity) for s in record.scores]
         marks = [(a.event_time_ms, a.outcome, a.rule_id) for a in record.actions]
-        chart = score_chart(points, [(f"{rid} ({score} {value:g})", value) for rid, score, value in self.thresholds],
+        chart = score_lines(points, [(f"{rid} ({score} {value:g})", value) for rid, score, value in self.thresholds],
                             marks)
         complaints = open_complaints(record.timeline, int(time.time() * 1000))
         return {"c": record, "identity": identity, "chart": chart, "latest": record.latest_score,
@@ -519,19 +569,24 @@ class ConsoleWeb:
         return self._page("customer_live.html", session, **context)
 
     async def customer_live(self, request: web.Request, session: Session) -> web.StreamResponse:
-        """Server-Sent Events: say `changed` whenever the customer's timeline, scores or actions change."""
+        """Server-Sent Events: say `changed` whenever anything the customer's page shows changes."""
         customer_id = request.match_info["customer_id"]
+        return await self._changes(request, lambda: self.store.change_marker(customer_id))
+
+    async def _changes(self, request: web.Request, marker: Callable[[], Awaitable[str]]) -> web.StreamResponse:
+        """Server-Sent Events: `changed` each time `marker()` gives something new (polled every live_poll_s)."""
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
                                                **{k: v for k, v in SECURITY_HEADERS.items() if k != "Cache-Control"}})
+        # The state the page was drawn from is taken before the client hears back, so no change slips between.
+        last = await marker()
         await response.prepare(request)
-        last = await self.store.change_marker(customer_id)
         await response.write(b"retry: 2000\n\n")
         try:
             while True:
                 await asyncio.sleep(self.settings.live_poll_s)
-                marker = await self.store.change_marker(customer_id)
-                if marker != last:
-                    last = marker
+                current = await marker()
+                if current != last:
+                    last = current
                     await response.write(b"event: changed\ndata: {}\n\n")
                 else:
                     await response.write(b": keep-alive\n\n")
@@ -661,7 +716,25 @@ class ConsoleWeb:
             total = counter_total(text, stage.metric, {"topic": stage.topic}) if text is not None else None
             if total is not None:
                 self.stage_rates[stage.name].add(total, now)
-        return {stage.name: text for stage, text in zip(STAGES, texts, strict=True)}
+        self.last_texts = {stage.name: text for stage, text in zip(STAGES, texts, strict=True)}
+        await self.store.record_pipeline_sample(self._pipeline_sample(now))
+        return self.last_texts
+
+    def _pipeline_sample(self, now_s: float) -> PipelineSample:
+        """This minute of the pipeline, for the overview's last hour: rates, latencies over the last minute, quality."""
+        rates = {stage.name: self.stage_rates[stage.name].per_second(now_s) for stage in STAGES}
+        rates[CONSOLE_STAGE] = self.feed_rate.per_second(now_s) if self.feed_rate is not None else None
+        latency = {}
+        for topic, label in ARRIVALS:
+            seen = self.arrivals.quantiles(topic, now_s) if self.arrivals is not None else None
+            if seen is not None:
+                latency[label] = {str(q): v for q, v in seen[1].items()}
+        scoring = self.last_texts.get("scoring")
+        quality = model_quality(scoring) if scoring is not None else None
+        learned = quality is not None and bool(quality.examples_learned)
+        return PipelineSample(int(now_s // 60), rates, latency, {
+            key: getattr(quality, key) if learned else None
+            for key in ("roc_auc", "log_loss", "brier", "calibration_error")})
 
     def _arrival_rows(self, now_s: float) -> list[tuple[str, int, dict[float, str]]]:
         rows = []
@@ -671,27 +744,45 @@ class ConsoleWeb:
                 rows.append((label, seen[0], {q: seconds_in_words(v) for q, v in seen[1].items()}))
         return rows
 
-    async def overview(self, request: web.Request, session: Session) -> web.StreamResponse:
+    async def _overview_context(self, texts: dict[str, str | None]) -> dict[str, Any]:
         segments = await self.store.segments()
-        seg_names = sorted({s for s, _ in segments})
-        stage_names = sorted({st for _, st in segments})
-        texts = await self.sample_pipeline()
-        scoring, triggers = texts["scoring"], texts["triggers"]
+        scoring, triggers = texts.get("scoring"), texts.get("triggers")
         quality: ModelQuality | None = model_quality(scoring) if scoring is not None else None
         quantiles = latency_quantiles(triggers, "touchstream_triggers_event_to_webhook_seconds") if triggers else None
         latency = latency_words(quantiles) if quantiles else None
         now = time.time()
         feed = self.feed_rate.per_second(now) if self.feed_rate is not None else None
-        rates = [(stage, bool(self._metrics_url(stage.name)), texts[stage.name] is not None,
+        rates = [(stage, bool(self._metrics_url(stage.name)), texts.get(stage.name) is not None,
                   self.stage_rates[stage.name].per_second(now)) for stage in STAGES]
-        return self._page(
-            "overview.html", session, segments=segments, seg_names=seg_names, stage_names=stage_names,
-            customers=await self.store.customer_count(), dead_letters=await self.store.dead_letters(),
-            flow=(await self.store.segment_flow(30))[:20],
-            quality=quality, quality_configured=bool(self.settings.scoring_metrics_url),
-            latency=latency, latency_configured=bool(self.settings.triggers_metrics_url), feed=feed,
-            rates=rates, arrivals=self._arrival_rows(now),
-        )
+        flow = await self.store.segment_flow(30)
+        dead_letters = await self.store.dead_letters()
+        history = recent_samples(await self.store.pipeline_samples(), int(now // 60))
+        charts = {
+            "segments": segment_heatmap(segments), "flow": segment_sankey(flow),
+            "rates": rate_lines(history, [*(stage.name for stage in STAGES), CONSOLE_STAGE]),
+            "latency": latency_lines(history, [label for _, label in ARRIVALS]),
+            "quality": quality_lines(history), "dead_letters": dead_letter_bars(dead_letters),
+        }
+        return {"segments": segments, "seg_names": charts["segments"]["rows"],
+                "stage_names": charts["segments"]["columns"], "customers": await self.store.customer_count(),
+                "dead_letters": dead_letters, "flow": flow, "quality": quality,
+                "quality_configured": bool(self.settings.scoring_metrics_url), "latency": latency,
+                "latency_configured": bool(self.settings.triggers_metrics_url), "feed": feed, "rates": rates,
+                "arrivals": self._arrival_rows(now), "charts": charts}
+
+    async def overview(self, request: web.Request, session: Session) -> web.StreamResponse:
+        return self._page("overview.html", session, **await self._overview_context(await self.sample_pipeline()))
+
+    async def overview_fragment(self, request: web.Request, session: Session) -> web.StreamResponse:
+        # The sampler's latest scrape (every pipeline_sample_s): a live page never scrapes the services itself.
+        return self._page("overview_live.html", session, **await self._overview_context(self.last_texts))
+
+    async def overview_live(self, request: web.Request, session: Session) -> web.StreamResponse:
+        """Server-Sent Events: `changed` whenever a number or chart of the overview would change."""
+        async def marker() -> str:
+            context = await self._overview_context(self.last_texts)
+            return _digest({name: context[name] for name in ("charts", "customers", "rates", "arrivals", "feed")})
+        return await self._changes(request, marker)
 
     async def outcomes_clock(self) -> int:
         """The "now" that closes attribution windows: the newest event time the read model applied.
@@ -728,11 +819,23 @@ class ConsoleWeb:
             "outcome": outcome.to_json(),
         }
 
-    async def rules_page(self, request: web.Request, session: Session) -> web.StreamResponse:
+    async def _rules_context(self) -> dict[str, Any]:
         ids = sorted(set(await self.store.rule_ids()) | set(self.rules))
         now = await self.outcomes_clock()
         rows = [await self.rule_outcomes(rule_id, now) for rule_id in ids]
-        return self._page("rules.html", session, rows=rows, rules=self.rules, clock_ms=now)
+        return {"rows": rows, "rules": self.rules, "clock_ms": now, "forest": uplift_forest(rows)}
+
+    async def rules_page(self, request: web.Request, session: Session) -> web.StreamResponse:
+        return self._page("rules.html", session, **await self._rules_context())
+
+    async def rules_fragment(self, request: web.Request, session: Session) -> web.StreamResponse:
+        return self._page("rules_live.html", session, **await self._rules_context())
+
+    async def rules_live(self, request: web.Request, session: Session) -> web.StreamResponse:
+        """Server-Sent Events: `changed` whenever a rule's counts or outcome change."""
+        async def marker() -> str:
+            return _digest((await self._rules_context())["rows"])
+        return await self._changes(request, marker)
 
     async def rule_outcomes_json(self, request: web.Request, session: Session) -> web.StreamResponse:
         rule_id = request.match_info["rule_id"]

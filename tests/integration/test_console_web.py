@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -13,10 +16,12 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from aiokafka import AIOKafkaProducer
 
+from services.console.charts import PipelineSample
 from services.console.quality import LatencyWindow, RateMeter
 from services.console.readmodel import ActionTaken, DeadLettered, DeliveryEnded, ScoreUpdated, TouchpointSeen
 from services.console.settings import ConsoleSettings
 from services.console.store import ReadModelStore
+from services.console.vendor import ECHARTS
 from services.console.web import CSP, LOGIN_COOKIE, SESSION_COOKIE, STAGES, ConsoleWeb, Lockout, LoginThrottle
 from services.identity.admin import hash_admin_key
 from services.triggers.rules import parse_rules
@@ -111,8 +116,17 @@ async def test_static_files_are_a_fixed_list_with_nosniff(console: TestClient) -
     assert script.status == 200 and script.headers["Content-Type"].startswith("text/javascript")
     assert script.headers["X-Content-Type-Options"] == "nosniff"
     assert "EventSource" in await script.text()
-    for path in ("/static/..%2Fweb.py", "/static/web.py", "/static/%2e%2e%2fsettings.py"):
+    for path in ("/static/..%2Fweb.py", "/static/web.py", "/static/%2e%2e%2fsettings.py",
+                 "/static/vendor/echarts.min.js", "/static/echarts-LICENSE"):
         assert (await console.get(path)).status == 404, path
+    # The vendored chart library: its URL carries the version, so it is cached long, and sent compressed.
+    library = await console.get(f"/static/echarts.min.js?v={ECHARTS.version}", headers={"Accept-Encoding": "gzip"})
+    assert library.status == 200 and library.headers["Content-Encoding"] == "gzip"
+    assert library.headers["Cache-Control"] == "public, max-age=31536000"
+    assert hashlib.sha256(await library.read()).hexdigest() == ECHARTS.sha256
+    charts = await console.get("/static/charts.js")
+    assert charts.status == 200 and "renderMode" in await charts.text()
+    assert (await console.get("/favicon.ico")).status == 204
 
 
 async def test_a_post_without_the_csrf_token_is_refused(console: TestClient) -> None:
@@ -761,3 +775,78 @@ async def test_the_console_finds_a_customer_through_the_real_identity_worker(
         text = await page.text()
         [hashed] = [i["value"] for i in resolved["event"]["identifiers"] if i["type"] == "email"]
         assert page.status == 200 and hashed[:12] in text and email not in text
+
+
+async def next_event(response: Any, within_s: float = 10.0) -> str:
+    """Read a Server-Sent Events stream until an event (not a comment) arrives; return its name."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        line = (await asyncio.wait_for(response.content.readline(), timeout=within_s)).decode().strip()
+        if line.startswith("event: "):
+            return line[len("event: "):]
+    raise AssertionError("no event")
+
+
+async def test_the_overview_and_rules_pages_hear_of_changes_and_serve_their_fresh_parts(
+        redis_client: aioredis.Redis) -> None:
+    settings = ConsoleSettings(admin_keys=frozenset({hash_admin_key(KEY)}), live_poll_s=0.1, min_group_size=1)
+    store = ReadModelStore(redis_client)
+    app = web.Application()
+    ConsoleWeb(store, settings, RULES).register(app.router)
+    async with TestClient(TestServer(app)) as client:
+        await logged_in(client)
+        overview = await client.get("/overview/live")
+        assert overview.headers["Content-Type"] == "text/event-stream"
+        await store.apply([DeadLettered("scoring", "bad feature", "d-1")])
+        assert await next_event(overview) == "changed"
+        overview.close()
+        fragment = await (await client.get("/overview/fragment")).text()
+        assert "<html" not in fragment and "scoring: bad feature" in fragment and 'id="dead-letters"' in fragment
+        rules = await client.get("/rules/live")
+        await store.apply([ActionTaken("a-1", "churn-high", "c_1", "fired", None, "marketing", 1000, 1000)])
+        assert await next_event(rules) == "changed"
+        rules.close()
+        part = await (await client.get("/rules/fragment")).text()
+        assert '<tr data-rule="churn-high">' in part and '<td class="fired">1</td>' in part
+        assert (await client.get("/overview/fragment", allow_redirects=False)).status == 200
+    async with TestClient(TestServer(app)) as anonymous:  # a stranger gets the login, never the numbers
+        assert (await anonymous.get("/overview/fragment", allow_redirects=False)).status == 303
+        assert (await anonymous.get("/rules/live", allow_redirects=False)).status == 303
+
+
+async def test_each_sample_of_the_pipeline_is_kept_for_an_hour_and_shown_on_the_overview(
+        redis_client: aioredis.Redis) -> None:
+    scoring = web.Application()
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(text="touchstream_scoring_prequential_roc_auc_ratio 0.8125\n"
+                                 'touchstream_scoring_examples_learned_total{label="1"} 12.0\n'
+                                 'touchstream_scoring_events_in_total{topic="touchpoints.resolved"} 10.0\n')
+
+    scoring.router.add_get("/metrics", metrics)
+    server = TestServer(scoring)
+    await server.start_server()
+    store = ReadModelStore(redis_client)
+    arrivals = LatencyWindow()
+    now = time.time()
+    for latency in (0.1, 0.2, 0.3):
+        arrivals.add("scores", latency, now)
+    settings = ConsoleSettings(admin_keys=frozenset({hash_admin_key(KEY)}),
+                               scoring_metrics_url=str(server.make_url("/metrics")))
+    pages = ConsoleWeb(store, settings, RULES, arrivals=arrivals)
+    app = web.Application()
+    pages.register(app.router)
+    try:
+        old = PipelineSample(int(now // 60) - 61, {"ingest": 5.0})
+        await store.record_pipeline_sample(old)
+        await pages.sample_pipeline(now)
+        [sample] = await store.pipeline_samples()  # the one past the hour went when the new one came
+        assert sample.minute == int(now // 60) and sample.quality["roc_auc"] == 0.8125
+        assert sample.latency == {"visible here as a score (after scoring)": {"0.5": 0.2, "0.95": 0.3, "0.99": 0.3}}
+        async with TestClient(TestServer(app)) as client:
+            await logged_in(client)  # the overview samples again (the same minute: its latest sample wins)
+            page = await (await client.get("/overview/fragment")).text()
+    finally:
+        await server.close()
+    assert 'id="chart-quality"' in page and 'id="quality-history"' in page and "0.8125" in page
+    assert 'id="chart-latency"' in page and "visible here as a score (after scoring) p50" in page

@@ -18,7 +18,6 @@ from services.console.readmodel import (
     delivery_ended,
     follow_merges,
     reason_in_words,
-    score_chart,
     score_updated,
     touchpoint_seen,
 )
@@ -120,16 +119,6 @@ def test_conversion_counts_only_inside_the_window_after_the_action() -> None:
 def test_reasons_read_as_words() -> None:
     assert reason_in_words("recency_days", 0.5) == "Days since the last purchase raises churn risk"
     assert reason_in_words("some_new_feature", -2.0) == "Some new feature strongly lowers churn risk"
-
-
-def test_chart_places_thresholds_and_actions_on_the_time_axis() -> None:
-    chart = score_chart([(100, 1.0, 0.0), (0, 0.0, 1.0)], [("r", 0.75)], [(50, "fired", "r")],
-                        width=200, height=100, pad=0)
-    assert chart.risk == "0.0,100.0 200.0,0.0"  # sorted by event time, y grows downwards
-    assert chart.propensity == "0.0,0.0 200.0,100.0"
-    assert chart.thresholds == (("r", 0.75, 25.0),)
-    assert chart.marks == (("fired", "r", 100.0),)
-    assert score_chart([], [], []).empty
 
 
 def test_only_score_crossing_rules_give_thresholds() -> None:
