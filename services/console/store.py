@@ -14,7 +14,8 @@ Key layout (prefix `ts:console:` by default):
     {seg}:flow:<day>         hash "from>to" -> changes that day (event-time days since 1970), kept FLOW_KEEP_DAYS;
                              {seg}:days lists the newest days seen
     rules                    set of rule ids seen; rule:{<rule id>} set of the customers with an action of it
-                             (each customer's tally of the rule is in its own hash)
+                             (each customer's tally of the rule is in its own hash); rules:version counts
+                             the batches that touched a tally (the live rules page's change marker)
     dl:<stage>:<reason>      set of dead-letter digests (the count); dlreasons lists those keys
     pipeline:minutes         hash epoch minute -> the pipeline's sample of that minute (charts.PipelineSample),
                              the last HISTORY_MINUTES: a ring buffer, written by the sampler every few seconds
@@ -27,6 +28,7 @@ works) and one command per shared key. Only records for an id merged away meanwh
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -492,6 +494,8 @@ class ReadModelStore:
             pipe.sadd(self.key("rules"), *rules)
         for rule, customers in batch.rule_customers.items():
             pipe.sadd(self.rule_key(rule), *customers)
+        if batch.rule_customers:
+            pipe.incr(self.key("rules", "version"))
         for (stage, reason), digests in batch.dead_letters.items():
             pipe.sadd(self.key("dl", stage, reason), *digests)
             pipe.sadd(self.key("dlreasons"), json.dumps([stage, reason]))
@@ -685,6 +689,7 @@ class ReadModelStore:
             pipe.delete(*(self.ckey(cid) for cid in ids))
             for rule in rules:
                 pipe.srem(self.rule_key(rule), *ids)
+            pipe.incr(self.key("rules", "version"))
             pipe.srem(self.key("customers"), *ids)
             pipe.hdel(self.key("merged_into"), *ids)
             pipe.hdel(self.key("mentions"), *ids)
@@ -786,6 +791,28 @@ class ReadModelStore:
             replies = await pipe.execute()
         return sum(converted_within(first_action_ms[cid], purchase_times(found), window_ms)
                    for cid, found in zip(customers, replies, strict=True))
+
+    async def rules_marker(self) -> str:
+        """A token that changes whenever a rule's counts may have (a tally moved, or the clock closed windows)."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.get(self.key("rules", "version"))
+            pipe.zscore(self.key("clock"), "event_time")
+            version, clock = await pipe.execute()
+        return f"{_text(version or b'0')}|{clock}"
+
+    async def overview_marker(self) -> str:
+        """A token that changes with the overview's numbers: segment counts and the newest day's changes,
+        customers, dead letters, the pipeline's samples (a few commands, whatever the number of customers)."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.key("{seg}", "counts"))
+            pipe.zrevrange(self.key("{seg}", "days"), 0, 0)
+            pipe.scard(self.key("customers"))
+            pipe.hgetall(self.key("pipeline", "minutes"))
+            counts, last_day, customers, samples = await pipe.execute()
+        flow = await self.client.hgetall(self.key("{seg}", "flow", _text(last_day[0]))) if last_day else {}
+        state = [sorted(counts.items()), sorted(flow.items()), customers, sorted(samples.items()),
+                 await self.dead_letters()]
+        return hashlib.sha256(repr(state).encode()).hexdigest()
 
     async def record_pipeline_sample(self, sample: PipelineSample) -> None:
         """Keep `sample` as its minute's (the latest sample of a minute wins) and drop minutes past the window."""

@@ -142,11 +142,6 @@ ARRIVALS = (
 CONSOLE_STAGE = "console"
 
 
-def _digest(value: Any) -> str:
-    """A short fingerprint of JSON-shaped data (what a live page compares to know it changed)."""
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def _time(ms: int | None) -> str:
     if ms is None:
         return "-"
@@ -778,11 +773,8 @@ class ConsoleWeb:
         return self._page("overview_live.html", session, **await self._overview_context(self.last_texts))
 
     async def overview_live(self, request: web.Request, session: Session) -> web.StreamResponse:
-        """Server-Sent Events: `changed` whenever a number or chart of the overview would change."""
-        async def marker() -> str:
-            context = await self._overview_context(self.last_texts)
-            return _digest({name: context[name] for name in ("charts", "customers", "rates", "arrivals", "feed")})
-        return await self._changes(request, marker)
+        """Server-Sent Events: `changed` whenever the overview's numbers change (the pipeline's every sample)."""
+        return await self._changes(request, self.store.overview_marker)
 
     async def outcomes_clock(self) -> int:
         """The "now" that closes attribution windows: the newest event time the read model applied.
@@ -832,10 +824,8 @@ class ConsoleWeb:
         return self._page("rules_live.html", session, **await self._rules_context())
 
     async def rules_live(self, request: web.Request, session: Session) -> web.StreamResponse:
-        """Server-Sent Events: `changed` whenever a rule's counts or outcome change."""
-        async def marker() -> str:
-            return _digest((await self._rules_context())["rows"])
-        return await self._changes(request, marker)
+        """Server-Sent Events: `changed` whenever a rule's counts or outcome may have changed."""
+        return await self._changes(request, self.store.rules_marker)
 
     async def rule_outcomes_json(self, request: web.Request, session: Session) -> web.StreamResponse:
         rule_id = request.match_info["rule_id"]
