@@ -44,7 +44,6 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from aiokafka import AIOKafkaProducer
 from bench_pipeline import process_cpu_s
-from prometheus_client.parser import text_string_to_metric_families
 
 from services.console.readmodel import ActionTaken, ScoreUpdated, TouchpointSeen
 from services.console.settings import ConsoleSettings
@@ -63,6 +62,7 @@ from touchstream.embedded import (
     start_broker,
     start_valkey,
 )
+from touchstream.replay import sum_metric
 from touchstream.topics import ACTION_DELIVERIES, ACTIONS, SCORES, TOUCHPOINTS_RESOLVED
 
 REPO = Path(__file__).resolve().parents[1]
@@ -230,16 +230,6 @@ def consumed_topics(source: Path) -> set[str]:
     return set(answer.stdout.split())
 
 
-def metric_sum(text: str, name: str, **labels: str) -> float:
-    """Sum the samples of `name` in a /metrics text whose labels include `labels`."""
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
-
-
 async def produce(bootstrap: str, records: list[tuple[str, str, bytes]], events_per_s: float) -> None:
     """Send `records` (four per event), all at once (`events_per_s` 0) or an event at a time at that rate."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5 if not events_per_s else 0,
@@ -297,8 +287,8 @@ async def read_model_cost(source: Path, records: list[tuple[str, str, bytes]], c
             deadline = time.monotonic() + 900
             while True:
                 text = (await http.get("/metrics")).text
-                seen = {topic: metric_sum(text, "touchstream_console_events_in_total", topic=topic) for topic in topics}
-                lag = metric_sum(text, "touchstream_console_consumer_lag_messages")
+                seen = {topic: sum_metric(text, "touchstream_console_events_in_total", topic=topic) for topic in topics}
+                lag = sum_metric(text, "touchstream_console_consumer_lag_messages")
                 if all(seen[t] >= expected[t] for t in topics) and lag == 0:
                     break
                 assert worker.alive(), f"console worker of {source} exited; see its log"
@@ -308,7 +298,7 @@ async def read_model_cost(source: Path, records: list[tuple[str, str, bytes]], c
             worker_cpu, redis_cpu = process_cpu_s(worker.pid) - worker_cpu, process_cpu_s(redis_pid) - redis_cpu
             memory = int((await redis.info("memory"))["used_memory"]) - memory_before
             keys = int(await redis.dbsize())
-            batches = metric_sum(text, "touchstream_console_batch_size_events_count")
+            batches = sum_metric(text, "touchstream_console_batch_size_events_count")
     finally:
         worker.stop()
         await redis.aclose()

@@ -81,7 +81,9 @@ MAX_MERGE_HOPS = 64
 _COUNTERS = (b"into", b"n:t", b"n:s", b"n:a", b"v")
 
 # Shared by the scripts below; runs on one customer's hash, KEYS[1]. ARGV starts with the TTL, the trim
-# slack, the purchase cap and the caps of touchpoints, score points and actions.
+# slack, the purchase cap and the caps of touchpoints, score points and actions. Fields are read
+# through a cache (the apply script loads all it needs with one HMGET) and written at the end with one
+# HSET: a script call costs a few commands whatever the number of records.
 _PRELUDE = """
 local key = KEYS[1]
 local ttl, slack, purchase_cap = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -90,6 +92,41 @@ local added = {t = 0, s = 0, a = 0}
 local changed = false
 local tallies = {}
 local purchases = nil
+local cache, writes, order, deletes = {}, {}, {}, {}
+
+local function load(fields)
+  if #fields == 0 then return end
+  -- A customer seen for the first time (the common case while a pipeline runs) has nothing to read.
+  local found = redis.call('EXISTS', key) == 1 and redis.call('HMGET', key, unpack(fields)) or {}
+  for n, field in ipairs(fields) do cache[field] = found[n] or false end
+end
+local function get(field)
+  local value = cache[field]
+  if value == nil then
+    value = redis.call('HGET', key, field)
+    cache[field] = value
+  end
+  return value
+end
+local function put(field, value)
+  if writes[field] == nil then order[#order + 1] = field end
+  writes[field], cache[field], deletes[field] = value, value, nil
+end
+local function drop(field)
+  if cache[field] == false and writes[field] == nil then return end
+  writes[field], cache[field], deletes[field] = nil, false, true
+end
+local function flush()
+  local args = {}
+  for _, field in ipairs(order) do
+    if writes[field] ~= nil then args[#args + 1] = field; args[#args + 1] = writes[field] end
+  end
+  for n = 1, #args, 1000 do redis.call('HSET', key, unpack(args, n, math.min(n + 999, #args))) end
+  local gone = {}
+  for field in pairs(deletes) do gone[#gone + 1] = field end
+  if #gone > 0 then redis.call('HDEL', key, unpack(gone)) end
+  writes, order, deletes = {}, {}, {}
+end
 
 local function time_of(value) return tonumber(string.match(value, '^%[(%-?%d+)')) end
 
@@ -97,7 +134,7 @@ local function tally(rule)
   local found = tallies[rule]
   if found then return found end
   found = {}
-  local text = redis.call('HGET', key, 'r:' .. rule)
+  local text = get('r:' .. rule)
   if text then for name, value in string.gmatch(text, '([^;=]+)=([^;]*)') do found[name] = value end end
   tallies[rule] = found
   return found
@@ -108,47 +145,49 @@ local function earliest(counts, name, at)
 end
 
 local function add_entry(kind, id, value)
-  if redis.call('HSETNX', key, kind .. ':' .. id, value) == 0 then return false end
+  local field = kind .. ':' .. id
+  if get(field) then return false end
+  put(field, value)
   added[kind] = added[kind] + 1
   changed = true
   return true
 end
 local function set_channel(channel, at)
-  local seen = redis.call('HGET', key, 'ch:' .. channel)
-  if not seen or tonumber(seen) < tonumber(at) then redis.call('HSET', key, 'ch:' .. channel, at) end
+  local seen = get('ch:' .. channel)
+  if not seen or tonumber(seen) < tonumber(at) then put('ch:' .. channel, at) end
 end
 local function add_purchase(at)
   if not purchases then
     purchases = {}
-    local text = redis.call('HGET', key, 'pu')
+    local text = get('pu')
     if text then for seen in string.gmatch(text, '[^,]+') do purchases[seen] = true end end
   end
   purchases[at] = true
 end
 -- The newest explained score's segment, model and reasons; an older one arriving late changes nothing.
 local function set_latest(seg, model, why)
-  local current = redis.call('HGET', key, 'seg')
+  local current = get('seg')
   if current and time_of(current) > time_of(seg) then return end
   if current ~= seg then changed = true end
-  local fields, stale = {'seg', seg, 'mv', model}, {}
-  for n, reason in ipairs(why) do fields[#fields + 1] = 'why:' .. (n - 1); fields[#fields + 1] = reason end
+  put('seg', seg)
+  put('mv', model)
+  for n, reason in ipairs(why) do put('why:' .. (n - 1), reason) end
   -- A customer's first explained score has no older reasons to drop.
-  if current then for n = #why, 9 do stale[#stale + 1] = 'why:' .. n end end
-  redis.call('HSET', key, unpack(fields))
-  if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
+  if current then for n = #why, 9 do drop('why:' .. n) end end
 end
 -- How an action's delivery ended; counted once per action (a replay repeats the same outcome).
 local function set_delivery(id, value, rule)
-  local current = redis.call('HGET', key, 'd:' .. id)
+  local current = get('d:' .. id)
   local outcome = string.sub(value, 2, 2)
   if current and string.sub(current, 2, 2) == outcome then return end
   local counts = tally(rule)
   if current then bump(counts, string.sub(current, 2, 2) == '1' and 'd' or 'x', -1) end
   bump(counts, outcome == '1' and 'd' or 'x', 1)
-  redis.call('HSET', key, 'd:' .. id, value)
+  put('d:' .. id, value)
   changed = true
 end
 
+-- Trim a kind back to its cap, the oldest first (reads the whole hash: only once it is `slack` over).
 local function trim(kind)
   local everything = redis.call('HGETALL', key)
   local entries = {}
@@ -159,26 +198,32 @@ local function trim(kind)
     end
   end
   table.sort(entries, function(x, y) if x[1] ~= y[1] then return x[1] < y[1] end return x[2] < y[2] end)
-  local drop = math.max(0, #entries - caps[kind])
+  local drop_count = math.max(0, #entries - caps[kind])
   local gone = {}
-  for n = 1, drop do gone[#gone + 1] = entries[n][2] end
+  for n = 1, drop_count do gone[#gone + 1] = entries[n][2] end
   if kind == 'a' then
     -- A dropped action's delivery goes with it, and so does one whose action is gone already.
     local kept = {}
-    for n = drop + 1, #entries do kept[string.sub(entries[n][2], 3)] = true end
+    for n = drop_count + 1, #entries do kept[string.sub(entries[n][2], 3)] = true end
     for n = 1, #everything, 2 do
       local name = everything[n]
       if string.sub(name, 1, 2) == 'd:' and not kept[string.sub(name, 3)] then gone[#gone + 1] = name end
     end
   end
   if #gone > 0 then redis.call('HDEL', key, unpack(gone)) end
-  redis.call('HSET', key, 'n:' .. kind, #entries - drop)
+  redis.call('HSET', key, 'n:' .. kind, #entries - drop_count)
 end
 
--- Trim, write the purchases and tallies touched, bump the change counter, refresh the TTL.
+-- Count what was added, write the purchases, tallies and change counter, then everything in one HSET;
+-- trim what went past its cap; refresh the TTL.
 local function finish()
+  local over = {}
   for kind, n in pairs(added) do
-    if n > 0 and redis.call('HINCRBY', key, 'n:' .. kind, n) > caps[kind] + slack then trim(kind) end
+    if n > 0 then
+      local count = (tonumber(get('n:' .. kind)) or 0) + n
+      put('n:' .. kind, count)
+      if count > caps[kind] + slack then over[#over + 1] = kind end
+    end
   end
   if purchases then
     local times = {}
@@ -186,7 +231,7 @@ local function finish()
     table.sort(times, function(x, y) return tonumber(x) < tonumber(y) end)
     local kept = {}
     for n = math.max(1, #times - purchase_cap + 1), #times do kept[#kept + 1] = times[n] end
-    redis.call('HSET', key, 'pu', table.concat(kept, ','))
+    put('pu', table.concat(kept, ','))
   end
   for rule, counts in pairs(tallies) do
     local names = {}
@@ -194,9 +239,11 @@ local function finish()
     table.sort(names)
     local parts = {}
     for _, name in ipairs(names) do parts[#parts + 1] = name .. '=' .. counts[name] end
-    redis.call('HSET', key, 'r:' .. rule, table.concat(parts, ';'))
+    put('r:' .. rule, table.concat(parts, ';'))
   end
-  if changed then redis.call('HINCRBY', key, 'v', 1) end
+  if changed then put('v', (tonumber(get('v')) or 0) + 1) end
+  flush()
+  for _, kind in ipairs(over) do trim(kind) end
   redis.call('EXPIRE', key, ttl)
   return false
 end
@@ -211,9 +258,37 @@ end
 #   M merge-id entry                           a merge or split involving the customer
 # A merged-away id answers with its survivor and changes nothing: the caller sends the ops there.
 _APPLY = _PRELUDE + """
-local into = redis.call('HGET', key, 'into')
-if into then return into end
+-- First every field the ops will read, in one HMGET.
+local fields = {'into', 'n:t', 'n:s', 'n:a', 'v', 'pu', 'seg'}
 local i = 7
+while i <= #ARGV do
+  local op = ARGV[i]
+  if op == 'T' then
+    fields[#fields + 1] = 't:' .. ARGV[i + 1]
+    fields[#fields + 1] = 'ch:' .. ARGV[i + 5]
+    i = i + 6
+  elseif op == 'S' then
+    fields[#fields + 1] = 's:' .. ARGV[i + 1]
+    i = i + 6 + tonumber(ARGV[i + 5])
+  elseif op == 'A' then
+    fields[#fields + 1] = 'a:' .. ARGV[i + 1]
+    fields[#fields + 1] = 'r:' .. ARGV[i + 4]
+    i = i + 7
+  elseif op == 'D' then
+    fields[#fields + 1] = 'd:' .. ARGV[i + 1]
+    fields[#fields + 1] = 'r:' .. ARGV[i + 3]
+    i = i + 4
+  elseif op == 'M' then
+    fields[#fields + 1] = 'm:' .. ARGV[i + 1]
+    i = i + 3
+  else
+    return redis.error_reply('read model: unknown op ' .. tostring(op))
+  end
+end
+load(fields)
+local into = get('into')
+if into then return into end
+i = 7
 while i <= #ARGV do
   local op = ARGV[i]
   if op == 'T' then
@@ -240,11 +315,12 @@ while i <= #ARGV do
   elseif op == 'D' then
     set_delivery(ARGV[i + 1], ARGV[i + 2], ARGV[i + 3])
     i = i + 4
-  elseif op == 'M' then
-    if redis.call('HSETNX', key, 'm:' .. ARGV[i + 1], ARGV[i + 2]) == 1 then changed = true end
-    i = i + 3
   else
-    return redis.error_reply('read model: unknown op ' .. tostring(op))
+    if not get('m:' .. ARGV[i + 1]) then
+      put('m:' .. ARGV[i + 1], ARGV[i + 2])
+      changed = true
+    end
+    i = i + 3
   end
 end
 return finish()
@@ -254,16 +330,16 @@ return finish()
 # id (ARGV[7], its entry ARGV[8]): entries the survivor lacks, the newer segment, channels and purchases,
 # tallies added up. A replay finds the merge entry and changes nothing.
 _ABSORB = _PRELUDE + """
-local into = redis.call('HGET', key, 'into')
-if into then return into end
-if redis.call('HSETNX', key, 'm:' .. ARGV[7], ARGV[8]) == 0 then return false end
+if get('into') then return get('into') end
+if get('m:' .. ARGV[7]) then return false end
+put('m:' .. ARGV[7], ARGV[8])
 changed = true
 local seg, model, why = nil, '', {}
 for n = 9, #ARGV, 2 do
   local name, value = ARGV[n], ARGV[n + 1]
   local kind, rest = string.match(name, '^(%a+):(.*)$')
   if kind == 't' or kind == 's' or kind == 'a' then add_entry(kind, rest, value)
-  elseif kind == 'd' or kind == 'm' then redis.call('HSETNX', key, name, value)
+  elseif kind == 'd' or kind == 'm' then if not get(name) then put(name, value) end
   elseif kind == 'ch' then set_channel(rest, value)
   elseif kind == 'why' then why[tonumber(rest) + 1] = value
   elseif kind == 'r' then
@@ -293,30 +369,50 @@ return 1
 # "segment|stage", flow key index, day) quintuples; an empty value drops the customer. A score older than the
 # one counted changes nothing, and the counts move only when a value changes: a replay is harmless.
 _SET_SEGMENTS = """
+local customers, current = {}, {}
+for n = 3, #ARGV, 5 do customers[#customers + 1] = ARGV[n] end
+if #customers == 0 then return 0 end
+local found = redis.call('HMGET', KEYS[1], unpack(customers))
+for n, customer in ipairs(customers) do current[customer] = found[n] end
+-- Counted up here and written once per value, flow change and day.
+local counts, flows, days, writes, gone = {}, {}, {}, {}, {}
+local function count(value, by) counts[value] = (counts[value] or 0) + by end
 for n = 3, #ARGV, 5 do
   local customer, at, value = ARGV[n], ARGV[n + 1], ARGV[n + 2]
-  local current = redis.call('HGET', KEYS[1], customer)
+  local stored = current[customer]
   local old, newer = false, true
-  if current then
-    local t, v = string.match(current, '^(%d+)|(.*)$')
+  if stored then
+    local t, v = string.match(stored, '^(%d+)|(.*)$')
     old, newer = v, tonumber(t) <= tonumber(at)
   end
   if value == '' then
     if old then
-      redis.call('HINCRBY', KEYS[2], old, -1)
-      redis.call('HDEL', KEYS[1], customer)
+      count(old, -1)
+      gone[#gone + 1] = customer
+      current[customer] = false
     end
   elseif newer then
-    redis.call('HSET', KEYS[1], customer, at .. '|' .. value)
+    current[customer] = at .. '|' .. value
+    writes[#writes + 1] = customer
+    writes[#writes + 1] = current[customer]
     if old ~= value then
-      if old then redis.call('HINCRBY', KEYS[2], old, -1) end
-      redis.call('HINCRBY', KEYS[2], value, 1)
+      if old then count(old, -1) end
+      count(value, 1)
       local flow = KEYS[tonumber(ARGV[n + 3])]
-      redis.call('HINCRBY', flow, (old or '') .. '>' .. value, 1)
-      redis.call('EXPIRE', flow, ARGV[1])
-      redis.call('ZADD', KEYS[3], ARGV[n + 4], ARGV[n + 4])
+      flows[flow] = flows[flow] or {}
+      local change = (old or '') .. '>' .. value
+      flows[flow][change] = (flows[flow][change] or 0) + 1
+      days[flow] = ARGV[n + 4]
     end
   end
+end
+if #writes > 0 then redis.call('HSET', KEYS[1], unpack(writes)) end
+if #gone > 0 then redis.call('HDEL', KEYS[1], unpack(gone)) end
+for value, by in pairs(counts) do if by ~= 0 then redis.call('HINCRBY', KEYS[2], value, by) end end
+for flow, changes in pairs(flows) do
+  for change, by in pairs(changes) do redis.call('HINCRBY', flow, change, by) end
+  redis.call('EXPIRE', flow, ARGV[1])
+  redis.call('ZADD', KEYS[3], days[flow], days[flow])
 end
 redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -tonumber(ARGV[2]) - 1)
 return 0
