@@ -34,9 +34,9 @@ async def measure(raw: list[tuple[str, str, bytes]], batch: int, redis_url: str)
     client = aioredis.from_url(redis_url)
     store = ReadModelStore(client)
     metrics = ServiceMetrics("console", CollectorRegistry())
-    await client.flushall()  # another tree's read model may be there, in its own layout
+    await client.execute_command("FLUSHALL", "SYNC")  # another tree's read model may be there, in its own layout
     await store.apply(updates_of(records[:4], metrics))  # loads the scripts and opens the connection
-    await client.flushall()
+    await client.execute_command("FLUSHALL", "SYNC")  # freed before the memory is read, not lazily
     memory_before = int((await client.info("memory"))["used_memory"])
     redis_before = await client.info("cpu")
     started = time.process_time()

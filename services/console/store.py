@@ -96,9 +96,8 @@ local cache, writes, order, deletes = {}, {}, {}, {}
 
 local function load(fields)
   if #fields == 0 then return end
-  -- A customer seen for the first time (the common case while a pipeline runs) has nothing to read.
-  local found = redis.call('EXISTS', key) == 1 and redis.call('HMGET', key, unpack(fields)) or {}
-  for n, field in ipairs(fields) do cache[field] = found[n] or false end
+  local found = redis.call('HMGET', key, unpack(fields))
+  for n, field in ipairs(fields) do cache[field] = found[n] end
 end
 local function get(field)
   local value = cache[field]
@@ -258,28 +257,30 @@ end
 #   M merge-id entry                           a merge or split involving the customer
 # A merged-away id answers with its survivor and changes nothing: the caller sends the ops there.
 _APPLY = _PRELUDE + """
--- First every field the ops will read, in one HMGET.
-local fields = {'into', 'n:t', 'n:s', 'n:a', 'v', 'pu', 'seg'}
+-- First every field the ops will read, in one HMGET (the counters only of the kinds there are).
+local fields, wanted = {'into', 'v'}, {}
+local function want(field)
+  if not wanted[field] then wanted[field] = true; fields[#fields + 1] = field end
+end
 local i = 7
 while i <= #ARGV do
   local op = ARGV[i]
   if op == 'T' then
-    fields[#fields + 1] = 't:' .. ARGV[i + 1]
-    fields[#fields + 1] = 'ch:' .. ARGV[i + 5]
+    want('t:' .. ARGV[i + 1]); want('ch:' .. ARGV[i + 5]); want('n:t')
+    if ARGV[i + 4] == '1' then want('pu') end
     i = i + 6
   elseif op == 'S' then
-    fields[#fields + 1] = 's:' .. ARGV[i + 1]
+    want('s:' .. ARGV[i + 1]); want('n:s')
+    if ARGV[i + 3] ~= '' then want('seg') end
     i = i + 6 + tonumber(ARGV[i + 5])
   elseif op == 'A' then
-    fields[#fields + 1] = 'a:' .. ARGV[i + 1]
-    fields[#fields + 1] = 'r:' .. ARGV[i + 4]
+    want('a:' .. ARGV[i + 1]); want('r:' .. ARGV[i + 4]); want('n:a')
     i = i + 7
   elseif op == 'D' then
-    fields[#fields + 1] = 'd:' .. ARGV[i + 1]
-    fields[#fields + 1] = 'r:' .. ARGV[i + 3]
+    want('d:' .. ARGV[i + 1]); want('r:' .. ARGV[i + 3])
     i = i + 4
   elseif op == 'M' then
-    fields[#fields + 1] = 'm:' .. ARGV[i + 1]
+    want('m:' .. ARGV[i + 1])
     i = i + 3
   else
     return redis.error_reply('read model: unknown op ' .. tostring(op))
