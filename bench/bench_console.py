@@ -254,7 +254,7 @@ async def read_model_cost(source: Path, records: list[tuple[str, str, bytes]], c
     mine = [r for r in records if r[0] in topics]
     expected = {topic: sum(1 for r in mine if r[0] == topic) for topic in topics}
     redis = aioredis.from_url(f"redis://127.0.0.1:{redis_port}/1")
-    await redis.flushall()
+    await redis.execute_command("FLUSHALL", "SYNC")  # freed before the memory is read, not lazily
     redis_pid = int((await redis.info("server"))["process_id"])
     web_port = free_port()
     # `latest`: a topic this group never committed on (one the previous tree did not consume) starts at the

@@ -81,9 +81,7 @@ MAX_MERGE_HOPS = 64
 _COUNTERS = (b"into", b"n:t", b"n:s", b"n:a", b"v")
 
 # Shared by the scripts below; runs on one customer's hash, KEYS[1]. ARGV starts with the TTL, the trim
-# slack, the purchase cap and the caps of touchpoints, score points and actions. Fields are read
-# through a cache (the apply script loads all it needs with one HMGET) and written at the end with one
-# HSET: a script call costs a few commands whatever the number of records.
+# slack, the purchase cap and the caps of touchpoints, score points and actions.
 _PRELUDE = """
 local key = KEYS[1]
 local ttl, slack, purchase_cap = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -92,40 +90,6 @@ local added = {t = 0, s = 0, a = 0}
 local changed = false
 local tallies = {}
 local purchases = nil
-local cache, writes, order, deletes = {}, {}, {}, {}
-
-local function load(fields)
-  if #fields == 0 then return end
-  local found = redis.call('HMGET', key, unpack(fields))
-  for n, field in ipairs(fields) do cache[field] = found[n] end
-end
-local function get(field)
-  local value = cache[field]
-  if value == nil then
-    value = redis.call('HGET', key, field)
-    cache[field] = value
-  end
-  return value
-end
-local function put(field, value)
-  if writes[field] == nil then order[#order + 1] = field end
-  writes[field], cache[field], deletes[field] = value, value, nil
-end
-local function drop(field)
-  if cache[field] == false and writes[field] == nil then return end
-  writes[field], cache[field], deletes[field] = nil, false, true
-end
-local function flush()
-  local args = {}
-  for _, field in ipairs(order) do
-    if writes[field] ~= nil then args[#args + 1] = field; args[#args + 1] = writes[field] end
-  end
-  for n = 1, #args, 1000 do redis.call('HSET', key, unpack(args, n, math.min(n + 999, #args))) end
-  local gone = {}
-  for field in pairs(deletes) do gone[#gone + 1] = field end
-  if #gone > 0 then redis.call('HDEL', key, unpack(gone)) end
-  writes, order, deletes = {}, {}, {}
-end
 
 local function time_of(value) return tonumber(string.match(value, '^%[(%-?%d+)')) end
 
@@ -133,7 +97,7 @@ local function tally(rule)
   local found = tallies[rule]
   if found then return found end
   found = {}
-  local text = get('r:' .. rule)
+  local text = redis.call('HGET', key, 'r:' .. rule)
   if text then for name, value in string.gmatch(text, '([^;=]+)=([^;]*)') do found[name] = value end end
   tallies[rule] = found
   return found
@@ -144,49 +108,47 @@ local function earliest(counts, name, at)
 end
 
 local function add_entry(kind, id, value)
-  local field = kind .. ':' .. id
-  if get(field) then return false end
-  put(field, value)
+  if redis.call('HSETNX', key, kind .. ':' .. id, value) == 0 then return false end
   added[kind] = added[kind] + 1
   changed = true
   return true
 end
 local function set_channel(channel, at)
-  local seen = get('ch:' .. channel)
-  if not seen or tonumber(seen) < tonumber(at) then put('ch:' .. channel, at) end
+  local seen = redis.call('HGET', key, 'ch:' .. channel)
+  if not seen or tonumber(seen) < tonumber(at) then redis.call('HSET', key, 'ch:' .. channel, at) end
 end
 local function add_purchase(at)
   if not purchases then
     purchases = {}
-    local text = get('pu')
+    local text = redis.call('HGET', key, 'pu')
     if text then for seen in string.gmatch(text, '[^,]+') do purchases[seen] = true end end
   end
   purchases[at] = true
 end
 -- The newest explained score's segment, model and reasons; an older one arriving late changes nothing.
 local function set_latest(seg, model, why)
-  local current = get('seg')
+  local current = redis.call('HGET', key, 'seg')
   if current and time_of(current) > time_of(seg) then return end
   if current ~= seg then changed = true end
-  put('seg', seg)
-  put('mv', model)
-  for n, reason in ipairs(why) do put('why:' .. (n - 1), reason) end
+  local fields, stale = {'seg', seg, 'mv', model}, {}
+  for n, reason in ipairs(why) do fields[#fields + 1] = 'why:' .. (n - 1); fields[#fields + 1] = reason end
   -- A customer's first explained score has no older reasons to drop.
-  if current then for n = #why, 9 do drop('why:' .. n) end end
+  if current then for n = #why, 9 do stale[#stale + 1] = 'why:' .. n end end
+  redis.call('HSET', key, unpack(fields))
+  if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
 end
 -- How an action's delivery ended; counted once per action (a replay repeats the same outcome).
 local function set_delivery(id, value, rule)
-  local current = get('d:' .. id)
+  local current = redis.call('HGET', key, 'd:' .. id)
   local outcome = string.sub(value, 2, 2)
   if current and string.sub(current, 2, 2) == outcome then return end
   local counts = tally(rule)
   if current then bump(counts, string.sub(current, 2, 2) == '1' and 'd' or 'x', -1) end
   bump(counts, outcome == '1' and 'd' or 'x', 1)
-  put('d:' .. id, value)
+  redis.call('HSET', key, 'd:' .. id, value)
   changed = true
 end
 
--- Trim a kind back to its cap, the oldest first (reads the whole hash: only once it is `slack` over).
 local function trim(kind)
   local everything = redis.call('HGETALL', key)
   local entries = {}
@@ -197,32 +159,26 @@ local function trim(kind)
     end
   end
   table.sort(entries, function(x, y) if x[1] ~= y[1] then return x[1] < y[1] end return x[2] < y[2] end)
-  local drop_count = math.max(0, #entries - caps[kind])
+  local drop = math.max(0, #entries - caps[kind])
   local gone = {}
-  for n = 1, drop_count do gone[#gone + 1] = entries[n][2] end
+  for n = 1, drop do gone[#gone + 1] = entries[n][2] end
   if kind == 'a' then
     -- A dropped action's delivery goes with it, and so does one whose action is gone already.
     local kept = {}
-    for n = drop_count + 1, #entries do kept[string.sub(entries[n][2], 3)] = true end
+    for n = drop + 1, #entries do kept[string.sub(entries[n][2], 3)] = true end
     for n = 1, #everything, 2 do
       local name = everything[n]
       if string.sub(name, 1, 2) == 'd:' and not kept[string.sub(name, 3)] then gone[#gone + 1] = name end
     end
   end
   if #gone > 0 then redis.call('HDEL', key, unpack(gone)) end
-  redis.call('HSET', key, 'n:' .. kind, #entries - drop_count)
+  redis.call('HSET', key, 'n:' .. kind, #entries - drop)
 end
 
--- Count what was added, write the purchases, tallies and change counter, then everything in one HSET;
--- trim what went past its cap; refresh the TTL.
+-- Trim, write the purchases and tallies touched, bump the change counter, refresh the TTL.
 local function finish()
-  local over = {}
   for kind, n in pairs(added) do
-    if n > 0 then
-      local count = (tonumber(get('n:' .. kind)) or 0) + n
-      put('n:' .. kind, count)
-      if count > caps[kind] + slack then over[#over + 1] = kind end
-    end
+    if n > 0 and redis.call('HINCRBY', key, 'n:' .. kind, n) > caps[kind] + slack then trim(kind) end
   end
   if purchases then
     local times = {}
@@ -230,7 +186,7 @@ local function finish()
     table.sort(times, function(x, y) return tonumber(x) < tonumber(y) end)
     local kept = {}
     for n = math.max(1, #times - purchase_cap + 1), #times do kept[#kept + 1] = times[n] end
-    put('pu', table.concat(kept, ','))
+    redis.call('HSET', key, 'pu', table.concat(kept, ','))
   end
   for rule, counts in pairs(tallies) do
     local names = {}
@@ -238,11 +194,9 @@ local function finish()
     table.sort(names)
     local parts = {}
     for _, name in ipairs(names) do parts[#parts + 1] = name .. '=' .. counts[name] end
-    put('r:' .. rule, table.concat(parts, ';'))
+    redis.call('HSET', key, 'r:' .. rule, table.concat(parts, ';'))
   end
-  if changed then put('v', (tonumber(get('v')) or 0) + 1) end
-  flush()
-  for _, kind in ipairs(over) do trim(kind) end
+  if changed then redis.call('HINCRBY', key, 'v', 1) end
   redis.call('EXPIRE', key, ttl)
   return false
 end
@@ -257,39 +211,9 @@ end
 #   M merge-id entry                           a merge or split involving the customer
 # A merged-away id answers with its survivor and changes nothing: the caller sends the ops there.
 _APPLY = _PRELUDE + """
--- First every field the ops will read, in one HMGET (the counters only of the kinds there are).
-local fields, wanted = {'into', 'v'}, {}
-local function want(field)
-  if not wanted[field] then wanted[field] = true; fields[#fields + 1] = field end
-end
-local i = 7
-while i <= #ARGV do
-  local op = ARGV[i]
-  if op == 'T' then
-    want('t:' .. ARGV[i + 1]); want('ch:' .. ARGV[i + 5]); want('n:t')
-    if ARGV[i + 4] == '1' then want('pu') end
-    i = i + 6
-  elseif op == 'S' then
-    want('s:' .. ARGV[i + 1]); want('n:s')
-    if ARGV[i + 3] ~= '' then want('seg') end
-    i = i + 6 + tonumber(ARGV[i + 5])
-  elseif op == 'A' then
-    want('a:' .. ARGV[i + 1]); want('r:' .. ARGV[i + 4]); want('n:a')
-    i = i + 7
-  elseif op == 'D' then
-    want('d:' .. ARGV[i + 1]); want('r:' .. ARGV[i + 3])
-    i = i + 4
-  elseif op == 'M' then
-    want('m:' .. ARGV[i + 1])
-    i = i + 3
-  else
-    return redis.error_reply('read model: unknown op ' .. tostring(op))
-  end
-end
-load(fields)
-local into = get('into')
+local into = redis.call('HGET', key, 'into')
 if into then return into end
-i = 7
+local i = 7
 while i <= #ARGV do
   local op = ARGV[i]
   if op == 'T' then
@@ -316,12 +240,11 @@ while i <= #ARGV do
   elseif op == 'D' then
     set_delivery(ARGV[i + 1], ARGV[i + 2], ARGV[i + 3])
     i = i + 4
-  else
-    if not get('m:' .. ARGV[i + 1]) then
-      put('m:' .. ARGV[i + 1], ARGV[i + 2])
-      changed = true
-    end
+  elseif op == 'M' then
+    if redis.call('HSETNX', key, 'm:' .. ARGV[i + 1], ARGV[i + 2]) == 1 then changed = true end
     i = i + 3
+  else
+    return redis.error_reply('read model: unknown op ' .. tostring(op))
   end
 end
 return finish()
@@ -331,16 +254,16 @@ return finish()
 # id (ARGV[7], its entry ARGV[8]): entries the survivor lacks, the newer segment, channels and purchases,
 # tallies added up. A replay finds the merge entry and changes nothing.
 _ABSORB = _PRELUDE + """
-if get('into') then return get('into') end
-if get('m:' .. ARGV[7]) then return false end
-put('m:' .. ARGV[7], ARGV[8])
+local into = redis.call('HGET', key, 'into')
+if into then return into end
+if redis.call('HSETNX', key, 'm:' .. ARGV[7], ARGV[8]) == 0 then return false end
 changed = true
 local seg, model, why = nil, '', {}
 for n = 9, #ARGV, 2 do
   local name, value = ARGV[n], ARGV[n + 1]
   local kind, rest = string.match(name, '^(%a+):(.*)$')
   if kind == 't' or kind == 's' or kind == 'a' then add_entry(kind, rest, value)
-  elseif kind == 'd' or kind == 'm' then if not get(name) then put(name, value) end
+  elseif kind == 'd' or kind == 'm' then redis.call('HSETNX', key, name, value)
   elseif kind == 'ch' then set_channel(rest, value)
   elseif kind == 'why' then why[tonumber(rest) + 1] = value
   elseif kind == 'r' then
