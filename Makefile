@@ -50,6 +50,11 @@ tools: ## install promtool and headless Chromium from Debian if missing; the tes
 demo: $(STAMP) $(KAFKA_STAMP) ## start broker, Redis, services and a receiver; replay CDNOW; print a summary
 	$(BIN)/touchstream demo
 
+# The first 20,000 CDNOW purchases (Jan-Mar 1997): enough customers reach a third purchase for the
+# loyalty rule to fire, and the run stays a few minutes long.
+screenshots: $(STAMP) $(KAFKA_STAMP) tools ## regenerate the README's console screenshots from the CDNOW demo (headless Chromium)
+	$(BIN)/touchstream demo --limit 20000 --screenshots docs/images
+
 up-local: $(STAMP) $(KAFKA_STAMP) ## start the local stack in the background (touchstream local up)
 	$(BIN)/touchstream local up
 
@@ -67,8 +72,13 @@ lint: $(STAMP) ## ruff
 typecheck: $(STAMP) ## mypy
 	$(BIN)/mypy
 
-test: lint typecheck tools $(KAFKA_STAMP) ## lint, typecheck, unit and integration tests (starts its own broker and Redis)
-	$(BIN)/pytest -q -m "not chaos"
+# Test processes: one per core by default; each starts its own broker and Redis, and a test
+# file stays on one process (module fixtures such as a running stack are shared there).
+TEST_WORKERS ?= auto
+
+test: lint typecheck tools $(KAFKA_STAMP) ## lint, typecheck, unit and integration tests in parallel (own broker and Redis per process)
+	@start=$$(date +%s); $(BIN)/pytest -q -m "not chaos" -n $(TEST_WORKERS) --dist loadfile; rc=$$?; \
+	echo "make test: pytest took $$(( $$(date +%s) - start )) s with $(TEST_WORKERS) workers"; exit $$rc
 
 up: ## docker compose: Kafka (KRaft), Redis, services, Prometheus, Grafana (needs Docker: fails on dev/CI machines)
 	docker compose up -d --build --wait
@@ -89,4 +99,4 @@ bench-quick: $(STAMP) $(KAFKA_STAMP) ## the same with --quick where a benchmark 
 clean: ## remove the venv and run files
 	rm -rf $(VENV) .run test-artifacts
 
-.PHONY: help install kafka tools up down demo up-local down-local vendor-charts lint typecheck test test-chaos bench bench-quick clean
+.PHONY: help install kafka tools up down demo screenshots up-local down-local vendor-charts lint typecheck test test-chaos bench bench-quick clean

@@ -1,288 +1,645 @@
-"""Pipeline throughput and latency, against the raw broker, on the embedded runtime.
+"""Pipeline throughput, latency, CPU per event and its efficiency, on the embedded runtime (issue 15).
 
-Prints JSON:
-- raw: an aiokafka relay doing the pipeline's four topic hops (raw -> resolved -> scores ->
-  actions -> consumer), one process per hop, no work: the broker's limit for this shape.
-- pipeline: events/s end to end, ingest HTTP -> signed webhook at the receiver, with every
-  event making exactly one webhook (a new customer per event and a rule that fires on a
-  first score above 0.3, which an untrained model's 0.5 risk crosses).
-- ratio = pipeline / raw.
-- cpu_us_per_event: CPU-seconds per event of every process of the stack (services, broker, Redis,
-  receiver) during the throughput run, from /proc; `cpu_bound_events_per_s` is cores / their sum,
-  the rate this machine could reach if every stage overlapped perfectly.
-- latency: p50/p99 event accepted -> webhook received at 25/50/75% of the measured maximum.
-- scale: throughput at 1, 2 and 4 partitions x workers; Redis memory per 100k customers.
+One stack (`touchstream local up`: Apache Kafka, Valkey, the five services, a webhook
+receiver; 4 partitions, one worker per service) runs two workloads (bench/pipeline_workloads.py):
 
-Usage: .venv/bin/python bench/bench_pipeline.py [--events N] [--quick]
+- mix: a CDNOW-like stream (CDNOW's own orders for a sample of its customers, with page
+  views, second devices and complaints) under the default rules (deploy/rules/default.yaml);
+  a minority of events fires an action. Its shape and the share that fired are in the JSON.
+- one_webhook_per_event: a new customer per event and a rule firing on the first score.
 
-Without --quick (20k events, then 10k per scale step) it takes ~10-15 minutes on 2 idle cores;
-`--events 400` runs every step in ~3 minutes as a smoke test (too few events for its numbers:
-idle polling dominates the CPU per event, and the 75% latency level overshoots).
+How each figure is measured:
+
+- events_per_s (sustained): after a warm-up (an unmeasured relay through the broker, so its JIT
+  has compiled the request paths, and 1,000 events of the workload), events are posted to
+  ingest's /v1/batch (100 per request) as fast as the pipeline takes them, with at most
+  `--backlog` (2,000: enough to keep every stage's 500-event batches full) posted but not yet
+  consumed by triggers, as a saturated system with a bounded queue runs; the clock stops when every stage
+  is drained: identity resolved every event, scoring, triggers and the console have consumed
+  and committed everything upstream produced, and every fired action (but those held by quiet
+  hours) reached the receiver. events_per_s = events / (first POST -> drained).
+- cpu_us_per_event (stack): CPU seconds of every process of the stack (each component's whole
+  process group: broker, Valkey, receiver, services) over that same window, from /proc/PID/stat,
+  divided by the events; `cpu_system_share` is each one's kernel share. The benchmark's own
+  client is not counted; its scrapes of /metrics cost the services ~1 ms each, a few a second.
+  `idle_cpu_us_per_event`: what the idle stack (polls, heartbeats, timers) spends in as long.
+- irreducible_us_per_event: the sum of four parts measured in the same run (bench/irreducible.py):
+  relay_us, an aiokafka relay moving as many records of the same sizes through the same hops on
+  the stack's own broker (relay processes + broker from /proc, the broker's idle rate with the
+  stack idle subtracted); redis_resolve_us, Redis's CPU per identity resolve-script call on a
+  fresh Valkey (append-only file, as the stack's) with the workload's events resolved in the
+  worker's mean batch size from this run, times resolves per event; river_learn_predict_us, one
+  River predict and one learn per event on scoring's own features of the workload
+  (time.process_time); webhook_us, client + receiver CPU of one signed POST (WebhookSender
+  against the receiver process, /proc), times the webhooks per event measured in the run.
+  efficiency = irreducible_us_per_event / stack_us_per_event.
+- latency: the one-webhook workload offered as a steady stream (a request every ~10 ms, open
+  loop) at 25/50/75/90% of its measured sustained rate; p50/p99 of accepted (ingest's receive
+  time) -> webhook received, for that level's events only, with the level's mean identity batch
+  and CPU per event (small batches pay each stage's per-batch costs on few events).
+- redis_bytes_per_customer: Valkey's used_memory after minus before a workload's run, divided by
+  that workload's customers (people, not events); `redis_bytes_by_key_family` estimates where the
+  bytes sit at the end (MEMORY USAGE of sampled keys x keys per family).
+- load_average (1, 5, 15 min) is printed with every figure: the machine may be shared.
+
+Usage: .venv/bin/python bench/bench_pipeline.py [--quick] [--events N] [--scale]
+
+--quick (3,000 events per workload, 10 s per latency level) takes a few minutes; the default
+(20,000 events, 30 s per level) under ~10 minutes on 2 busy cores. --scale adds the older sweep of the
+one-webhook workload at 1, 2 and 4 partitions x workers (a fresh stack each).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import multiprocessing
-import os
-import shutil
 import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
+import orjson
 import redis
+from irreducible import (
+    TopicLoad,
+    redis_resolve_cpu,
+    relay_cpu,
+    river_learn_predict_cpu,
+    topic_record_sizes,
+    webhook_post_cpu,
+)
+from pipeline_workloads import (
+    DEFAULT_RULES_FILE,
+    ONE_WEBHOOK_RULE_ID,
+    ONE_WEBHOOK_RULES,
+    MixShape,
+    cdnow_mix,
+    one_webhook_calls,
+    track_call,
+)
+from proc_cpu import components_cpu_s, load_average
 
 from touchstream import local
-from touchstream.embedded import broker_description, create_topics, embedded_broker_kind, free_port, start_broker
+from touchstream.datasets import cdnow_purchases
+from touchstream.embedded import broker_description, embedded_broker_kind, stop_pid
 from touchstream.receiver import percentile
-from touchstream.topics import TopicSpec
+from touchstream.replay import sum_metric
+from touchstream.topics import ACTIONS, SCORES, TOUCHPOINTS_RAW, TOUCHPOINTS_RESOLVED
 
-HOPS = 4
-RULES = """
-rules:
-  - id: bench-first-score
-    when: {score: churn_risk, crosses_above: 0.3, rearm_below: 0.2}
-    action: {endpoint: marketing, template: {kind: bench}}
-    cooldown_hours: 24
-    holdout_percent: 0
-"""
+# bench_console imports these three from here.
+RULES = ONE_WEBHOOK_RULES
+__all__ = ["RULES", "post_events", "track_call", "wait_for_webhooks"]
 
-
-# ---------------------------------------------------------------- raw relay
-def _relay_stage(bootstrap: str, source: str | None, target: str | None, count: int, payload_size: int,
-                 started: Any, finished: Any) -> None:
-    asyncio.run(_relay(bootstrap, source, target, count, payload_size, started, finished))
+TARGETS = {"mix_events_per_s": 2000, "one_webhook_events_per_s": 1000, "p99_ms_at_half_load": 250,
+           "redis_bytes_per_customer": 2048}
+RULES_ENV = "TOUCHSTREAM_TRIGGERS_RULES_FILE"
+PIPELINE_TOPICS = (TOUCHPOINTS_RAW, TOUCHPOINTS_RESOLVED, SCORES, ACTIONS)
+DAY_MS = 86_400_000
+# A request every ~10 ms when offering a steady rate: batches of rate/100 events.
+STEADY_REQUESTS_PER_S = 100
 
 
-async def _relay(bootstrap: str, source: str | None, target: str | None, count: int, payload_size: int,
-                 started: Any, finished: Any) -> None:
-    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=2) if target else None
-    consumer = (AIOKafkaConsumer(source, bootstrap_servers=bootstrap, group_id=f"relay-{source}",
-                                 auto_offset_reset="earliest", session_timeout_ms=10_000,
-                                 heartbeat_interval_ms=1000) if source else None)
-    if producer:
-        await producer.start()
-    if consumer:
-        await consumer.start()
-    try:
-        if source is None:
-            assert producer is not None and target is not None
-            started.wait()
-            value = b"x" * payload_size
-            futures = [await producer.send(target, value, key=str(i).encode()) for i in range(count)]
-            await asyncio.gather(*futures)
-            return
-        assert consumer is not None
-        seen = 0
-        while seen < count:
-            batches = await consumer.getmany(timeout_ms=200, max_records=2000)
-            futures = []
-            for records in batches.values():
-                for record in records:
-                    seen += 1
-                    if producer and target:
-                        futures.append(await producer.send(target, record.value, key=record.key))
-            if futures:
-                await asyncio.gather(*futures)
-        if target is None:
-            finished.set()
-    finally:
-        if consumer:
-            await consumer.stop()
-        if producer:
-            await producer.stop()
+# ---------------------------------------------------------------- the upstream client
+def _auth_header(write_key: str) -> str:
+    return "Basic " + base64.b64encode(f"{write_key}:".encode()).decode()
 
 
-def raw_relay_rate(count: int, partitions: int, payload_size: int = 300) -> dict[str, Any]:
-    """Events/s through HOPS topics with aiokafka only, one process per stage."""
-    port = free_port()
-    data_dir = Path(tempfile.mkdtemp(prefix="touchstream-relay-"))
-    broker = start_broker(embedded_broker_kind(), port, data_dir / "kafka", data_dir / "broker.log")
-    bootstrap = f"127.0.0.1:{port}"
-    try:
-        run = uuid.uuid4().hex[:6]
-        topics = [f"relay-{run}-{i}" for i in range(HOPS)]
-        asyncio.run(create_topics(bootstrap, partitions, [TopicSpec(t, "", "") for t in topics]))
-        ctx = multiprocessing.get_context("spawn")
-        started, finished = ctx.Event(), ctx.Event()
-        stages = [(None, topics[0])] + [(topics[i], topics[i + 1]) for i in range(HOPS - 1)] + [(topics[-1], None)]
-        processes = [ctx.Process(target=_relay_stage, args=(bootstrap, s, t, count, payload_size, started, finished))
-                     for s, t in stages]
-        for process in processes:
-            process.start()
-        time.sleep(8.0)  # every stage has joined its group and fetched once
+class Backlog:
+    """Hold posting while more than `limit` posted events are not yet consumed by triggers."""
+
+    def __init__(self, state: local.StackState, limit: int) -> None:
+        self.url = f"{state.url('triggers')}/metrics"
+        self.limit = limit
+        self.baseline: float | None = None
+        self.consumed = 0.0
+
+    async def _read(self, session: aiohttp.ClientSession) -> float:
+        async with session.get(self.url) as answer:
+            return sum_metric(await answer.text(), "touchstream_triggers_events_in_total", topic=SCORES.name)
+
+    async def wait_for_room(self, session: aiohttp.ClientSession, posted: int) -> None:
+        if self.baseline is None:
+            self.baseline = await self._read(session)
+        # Triggers' metrics are read only near the limit: each read costs its worker a render.
+        while posted - self.consumed > self.limit:
+            self.consumed = await self._read(session) - self.baseline
+            if posted - self.consumed > self.limit:
+                await asyncio.sleep(0.25)
+
+
+async def post_events(state: local.StackState, calls: Sequence[dict[str, Any]], rate: float | None,
+                      batch_size: int = 100, concurrency: int = 4, backlog: Backlog | None = None,
+                      retried: Counter[int] | None = None) -> float:
+    """POST `calls` to /v1/batch as fast as allowed, or as a steady stream at `rate` events/s; return the seconds.
+
+    A 429 (ingest's rate limit) or a 503 that says `retry` (the broker did not acknowledge in
+    time) is sent again after a pause, as an SDK would, and so is a request whose kept-alive
+    connection the server closed as it was sent (ingest dedupes by messageId, so a resend is
+    safe); `retried` counts them by status (0 for a lost connection).
+    """
+    bodies = [orjson.dumps({"batch": list(calls[i:i + batch_size])}) for i in range(0, len(calls), batch_size)]
+    headers = {"Authorization": _auth_header(state.write_key), "Content-Type": "application/json"}
+    url = f"{state.url('ingest')}/v1/batch"
+    # Open loop at a steady rate: requests leave on schedule whatever the answers' delays.
+    in_flight = asyncio.Semaphore(256 if rate else concurrency)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+
+        async def post(body: bytes) -> None:
+            try:
+                while True:
+                    try:
+                        async with session.post(url, data=body, headers=headers) as answer:
+                            status, text = answer.status, await answer.text()
+                            retry_after = answer.headers.get("Retry-After")
+                    except (aiohttp.ClientOSError, aiohttp.ClientConnectionResetError, aiohttp.ServerDisconnectedError):
+                        if retried is not None:
+                            retried[0] += 1
+                        await asyncio.sleep(0.1)
+                        continue
+                    if status == 429 or (status == 503 and '"retry":true' in text):
+                        if retried is not None:
+                            retried[status] += 1
+                        await asyncio.sleep(float(retry_after or 0.5))
+                        continue
+                    if status >= 300:
+                        raise RuntimeError(f"ingest answered {status}: {text[:300]}")
+                    return
+            finally:
+                in_flight.release()
+
         t0 = time.perf_counter()
-        started.set()
-        if not finished.wait(600):
-            raise TimeoutError("raw relay did not finish in 600 s")
-        elapsed = time.perf_counter() - t0
-        for process in processes:
-            process.join(30)
-        return {"events": count, "hops": HOPS, "seconds": round(elapsed, 2), "events_per_s": round(count / elapsed, 1)}
-    finally:
-        broker.stop()
-        shutil.rmtree(data_dir, ignore_errors=True)
-
-
-# ---------------------------------------------------------------- pipeline
-def track_call(run: str, index: int) -> dict[str, Any]:
-    return {"type": "track", "event": "Order Completed", "userId": f"bench-{run}-{index}",
-            "messageId": f"bench-{run}-{index}", "order": {"amount": 10.0 + index % 50}}
-
-
-async def post_events(state: local.StackState, calls: list[dict[str, Any]], rate: float | None,
-                      batch_size: int = 100, concurrency: int = 4) -> float:
-    """POST `calls` in batches, as fast as possible or at `rate` events/s; return seconds taken."""
-    semaphore = asyncio.Semaphore(concurrency)
-    t0 = time.perf_counter()
-    async with httpx.AsyncClient(timeout=60) as client:
-
-        async def post(batch: list[dict[str, Any]]) -> None:
-            async with semaphore:
-                response = await client.post(f"{state.url('ingest')}/v1/batch", json={"batch": batch},
-                                             auth=(state.write_key, ""))
-                response.raise_for_status()
-
         tasks = []
-        for start in range(0, len(calls), batch_size):
+        for number, body in enumerate(bodies):
             if rate:
-                due = t0 + start / rate
-                await asyncio.sleep(max(0.0, due - time.perf_counter()))
-            tasks.append(asyncio.create_task(post(calls[start:start + batch_size])))
-            if not rate:
-                pending = [t for t in tasks[-concurrency:] if not t.done()]
-                if len(pending) >= concurrency:
-                    await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.sleep(max(0.0, t0 + number * batch_size / rate - time.perf_counter()))
+            if backlog is not None:
+                await backlog.wait_for_room(session, number * batch_size)
+            await in_flight.acquire()
+            tasks.append(asyncio.create_task(post(body)))
         await asyncio.gather(*tasks)
     return time.perf_counter() - t0
 
 
-def process_cpu_s(pid: int) -> float:
-    """Return the user + system CPU seconds `pid` has used (Linux /proc; 0 where it is not readable)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+# ---------------------------------------------------------------- progress of the stack
+# Gauges among the counters: a difference of two readings of these means nothing.
+LAGS = ("identity_lag", "scoring_lag", "triggers_lag", "console_lag")
 
 
-def stack_cpu_s(state: local.StackState) -> dict[str, float]:
-    """Return CPU seconds per component of the stack; a service's extra workers count under its name."""
-    totals: dict[str, float] = {}
-    for name, pid in state.pids.items():
-        component = name.rsplit("-", 1)[0] if name[-1].isdigit() else name
-        totals[component] = totals.get(component, 0.0) + process_cpu_s(pid)
-    return totals
+@dataclass(frozen=True)
+class Counters:
+    """Where each stage has got, from the services' and the receiver's /metrics."""
+
+    values: dict[str, float]
+
+    def __sub__(self, other: Counters) -> Counters:
+        """Counts since `other`; the consumer lags as they are now."""
+        return Counters({k: v if k in LAGS else v - other.values.get(k, 0.0) for k, v in self.values.items()})
+
+    def __getitem__(self, name: str) -> float:
+        return self.values[name]
 
 
-def receiver_stats(state: local.StackState) -> dict[str, Any]:
-    return httpx.get(f"{state.url('receiver')}/stats", timeout=10).json()
+def read_counters(client: httpx.Client, state: local.StackState) -> Counters:
+    """Scrape every stage, upstream first: a stage read later has done at least what it saw then."""
+
+    def text(name: str) -> str:
+        return client.get(f"{state.url(name)}/metrics", timeout=10).text
+
+    values: dict[str, float] = {}
+    ingest = text("ingest")
+    values["ingest_out_raw"] = sum_metric(ingest, "touchstream_ingest_events_out_total", topic=TOUCHPOINTS_RAW.name)
+    identity = text("identity")
+    values["identity_out_resolved"] = sum_metric(identity, "touchstream_identity_events_out_total",
+                                                 topic=TOUCHPOINTS_RESOLVED.name)
+    values["identity_customers_created"] = sum_metric(identity, "touchstream_identity_customers_created_total")
+    values["identity_batches"] = sum_metric(identity, "touchstream_identity_batch_size_events_count")
+    values["identity_batched_events"] = sum_metric(identity, "touchstream_identity_batch_size_events_sum")
+    values["identity_lag"] = sum_metric(identity, "touchstream_identity_consumer_lag_messages")
+    scoring = text("scoring")
+    values["scoring_in_resolved"] = sum_metric(scoring, "touchstream_scoring_events_in_total",
+                                               topic=TOUCHPOINTS_RESOLVED.name)
+    values["scoring_out_scores"] = sum_metric(scoring, "touchstream_scoring_events_out_total", topic=SCORES.name)
+    values["scoring_lag"] = sum_metric(scoring, "touchstream_scoring_consumer_lag_messages")
+    triggers = text("triggers")
+    values["triggers_in_scores"] = sum_metric(triggers, "touchstream_triggers_events_in_total", topic=SCORES.name)
+    values["triggers_out_actions"] = sum_metric(triggers, "touchstream_triggers_events_out_total", topic=ACTIONS.name)
+    values["triggers_in_actions"] = sum_metric(triggers, "touchstream_triggers_events_in_total", topic=ACTIONS.name)
+    values["triggers_fired"] = sum_metric(triggers, "touchstream_triggers_actions_total", outcome="fired")
+    values["triggers_held"] = sum_metric(triggers, "touchstream_triggers_actions_total", outcome="fired",
+                                         reason="quiet_hours_hold")
+    values["triggers_lag"] = sum_metric(triggers, "touchstream_triggers_consumer_lag_messages")
+    for rule, outcome, count in _actions_by_rule(triggers):
+        values[f"action {rule} {outcome}"] = count
+    console = text("console")
+    for spec in (TOUCHPOINTS_RESOLVED, SCORES, ACTIONS):
+        values[f"console_in_{spec.name}"] = sum_metric(console, "touchstream_console_events_in_total", topic=spec.name)
+    values["console_lag"] = sum_metric(console, "touchstream_console_consumer_lag_messages")
+    values["webhooks"] = sum_metric(text("receiver"), "touchstream_receiver_webhooks_total", result="new")
+    return Counters(values)
+
+
+def _actions_by_rule(metrics_text: str) -> list[tuple[str, str, float]]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    totals: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == "touchstream_triggers_actions_total":
+                key = (sample.labels["rule"], sample.labels["outcome"])
+                totals[key] = totals.get(key, 0.0) + sample.value
+    return [(rule, outcome, count) for (rule, outcome), count in sorted(totals.items())]
+
+
+def drained(done: Counters, events: int) -> bool:
+    """Say whether every stage has handled `events` new events and everything they led to (`done` = deltas)."""
+    return (done["ingest_out_raw"] >= events
+            and done["identity_out_resolved"] >= events
+            and done["scoring_in_resolved"] >= done["identity_out_resolved"] and done["scoring_lag"] == 0
+            and done["triggers_in_scores"] >= done["scoring_out_scores"]
+            and done["triggers_in_actions"] >= done["triggers_out_actions"] and done["triggers_lag"] == 0
+            and done[f"console_in_{TOUCHPOINTS_RESOLVED.name}"] >= done["identity_out_resolved"]
+            and done[f"console_in_{SCORES.name}"] >= done["scoring_out_scores"]
+            and done[f"console_in_{ACTIONS.name}"] >= done["triggers_out_actions"] and done["console_lag"] == 0
+            # Actions held by quiet hours are delivered when the window opens, hours from now.
+            and done["webhooks"] >= done["triggers_fired"] - done["triggers_held"])
+
+
+def wait_drained(client: httpx.Client, state: local.StackState, before: Counters, events: int,
+                 timeout_s: float) -> tuple[float, Counters]:
+    """Wait until the stack has handled `events` more events; return when (perf_counter) and the counters."""
+    deadline = time.perf_counter() + timeout_s
+    while True:
+        now = read_counters(client, state)
+        if drained(now - before, events):
+            return time.perf_counter(), now
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"not drained after {timeout_s:.0f}s: {(now - before).values}")
+        # A scrape costs each service ~1 ms of CPU (measured): at 4 a second, well under 1% of a run's.
+        time.sleep(0.25)
 
 
 def wait_for_webhooks(state: local.StackState, target: int, timeout: float = 900) -> float:
+    """Wait until the receiver has `target` distinct webhooks; return when (perf_counter)."""
     deadline = time.perf_counter() + timeout
-    while time.perf_counter() < deadline:
-        if receiver_stats(state)["unique"] >= target:
-            return time.perf_counter()
-        time.sleep(0.1)  # /stats sorts every latency so far: polling it costs the receiver CPU
-    raise TimeoutError(f"only {receiver_stats(state)['unique']} of {target} webhooks after {timeout}s")
+    with httpx.Client() as client:
+        while time.perf_counter() < deadline:
+            text = client.get(f"{state.url('receiver')}/metrics", timeout=10).text
+            if sum_metric(text, "touchstream_receiver_webhooks_total", result="new") >= target:
+                return time.perf_counter()
+            time.sleep(0.1)
+    raise TimeoutError(f"fewer than {target} webhooks after {timeout}s")
 
 
-def latencies_since(state: local.StackState, first_index: int) -> list[float]:
-    deliveries = httpx.get(f"{state.url('receiver')}/deliveries", params={"limit": 1_000_000}, timeout=60).json()
-    return sorted((d["arrived_at_ms"] - d["body"]["received_at_ms"]) / 1000 for d in deliveries[first_index:])
+# ---------------------------------------------------------------- one workload's run
+@dataclass
+class WorkloadRun:
+    """A workload's measured run and what the irreducible parts need from it."""
+
+    result: dict[str, Any]
+    done: Counters
+    record_sizes: dict[str, Any]
+    webhook_bodies: list[str]
 
 
-def pipeline_run(events: int, partitions: int, workers: int, latency_levels: tuple[float, ...] = (),
-                 latency_seconds: float = 10.0) -> dict[str, Any]:
+def redis_used_memory(state: local.StackState) -> int:
+    return int(redis.Redis.from_url(state.redis_url).info("memory")["used_memory"])
+
+
+def delivered_bodies(state: local.StackState, limit: int, rule_ids: set[str] | None = None,
+                     exclude: set[str] | None = None) -> list[dict[str, Any]]:
+    """Return the latest deliveries (webhook_id, body, arrived_at_ms), optionally only of some rules."""
+    deliveries = httpx.get(f"{state.url('receiver')}/deliveries", params={"limit": limit}, timeout=60).json()
+    return [d for d in deliveries
+            if (rule_ids is None or d["body"].get("rule_id") in rule_ids)
+            and (exclude is None or d["body"].get("rule_id") not in exclude)]
+
+
+def run_workload(state: local.StackState, calls: Sequence[dict[str, Any]], warm: Sequence[dict[str, Any]],
+                 customers: int, backlog: int, timeout_s: float, exclude_rules: set[str] | None = None,
+                 ) -> WorkloadRun:
+    """Warm the stack up, then measure `calls`: sustained events/s, CPU per event per component, Redis bytes."""
+    events = len(calls)
+    with httpx.Client() as client:
+        # Warm-up: connections, script loads and first batches are paid before the clock starts.
+        before_warm = read_counters(client, state)
+        asyncio.run(post_events(state, warm, None))
+        wait_drained(client, state, before_warm, len(warm), timeout_s)
+        memory_before = redis_used_memory(state)
+        before = read_counters(client, state)
+        load_before = load_average()
+        cpu_before = components_cpu_s(state.pids)
+        system_before = components_cpu_s(state.pids, system_only=True)
+        t0 = time.perf_counter()
+        retried: Counter[int] = Counter()
+        posted_s = asyncio.run(post_events(state, calls, None, backlog=Backlog(state, backlog), retried=retried))
+        t_end, after = wait_drained(client, state, before, events, timeout_s)
+        cpu_after = components_cpu_s(state.pids)
+        system_after = components_cpu_s(state.pids, system_only=True)
+    elapsed = t_end - t0
+    done = after - before
+    memory_after = redis_used_memory(state)
+    cpu_us = {name: round((cpu_after[name] - cpu_before.get(name, 0.0)) / events * 1e6, 1) for name in cpu_after}
+    cpu_us = dict(sorted(cpu_us.items(), key=lambda item: -item[1]))
+    stack_us = round(sum(cpu_us.values()), 1)
+    spent = {name: cpu_after[name] - cpu_before.get(name, 0.0) for name in cpu_after}
+    system_share = {name: round((system_after[name] - system_before.get(name, 0.0)) / spent[name], 2)
+                    for name in cpu_us if spent[name] > 0}
+    fired = {key.removeprefix("action "): int(value) for key, value in done.values.items()
+             if key.startswith("action ") and value}
+    result: dict[str, Any] = {
+        "events": events, "seconds": round(elapsed, 2), "events_per_s": round(events / elapsed, 1),
+        "posted_in_s": round(posted_s, 2), "backlog_limit_events": backlog,
+        "ingest_requests_retried": {str(status): count for status, count in sorted(retried.items())},
+        "cpu_us_per_event": {**cpu_us, "total": stack_us},
+        # Kernel time (system calls: socket reads and writes, fsync) as a share of each component's CPU.
+        "cpu_system_share": system_share,
+        "cpu_bound_events_per_s": round((multiprocessing.cpu_count() * 1e6) / stack_us, 1) if stack_us else None,
+        "records_per_event": {
+            TOUCHPOINTS_RESOLVED.name: round(done["identity_out_resolved"] / events, 4),
+            SCORES.name: round(done["scoring_out_scores"] / events, 4),
+            ACTIONS.name: round(done["triggers_out_actions"] / events, 4),
+        },
+        "identity_mean_batch_events": round(done["identity_batched_events"] / max(done["identity_batches"], 1), 1),
+        "fired_share_of_events": round(done["triggers_fired"] / events, 4),
+        "webhooks_per_event": round(done["webhooks"] / events, 4),
+        "held_by_quiet_hours": int(done["triggers_held"]),
+        "actions_by_rule_and_outcome": fired,
+        "customers": customers,
+        "identity_customers_created": int(done["identity_customers_created"]),
+        "redis_bytes_per_customer": round((memory_after - memory_before) / max(customers, 1)),
+        "redis_bytes_per_event": round((memory_after - memory_before) / events),
+        "load_average_before": load_before,
+        "load_average": load_average(),
+    }
+    topics = [spec.name for spec in PIPELINE_TOPICS]
+    sizes = asyncio.run(topic_record_sizes(state.kafka_bootstrap, topics, state.partitions))
+    bodies = [json.dumps(d["body"], ensure_ascii=False, separators=(",", ":"))
+              for d in delivered_bodies(state, 2000, exclude=exclude_rules)]
+    return WorkloadRun(result, done, sizes, bodies)
+
+
+def switch_rules(state: local.StackState, rules_file: Path, text: str) -> None:
+    """Give triggers another rule file: write it, stop the worker gracefully, start it again."""
+    rules_file.write_text(text)
+    stop_pid(state.pids["triggers"], timeout=30.0)
+    state.pids["triggers"] = local.start(Path(state.run_dir), "triggers")
+
+
+def latency_levels(state: local.StackState, max_rate: float, levels: Sequence[float], seconds: float, run: str,
+                   timeout_s: float) -> list[dict[str, Any]]:
+    """Offer the one-webhook workload steadily at each share of `max_rate`; p50/p99 accepted -> webhook."""
+    results = []
+    with httpx.Client() as client:
+        for level in levels:
+            rate = max_rate * level
+            count = max(200, int(rate * seconds))
+            calls = one_webhook_calls(f"{run}-l{round(level * 100)}", count)
+            before = read_counters(client, state)
+            cpu_before = components_cpu_s(state.pids)
+            batch = max(1, round(rate / STEADY_REQUESTS_PER_S))
+            retried: Counter[int] = Counter()
+            posted_s = asyncio.run(post_events(state, calls, rate, batch_size=batch, retried=retried))
+            _, after = wait_drained(client, state, before, count, timeout_s)
+            cpu_after = components_cpu_s(state.pids)
+            done = after - before
+            deliveries = delivered_bodies(state, count * 2, rule_ids={ONE_WEBHOOK_RULE_ID})[-count:]
+            latencies = sorted((d["arrived_at_ms"] - d["body"]["received_at_ms"]) / 1000 for d in deliveries)
+            results.append({
+                "load": level, "offered_events_per_s": round(rate, 1), "achieved_offer_events_per_s":
+                round(count / posted_s, 1), "events": count, "events_per_request": batch,
+                "p50_ms": round((percentile(latencies, 0.5) or 0) * 1000, 1),
+                "p99_ms": round((percentile(latencies, 0.99) or 0) * 1000, 1),
+                "ingest_requests_retried": {str(status): n for status, n in sorted(retried.items())},
+                # A steady stream makes small batches, and each stage pays its per-batch costs on few events.
+                "identity_mean_batch_events": round(done["identity_batched_events"] / max(done["identity_batches"], 1),
+                                                    1),
+                "cpu_us_per_event": round(sum(cpu_after[k] - cpu_before.get(k, 0.0) for k in cpu_after) / count * 1e6,
+                                          1),
+                "load_average": load_average()})
+    return results
+
+
+def redis_bytes_by_key_family(state: local.StackState, sample_per_family: int = 200) -> dict[str, Any]:
+    """Estimate where Redis's bytes sit: keys per family (key name up to its first id) x sampled MEMORY USAGE."""
+    client = redis.Redis.from_url(state.redis_url)
+    keys: dict[str, list[bytes]] = {}
+    counts: Counter[str] = Counter()
+    for key in client.scan_iter(count=2000):
+        family = _key_family(key.decode(errors="replace"))
+        counts[family] += 1
+        if len(keys.setdefault(family, [])) < sample_per_family:
+            keys[family].append(key)
+    estimate = {}
+    for family, sample in keys.items():
+        pipe = client.pipeline(transaction=False)
+        for key in sample:
+            pipe.memory_usage(key)
+        sizes = [size or 0 for size in pipe.execute()]
+        estimate[family] = {"keys": counts[family], "bytes": round(sum(sizes) / len(sizes) * counts[family])}
+    return dict(sorted(estimate.items(), key=lambda item: -item[1]["bytes"]))
+
+
+def stack_idle_cpu_share(state: local.StackState, seconds: float = 5.0) -> dict[str, Any]:
+    """Return the cores each component uses while the stack has nothing to do."""
+    before = components_cpu_s(state.pids)
+    time.sleep(seconds)
+    after = components_cpu_s(state.pids)
+    share = {name: round((after[name] - before.get(name, 0.0)) / seconds, 3) for name in after}
+    return {**share, "total": round(sum(share.values()), 3), "load_average": load_average()}
+
+
+def _key_family(key: str) -> str:
+    parts = []
+    for part in key.split(":")[:5]:
+        if any(ch.isdigit() for ch in part):
+            break
+        parts.append(part)
+    return ":".join(parts) or "(other)"
+
+
+# ---------------------------------------------------------------- efficiency
+def topic_loads(run: WorkloadRun, events: int) -> list[TopicLoad]:
+    """The records per event and sizes the stack's topics carried in `run`, for the relay to repeat."""
+    per_event = {TOUCHPOINTS_RAW.name: Fraction(1),
+                 TOUCHPOINTS_RESOLVED.name: Fraction(int(run.done["identity_out_resolved"]), events),
+                 SCORES.name: Fraction(int(run.done["scoring_out_scores"]), events),
+                 ACTIONS.name: Fraction(int(run.done["triggers_out_actions"]), events)}
+    loads = []
+    for topic, share in per_event.items():
+        if not share:
+            break  # nothing flowed past here in this workload
+        size = run.record_sizes.get(topic)
+        if size is None:
+            raise RuntimeError(f"no record of {topic} could be read back to size the relay's")
+        loads.append(TopicLoad(topic, share, size["key"], size["value"]))
+    return loads
+
+
+def efficiency(run: WorkloadRun, relay: dict[str, Any], redis_resolve: dict[str, Any],
+               river_learn_predict: dict[str, Any], webhook_post: dict[str, Any]) -> dict[str, Any]:
+    """Irreducible CPU per event (its parts) against the whole stack's, for one workload."""
+    events = run.result["events"]
+    resolves_per_event = run.done["identity_out_resolved"] / events
+    parts = {
+        "relay_us": relay["cpu_us_per_event"]["total"],
+        "redis_resolve_us": redis_resolve["redis_cpu_us_per_call"] * resolves_per_event,
+        "river_learn_predict_us": river_learn_predict["us_per_event"],
+        "webhook_us": webhook_post["us_per_post"] * run.result["webhooks_per_event"],
+    }
+    irreducible = sum(parts.values())
+    stack = run.result["cpu_us_per_event"]["total"]
+    return {"irreducible_us_per_event": round(irreducible, 1), "parts": {k: round(v, 1) for k, v in parts.items()},
+            "stack_us_per_event": stack, "efficiency": round(irreducible / stack, 3) if stack else None,
+            "webhooks_per_event": run.result["webhooks_per_event"], "resolves_per_event": round(resolves_per_event, 4)}
+
+
+# ---------------------------------------------------------------- main
+def measure(events: int, quick: bool, backlog: int, partitions: int, workers: int) -> dict[str, Any]:
+    load_before = load_average()
+    run = uuid.uuid4().hex[:6]
+    timeout_s = 300.0 if quick else 900.0
+    now_ms = int(time.time() * 1000)
+    purchases = cdnow_purchases()
+    shape = MixShape()
+    # The mix ends a week ago in event time (a complaint's answer comes up to ~4 days after the last
+    # order, and must not be in the future); its warm-up ends before the mix's first event.
+    mix_end_ms = now_ms - 7 * DAY_MS
+    mix = cdnow_mix(run, events, mix_end_ms, shape=shape, purchases=purchases)
+    mix_warm = cdnow_mix(f"{run}w", 1000, mix_end_ms - 600 * DAY_MS, shape=shape, purchases=purchases)
+    one = one_webhook_calls(run, events)
+    one_warm = one_webhook_calls(f"{run}w", 1000)
+    latency_s = 10.0 if quick else 30.0
+    report: dict[str, Any] = {"bench": "pipeline", "broker": broker_description(embedded_broker_kind()),
+                              "cores": multiprocessing.cpu_count(), "partitions": partitions,
+                              "workers_per_service": workers, "targets": TARGETS, "load_average_before": load_before}
     with tempfile.TemporaryDirectory(prefix="touchstream-bench-") as tmp:
         run_dir = Path(tmp)
-        (run_dir / "rules.yaml").write_text(RULES)
+        rules_file = run_dir / "rules.yaml"
+        rules_file.write_text(DEFAULT_RULES_FILE.read_text())
         state = local.up(run_dir, partitions=partitions, workers=workers, progress=False,
-                         env_overrides={"TOUCHSTREAM_TRIGGERS_RULES_FILE": str(run_dir / "rules.yaml")})
+                         env_overrides={RULES_ENV: str(rules_file)})
         try:
-            rds = redis.Redis.from_url(state.redis_url)
-            memory_before = int(rds.info("memory")["used_memory"])
-            # Warm up: first batches pay for connections, script loads and JIT-less imports.
-            warm = [track_call("warm", i) for i in range(200)]
-            asyncio.run(post_events(state, warm, None))
-            wait_for_webhooks(state, len(warm))
-            run = uuid.uuid4().hex[:6]
-            calls = [track_call(run, i) for i in range(events)]
-            cpu_before = stack_cpu_s(state)
-            t0 = time.perf_counter()
-            post_s = asyncio.run(post_events(state, calls, None))
-            t_end = wait_for_webhooks(state, len(warm) + events)
-            elapsed = t_end - t0
-            cpu_after = stack_cpu_s(state)
-            result: dict[str, Any] = {
-                "partitions": partitions, "workers_per_service": workers, "events": events,
-                "seconds": round(elapsed, 2), "events_per_s": round(events / elapsed, 1),
-                "ingest_accept_events_per_s": round(events / post_s, 1),
-            }
-            cpu_per_event = {name: round((cpu_after[name] - cpu_before.get(name, 0.0)) / events * 1e6)
-                             for name in cpu_after}
-            result["cpu_us_per_event"] = {**cpu_per_event, "total": sum(cpu_per_event.values())}
-            if sum(cpu_per_event.values()):
-                cores = os.cpu_count() or 1
-                result["cpu_bound_events_per_s"] = round(cores * 1e6 / sum(cpu_per_event.values()), 1)
-            customers = len(warm) + events
-            memory_after = int(rds.info("memory")["used_memory"])
-            result["redis_bytes_per_100k_customers"] = int((memory_after - memory_before) / customers * 100_000)
-            max_rate = events / elapsed
-            levels = []
-            for level in latency_levels:
-                rate = max_rate * level
-                count = max(100, int(rate * latency_seconds))
-                first = receiver_stats(state)["unique"]
-                phase_calls = [track_call(f"{run}-l{int(level * 100)}", i) for i in range(count)]
-                asyncio.run(post_events(state, phase_calls, rate, batch_size=20))
-                wait_for_webhooks(state, first + count)
-                lat = latencies_since(state, first)
-                levels.append({"load": level, "events_per_s": round(rate, 1), "events": count,
-                               "p50_ms": round((percentile(lat, 0.5) or 0) * 1000, 1),
-                               "p99_ms": round((percentile(lat, 0.99) or 0) * 1000, 1)})
-            if levels:
-                result["latency"] = levels
-            stats = receiver_stats(state)
-            result["webhook_duplicates"] = stats["duplicates"]
-            result["bad_signatures"] = stats["rejected_signatures"]
-            return result
+            # The broker's JIT compiles its request paths over its first thousands of requests: a
+            # relay of the nominal shape first, so the workloads and the relays meet the same broker.
+            relay_cpu(state.kafka_bootstrap, state.pids["broker"], partitions, 20_000,
+                      [TopicLoad(spec.name, Fraction(1), 26, 300) for spec in PIPELINE_TOPICS], idle_window_s=0.1)
+            print("stack up and warm; running the mix", file=sys.stderr, flush=True)
+            mix_run = run_workload(state, mix.calls, mix_warm.calls, mix.customers, backlog, timeout_s,
+                                   exclude_rules={ONE_WEBHOOK_RULE_ID})
+            mix_run.result["shape"] = {**shape.describe(), **mix.describe(), "rules": "deploy/rules/default.yaml"}
+            print(json.dumps({"mix": mix_run.result}), file=sys.stderr, flush=True)
+            switch_rules(state, rules_file, ONE_WEBHOOK_RULES)
+            one_run = run_workload(state, one, one_warm, len(one), backlog, timeout_s)
+            print(json.dumps({"one_webhook_per_event": one_run.result}), file=sys.stderr, flush=True)
+            one_run.result["latency"] = latency_levels(state, one_run.result["events_per_s"], (0.25, 0.5, 0.75, 0.9),
+                                                       latency_s, run, timeout_s)
+            print(json.dumps({"latency": one_run.result["latency"]}), file=sys.stderr, flush=True)
+            report["redis_bytes_by_key_family"] = redis_bytes_by_key_family(state)
+            idle = stack_idle_cpu_share(state)
+            report["stack_idle_cpu_share"] = idle
+            for workload in (mix_run, one_run):
+                # What the stack spends with nothing to do (polls, heartbeats, timers), spread over the run's events.
+                workload.result["idle_cpu_us_per_event"] = round(
+                    idle["total"] * workload.result["seconds"] / workload.result["events"] * 1e6, 1)
+            relay_events = max(events, 20_000)
+            relays = {name: relay_cpu(state.kafka_bootstrap, state.pids["broker"], partitions, relay_events,
+                                      topic_loads(workload, workload.result["events"]))
+                      for name, workload in (("mix", mix_run), ("one_webhook_per_event", one_run))}
+            print(json.dumps({"relay": relays}), file=sys.stderr, flush=True)
         finally:
             local.down(run_dir)
+    # Micro-runs on processes of their own, after the stack is down: at least 10k events each,
+    # so /proc's resolution and warm-up effects stay small against what is measured.
+    micro_events = max(events, 10_000)
+    micro_calls = {"mix": cdnow_mix(f"{run}m", micro_events, mix_end_ms, shape=shape, purchases=purchases).calls,
+                   "one_webhook_per_event": one_webhook_calls(f"{run}m", micro_events)}
+    posts = 1000 if quick else 3000
+    workloads = {"mix": mix_run, "one_webhook_per_event": one_run}
+    parts: dict[str, Any] = {}
+    for name, workload in workloads.items():
+        batch = max(1, round(workload.result["identity_mean_batch_events"]))
+        parts[name] = {
+            "relay": relays[name],
+            "redis_resolve": asyncio.run(redis_resolve_cpu(micro_calls[name], batch)),
+            "river_learn_predict": river_learn_predict_cpu(micro_calls[name]),
+            "webhook_post": asyncio.run(webhook_post_cpu(workload.webhook_bodies, posts)),
+        }
+        workload.result["efficiency"] = efficiency(workload, **parts[name])
+        workload.result["record_bytes_by_topic"] = workload.record_sizes
+        print(json.dumps({name: {"efficiency": workload.result["efficiency"]}}), file=sys.stderr, flush=True)
+    report["workloads"] = {name: workload.result for name, workload in workloads.items()}
+    report["irreducible_measurements"] = parts
+    report["summary"] = summary(report)
+    report["load_average_after"] = load_average()
+    return report
+
+
+def summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The issue's figures against their targets, in one place."""
+    mix, one = report["workloads"]["mix"], report["workloads"]["one_webhook_per_event"]
+    half = next((level for level in one.get("latency", []) if level["load"] == 0.5), None)
+    return {
+        "mix_events_per_s": mix["events_per_s"],
+        "mix_meets_target": mix["events_per_s"] >= TARGETS["mix_events_per_s"],
+        "one_webhook_events_per_s": one["events_per_s"],
+        "one_webhook_meets_target": one["events_per_s"] >= TARGETS["one_webhook_events_per_s"],
+        "p99_ms_at_half_load": half["p99_ms"] if half else None,
+        "p99_meets_target": bool(half and half["p99_ms"] <= TARGETS["p99_ms_at_half_load"]),
+        "mix_efficiency": mix["efficiency"]["efficiency"],
+        "one_webhook_efficiency": one["efficiency"]["efficiency"],
+        "redis_bytes_per_customer": {"mix": mix["redis_bytes_per_customer"],
+                                     "one_webhook_per_event": one["redis_bytes_per_customer"]},
+        "redis_meets_target": all(w["redis_bytes_per_customer"] <= TARGETS["redis_bytes_per_customer"]
+                                  for w in (mix, one)),
+    }
+
+
+def scale_sweep(events: int, backlog: int) -> list[dict[str, Any]]:
+    """The one-webhook workload at 1, 2 and 4 partitions x workers, a fresh stack each."""
+    results = []
+    for n in (1, 2, 4):
+        with tempfile.TemporaryDirectory(prefix="touchstream-bench-") as tmp:
+            run_dir = Path(tmp)
+            (run_dir / "rules.yaml").write_text(ONE_WEBHOOK_RULES)
+            state = local.up(run_dir, partitions=n, workers=n, progress=False,
+                             env_overrides={RULES_ENV: str(run_dir / "rules.yaml")})
+            try:
+                run = uuid.uuid4().hex[:6]
+                measured = run_workload(state, one_webhook_calls(run, events), one_webhook_calls(f"{run}w", 200),
+                                        events, backlog, 900.0)
+            finally:
+                local.down(run_dir)
+        keep = ("events", "seconds", "events_per_s", "cpu_us_per_event", "redis_bytes_per_customer", "load_average")
+        results.append({"partitions": n, "workers_per_service": n, **{k: measured.result[k] for k in keep}})
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--events", type=int, default=20_000)
-    parser.add_argument("--quick", action="store_true", help="fewer events, no scale sweep")
+    parser.add_argument("--events", type=int, default=20_000, help="events per workload")
+    parser.add_argument("--quick", action="store_true", help="3,000 events per workload, 10 s per latency level")
+    parser.add_argument("--backlog", type=int, default=2_000,
+                        help="most events posted but not yet consumed by triggers during a throughput run")
+    parser.add_argument("--scale", action="store_true", help="also sweep 1, 2, 4 partitions x workers")
     args = parser.parse_args()
     events = 3_000 if args.quick else args.events
-    # At least 20k events for the relay: a few thousand take a fraction of a second, of which
-    # the four hops' first fetch waits would be a fifth, understating the broker's rate.
-    raw = raw_relay_rate(max(events, 20_000), partitions=4)
-    print(json.dumps({"raw_relay": raw}), file=sys.stderr, flush=True)
-    main_run = pipeline_run(events, partitions=4, workers=1, latency_levels=(0.25, 0.5, 0.75))
-    print(json.dumps({"pipeline": main_run}), file=sys.stderr, flush=True)
-    result: dict[str, Any] = {
-        "raw_relay": raw,
-        "pipeline": main_run,
-        "ratio_pipeline_to_raw": round(main_run["events_per_s"] / raw["events_per_s"], 3),
-        "cores": multiprocessing.cpu_count(),
-        "broker": broker_description(embedded_broker_kind()),
-        "load_average_1m_at_end": round(os.getloadavg()[0], 2),
-    }
-    if not args.quick:
-        result["scale"] = [pipeline_run(events // 2, partitions=n, workers=n) for n in (1, 2, 4)]
-    print(json.dumps(result, indent=2))
+    report = measure(events, args.quick, args.backlog, partitions=4, workers=1)
+    if args.scale:
+        report["scale"] = scale_sweep(max(events // 2, 1000), args.backlog)
+        report["load_average_after"] = load_average()
+    report["command"] = " ".join(["bench/bench_pipeline.py", *sys.argv[1:]])
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

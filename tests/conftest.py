@@ -14,8 +14,10 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
+import redis
 import redis.asyncio as aioredis
 
+from tests.stacks import ARTIFACTS
 from touchstream.embedded import (
     ManagedProcess,
     broker_client_env,
@@ -29,9 +31,9 @@ from touchstream.embedded import (
 
 @pytest.fixture(scope="session")
 def artifacts_dir() -> Path:
-    path = Path(__file__).resolve().parent.parent / "test-artifacts"
-    path.mkdir(exist_ok=True)
-    return path
+    """Where a test keeps logs for CI: test-artifacts/<pytest-xdist worker>/."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return ARTIFACTS
 
 
 @pytest.fixture(scope="session")
@@ -62,8 +64,15 @@ _db_numbers = itertools.count(1)
 
 @pytest.fixture
 def redis_url(redis_server: ManagedProcess) -> str:
-    """A Redis URL on a database index no other test in this session uses (16 by default, then reused after flush)."""
+    """A Redis URL on an empty database: the next of the server's 16, emptied before the test gets it.
+
+    Tests of one process run one after another and stop their workers before the next starts, so
+    emptying the database at the start is enough: no test sees keys another left (services keep
+    process-wide keys too, such as identity's matching model, that unique ids would not separate).
+    """
     db = next(_db_numbers) % 16
+    with redis.Redis(port=redis_server.port, db=db) as client:
+        client.flushdb()
     return f"redis://127.0.0.1:{redis_server.port}/{db}"
 
 

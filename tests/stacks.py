@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -14,10 +15,11 @@ from typing import Any
 import httpx
 
 from touchstream import local
-from touchstream.embedded import ManagedProcess
+from touchstream.embedded import ManagedProcess, free_port
 
 REPO = Path(__file__).resolve().parent.parent
-ARTIFACTS = REPO / "test-artifacts"
+# One folder per pytest-xdist worker: each runs its own broker and Redis, whose logs would mix.
+ARTIFACTS = REPO / "test-artifacts" / os.environ.get("PYTEST_XDIST_WORKER", "main")
 
 
 @contextlib.contextmanager
@@ -26,7 +28,10 @@ def running_stack(run_dir: Path, rules_yaml: str, logs_name: str,
     """Run `local.up` with `rules_yaml` as the triggers' rule file; copy the logs to test-artifacts/`logs_name`."""
     rules = run_dir / "rules.yaml"
     rules.write_text(rules_yaml)
-    env = {"TOUCHSTREAM_TRIGGERS_RULES_FILE": str(rules), **(env_overrides or {})}
+    # Test events carry fixed dates that age with every day the suite exists: act on them however old
+    # (the backfill horizon off) unless a test of the horizon sets it.
+    env = {"TOUCHSTREAM_TRIGGERS_RULES_FILE": str(rules), "TOUCHSTREAM_TRIGGERS_BACKFILL_HORIZON_HOURS": "0",
+           **(env_overrides or {})}
     state = local.up(run_dir, partitions=2, env_overrides=env, progress=False, **up_options)
     try:
         yield state
@@ -43,10 +48,39 @@ def running_stack(run_dir: Path, rules_yaml: str, logs_name: str,
 def running_ingest(settings: dict[str, str], log: Path, ready_within_s: float = 30.0) -> Iterator[str]:
     """Run `python -m services.ingest` with the TOUCHSTREAM_* `settings` (its port among them) until
     its /readyz answers 200; yield its base URL, and check it is still alive when the test is done."""
+    with ingest_process(settings, log, ready_within_s) as (url, server):
+        yield url
+        assert server.alive(), f"ingest exited during the test; see {log}"
+
+
+@contextlib.contextmanager
+def running_ingest_for(bootstrap: str, redis_url: str, write_keys: dict[str, str], log: Path) -> Iterator[str]:
+    """Run ingest on a free port for the sources in `write_keys` (source -> clear key), its rate limit out of the
+    way, on 2 partitions; yield its base URL."""
+    from services.ingest.settings import hash_write_key
+
+    settings = {
+        "TOUCHSTREAM_KAFKA_BOOTSTRAP": bootstrap,
+        "TOUCHSTREAM_REDIS_URL": redis_url,
+        "TOUCHSTREAM_PARTITIONS": "2",
+        "TOUCHSTREAM_INGEST_PORT": str(free_port()),
+        "TOUCHSTREAM_INGEST_WRITE_KEYS": json.dumps({s: hash_write_key(k) for s, k in write_keys.items()}),
+        "TOUCHSTREAM_INGEST_RATE_LIMIT_EVENTS_PER_S": "100000",
+    }
+    with running_ingest(settings, log) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def ingest_process(settings: dict[str, str], log: Path, ready_within_s: float = 30.0,
+                   script: Path | None = None) -> Iterator[tuple[str, ManagedProcess]]:
+    """Run `python -m services.ingest` (or `python <script>`, an ingest built differently) with the
+    TOUCHSTREAM_* `settings` until its /readyz answers 200; yield its base URL and process, stop it after."""
     port = settings.get("TOUCHSTREAM_INGEST_WEB_PORT") or settings["TOUCHSTREAM_INGEST_PORT"]
     env = {**os.environ, **settings, "PYTHONPATH": str(REPO)}
+    argv = [sys.executable, str(script)] if script is not None else [sys.executable, "-m", "services.ingest"]
     with log.open("ab") as out:
-        process = subprocess.Popen([sys.executable, "-m", "services.ingest"], stdout=out, stderr=subprocess.STDOUT,
+        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True, env=env, cwd=REPO)
     server = ManagedProcess("ingest", process)
     url = f"http://127.0.0.1:{port}"
@@ -61,8 +95,7 @@ def running_ingest(settings: dict[str, str], log: Path, ready_within_s: float = 
                 pass
             assert time.monotonic() < deadline, f"ingest was not ready after {ready_within_s:.0f} s"
             time.sleep(0.1)
-        yield url
-        assert server.alive(), f"ingest exited during the test; see {log}"
+        yield url, server
     finally:
         server.stop()
 

@@ -79,14 +79,19 @@ def show_sample_webhook(state: local.StackState) -> None:
 
 
 def run_demo(run_dir: Path, days_per_second: float, limit: int | None, partitions: int,
-             broker: str | None = None) -> dict[str, Any]:
+             broker: str | None = None, screenshots: Path | None = None) -> dict[str, Any]:
+    """Replay CDNOW through a fresh local stack, print a summary; with `screenshots`, save the console's
+    pages there (touchstream.screenshots) before the stack stops."""
     purchases = cdnow_purchases()
     if limit:
         purchases = purchases[:limit]
     calls = list(iter_track_calls(purchases))
     print(f"CDNOW: {len(calls):,} purchases by {len({p.customer for p in purchases}):,} customers, "
           f"{purchases[0].date} .. {purchases[-1].date}")
-    state = local.up(run_dir, partitions=partitions, broker=broker)
+    # CDNOW is 1997: replayed as if it happened now, so the backfill horizon (which keeps webhooks
+    # about history from going out) is off here; `touchstream import` is how real history goes in.
+    state = local.up(run_dir, partitions=partitions, broker=broker,
+                     env_overrides={"TOUCHSTREAM_TRIGGERS_BACKFILL_HORIZON_HOURS": "0"})
     try:
         def show(progress: ReplayProgress) -> None:
             day = datetime.fromtimestamp(progress.event_time_ms / 1000, UTC).date()
@@ -111,6 +116,13 @@ def run_demo(run_dir: Path, days_per_second: float, limit: int | None, partition
             "events_per_second": round(accepted / total_s, 1),
         }
         show_sample_webhook(state)
+        if screenshots is not None:
+            from services.identity.settings import DEV_ADMIN_KEY
+            from touchstream.screenshots import capture_console
+
+            # The local stack's console takes the dev admin key (docs/console.md).
+            for path in capture_console(state, screenshots, DEV_ADMIN_KEY):
+                print(f"screenshot: {path}")
         print("\nsummary")
         for key, value in summary.items():
             print(f"  {key:26s} {value:,}" if isinstance(value, int) else f"  {key:26s} {value}")

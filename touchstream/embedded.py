@@ -282,7 +282,9 @@ def _java_argv(data_dir: Path, main: str, *args: str) -> list[str]:
 
 
 def _heap_bytes(size: str) -> int:
-    """>>> _heap_bytes("512m"), _heap_bytes("1g")
+    """Return a JVM heap size such as 512m in bytes.
+
+    >>> _heap_bytes("512m"), _heap_bytes("1g")
     (536870912, 1073741824)
     """
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}

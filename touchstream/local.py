@@ -33,6 +33,7 @@ from touchstream.embedded import (
     start_valkey,
     stop_pid,
 )
+from touchstream.write_keys import hash_write_key
 
 SERVICES = ("ingest", "identity", "scoring", "triggers", "console")
 # Stream services scale by workers in one consumer group; ingest scales behind a load balancer.
@@ -83,8 +84,6 @@ class StackState:
 
 def service_env(state: StackState, extra: dict[str, str] | None = None) -> dict[str, str]:
     """Environment every service process gets: where the broker and Redis are, its port."""
-    from services.ingest.settings import hash_write_key
-
     env = {
         "TOUCHSTREAM_KAFKA_BOOTSTRAP": state.kafka_bootstrap,
         "TOUCHSTREAM_REDIS_URL": state.redis_url,

@@ -8,10 +8,18 @@ keyed hash (HMAC-SHA256 with TOUCHSTREAM_PII_HASH_KEY), so the list holds neithe
 identifiers nor the hashes the graph and the topics used, yet anyone with the hash key can test a
 clear identifier against it. identity's Lua computes the same value with redis.sha1hex.
 
+Erased customers: scoring, triggers and the console each keep their own durable record of the
+customer ids erased (`ErasedCustomers`, fed from customers.deletions), checked whenever they load
+a customer's state or queue an action, so a consumer that restarts or lags and reads the event logs
+again (kept `raw_retention_hours`) does not bring an erased customer back. It holds one-way tokens,
+sha1("erased:<customer id>"), never the ids.
+
 Consent: an event's `consent` list replaces the customer's consent when it is not empty;
 an empty list says nothing (it is the Avro default, so producers that never send consent
 do not wipe it). To withdraw every category send the single category CONSENT_WITHDRAWN
-("none"); over HTTP an explicit `"consent": []` is translated to it by ingest.
+("none"); over HTTP an explicit `"consent": []` is translated to it by ingest. A list of
+withdrawals only (`-category`, what ingest makes of an unsubscribe event) removes those categories
+and leaves the others standing.
 """
 
 from __future__ import annotations
@@ -27,7 +35,11 @@ from touchstream.identifiers import Identifier, InvalidIdentifier, normalise, ps
 
 # identity's graph prefix + "suppressed": the set must share the graph's hash slot ({graph}).
 DEFAULT_SUPPRESSION_KEY = "ts:identity:{graph}:suppressed"
+# CoreSettings.erased_customer_ttl_s with its defaults (168 h retention + 168 h), for the stores' constructors.
+DEFAULT_ERASED_TTL_S = 14 * 86_400
 CONSENT_WITHDRAWN = "none"
+# `-email` in an event's consent withdraws that one category (an unsubscribe), the rest stands.
+CONSENT_WITHDRAW_PREFIX = "-"
 # The rule_id of the `customer.deleted` notice triggers puts on `actions` after an erasure: not a
 # rule, but it names the action in triggers' metrics, and the console never read-models it.
 DELETED_RULE_ID = "customer.deleted"
@@ -72,6 +84,48 @@ def _clear_token(kind: str, value: str, hash_key: bytes, default_region: str) ->
     return suppression_token(pseudonymise(clear, hash_key))
 
 
+def erased_token(customer_id: str) -> str:
+    """Return the entry of an erased customer id in an `ErasedCustomers` set.
+
+    >>> erased_token("c_1")[:12]
+    '464541e4b911'
+    """
+    return hashlib.sha1(f"erased:{customer_id}".encode()).hexdigest()
+
+
+class ErasedCustomers:
+    """One service's durable record of erased customer ids: a sorted set of `erased_token`s scored by
+    the time of the erasure, each kept at least `ttl_s` (longer than the event logs keep the erased
+    customer's events). Written before the service forgets the customer, so a crash in between
+    leaves it erased; a replayed erasure only refreshes the time.
+    """
+
+    def __init__(self, redis: aioredis.Redis, key: str, ttl_s: int) -> None:
+        self._redis = redis
+        self.key = key
+        self.ttl_s = ttl_s
+
+    async def add(self, customer_ids: Iterable[str]) -> None:
+        """Record `customer_ids` as erased now; drop entries older than the TTL."""
+        tokens = [erased_token(c) for c in dict.fromkeys(customer_ids)]
+        if not tokens:
+            return
+        now_ms = int(time.time() * 1000)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.zadd(self.key, dict.fromkeys(tokens, now_ms))
+            pipe.zremrangebyscore(self.key, "-inf", now_ms - self.ttl_s * 1000)
+            pipe.expire(self.key, self.ttl_s)
+            await pipe.execute()
+
+    async def among(self, customer_ids: Iterable[str]) -> set[str]:
+        """Return those of `customer_ids` that were erased, in one round trip."""
+        ids = list(dict.fromkeys(customer_ids))
+        if not ids:
+            return set()
+        found = await self._redis.zmscore(self.key, [erased_token(c) for c in ids])
+        return {cid for cid, erased_at in zip(ids, found, strict=True) if erased_at is not None}
+
+
 def consent_update(current: Sequence[str] | None, event_consent: Sequence[str]) -> tuple[str, ...] | None:
     """Return the customer's consent after an event: None if the event says nothing about it.
 
@@ -79,11 +133,17 @@ def consent_update(current: Sequence[str] | None, event_consent: Sequence[str]) 
     True
     >>> consent_update(("email",), ["sms", "email", "sms"]), consent_update(("email",), ["none"])
     (('email', 'sms'), ())
+    >>> consent_update(("email", "loyalty", "marketing"), ["-email", "-marketing"])  # an unsubscribe
+    ('loyalty',)
     """
-    del current  # the latest statement replaces the previous one whole
     if not event_consent:
         return None
-    return tuple(sorted({c for c in event_consent if c != CONSENT_WITHDRAWN}))
+    withdrawn = {c[len(CONSENT_WITHDRAW_PREFIX):] for c in event_consent if c.startswith(CONSENT_WITHDRAW_PREFIX)}
+    granted = {c for c in event_consent if not c.startswith(CONSENT_WITHDRAW_PREFIX) and c != CONSENT_WITHDRAWN}
+    if withdrawn and not granted and CONSENT_WITHDRAWN not in event_consent:
+        return tuple(sorted(set(current or ()) - withdrawn))
+    # Otherwise the latest statement replaces the previous one whole.
+    return tuple(sorted(granted - withdrawn))
 
 
 class SuppressionList:

@@ -6,12 +6,15 @@ in a service's `__main__`, never at import time.
 
 from __future__ import annotations
 
+import math
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from touchstream.eventtime import DEFAULT_EVENT_TIME_TOLERANCE_S
 
 DEV_PLACEHOLDER_SECRET = "dev-only-pii-key-change-me"
 
@@ -78,12 +81,40 @@ class CoreSettings(BaseSettings):
     # topics that carry events as sent (touchpoints.raw, touchpoints.resolved). They are not
     # compacted, so an erased customer's events stay there until they age out.
     raw_retention_hours: float = Field(168.0, gt=0, description="Retention of the raw event topics, in hours.")
+    # Scoring, triggers and the console remember erased customers (touchstream.privacy.ErasedCustomers)
+    # for as long as those topics may still hold their events: the retention, plus this because the
+    # broker deletes a whole log segment at a time, and a segment rolls after segment.ms (7 days by default).
+    erased_kept_beyond_retention_hours: float = Field(
+        168.0, ge=0, description="How much longer than raw_retention_hours an erased customer id is remembered.")
+    # One event stamped in 2099 would otherwise move every event-time watermark there for good:
+    # every silence timer due at once, every waiting example matured with a wrong label, every
+    # later real event late. Ingest refuses such an event (400), identity dead-letters it, and
+    # scoring, triggers and the console cap their watermarks at the wall clock plus this.
+    event_time_tolerance_s: float = Field(
+        DEFAULT_EVENT_TIME_TOLERANCE_S, ge=0,
+        description="How far past its receive time an event may be stamped, in seconds; "
+                    "no watermark runs further ahead of the wall clock.")
+
+    # Read by ingest (event names -> order, complaint, ...) and by `touchstream rules validate` /
+    # `backtest` (which event names exist): one file, so rules and ingest agree on the names.
+    event_semantics_file: Path | None = Field(
+        None, description="YAML file adding to or changing the event-name meanings (touchstream/event_semantics.py); "
+                          "unset: the defaults (Segment's and RudderStack's spec names).")
 
     @model_validator(mode="after")
     def _refuse_placeholder_secrets(self) -> CoreSettings:
         if self.environment is Environment.PROD and self.pii_hash_key.get_secret_value() == DEV_PLACEHOLDER_SECRET:
             raise ValueError("TOUCHSTREAM_PII_HASH_KEY must be set to a real secret in prod")
         return self
+
+    @property
+    def erased_customer_ttl_s(self) -> int:
+        """How long the services remember an erased customer id, in seconds.
+
+        >>> CoreSettings(raw_retention_hours=168, erased_kept_beyond_retention_hours=24).erased_customer_ttl_s
+        691200
+        """
+        return math.ceil((self.raw_retention_hours + self.erased_kept_beyond_retention_hours) * 3600)
 
     @property
     def is_production(self) -> bool:

@@ -269,9 +269,6 @@ class Readiness:
             return self.failing
         return "waiting for: " + ", ".join(sorted(self._pending)) if self._pending else "ready"
 
-    def get(self, key: str, default: Any = None) -> Any:  # the old {"ok": bool} dict's reader
-        return self.ok if key == "ok" else default
-
 
 def transient_redis_error(exc: BaseException) -> bool:
     """Return whether `exc` means Redis is unreachable or restarting (wait it out) rather than failing."""
@@ -313,6 +310,7 @@ class StreamKernel:
         self.producer: AIOKafkaProducer | None = None
         self.committed: dict[TopicPartition, int] = {}
         self.before_consuming: list[Callable[[], Awaitable[None]]] = []
+        self._stopping = False
         self._stage_failures = metrics.counter(
             "stage_failures", "Handler attempts that raised, by topic and exception type.", ["topic", "error"])
 
@@ -341,6 +339,8 @@ class StreamKernel:
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
+            if self._stopping:  # the worker is shutting down and closed the consumer under the loop
+                return
             log.critical("%s: the stream kernel crashed (%s: %s); exiting with code %d so the batch is handled "
                          "again after a restart", self.service, type(exc).__name__, str(exc)[:300], EXIT_AGENT_CRASHED)
             sys.stdout.flush()
@@ -348,6 +348,7 @@ class StreamKernel:
             os._exit(EXIT_AGENT_CRASHED)
 
     async def stop(self) -> None:
+        self._stopping = True
         for client in (self.consumer, self.producer):
             if client is not None:
                 with contextlib.suppress(Exception):

@@ -145,7 +145,9 @@ def build_app(core: CoreSettings, settings: ConsoleSettings, registry: Collector
                                         ["topic"])
 
     redis = aioredis.from_url(core.redis_url)
-    store = ReadModelStore(redis, settings.key_prefix, int(settings.customer_ttl_days * 86_400))
+    store = ReadModelStore(redis, settings.key_prefix, int(settings.customer_ttl_days * 86_400),
+                           event_time_tolerance_s=core.event_time_tolerance_s,
+                           erased_ttl_s=core.erased_customer_ttl_s)
     feed_rate = RateMeter()
     arrivals = LatencyWindow()
     pages = ConsoleWeb(store, settings, load_rules(settings), page_seconds, feed_rate, arrivals)

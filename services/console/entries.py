@@ -14,8 +14,8 @@ listpack, several times smaller than a hash table.
                     `why:0`.. its reasons ["feature", contribution], one field each
     ch:<channel>    last event time on that channel
     pu              purchase times, comma-separated, the newest PURCHASES_CAP
-    r:<rule>        the customer's tally for a rule: `f=1;h=0;d=1;x=0;T=<first treated ms>;H=<first hold-out ms>;
-                    s:<reason>=<suppressed>` (fired, held out, delivered, delivery failed); never trimmed
+    r:<rule>        the customer's tally for a rule: `f=1;h=0;b=0;d=1;x=0;T=<first treated ms>;H=<first hold-out ms>;
+                    s:<reason>=<suppressed>` (fired, held out, backfill, delivered, delivery failed); never trimmed
     m:<merge_id>    a merge or split involving the customer (JSON object)
     n:t n:s n:a     how many touchpoints, score points, actions are kept (trimmed back to the cap past it)
     v               a counter bumped by every change (the live page's change marker)
@@ -178,7 +178,7 @@ class RuleTally:
     first_holdout_ms: int | None = None
 
 
-_TALLY_COUNTS = {"f": "fired", "h": "held_out"}
+_TALLY_COUNTS = {"f": "fired", "h": "held_out", "b": "backfill"}
 
 
 def parse_rule_tally(text: str | bytes) -> RuleTally:
@@ -205,14 +205,20 @@ first_holdout_ms=None)
 def tally_field(action: ActionTaken) -> str:
     """The tally counter an action adds to.
 
+    A `backfill` decision (about an event older than triggers' backfill horizon: recorded, never sent)
+    counts apart, in neither group.
+
     >>> [tally_field(ActionTaken("a", "r", "c", o, why, "m", 0, 0)) for o, why in
-    ...  (("fired", None), ("held_out", "holdout"), ("suppressed", "cooldown"), ("suppressed", None))]
-    ['f', 'h', 's:cooldown', 's:unspecified']
+    ...  (("fired", None), ("held_out", "holdout"), ("suppressed", "cooldown"), ("suppressed", None),
+    ...   ("backfill", "fired"))]
+    ['f', 'h', 's:cooldown', 's:unspecified', 'b']
     """
     if action.outcome == "fired":
         return "f"
     if action.outcome == "held_out":
         return "h"
+    if action.outcome == "backfill":
+        return "b"
     return "s:" + (action.reason or "unspecified").replace(";", ",").replace("=", ":")
 
 

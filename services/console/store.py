@@ -8,7 +8,10 @@ Key layout (prefix `ts:console:` by default):
     customers                set of the customer ids seen (the count on the overview)
     merged_into              hash merged-away id -> survivor (an erasure finds every id merged into a customer)
     mentions                 hash id -> customers whose split entries (m:) name it, for an erasure to clear
-    clock                    sorted set, "event_time" -> the newest event time applied (closes attribution windows)
+    clock                    sorted set, "event_time" -> the newest event time applied (closes attribution windows),
+                             at most the wall clock plus the event-time tolerance
+    erased                   erased customers' tokens (touchstream.privacy.ErasedCustomers): records about them
+                             (in flight during the erasure, or read again) never stay in the read model
     {seg}                    hash customer id -> "event time|segment|stage" of its newest explained score
     {seg}:counts             hash "segment|stage" -> customers (the overview never scans customers)
     {seg}:flow:<day>         hash "from>to" -> changes that day (event-time days since 1970), kept FLOW_KEEP_DAYS;
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,11 +70,10 @@ from services.console.readmodel import (
     converted_within,
     follow_merges,
 )
-from touchstream.privacy import DELETED_RULE_ID
+from touchstream.eventtime import DEFAULT_EVENT_TIME_TOLERANCE_S, event_time_ceiling_ms
+from touchstream.privacy import DEFAULT_ERASED_TTL_S, DELETED_RULE_ID, ErasedCustomers, erased_token
 
 Update = TouchpointSeen | ScoreUpdated | ActionTaken | CustomersMerged | DeadLettered | CustomerDeleted | DeliveryEnded
-# How many erased customer ids a console worker remembers (in memory) to drop their in-flight records.
-FORGOTTEN_KEPT = 100_000
 DAY_MS = 86_400_000
 # The overview shows the flow of the last 30 days; a day's counts outlive it a little.
 FLOW_KEEP_DAYS = 35
@@ -347,6 +350,15 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _customers_named(update: Update) -> set[str]:
+    """The customer ids a read-model update writes about (none for a deletion or a dead letter)."""
+    if isinstance(update, CustomerDeleted | DeadLettered):
+        return set()
+    if isinstance(update, CustomersMerged):
+        return {update.survivor_id, update.merged_id}
+    return {update.customer_id}
+
+
 def _deletion_notice(update: Update) -> bool:
     """A `customer.deleted` webhook (triggers tells marketing about an erasure): never read-modelled."""
     return isinstance(update, ActionTaken | DeliveryEnded) and update.rule_id == DELETED_RULE_ID
@@ -411,23 +423,30 @@ class ReadModelStore:
     """Apply read-model updates in batches and answer the pages' reads."""
 
     def __init__(self, client: aioredis.Redis, prefix: str = "ts:console:",
-                 customer_ttl_s: int = DEFAULT_CUSTOMER_TTL_S) -> None:
+                 customer_ttl_s: int = DEFAULT_CUSTOMER_TTL_S, *,
+                 event_time_tolerance_s: float = DEFAULT_EVENT_TIME_TOLERANCE_S,
+                 clock: Callable[[], float] = time.time, erased_ttl_s: int = DEFAULT_ERASED_TTL_S) -> None:
         self.client = client
         self.prefix = prefix
         self.customer_ttl_s = customer_ttl_s
+        # The event clock and the segment flow's days stop at the wall clock plus this, so one
+        # record stamped years ahead cannot close every attribution window or empty the flow.
+        self.event_time_tolerance_s = event_time_tolerance_s
+        self._clock = clock
+        self.erased = ErasedCustomers(client, self.key("erased"), erased_ttl_s)
         self._apply_script = client.register_script(_APPLY)
         self._absorb_script = client.register_script(_ABSORB)
         self._mark_merged = client.register_script(_MARK_MERGED)
         self._set_segments = client.register_script(_SET_SEGMENTS)
         self._scripts_loaded = False
         self._settings = [customer_ttl_s, TRIM_SLACK, PURCHASES_CAP, TIMELINE_CAP, SCORE_HISTORY_CAP, ACTIONS_CAP]
-        # Erased customers (memory only, newest last): records about them still in flight on the
-        # other topics are dropped instead of writing the customer back.
-        self._forgotten: dict[str, None] = {}
         # What this worker has written to the shared keys already, so a batch need not write it again
         # (the read model is rebuilt from the topics, never emptied under a running worker).
         self._rules_noted: set[str] = set()
         self._clock_noted = 0
+
+    def _ceiling_ms(self) -> int:
+        return event_time_ceiling_ms(int(self._clock() * 1000), self.event_time_tolerance_s)
 
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -443,8 +462,7 @@ class ReadModelStore:
 
     async def apply(self, updates: Sequence[Update]) -> int:
         """Write a batch of updates; every write is idempotent, so replaying a batch changes nothing."""
-        if self._forgotten or any(isinstance(u, CustomerDeleted) or _deletion_notice(u) for u in updates):
-            updates = await self._apply_deletions(updates)
+        updates = await self._apply_deletions(updates)
         batch = _Batch()
         for update in updates:
             if isinstance(update, CustomersMerged):
@@ -483,10 +501,24 @@ class ReadModelStore:
         if batch.empty:
             return
         written: list[tuple[set[str], int]] = []
-        redirects = await self._run(self._apply_script,
-                                    {cid: [*self._settings, *ops] for cid, ops in batch.ops.items()},
-                                    lambda pipe: written.append(self._shared_writes(pipe, batch)))
+        named = list(batch.ops)
+
+        def alongside(pipe: Any) -> None:
+            written.append(self._shared_writes(pipe, batch))
+            # Whether any of them was erased, asked in the same round trip (see below).
+            if named:
+                pipe.zmscore(self.erased.key, [erased_token(cid) for cid in named])
+
+        redirects, answers = await self._run(self._apply_script,
+                                             {cid: [*self._settings, *ops] for cid, ops in batch.ops.items()},
+                                             alongside)
         self._noted(*written[0])
+        # Records about an erased customer (in flight during its erasure, or read again by a restarted
+        # or lagging worker) were just written with the rest: rarely, so they are forgotten again at once
+        # rather than every batch waiting one more round trip to ask first.
+        erased = [cid for cid, at in zip(named, answers[-1] if named else [], strict=True) if at is not None]
+        for cid in erased:
+            await self.forget(cid)
         if redirects:
             # Records for ids merged away meanwhile went to the survivors: so do their places in the counts.
             async with self.client.pipeline(transaction=False) as pipe:
@@ -505,10 +537,11 @@ class ReadModelStore:
         clock = 0
         if batch.active:
             pipe.sadd(self.key("customers"), *batch.active)
-        if batch.newest_ms is not None and batch.newest_ms > self._clock_noted:
+        newest = None if batch.newest_ms is None else min(batch.newest_ms, self._ceiling_ms())
+        if newest is not None and newest > self._clock_noted:
             # GT: a batch of older events never moves the clock back (another worker's may be newer).
-            pipe.zadd(self.key("clock"), {"event_time": batch.newest_ms}, gt=True)
-            clock = batch.newest_ms
+            pipe.zadd(self.key("clock"), {"event_time": newest}, gt=True)
+            clock = newest
         rules = set(batch.rule_customers)
         if rules - self._rules_noted:
             pipe.sadd(self.key("rules"), *rules)
@@ -530,19 +563,24 @@ class ReadModelStore:
 
     def _count_segments(self, pipe: Any, changes: dict[str, tuple[int, str]]) -> None:
         """Queue one call of the segment-count script: customer -> (event time, "segment|stage", or "" to drop)."""
-        days = sorted({time_ms // DAY_MS for time_ms, value in changes.values() if value})
+        # A change counts on its event-time day, never one past the wall clock plus the tolerance.
+        ceiling = self._ceiling_ms()
+        day_of = {cid: min(time_ms, ceiling) // DAY_MS for cid, (time_ms, _) in changes.items()}
+        days = sorted({day_of[cid] for cid, (_, value) in changes.items() if value})
         index = {day: 4 + n for n, day in enumerate(days)}
         args: list[Any] = [FLOW_KEEP_DAYS * 86_400, FLOW_KEEP_DAYS * 2]
         for cid, (time_ms, value) in changes.items():
-            args += [cid, time_ms, value, index.get(time_ms // DAY_MS, 0), time_ms // DAY_MS]
+            args += [cid, time_ms, value, index.get(day_of[cid], 0), day_of[cid]]
         pipe.evalsha(self._set_segments.sha, 3 + len(days), self.key("{seg}"), self.key("{seg}", "counts"),
                      self.key("{seg}", "days"), *(self.key("{seg}", "flow", str(day)) for day in days), *args)
 
     async def _run(self, script: Any, calls: dict[str, list[Any]],
-                   alongside: Callable[[Any], None] | None = None) -> dict[str, str]:
+                   alongside: Callable[[Any], None] | None = None) -> tuple[dict[str, str], list[Any]]:
         """Call a customer script for each customer in one pipeline, with what `alongside` queues; calls that find
-        the customer merged away go again where it lives now. Return those ids, each with where it lives."""
+        the customer merged away go again where it lives now. Return those ids, each with where it lives, and the
+        answers to what `alongside` queued."""
         redirects: dict[str, str] = {}
+        answers: list[Any] = []
         pending = calls
         for _ in range(MAX_MERGE_HOPS):
             if not pending and alongside is None:
@@ -553,7 +591,10 @@ class ReadModelStore:
                 if alongside is not None:
                     alongside(pipe)
                     alongside = None
-                replies = (await self._execute(pipe))[:len(pending)]
+                    replies = await self._execute(pipe)
+                    replies, answers = replies[:len(pending)], replies[len(pending):]
+                else:
+                    replies = await self._execute(pipe)
             moved: dict[str, list[Any]] = {}
             for (cid, args), into in zip(pending.items(), replies, strict=True):
                 if not into:
@@ -566,7 +607,7 @@ class ReadModelStore:
                 # The settings head every call; only the ops move (the script reads them in order).
                 moved.setdefault(target, list(args[:len(self._settings)])).extend(args[len(self._settings):])
             pending = moved
-        return redirects
+        return redirects, answers
 
     async def _execute(self, pipe: Any) -> list[Any]:
         """Run a pipeline whose scripts go by sha1 (no SCRIPT EXISTS round trip): a Redis that lost them
@@ -603,6 +644,8 @@ class ReadModelStore:
                             "merged_id": merge.merged_id, "reason": merge.reason,
                             "event_time_ms": merge.event_time_ms})
         survivor, merged = merge.survivor_id, merge.merged_id
+        if await self.erased.among([survivor, merged]):
+            return  # about an erased customer: read again after its erasure, never modelled
         if merge.kind != "merge":
             # An un-merge splits identifiers off; the history stays with the survivor, the new customer
             # starts empty and is no longer redirected. Each names the other, for an erasure to find.
@@ -621,7 +664,8 @@ class ReadModelStore:
             return
         fields = await self.client.hgetall(self.ckey(merged))
         pairs = [part for name, value in fields.items() if name not in _COUNTERS for part in (name, value)]
-        redirects = await self._run(self._absorb_script, {survivor: [*self._settings, merge.merge_id, entry, *pairs]})
+        redirects, _ = await self._run(self._absorb_script,
+                                       {survivor: [*self._settings, merge.merge_id, entry, *pairs]})
         live = redirects.get(survivor, survivor)
         # Where the merged customer counted, the survivor counts now (each write idempotent).
         moved = _Batch()
@@ -654,28 +698,17 @@ class ReadModelStore:
         await self.client.hset(self.key("mentions"), mapping=merged)
 
     async def _apply_deletions(self, updates: Sequence[Update]) -> list[Update]:
-        """Forget the customers of every CustomerDeleted in `updates` (all ids listed), and return
-        the other updates minus those about a customer erased here lately."""
+        """Forget the customers of every CustomerDeleted in `updates` (all ids listed, recorded as erased first,
+        so a crash in between leaves them erased), and return the other updates minus those about them."""
+        deleted: set[str] = set()
         for update in updates:
             if isinstance(update, CustomerDeleted):
+                await self.erased.add(update.customer_ids)
                 for cid in update.customer_ids:
                     await self.forget(cid)
-                    self._forgotten.pop(cid, None)
-                    self._forgotten[cid] = None
-        while len(self._forgotten) > FORGOTTEN_KEPT:
-            del self._forgotten[next(iter(self._forgotten))]
-        gone = self._forgotten
-
-        def erased(update: Update) -> bool:
-            if isinstance(update, CustomerDeleted) or _deletion_notice(update):
-                return True
-            if isinstance(update, CustomersMerged):
-                return update.survivor_id in gone or update.merged_id in gone
-            if isinstance(update, DeadLettered):
-                return False
-            return update.customer_id in gone
-
-        return [u for u in updates if not erased(u)]
+                deleted.update(update.customer_ids)
+        return [u for u in updates
+                if not (isinstance(u, CustomerDeleted) or _deletion_notice(u) or deleted & _customers_named(u))]
 
     async def forget(self, customer_id: str) -> list[str]:
         """Remove every trace of a customer (and of the ids merged into it); return the ids forgotten.
@@ -766,7 +799,7 @@ class ReadModelStore:
     async def event_clock(self) -> int | None:
         """Return the newest event time the read model has applied (None before the first record)."""
         value = await self.client.zscore(self.key("clock"), "event_time")
-        return None if value is None else int(value)
+        return None if value is None else min(int(value), self._ceiling_ms())
 
     async def customer_count(self) -> int:
         return int(await self.client.scard(self.key("customers")))

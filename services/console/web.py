@@ -803,6 +803,7 @@ class ConsoleWeb:
             "rule_id": rule_id,
             "fired": counts.counts.get("fired", 0),
             "held_out": counts.counts.get("held_out", 0),
+            "backfill": counts.counts.get("backfill", 0),
             "suppressed": suppressed,
             "delivered": counts.delivered,
             "delivery_failed": counts.delivery_failed,

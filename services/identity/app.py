@@ -18,7 +18,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.identity.admin import is_admin
-from services.identity.customer360 import find_customer, read_customer
+from services.identity.customer360 import find_customer, read_customer, read_review
 from services.identity.domain import (
     MERGE_REASON_OPERATOR,
     Erasure,
@@ -42,6 +42,7 @@ from services.identity.metrics import IdentityMetrics
 from services.identity.resolver import EventToResolve, IdentityResolver
 from services.identity.settings import IdentitySettings
 from touchstream import avro
+from touchstream.eventtime import too_far_ahead
 from touchstream.identifiers import Identifier, InvalidIdentifier
 from touchstream.settings import CoreSettings
 from touchstream.streams import (
@@ -86,6 +87,7 @@ class TouchpointResolver:
         settings: IdentitySettings,
         hash_key: bytes,
         outbox: Callable[[], Outbox],
+        event_time_tolerance_s: float | None = None,
     ) -> None:
         self.resolver = resolver
         self.graph = resolver.graph
@@ -94,12 +96,14 @@ class TouchpointResolver:
         self._hash_key = hash_key
         # For the API's splits and erasures, outside the stream's batches.
         self._outbox = outbox
+        self._event_time_tolerance_s = event_time_tolerance_s
 
     async def resolve_batch(self, records: list[Record], outbox: Outbox) -> None:
         """Resolve a decoded batch in one Redis round trip and put its records in `outbox`."""
         pending: list[_Pending] = []
+        read_at_ms = int(time.time() * 1000)
         for record in records:
-            pending_event = await self._prepare(record, outbox)
+            pending_event = await self._prepare(record, outbox, read_at_ms)
             if pending_event is not None:
                 pending.append(pending_event)
 
@@ -121,10 +125,19 @@ class TouchpointResolver:
             await outbox.send(TOUCHPOINTS_RESOLVED, resolution.customer_id,
                               avro.encode(TOUCHPOINTS_RESOLVED.schema, resolved))
 
-    async def _prepare(self, record: Record, outbox: Outbox) -> _Pending | None:
+    async def _prepare(self, record: Record, outbox: Outbox, read_at_ms: int) -> _Pending | None:
         touchpoint = record.value
         if touchpoint is None:
             return None
+        if self._event_time_tolerance_s is not None:
+            # Dead-lettered rather than clamped: a clamped time would be invented, and scoring's
+            # features and labels would be built on it; the dead letter keeps the original bytes to
+            # fix and replay. Identity's read time stands in for the receive time: events produced
+            # straight to Kafka have no other trustworthy one, and it only ever comes later.
+            ahead = too_far_ahead(int(touchpoint["timestamp_ms"]), read_at_ms, self._event_time_tolerance_s)
+            if ahead is not None:
+                await outbox.dead_letter(TOUCHPOINTS_RAW.name, f"timestamp_ms: {ahead}", record.key, record.raw)
+                return None
         prepared = prepare_identifiers(touchpoint["identifiers"], self._hash_key,
                                        self.settings.default_phone_region, self.settings.blocklist)
         for rejected in prepared.rejected:
@@ -221,8 +234,9 @@ def build_app(
     persons = PersonIndex(client, layout, hash_key, settings.matching.max_block_size)
     readiness = Readiness("partitions_assigned", "script_loaded")
     kernel: StreamKernel
-    resolver = TouchpointResolver(IdentityResolver(graph, persons, settings.matching), metrics, settings, hash_key,
-                                  outbox=lambda: kernel.outbox())
+    resolver = TouchpointResolver(IdentityResolver(graph, persons, settings.matching, observer=metrics), metrics,
+                                  settings, hash_key, outbox=lambda: kernel.outbox(),
+                                  event_time_tolerance_s=core.event_time_tolerance_s)
     kernel = StreamKernel(STAGE, core, [Consumes((TOUCHPOINTS_RAW,), resolver.resolve_batch)], metrics.service,
                           readiness)
 
@@ -423,6 +437,31 @@ def add_customer_pages(app: faust.App, resolver: TouchpointResolver, layout: Gra
             except FieldError as exc:
                 return field_error(self, exc)
             return await erase_answer(self, customer_id, request_id)
+
+    @app.page("/v1/matching/review")
+    class MatchReviewView(View):
+        """The latest possible matches (plausible, not merged), for an operator to look at."""
+
+        async def get(self, request: Request) -> Response:
+            if refused(request):
+                return self.error(401, "admin key required", headers={"WWW-Authenticate": "Bearer"})
+            try:
+                limit = min(max(int(request.query.get("limit", "100")), 1), 1000)
+            except ValueError:
+                return self.error(400, "limit must be a whole number")
+            return self.json({"possible_matches": await read_review(client, layout, limit)})
+
+    @app.page("/v1/matching/model")
+    class MatchModelView(View):
+        """The fitted Fellegi-Sunter model in use: m, u and weight per field and level, the prior, the fit."""
+
+        async def get(self, request: Request) -> Response:
+            if refused(request):
+                return self.error(401, "admin key required", headers={"WWW-Authenticate": "Bearer"})
+            persons = resolver.resolver.persons
+            if persons is None:
+                return self.notfound("probabilistic matching is off")
+            return self.json(await persons.describe_model())
 
     @app.page("/v1/customers/{customer_id}/unmerge")
     class UnmergeView(View):

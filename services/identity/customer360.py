@@ -34,6 +34,8 @@ class CustomerView:
     last_seen_ms: int | None
     identities: tuple[IdentityView, ...]
     merges: tuple[dict[str, Any], ...]
+    # Customers probabilistic matching found plausibly the same person, kept for review (never merged).
+    possible_matches: tuple[dict[str, Any], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,7 +79,39 @@ async def read_customer(client: aioredis.Redis, layout: GraphLayout, customer_id
         identities.append(IdentityView(identifier.type, identifier.value, _int(seen_first), _int(seen_last),
                                        shared in (b"1", "1")))
     merges = tuple(json.loads(entry) for entry in await client.lrange(layout.history_key(live), 0, -1))
-    return CustomerView(live, customer_id, _int(first), _int(last), tuple(identities), merges)
+    return CustomerView(live, customer_id, _int(first), _int(last), tuple(identities), merges,
+                        await _possible_matches(client, layout, live, merges))
+
+
+async def _possible_matches(client: aioredis.Redis, layout: GraphLayout, live: str,
+                            merges: tuple[dict[str, Any], ...]) -> tuple[dict[str, Any], ...]:
+    """The possible matches noted on the customer or any id merged into it, by the other's live id, best first."""
+    ids = [live, *(m["merged_id"] for m in merges if m.get("kind") == "merge" and m.get("merged_id"))]
+    best: dict[str, dict[str, Any]] = {}
+    for own in ids:
+        for other, entry in (await client.hgetall(layout.match_possible_key(own))).items():
+            other_live = await live_customer_id(client, layout, _text(other))
+            if other_live is None or other_live == live:
+                continue
+            noted = {**json.loads(entry), "customer_id": other_live}
+            if other_live not in best or noted["probability"] > best[other_live]["probability"]:
+                best[other_live] = noted
+    return tuple(sorted(best.values(), key=lambda m: (-m["probability"], m["customer_id"])))
+
+
+async def read_review(client: aioredis.Redis, layout: GraphLayout, limit: int) -> list[dict[str, Any]]:
+    """Return the latest possible matches, newest first, each with the customers' live ids now.
+
+    A pair merged since (by an identifier, an operator or a later match) is left out.
+    """
+    entries = []
+    for text in await client.lrange(layout.match_key("review"), 0, limit - 1):
+        entry = json.loads(text)
+        now = [await live_customer_id(client, layout, c) for c in entry["customer_ids"]]
+        if None in now or now[0] == now[1]:
+            continue
+        entries.append({**entry, "live_customer_ids": now})
+    return entries
 
 
 async def find_customer(client: aioredis.Redis, layout: GraphLayout, identifier: Identifier) -> CustomerView | None:

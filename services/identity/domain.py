@@ -6,11 +6,14 @@ and everything it answers is defined here, so the rules can be tested without Re
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from touchstream.identifiers import (
     KEY_PRIORITY,
@@ -88,11 +91,25 @@ class GraphRules:
     shared_max: int
 
     def to_json(self) -> str:
+        return self._json
+
+    @functools.cached_property
+    def _json(self) -> str:
+        # Every script call carries the rules: encode them once.
         return json.dumps({"strong": sorted(self.strong_types), "limits": dict(sorted(self.type_limits.items())),
                            "default_limit": self.default_limit, "shared_max": self.shared_max})
 
     def limit_of(self, kind: str) -> int:
         return self.type_limits.get(kind, self.default_limit)
+
+
+@dataclass(frozen=True)
+class PossibleMatch:
+    """Another customer the event's person may be: plausible to the matching model, not likely enough to merge."""
+
+    customer_id: str
+    probability: float
+    weight: float  # log2 likelihood ratio of the best pair of records
 
 
 @dataclass(frozen=True)
@@ -106,6 +123,8 @@ class Resolution:
     refused: tuple[MergeRefused, ...]
     # The event carried an identifier of an erased customer: dropped, nothing resolved.
     suppressed: bool = False
+    # Found by probabilistic matching and kept for review (never merged).
+    possible_matches: tuple[PossibleMatch, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -135,6 +154,24 @@ class GraphLayout:
 
     def event_key(self, message_id: str) -> str:
         return f"{self.prefix}event:{message_id}"
+
+    # Probabilistic matching's keys (scripts.py lists what each holds).
+    def match_key(self, name: str) -> str:
+        """Name one of matching's single keys: model, records, pairs, review.
+
+        >>> GraphLayout("p:").match_key("model"), GraphLayout("p:").match_possible_key("c_1")
+        ('p:match:model', 'p:match:possible:c_1')
+        """
+        return f"{self.prefix}match:{name}"
+
+    def match_person_key(self, customer_id: str) -> str:
+        return f"{self.prefix}match:person:{customer_id}"
+
+    def match_possible_key(self, customer_id: str) -> str:
+        return f"{self.prefix}match:possible:{customer_id}"
+
+    def match_patterns_key(self, chunk: int) -> str:
+        return f"{self.prefix}match:patterns:{chunk}"
 
 
 def identifier_ref(identifier: Identifier) -> str:
@@ -277,11 +314,12 @@ def parse_resolution(answer: str | bytes) -> Resolution:
     Lua's cjson writes an empty array as ``{}``, hence the ``or []``.
 
     >>> parse_resolution('{"customer_id":"c_1","created":true,"replayed":false,"merges":{},"refused":{}}')
-    Resolution(customer_id='c_1', created=True, replayed=False, merges=(), refused=(), suppressed=False)
+    Resolution(customer_id='c_1', created=True, replayed=False, merges=(), refused=(), suppressed=False, \
+possible_matches=())
     >>> parse_resolution('{"customer_id":"","created":false,"replayed":false,"suppressed":true}').suppressed
     True
     """
-    data = json.loads(answer)
+    data = orjson.loads(answer)
     if "error" in data:
         raise GraphRefused(data["error"])
     if data.get("suppressed"):

@@ -6,11 +6,12 @@ The scripts and the key layout are in `scripts.py`; the rules (what may merge) i
 from __future__ import annotations
 
 import hashlib
-import hmac
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from services.identity.domain import (
     Erasure,
@@ -26,17 +27,113 @@ from services.identity.domain import (
     script_call,
     unmerge_call,
 )
-from services.identity.matching import PersonAttributes, blocking_keys
-from services.identity.scripts import ERASE_SCRIPT, MERGE_SCRIPT, RESOLVE_SCRIPT, UNMERGE_SCRIPT, script_sha
+from services.identity.match_model import ModelState
+from services.identity.matching import PersonAttributes
+from services.identity.scripts import (
+    ERASE_SCRIPT,
+    MATCH_EXCHANGE_SCRIPT,
+    MATCH_FINISH_SCRIPT,
+    MATCH_FORGET_SCRIPT,
+    MERGE_MANY_SCRIPT,
+    MERGE_SCRIPT,
+    RESOLVE_MANY_SCRIPT,
+    RESOLVE_SCRIPT,
+    UNMERGE_SCRIPT,
+    script_sha,
+)
 
 RESOLVE_SCRIPT_SHA = script_sha(RESOLVE_SCRIPT)
+RESOLVE_MANY_SHA = script_sha(RESOLVE_MANY_SCRIPT)
+MERGE_MANY_SHA = script_sha(MERGE_MANY_SCRIPT)
 MERGE_SCRIPT_SHA = script_sha(MERGE_SCRIPT)
 UNMERGE_SCRIPT_SHA = script_sha(UNMERGE_SCRIPT)
 ERASE_SCRIPT_SHA = script_sha(ERASE_SCRIPT)
+MATCH_EXCHANGE_SHA = script_sha(MATCH_EXCHANGE_SCRIPT)
+MATCH_FINISH_SHA = script_sha(MATCH_FINISH_SCRIPT)
+MATCH_FORGET_SHA = script_sha(MATCH_FORGET_SCRIPT)
 _SCRIPTS = {RESOLVE_SCRIPT_SHA: RESOLVE_SCRIPT, MERGE_SCRIPT_SHA: MERGE_SCRIPT, UNMERGE_SCRIPT_SHA: UNMERGE_SCRIPT,
-            ERASE_SCRIPT_SHA: ERASE_SCRIPT}
+            ERASE_SCRIPT_SHA: ERASE_SCRIPT, RESOLVE_MANY_SHA: RESOLVE_MANY_SCRIPT, MERGE_MANY_SHA: MERGE_MANY_SCRIPT}
 
 Call = tuple[str, list[str], list[str]]  # (script sha, KEYS, ARGV)
+Argument = str | int | bytes
+
+
+def pack_command(args: Sequence[Argument]) -> bytes:
+    r"""Encode one command in RESP, as Redis reads it.
+
+    redis-py's general packer costs about three times as much per argument, and a batch of
+    events sends thousands of arguments.
+
+    >>> pack_command(["GET", "k"]), pack_command(["SET", "k", 7])
+    (b'*2\r\n$3\r\nGET\r\n$1\r\nk\r\n', b'*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\n7\r\n')
+    """
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg if isinstance(arg, bytes) else arg.encode() if isinstance(arg, str) else str(arg).encode()
+        parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+class CommandChannel:
+    """One connection held for a batch: commands go out as soon as they are ready, their answers are
+    read later in the order sent, so Redis works on one part of a batch while Python works on another.
+
+    An error answer is returned in its place (as the exception), not raised. Leaving the channel
+    with answers unread, or on an exception, drops the connection (its state is unknown).
+    """
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._pool = client.connection_pool
+        self._connection: Any = None
+        self._unread = 0
+
+    async def __aenter__(self) -> CommandChannel:
+        self._connection = await self._pool.get_connection()
+        return self
+
+    async def __aexit__(self, exc_type: object, exc: object, traceback: object) -> None:
+        try:
+            if exc_type is not None or self._unread:
+                await self._connection.disconnect()
+        finally:
+            await self._pool.release(self._connection)
+
+    async def send(self, commands: Sequence[Sequence[Argument]]) -> None:
+        if commands:
+            await self._connection.send_packed_command(b"".join(pack_command(c) for c in commands),
+                                                       check_health=False)
+            self._unread += len(commands)
+
+    async def receive(self, count: int) -> list[Any]:
+        """Read the answers of the next `count` commands sent."""
+        answers: list[Any] = []
+        for _ in range(count):
+            try:
+                answers.append(await self._connection.read_response())
+            except ResponseError as error:
+                answers.append(error)
+            self._unread -= 1
+        return answers
+
+
+async def run_commands(client: aioredis.Redis, commands: Sequence[Sequence[Argument]]) -> list[Any]:
+    """Send commands in one write on one connection and read their answers in order (errors in place)."""
+    async with CommandChannel(client) as channel:
+        await channel.send(commands)
+        return await channel.receive(len(commands))
+
+
+def evalsha(sha: str, keys: Sequence[str], args: Sequence[Argument]) -> tuple[Argument, ...]:
+    return ("EVALSHA", sha, len(keys), *keys, *args)
+
+
+def parse_answer(answer: object) -> Resolution:
+    """Read one graph script's answer; an error answer is raised."""
+    if isinstance(answer, Exception):
+        raise answer
+    if not isinstance(answer, str | bytes):
+        raise TypeError(f"graph script answered {type(answer).__name__}, expected JSON text")
+    return parse_resolution(answer)
 
 
 class IdentityGraph:
@@ -57,6 +154,38 @@ class IdentityGraph:
         keys, args = script_call(request, self.layout, self.rules, self._event_ttl_s)
         return RESOLVE_SCRIPT_SHA, keys, args
 
+    def resolve_many_command(self, requests: Sequence[ResolutionRequest]) -> tuple[Argument, ...]:
+        """One command resolving several events in order, each as `resolve` would (see `script_for_many`)."""
+        return self._many(RESOLVE_MANY_SHA, [script_call(r, self.layout, self.rules, self._event_ttl_s)
+                                             for r in requests])
+
+    def merge_many_command(
+        self, merges: Sequence[tuple[str, int, tuple[str, str], str, float | None]]
+    ) -> tuple[Argument, ...]:
+        """One command making several merges (op id, time, customers, reason, score) in order."""
+        return self._many(MERGE_MANY_SHA, [
+            ([self.layout.customer_key(customers[0])],
+             merge_call(op_id, time_ms, customers, reason, score, self.layout, self.rules, self._event_ttl_s))
+            for op_id, time_ms, customers, reason, score in merges])
+
+    def _many(self, sha: str, calls: Sequence[tuple[list[str], list[str]]]) -> tuple[Argument, ...]:
+        keys: list[str] = []
+        args: list[Argument] = [self.layout.prefix, self.rules.to_json(), "", "0", self._event_ttl_s]
+        for call_keys, call_args in calls:
+            # Every call's ARGV starts with prefix, rules, op id, time, ttl (domain._common_args).
+            keys.extend(call_keys)
+            args.extend((call_args[2], call_args[3], len(call_keys), len(call_args) - 5, *call_args[5:]))
+        return evalsha(sha, keys, args)
+
+    @staticmethod
+    def parse_many_answer(answer: object) -> list[Resolution]:
+        """Read the answer of a `..._many_command`; an error answer is raised."""
+        if isinstance(answer, Exception):
+            raise answer
+        if not isinstance(answer, bytes):
+            raise TypeError(f"graph script answered {type(answer).__name__}, expected text")
+        return [parse_resolution(one) for one in answer.split(b"\x1e")] if answer else []
+
     async def resolve(self, requests: Sequence[ResolutionRequest]) -> list[Resolution]:
         """Resolve each request in order; the answers are in the same order."""
         return await self.run([self.resolve_call(r) for r in requests])
@@ -69,15 +198,6 @@ class IdentityGraph:
         # The one KEY routes the call on Redis Cluster; every key it touches shares its hash tag.
         [answer] = await self.run([(MERGE_SCRIPT_SHA, [self.layout.customer_key(customers[0])], args)])
         return answer
-
-    async def merge_many(
-        self, merges: Sequence[tuple[str, int, tuple[str, str], str, float | None]]
-    ) -> list[Resolution]:
-        """Run several merges (op id, time, customers, reason, score) in one pipeline, in order."""
-        return await self.run([
-            (MERGE_SCRIPT_SHA, [self.layout.customer_key(customers[0])],
-             merge_call(op_id, time_ms, customers, reason, score, self.layout, self.rules, self._event_ttl_s))
-            for op_id, time_ms, customers, reason, score in merges])
 
     async def unmerge(
         self, op_id: str, time_ms: int, customer_id: str, identifiers: Sequence[Identifier], reason: str
@@ -102,7 +222,8 @@ class IdentityGraph:
     async def sweep(self, customer_ids: Sequence[str], identifiers: Sequence[Identifier], chunk: int = 1000) -> int:
         """Remove what the erase script cannot find by key: the per-event answers (`event:*`, kept
         `event_ttl_s` for redeliveries) that name the customer, and its ids in other identifiers'
-        shared-use sets and in the matching blocks. One SCAN over the graph's keys; returns keys changed.
+        shared-use sets, in the matching blocks, among other customers' possible matches, and in
+        the review and pending lists. One SCAN over the graph's keys; returns keys changed.
         """
         needles = [n for n in (*customer_ids, *(i.value for i in identifiers)) if n]
         if not needles:
@@ -113,18 +234,44 @@ class IdentityGraph:
 
         async def flush() -> int:
             events = [k for k in batch if k.startswith(f"{prefix}event:".encode())]
+            # block: is where matching kept its blocks before match:blocks:.
             sets = [k for k in batch if k.endswith(b":customers") or k.startswith(f"{prefix}block:".encode())]
+            possible = [k for k in batch if k.startswith(f"{prefix}match:possible:".encode())]
+            blocks = [k for k in batch if k.startswith(f"{prefix}match:blocks:".encode())]
+            lists = [k for k in batch if k in (f"{prefix}match:review".encode(), f"{prefix}match:pending".encode())]
             done = 0
             values = await self.client.mget(events) if events else []
+            entries = [(key, entry) for key in lists for entry in await self.client.lrange(key, 0, -1)]
             async with self.client.pipeline(transaction=False) as pipe:
                 for key, value in zip(events, values, strict=True):
                     if value is not None and any(n.encode() in value for n in needles):
                         pipe.delete(key)
                         done += 1
+                for key, entry in entries:
+                    if any(n.encode() in entry for n in needles):
+                        pipe.lrem(key, 0, entry.decode() if isinstance(entry, bytes) else entry)
+                        done += 1
                 for key in sets:
                     pipe.srem(key, *customer_ids)
+                for key in possible:
+                    pipe.hdel(key, *customer_ids)
                 replies = await pipe.execute()
-            return done + sum(1 for r in replies[done:] if r)
+            return done + sum(1 for r in replies[done:] if r) + sum([await drop_from_blocks(k) for k in blocks])
+
+        async def drop_from_blocks(key: bytes) -> int:
+            # A block's value is its customer ids, space-separated: find the blocks naming the
+            # customer, then take it out with a script that re-reads each (the index may have grown it).
+            gone = {c.encode() for c in customer_ids}
+            fields = [field async for field, value in self.client.hscan_iter(key, count=chunk)
+                      if gone & set(value.split(b" "))]
+            if not fields:
+                return 0
+            args = [len(customer_ids), *customer_ids, *fields]
+            try:
+                return int(await self.client.evalsha(MATCH_FORGET_SHA, 1, key, *args))
+            except NoScriptError:
+                await self.client.script_load(MATCH_FORGET_SCRIPT)
+                return int(await self.client.evalsha(MATCH_FORGET_SHA, 1, key, *args))
 
         async for key in self.client.scan_iter(match=f"{_glob_escape(prefix)}*", count=chunk):
             batch.append(key if isinstance(key, bytes) else str(key).encode())
@@ -145,20 +292,10 @@ class IdentityGraph:
             # calls that did run answer again from their event key.
             await self.load_script()
             answers = await self._evalsha_all(calls)
-        resolutions = []
-        for answer in answers:
-            if isinstance(answer, Exception):
-                raise answer
-            if not isinstance(answer, str | bytes):
-                raise TypeError(f"graph script answered {type(answer).__name__}, expected JSON text")
-            resolutions.append(parse_resolution(answer))
-        return resolutions
+        return [parse_answer(answer) for answer in answers]
 
     async def _evalsha_all(self, calls: Sequence[Call]) -> list[object]:
-        async with self.client.pipeline(transaction=False) as pipe:
-            for sha, keys, args in calls:
-                pipe.evalsha(sha, len(keys), *keys, *args)
-            return list(await pipe.execute(raise_on_error=False))
+        return await run_commands(self.client, [evalsha(sha, keys, args) for sha, keys, args in calls])
 
 
 def _glob_escape(text: str) -> str:
@@ -172,59 +309,141 @@ def _glob_escape(text: str) -> str:
     return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
 
 
-class PersonIndex:
-    """Personal attributes and blocking keys for probabilistic matching, under the graph's prefix.
+@dataclass(frozen=True)
+class MatchState:
+    """What the person index says about matching as a whole: the model state JSON and the counters."""
 
-    - ``person:<customer_id>``  JSON of the latest attributes seen for that customer. These are
-      clear personal data (fuzzy comparison cannot work on hashes): they stay in the identity
-      graph's Redis, are never emitted, and are only written when matching is switched on.
-    - ``block:<hmac>``         set of customer ids sharing a blocking key; the key is hashed so
-      key names carry no personal data.
+    model_state: bytes | None
+    records: int
+    pairs: int
+    pending: int = 0  # pairs waiting for a usable model
+
+
+@dataclass(frozen=True)
+class ExchangedRecord:
+    """A record as the index saw it: its customer ("" if its event was suppressed), whether its event
+    created that customer, and (if so) the stored records sharing one of its blocks."""
+
+    customer_id: str
+    created: bool
+    candidates: list[tuple[str, PersonAttributes]]
+
+
+@dataclass(frozen=True)
+class PossibleMatchEntry:
+    customer_id: str
+    other_customer_id: str
+    entry_json: str
+
+
+class PersonIndex:
+    """Records' personal attributes, their blocking keys and the matching model, under the graph's prefix.
+
+    The key layout is in `scripts.py` (``match:*``). Attributes are clear personal data (fuzzy
+    comparison cannot work on hashes): they stay in the identity graph's Redis, are never
+    emitted, and are only written when matching is switched on. A chunk of records costs one
+    script call (find candidates, index the records), a batch one more (patterns, counters,
+    possible matches), and a refit one read of EM's window.
     """
 
-    def __init__(self, client: aioredis.Redis, layout: GraphLayout, hash_key: bytes, max_block_size: int) -> None:
+    def __init__(self, client: aioredis.Redis, layout: GraphLayout, hash_key: bytes, max_block_size: int,
+                 max_records_per_customer: int = 20, review_length: int = 1000) -> None:
         self.client = client
         self.layout = layout
-        self._hash_key = hash_key
+        # A key of its own for blocking keys (BLAKE2b takes at most 64 bytes), apart from the identifiers' HMACs.
+        self._digest_key = hashlib.sha256(b"touchstream-identity-blocking|" + hash_key).digest()
         self._max_block_size = max_block_size
+        self._max_records = max_records_per_customer
+        self._review_length = review_length
+        self.model_key = layout.match_key("model")
 
-    def block_key(self, blocking_key: str) -> str:
-        digest = hmac.new(self._hash_key, blocking_key.encode(), hashlib.sha256).hexdigest()[:32]
-        return f"{self.layout.prefix}block:{digest}"
+    def block_digest(self, blocking_key: str) -> str:
+        # 64 bits: a collision only adds a candidate, and shorter names keep the index smaller.
+        return hashlib.blake2b(blocking_key.encode(), key=self._digest_key, digest_size=8).hexdigest()
 
-    def person_key(self, customer_id: str) -> str:
-        return f"{self.layout.prefix}person:{customer_id}"
+    def exchange_command(self, records: Sequence[tuple[str, PersonAttributes, Sequence[str]]]) -> tuple[Argument, ...]:
+        """The command finding candidates for, then indexing, records given as (event op id, attributes, digests).
 
-    async def candidates_many(self, people: Sequence[PersonAttributes]) -> list[dict[str, PersonAttributes]]:
-        """Return, for each person, the customers sharing a blocking key with it and their attributes."""
-        if not people:
-            return []
-        keys = [[self.block_key(k) for k in blocking_keys(p)] for p in people]
+        It must follow the resolve calls of those events in the same connection: it reads their answers.
+        """
+        args: list[Argument] = [self.layout.prefix, self._max_block_size, self._max_records]
+        for op_id, person, digests in records:
+            args.extend((op_id, person.to_record(), len(digests)))
+            args.extend(digests)
+        return evalsha(MATCH_EXCHANGE_SHA, [self.model_key], args)
+
+    @staticmethod
+    def parse_exchange(answer: object, parsed: dict[bytes, list[PersonAttributes]]) -> tuple[
+            MatchState, list[ExchangedRecord]]:
+        """Read an exchange answer; `parsed` caches record texts across the calls of a batch."""
+        if isinstance(answer, Exception):
+            raise answer
+        assert isinstance(answer, list)
+        model_state, records, pairs, pending, body = answer
+        exchanged = []
+        for part in body.split(b"\x1e") if body else ():
+            customer_id, created, *flat = part.split(b"\x1f")
+            candidates: list[tuple[str, PersonAttributes]] = []
+            for k in range(0, len(flat), 2):
+                blob = flat[k + 1]
+                people = parsed.get(blob)
+                if people is None:
+                    people = parsed[blob] = [PersonAttributes.from_record(r) for r in blob.split(b"\n")]
+                candidate = flat[k].decode()
+                candidates.extend((candidate, person) for person in people)
+            exchanged.append(ExchangedRecord(customer_id.decode(), created == b"1", candidates))
+        return MatchState(model_state, int(records), int(pairs), int(pending)), exchanged
+
+    def finish_command(
+        self, patterns: Mapping[str, int], chunk: int, new_records: int, new_pairs: int,
+        possible: Sequence[PossibleMatchEntry], model_state: str | None, pending: Sequence[bytes],
+        max_pending: int, drop_pending: bool,
+    ) -> tuple[Argument, ...]:
+        """The command recording what a batch's matching leaves: pattern counts, counters, possible matches,
+        pairs left pending (or dropped, once decided) and a refitted model."""
+        args: list[Argument] = [self.layout.prefix, self._review_length, chunk, new_records, new_pairs, max_pending,
+                                "1" if drop_pending else "0", model_state or "", len(patterns)]
+        for key, count in patterns.items():
+            args.extend((key, count))
+        args.append(len(possible))
+        for entry in possible:
+            args.extend((entry.customer_id, entry.other_customer_id, entry.entry_json))
+        args.append(len(pending))
+        args.extend(pending)
+        return evalsha(MATCH_FINISH_SHA, [self.model_key], args)
+
+    async def window_patterns(self, chunks: Sequence[int]) -> dict[str, int]:
+        """Add up the pattern counts of the chunks that make up EM's window."""
         async with self.client.pipeline(transaction=False) as pipe:
-            for person_keys in keys:
-                for key in person_keys:
-                    pipe.scard(key)
-                    pipe.smembers(key)
-            answers = iter(await pipe.execute())
-        wanted: list[set[str]] = []
-        for person_keys in keys:
-            ids: set[str] = set()
-            for _ in person_keys:
-                size, members = next(answers), next(answers)
-                # A blocking key shared by too many says too little: skip rather than compare them all.
-                if size <= self._max_block_size:
-                    ids.update(m.decode() for m in members)
-            wanted.append(ids)
-        every = sorted(set().union(*wanted))
-        records = await self.client.mget([self.person_key(i) for i in every]) if every else []
-        known = {i: PersonAttributes.from_json(r) for i, r in zip(every, records, strict=True) if r is not None}
-        return [{i: known[i] for i in sorted(ids) if i in known} for ids in wanted]
+            for chunk in chunks:
+                pipe.hgetall(self.layout.match_patterns_key(chunk))
+            answers = await pipe.execute()
+        total: dict[str, int] = {}
+        for counts in answers:
+            for key, count in counts.items():
+                name = key.decode()
+                total[name] = total.get(name, 0) + int(count)
+        return total
 
-    async def add_many(self, entries: Sequence[tuple[str, PersonAttributes]]) -> None:
-        """Index each person under its customer id so later events can be matched to it."""
-        async with self.client.pipeline(transaction=False) as pipe:
-            for customer_id, person in entries:
-                pipe.set(self.person_key(customer_id), person.to_json())
-                for key in blocking_keys(person):
-                    pipe.sadd(self.block_key(key), customer_id)
-            await pipe.execute()
+    async def pending(self) -> list[bytes]:
+        """Return the pairs compared while no model was usable, oldest first."""
+        return cast(list[bytes], await self.client.lrange(self.layout.match_key("pending"), 0, -1))
+
+    async def drop_chunks(self, chunks: Sequence[int]) -> None:
+        """Forget pattern counts that slid out of the window."""
+        if chunks:
+            await self.client.delete(*(self.layout.match_patterns_key(c) for c in chunks))
+
+    async def describe_model(self) -> dict[str, Any]:
+        """Return the matching model in use as an operator reads it, with the last fit tried and the counters."""
+        state_text, records, pairs = await self.client.mget(
+            self.model_key, self.layout.match_key("records"), self.layout.match_key("pairs"))
+        state = ModelState.from_json(state_text)
+        return {"model": None if state.model is None else state.model.describe(),
+                "last_fit_tried_at_records": state.tried_at_records,
+                "last_fit_rejected_fields": list(state.rejected_fields),
+                "records": int(records or 0), "pairs": int(pairs or 0)}
+
+    async def load_scripts(self) -> None:
+        for script in (MATCH_EXCHANGE_SCRIPT, MATCH_FINISH_SCRIPT):
+            await self.client.script_load(script)

@@ -1,4 +1,4 @@
-"""Probabilistic matching without I/O: person attributes, blocking keys and Fellegi-Sunter scores.
+"""Probabilistic matching without I/O: person attributes, blocking keys and graded field comparisons.
 
 An event that carries personal attributes but shares no identifier with a known customer can
 still be the same person. The attributes are read from the event's ``properties_json``, from a
@@ -17,49 +17,36 @@ postcode            ``postcode``, ``postal_code``, ``zip``, or the same under ``
 state               ``state``, or ``address.state``
 ==================  ==========================================================================
 
-Scoring is Fellegi-Sunter: each field compares as agree, partly agree or disagree (a missing
-value on either side weighs nothing), and each outcome adds log2(m/u), where m is how often
-true matches show it and u how often non-matches do. The m/u values below are set a priori
-(typical error rates of hand-keyed personal data and the rough cardinality of each field),
-not fitted to the benchmark data.
+Two records compare field by field into a *comparison pattern*: one agreement level per field
+(0 = disagree up to the field's exact level, MISSING when either side lacks the field). How
+much each level says about a match is not set here: `match_model.py` learns it from the
+patterns of the stream's own candidate pairs (Fellegi-Sunter, fitted by EM).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import jellyfish
+import orjson
 from pydantic import BaseModel, ConfigDict, Field
 from rapidfuzz.distance import OSA, JaroWinkler
-from rapidfuzz.fuzz import ratio, token_set_ratio
 
-_SPACES = re.compile(r"\s+")
 _NOT_DIGIT = re.compile(r"\D")
 
-
-class MatchSettings(BaseModel):
-    """Opt-in probabilistic matching (TOUCHSTREAM_IDENTITY_MATCHING as JSON, e.g. '{"enabled": true}')."""
-
-    model_config = ConfigDict(frozen=True)
-
-    enabled: bool = False
-    threshold: float = Field(12.0, description="Least total log2 weight for a match.")
-    # A blocking key shared by more records than this says too little to compare them all.
-    max_block_size: int = Field(200, ge=1)
-    # Two people at one address with one surname but different given names and birth dates
-    # are a household, not one person, however high the address fields push the score.
-    # FEBRL4's generator makes such pairs true links (22 of 5,000), so its F1 is higher without.
-    household_guard: bool = True
+MISSING = -1  # the level of a field one side lacks: it says nothing either way
 
 
-@dataclass(frozen=True)
-class PersonAttributes:
-    """Normalised personal attributes of one event (empty string = not given)."""
+class PersonAttributes(NamedTuple):
+    """Normalised personal attributes of one event (empty string = not given).
+
+    A named tuple rather than a dataclass: records are hashed and compared in the matcher's
+    inner loop, and a tuple does both in C.
+    """
 
     given_name: str = ""
     surname: str = ""
@@ -76,18 +63,29 @@ class PersonAttributes:
         return bool((self.given_name or self.surname or self.address_1)
                     and (self.date_of_birth or self.postcode or self.suburb))
 
-    def to_json(self) -> str:
-        return json.dumps({f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name)})
+    def to_record(self) -> bytes:
+        """Serialise as a compact JSON array (the person index stores one per record).
+
+        >>> PersonAttributes("ann", "lee").to_record()
+        b'["ann","lee","","","","","","",""]'
+        """
+        return orjson.dumps(list(self))
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> PersonAttributes:
-        return cls(**json.loads(text))
+    def from_record(cls, text: str | bytes) -> PersonAttributes:
+        """Read what `to_record` wrote.
+
+        >>> PersonAttributes.from_record(PersonAttributes("ann", postcode="2600").to_record()).postcode
+        '2600'
+        """
+        return cls(*orjson.loads(text))
 
 
 def _clean(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
-    return _SPACES.sub(" ", str(value)).strip().lower()
+    # split() with no argument takes any run of whitespace and the ends: a third of a regex's cost.
+    return " ".join(str(value).lower().split())
 
 
 def _first(sources: Iterable[Mapping[str, Any]], *names: str) -> str:
@@ -120,8 +118,8 @@ address_2='', suburb='', postcode='', state='')
     if not properties_json:
         return None
     try:
-        data = json.loads(properties_json)
-    except json.JSONDecodeError:
+        data = orjson.loads(properties_json)
+    except orjson.JSONDecodeError:
         return None
     if not isinstance(data, dict):
         return None
@@ -144,145 +142,166 @@ address_2='', suburb='', postcode='', state='')
     return person if person.is_matchable() else None
 
 
+def _soundex(text: str) -> str:
+    return jellyfish.soundex(text) if text else ""
+
+
 def blocking_keys(person: PersonAttributes) -> list[str]:
     """Return the blocking keys of a person, one per pass; a candidate must share at least one.
 
-    Several passes on different fields, so one typo (in the postcode, the birth date, the
-    surname) cannot hide a true match from every pass.
+    Each pass joins two of seven fields (surname, given name and street name as Soundex codes,
+    birth date, postcode, street number, suburb), so a key is rare among people who differ,
+    and most typos in a name keep its Soundex code. The passes are all pairs inside two groups,
+    {birth date, postcode, street number, surname} and {given name, suburb, street}: any three
+    fields hold two of one group, so whichever four fields are wrong or missing, the other
+    three still share a key (Turan's construction: the fewest pairs with that property).
+    Postcode and suburb, which mostly say the same thing, are kept in different groups so that
+    no pass is as wide as a whole suburb.
 
     >>> blocking_keys(PersonAttributes(given_name="ann", surname="lee", date_of_birth="19900102", postcode="2600"))
-    ['pc|2600', 'sx|L000|1990', 'gd|ann|19900102', 'dob|19900102', 'ng|lee|a|2600', 'nm|A500|L000']
+    ['dp|19900102|2600', 'ds|19900102|L000', 'ps|2600|L000']
     """
     p = person
-    year = p.date_of_birth[:4]
-    street = p.address_1.split(" ")[0] if p.address_1 else ""
-    # Soundex of both names, sorted: given name and surname keyed the wrong way round still meet.
-    names = "|".join(sorted(jellyfish.soundex(n) for n in (p.given_name, p.surname))) if p.given_name and \
-        p.surname else ""
-    candidates = [
-        ("pc", p.postcode),
-        ("sx", p.surname and year and f"{jellyfish.soundex(p.surname)}|{year}"),
-        ("gd", p.given_name and p.date_of_birth and f"{p.given_name}|{p.date_of_birth}"),
-        ("dob", p.date_of_birth),
-        ("ng", p.surname and p.given_name and p.postcode and f"{p.surname}|{p.given_name[:1]}|{p.postcode}"),
-        ("nm", names),
-        ("ad", p.street_number and street and f"{p.street_number}|{street}"),
-        ("ss", p.suburb and p.street_number and f"{p.suburb}|{p.street_number}"),
-        ("a2", p.address_2),
-    ]
-    return [f"{name}|{value}" for name, value in candidates if value]
+    given, surname = _soundex(p.given_name), _soundex(p.surname)
+    street = _soundex(p.address_1.split(" ")[0]) if p.address_1 else ""
+    one = (("d", p.date_of_birth), ("p", p.postcode), ("n", p.street_number), ("s", surname))
+    other = (("g", given), ("u", p.suburb), ("a", street))
+    keys = []
+    for group in (one, other):
+        for i, (name_a, value_a) in enumerate(group):
+            for name_b, value_b in group[i + 1:]:
+                if value_a and value_b:
+                    keys.append(f"{name_a}{name_b}|{value_a}|{value_b}")
+    return keys
 
 
 @dataclass(frozen=True)
-class FieldModel:
-    """m/u probabilities of a field's agree and partly-agree outcomes (disagree takes the rest)."""
+class ComparedField:
+    """A field of the comparison pattern and the names of its levels, from disagree (0) to exact."""
 
-    m_agree: float
-    u_agree: float
-    m_partial: float = 0.0
-    u_partial: float = 0.0
-
-    def weight(self, level: int) -> float:
-        """Return the log2 likelihood ratio of outcome `level` (2 agree, 1 partial, 0 disagree)."""
-        if level == 2:
-            return math.log2(self.m_agree / self.u_agree)
-        if level == 1:
-            return math.log2(self.m_partial / self.u_partial)
-        return math.log2((1 - self.m_agree - self.m_partial) / (1 - self.u_agree - self.u_partial))
+    name: str
+    levels: tuple[str, ...]
 
 
-FIELD_MODELS: dict[str, FieldModel] = {
-    "given_name": FieldModel(0.85, 0.005, 0.10, 0.02),
-    "surname": FieldModel(0.85, 0.002, 0.10, 0.01),
-    "date_of_birth": FieldModel(0.85, 0.0002, 0.12, 0.002),
-    "street_number": FieldModel(0.85, 0.01, 0.05, 0.01),
-    "address_1": FieldModel(0.80, 0.001, 0.12, 0.005),
-    "address_2": FieldModel(0.75, 0.01, 0.12, 0.02),
-    "suburb": FieldModel(0.85, 0.005, 0.10, 0.02),
-    "postcode": FieldModel(0.85, 0.001, 0.10, 0.01),
-    "state": FieldModel(0.95, 0.25),
-}
+# Names and places: exact, then Jaro-Winkler at 0.9 and 0.7 (the thresholds of Splink's
+# JaroWinklerAtThresholds and of the US Census Bureau's matchers). Codes (date, postcode,
+# street number): exact, then one keying error (one digit changed, inserted, dropped, or two
+# swapped; for a date also day and month swapped).
+COMPARED_FIELDS: tuple[ComparedField, ...] = (
+    ComparedField("given_name", ("else", "jw>=0.7", "jw>=0.9", "exact")),
+    ComparedField("surname", ("else", "jw>=0.7", "jw>=0.9", "exact")),
+    ComparedField("date_of_birth", ("else", "one_edit", "exact")),
+    ComparedField("street_number", ("else", "one_edit", "exact")),
+    ComparedField("address_1", ("else", "jw>=0.7", "jw>=0.9", "exact")),
+    ComparedField("address_2", ("else", "jw>=0.7", "jw>=0.9", "exact")),
+    ComparedField("suburb", ("else", "jw>=0.7", "jw>=0.9", "exact")),
+    ComparedField("postcode", ("else", "one_edit", "exact")),
+    ComparedField("state", ("else", "exact")),
+)
+LEVEL_COUNTS = tuple(len(f.levels) for f in COMPARED_FIELDS)
+Pattern = tuple[int, ...]
 
 
-def _string_level(a: str, b: str, high: float = 0.92, low: float = 0.80) -> int:
-    similarity = JaroWinkler.normalized_similarity(a, b)
-    return 2 if similarity >= high else 1 if similarity >= low else 0
+def _text_level(a: str, b: str) -> int:
+    if not a or not b:
+        return MISSING
+    if a == b:
+        return 3
+    similarity = JaroWinkler.similarity(a, b)
+    return 2 if similarity >= 0.9 else 1 if similarity >= 0.7 else 0
 
 
-def _address_level(a: str, b: str) -> int:
-    # Token sets forgive word order; the plain ratio forgives a lost space ("victoriaktreet").
-    similarity = max(token_set_ratio(a, b), ratio(a, b)) / 100
-    return 2 if similarity >= 0.9 else 1 if similarity >= 0.75 else 0
+def _code_level(a: str, b: str) -> int:
+    if not a or not b:
+        return MISSING
+    if a == b:
+        return 2
+    return 1 if OSA.distance(a, b) <= 1 else 0
 
 
 def _date_level(a: str, b: str) -> int:
+    if not a or not b:
+        return MISSING
     if a == b:
         return 2
-    # One mistyped or two transposed digits, or day and month swapped.
     if OSA.distance(a, b) <= 1 or (a[:4] == b[:4] and a[4:6] == b[6:8] and a[6:8] == b[4:6]):
         return 1
     return 0
 
 
-def _code_level(a: str, b: str) -> int:
-    return 2 if a == b else 1 if OSA.distance(a, b) <= 1 else 0
+def _better_of_swapped(direct: tuple[int, int], swapped: tuple[int, int]) -> tuple[int, int]:
+    # Two fields keyed the wrong way round swap together: take whichever reading agrees more.
+    agree_swapped = max(swapped[0], 0) + max(swapped[1], 0)
+    return swapped if agree_swapped > max(direct[0], 0) + max(direct[1], 0) else direct
 
 
-def field_levels(a: PersonAttributes, b: PersonAttributes) -> dict[str, int]:
-    """Compare two people field by field: 2 agree, 1 partly agree, 0 disagree; missing fields are left out."""
-    compare = {
-        "given_name": _string_level, "surname": _string_level, "suburb": _string_level,
-        "address_1": _address_level, "address_2": _address_level,
-        "date_of_birth": _date_level, "postcode": _code_level,
-        "street_number": lambda x, y: 2 if x == y else 0, "state": lambda x, y: 2 if x == y else 0,
-    }
-    levels = {}
-    for name, level_of in compare.items():
-        x, y = getattr(a, name), getattr(b, name)
-        if x and y:
-            levels[name] = level_of(x, y)
-    # Given name and surname, or the two address lines, keyed the wrong way round are common
-    # errors: compare crosswise too and keep the better outcome.
-    for one, other, level_of in (("given_name", "surname", _string_level), ("address_1", "address_2", _address_level)):
-        x1, x2, y1, y2 = getattr(a, one), getattr(a, other), getattr(b, one), getattr(b, other)
-        if one in levels and x1 and y2:
-            levels[one] = max(levels[one], level_of(x1, y2))
-        if other in levels and x2 and y1:
-            levels[other] = max(levels[other], level_of(x2, y1))
-    return levels
+def compare_people(a: PersonAttributes, b: PersonAttributes) -> Pattern:
+    """Return the comparison pattern of two people: one level per field of COMPARED_FIELDS.
+
+    >>> ann = PersonAttributes("ann", "lee", "19900102", "12", "main street", "", "canberra", "2600", "act")
+    >>> compare_people(ann, ann)
+    (3, 3, 2, 2, 3, -1, 3, 2, 1)
+    >>> compare_people(ann, PersonAttributes("lee", "anne", "19900201", "12", "main stret", "", "canbera", "2606"))
+    (2, 3, 1, 2, 2, -1, 2, 1, -1)
+    """
+    names = (_text_level(a.given_name, b.given_name), _text_level(a.surname, b.surname))
+    if names != (3, 3) and a.given_name and a.surname and b.given_name and b.surname:
+        names = _better_of_swapped(names, (_text_level(a.given_name, b.surname), _text_level(a.surname, b.given_name)))
+    lines = (_text_level(a.address_1, b.address_1), _text_level(a.address_2, b.address_2))
+    if lines != (3, 3) and (a.address_1 or a.address_2) and (b.address_1 or b.address_2):
+        lines = _better_of_swapped(lines, (_text_level(a.address_1, b.address_2),
+                                           _text_level(a.address_2, b.address_1)))
+    state = MISSING if not a.state or not b.state else 1 if a.state == b.state else 0
+    return (names[0], names[1], _date_level(a.date_of_birth, b.date_of_birth),
+            _code_level(a.street_number, b.street_number), lines[0], lines[1],
+            _text_level(a.suburb, b.suburb), _code_level(a.postcode, b.postcode), state)
 
 
-def is_household_pair(levels: Mapping[str, int]) -> bool:
+_GIVEN_NAME = 0
+_DATE_OF_BIRTH = 2
+
+
+def is_household_pattern(pattern: Pattern) -> bool:
     """Say whether a comparison looks like two members of one household: given name and birth date both differ.
 
-    >>> is_household_pair({"given_name": 0, "date_of_birth": 0, "surname": 2}), is_household_pair({"given_name": 0})
+    >>> is_household_pattern((0, 3, 0, 2, 3, -1, 3, 2, 1)), is_household_pattern((0, 3, -1, 2, 3, -1, 3, 2, 1))
     (True, False)
     """
-    return levels.get("given_name") == 0 and levels.get("date_of_birth") == 0
+    return pattern[_GIVEN_NAME] == 0 and pattern[_DATE_OF_BIRTH] == 0
 
 
-def match_score(a: PersonAttributes, b: PersonAttributes) -> float:
-    """Return the Fellegi-Sunter total weight (log2 odds) that `a` and `b` are one person.
+# m and u of each field's levels (each sums to 1) and the prior: what EM estimates.
+FREE_PARAMETERS = 2 * sum(levels - 1 for levels in LEVEL_COUNTS) + 1
 
-    >>> ann = PersonAttributes("ann", "lee", "19900102", "12", "main st", "", "canberra", "2600", "act")
-    >>> round(match_score(ann, ann), 1), round(match_score(ann, PersonAttributes("bob", "ng", "19700305",
-    ...     "3", "high st", "", "sydney", "2000", "nsw")), 1)
-    (63.3, -25.4)
+
+class MatchSettings(BaseModel):
+    """Opt-in probabilistic matching (TOUCHSTREAM_IDENTITY_MATCHING as JSON, e.g. '{"enabled": true}').
+
+    README.md ("Probabilistic matching") says how each value was chosen.
     """
-    return sum(FIELD_MODELS[name].weight(level) for name, level in field_levels(a, b).items())
 
+    model_config = ConfigDict(frozen=True)
 
-def best_match(
-    person: PersonAttributes, candidates: Mapping[str, PersonAttributes], threshold: float,
-    household_guard: bool = True,
-) -> tuple[str, float] | None:
-    """Return the best-scoring candidate at or above `threshold` as (customer id, score), ties by id."""
-    best: tuple[float, str] | None = None
-    for customer_id, other in candidates.items():
-        levels = field_levels(person, other)
-        if household_guard and is_household_pair(levels):
-            continue
-        score = sum(FIELD_MODELS[name].weight(level) for name, level in levels.items())
-        if score >= threshold and (best is None or (score, customer_id) > (best[0], best[1])):
-            best = (score, customer_id)
-    return (best[1], best[0]) if best else None
+    enabled: bool = False
+    match_probability: float = Field(
+        0.5, gt=0, lt=1, description="Least posterior match probability for a merge (Bayes decision, equal costs).")
+    review_probability: float = Field(
+        0.05, gt=0, lt=1, description="Least posterior for a possible match: kept for review, never merged.")
+    # A blocking key shared by more records than this says too little to compare them all.
+    max_block_size: int = Field(200, ge=1)
+    # Two people at one address with one surname but different given names and birth dates
+    # are a household, not one person, however much the address fields agree.
+    household_guard: bool = True
+    min_pairs_to_fit: int = Field(
+        FREE_PARAMETERS, ge=1,
+        description="Candidate pairs seen before the first EM fit (no merge is made without a fit): at least one "
+                    "per free parameter of the model.")
+    refit_growth: float = Field(
+        2.0, gt=1, description="Refit once the records matched grew by this factor since the last fit...")
+    refit_every_records: int = Field(
+        50_000, ge=100, description="...or by this many records, whichever comes first.")
+    window_records: int = Field(
+        200_000, ge=1000, description="The model is fitted on the candidate pairs of the latest this many records.")
+    max_em_iterations: int = Field(500, ge=1)
+    em_tolerance: float = Field(
+        1e-7, gt=0, description="EM stops when the log-likelihood per pair gains less than this.")

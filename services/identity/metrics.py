@@ -10,6 +10,7 @@ from services.identity.domain import (
     Resolution,
     identifier_type_label,
 )
+from services.identity.match_model import MatchModel
 from touchstream.metrics import ServiceMetrics
 
 
@@ -42,6 +43,20 @@ class IdentityMetrics:
         self.events_suppressed = self.service.counter(
             "events_suppressed", "Events dropped because they carry an identifier of an erased customer.")
         self.customers_deleted = self.service.counter("customers_deleted", "Customers erased by an operator.")
+        self.possible_matches = self.service.counter(
+            "possible_matches", "Pairs of customers probabilistic matching found plausible but not likely enough to "
+            "merge: kept for review (GET /v1/matching/review), never merged.")
+        self.match_pairs = self.service.counter("match_pairs", "Candidate record pairs compared by matching.")
+        self.household_pairs = self.service.counter(
+            "household_pairs", "Candidate pairs the household guard kept from matching (given name and birth date "
+            "both differ).")
+        self.match_model_fits = self.service.counter(
+            "match_model_fits", "EM fits of the matching model, by outcome: used, or implausible (kept the last).",
+            ["outcome"])
+        for outcome in ("used", "implausible"):
+            self.match_model_fits.labels(outcome)
+        self.match_prior = self.service.gauge(
+            "match_prior", "ratio", "Share of candidate pairs the matching model in use takes for one person.")
 
     def count_resolution(self, resolution: Resolution) -> None:
         """Count what a resolution changed; a replay changed nothing."""
@@ -55,9 +70,19 @@ class IdentityMetrics:
             self.customers_created.inc()
         self.merges.inc(len(resolution.merges))
         self.probabilistic_merges.inc(sum(m.reason == MERGE_REASON_PROBABILISTIC for m in resolution.merges))
+        self.possible_matches.inc(len(resolution.possible_matches))
         for refusal in resolution.refused:
             if refusal.customer_id:
                 self.merges_refused.labels(refusal.reason).inc()
             else:
                 for identifier in refusal.identifiers:
                     self.identifiers_refused.labels(identifier_type_label(identifier.type), refusal.reason).inc()
+
+    def count_comparisons(self, pairs: int, household_refused: int) -> None:
+        self.match_pairs.inc(pairs)
+        self.household_pairs.inc(household_refused)
+
+    def count_model_fit(self, model: MatchModel, used: bool) -> None:
+        self.match_model_fits.labels("used" if used else "implausible").inc()
+        if used:
+            self.match_prior.set(model.prior)

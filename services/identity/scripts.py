@@ -1,7 +1,8 @@
-"""The identity graph's Lua scripts: resolve an event, merge two customers, split identifiers off one, erase one.
+"""The identity graph's Lua scripts: resolve an event, merge two customers, split identifiers off one, erase one;
+and the person index's: exchange a chunk of records (find candidates, index them), finish a batch, forget a customer.
 
 Each script runs atomically in Redis, so two workers touching the same identifiers can
-never interleave inside one update. All three share one prelude (key names, merge, rules).
+never interleave inside one update. The four graph scripts share one prelude (key names, merge, rules).
 
 Key layout (see `domain.GraphLayout`), every key under one prefix with a hash tag:
 
@@ -19,6 +20,22 @@ Key layout (see `domain.GraphLayout`), every key under one prefix with a hash ta
 - ``suppressed``                     set of suppression tokens, sha1("suppress:<type>:<hmac>"), of the
                                      identifiers of erased customers: events carrying one are dropped
 - ``suppressed:version``             counter raised on every erasure (ingest reloads its copy on a change)
+
+Probabilistic matching (only written when matching is on; `graph.PersonIndex`):
+
+- ``match:person:<id>``              the attributes of the records the customer was created with or
+                                     carried: JSON arrays, one per line (clear personal data; never emitted)
+- ``match:blocks:<hex digit>``       hash: blocking key digest (keyed BLAKE2b, so no personal data in
+                                     names) -> the customer ids sharing it, space-separated, or "*" once
+                                     more than the largest block compared share it; sharded by the digest's
+                                     first hex digit
+- ``match:model``                    JSON: the fitted Fellegi-Sunter model in use and the last fit tried
+- ``match:records``, ``match:pairs`` counters: records matched and candidate pairs compared
+- ``match:patterns:<chunk>``         hash: comparison pattern -> pairs, per chunk of records (EM's window)
+- ``match:pending``                  list of JSON: pairs compared before any model was usable, decided
+                                     (and dropped) by the first usable fit
+- ``match:possible:<id>``            hash: other customer id -> JSON of a possible match (review band)
+- ``match:review``                   list of the latest possible matches, newest first (JSON)
 
 ARGV of every script: prefix, rules (JSON), op id, time_ms, ttl_s, then the script's own.
 Rules: {"strong": [types], "limits": {type: n}, "default_limit": n, "shared_max": n}.
@@ -418,17 +435,343 @@ if ARGV[7] == "erase" then
         if #kept > 0 then redis.call("RPUSH", hkey(other), unpack(kept)) end
       end
     end
-    redis.call("DEL", ckey(id), mkey(id), hkey(id), akey(id), prefix .. "person:" .. id)
+    -- person:<id> is where matching kept attributes before match:person:<id>; still erased.
+    redis.call("DEL", ckey(id), mkey(id), hkey(id), akey(id), prefix .. "person:" .. id,
+               prefix .. "match:person:" .. id, prefix .. "match:possible:" .. id)
   end
 end
 return cjson.encode({found = true, customer_id = live, merged_ids = merged_ids, identifiers = refs,
                      suppressed = suppressed})
 """
 
+# The person index keeps few, large keys so that a batch costs a handful of Redis calls
+# rather than a few per record: blocks are fields of 16 hashes (by the digest's first hex
+# digit), a block's value its customer ids separated by spaces; a customer's records are
+# one string, the records' JSON arrays separated by newlines (JSON never holds a raw one).
+MATCH_PRELUDE = r"""
+local prefix = ARGV[1]
+local max_block = tonumber(ARGV[2])
+local cursor = 2
+local function take()
+  cursor = cursor + 1
+  return ARGV[cursor]
+end
+-- Lua's unpack takes at most ~8000 values: call with many arguments in chunks.
+local function call_chunked(command, key, items, per_item)
+  local answers, chunk = {}, math.floor(4000 / per_item) * per_item
+  for first = 1, #items, chunk do
+    local last = math.min(first + chunk - 1, #items)
+    local part = key and redis.call(command, key, unpack(items, first, last))
+                      or redis.call(command, unpack(items, first, last))
+    if type(part) == "table" then
+      for _, value in ipairs(part) do answers[#answers + 1] = value end
+    end
+  end
+  return answers
+end
+local bucket_keys = {}
+local function bucket_key(digest)
+  local digit = string.sub(digest, 1, 1)
+  local key = bucket_keys[digit]
+  if not key then
+    key = prefix .. "match:blocks:" .. digit
+    bucket_keys[digit] = key
+  end
+  return key
+end
+-- Current values of the blocks named by `digests` (a set), as digest -> value or false.
+local function read_blocks(digests)
+  local by_bucket, values = {}, {}
+  for digest in pairs(digests) do
+    local key = bucket_key(digest)
+    local names = by_bucket[key]
+    if not names then
+      names = {}
+      by_bucket[key] = names
+    end
+    names[#names + 1] = digest
+  end
+  for key, names in pairs(by_bucket) do
+    local found = call_chunked("HMGET", key, names, 1)
+    for n, digest in ipairs(names) do values[digest] = found[n] end
+  end
+  return values, by_bucket
+end
+-- A block that grew past max_block members is replaced by FULL: it is never compared again, and
+-- its ids are no use to keep.
+local FULL = "*"
+"""
+
+# KEYS[1]: match:model (it routes the call on Redis Cluster; every key shares its hash tag).
+# Runs right after the resolve script calls of the same records, so it reads their answers:
+# ARGV[1] prefix, [2] largest block compared, [3] most records kept per customer, then per
+# record: its event's op id, its record JSON, the number of its blocking key digests, the digests.
+# For each record whose event created its customer (no identifier anchored it), finds the stored
+# records sharing a block; then indexes every record under its customer (a suppressed event has
+# no answer and is skipped). Candidates are read before any record of the call is indexed.
+# Answers the model state JSON (or nil), the records and pairs counters, the pending pairs' count,
+# and one string: per
+# record (separated by ASCII RS, \30) its fields separated by ASCII US (\31): customer id ("" if
+# skipped), 1 if created else 0, then per candidate the customer it lives on now and its records
+# (JSON arrays, one per line). JSON escapes control characters, so neither separator occurs in it.
+MATCH_EXCHANGE_SCRIPT = MATCH_PRELUDE + r"""
+local max_records = tonumber(ARGV[3])
+cursor = 3
+local state = redis.call("MGET", KEYS[1], prefix .. "match:records", prefix .. "match:pairs")
+local waiting = redis.call("LLEN", prefix .. "match:pending")
+local records, digests = {}, {}
+while cursor < #ARGV do
+  local op_id, record, n = take(), take(), tonumber(take())
+  local own = {}
+  for _ = 1, n do
+    local digest = take()
+    own[#own + 1] = digest
+    digests[digest] = true
+  end
+  local answer = redis.call("GET", prefix .. "event:" .. op_id)
+  local entry = {record = record, digests = own, id = "", created = false}
+  if answer then
+    entry.id = string.match(answer, '"customer_id":"([^"]*)"') or ""
+    entry.created = string.find(answer, '"created":true', 1, true) ~= nil
+  end
+  records[#records + 1] = entry
+end
+
+local values, by_bucket = read_blocks(digests)
+local ids_of, none = {}, {}
+local function ids(digest)
+  local found = ids_of[digest]
+  if found then return found end
+  local value = values[digest]
+  -- A key shared by more than max_block customers says too little to compare them all.
+  if not value or value == FULL then
+    found = none
+  elseif not string.find(value, " ", 1, true) then
+    found = {value}  -- most blocks hold one customer
+  else
+    found = {}
+    for id in string.gmatch(value, "%S+") do found[#found + 1] = id end
+  end
+  ids_of[digest] = found
+  return found
+end
+local wanted, person_list = {}, {}
+local function want(id)
+  if not wanted[id] then
+    wanted[id] = true
+    person_list[#person_list + 1] = prefix .. "match:person:" .. id
+  end
+end
+for _, entry in ipairs(records) do
+  entry.candidates = {}
+  if entry.created then
+    local seen = {}
+    for _, digest in ipairs(entry.digests) do
+      for _, id in ipairs(ids(digest)) do
+        if not seen[id] and id ~= entry.id then
+          seen[id] = true
+          entry.candidates[#entry.candidates + 1] = id
+          want(id)
+        end
+      end
+    end
+  end
+  if entry.id ~= "" then want(entry.id) end
+end
+
+-- Index: each record's customer joins its blocks, its record joins the customer's records.
+local changed = {}
+for _, entry in ipairs(records) do
+  if entry.id ~= "" then
+    for _, digest in ipairs(entry.digests) do
+      local value = values[digest]
+      if not value then
+        values[digest] = entry.id
+        changed[digest] = true
+      elseif value ~= FULL and not string.find(value, entry.id, 1, true) then
+        local _, spaces = string.gsub(value, " ", " ")
+        values[digest] = spaces + 1 >= max_block and FULL or (value .. " " .. entry.id)
+        changed[digest] = true
+      end
+    end
+  end
+end
+for key, names in pairs(by_bucket) do
+  local to_set = {}
+  for _, digest in ipairs(names) do
+    if changed[digest] then
+      to_set[#to_set + 1] = digest
+      to_set[#to_set + 1] = values[digest]
+    end
+  end
+  if #to_set > 0 then call_chunked("HSET", key, to_set, 2) end
+end
+
+local before, blobs = {}, {}
+local found = call_chunked("MGET", nil, person_list, 1)
+for n, key in ipairs(person_list) do
+  before[key] = found[n]
+  blobs[key] = found[n]
+end
+local person_changed = {}
+for _, entry in ipairs(records) do
+  if entry.id ~= "" then
+    local key = prefix .. "match:person:" .. entry.id
+    local blob = blobs[key]
+    if not blob then
+      blobs[key] = entry.record
+      person_changed[key] = true
+    elseif not string.find(blob, entry.record, 1, true) then
+      local _, lines = string.gsub(blob, "\n", "")
+      if lines + 1 < max_records then
+        blobs[key] = blob .. "\n" .. entry.record
+        person_changed[key] = true
+      end
+    end
+  end
+end
+local to_set = {}
+for key in pairs(person_changed) do
+  to_set[#to_set + 1] = key
+  to_set[#to_set + 1] = blobs[key]
+end
+if #to_set > 0 then call_chunked("MSET", nil, to_set, 2) end
+
+-- Candidates are named by the customer they live on now (merges since they were indexed).
+local live_of = {}
+local function live(id)
+  local found = live_of[id]
+  if found then return found end
+  found = id
+  for _ = 1, 64 do
+    local into = redis.call("HGET", prefix .. "customer:" .. found, "merged_into")
+    if not into then break end
+    found = into
+  end
+  live_of[id] = found
+  return found
+end
+-- One string, not nested arrays: the client reads a bulk string at once and splits it in C.
+local parts = {}
+for _, entry in ipairs(records) do
+  local fields = {entry.id, entry.created and "1" or "0"}
+  for _, id in ipairs(entry.candidates) do
+    local blob = before[prefix .. "match:person:" .. id]
+    if blob then
+      fields[#fields + 1] = live(id)
+      fields[#fields + 1] = blob
+    end
+  end
+  parts[#parts + 1] = table.concat(fields, "\31")
+end
+return {state[1], tonumber(state[2] or "0"), tonumber(state[3] or "0"), waiting, table.concat(parts, "\30")}
+"""
+
+# KEYS[1]: match:model. What a batch's matching leaves once decided: ARGV[1] prefix, [2] review
+# list length, [3] pattern chunk, [4] records matched, [5] pairs compared, [6] most pending pairs
+# kept, [7] "1" to drop the pending pairs first (they were just decided), [8] the model state
+# JSON to store ("" to leave it), then three sections, each led by its count:
+#   patterns:  pattern, count
+#   possible:  customer id, other customer id, entry JSON
+#   pending:   pair JSON (compared while no model was usable, decided by the first usable one)
+MATCH_FINISH_SCRIPT = r"""
+local prefix, review_length = ARGV[1], tonumber(ARGV[2])
+local cursor = 8
+local function take()
+  cursor = cursor + 1
+  return ARGV[cursor]
+end
+local pending = prefix .. "match:pending"
+if ARGV[7] == "1" then redis.call("DEL", pending) end
+if ARGV[8] ~= "" then redis.call("SET", KEYS[1], ARGV[8]) end
+local patterns = prefix .. "match:patterns:" .. ARGV[3]
+for _ = 1, tonumber(take()) do
+  local pattern, count = take(), take()
+  redis.call("HINCRBY", patterns, pattern, count)
+end
+for _ = 1, tonumber(take()) do
+  local id, other, entry = take(), take(), take()
+  redis.call("HSET", prefix .. "match:possible:" .. id, other, entry)
+  redis.call("HSET", prefix .. "match:possible:" .. other, id, entry)
+  redis.call("LPUSH", prefix .. "match:review", entry)
+end
+redis.call("LTRIM", prefix .. "match:review", 0, review_length - 1)
+local waiting = tonumber(take())
+if waiting > 0 then
+  for _ = 1, waiting do redis.call("RPUSH", pending, take()) end
+  redis.call("LTRIM", pending, -tonumber(ARGV[6]), -1)
+end
+redis.call("INCRBY", prefix .. "match:pairs", ARGV[5])
+return redis.call("INCRBY", prefix .. "match:records", ARGV[4])
+"""
+
+# KEYS[1]: a match:blocks:<hex digit> hash. ARGV[1] the number of customer ids, the ids, then the
+# fields (block digests) to take them out of. Reads each block again, so a member the index
+# script added meanwhile is kept. Answers the number of blocks changed.
+MATCH_FORGET_SCRIPT = r"""
+local gone = {}
+local n = tonumber(ARGV[1])
+for i = 2, n + 1 do gone[ARGV[i]] = true end
+local changed = 0
+for i = n + 2, #ARGV do
+  local value = redis.call("HGET", KEYS[1], ARGV[i])
+  if value then
+    local kept = {}
+    for id in string.gmatch(value, "%S+") do
+      if not gone[id] then kept[#kept + 1] = id end
+    end
+    if #kept == 0 then
+      redis.call("HDEL", KEYS[1], ARGV[i])
+      changed = changed + 1
+    elseif #kept < select(2, string.gsub(value, " ", "")) + 1 then
+      redis.call("HSET", KEYS[1], ARGV[i], table.concat(kept, " "))
+      changed = changed + 1
+    end
+  end
+end
+return changed
+"""
+
 RESOLVE_SCRIPT = PRELUDE + RESOLVE_BODY
 MERGE_SCRIPT = PRELUDE + MERGE_BODY
 UNMERGE_SCRIPT = PRELUDE + UNMERGE_BODY
 ERASE_SCRIPT = PRELUDE + ERASE_BODY
+
+
+def script_for_many(body: str) -> str:
+    """Return a script running `body` (after the prelude) once per operation of a call, in order.
+
+    Each operation runs exactly as the one-operation script would, with its own KEYS and ARGV:
+    one call and one answer for a chunk of operations instead of one per operation. KEYS: every
+    operation's keys, in order. ARGV[1] prefix, [2] rules, [3] and [4] unused, [5] ttl_s, then per
+    operation: op id, time_ms, its number of KEYS, its number of own ARGV (those after the five
+    common ones), its own ARGV. Answers the operations' answers (JSON) separated by ASCII RS (\\30).
+    """
+    return PRELUDE + """
+local function run_one(KEYS, ARGV)
+""" + body + r"""
+end
+local answers = {}
+local key_at, cursor = 0, 5
+while cursor < #ARGV do
+  local operation, time_ms = ARGV[cursor + 1], ARGV[cursor + 2]
+  local key_count, arg_count = tonumber(ARGV[cursor + 3]), tonumber(ARGV[cursor + 4])
+  local keys, argv = {}, {prefix, ARGV[2], operation, time_ms, ttl}
+  for i = 1, key_count do keys[i] = KEYS[key_at + i] end
+  for i = 1, arg_count do argv[5 + i] = ARGV[cursor + 4 + i] end
+  key_at = key_at + key_count
+  cursor = cursor + 4 + arg_count
+  -- The prelude's functions read the operation's id and time from these.
+  op_id, now_s, now = operation, time_ms, tonumber(time_ms)
+  answers[#answers + 1] = run_one(keys, argv)
+end
+return table.concat(answers, "\30")
+"""
+
+
+# The matching path resolves a chunk's events, and makes a chunk's merges, in one call each.
+RESOLVE_MANY_SCRIPT = script_for_many(RESOLVE_BODY)
+MERGE_MANY_SCRIPT = script_for_many(MERGE_BODY)
 
 
 def script_sha(script: str) -> str:

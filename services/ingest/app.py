@@ -4,8 +4,8 @@ Request flow: route -> client address (through trusted proxies) not locked out b
 authentications -> write key from the HTTP Basic user, checked before the body is read -> body
 (size-capped, gzip) -> JSON -> or else the write key from `writeKey` in the body, as Segment
 allows -> every event translated and Avro-encoded (any error refuses the whole request, see
-`encode_all`) -> rate limit and messageId claims in one Redis call (`admission`) -> records
-produced -> `200` once the broker acknowledged them all.
+`encode_all`) -> rate limit and provisional messageId claims in one Redis call (`admission`) ->
+records produced -> claims made final -> `200` once the broker acknowledged them all.
 """
 
 from __future__ import annotations
@@ -40,11 +40,13 @@ from services.ingest.segment import EVENT_TYPES, EventRejected, parse_timestamp,
 from services.ingest.settings import DEV_WRITE_KEY, IngestSettings, hash_write_key
 from touchstream import avro
 from touchstream.client_address import client_address
+from touchstream.event_semantics import EventSemantics, EventSemanticsError, load_event_semantics
 from touchstream.failures import FailureCounter
 from touchstream.identifiers import KEY_PRIORITY, raw_topic_key
 from touchstream.metrics import ServiceMetrics, render
 from touchstream.privacy import SuppressionList, event_suppression_tokens
 from touchstream.settings import CoreSettings, Environment
+from touchstream.startup import ConfigurationError
 from touchstream.topics import TOUCHPOINTS_RAW
 
 OPENAPI_PATH = avro.SCHEMA_DIR / "openapi.yaml"
@@ -65,6 +67,12 @@ class IngestMetrics(ServiceMetrics):
         self.suppressed = self.counter(
             "events_suppressed", "Events dropped because they carry an identifier of an erased customer.")
         self.rate_limited = self.counter("events_rate_limited", "Events refused with 429, by source.", ["source"])
+        self.in_flight = self.counter(
+            "events_in_flight", "Events refused with 503 because a request with the same messageId was still "
+                                "waiting for the broker's ack (its claim was provisional).")
+        self.claims_unconfirmed = self.counter(
+            "claims_unconfirmed", "Acknowledged events whose messageId claim Redis did not make final; a retry "
+                                  "after the claim expires is produced again (downstream dedupes by messageId).")
         self.auth_refused = self.counter(
             "auth_refused", "Requests refused for their write key (bad_key: 401) or their client address "
             "(locked_out: 429 after too many bad keys).", ["reason"])
@@ -185,9 +193,10 @@ class CachedPartitioner:
 class IngestService:
     """Holds the producer, Redis client and settings for the request handlers."""
 
-    def __init__(self, core: CoreSettings, settings: IngestSettings) -> None:
+    def __init__(self, core: CoreSettings, settings: IngestSettings, semantics: EventSemantics) -> None:
         self.core = core
         self.settings = settings
+        self.semantics = semantics
         self.metrics = IngestMetrics()
         self.producer: AIOKafkaProducer | None = None
         self.redis: aioredis.Redis | None = None
@@ -202,7 +211,7 @@ class IngestService:
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
         self.redis = aioredis.from_url(self.core.redis_url)
         self.keys = WriteKeyStore(self.redis, self.settings.write_keys)
-        self.admitter = Admitter(self.redis, self.settings.dedupe_ttl_s)
+        self.admitter = Admitter(self.redis, self.settings.dedupe_ttl_s, self.settings.provisional_claim_ttl_ms)
         self.suppression = SuppressionList(self.redis, self.settings.suppression_key,
                                            self.settings.suppression_refresh_s)
         self.auth_failures = FailureCounter(self.redis, AUTH_FAILURES_PREFIX, self.settings.auth_max_failures,
@@ -282,7 +291,7 @@ class IngestService:
         for index, payload in enumerate(payloads):
             try:
                 record = to_touchpoint(payload, call_type, source, received_at_ms, self.settings.default_channel,
-                                       batch_sent_at_ms)
+                                       batch_sent_at_ms, self.core.event_time_tolerance_s, self.semantics)
                 try:
                     value = avro.encode(TOUCHPOINTS_RAW.schema, record)
                 except (ValueError, OverflowError) as exc:  # e.g. a lone surrogate in a string field
@@ -344,20 +353,39 @@ class IngestService:
         rate = self.settings.rate_limits.get(source, self.settings.rate_limit_events_per_s)
         message_ids = [message_id for message_id, _, _ in encoded]
         admission = await self.admitter.admit(source, message_ids, rate, self.settings.rate_limit_burst_events)
+        if admission.in_flight:
+            # Not 409: the SDKs retry only 429 and 5xx, and the request holding the claim may still fail.
+            self.metrics.in_flight.inc(len(encoded))
+            raise Refused(503, "an event of this request (same messageId) is being accepted by another request; "
+                               "nothing in this request was accepted, retry it",
+                          headers={"Retry-After": str(admission.retry_after_s)}, retry=True)
         if not admission.allowed:
             self.metrics.rate_limited.labels(source).inc(len(encoded))
             raise Refused(429, f"rate limit of {rate:g} events/s for source {source!r} reached; "
                                f"retry after {admission.retry_after_s}s",
                           headers={"Retry-After": str(admission.retry_after_s)}, retry=True)
         new = [item for item, is_new in zip(encoded, admission.fresh, strict=True) if is_new]
+        new_ids = [message_id for message_id, _, _ in new]
         try:
             await asyncio.wait_for(self._produce(new), self.settings.produce_timeout_s)
         except Exception as exc:
             # Only broker trouble is left here: every record was encoded before.
             log.warning("produce failed: %r", exc)
-            with contextlib.suppress(RedisError):
-                await self.admitter.release(source, [message_id for message_id, _, _ in new])
+            try:
+                await self.admitter.release(source, admission.token, new_ids)
+            except RedisError as redis_exc:
+                # The claims are provisional: they expire on their own, and a retry meanwhile gets a 503.
+                log.warning("releasing messageId claims failed: %r", redis_exc)
+                self.metrics.redis_errors.inc()
             raise _unavailable(f"broker did not acknowledge: {type(exc).__name__}") from None
+        try:
+            await self.admitter.confirm(source, admission.token, new_ids)
+        except RedisError as exc:
+            # The events are durable: still a 200. Their claims expire, and a retry after that is produced
+            # again, which downstream stages dedupe by messageId: a duplicate, never a loss.
+            log.warning("confirming messageId claims failed: %r", exc)
+            self.metrics.redis_errors.inc()
+            self.metrics.claims_unconfirmed.inc(len(new_ids))
         duplicates = len(encoded) - len(new)
         self.metrics.duplicates.inc(duplicates)
         return JSONResponse({"success": True, "accepted": len(new), "duplicates": duplicates,
@@ -411,11 +439,16 @@ def load_openapi() -> dict[str, Any]:
 
 
 def build_app(core: CoreSettings, settings: IngestSettings) -> Starlette:
-    """Build the ingest ASGI app; in prod, refuse to run with the well-known dev write key."""
+    """Build the ingest ASGI app; in prod, refuse to run with the well-known dev write key. A bad event
+    semantics file (TOUCHSTREAM_EVENT_SEMANTICS_FILE) is a ConfigurationError listing its problems by line."""
     if core.environment is Environment.PROD and hash_write_key(DEV_WRITE_KEY) in settings.write_keys.values():
         raise ValueError("the dev write key is configured in prod: set TOUCHSTREAM_INGEST_WRITE_KEYS "
                          "(or {} and `touchstream keys add SOURCE`)")
-    service = IngestService(core, settings)
+    try:
+        semantics = load_event_semantics(core.event_semantics_file)
+    except EventSemanticsError as exc:
+        raise ConfigurationError("\n".join(f"TOUCHSTREAM_EVENT_SEMANTICS_FILE: {p}" for p in exc.problems)) from None
+    service = IngestService(core, settings, semantics)
     openapi = load_openapi()
 
     async def single(request: Request) -> Response:

@@ -15,11 +15,13 @@ from typing import Any
 
 import orjson
 
+from touchstream.event_semantics import EventMeaning, EventSemantics, Meaning, default_event_semantics
+from touchstream.eventtime import too_far_ahead
 from touchstream.identifiers import KNOWN_TYPES
-from touchstream.privacy import CONSENT_WITHDRAWN
+from touchstream.privacy import CONSENT_WITHDRAW_PREFIX, CONSENT_WITHDRAWN
 
 EVENT_TYPES = ("track", "identify", "page", "screen", "group", "alias")
-_ORDER_EVENTS = frozenset({"order completed", "order placed", "purchase", "checkout completed"})
+DEFAULT_SEMANTICS = default_event_semantics()
 
 
 @dataclass(frozen=True)
@@ -173,44 +175,99 @@ def _int32(value: Any, field: str) -> int:
     return value
 
 
-def extract_order(payload: dict[str, Any], event_name: str | None) -> dict[str, Any] | None:
-    """Read `order`, or a Segment e-commerce event's revenue/total, as an Order record."""
+def _first_property(properties: dict[str, Any], names: tuple[str, ...]) -> tuple[str, Any]:
+    """Return (key, value) of the first of `names` present in `properties`, or ("", None)."""
+    for name in names:
+        if properties.get(name) is not None:
+            return name, properties[name]
+    return "", None
+
+
+def extract_order(payload: dict[str, Any], meaning: EventMeaning | None,
+                  semantics: EventSemantics = DEFAULT_SEMANTICS) -> dict[str, Any] | None:
+    """Read `order`, or an order or refund event's amount from its properties, as an Order record.
+
+    A refund is a negative order: its amount is the refunded sum below zero. An order or refund
+    event without an amount (a full refund named by its order id alone) carries no Order. Errors
+    name the field the client sent (`properties.total`), not the Order field it fills.
+
+    >>> refunded = DEFAULT_SEMANTICS.meaning_of("Order Refunded")
+    >>> extract_order({"properties": {"total": 30, "currency": "EUR", "order_id": 7}}, refunded)
+    {'order_id': '7', 'amount': -30.0, 'currency': 'EUR', 'items': []}
+    """
     order = payload.get("order")
-    properties = _object(payload, "properties")
-    if order is None and event_name and event_name.lower() in _ORDER_EVENTS:
-        amount = properties.get("total", properties.get("revenue"))
-        if amount is None:
+    sent_as = {key: f"order.{key}" for key in ("amount", "currency", "items")}
+    if order is None and meaning is not None and meaning.meaning in (Meaning.ORDER, Meaning.REFUND):
+        properties = _object(payload, "properties")
+        names = semantics.properties
+        found = {role: _first_property(properties, getattr(names, role))
+                 for role in ("amount", "currency", "order_id", "items")}
+        if found["amount"][1] is None:
             return None
-        order = {"amount": amount, "currency": properties.get("currency"), "order_id": properties.get("order_id"),
-                 "items": properties.get("products", [])}
+        sent_as = {role: f"properties.{found[role][0] or getattr(names, role)[0]}"
+                   for role in ("amount", "currency", "items")}
+        order = {role: value for role, (_, value) in found.items()}
     if order is None:
         return None
     if not isinstance(order, dict):
         raise EventRejected("order", "must be an object")
-    amount = _number(order.get("amount"), "order.amount")
+    amount = _number(order.get("amount"), sent_as["amount"])
+    if meaning is not None and meaning.meaning is Meaning.REFUND and "order" not in payload:
+        amount = -abs(amount)
     items_raw = order.get("items") or []
+    items_field = sent_as["items"]
     if not isinstance(items_raw, list):
-        raise EventRejected("order.items", "must be a list")
+        raise EventRejected(items_field, "must be a list")
     items = []
     for index, item in enumerate(items_raw):
         if not isinstance(item, dict):
-            raise EventRejected(f"order.items[{index}]", "must be an object")
-        quantity = _int32(item.get("quantity", 1), f"order.items[{index}].quantity")
+            raise EventRejected(f"{items_field}[{index}]", "must be an object")
+        quantity = _int32(item.get("quantity", 1), f"{items_field}[{index}].quantity")
         price = item.get("price")
+        # Segment's products name the item by product_id, sku optional.
+        sku = item.get("sku", item.get("product_id"))
         items.append({
-            "sku": None if item.get("sku") is None else str(item.get("sku")),
+            "sku": None if sku is None else str(sku),
             "quantity": quantity,
-            "price": None if price is None else _number(price, f"order.items[{index}].price"),
+            "price": None if price is None else _number(price, f"{items_field}[{index}].price"),
         })
     currency = order.get("currency") or "USD"
     if not isinstance(currency, str):
-        raise EventRejected("order.currency", "must be a string")
+        raise EventRejected(sent_as["currency"], "must be a string")
     order_id = order.get("order_id")
     return {"order_id": None if order_id is None else str(order_id), "amount": amount,
             "currency": currency, "items": items}
 
 
-def extract_feedback(payload: dict[str, Any]) -> dict[str, Any] | None:
+def _rating(value: Any, field: str) -> int:
+    """Return a rating as the whole number Feedback.rating holds: numbers and numeric text are rounded.
+
+    Segment's `Product Reviewed` spec sends the star rating as text ("4").
+
+    >>> _rating("4", "properties.rating"), _rating(2.4, "properties.rating")
+    (4, 2)
+    """
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise EventRejected(field, f"must be a number (a rating), got {value[:40]!r}") from None
+    number = _number(value, field)
+    return _int32(round(number), field)
+
+
+def extract_feedback(payload: dict[str, Any], meaning: EventMeaning | None = None,
+                     semantics: EventSemantics = DEFAULT_SEMANTICS) -> dict[str, Any] | None:
+    """Read `complaint`/`feedback`, or a complaint or feedback event's rating and text, as a Feedback record.
+
+    A feedback event rated at or below its name's `complaint_at_or_below` is a complaint.
+
+    >>> submitted = DEFAULT_SEMANTICS.meaning_of("Feedback Submitted")
+    >>> extract_feedback({"properties": {"rating": 1, "comment": "cold food"}}, submitted)
+    {'kind': 'complaint', 'text': 'cold food', 'rating': 1}
+    >>> extract_feedback({"properties": {"rating": 5}}, submitted)["kind"]
+    'feedback'
+    """
     for kind in ("complaint", "feedback"):
         value = payload.get(kind)
         if value is None:
@@ -224,21 +281,51 @@ def extract_feedback(payload: dict[str, Any]) -> dict[str, Any] | None:
         if text is not None and not isinstance(text, str):
             raise EventRejected(f"{kind}.text", "must be a string")
         return {"kind": kind, "text": text, "rating": rating}
-    return None
+    if meaning is None or meaning.meaning not in (Meaning.COMPLAINT, Meaning.FEEDBACK):
+        return None
+    properties = _object(payload, "properties")
+    names = semantics.properties
+    rating_key, rating_value = _first_property(properties, names.rating)
+    rating = None if rating_value is None else _rating(rating_value, f"properties.{rating_key}")
+    text_key, text = _first_property(properties, names.text)
+    if text is not None and not isinstance(text, str):
+        raise EventRejected(f"properties.{text_key}", "must be a string")
+    kind = "complaint" if meaning.meaning is Meaning.COMPLAINT else "feedback"
+    threshold = meaning.complaint_at_or_below
+    if kind == "feedback" and threshold is not None and rating is not None and rating <= threshold:
+        kind = "complaint"
+    return {"kind": kind, "text": text, "rating": rating}
 
 
-def extract_consent(payload: dict[str, Any]) -> list[str]:
+def _category_names(value: Any, field: str) -> list[str]:
+    """Read consent categories as a list of names, or Segment's {category: true/false} (the true ones)."""
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, dict) and all(isinstance(v, bool) for v in value.values()):
+        return [str(k).strip() for k, v in value.items() if v and str(k).strip()]
+    if isinstance(value, list) and all(isinstance(c, str) for c in value):
+        return [c.strip() for c in value if c.strip()]
+    raise EventRejected(field, "must be a list of consent category names (or an object of category -> true/false)")
+
+
+def extract_consent(payload: dict[str, Any], meaning: EventMeaning | None = None,
+                    semantics: EventSemantics = DEFAULT_SEMANTICS) -> list[str]:
     """Read the consent categories an event states, as TouchpointEvent.consent carries them.
 
     `consent` (a list of categories) wins; otherwise Segment's consent object,
     `context.consent.categoryPreferences` ({category: true/false}), gives the categories set true.
     An event that says nothing gives [] (the customer's consent is unchanged); one that states no
     category at all (`"consent": []`, or every preference false) gives ["none"]: consent withdrawn.
+    Without either, a consent event's `properties.categories` states the categories, and an
+    unsubscribe withdraws the categories it names (or its name's `withdraws`), each as `-category`:
+    the customer's other categories stand.
 
     >>> extract_consent({}), extract_consent({"consent": ["email"]}), extract_consent({"consent": []})
     ([], ['email'], ['none'])
     >>> extract_consent({"context": {"consent": {"categoryPreferences": {"email": True, "sms": False}}}})
     ['email']
+    >>> extract_consent({"properties": {}}, DEFAULT_SEMANTICS.meaning_of("Unsubscribed"))
+    ['-email', '-marketing']
     """
     if "consent" in payload:
         consent = payload["consent"]
@@ -248,20 +335,34 @@ def extract_consent(payload: dict[str, Any]) -> list[str]:
     context = payload.get("context")
     stated = context.get("consent") if isinstance(context, dict) else None
     preferences = stated.get("categoryPreferences") if isinstance(stated, dict) else None
-    if preferences is None:
+    if preferences is not None:
+        if not isinstance(preferences, dict) or not all(isinstance(v, bool) for v in preferences.values()):
+            raise EventRejected("context.consent.categoryPreferences", "must be an object of category -> true/false")
+        return [str(k) for k, v in preferences.items() if v] or [CONSENT_WITHDRAWN]
+    if meaning is None or meaning.meaning not in (Meaning.CONSENT, Meaning.UNSUBSCRIBE):
         return []
-    if not isinstance(preferences, dict) or not all(isinstance(v, bool) for v in preferences.values()):
-        raise EventRejected("context.consent.categoryPreferences", "must be an object of category -> true/false")
-    return [str(k) for k, v in preferences.items() if v] or [CONSENT_WITHDRAWN]
+    key, value = _first_property(_object(payload, "properties"), semantics.properties.categories)
+    named = None if value is None else _category_names(value, f"properties.{key}")
+    if meaning.meaning is Meaning.CONSENT:
+        return [] if named is None else (named or [CONSENT_WITHDRAWN])
+    withdrawn = named or list(meaning.withdraws)
+    return [CONSENT_WITHDRAW_PREFIX + c for c in withdrawn] if withdrawn else [CONSENT_WITHDRAWN]
 
 
 def to_touchpoint(payload: Any, call_type: str | None, source: str, received_at_ms: int,
-                  default_channel: str = "web", batch_sent_at_ms: int | None = None) -> dict[str, Any]:
+                  default_channel: str = "web", batch_sent_at_ms: int | None = None,
+                  event_time_tolerance_s: float | None = None,
+                  semantics: EventSemantics = DEFAULT_SEMANTICS) -> dict[str, Any]:
     """Build a TouchpointEvent record from one API call, or raise EventRejected.
+
+    A track call's name gives its meaning (`semantics`): an order, refund, complaint, feedback,
+    consent or unsubscribe event fills `order`, `feedback` or `consent` from its properties, unless
+    the call carries those fields itself.
 
     `batch_sent_at_ms` is the batch-level `sentAt` (Segment SDKs put it there), already
     parsed; an event's own `sentAt` wins. With both a timestamp and a sentAt, the timestamp is corrected for the
-    client's clock skew (see `corrected_timestamp`).
+    client's clock skew (see `corrected_timestamp`). With `event_time_tolerance_s`, an event stamped
+    (after that correction) further than this past `received_at_ms` is refused.
     """
     if not isinstance(payload, dict):
         raise EventRejected("(event)", "must be a JSON object")
@@ -299,7 +400,13 @@ def to_touchpoint(payload: Any, call_type: str | None, source: str, received_at_
             extras["sentAt"] = sent_at if sent_at is not None else batch_sent_at_ms
         if not MIN_TIMESTAMP_MS <= timestamp_ms < MAX_TIMESTAMP_MS:
             raise EventRejected(timestamp_field, "is out of range once corrected for clock skew (sentAt)")
-    consent = extract_consent(payload)
+        if event_time_tolerance_s is not None:
+            ahead = too_far_ahead(timestamp_ms, received_at_ms, event_time_tolerance_s)
+            if ahead is not None:
+                raise EventRejected(timestamp_field, ahead if timestamp_ms == client_ms
+                                    else f"{ahead}, once corrected for clock skew (sentAt)")
+    meaning = semantics.meaning_of(name) if event_type == "track" else None
+    consent = extract_consent(payload, meaning, semantics)
     return {
         "message_id": message_id,
         "type": event_type,
@@ -309,8 +416,8 @@ def to_touchpoint(payload: Any, call_type: str | None, source: str, received_at_
         "timestamp_ms": timestamp_ms,
         "received_at_ms": received_at_ms,
         "identifiers": identifiers,
-        "order": extract_order(payload, name),
-        "feedback": extract_feedback(payload),
+        "order": extract_order(payload, meaning, semantics),
+        "feedback": extract_feedback(payload, meaning, semantics),
         "consent": consent,
         "properties_json": _json_text(extras) if extras else None,
     }

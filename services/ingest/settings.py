@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
+import math
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from touchstream.client_address import TrustedProxies
 from touchstream.privacy import DEFAULT_SUPPRESSION_KEY
+from touchstream.write_keys import hash_write_key
+
+__all__ = ["DEV_WRITE_KEY", "IngestSettings", "hash_write_key"]
 
 DEV_WRITE_KEY = "dev-write-key"
-
-
-def hash_write_key(key: str) -> str:
-    """Return the stored form of a write key.
-
-    >>> hash_write_key("k")[:16]
-    '8254c329a92850f6'
-    """
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 class IngestSettings(BaseSettings):
@@ -48,6 +42,11 @@ class IngestSettings(BaseSettings):
         (), description="Networks of the reverse proxies whose X-Forwarded-For names the client (default none).")
     produce_timeout_s: float = Field(10.0, gt=0, description="How long a request waits for the broker's ack.")
     dedupe_ttl_s: int = Field(24 * 3600, ge=1, description="How long a messageId is remembered per source.")
+    # A messageId is claimed provisionally for the produce timeout plus this margin, and kept for
+    # dedupe_ttl_s only once the broker acknowledged its event: a worker that dies in between
+    # leaves a claim that expires, so the client's retry is produced, not answered as a duplicate.
+    claim_margin_s: float = Field(
+        5.0, gt=0, description="How long a provisional messageId claim outlives the produce timeout.")
     max_event_bytes: int = 32 * 1024
     max_batch_bytes: int = 500 * 1024
     max_batch_events: int = 2500
@@ -61,3 +60,8 @@ class IngestSettings(BaseSettings):
     default_phone_region: str = Field(
         "US", validation_alias=AliasChoices("TOUCHSTREAM_INGEST_DEFAULT_PHONE_REGION",
                                             "TOUCHSTREAM_IDENTITY_DEFAULT_PHONE_REGION"))
+
+    @property
+    def provisional_claim_ttl_ms(self) -> int:
+        """How long a messageId claim lasts until the broker's ack makes it final."""
+        return math.ceil((self.produce_timeout_s + self.claim_margin_s) * 1000)

@@ -40,7 +40,8 @@ def build_app(core: CoreSettings, settings: ScoringSettings, metrics: ScoringMet
     metrics = metrics or ScoringMetrics()
     # from_url only builds a pool; the first command opens a connection.
     redis = aioredis.from_url(core.redis_url)
-    service = ScoringService(RedisScoringStore(redis, settings.key_prefix), settings, metrics)
+    store = RedisScoringStore(redis, settings.key_prefix, core.erased_customer_ttl_s)
+    service = ScoringService(store, settings, metrics, event_time_tolerance_s=core.event_time_tolerance_s)
     stage = ScoringStage(service, metrics, core.partitions)
     readiness = Readiness("partitions_assigned", "model_restored")
     kernel = StreamKernel(STAGE, core, stage.inputs(), metrics.service, readiness)

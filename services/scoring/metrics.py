@@ -39,6 +39,11 @@ class ScoringMetrics:
         self.late_events = self.service.counter(
             "events_late", "Touchpoints older than the partition watermark minus the allowed lateness."
         )
+        self.events_ahead = self.service.counter(
+            "events_ahead", "Touchpoints stamped beyond the wall clock plus the event-time tolerance; "
+                            "the partition watermark stopped at that bound.")
+        self.events_erased = self.service.counter(
+            "events_erased", "Touchpoints of erased customers dropped (in flight during the erasure, or read again).")
         self.rescores = self.service.counter("rescores", "As-of rescores of customers (ticks in event time).")
         self.duplicates = self.service.counter("events_duplicate", "Touchpoints already applied (redeliveries).")
         self.merges = self.service.counter("merges", "identity.merges records, by outcome.", ["outcome"])

@@ -7,7 +7,7 @@ import hashlib
 import heapq
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,11 +19,9 @@ from services.scoring.segments import StageRules
 from services.scoring.settings import ScoringSettings
 from services.scoring.state import CustomerState, Touchpoint, merge_states
 from services.scoring.store import RedisScoringStore, StateChanges, customer_of
+from touchstream.eventtime import DEFAULT_EVENT_TIME_TOLERANCE_S, event_time_ceiling_ms
 
 log = logging.getLogger(__name__)
-# How long, and how many, erased customer ids a worker remembers to drop their in-flight records.
-FORGOTTEN_KEPT_S = 600.0
-FORGOTTEN_KEPT = 100_000
 
 
 @dataclass(frozen=True)
@@ -69,18 +67,20 @@ def build_engine(settings: ScoringSettings) -> ScoringEngine:
 class ScoringService:
     """Score batches of touchpoints and apply merges against Redis-held state."""
 
-    def __init__(self, store: RedisScoringStore, settings: ScoringSettings, metrics: ScoringMetrics) -> None:
+    def __init__(self, store: RedisScoringStore, settings: ScoringSettings, metrics: ScoringMetrics,
+                 event_time_tolerance_s: float = DEFAULT_EVENT_TIME_TOLERANCE_S,
+                 clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.settings = settings
         self.metrics = metrics
+        # No watermark runs past the wall clock plus this (CoreSettings.event_time_tolerance_s).
+        self.event_time_tolerance_s = event_time_tolerance_s
+        self._clock = clock
         self.engine = build_engine(settings)
         self._checkpoint_key = settings.checkpoint_key.get_secret_value().encode()
         # Both agents read-modify-write the same customer states; one batch at a time.
         self._lock = asyncio.Lock()
         self._restored = False
-        # Customers erased lately (in memory only): records for them still in flight on other
-        # topics (resolved before the erasure, consumed after it) are dropped, not re-created.
-        self._forgotten: dict[str, float] = {}
 
     async def restore_model(self) -> None:
         """Load the newest model checkpoint once, before the first batch."""
@@ -132,19 +132,28 @@ class ScoringService:
 
         One ScoreUpdate per input, plus one per rescore when `emit_rescores` is set. A rescore
         due at T runs just before the first input that moves its partition's watermark to T,
-        so its features see the events up to T and none after.
+        so its features see the events up to T and none after. A watermark never passes the wall
+        clock plus the event-time tolerance, so one event stamped years ahead matures no label
+        and passes no rescore early (a watermark stored beyond it before is pulled back).
         """
-        if self._forgotten:
-            inputs = [i for i in inputs if i.customer_id not in self._forgotten]
-        if not inputs:
-            return []
         async with self._lock:
+            # Erased customers' events (in flight during the erasure, or read again by a restarted or
+            # lagging worker) are dropped: scoring them would bring the customer back.
+            erased = await self.store.erased.among(i.customer_id for i in inputs)
+            if erased:
+                self.metrics.events_erased.inc(sum(i.customer_id in erased for i in inputs))
+                inputs = [i for i in inputs if i.customer_id not in erased]
+            if not inputs:
+                return []
             await self._restore_once()
             partitions = sorted({i.partition for i in inputs})
+            ceiling = event_time_ceiling_ms(int(self._clock() * 1000), self.event_time_tolerance_s)
             batch_max: dict[int, int] = {}
             for item in inputs:
                 t = item.touch.timestamp_ms
-                batch_max[item.partition] = max(batch_max.get(item.partition, t), t)
+                if t > ceiling:
+                    self.metrics.events_ahead.inc()
+                batch_max[item.partition] = min(max(batch_max.get(item.partition, t), t), ceiling)
             ticks = await self.store.due_ticks(batch_max)
             tick_ids = [customer_id for due in ticks.values() for customer_id, _ in due]
             states, watermarks = await self.store.load([*(i.customer_id for i in inputs), *tick_ids], partitions)
@@ -156,7 +165,7 @@ class ScoringService:
             records: list[dict[str, Any]] = []
             for item in inputs:
                 t = item.touch.timestamp_ms
-                watermark = max(watermarks.get(item.partition, t), t)
+                watermark = min(max(watermarks.get(item.partition, t), t), ceiling)
                 watermarks[item.partition] = watermark
                 records.extend(self._run_ticks(item.partition, queues[item.partition], watermark, states, changes))
                 state = states.setdefault(item.customer_id, CustomerState())
@@ -262,26 +271,26 @@ class ScoringService:
     async def forget_customers(self, customer_ids: Iterable[str], partitions: Iterable[int]) -> int:
         """Erase customers: their states, the examples waiting for a label, their rescore ticks.
 
-        Under the batch lock, so a batch that loaded a state before cannot save it back after.
+        Under the batch lock, so a batch that loaded a state before cannot save it back after; the
+        store records them as erased first, and every later batch drops their records.
         The model keeps what it learned from examples already matured (weights, no per-customer data).
         """
-        ids = list(customer_ids)
-        now = time.monotonic()
-        for cid in ids:
-            self._forgotten[cid] = now
-        for cid, at in list(self._forgotten.items()):
-            if now - at > FORGOTTEN_KEPT_S or len(self._forgotten) > FORGOTTEN_KEPT:
-                del self._forgotten[cid]
         async with self._lock:
-            return await self.store.forget(ids, partitions)
+            return await self.store.forget(customer_ids, partitions)
 
     async def apply_merges(self, merges: list[MergeInput]) -> None:
-        """Fold each merged customer's state into its survivor's and delete it; repeats change nothing."""
-        if self._forgotten:
-            merges = [m for m in merges if m.survivor_id not in self._forgotten and m.merged_id not in self._forgotten]
+        """Fold each merged customer's state into its survivor's and delete it; repeats change nothing.
+
+        A merge naming an erased customer is dropped: it would move an erased state or recreate one.
+        """
         if not merges:
             return
         async with self._lock:
+            erased = await self.store.erased.among(c for m in merges for c in (m.survivor_id, m.merged_id))
+            if erased:
+                self.metrics.merges.labels("erased").inc(
+                    sum(m.survivor_id in erased or m.merged_id in erased for m in merges))
+                merges = [m for m in merges if m.survivor_id not in erased and m.merged_id not in erased]
             ids = [c for m in merges for c in (m.survivor_id, m.merged_id)]
             states, _ = await self.store.load(ids)
             changes = StateChanges()

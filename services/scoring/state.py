@@ -53,7 +53,8 @@ class Touchpoint:
 
     @property
     def is_purchase(self) -> bool:
-        return self.order_amount is not None
+        # A negative order is a refund (ingest's reading of `Order Refunded`), not a purchase.
+        return self.order_amount is not None and self.order_amount >= 0
 
 
 def touchpoint_from_record(event: dict[str, Any]) -> Touchpoint:
@@ -217,9 +218,24 @@ def apply_touchpoint(state: CustomerState, touch: Touchpoint) -> bool:
     if touch.rating is not None:
         state.ratings_count += 1
         state.ratings_sum += touch.rating
-    if touch.order_amount is not None:
-        _apply_purchase(state, t, touch.order_amount)
+    if touch.is_purchase:
+        _apply_purchase(state, t, touch.order_amount or 0.0)
+    elif touch.order_amount is not None:
+        _apply_refund(state, t, touch.order_amount)
     return True
+
+
+def _apply_refund(state: CustomerState, t: int, amount: float) -> None:
+    """Take a refund (a negative amount) off the spend; the purchase it refunds still happened.
+
+    >>> state = CustomerState()
+    >>> for message_id, amount in (("m1", 50.0), ("m2", -20.0)):
+    ...     _ = apply_touchpoint(state, Touchpoint(message_id, DAY_MS, DAY_MS, order_amount=amount))
+    >>> state.purchase_count, state.monetary_total
+    (1, 30.0)
+    """
+    state.monetary_total += amount
+    state.spend.add(t, amount)
 
 
 def _note_profile(state: CustomerState, t: int, consent: tuple[str, ...] | list[str] | None,

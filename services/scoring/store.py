@@ -12,6 +12,8 @@ Key layout (prefix from settings, default `ts:scoring`):
   {prefix}:model                   string, pickled Learner checkpoint, signed (checkpoint.py)
   {prefix}:model:refused           string, the last checkpoint refused for a missing or wrong
                                    signature, kept as found for whoever investigates (never loaded)
+  {prefix}:erased                  sorted set, erased customers' tokens (touchstream.privacy.ErasedCustomers):
+                                   their events, merges and ticks are dropped, never scored again
 
 Due sets, tick sets and watermarks are per partition because only the partition's owner may touch
 its customers' states; the owner is the single writer of all three. The one exception is an
@@ -28,6 +30,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from services.scoring.state import CustomerState, state_from_dict, state_to_dict
+from touchstream.privacy import DEFAULT_ERASED_TTL_S, ErasedCustomers
 
 # Commands per pipeline round trip.
 PIPELINE_CHUNK = 500
@@ -86,9 +89,11 @@ def customer_of(member: str) -> str:
 class RedisScoringStore:
     """Load and save scoring state in Redis, a batch per round trip."""
 
-    def __init__(self, redis: aioredis.Redis, prefix: str = "ts:scoring") -> None:
+    def __init__(self, redis: aioredis.Redis, prefix: str = "ts:scoring", erased_ttl_s: int = DEFAULT_ERASED_TTL_S
+                 ) -> None:
         self.redis = redis
         self.prefix = prefix
+        self.erased = ErasedCustomers(redis, f"{prefix}:erased", erased_ttl_s)
 
     def customer_key(self, customer_id: str) -> str:
         return f"{self.prefix}:customer:{customer_id}"
@@ -191,11 +196,13 @@ class RedisScoringStore:
 
     async def forget(self, customer_ids: Iterable[str], partitions: Iterable[int]) -> int:
         """Delete every key and set member of `customer_ids` (an erasure): their states (with the
-        examples waiting for a label), their due-set members and rescore ticks in `partitions`.
-        Idempotent; returns how many keys and members went."""
+        examples waiting for a label), their due-set members and rescore ticks in `partitions`;
+        first record them as erased, so nothing brings them back. Idempotent; returns how many keys
+        and members went."""
         ids = sorted(set(customer_ids))
         if not ids:
             return 0
+        await self.erased.add(ids)
         parts = list(partitions)
         members: dict[int, list[str]] = {}
         for partition in parts:

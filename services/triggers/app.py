@@ -24,7 +24,8 @@ from services.triggers.metrics import TriggersMetrics
 from services.triggers.rules import Rule, RuleSet, parse_rule_file
 from services.triggers.service import TriggersService, announce_deliveries, dead_letter_failed_deliveries
 from services.triggers.settings import TriggersSettings
-from services.triggers.state_store import DeliveryLedger, DeliveryQueue, RuleStateStore
+from services.triggers.state_store import ERASED_KEY, DeliveryLedger, DeliveryQueue, RuleStateStore
+from touchstream.privacy import ErasedCustomers
 from touchstream.settings import CoreSettings
 from touchstream.startup import ConfigurationError
 from touchstream.streams import Readiness, StreamKernel, add_health_pages, make_app, run_kernel
@@ -71,6 +72,9 @@ def build_app(core: CoreSettings, settings: TriggersSettings, registry: Collecto
     # Clients connect lazily on first use, inside the worker's event loop.
     redis = aioredis.from_url(core.redis_url)
     http = guarded_client(settings.delivery_timeout_s, allow_networks=settings.allow_networks)
+    # Durable: scores of erased customers are not evaluated, their actions never queued nor sent,
+    # also when a restarted or lagging worker reads `scores` or `actions` again.
+    erased = ErasedCustomers(redis, ERASED_KEY, core.erased_customer_ttl_s)
     readiness = Readiness("partitions_assigned")
     kernel: StreamKernel
 
@@ -97,9 +101,11 @@ def build_app(core: CoreSettings, settings: TriggersSettings, registry: Collecto
         poll_s=settings.dispatch_poll_s,
         schedule=settings.retry_schedule_s,
         announce_delivered=announce_delivered,
+        erased=erased,
     )
     service = TriggersService(rule_set, settings, redis, RuleStateStore(redis, settings.state_ttl_days * DAY_S),
-                              delivery, delivery_queue, metrics)
+                              delivery, delivery_queue, metrics, erased,
+                              event_time_tolerance_s=core.event_time_tolerance_s)
     kernel = StreamKernel(STAGE, core, service.inputs(), metrics, readiness)
     add_health_pages(app, STAGE, readiness, registry, kernel)
     run_kernel(app, kernel)

@@ -6,6 +6,8 @@ A condition is a mapping, never code:
 Operators: eq, ne, lt, le, gt, ge, in, not_in, contains (a list field holds the value),
 exists (true/false). A field that is absent makes every comparison false (so a rule fails
 closed when the pipeline does not carry what it asks about); `exists: false` tests for it.
+Event names compare as the event semantics table matches them: case, spaces, underscores and
+hyphens do not count (`Order Completed` matches an SDK's `order_completed`).
 """
 
 from __future__ import annotations
@@ -16,9 +18,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from touchstream.event_semantics import normalised_event_name
+
 OPERATORS = ("eq", "ne", "lt", "le", "gt", "ge", "in", "not_in", "contains", "exists")
 # Fields a condition may read; `features.<name>` and `scores.<name>` take any name.
 FIELDS = ("event.type", "event.name", "event.channel", "segment", "stage", "value_tier", "consent")
+EVENT_NAME = "event.name"
 _DYNAMIC_FIELD = re.compile(r"^(features|scores)\.[a-z0-9_]+$")
 
 
@@ -54,8 +59,8 @@ Condition = Compare | AllOf | AnyOf | Not
 def parse_condition(raw: Any, where: str = "condition") -> Condition:
     """Parse a condition mapping; raise ConditionError naming where it went wrong.
 
-    >>> parse_condition({"field": "event.name", "eq": "Complaint"})
-    Compare(field='event.name', op='eq', value='Complaint')
+    >>> parse_condition({"field": "event.name", "eq": "Complaint Submitted"})
+    Compare(field='event.name', op='eq', value='complaint submitted')
     >>> parse_condition({"all": [{"field": "features.feedback_rating", "le": 2}]}).parts[0].op
     'le'
     """
@@ -94,7 +99,13 @@ def parse_condition(raw: Any, where: str = "condition") -> Condition:
         raise ConditionError(f"{where}.exists: must be true or false")
     if isinstance(value, Mapping):
         raise ConditionError(f"{where}.{op}: must be a plain value, not a mapping")
+    if field == EVENT_NAME:
+        value = [_name_form(v) for v in value] if isinstance(value, list) else _name_form(value)
     return Compare(field, op, tuple(value) if isinstance(value, list) else value)
+
+
+def _name_form(value: Any) -> Any:
+    return normalised_event_name(value) if isinstance(value, str) else value
 
 
 def holds(condition: Condition, facts: Mapping[str, Any]) -> bool:
@@ -102,7 +113,7 @@ def holds(condition: Condition, facts: Mapping[str, Any]) -> bool:
 
     >>> complaint = parse_condition({"all": [{"field": "event.name", "eq": "Complaint"},
     ...                                      {"field": "features.feedback_rating", "le": 2}]})
-    >>> holds(complaint, {"event.name": "Complaint", "features.feedback_rating": 1.0})
+    >>> holds(complaint, {"event.name": "complaint", "features.feedback_rating": 1.0})
     True
     >>> holds(complaint, {"event.name": "Complaint"})  # no rating known: fails closed
     False
@@ -119,6 +130,8 @@ def holds(condition: Condition, facts: Mapping[str, Any]) -> bool:
     if not present:
         return False
     actual, expected = facts[condition.field], condition.value
+    if condition.field == EVENT_NAME and isinstance(actual, str):
+        actual = normalised_event_name(actual)
     match condition.op:
         case "eq":
             return bool(actual == expected)

@@ -32,6 +32,8 @@ class Outcome(StrEnum):
     FIRED = "fired"
     HELD_OUT = "held_out"
     SUPPRESSED = "suppressed"
+    # About an event older than the backfill horizon (imported history): recorded, never delivered.
+    BACKFILL = "backfill"
 
 
 @dataclass(frozen=True)
@@ -327,6 +329,31 @@ def evaluate_scores(
                 current[key] = changed[key] = after
             decisions += decided
     return decisions, changed
+
+
+def as_backfill(decisions: Iterable[ActionDecided], live_from_ms: int) -> list[ActionDecided]:
+    """Return `decisions`, those about events before `live_from_ms` turned into `backfill` outcomes.
+
+    History (an import, a consumer replaying old scores) trains the models and moves rule states,
+    cooldowns and caps as live traffic would have, but a moment long past gets no webhook. What
+    would have fired, and what the hold-out would have kept back, is recorded as `backfill` with
+    that as its reason, so neither counts in the hold-out experiment; suppressions stay as they are.
+
+    >>> from services.triggers.rules import parse_rules
+    >>> rule = parse_rules("rules: [{id: r, when: {score: churn_risk, crosses_above: 0.5, rearm_below: 0.4}, "
+    ...                    "action: {endpoint: e}}]")[0]
+    >>> def decided(at_ms): return ActionDecided(rule, ScoreUpdated("c", "m", at_ms, 0, {}, "", "", (), "v"),
+    ...                                          Outcome.FIRED, None, not_before_ms=at_ms + 5)
+    >>> [(d.outcome.value, d.reason, d.not_before_ms) for d in as_backfill([decided(10), decided(99)], 50)]
+    [('backfill', 'fired', None), ('fired', None, 104)]
+    """
+    marked = []
+    for decided in decisions:
+        if decided.score.event_time_ms < live_from_ms and decided.outcome in (Outcome.FIRED, Outcome.HELD_OUT):
+            reason = "fired" if decided.outcome is Outcome.FIRED else "holdout"
+            decided = replace(decided, outcome=Outcome.BACKFILL, reason=reason, not_before_ms=None)
+        marked.append(decided)
+    return marked
 
 
 def fire_due_timers(

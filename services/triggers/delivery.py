@@ -23,6 +23,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from redis.exceptions import RedisError
 from standardwebhooks import Webhook
 
+from services.triggers.erasure import DELETED_RULE_ID
 from services.triggers.metrics import TriggersMetrics
 from services.triggers.settings import WebhookEndpoint
 from services.triggers.ssrf import Network, address_refusal
@@ -36,6 +37,7 @@ from services.triggers.webhooks import (
     retry_after_s,
     verdict_for_status,
 )
+from touchstream.privacy import ErasedCustomers
 
 log = logging.getLogger(__name__)
 
@@ -344,6 +346,7 @@ class ActionDelivery:
         clock: Callable[[], float] = time.time,
         jitter: Callable[[], float] = random.random,
         announce_delivered: DeliveredSink | None = None,
+        erased: ErasedCustomers | None = None,
     ) -> None:
         self._sender = sender
         self._ledger = ledger
@@ -361,6 +364,8 @@ class ActionDelivery:
         self._schedule = schedule
         self._clock = clock
         self._jitter = jitter
+        # Erased customers: their actions are never queued, and dropped unsent when claimed.
+        self._erased = erased
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         # 2xx answers not yet written to the ledger, per endpoint: recorded for a whole scan at once.
@@ -375,11 +380,15 @@ class ActionDelivery:
         return int(self._clock() * 1000)
 
     async def enqueue(self, actions: Sequence[Mapping[str, Any]]) -> list[FailedDelivery]:
-        """Queue every `fired` action not yet acknowledged; return those that can never be sent."""
+        """Queue every `fired` action not yet acknowledged nor about an erased customer; return those that
+        can never be sent."""
         fired = {a["action_id"]: a for a in actions if a["outcome"] == "fired"}
         for action_id in await self._ledger.delivered(fired):
             action = fired.pop(action_id)
             self._metrics.deliveries.labels(action["rule_id"], action["endpoint"], "duplicate").inc()
+        for action_id in await self._about_erased(fired):
+            fired.pop(action_id)
+            self._metrics.deliveries_dropped.inc()
         # The timer loop refreshes which endpoints are disabled; an action queued for one in the
         # meantime is dead-lettered by the loop, not lost. One this worker still thinks disabled is
         # looked up again first, so an action right after a re-enable is not dead-lettered for nothing.
@@ -513,6 +522,10 @@ class ActionDelivery:
             acknowledged.clear()
             # Acknowledged before a crash that left them queued: drop, do not send again.
             done = await self._ledger.delivered(i for i, _ in claimed)
+            # Queued before their customer's erasure reached this queue (or by a lagging worker): never sent.
+            erased = await self._about_erased({i: json.loads(s)["action"] for i, s in claimed if s}) - done
+            self._metrics.deliveries_dropped.inc(len(erased))
+            done |= erased
             if done:
                 await self._queue.remove_many(endpoint, done)
                 claimed = [(i, s) for i, s in claimed if i not in done]
@@ -533,6 +546,14 @@ class ActionDelivery:
             log.warning("endpoint %r enabled again; delivering its new actions", endpoint)
         self._disabled = {endpoint: json.loads(why).get("reason", why) for endpoint, why in stored.items()}
         self._disabled_read_at = time.monotonic()
+
+    async def _about_erased(self, actions: Mapping[str, Mapping[str, Any]]) -> set[str]:
+        """Return the ids of those `actions` whose customer was erased (a deletion notice is not one of them)."""
+        about = {i: a["customer_id"] for i, a in actions.items() if a["rule_id"] != DELETED_RULE_ID}
+        if self._erased is None or not about:
+            return set()
+        erased = await self._erased.among(about.values())
+        return {i for i, customer_id in about.items() if customer_id in erased}
 
     async def drain(self) -> None:
         """Wait until every request started so far has finished and its outcome is recorded (tests, shutdown)."""
@@ -600,9 +621,10 @@ class ActionDelivery:
                                                result.status, int(now_s * 1000)), "exhausted")
             await self._queue.remove(endpoint, action_id)
             return
-        await self._queue.reschedule(endpoint, action_id,
-                                     _queue_state(action, attempts, result.detail, result.status), int(due_s * 1000))
-        self._metrics.deliveries.labels(rule, endpoint, "retried").inc()
+        if await self._queue.reschedule(endpoint, action_id,
+                                        _queue_state(action, attempts, result.detail, result.status),
+                                        int(due_s * 1000)):
+            self._metrics.deliveries.labels(rule, endpoint, "retried").inc()
 
     async def _disable(self, endpoint: str, detail: str, now_s: float,
                        just_tried: Mapping[str, tuple[int, int | None]]) -> None:

@@ -3,9 +3,13 @@ marketing with a `customer.deleted` webhook that carries pseudonymous customer i
 
 A CustomerDeletion record (topic customers.deletions, from identity) lists the live customer id
 and every id merged into it. Triggers then
+- records the ids as erased (`ErasedCustomers`, kept longer than the event logs): their scores are
+  no longer evaluated and their actions never queued nor sent, even by a worker that restarts or
+  lags and reads `scores` or `actions` again;
 - deletes every `triggers:state:{<id>}:*` and `triggers:cap:{<id>}:*` key and the ids' silence timers;
 - drops the actions still queued for delivery to them (pending retries included): they are never
-  sent. A request already on the wire when the erasure arrives cannot be recalled;
+  sent. A request already on the wire when the erasure arrives cannot be recalled, but its retry
+  is not written back (`DeliveryQueue.reschedule` only updates an action still queued);
 - emits one `customer.deleted` RetentionAction per endpoint in TOUCHSTREAM_TRIGGERS_DELETION_ENDPOINTS
   (default: every registered endpoint, since each may hold actions about the customer), signed and
   retried like any action. Its id is derived from the deletion id, so a replayed erasure is one webhook.
@@ -22,7 +26,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from services.triggers.state_store import TIMERS_KEY, DeliveryQueue, timer_member
-from touchstream.privacy import DELETED_RULE_ID
+from touchstream.privacy import DELETED_RULE_ID, ErasedCustomers
 
 DELETED_TYPE = "customer.deleted"
 SCAN_COUNT = 1000
@@ -100,15 +104,18 @@ def _names_customer(key: str, tags: set[str]) -> bool:
     return start >= 0 and end > start and key[start:end + 1] in tags
 
 
-async def forget_customers(redis: aioredis.Redis, queue: DeliveryQueue, customer_ids: Sequence[str],
-                           rule_ids: Iterable[str], endpoints: Iterable[str]) -> tuple[int, int]:
-    """Delete the customers' rule states, caps and timers, and their queued deliveries.
+async def forget_customers(redis: aioredis.Redis, queue: DeliveryQueue, erased: ErasedCustomers,
+                           customer_ids: Sequence[str], rule_ids: Iterable[str],
+                           endpoints: Iterable[str]) -> tuple[int, int]:
+    """Record the customers as erased, then delete their rule states, caps and timers, and their
+    queued deliveries.
 
     Idempotent. Returns (keys deleted, queued actions dropped).
     """
     ids = set(customer_ids)
     if not ids:
         return 0, 0
+    await erased.add(ids)
     tags = {f"{{{cid}}}" for cid in ids}
     doomed: list[str] = []
     for pattern in ("triggers:state:*", "triggers:cap:*"):

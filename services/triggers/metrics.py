@@ -14,8 +14,9 @@ class TriggersMetrics(ServiceMetrics):
         super().__init__("triggers", registry)
         self.actions = self.counter(
             "actions",
-            "Rule decisions, by rule, outcome (fired, held_out, suppressed) and reason "
-            "(holdout, cooldown, consent, frequency_cap, quiet_hours, quiet_hours_hold).",
+            "Rule decisions, by rule, outcome (fired, held_out, suppressed, backfill) and reason "
+            "(holdout, cooldown, consent, frequency_cap, quiet_hours, quiet_hours_hold; for backfill, fired or "
+            "holdout: what it would have been about a recent event).",
             ["rule", "outcome", "reason"],
         )
         self.timers = self.counter(
@@ -50,7 +51,10 @@ class TriggersMetrics(ServiceMetrics):
         self.customers_forgotten = self.counter(
             "customers_forgotten", "Customer ids erased (customers.deletions): rule states, caps and timers deleted.")
         self.deliveries_dropped = self.counter(
-            "deliveries_dropped", "Queued actions dropped unsent because their customer was erased.")
+            "deliveries_dropped", "Actions dropped unsent (not queued, or taken out of the queue) because their "
+                                  "customer was erased.")
+        self.events_erased = self.counter(
+            "events_erased", "Scores of erased customers not evaluated (in flight during the erasure, or read again).")
         self.event_to_webhook = self.histogram(
             "event_to_webhook", "From ingest receiving the event to the webhook's 2xx, by rule.", ["rule"]
         )

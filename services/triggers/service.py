@@ -21,6 +21,7 @@ from services.triggers.crossing import (
     CrossingState,
     DecisionContext,
     StateKey,
+    as_backfill,
     customer_zone,
     evaluate_scores,
     fire_due_timers,
@@ -30,10 +31,12 @@ from services.triggers.delivery import ActionDelivery, DeliveryEnded, FailedDeli
 from services.triggers.erasure import DELETED_RULE_ID, deleted_ids, deletion_action_records, forget_customers
 from services.triggers.events import ScoreUpdated
 from services.triggers.metrics import TriggersMetrics
-from services.triggers.rules import RuleSet, Silence
+from services.triggers.rules import HOUR_MS, RuleSet, Silence
 from services.triggers.settings import TriggersSettings
 from services.triggers.state_store import DeliveryQueue, RuleStateStore
 from touchstream import avro
+from touchstream.eventtime import DEFAULT_EVENT_TIME_TOLERANCE_S, event_time_ceiling_ms
+from touchstream.privacy import ErasedCustomers
 from touchstream.streams import Consumes, Outbox, Record
 from touchstream.topics import ACTION_DELIVERIES, ACTIONS, CUSTOMER_DELETIONS, SCORES
 
@@ -47,7 +50,8 @@ class TriggersService:
 
     def __init__(self, rule_set: RuleSet, settings: TriggersSettings, redis: aioredis.Redis,
                  states: RuleStateStore, delivery: ActionDelivery, delivery_queue: DeliveryQueue,
-                 metrics: TriggersMetrics) -> None:
+                 metrics: TriggersMetrics, erased: ErasedCustomers,
+                 event_time_tolerance_s: float = DEFAULT_EVENT_TIME_TOLERANCE_S) -> None:
         self.rules = rule_set.rules
         self.policy = rule_set.policy
         self.rules_by_id = {rule.id: rule for rule in self.rules}
@@ -60,8 +64,11 @@ class TriggersService:
         self.metrics = metrics
         # Action ids the evaluator queued for delivery itself (see queue_straight_away), oldest first.
         self.queued_here: OrderedDict[str, None] = OrderedDict()
-        # Customers erased lately (memory only): their scores and actions still in flight are dropped.
-        self.forgotten: OrderedDict[str, None] = OrderedDict()
+        # Erased customers (durable): their scores, in flight during the erasure or read again by a
+        # restarted or lagging worker, are not evaluated; delivery neither queues nor sends their actions.
+        self.erased = erased
+        # The timer watermark never runs past the wall clock plus this (CoreSettings.event_time_tolerance_s).
+        self.event_time_tolerance_s = event_time_tolerance_s
 
     def inputs(self) -> tuple[Consumes, ...]:
         # Erasures first within a batch: a score or action of an erased customer in the same batch is dropped.
@@ -72,8 +79,11 @@ class TriggersService:
     async def evaluate_score_batch(self, records: list[Record], outbox: Outbox) -> None:
         """Decide on a batch of scores; actions acknowledged first, rule states saved after."""
         rules, policy, states = self.rules, self.policy, self.states
-        scores = [score for score in (ScoreUpdated.from_record(r.value) for r in records if r.value is not None)
-                  if score.customer_id not in self.forgotten]
+        scores = [ScoreUpdated.from_record(r.value) for r in records if r.value is not None]
+        gone = await self.erased.among(s.customer_id for s in scores)
+        if gone:
+            self.metrics.events_erased.inc(sum(s.customer_id in gone for s in scores))
+            scores = [s for s in scores if s.customer_id not in gone]
         keys = {(rule.id, score.customer_id) for score in scores for rule in rules}
         stored = await states.load(keys)
         context = DecisionContext(policy, now_ms=int(time.time() * 1000))
@@ -86,6 +96,8 @@ class TriggersService:
                                                                     {**stored, **changed}, context)
             decisions += timer_decisions
             changed.update(timer_changes)
+        if self.settings.backfill_horizon_hours:
+            decisions = as_backfill(decisions, context.now_ms - round(self.settings.backfill_horizon_hours * HOUR_MS))
         created_at_ms = int(time.time() * 1000)
         actions = []
         for decided in decisions:
@@ -120,7 +132,9 @@ class TriggersService:
     async def fire_timers(self, latest_event_ms: int, current: dict[StateKey, CrossingState],
                           context: DecisionContext) -> tuple[list[ActionDecided], dict[StateKey, CrossingState]]:
         states = self.states
-        watermark = await states.raise_watermark(latest_event_ms)
+        # One score stamped years ahead must not make every timer due at once.
+        ceiling_ms = event_time_ceiling_ms(int(time.time() * 1000), self.event_time_tolerance_s)
+        watermark = await states.raise_watermark(latest_event_ms, ceiling_ms)
         self.metrics.watermark.set(watermark / 1000)
         watermark -= int(self.settings.timer_lateness_s * 1000)
         due = await states.due_timers(watermark)
@@ -148,11 +162,10 @@ class TriggersService:
             action = record.value
             if action is None or action["action_id"] in self.queued_here:
                 continue
-            if action["customer_id"] in self.forgotten and action["rule_id"] != DELETED_RULE_ID:
-                continue  # decided before the erasure, consumed after it: never sent
             actions.append(action)
             originals.setdefault(action["action_id"], record)
-        # A dead receiver never stalls this stream: delivery's own task does the HTTP.
+        # A dead receiver never stalls this stream: delivery's own task does the HTTP. Actions about
+        # erased customers (decided before the erasure, or read again) are not queued.
         failures = await self.delivery.enqueue(actions)
         for failure in failures:
             original = originals[failure.action["action_id"]]
@@ -163,13 +176,9 @@ class TriggersService:
         """Erasures: forget the customers' states and queued actions, then send the deletion notices."""
         deletions = [r.value for r in records if r.value is not None]
         ids = [cid for deletion in deletions for cid in deleted_ids(deletion)]
-        for cid in ids:
-            self.forgotten[cid] = None
-        while len(self.forgotten) > QUEUED_HERE_KEPT:
-            self.forgotten.popitem(last=False)
         if ids:
-            deleted, dropped = await forget_customers(self.redis, self.delivery_queue, ids, self.rules_by_id,
-                                                      self.settings.endpoints)
+            deleted, dropped = await forget_customers(self.redis, self.delivery_queue, self.erased, ids,
+                                                      self.rules_by_id, self.settings.endpoints)
             self.metrics.customers_forgotten.inc(len(set(ids)))
             self.metrics.deliveries_dropped.inc(dropped)
             log.info("triggers: forgot %d customer ids (%d keys, %d queued actions)", len(set(ids)), deleted, dropped)

@@ -162,6 +162,13 @@ class TriggersSettings(BaseSettings):
     # A customer's armed/disarmed state expires after this long without a score, which
     # re-arms them; it bounds Redis memory for customers who never come back.
     state_ttl_days: int = Field(90, ge=1)
+    # History (`touchstream import`, a consumer catching up on old events) trains the models and fills
+    # customer state, but a webhook about a moment long past would reach a customer days late: a
+    # decision about an event stamped further back than this from the wall clock is recorded as a
+    # `backfill` outcome (on `actions`, in the metrics), never delivered.
+    backfill_horizon_hours: float = Field(
+        72.0, ge=0, description="Events older than this (event time vs wall clock) only make backfill outcomes; "
+                                "0 acts on every event, however old.")
     # Where `customer.deleted` notices go when a customer is erased (names of registered endpoints);
     # unset: every registered endpoint, since each may hold actions about the customer.
     deletion_endpoints: tuple[str, ...] | None = None

@@ -8,6 +8,8 @@ Key layout (the `{customer_id}` hash tag keeps one customer's keys in one Redis 
   triggers:watermark:{triggers}             the event-time watermark (epoch ms)
   triggers:delivered:<action_id>            string: epoch ms of the receiver's 2xx
   triggers:queue:{<endpoint>}:...           delivery queue, see DeliveryQueue
+  triggers:erased:{triggers}                erased customers' tokens (touchstream.privacy.ErasedCustomers):
+                                            their scores are not evaluated, their actions never queued nor sent
 """
 
 from __future__ import annotations
@@ -36,13 +38,21 @@ def delivered_key(action_id: str) -> str:
 
 TIMERS_KEY = "triggers:timers:{triggers}:due"
 WATERMARK_KEY = "triggers:watermark:{triggers}"
+ERASED_KEY = "triggers:erased:{triggers}"
 
-# Raise the stored watermark to ARGV[1] if that is later; return the stored value.
+# Raise the stored watermark to ARGV[1] if that is later, but never past the ceiling ARGV[2]
+# (pulling back one stored beyond it); return the stored value.
 _RAISE_WATERMARK = """
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
-local candidate = tonumber(ARGV[1])
+local ceiling = tonumber(ARGV[2])
+local candidate, text = tonumber(ARGV[1]), ARGV[1]
+if candidate > ceiling then candidate, text = ceiling, ARGV[2] end
+if current > ceiling then
+  redis.call('SET', KEYS[1], ARGV[2])
+  current = ceiling
+end
 if candidate > current then
-  redis.call('SET', KEYS[1], ARGV[1])
+  redis.call('SET', KEYS[1], text)
   return candidate
 end
 return current
@@ -135,9 +145,10 @@ class RuleStateStore:
                 await self._raise_cap(keys=[cap_key(customer_id, day)], args=[count, 3 * 86_400], client=pipe)
             await pipe.execute()
 
-    async def raise_watermark(self, event_time_ms: int) -> int:
-        """Move the shared event-time watermark forward to `event_time_ms` if later; return it."""
-        return int(await self._raise_watermark(keys=[WATERMARK_KEY], args=[event_time_ms]))
+    async def raise_watermark(self, event_time_ms: int, ceiling_ms: int) -> int:
+        """Move the shared event-time watermark forward to `event_time_ms` if later, never past
+        `ceiling_ms` (the wall clock plus the event-time tolerance); return it."""
+        return int(await self._raise_watermark(keys=[WATERMARK_KEY], args=[event_time_ms, ceiling_ms]))
 
     async def due_timers(self, watermark_ms: int, limit: int = 1000) -> list[StateKey]:
         """Return the keys of timers due at or before `watermark_ms`.
@@ -227,6 +238,18 @@ return out
 """
 
 
+# Write a retry back (state ARGV[2], due ARGV[3]) only while the action is still queued: an erasure
+# or a completion may have removed it while its request was in flight.
+_RESCHEDULE = """
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then
+  return 0
+end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+return 1
+"""
+
+
 class DeliveryQueue:
     """Pending webhook deliveries per endpoint, persisted in Redis so a restart loses nothing.
 
@@ -240,6 +263,7 @@ class DeliveryQueue:
     def __init__(self, redis: aioredis.Redis) -> None:
         self._redis = redis
         self._claim = redis.register_script(_CLAIM)
+        self._reschedule = redis.register_script(_RESCHEDULE)
 
     async def enqueue(self, endpoint: str, entries: Mapping[str, tuple[str, int]]) -> int:
         """Add `entries` (action_id -> (state JSON, due ms)) unless already queued; return how many were new."""
@@ -276,12 +300,10 @@ class DeliveryQueue:
             pairs.append((_text(flat[n]), _text(flat[n + 1])))
         return pairs
 
-    async def reschedule(self, endpoint: str, action_id: str, state_json: str, due_ms: int) -> None:
-        due_key, actions_key = queue_keys(endpoint)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(actions_key, action_id, state_json)
-            pipe.zadd(due_key, {action_id: due_ms})
-            await pipe.execute()
+    async def reschedule(self, endpoint: str, action_id: str, state_json: str, due_ms: int) -> bool:
+        """Queue the action's next try at `due_ms`, unless it left the queue meanwhile; say whether it was."""
+        written = await self._reschedule(keys=list(queue_keys(endpoint)), args=[action_id, state_json, due_ms])
+        return bool(written)
 
     async def complete(self, endpoint: str, action_id: str, ledger: DeliveryLedger, acknowledged_at_ms: int) -> None:
         """Record the receiver's 2xx in the ledger and drop the action from the queue, in one round trip."""

@@ -39,8 +39,10 @@ LEASE_S = 600.0  # a claimed action's score is then far beyond any due time of t
 POLL_S = 0.02
 # How late a try may start after its due time: the timer's poll, the endpoint's 8 requests in
 # flight when a burst of actions falls due together, and a busy 2-core machine (measured: up
-# to ~0.4 s with ~150 actions due in the same second).
-REACTION_S = 1.0
+# to ~0.4 s with ~150 actions due in the same second on its own; up to ~0.9 s with `make test`
+# running a second test process beside it and other work on the machine). Never sooner is
+# checked to the millisecond.
+REACTION_S = 2.0
 
 
 @pytest.fixture

@@ -78,7 +78,8 @@ def run_with_redis_restarts(stack: local.StackState, count: int, rate: float, re
     state = local.StackState.load(run_dir)
     assert {name: state.pids[name] for name in WORKERS} == pids
     assert all(s.startswith("ready") for name, s in local.status(run_dir).items() if name in WORKERS)
-    assert redis_errors(stack, "identity") > 0
+    # Which stage was mid-command when Redis went (the others reconnect silently) depends on timing.
+    assert sum(redis_errors(stack, service) for service in ("identity", "scoring", "triggers", "console")) > 0
 
 
 @pytest.mark.integration

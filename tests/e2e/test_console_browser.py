@@ -33,14 +33,13 @@ from services.console.web import ConsoleWeb
 from services.identity.admin import hash_admin_key
 from services.identity.settings import DEV_ADMIN_KEY
 from services.triggers.rules import parse_rules
-from tests.stacks import running_stack
+from tests.stacks import ARTIFACTS, running_stack
 from touchstream import avro, local
 from touchstream.embedded import free_port
 from touchstream.topics import ACTIONS, SCORES, TOUCHPOINTS_RAW, TOUCHPOINTS_RESOLVED
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
-ARTIFACTS = REPO / "test-artifacts"
 ADMIN_KEY = "e2e-console-admin-key"
 CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]

@@ -54,3 +54,17 @@ async def test_a_deletion_forgets_every_id_and_drops_what_arrives_after(redis_cl
     assert await store.segments() == {("loyal", "active"): 1}
     await store.apply([CustomerDeleted("del_1", ("c_ann", "c_old"))])  # replayed: nothing changes
     assert (await store.customer("c_bob")).known
+
+
+async def test_a_restarted_worker_reading_the_topics_again_does_not_write_an_erased_customer_back(
+        redis_client: aioredis.Redis) -> None:
+    history = [touch("c_old", 1), score("c_old", 1), touch("c_ann", 2), score("c_ann", 2), action("c_ann", "r1", 2),
+               CustomersMerged("m1", "c_ann", "c_old", "merge", "shared_identifier", 4000), touch("c_bob", 3)]
+    await ReadModelStore(redis_client).apply(history)
+    await ReadModelStore(redis_client).apply([CustomerDeleted("del_1", ("c_ann", "c_old"))])
+
+    restarted = ReadModelStore(redis_client)  # a new process, its consumer group reset to the start
+    await restarted.apply(history)
+    text = await dump(redis_client)
+    assert "c_ann" not in text and "c_old" not in text
+    assert not (await restarted.customer("c_ann")).known and (await restarted.customer("c_bob")).known

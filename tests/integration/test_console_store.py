@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import redis.asyncio as aioredis
 
@@ -292,3 +294,25 @@ async def test_the_newest_explained_score_replaces_the_reasons_and_an_older_one_
     assert latest is not None and (latest.segment, latest.model_version) == ("loyal", "v3")
     assert latest.reasons == (("tenure_days", -0.5),)
     assert await store.segments() == {("loyal", "active"): 1}
+
+
+async def test_a_record_stamped_in_2099_moves_the_event_clock_and_the_flow_no_further_than_the_tolerance(
+        store: ReadModelStore) -> None:
+    now_ms = int(time.time() * 1000)
+    year_2099 = 4_086_000_000_000
+    await store.apply([touch("c_1", 1, t=now_ms - 60_000),
+                       ScoreUpdated("c_2", "m-c_2", year_2099, 0.5, 0.5, "new", "active", "v1", (), {})])
+    clock = await store.event_clock()
+    assert clock is not None and now_ms - 60_000 <= clock <= time.time() * 1000 + 300_000
+    stored = await store.client.zscore(store.key("clock"), "event_time")
+    assert stored is not None and stored <= time.time() * 1000 + 300_000
+    # A real change after it still shows in the overview's flow, whose newest day is today's, not one in 2099.
+    await store.apply([ScoreUpdated("c_3", "m-c_3", now_ms, 0.9, 0.1, "at_risk", "lapsing", "v1", (), {})])
+    assert ("", "at_risk|lapsing", 1) in await store.segment_flow(30)
+
+
+async def test_a_backfill_decision_counts_apart_and_in_neither_group(store: ReadModelStore) -> None:
+    await store.apply([action("c_1", "r", "backfill", 1, "fired"), action("c_2", "r", "fired", 2)])
+    counts = await store.rule_counts("r")
+    assert counts.counts == {"backfill": 1, "fired": 1} and counts.treated_at == {"c_2": 2000}
+    assert counts.holdout_at == {}

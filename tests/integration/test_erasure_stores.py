@@ -1,4 +1,5 @@
-"""Scoring's and triggers' stores forget an erased customer on a real Valkey, and nobody else."""
+"""Scoring's and triggers' stores forget an erased customer on a real Valkey, and nobody else; what they
+record as erased stays erased for a worker that starts afresh."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from services.scoring.state import CustomerState
 from services.scoring.store import RedisScoringStore, StateChanges
 from services.triggers.crossing import CrossingState
 from services.triggers.erasure import forget_customers
-from services.triggers.state_store import DeliveryQueue, RuleStateStore, cap_key, timer_member
+from services.triggers.state_store import ERASED_KEY, DeliveryQueue, RuleStateStore, cap_key, timer_member
+from touchstream.privacy import ErasedCustomers, erased_token
 
 pytestmark = pytest.mark.integration
 
@@ -40,16 +42,46 @@ async def test_triggers_forgets_rule_states_caps_timers_and_queued_actions(redis
                        ("r1", "c_bob"): CrossingState(), ("r2", "c_ann"): CrossingState()}, ["r1"])
     await states.save_caps({("c_ann", "2026-11-25"): 2, ("c_bob", "2026-11-25"): 1})
 
-    def queued(action_id: str, cid: str) -> tuple[str, int]:
-        return json.dumps({"action": {"action_id": action_id, "customer_id": cid}, "attempts": 1}), 10
-
     await queue.enqueue("marketing", {"a1": queued("a1", "c_ann"), "a2": queued("a2", "c_bob"),
                                       "a3": queued("a3", "c_old")})
 
-    deleted, dropped = await forget_customers(redis_client, queue, ["c_ann", "c_old"], ["r1", "r2"], ["marketing"])
+    erased = ErasedCustomers(redis_client, ERASED_KEY, 3600)
+    deleted, dropped = await forget_customers(redis_client, queue, erased, ["c_ann", "c_old"], ["r1", "r2"],
+                                              ["marketing"])
     assert (deleted, dropped) == (3, 2)
+    assert await ErasedCustomers(redis_client, ERASED_KEY, 3600).among(["c_ann", "c_bob", "c_old"]) == {
+        "c_ann", "c_old"}
     assert set(await states.load([("r1", "c_ann"), ("r2", "c_ann"), ("r1", "c_bob")])) == {("r1", "c_bob")}
     assert await redis_client.exists(cap_key("c_ann", "2026-11-25")) == 0
     assert await redis_client.exists(cap_key("c_bob", "2026-11-25")) == 1
     assert await redis_client.zscore("triggers:timers:{triggers}:due", timer_member(("r1", "c_ann"))) is None
     assert [a for a, _ in await queue.all_queued("marketing")] == ["a2"]
+
+
+def queued(action_id: str, cid: str) -> tuple[str, int]:
+    return json.dumps({"action": {"action_id": action_id, "customer_id": cid}, "attempts": 1}), 10
+
+
+async def test_a_retry_is_not_written_back_for_an_action_that_left_the_queue_while_in_flight(
+        redis_client: aioredis.Redis) -> None:
+    queue = DeliveryQueue(redis_client)
+    await queue.enqueue("marketing", {"a1": queued("a1", "c_ann"), "a2": queued("a2", "c_bob")})
+    claimed = dict(await queue.claim("marketing", now_ms=100, limit=10, lease_until_ms=1_000))
+    await queue.remove_many("marketing", ["a1"])  # the erasure, while both requests are on the wire
+    await queue.reschedule("marketing", "a1", claimed["a1"], 2_000)
+    await queue.reschedule("marketing", "a2", claimed["a2"], 2_000)
+    assert [a for a, _ in await queue.all_queued("marketing")] == ["a2"]
+    assert await queue.pending("marketing") == 1 and await queue.next_due_ms("marketing") == 2_000
+
+
+async def test_the_erased_set_keeps_one_way_tokens_for_its_ttl(redis_client: aioredis.Redis) -> None:
+    erased = ErasedCustomers(redis_client, "t:erased", ttl_s=3600)
+    await erased.add(["c_ann", "c_old", "c_ann"])
+    assert await erased.among(["c_bob", "c_ann", "c_old"]) == {"c_ann", "c_old"}
+    members = {m.decode() for m in await redis_client.zrange("t:erased", 0, -1)}
+    assert members == {erased_token("c_ann"), erased_token("c_old")}
+    assert 3500 < await redis_client.ttl("t:erased") <= 3600
+    # An entry older than the TTL goes with the next erasure; newer ones stay.
+    await redis_client.zadd("t:erased", {erased_token("c_gone"): 1})
+    await erased.add(["c_new"])
+    assert await erased.among(["c_gone", "c_ann", "c_new"]) == {"c_ann", "c_new"}

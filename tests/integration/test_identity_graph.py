@@ -6,7 +6,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from services.identity.domain import GraphLayout, GraphRules, new_customer_id
-from services.identity.graph import IdentityGraph
+from services.identity.graph import IdentityGraph, run_commands
 from tests.identity_graphs import loaded_graph, request
 from touchstream.identifiers import STRONG_TYPES, Identifier
 
@@ -119,3 +119,43 @@ async def test_a_batch_is_resolved_in_order_and_reloads_a_flushed_script(
 
     assert first.created and not second.created
     assert second.customer_id == first.customer_id
+
+
+async def test_events_resolved_in_one_call_answer_as_one_call_each(redis_client: aioredis.Redis) -> None:
+    """The matching path resolves a chunk of events in one script call: same answers, same graph."""
+    user_1, user_2 = Identifier("user_id", "u1"), Identifier("user_id", "u2")
+    events = [request("m1", 1000, EMAIL_A), request("m2", 2000, PHONE_A, DEVICE),
+              request("m3", 3000, DEVICE, EMAIL_A), request("m4", 500, EMAIL_B, PHONE_A),
+              request("m5", 4000, user_1, EMAIL_B), request("m6", 4500, user_2, EMAIL_A), request("m2", 2000, PHONE_A)]
+    one_by_one = await loaded_graph(redis_client, GraphLayout("test:each:{graph}:"), RULES)
+    together = await loaded_graph(redis_client, GraphLayout("test:chunk:{graph}:"), RULES)
+
+    each = await one_by_one.resolve(events)
+    [answer] = await run_commands(redis_client, [together.resolve_many_command(events)])
+    chunked = together.parse_many_answer(answer)
+
+    assert chunked == each
+    assert any(r.merges for r in each) and any(r.refused for r in each) and each[-1].replayed
+    assert sorted(k.replace(b"chunk", b"each") for k in await redis_client.keys("test:chunk:*")) == sorted(
+        await redis_client.keys("test:each:*"))
+
+
+async def test_merges_made_in_one_call_answer_as_one_call_each(redis_client: aioredis.Redis) -> None:
+    people = [request(f"p{n}", 1000 + n, *ids) for n, ids in enumerate(
+        [(EMAIL_A,), (EMAIL_B,), (PHONE_A, Identifier("user_id", "u1")), (DEVICE, Identifier("user_id", "u2"))])]
+    answers = []
+    for name in ("each", "chunk"):
+        graph = await loaded_graph(redis_client, GraphLayout(f"test:{name}:{{graph}}:"), RULES)
+        a, b, c, d = (r.customer_id for r in await graph.resolve(people))
+        merges = [("x1", 2000, (b, a), "probabilistic", 12.5), ("x2", 2001, (c, b), "probabilistic", 9.0),
+                  ("x3", 2002, (d, a), "probabilistic", 20.0), ("x1", 2000, (b, a), "probabilistic", 12.5)]
+        if name == "each":
+            answers.append([await graph.merge_customers(*merge) for merge in merges])
+        else:
+            [answer] = await run_commands(redis_client, [graph.merge_many_command(merges)])
+            answers.append(graph.parse_many_answer(answer))
+
+    each, chunked = answers
+    assert chunked == each
+    assert [len(r.merges) for r in each] == [1, 1, 0, 1] and each[3].replayed
+    assert [r.reason for r in each[2].refused] == ["conflicting_strong_id"]

@@ -14,10 +14,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from services.identity.admin import hash_admin_key
-from services.identity.domain import new_customer_id, prepare_identifiers
+from services.identity.domain import GraphLayout, new_customer_id, prepare_identifiers
+from services.identity.settings import IdentitySettings
+from tests.identity_models import ANN, ANN_MOVED, ANN_TYPO, NEAR_CERTAINTY, store_fitted_model
 from tests.kafka_reading import collect
 from touchstream import avro
 from touchstream.embedded import ManagedProcess, free_port
@@ -308,3 +311,66 @@ async def test_customer_api_erases_a_customer_once_and_later_events_are_dropped(
     assert "touchstream_identity_customers_deleted_total 1.0" in metrics
     assert not await collect(all_topics, TOUCHPOINTS_RESOLVED.name, TOUCHPOINTS_RESOLVED.schema, 1,
                              lambda _key, r: r["event"]["message_id"] == f"{run}-4", wait_s=3)
+
+
+def identify(message_id: str, timestamp_ms: int, identifier: tuple[str, str], traits: dict[str, object]) -> bytes:
+    return avro.encode(TOUCHPOINTS_RAW.schema, {
+        "message_id": message_id, "type": "identify", "timestamp_ms": timestamp_ms, "received_at_ms": timestamp_ms,
+        "identifiers": [{"type": identifier[0], "value": identifier[1]}],
+        "properties_json": json.dumps({"traits": traits})})
+
+
+@pytest.fixture
+def matching_worker(all_topics: str, redis_url: str, tmp_path: Path, artifacts_dir: Path) -> Iterator[int]:
+    """Run one identity worker with matching on, over a graph holding a fitted model; yield its web port."""
+
+    async def store_model() -> None:
+        client = aioredis.from_url(redis_url)
+        await store_fitted_model(client, GraphLayout(IdentitySettings().graph_key_prefix))
+        await client.aclose()
+
+    asyncio.run(store_model())
+    matching = {"enabled": True, "match_probability": NEAR_CERTAINTY}
+    worker, web_port = spawn_identity_worker(all_topics, redis_url, tmp_path, artifacts_dir,
+                                             {"TOUCHSTREAM_IDENTITY_MATCHING": json.dumps(matching)})
+    try:
+        wait_until_ready(worker, web_port)
+        yield web_port
+    finally:
+        worker.stop()
+
+
+async def test_matching_links_a_typo_and_shows_a_possible_match_for_review(
+    matching_worker: int, producer: AIOKafkaProducer, all_topics: str
+) -> None:
+    run = uuid.uuid4().hex[:8]
+    now = int(time.time() * 1000)
+    for n, (identifier, traits) in enumerate(((("crm_id", f"A-{run}"), ANN), (("pos_id", f"B-{run}"), ANN_TYPO),
+                                               (("pos_id", f"C-{run}"), ANN_MOVED))):
+        # One key, one partition: each record is matched against the ones before it.
+        await producer.send_and_wait(TOUCHPOINTS_RAW.name, identify(f"{run}-{n}", now + n, identifier, traits),
+                                     key=run.encode())
+    resolved = {r["event"]["message_id"]: r["customer_id"] for _, r in await collect(
+        all_topics, TOUCHPOINTS_RESOLVED.name, TOUCHPOINTS_RESOLVED.schema, 3,
+        lambda _key, r: r["event"]["message_id"].startswith(run))}
+    ann, moved_id = resolved[f"{run}-0"], resolved[f"{run}-2"]
+    base = f"http://127.0.0.1:{matching_worker}"
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+    async with httpx.AsyncClient(timeout=10) as client:
+        anonymous = await client.get(f"{base}/v1/matching/review")
+        review = (await client.get(f"{base}/v1/matching/review", headers=admin)).json()
+        customer = (await client.get(f"{base}/v1/customers/{ann}", headers=admin)).json()
+        model = (await client.get(f"{base}/v1/matching/model", headers=admin)).json()
+        metrics = (await client.get(f"{base}/metrics")).text
+
+    assert resolved[f"{run}-1"] == ann != moved_id
+    assert anonymous.status_code == 401
+    [entry] = review["possible_matches"]
+    assert entry["live_customer_ids"] == [moved_id, ann] and 0.05 <= entry["probability"] < NEAR_CERTAINTY
+    assert [m["customer_id"] for m in customer["possible_matches"]] == [moved_id]
+    assert [m["reason"] for m in customer["merges"]] == ["probabilistic"]
+    assert model["model"]["converged"] and model["records"] == 3 and model["pairs"] >= 2
+    assert model["model"]["fields"]["surname"]["exact"]["weight_bits"] > 0
+    assert "touchstream_identity_possible_matches_total 1.0" in metrics
+    assert "touchstream_identity_probabilistic_merges_total 1.0" in metrics

@@ -297,3 +297,24 @@ def test_raw_records_are_keyed_by_the_keyed_hash_of_the_first_strong_identifier(
     assert keys[f"{run}-3"] == hmac.new(pii_key.encode(), f"anonymous_id:a-{run}".encode(),
                                         hashlib.sha256).hexdigest().encode()
     assert all(email.encode() not in key and run.encode() not in key for key in keys.values())
+
+def test_an_event_stamped_in_2099_is_refused_naming_the_field_and_the_rest_resent_is_accepted(
+        ingest: TestClient, all_topics: str) -> None:
+    now = datetime.now(UTC)
+    good_id, future_id = f"m-{uuid.uuid4().hex}", f"m-{uuid.uuid4().hex}"
+    good = {"type": "track", "event": "Viewed", "userId": "u10", "messageId": good_id,
+            "timestamp": (now - timedelta(minutes=1)).isoformat()}
+    future = {"type": "track", "event": "Viewed", "userId": "u11", "messageId": future_id,
+              "timestamp": "2099-06-01T00:00:00Z"}
+    response = ingest.post("/v1/batch", auth=(WRITE_KEY, ""), json={"batch": [good, future]})
+    assert response.status_code == 400, response.text
+    [error] = response.json()["errors"]
+    assert (error["index"], error["field"]) == (1, "timestamp")
+    assert "at most 300 s is accepted (event_time_tolerance_s)" in error["reason"]
+    single = ingest.post("/v1/track", auth=(WRITE_KEY, ""), json=future)
+    assert single.status_code == 400 and single.json()["errors"][0]["field"] == "timestamp", single.text
+    # Nothing of the refused batch was claimed or produced: the good event alone goes through now.
+    resent = ingest.post("/v1/batch", auth=(WRITE_KEY, ""), json={"batch": [good]})
+    assert resent.json() == {"success": True, "accepted": 1, "duplicates": 0, "suppressed": 0}
+    events = asyncio.run(read_raw_events(all_topics, {good_id, future_id}, wait_s=5))
+    assert [e["message_id"] for e in events] == [good_id]

@@ -1,7 +1,8 @@
 """The direct Kafka path: upstream producers write Confluent-framed Avro straight to touchpoints.raw.
 
 A real identity worker (`python -m services.identity`) resolves the good record and sends every bad
-one to `deadletter` with the reason and the original bytes.
+one (undecodable, without a usable identifier, or stamped beyond the event-time tolerance) to
+`deadletter` with the reason and the original bytes.
 """
 
 from __future__ import annotations
@@ -82,6 +83,10 @@ async def test_framed_avro_is_resolved_and_garbage_is_dead_lettered_with_its_byt
     assert good[:5] == struct.pack(">bI", 0, avro.SCHEMA_IDS["TouchpointEvent"])
     no_identifier = avro.encode(TOUCHPOINTS_RAW.schema, {
         "message_id": f"{run}-anon", "type": "track", "event": "x", "timestamp_ms": now, "received_at_ms": now})
+    # One event stamped in 2099 would drag every event-time watermark downstream along with it.
+    from_2099 = avro.encode(TOUCHPOINTS_RAW.schema, {
+        "message_id": f"{run}-2099", "type": "track", "event": "x", "timestamp_ms": 4_086_000_000_000,
+        "received_at_ms": now, "identifiers": [{"type": "loyalty_card", "value": f"LC-{run}-2099"}]})
     garbage = {
         "plain-json": (b'{"userId": "u1", "event": "x"}', "magic byte"),
         "wrong-schema-id": (struct.pack(">bI", 0, avro.SCHEMA_IDS["DeadLetter"]) + good[5:], "schema id 6"),
@@ -90,6 +95,7 @@ async def test_framed_avro_is_resolved_and_garbage_is_dead_lettered_with_its_byt
         "huge-length": (good[:5] + b"\xfe\xff\xff\xff\x0f" + b"x" * 10, "invalid TouchpointEvent body"),
         "too-short": (b"\x00\x00", "shorter than the 5-byte Confluent header"),
         "no-identifier": (no_identifier, "no usable identifier"),
+        "from-2099": (from_2099, "s after the time it was received; at most 300 s is accepted"),
     }
     producer = AIOKafkaProducer(bootstrap_servers=all_topics, acks="all")
     await producer.start()

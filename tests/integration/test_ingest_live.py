@@ -31,10 +31,8 @@ from schemathesis.specs.openapi.checks import (
 )
 from segment.analytics.client import Client as SegmentClient
 
-from services.ingest.settings import hash_write_key
-from tests.stacks import running_ingest
+from tests.stacks import running_ingest_for
 from touchstream import avro
-from touchstream.embedded import free_port
 from touchstream.topics import TOUCHPOINTS_RAW
 
 pytestmark = pytest.mark.integration
@@ -44,16 +42,7 @@ WRITE_KEY = "live-test-key"
 @pytest.fixture
 def live_ingest(all_topics: str, redis_url: str, artifacts_dir: Path) -> Iterator[str]:
     """Run `python -m services.ingest` on a free port; yield its base URL."""
-    port = free_port()
-    settings = {
-        "TOUCHSTREAM_KAFKA_BOOTSTRAP": all_topics,
-        "TOUCHSTREAM_REDIS_URL": redis_url,
-        "TOUCHSTREAM_PARTITIONS": "2",
-        "TOUCHSTREAM_INGEST_PORT": str(port),
-        "TOUCHSTREAM_INGEST_WRITE_KEYS": json.dumps({"sdk": hash_write_key(WRITE_KEY)}),
-        "TOUCHSTREAM_INGEST_RATE_LIMIT_EVENTS_PER_S": "100000",
-    }
-    with running_ingest(settings, artifacts_dir / "ingest-live.log") as url:
+    with running_ingest_for(all_topics, redis_url, {"sdk": WRITE_KEY}, artifacts_dir / "ingest-live.log") as url:
         yield url
 
 
@@ -123,6 +112,32 @@ def test_official_sdk_calls_arrive_on_the_raw_topic(live_ingest: str, all_topics
 
 
 @pytest.mark.parametrize("sdk", sorted(SDKS))
+def test_spec_event_names_from_the_sdks_arrive_with_their_meaning(live_ingest: str, all_topics: str, sdk: str) -> None:
+    errors: list[Any] = []
+    client = SDKS[sdk](write_key=WRITE_KEY, host=live_ingest, max_retries=1,
+                       on_error=lambda error, batch: errors.append(error))
+    run = uuid.uuid4().hex[:8]
+    user = f"user-{run}"
+    calls = {
+        "complaint": ("Complaint Submitted", {"text": "Parcel broken", "rating": 1}),
+        "feedback": ("Product Reviewed", {"review_body": "meh", "rating": "2"}),  # the spec's rating is text
+        "refund": ("order_refunded", {"order_id": "o-1", "total": 30, "currency": "EUR"}),
+        "unsubscribe": ("Unsubscribed", {"email_id": "e-1"}),
+    }
+    for kind, (name, properties) in calls.items():
+        client.track(user, name, properties, message_id=f"{sdk}-{run}-{kind}")
+    client.flush()
+    client.join()
+    assert errors == []
+    events = asyncio.run(raw_events(all_topics, {f"{sdk}-{run}-{kind}" for kind in calls}))
+    meaning = {kind: events[f"{sdk}-{run}-{kind}"] for kind in calls}
+    assert meaning["complaint"]["feedback"] == {"kind": "complaint", "text": "Parcel broken", "rating": 1}
+    assert meaning["feedback"]["feedback"] == {"kind": "complaint", "text": "meh", "rating": 2}
+    assert meaning["refund"]["order"]["amount"] == -30.0
+    assert meaning["unsubscribe"]["consent"] == ["-email", "-marketing"]
+
+
+@pytest.mark.parametrize("sdk", sorted(SDKS))
 def test_sdks_see_a_400_as_final_not_as_a_reason_to_retry(live_ingest: str, sdk: str) -> None:
     errors: list[Any] = []
     client = SDKS[sdk](write_key=WRITE_KEY, host=live_ingest, max_retries=3,
@@ -132,7 +147,7 @@ def test_sdks_see_a_400_as_final_not_as_a_reason_to_retry(live_ingest: str, sdk:
     client.join()
     [error] = errors
     assert (error.status, error.code) == (400, "invalid_request")
-    assert "order.amount" in error.message
+    assert "properties.total" in error.message
     metrics = httpx.get(f"{live_ingest}/metrics").text
     assert 'touchstream_ingest_requests_total{endpoint="batch",status="400"} 1.0' in metrics
 

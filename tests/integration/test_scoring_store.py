@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import time
 
 import pytest
 import redis.asyncio as aioredis
@@ -14,7 +15,7 @@ from services.scoring.metrics import ScoringMetrics
 from services.scoring.service import MergeInput, ResolvedInput, ScoringService
 from services.scoring.settings import ScoringSettings
 from services.scoring.state import CustomerState, Touchpoint, apply_touchpoint
-from services.scoring.store import RedisScoringStore, StateChanges
+from services.scoring.store import RedisScoringStore, StateChanges, customer_of
 from tests.unit.scoring.test_scoring_checkpoint import RunsCodeWhenUnpickled, unpickled
 from touchstream import avro
 
@@ -218,3 +219,48 @@ async def test_a_checkpoint_signed_with_another_key_is_not_restored(redis_client
     same_key = new_service(redis_client)
     await same_key.restore_model()
     assert same_key.engine.learner.model.version == "logreg-v2-n1"
+
+
+async def test_an_event_stamped_in_2099_matures_no_label_and_passes_no_rescore_early(
+        redis_client: aioredis.Redis) -> None:
+    service = new_service(redis_client, tick_days=14)
+    registry = service.metrics.service.registry
+    now_days = time.time() * 1000 / DAY_MS
+    # Two customers bought in the last days: their examples are due about 90 days from now.
+    await service.score_touchpoints([ResolvedInput(0, "ann", purchase("m1", now_days - 2)),
+                                     ResolvedInput(0, "bob", purchase("m2", now_days - 1))])
+    # Someone's event stamped in 2099 on the same partition, then a real one of ann's.
+    await service.score_touchpoints([ResolvedInput(0, "eve", purchase("m3", 4_086_000_000_000 / DAY_MS))])
+    await service.score_touchpoints([ResolvedInput(0, "ann", purchase("m4", now_days - 0.01))])
+
+    def counted(name: str, **labels: str) -> float:
+        return registry.get_sample_value(f"touchstream_scoring_{name}_total", labels) or 0.0
+
+    assert counted("examples_learned", label="positive") + counted("examples_learned", label="negative") == 0
+    assert {customer_of(m) for m in await service.store.due_members(0, 2**62)} >= {"ann", "bob"}
+    assert counted("rescores") == 0
+    assert counted("events_late") == 0
+    _, watermarks = await service.store.load([], [0])
+    assert watermarks[0] <= time.time() * 1000 + 300_000
+    assert counted("events_ahead") == 1
+
+
+async def test_an_erased_customer_stays_erased_for_a_restarted_worker_that_reads_its_records_again(
+        redis_client: aioredis.Redis) -> None:
+    history = [ResolvedInput(0, "ann", purchase("m1", 1)), ResolvedInput(1, "ann_old", purchase("m2", 1)),
+               ResolvedInput(0, "bob", purchase("m3", 1))]
+    first = new_service(redis_client)
+    await first.score_touchpoints(history)
+    await first.forget_customers(["ann", "ann_old"], range(2))
+
+    restarted = new_service(redis_client)  # a new process: nothing in memory
+    records = await restarted.score_touchpoints([*history, ResolvedInput(0, "ann", purchase("m4", 2))])
+    await restarted.apply_merges([MergeInput(0, "mg1", "ann", "ann_old"), MergeInput(0, "mg2", "bob", "ann")])
+    assert [r["customer_id"] for r in records] == ["bob"]
+    states, _ = await restarted.store.load(["ann", "ann_old", "bob"])
+    assert set(states) == {"bob"}
+    keys = [k.decode() async for k in redis_client.scan_iter(match=f"{PREFIX}:customer:*")]
+    assert keys == [f"{PREFIX}:customer:bob"]
+    members = await restarted.store.due_members(0, 2**62) + await restarted.store.due_members(1, 2**62)
+    assert {customer_of(m) for m in members} == {"bob"}
+    assert "ann" not in str(await redis_client.zrange(f"{PREFIX}:erased", 0, -1))  # one-way tokens only

@@ -63,6 +63,19 @@ rules:
 @pytest.fixture
 def worker(all_topics: str, redis_url: str, receiver: Receiver, tmp_path: Path,  # noqa: F811
            artifacts_dir: Path) -> Iterator[tuple[ManagedProcess, int]]:
+    # The scores here are stamped in 1970 (and the silence tests need event times of their choosing): acted on
+    # however old they are, as with the backfill horizon off.
+    yield from triggers_worker(all_topics, redis_url, receiver, tmp_path, artifacts_dir, backfill_horizon_hours=0)
+
+
+@pytest.fixture
+def worker_with_horizon(all_topics: str, redis_url: str, receiver: Receiver, tmp_path: Path,  # noqa: F811
+                        artifacts_dir: Path) -> Iterator[tuple[ManagedProcess, int]]:
+    yield from triggers_worker(all_topics, redis_url, receiver, tmp_path, artifacts_dir, backfill_horizon_hours=24)
+
+
+def triggers_worker(all_topics: str, redis_url: str, receiver: Receiver, tmp_path: Path,  # noqa: F811
+                    artifacts_dir: Path, backfill_horizon_hours: float) -> Iterator[tuple[ManagedProcess, int]]:
     rules_file = tmp_path / "rules.yaml"
     rules_file.write_text(RULES)
     web_port = free_port()
@@ -77,6 +90,7 @@ def worker(all_topics: str, redis_url: str, receiver: Receiver, tmp_path: Path, 
         "TOUCHSTREAM_TRIGGERS_ENDPOINTS": json.dumps({"marketing": {"url": receiver.url, "secret": SECRET}}),
         "TOUCHSTREAM_TRIGGERS_ALLOW_NETWORKS": json.dumps(["127.0.0.0/8"]),
         "TOUCHSTREAM_TRIGGERS_TIMER_LATENESS_S": "0",
+        "TOUCHSTREAM_TRIGGERS_BACKFILL_HORIZON_HOURS": str(backfill_horizon_hours),
     }
     process = spawn("triggers", [sys.executable, "-m", "services.triggers"], artifacts_dir / "triggers-worker.log", env)
     yield process, web_port
@@ -315,3 +329,83 @@ def test_a_worker_with_a_bad_webhook_setting_exits_with_the_reason_not_a_traceba
     assert reason in finished.stderr
     assert "Traceback" not in finished.stderr
     assert "whsec_AA==" not in finished.stderr + finished.stdout
+
+async def test_a_score_stamped_in_2099_fires_no_silence_timer_early(
+        worker: tuple[ManagedProcess, int], receiver: Receiver, all_topics: str) -> None:  # noqa: F811
+    process, web_port = worker
+    paused, ahead, marker = (f"cus_{uuid.uuid4().hex[:12]}" for _ in range(3))
+    now_ms = int(time.time() * 1000)
+    records = [
+        # A silence timer due in 50 minutes of event time...
+        (paused, a_score_record(paused, 0.1, 1, "Subscription Paused", at_ms=now_ms - 10 * 60_000)),
+        # ...someone's score stamped in 2099 (written straight to the topic, past any ingest check)...
+        (ahead, a_score_record(ahead, 0.1, 1, "Page Viewed", at_ms=4_086_000_000_000)),
+        # ...and a real event whose webhook says the two before it were handled.
+        (marker, a_score_record(marker, 0.1, 1, "Cap Test", at_ms=now_ms)),
+    ]
+    producer = AIOKafkaProducer(bootstrap_servers=all_topics)
+    await producer.start()
+    try:
+        for customer, record in records:  # one partition: handled in this order
+            await producer.send_and_wait(SCORES.name, avro.encode(SCORES.schema, record), key=customer.encode(),
+                                         partition=0)
+    finally:
+        await producer.stop()
+
+    marker_id = action_id("cap-a", marker, f"msg-{marker}-1")
+
+    async def marker_arrived() -> bool:
+        assert process.alive(), "triggers worker exited; see test-artifacts/triggers-worker.log"
+        return receiver.hits(marker_id) > 0
+
+    await wait_until(marker_arrived, 90, "the marker's webhook")
+    await asyncio.sleep(2.0)  # a timer fired in the same batch would be on its way by now
+    assert not any(p.get("customer_id") == paused for _, p in receiver.verified)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{web_port}") as client:
+        metrics = (await client.get("/metrics")).text
+    [watermark_s] = [float(line.split()[-1]) for line in metrics.splitlines()
+                     if line.startswith("touchstream_triggers_event_time_watermark_seconds ")]
+    assert watermark_s <= time.time() + 300
+    assert 'touchstream_triggers_timers_total{result="expired",rule="paused-for-an-hour"}' not in metrics
+
+
+async def test_decisions_about_events_older_than_the_horizon_are_backfill_outcomes_never_delivered(
+        worker_with_horizon: tuple[ManagedProcess, int], receiver: Receiver, all_topics: str) -> None:  # noqa: F811
+    process, web_port = worker_with_horizon
+    old, held, recent = (f"cus_{uuid.uuid4().hex[:12]}" for _ in range(3))
+    now_ms = int(time.time() * 1000)
+    two_days_ago = now_ms - 48 * 3_600_000
+    records = [
+        (old, a_score_record(old, 0.9, 1, at_ms=two_days_ago)),  # churn-risk-high would fire; cap-a too below
+        (old, a_score_record(old, 0.1, 2, "Cap Test", at_ms=two_days_ago + 1)),
+        (held, a_score_record(held, 0.9, 1, at_ms=two_days_ago)),
+        (recent, a_score_record(recent, 0.9, 1, at_ms=now_ms - 60_000)),  # inside the horizon: acted on
+    ]
+    producer = AIOKafkaProducer(bootstrap_servers=all_topics)
+    await producer.start()
+    try:
+        for customer, record in records:
+            await producer.send_and_wait(SCORES.name, avro.encode(SCORES.schema, record), key=customer.encode(),
+                                         partition=0)
+    finally:
+        await producer.stop()
+
+    await webhook_delivered(process, receiver, action_id("churn-risk-high", recent, f"msg-{recent}-1"),
+                            "the webhook about the recent score")
+    mine = {old, held, recent}
+    found = await collect(all_topics, ACTIONS.name, ACTIONS.schema, 8, lambda _k, r: r["customer_id"] in mine)
+    outcomes = sorted((r["customer_id"], r["rule_id"], r["outcome"], r["reason"] or "") for _, r in found)
+    assert outcomes == sorted([
+        (old, "churn-risk-high", "backfill", "fired"),
+        (old, "everyone-held-out", "backfill", "holdout"),  # history is no part of the hold-out experiment
+        # State moves as if the history had been live: the day's cap was spent by the backfilled action.
+        (old, "cap-a", "suppressed", "frequency_cap"), (old, "cap-b", "suppressed", "frequency_cap"),
+        (held, "churn-risk-high", "backfill", "fired"), (held, "everyone-held-out", "backfill", "holdout"),
+        (recent, "churn-risk-high", "fired", ""), (recent, "everyone-held-out", "held_out", "holdout"),
+    ])
+    await asyncio.sleep(2.0)  # a webhook about the old scores would be on its way by now
+    assert not any(p.get("customer_id") in (old, held) for _, p in receiver.verified)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{web_port}") as client:
+        metrics = (await client.get("/metrics")).text
+    assert 'touchstream_triggers_actions_total{outcome="backfill",reason="fired",rule="churn-risk-high"} 2.0' \
+        in metrics

@@ -33,10 +33,12 @@ from services.triggers.delivery import (
     endpoint_refusal,
     guarded_client,
 )
+from services.triggers.erasure import forget_customers
 from services.triggers.metrics import TriggersMetrics
 from services.triggers.settings import WebhookEndpoint
 from services.triggers.ssrf import Network
 from services.triggers.state_store import (
+    ERASED_KEY,
     DeliveryLedger,
     DeliveryQueue,
     RuleStateStore,
@@ -47,6 +49,7 @@ from services.triggers.state_store import (
 )
 from services.triggers.webhooks import RETRY_SCHEDULE_S
 from touchstream.embedded import free_port
+from touchstream.privacy import ErasedCustomers
 
 pytestmark = pytest.mark.integration
 
@@ -720,3 +723,31 @@ async def test_a_delivered_action_is_announced_before_the_ledger_records_it(
         action["action_id"], "delivered", 2, 204, None)
     assert record["ended_at_ms"] == int((T0 + 6) * 1000)
     assert receiver.hits(action["action_id"]) == 2 and harness.dead == []
+
+
+async def test_an_erased_customers_actions_are_never_sent_again_not_even_the_retry_of_one_in_flight(
+        receiver: Receiver, redis_client: aioredis.Redis, client: GuardedClient) -> None:
+    endpoints = {"marketing": WebhookEndpoint(url=receiver.url, secret=SECRET)}
+    erased = ErasedCustomers(redis_client, ERASED_KEY, 3600)
+    first = make_harness(redis_client, endpoints, client, erased=erased)
+    queue = DeliveryQueue(redis_client)
+    in_flight, queued_later, other = an_action(30), an_action(31), an_action(32)
+    queued_later["customer_id"] = in_flight["customer_id"]
+    receiver.statuses, receiver.delay_s = [503], 0.5
+    await first.delivery.enqueue([in_flight])
+    assert await first.delivery.dispatch_due() == 1  # on the wire: the receiver answers 503 in 0.5 s
+    await forget_customers(redis_client, queue, erased, [in_flight["customer_id"]], [], ["marketing"])
+    await first.delivery.drain()
+    assert await queue.pending("marketing") == 0  # its retry was not written back
+    receiver.delay_s = 0.0
+    # Queued by a worker the erasure had not reached yet (written straight to the queue).
+    await queue.enqueue("marketing", {queued_later["action_id"]: (json.dumps(
+        {"action": queued_later, "attempts": 0, "last_error": ""}), int(T0 * 1000))})
+    assert await first.tick(3 * 86_400) == 0
+
+    # A restarted worker reads the `actions` topic again: the erased customer's actions are not queued.
+    second = make_harness(redis_client, endpoints, client, erased=erased)
+    await second.delivery.enqueue([in_flight, queued_later, other])
+    assert await second.tick(3 * 86_400) == 1
+    assert [h["webhook-id"] for h, _ in receiver.verified] == [in_flight["action_id"], other["action_id"]]
+    assert second.metrics.deliveries_dropped._value.get() == 2

@@ -6,7 +6,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from services.triggers.crossing import CrossingState
-from services.triggers.state_store import TIMERS_KEY, RuleStateStore, cap_key, state_key
+from services.triggers.state_store import TIMERS_KEY, WATERMARK_KEY, RuleStateStore, cap_key, state_key
 
 pytestmark = pytest.mark.integration
 
@@ -42,9 +42,19 @@ async def test_due_timers_are_read_by_watermark_and_stay_until_saved(redis_clien
 
 async def test_watermark_only_moves_forward(redis_client: aioredis.Redis) -> None:
     store = RuleStateStore(redis_client, ttl_s=600)
-    assert await store.raise_watermark(5_000) == 5_000
-    assert await store.raise_watermark(4_000) == 5_000  # a late event does not pull it back
-    assert await store.raise_watermark(9_000) == 9_000
+    assert await store.raise_watermark(5_000, ceiling_ms=10**13) == 5_000
+    assert await store.raise_watermark(4_000, ceiling_ms=10**13) == 5_000  # a late event does not pull it back
+    assert await store.raise_watermark(9_000, ceiling_ms=10**13) == 9_000
+
+
+async def test_watermark_stops_at_the_ceiling_and_one_stored_beyond_it_is_pulled_back(
+        redis_client: aioredis.Redis) -> None:
+    store = RuleStateStore(redis_client, ttl_s=600)
+    assert await store.raise_watermark(4_086_000_000_000, ceiling_ms=1_800_000_000_000) == 1_800_000_000_000
+    assert await redis_client.get(WATERMARK_KEY) == b"1800000000000"
+    await redis_client.set(WATERMARK_KEY, 4_086_000_000_000)  # poisoned before the ceiling existed
+    assert await store.raise_watermark(1_700_000_000_000, ceiling_ms=1_800_000_000_000) == 1_800_000_000_000
+    assert await redis_client.get(WATERMARK_KEY) == b"1800000000000"
 
 
 async def test_caps_are_written_as_absolute_counts_with_an_expiry(redis_client: aioredis.Redis) -> None:

@@ -22,7 +22,10 @@ REGISTRY = avro.parse_registry((avro.SCHEMA_DIR / avro.REGISTRY_FILE).read_text(
 CODEC = avro.default_codec()
 # A version the one before it cannot read (a new enum symbol or union branch, a removed field
 # without a default): consumers pinned to the older version break, so say why it is worth it.
-FORWARD_INCOMPATIBLE: dict[tuple[str, int], str] = {}
+FORWARD_INCOMPATIBLE: dict[tuple[str, int], str] = {
+    ("RetentionAction", 2): "the `backfill` outcome (decisions about history: recorded, never delivered); the "
+                            "consumers of `actions` (triggers' delivery, the console) are in this release",
+}
 
 
 def versions_of(name: str) -> list[avro.SchemaVersion]:

@@ -125,3 +125,26 @@ def test_alias_call_links_previous_id_without_a_type_field() -> None:
     # POST /v1/alias carries the call type in the path, not in the body.
     record = to_touchpoint({"previousId": "anon-7", "userId": "u-7"}, "alias", "s", RECEIVED)
     assert {"type": "user_id", "value": "anon-7"} in record["identifiers"]
+
+
+def test_an_event_stamped_beyond_the_tolerance_is_refused_naming_the_field() -> None:
+    with pytest.raises(EventRejected) as refused:
+        to_touchpoint({"userId": "u", "event": "x", "timestamp": "2099-01-01T00:00:00Z"}, "track", "s", RECEIVED,
+                      event_time_tolerance_s=300)
+    assert refused.value.field == "timestamp"
+    assert "after the time it was received; at most 300 s is accepted" in refused.value.reason
+    with pytest.raises(EventRejected) as refused:
+        to_touchpoint({"userId": "u", "event": "x", "originalTimestamp": RECEIVED + 301_000}, "track", "s",
+                      RECEIVED, event_time_tolerance_s=300)
+    assert refused.value.field == "originalTimestamp"
+
+
+def test_a_fast_client_clock_corrected_by_sent_at_is_not_refused_but_a_future_event_still_is() -> None:
+    fast = {"userId": "u", "event": "x", "timestamp": RECEIVED + 3_600_000, "sentAt": RECEIVED + 3_600_000}
+    assert to_touchpoint(fast, "track", "s", RECEIVED, event_time_tolerance_s=300)["timestamp_ms"] == RECEIVED
+    within = {"userId": "u", "event": "x", "timestamp": RECEIVED + 300_000}
+    assert to_touchpoint(within, "track", "s", RECEIVED, event_time_tolerance_s=300)["timestamp_ms"] == within[
+        "timestamp"]
+    stamped_ahead = {**fast, "timestamp": RECEIVED + 2 * 3_600_000}
+    with pytest.raises(EventRejected, match="once corrected for clock skew"):
+        to_touchpoint(stamped_ahead, "track", "s", RECEIVED, event_time_tolerance_s=300)

@@ -7,7 +7,14 @@ from dataclasses import replace
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.triggers.crossing import CrossingState, Outcome, evaluate_scores, is_held_out, next_crossing_state
+from services.triggers.crossing import (
+    CrossingState,
+    Outcome,
+    as_backfill,
+    evaluate_scores,
+    is_held_out,
+    next_crossing_state,
+)
 from tests.unit.triggers.factories import HOUR_MS, a_rule, a_score
 
 
@@ -111,3 +118,24 @@ def test_never_two_decisions_without_a_rearm_between(risks: list[float]) -> None
             rearmed_since_last = False
         if risk < rule.when.rearm_below:
             rearmed_since_last = True
+
+
+def test_history_before_the_horizon_becomes_backfill_and_later_scores_see_the_state_it_left() -> None:
+    rule = a_rule(cooldown_hours=0.0)
+    horizon_ms = 10 * HOUR_MS
+    history = [a_score(0.8, at_ms=0), a_score(0.5, at_ms=HOUR_MS), a_score(0.9, at_ms=2 * HOUR_MS)]
+    decisions, states = evaluate_scores([rule], history, {})
+    marked = as_backfill(decisions, horizon_ms)
+    assert [(d.outcome, d.reason, d.score.event_time_ms) for d in marked] == [
+        (Outcome.BACKFILL, "fired", 0), (Outcome.BACKFILL, "fired", 2 * HOUR_MS)]
+    # The last historical crossing left the rule disarmed: a live score still above is no new edge.
+    live, _ = evaluate_scores([rule], [a_score(0.95, at_ms=11 * HOUR_MS)], states)
+    assert as_backfill(live, horizon_ms) == []
+    rearmed, _ = evaluate_scores([rule], [a_score(0.5, at_ms=11 * HOUR_MS), a_score(0.9, at_ms=12 * HOUR_MS)], states)
+    assert [(d.outcome, d.reason) for d in as_backfill(rearmed, horizon_ms)] == [(Outcome.FIRED, None)]
+
+
+def test_suppressions_about_history_stay_suppressions() -> None:
+    rule = a_rule(consent="email")
+    decisions, _ = evaluate_scores([rule], [a_score(0.9, at_ms=0)], {})
+    assert [(d.outcome, d.reason) for d in as_backfill(decisions, HOUR_MS)] == [(Outcome.SUPPRESSED, "consent")]

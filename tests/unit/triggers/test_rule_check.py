@@ -72,3 +72,54 @@ def test_one_bad_file_among_good_ones_fails_the_run(tmp_path: Path, capsys: pyte
 def test_problems_point_at_the_line(text: str, expected: str) -> None:
     (problem,) = rule_file_problems(text, "f.yaml")
     assert problem.startswith(expected), problem
+
+
+NAMES = """\
+rules:
+  - id: known-names
+    when:
+      event:
+        any:
+          - {field: event.name, eq: Order Completed}
+          - {field: event.name, in: [complaint_submitted, Birthday]}
+    action: {endpoint: marketing}
+  - id: typo
+    when:
+      silence:
+        start: {field: event.name, eq: Complaint Submited}
+        stop: {field: event.name, in: [Complaint Answered, Ticket Escalated]}
+        hours: 24
+    action: {endpoint: marketing, template: {name: Not An Event}}
+"""
+
+
+def test_every_event_name_a_rule_compares_must_be_known_each_unknown_one_is_an_error_with_its_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "rules.yaml"
+    path.write_text(NAMES)
+    assert main(["rules", "validate", str(path)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(": event name")[0] for line in lines] == [
+        f"{path}:12:40: rule 'typo'", f"{path}:13:60: rule 'typo'"]
+    assert "'Complaint Submited' is not in the event semantics table" in lines[0]
+    assert "'Ticket Escalated'" in lines[1]
+
+
+def test_a_semantics_file_makes_a_name_known(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rules, events = tmp_path / "rules.yaml", tmp_path / "events.yaml"
+    rules.write_text(NAMES)
+    events.write_text("events:\n  Complaint Submited: complaint\n  Ticket Escalated: known\n")
+    assert main(["rules", "validate", str(rules), "--events", str(events)]) == 0
+    assert capsys.readouterr().out.strip() == f"{rules}: ok (2 rules)"
+
+
+def test_the_semantics_file_setting_is_read_and_its_problems_reported(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    rules, events = tmp_path / "rules.yaml", tmp_path / "events.yaml"
+    rules.write_text(NAMES)
+    events.write_text("events:\n  Complaint Submited: complaint\n  Ticket Escalated: known\n")
+    monkeypatch.setenv("TOUCHSTREAM_EVENT_SEMANTICS_FILE", str(events))
+    assert main(["rules", "validate", str(rules)]) == 0
+    events.write_text("events:\n  Ticket Escalated: escalation\n")
+    assert main(["rules", "validate", str(rules)]) == 1
+    assert capsys.readouterr().err.startswith(f"{events}:2:21: events.Ticket Escalated: unknown meaning")

@@ -9,6 +9,7 @@ import jsonschema
 import pytest
 import yaml
 
+from services.triggers.conditions import holds, parse_condition
 from services.triggers.rules import RuleError, ScoreCrossing, parse_rules
 from services.triggers.settings import DEFAULT_RULES_FILE
 
@@ -85,3 +86,11 @@ def test_files_without_a_rules_list_are_refused(text: str) -> None:
 def test_yaml_tags_that_build_python_objects_are_refused() -> None:
     with pytest.raises(RuleError, match="not valid YAML"):
         parse_rules("rules: !!python/object/apply:os.system ['true']")
+
+
+@pytest.mark.parametrize("sent", ["Order Completed", "order_completed", "ORDER-COMPLETED", " order  completed "])
+def test_event_names_match_in_any_spelling_the_sdks_use(sent: str) -> None:
+    condition = parse_condition({"field": "event.name", "in": ["Order Completed", "Purchase"]})
+    assert holds(condition, {"event.name": sent})
+    assert not holds(condition, {"event.name": "Order Completed Twice"})
+    assert holds(parse_condition({"field": "event.name", "ne": "order completed"}), {"event.name": "Birthday"})
