@@ -43,7 +43,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from aiokafka import AIOKafkaProducer
-from bench_pipeline import process_cpu_s
+from proc_cpu import process_cpu_s
 
 from services.console.readmodel import ActionTaken, ScoreUpdated, TouchpointSeen
 from services.console.settings import ConsoleSettings
@@ -210,7 +210,12 @@ def delivery_record(action: dict[str, Any]) -> dict[str, Any]:
 
 def pipeline_records(customers: int, events_per_customer: int) -> list[tuple[str, str, bytes]]:
     """What the pipeline benchmark's events put on the console's topics: per event a resolved purchase, its
-    score, the action it fires and how that action's delivery ended; customers interleaved, as they arrive."""
+    score, the action it fires and how that action's delivery ended; customers interleaved, as they arrive.
+
+    Actions are written as RetentionAction v1 (a `fired` one reads the same in every version), so a baseline
+    tree from before v2 reads them too.
+    """
+    codec = avro.load_codec(use_versions={ACTIONS.schema: 1})
     records = []
     for n in range(events_per_customer):
         for c in range(customers):
@@ -218,7 +223,7 @@ def pipeline_records(customers: int, events_per_customer: int) -> list[tuple[str
             action = action_record(cid, n)
             for spec, value in ((TOUCHPOINTS_RESOLVED, resolved_record(cid, n)), (SCORES, score_record(cid, n)),
                                 (ACTIONS, action), (ACTION_DELIVERIES, delivery_record(action))):
-                records.append((spec.name, cid, avro.encode(spec.schema, value)))
+                records.append((spec.name, cid, codec.encode(spec.schema, value)))
     return records
 
 
