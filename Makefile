@@ -60,6 +60,11 @@ up-local: $(STAMP) $(KAFKA_STAMP) ## start the local stack in the background (to
 down-local: $(STAMP) ## stop the local stack
 	$(BIN)/touchstream local down
 
+# The console's chart library is committed (static/vendor/); this re-derives it from the npm registry's
+# tarball, checked against the pins in services/console/vendor.py (a unit test checks the committed file).
+vendor-charts: $(STAMP) ## re-fetch the console's pinned chart library (Apache ECharts) and check it
+	$(BIN)/python -m services.console.vendor
+
 lint: $(STAMP) ## ruff
 	$(BIN)/ruff check touchstream services tests bench
 
@@ -93,4 +98,4 @@ bench-quick: $(STAMP) $(KAFKA_STAMP) ## the same with --quick where a benchmark 
 clean: ## remove the venv and run files
 	rm -rf $(VENV) .run test-artifacts
 
-.PHONY: help install kafka tools up down demo screenshots up-local down-local lint typecheck test test-chaos bench bench-quick clean
+.PHONY: help install kafka tools up down demo screenshots up-local down-local vendor-charts lint typecheck test test-chaos bench bench-quick clean

@@ -40,6 +40,9 @@ DEFAULT_ERASED_TTL_S = 14 * 86_400
 CONSENT_WITHDRAWN = "none"
 # `-email` in an event's consent withdraws that one category (an unsubscribe), the rest stands.
 CONSENT_WITHDRAW_PREFIX = "-"
+# The rule_id of the `customer.deleted` notice triggers puts on `actions` after an erasure: not a
+# rule, but it names the action in triggers' metrics, and the console never read-models it.
+DELETED_RULE_ID = "customer.deleted"
 
 
 def suppression_token(hashed: Identifier) -> str:

@@ -57,7 +57,7 @@ def capture_console(state: local.StackState, out_dir: Path, admin_key: str, user
     if chromium is None:
         raise RuntimeError("screenshots need Debian's chromium: `make tools` (apt-get install -y chromium)")
     try:
-        from playwright.sync_api import sync_playwright
+        from playwright.sync_api import expect, sync_playwright
     except ImportError as exc:
         raise RuntimeError("screenshots need Playwright: `make install` (the dev extras)") from exc
     customer = showcase_customer(state, user_ids, admin_key)
@@ -76,9 +76,10 @@ def capture_console(state: local.StackState, out_dir: Path, admin_key: str, user
             page.wait_for_url("**/overview")
             for name, url in shots.items():
                 page.goto(url)
-                # Not "networkidle": the customer page keeps a live-update stream open. Its chart is drawn by
-                # the server, so the loaded page is the finished picture; the pause lets the fonts settle.
+                # Not "networkidle": the pages keep a live-update stream open. The charts are drawn in the
+                # browser: wait until each says it is drawn, then pause for their animation and the fonts.
                 page.wait_for_load_state("load")
+                expect(page.locator("[data-chart]:not([data-rendered])")).to_have_count(0, timeout=30_000)
                 page.wait_for_timeout(1000)
                 height = min(int(page.evaluate("document.documentElement.scrollHeight")), MAX_HEIGHT_PX)
                 page.screenshot(path=str(out_dir / name), full_page=True,

@@ -23,6 +23,8 @@ IDENTITY_MERGES = TopicSpec("identity.merges", "IdentityMerge", "surviving custo
 # The latest score per customer is what matters; a deletion writes a tombstone per customer id.
 SCORES = TopicSpec("scores", "ScoreUpdate", "customer_id", compacted=True)
 ACTIONS = TopicSpec("actions", "RetentionAction", "customer_id")
+# How each fired action's delivery ended (delivered or dead-lettered): triggers -> console.
+ACTION_DELIVERIES = TopicSpec("actions.deliveries", "ActionDeliveryEnded", "customer_id")
 DEADLETTER = TopicSpec("deadletter", "DeadLetter", "source")
 # Erasures: identity -> scoring, triggers, console (each forgets the customer ids listed).
 CUSTOMER_DELETIONS = TopicSpec("customers.deletions", "CustomerDeletion", "customer_id")
@@ -33,6 +35,7 @@ ALL_TOPICS: tuple[TopicSpec, ...] = (
     IDENTITY_MERGES,
     SCORES,
     ACTIONS,
+    ACTION_DELIVERIES,
     DEADLETTER,
     CUSTOMER_DELETIONS,
 )

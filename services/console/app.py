@@ -1,4 +1,4 @@
-"""Wiring: the stream kernel feeds the read model (six topics -> Redis) and the pages share the web server.
+"""Wiring: the stream kernel feeds the read model (seven topics -> Redis) and the pages share the web server.
 
 The pages are aiohttp routes added to the Faust worker's own web server (one port for pages,
 JSON API, /metrics and health), so the console is one process per worker like every service.
@@ -21,14 +21,13 @@ from services.console.readmodel import (
     customer_deleted,
     customers_merged,
     dead_lettered,
+    delivery_ended,
     score_updated,
     touchpoint_seen,
 )
 from services.console.settings import ConsoleSettings
 from services.console.store import ReadModelStore, Update
 from services.console.web import ConsoleWeb
-from services.identity.domain import GraphLayout
-from services.identity.settings import IdentitySettings
 from services.triggers.rules import Rule, RuleError, parse_rules
 from touchstream.metrics import ServiceMetrics
 from touchstream.settings import CoreSettings
@@ -43,6 +42,7 @@ from touchstream.streams import (
     run_kernel,
 )
 from touchstream.topics import (
+    ACTION_DELIVERIES,
     ACTIONS,
     CUSTOMER_DELETIONS,
     DEADLETTER,
@@ -55,13 +55,14 @@ from touchstream.topics import (
 log = logging.getLogger(__name__)
 REDIS_RETRY_S = 1.0
 # customers.deletions: an erasure makes the read model forget the customer (ReadModelStore.forget).
-CONSUMED: tuple[TopicSpec, ...] = (TOUCHPOINTS_RESOLVED, IDENTITY_MERGES, SCORES, ACTIONS, DEADLETTER,
-                                   CUSTOMER_DELETIONS)
+CONSUMED: tuple[TopicSpec, ...] = (TOUCHPOINTS_RESOLVED, IDENTITY_MERGES, SCORES, ACTIONS, ACTION_DELIVERIES,
+                                   DEADLETTER, CUSTOMER_DELETIONS)
 _CONVERTERS: dict[str, Callable[[Mapping[str, Any]], Update]] = {
     TOUCHPOINTS_RESOLVED.name: touchpoint_seen,
     IDENTITY_MERGES.name: customers_merged,
     SCORES.name: score_updated,
     ACTIONS.name: action_taken,
+    ACTION_DELIVERIES.name: delivery_ended,
     DEADLETTER.name: dead_lettered,
     CUSTOMER_DELETIONS.name: customer_deleted,
 }
@@ -76,19 +77,28 @@ def load_rules(settings: ConsoleSettings) -> tuple[Rule, ...]:
         return ()
 
 
-def received_at_ms(topic: str, record: Mapping[str, Any]) -> int | None:
-    """When ingest accepted the event behind a record (touchpoints, scores and actions carry it).
+def latency_s(topic: str, record: Mapping[str, Any], now_s: float) -> float | None:
+    """How long after ingest accepted the event behind a record it reached its point, in seconds.
 
-    >>> received_at_ms("touchpoints.resolved", {"event": {"received_at_ms": 5}}), received_at_ms("scores", {})
-    (5, None)
+    Touchpoints, scores and actions: until they got here (so the read model's own lag counts too). A
+    delivered action: until the receiver acknowledged it, as triggers saw it. Others carry no such time.
+
+    >>> latency_s("scores", {"received_at_ms": 1_000}, 3.5), latency_s("identity.merges", {}, 3.5)
+    (2.5, None)
+    >>> latency_s("actions.deliveries", {"outcome": "delivered", "received_at_ms": 1_000, "ended_at_ms": 1_250}, 9.0)
+    0.25
     """
+    if topic == ACTION_DELIVERIES.name:
+        if record.get("outcome") != "delivered":
+            return None
+        return max(0.0, (int(record["ended_at_ms"]) - int(record["received_at_ms"])) / 1000)
     if topic == TOUCHPOINTS_RESOLVED.name:
         value = (record.get("event") or {}).get("received_at_ms")
     elif topic in (SCORES.name, ACTIONS.name):
         value = record.get("received_at_ms")
     else:
         return None
-    return value if isinstance(value, int) else None
+    return max(0.0, now_s - value / 1000) if isinstance(value, int) else None
 
 
 def updates_of(records: Sequence[Record], metrics: ServiceMetrics, arrivals: LatencyWindow | None = None,
@@ -112,36 +122,35 @@ def updates_of(records: Sequence[Record], metrics: ServiceMetrics, arrivals: Lat
             metrics.events_failed.labels(f"{topic} unreadable").inc()
             log.warning("skipped an unreadable %s record: %s", topic, type(exc).__name__)
             continue
-        received = received_at_ms(topic, value)
-        if received is not None:
-            latency_s = max(0.0, now - received / 1000)
+        latency = latency_s(topic, value, now)
+        if latency is not None:
             if arrivals is not None:
-                arrivals.add(topic, latency_s, now)
+                arrivals.add(topic, latency, now)
             if arrival_seconds is not None:
                 child = arrival_by_topic.get(topic)
                 if child is None:
                     child = arrival_by_topic[topic] = arrival_seconds.labels(topic)
-                child.observe(latency_s)
+                child.observe(latency)
     return updates
 
 
-def build_app(core: CoreSettings, settings: ConsoleSettings, identity: IdentitySettings,
-              registry: CollectorRegistry = REGISTRY) -> faust.App:
+def build_app(core: CoreSettings, settings: ConsoleSettings, registry: CollectorRegistry = REGISTRY) -> faust.App:
     """Build the console Faust app: the read model agent and the pages."""
     app = make_app("console", core, settings.web_port, settings.web_host)
     metrics = ServiceMetrics("console", registry)
     page_seconds = metrics.histogram("page_render", "Server time to answer a page.", ["page"])
     updates_applied = metrics.counter("read_model_updates", "Read-model updates written to Redis.")
     arrival_seconds = metrics.histogram("event_to_read_model", "From ingest accepting an event to its record "
-                                        "reaching the console, by topic.", ["topic"])
+                                        "reaching the console, by topic (actions.deliveries: to the webhook's 2xx).",
+                                        ["topic"])
 
     redis = aioredis.from_url(core.redis_url)
-    store = ReadModelStore(redis, settings.key_prefix, core.event_time_tolerance_s,
+    store = ReadModelStore(redis, settings.key_prefix, int(settings.customer_ttl_days * 86_400),
+                           event_time_tolerance_s=core.event_time_tolerance_s,
                            erased_ttl_s=core.erased_customer_ttl_s)
     feed_rate = RateMeter()
     arrivals = LatencyWindow()
-    pages = ConsoleWeb(store, settings, GraphLayout(identity.graph_key_prefix), load_rules(settings), page_seconds,
-                       feed_rate, arrivals)
+    pages = ConsoleWeb(store, settings, load_rules(settings), page_seconds, feed_rate, arrivals)
     # Faust's web driver is aiohttp: the console's routes join its router before it starts.
     pages.register(app.web.web_app.router)  # type: ignore[attr-defined]
 

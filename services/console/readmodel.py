@@ -12,14 +12,8 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
-from touchstream import avro
-from touchstream.topics import ACTIONS
-
-TIMELINE_CAP = 200
-SCORE_HISTORY_CAP = 200
-ACTIONS_CAP = 200
 PURCHASE_EVENT_NAMES = frozenset({"order completed", "purchase", "order placed", "checkout completed"})
 # Free-form properties are attacker-controlled and unbounded: keep a few, short, as text.
 MAX_PROPERTIES = 20
@@ -131,13 +125,23 @@ class CustomerDeleted:
 
 
 @dataclass(frozen=True)
-class DeliveryFailed:
-    """An action whose webhook delivery gave up (triggers dead-lettered it)."""
+class DeliveryEnded:
+    """How a fired action's delivery ended (actions.deliveries): delivered, or dead-lettered after its tries."""
 
-    customer_id: str
     action_id: str
-    reason: str
-    rule_id: str = ""
+    rule_id: str
+    customer_id: str
+    endpoint: str
+    outcome: str  # delivered, dead_lettered
+    attempts: int
+    status: int | None
+    reason: str | None
+    received_at_ms: int
+    ended_at_ms: int
+
+    @property
+    def delivered(self) -> bool:
+        return self.outcome == "delivered"
 
 
 @dataclass(frozen=True)
@@ -145,7 +149,6 @@ class DeadLettered:
     stage: str
     reason: str
     digest: str
-    delivery_failed: DeliveryFailed | None = None
 
 
 def is_purchase(order_amount: float | None, event_name: str | None) -> bool:
@@ -268,6 +271,23 @@ def customers_merged(record: Mapping[str, Any]) -> CustomersMerged:
     )
 
 
+def delivery_ended(record: Mapping[str, Any]) -> DeliveryEnded:
+    """Turn a decoded ActionDeliveryEnded into a delivery outcome (the reason kept short)."""
+    reason = record.get("reason")
+    return DeliveryEnded(
+        action_id=record["action_id"],
+        rule_id=record["rule_id"],
+        customer_id=record["customer_id"],
+        endpoint=record["endpoint"],
+        outcome=str(record["outcome"]),
+        attempts=int(record["attempts"]),
+        status=record.get("status"),
+        reason=reason[:200] if reason else None,
+        received_at_ms=int(record["received_at_ms"]),
+        ended_at_ms=int(record["ended_at_ms"]),
+    )
+
+
 def customer_deleted(record: Mapping[str, Any]) -> CustomerDeleted:
     """Turn a decoded CustomerDeletion into the ids to forget, the live one first.
 
@@ -281,31 +301,37 @@ def customer_deleted(record: Mapping[str, Any]) -> CustomerDeleted:
 def dead_lettered(record: Mapping[str, Any]) -> DeadLettered:
     """Turn a decoded DeadLetter into a count key: stage, the reason's first clause, a digest for dedupe.
 
-    A delivery dead letter carries the action itself, so the customer page can say it failed.
+    (How an action's delivery failed comes from actions.deliveries, never from the dead letter's bytes.)
 
     >>> d = dead_lettered({"stage": "identity", "reason": "no usable identifier: email invalid",
     ...                    "source": "touchpoints.raw", "original": b"x", "failed_at_ms": 1})
-    >>> d.stage, d.reason, d.delivery_failed
-    ('identity', 'no usable identifier', None)
+    >>> d.stage, d.reason
+    ('identity', 'no usable identifier')
     """
     digest = hashlib.sha256(
         b"\x1f".join([record["source"].encode(), str(record["failed_at_ms"]).encode(), record["original"]])
     ).hexdigest()
-    failed = None
-    if record["stage"] == "delivery" and record["source"] == ACTIONS.name:
-        try:
-            action = avro.decode(ACTIONS.schema, record["original"])
-            failed = DeliveryFailed(action["customer_id"], action["action_id"], record["reason"][:200],
-                                    action["rule_id"])
-        except avro.DecodeError:
-            failed = None
-    return DeadLettered(record["stage"], record["reason"].split(":")[0].strip()[:80], digest, failed)
+    return DeadLettered(record["stage"], record["reason"].split(":")[0].strip()[:80], digest)
 
 
 RESOLUTION_EVENT_NAMES = frozenset({"complaint resolved", "ticket resolved", "case closed", "ticket closed"})
 
 
-def open_complaints(timeline: Sequence[TouchpointSeen], now_ms: int) -> list[tuple[TouchpointSeen, int]]:
+class TimelineEvent(Protocol):
+    """What the complaint clock needs of a timeline entry."""
+
+    @property
+    def event_time_ms(self) -> int: ...
+    @property
+    def name(self) -> str | None: ...
+    @property
+    def feedback_kind(self) -> str | None: ...
+
+
+Event = TypeVar("Event", bound=TimelineEvent)
+
+
+def open_complaints(timeline: Sequence[Event], now_ms: int) -> list[tuple[Event, int]]:
     """Return complaints with no later resolution event, oldest first, each with how long it has been open.
 
     >>> def e(n, t, kind=None): return TouchpointSeen("c", f"m{t}", t, "track", n, "web", "s", None, None, kind, None)
@@ -314,7 +340,7 @@ def open_complaints(timeline: Sequence[TouchpointSeen], now_ms: int) -> list[tup
     [('m30', 70)]
     """
     ordered = sorted(timeline, key=lambda event: event.event_time_ms)
-    found: list[tuple[TouchpointSeen, int]] = []
+    found: list[tuple[Event, int]] = []
     for event in ordered:
         if event.feedback_kind == "complaint":
             found.append((event, max(0, now_ms - event.event_time_ms)))
@@ -450,57 +476,3 @@ def converted_within(action_ms: int, purchase_times_ms: Sequence[int], window_ms
     (True, False)
     """
     return any(action_ms < t <= action_ms + window_ms for t in purchase_times_ms)
-
-
-@dataclass(frozen=True)
-class ChartPoint:
-    x: float
-    y: float
-
-
-@dataclass(frozen=True)
-class ScoreChart:
-    """Geometry of the risk/propensity chart, drawn by the template as SVG (no script)."""
-
-    width: int
-    height: int
-    risk: str
-    propensity: str
-    thresholds: tuple[tuple[str, float, float], ...]  # label, value, y
-    marks: tuple[tuple[str, str, float], ...]  # outcome, rule id, x
-    start_ms: int
-    end_ms: int
-    empty: bool
-
-
-def score_chart(points: Sequence[tuple[int, float, float]], thresholds: Sequence[tuple[str, float]],
-                action_marks: Sequence[tuple[int, str, str]], width: int = 720, height: int = 220,
-                pad: int = 30) -> ScoreChart:
-    """Lay out risk and propensity over event time, with rule thresholds and action moments.
-
-    >>> c = score_chart([(0, 0.2, 0.8), (10, 0.6, 0.4)], [("r", 0.5)], [(10, "fired", "r")], 130, 120, 15)
-    >>> c.risk, c.thresholds, c.marks
-    ('15.0,87.0 115.0,51.0', (('r', 0.5, 60.0),), (('fired', 'r', 115.0),))
-    """
-    plot_w, plot_h = width - 2 * pad, height - 2 * pad
-    times = [p[0] for p in points] + [m[0] for m in action_marks]
-    if not points:
-        return ScoreChart(width, height, "", "", (), (), 0, 0, True)
-    start, end = min(times), max(times)
-    span = max(end - start, 1)
-
-    def x(t: int) -> float:
-        return round(pad + plot_w * (t - start) / span, 1)
-
-    def y(v: float) -> float:
-        return round(pad + plot_h * (1 - min(max(v, 0.0), 1.0)), 1)
-
-    ordered = sorted(points)
-    risk = " ".join(f"{x(t)},{y(r)}" for t, r, _ in ordered)
-    propensity = " ".join(f"{x(t)},{y(p)}" for t, _, p in ordered)
-    return ScoreChart(
-        width, height, risk, propensity,
-        tuple((label, value, y(value)) for label, value in thresholds),
-        tuple((outcome, rule, x(t)) for t, outcome, rule in action_marks),
-        start, end, False,
-    )

@@ -7,8 +7,8 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.identity.settings import DEV_ADMIN_KEY, DEV_ADMIN_KEY_SHA256
-from services.triggers.settings import DEFAULT_RULES_FILE
+from services.identity.admin import DEV_ADMIN_KEY, DEV_ADMIN_KEY_SHA256
+from services.triggers.rules import DEFAULT_RULES_FILE
 from touchstream.client_address import TrustedProxies
 from touchstream.settings import Environment, EnvironmentName
 
@@ -36,6 +36,8 @@ class ConsoleSettings(BaseSettings):
     # Browsers only send Secure cookies over https; the local stack is plain http on loopback.
     cookie_secure: bool = False
     key_prefix: str = "ts:console:"
+    customer_ttl_days: float = Field(400, gt=0, description="A customer with no record for this long drops out of the "
+                                     "read model (its page; the overview's counts keep it).")
     # The same rule file triggers evaluates, so thresholds drawn on charts are the live ones.
     rules_file: Path = Field(
         DEFAULT_RULES_FILE,
@@ -51,8 +53,10 @@ class ConsoleSettings(BaseSettings):
     identity_metrics_url: str | None = Field(None, description="identity's /metrics, for events/s resolved.")
     pipeline_sample_s: float = Field(5.0, gt=0, description="How often the pipeline's counters are sampled.")
     live_poll_s: float = Field(1.0, gt=0, description="How often a live customer page checks for changes.")
-    identity_url: str | None = Field(None, description="identity's web address, for un-merges and deletions "
-                                     "(its admin API).")
+    identity_url: str | None = Field(None, description="identity's web address: its customer API shows a customer's "
+                                     "identifiers, looks identifiers up, splits and deletes (admin API).")
+    identity_timeout_s: float = Field(3.0, gt=0, description="How long a customer page waits for identity's view of "
+                                      "the customer before it shows the rest without it.")
     identity_admin_key: SecretStr = Field(SecretStr(DEV_ADMIN_KEY), description="Key the console presents to identity.")
 
     @model_validator(mode="after")

@@ -1,155 +1,367 @@
-"""The console's read model in Redis: written in batches from the topics, read by the pages.
+"""The console's read model in Redis: written per batch from the topics, read by the pages.
 
-Key layout (prefix `ts:console:` by default). Every per-customer key carries the customer id
-as a Redis Cluster hash tag, so one customer's keys share a slot; a merge touches two
-customers and is therefore done with plain commands (idempotent), never one Lua script.
+Key layout (prefix `ts:console:` by default):
 
-    c:{cid}:tl / c:{cid}:tle   timeline: sorted set message_id -> event time, hash message_id -> JSON
-    c:{cid}:sc / c:{cid}:sce   score history, the same shape
-    c:{cid}:ac / c:{cid}:ace   actions (fired, held out, suppressed), keyed by action_id
-    c:{cid}:pu                 purchases: message_id -> event time (for rule outcomes, not capped)
-    c:{cid}:ch                 channels: channel -> last event time
-    c:{cid}:mg                 merges and un-merges: merge_id -> JSON
-    c:{cid}:df                 actions whose delivery gave up: action_id -> reason
-    customers                  customer id -> last event time
-    clock                      "event_time" -> the newest event time applied (closes attribution windows),
-                               at most the wall clock plus the event-time tolerance
-    merged_into                merged customer id -> survivor
-    {seg}, {seg}:counts        customer id -> "event time|segment|stage" of the latest score; counts per value
-    erased                     erased customers' tokens (touchstream.privacy.ErasedCustomers): records about
-                               them (in flight during the erasure, or read again) are dropped, never modelled
-    {seg}:flow:<day>           "from>to" -> changes that day (event time, days since 1970); {seg}:days lists days
-    rules, rule:{id}:o:<count> sets of action ids per outcome (SCARD is the count: idempotent)
-    rule:{id}:treated/holdout  customer id -> event time of the first action
-    dl:<stage>:<reason>        set of dead-letter digests; dlreasons lists those keys
+    c:{<customer id>}        one hash per customer, its fields in entries.py; expires after
+                             TOUCHSTREAM_CONSOLE_CUSTOMER_TTL_DAYS without a record about it. A merged-away
+                             id's hash keeps only `into` (the survivor), so late records follow the merge.
+    customers                set of the customer ids seen (the count on the overview)
+    merged_into              hash merged-away id -> survivor (an erasure finds every id merged into a customer)
+    mentions                 hash id -> customers whose split entries (m:) name it, for an erasure to clear
+    clock                    sorted set, "event_time" -> the newest event time applied (closes attribution windows),
+                             at most the wall clock plus the event-time tolerance
+    erased                   erased customers' tokens (touchstream.privacy.ErasedCustomers): records about them
+                             (in flight during the erasure, or read again) never stay in the read model
+    {seg}                    hash customer id -> "event time|segment|stage" of its newest explained score
+    {seg}:counts             hash "segment|stage" -> customers (the overview never scans customers)
+    {seg}:flow:<day>         hash "from>to" -> changes that day (event-time days since 1970), kept FLOW_KEEP_DAYS;
+                             {seg}:days lists the newest days seen
+    rules                    set of rule ids seen; rule:{<rule id>} set of the customers with an action of it
+                             (each customer's tally of the rule is in its own hash); rules:version counts
+                             the batches that touched a tally (the live rules page's change marker)
+    dl:<stage>:<reason>      set of dead-letter digests (the count); dlreasons lists those keys
+    pipeline:minutes         hash epoch minute -> the pipeline's sample of that minute (charts.PipelineSample),
+                             the last HISTORY_MINUTES: a ring buffer, written by the sampler every few seconds
+
+Every write is idempotent (entries keyed by message, action or merge id; tallies and counts only
+move when an entry is new or newer), so a batch handled twice changes nothing. A batch is one round
+trip: a script call per customer (all its records at once, in its own hash slot, so Redis Cluster
+works) and one command per shared key. Only records for an id merged away meanwhile take another.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
-from services.console.readmodel import (
+from services.console.charts import HISTORY_MINUTES, PipelineSample
+from services.console.entries import (
     ACTIONS_CAP,
+    PURCHASES_CAP,
     SCORE_HISTORY_CAP,
     TIMELINE_CAP,
+    CustomerView,
+    action_value,
+    customer_view,
+    delivery_value,
+    latest_score_values,
+    parse_rule_tally,
+    purchase_times,
+    score_point_value,
+    sum_tallies,
+    tally_field,
+    touchpoint_value,
+)
+from services.console.readmodel import (
     ActionTaken,
     CustomerDeleted,
     CustomersMerged,
     DeadLettered,
+    DeliveryEnded,
     ScoreUpdated,
     TouchpointSeen,
     converted_within,
     follow_merges,
 )
-from services.triggers.erasure import DELETED_RULE_ID
-from services.triggers.state_store import DeliveryLedger
 from touchstream.eventtime import DEFAULT_EVENT_TIME_TOLERANCE_S, event_time_ceiling_ms
-from touchstream.privacy import DEFAULT_ERASED_TTL_S, ErasedCustomers
+from touchstream.privacy import DEFAULT_ERASED_TTL_S, DELETED_RULE_ID, ErasedCustomers, erased_token
 
-Update = TouchpointSeen | ScoreUpdated | ActionTaken | CustomersMerged | DeadLettered | CustomerDeleted
+Update = TouchpointSeen | ScoreUpdated | ActionTaken | CustomersMerged | DeadLettered | CustomerDeleted | DeliveryEnded
+DAY_MS = 86_400_000
+# The overview shows the flow of the last 30 days; a day's counts outlive it a little.
+FLOW_KEEP_DAYS = 35
+DEFAULT_CUSTOMER_TTL_S = 400 * 86_400
+# A capped list is trimmed back to its cap once it is this much over: a trim reads the hash, so not on every add.
+TRIM_SLACK = 20
+MAX_MERGE_HOPS = 64
+_COUNTERS = (b"into", b"n:t", b"n:s", b"n:a", b"v")
 
-# Add entries to a capped log (sorted set KEYS[1] + hash KEYS[2], one customer's slot) and
-# drop the oldest beyond the cap ARGV[1]; entries follow as (member, event time, body) triples.
-_ADD_TO_LOG = """
-for i = 2, #ARGV, 3 do
-  redis.call('ZADD', KEYS[1], ARGV[i + 1], ARGV[i])
-  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 2])
+# Shared by the scripts below; runs on one customer's hash, KEYS[1]. ARGV starts with the TTL, the trim
+# slack, the purchase cap and the caps of touchpoints, score points and actions.
+_PRELUDE = """
+local key = KEYS[1]
+local ttl, slack, purchase_cap = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local caps = {t = tonumber(ARGV[4]), s = tonumber(ARGV[5]), a = tonumber(ARGV[6])}
+local added = {t = 0, s = 0, a = 0}
+local changed = false
+local tallies = {}
+local purchases = nil
+
+local function time_of(value) return tonumber(string.match(value, '^%[(%-?%d+)')) end
+
+local function tally(rule)
+  local found = tallies[rule]
+  if found then return found end
+  found = {}
+  local text = redis.call('HGET', key, 'r:' .. rule)
+  if text then for name, value in string.gmatch(text, '([^;=]+)=([^;]*)') do found[name] = value end end
+  tallies[rule] = found
+  return found
 end
-local n = redis.call('ZCARD', KEYS[1])
-local cap = tonumber(ARGV[1])
-if n > cap then
-  local old = redis.call('ZRANGE', KEYS[1], 0, n - cap - 1)
-  redis.call('ZREMRANGEBYRANK', KEYS[1], 0, n - cap - 1)
-  redis.call('HDEL', KEYS[2], unpack(old))
+local function bump(counts, name, by) counts[name] = tostring((tonumber(counts[name]) or 0) + by) end
+local function earliest(counts, name, at)
+  if not counts[name] or tonumber(at) < tonumber(counts[name]) then counts[name] = at end
 end
-return n
+
+local function add_entry(kind, id, value)
+  if redis.call('HSETNX', key, kind .. ':' .. id, value) == 0 then return false end
+  added[kind] = added[kind] + 1
+  changed = true
+  return true
+end
+local function set_channel(channel, at)
+  local seen = redis.call('HGET', key, 'ch:' .. channel)
+  if not seen or tonumber(seen) < tonumber(at) then redis.call('HSET', key, 'ch:' .. channel, at) end
+end
+local function add_purchase(at)
+  if not purchases then
+    purchases = {}
+    local text = redis.call('HGET', key, 'pu')
+    if text then for seen in string.gmatch(text, '[^,]+') do purchases[seen] = true end end
+  end
+  purchases[at] = true
+end
+-- The newest explained score's segment, model and reasons; an older one arriving late changes nothing.
+local function set_latest(seg, model, why)
+  local current = redis.call('HGET', key, 'seg')
+  if current and time_of(current) > time_of(seg) then return end
+  if current ~= seg then changed = true end
+  local fields, stale = {'seg', seg, 'mv', model}, {}
+  for n, reason in ipairs(why) do fields[#fields + 1] = 'why:' .. (n - 1); fields[#fields + 1] = reason end
+  -- A customer's first explained score has no older reasons to drop.
+  if current then for n = #why, 9 do stale[#stale + 1] = 'why:' .. n end end
+  redis.call('HSET', key, unpack(fields))
+  if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
+end
+-- How an action's delivery ended; counted once per action (a replay repeats the same outcome).
+local function set_delivery(id, value, rule)
+  local current = redis.call('HGET', key, 'd:' .. id)
+  local outcome = string.sub(value, 2, 2)
+  if current and string.sub(current, 2, 2) == outcome then return end
+  local counts = tally(rule)
+  if current then bump(counts, string.sub(current, 2, 2) == '1' and 'd' or 'x', -1) end
+  bump(counts, outcome == '1' and 'd' or 'x', 1)
+  redis.call('HSET', key, 'd:' .. id, value)
+  changed = true
+end
+
+local function trim(kind)
+  local everything = redis.call('HGETALL', key)
+  local entries = {}
+  local prefix = kind .. ':'
+  for n = 1, #everything, 2 do
+    if string.sub(everything[n], 1, #prefix) == prefix then
+      entries[#entries + 1] = {time_of(everything[n + 1]), everything[n]}
+    end
+  end
+  table.sort(entries, function(x, y) if x[1] ~= y[1] then return x[1] < y[1] end return x[2] < y[2] end)
+  local drop = math.max(0, #entries - caps[kind])
+  local gone = {}
+  for n = 1, drop do gone[#gone + 1] = entries[n][2] end
+  if kind == 'a' then
+    -- A dropped action's delivery goes with it, and so does one whose action is gone already.
+    local kept = {}
+    for n = drop + 1, #entries do kept[string.sub(entries[n][2], 3)] = true end
+    for n = 1, #everything, 2 do
+      local name = everything[n]
+      if string.sub(name, 1, 2) == 'd:' and not kept[string.sub(name, 3)] then gone[#gone + 1] = name end
+    end
+  end
+  if #gone > 0 then redis.call('HDEL', key, unpack(gone)) end
+  redis.call('HSET', key, 'n:' .. kind, #entries - drop)
+end
+
+-- Trim, write the purchases and tallies touched, bump the change counter, refresh the TTL.
+local function finish()
+  for kind, n in pairs(added) do
+    if n > 0 and redis.call('HINCRBY', key, 'n:' .. kind, n) > caps[kind] + slack then trim(kind) end
+  end
+  if purchases then
+    local times = {}
+    for at in pairs(purchases) do times[#times + 1] = at end
+    table.sort(times, function(x, y) return tonumber(x) < tonumber(y) end)
+    local kept = {}
+    for n = math.max(1, #times - purchase_cap + 1), #times do kept[#kept + 1] = times[n] end
+    redis.call('HSET', key, 'pu', table.concat(kept, ','))
+  end
+  for rule, counts in pairs(tallies) do
+    local names = {}
+    for name in pairs(counts) do names[#names + 1] = name end
+    table.sort(names)
+    local parts = {}
+    for _, name in ipairs(names) do parts[#parts + 1] = name .. '=' .. counts[name] end
+    redis.call('HSET', key, 'r:' .. rule, table.concat(parts, ';'))
+  end
+  if changed then redis.call('HINCRBY', key, 'v', 1) end
+  redis.call('EXPIRE', key, ttl)
+  return false
+end
 """
 
-# Record a customer's latest (segment|stage) in KEYS[1] if ARGV[2] (event time) is not older than
-# what is stored, keeping per-value counts in KEYS[2] so the overview never scans every customer,
-# and the changes of day ARGV[4] in KEYS[3] (days seen in KEYS[4]).
-_SET_SEGMENT = """
-local current = redis.call('HGET', KEYS[1], ARGV[1])
-local old = ''
-if current then
-  local t
-  t, old = string.match(current, '^(%d+)|(.*)$')
-  if tonumber(t) > tonumber(ARGV[2]) then return 0 end
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '|' .. ARGV[3])
-  if old == ARGV[3] then return 0 end
-  redis.call('HINCRBY', KEYS[2], old, -1)
-else
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '|' .. ARGV[3])
+# Apply one batch's records about one customer. After the six settings, ops follow, each a letter and
+# its arguments:
+#   T id time value purchase(0|1) channel     a touchpoint
+#   S id point seg model n why1..whyn          a score point; seg '' for one without a segment
+#   A id time value rule tally-field group     an action; group T (treated), H (hold-out) or ''
+#   D id value rule                            how an action's delivery ended
+#   M merge-id entry                           a merge or split involving the customer
+# A merged-away id answers with its survivor and changes nothing: the caller sends the ops there.
+_APPLY = _PRELUDE + """
+local into = redis.call('HGET', key, 'into')
+if into then return into end
+local i = 7
+while i <= #ARGV do
+  local op = ARGV[i]
+  if op == 'T' then
+    add_entry('t', ARGV[i + 1], ARGV[i + 3])
+    set_channel(ARGV[i + 5], ARGV[i + 2])
+    if ARGV[i + 4] == '1' then add_purchase(ARGV[i + 2]) end
+    i = i + 6
+  elseif op == 'S' then
+    local n = tonumber(ARGV[i + 5])
+    add_entry('s', ARGV[i + 1], ARGV[i + 2])
+    if ARGV[i + 3] ~= '' then
+      local why = {}
+      for r = 1, n do why[r] = ARGV[i + 5 + r] end
+      set_latest(ARGV[i + 3], ARGV[i + 4], why)
+    end
+    i = i + 6 + n
+  elseif op == 'A' then
+    if add_entry('a', ARGV[i + 1], ARGV[i + 3]) then
+      local counts = tally(ARGV[i + 4])
+      bump(counts, ARGV[i + 5], 1)
+      if ARGV[i + 6] ~= '' then earliest(counts, ARGV[i + 6], ARGV[i + 2]) end
+    end
+    i = i + 7
+  elseif op == 'D' then
+    set_delivery(ARGV[i + 1], ARGV[i + 2], ARGV[i + 3])
+    i = i + 4
+  elseif op == 'M' then
+    if redis.call('HSETNX', key, 'm:' .. ARGV[i + 1], ARGV[i + 2]) == 1 then changed = true end
+    i = i + 3
+  else
+    return redis.error_reply('read model: unknown op ' .. tostring(op))
+  end
 end
-redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
--- The flow: one count per change, on the day (event time) it happened; '' is a new customer.
-redis.call('HINCRBY', KEYS[3], old .. '>' .. ARGV[3], 1)
-redis.call('ZADD', KEYS[4], ARGV[4], ARGV[4])
+return finish()
+"""
+
+# Take a merged customer's fields (ARGV[9]..: name, value pairs) into the survivor's hash, once per merge
+# id (ARGV[7], its entry ARGV[8]): entries the survivor lacks, the newer segment, channels and purchases,
+# tallies added up. A replay finds the merge entry and changes nothing.
+_ABSORB = _PRELUDE + """
+local into = redis.call('HGET', key, 'into')
+if into then return into end
+if redis.call('HSETNX', key, 'm:' .. ARGV[7], ARGV[8]) == 0 then return false end
+changed = true
+local seg, model, why = nil, '', {}
+for n = 9, #ARGV, 2 do
+  local name, value = ARGV[n], ARGV[n + 1]
+  local kind, rest = string.match(name, '^(%a+):(.*)$')
+  if kind == 't' or kind == 's' or kind == 'a' then add_entry(kind, rest, value)
+  elseif kind == 'd' or kind == 'm' then redis.call('HSETNX', key, name, value)
+  elseif kind == 'ch' then set_channel(rest, value)
+  elseif kind == 'why' then why[tonumber(rest) + 1] = value
+  elseif kind == 'r' then
+    local counts = tally(rest)
+    for part, count in string.gmatch(value, '([^;=]+)=([^;]*)') do
+      if part == 'T' or part == 'H' then earliest(counts, part, count) else bump(counts, part, tonumber(count)) end
+    end
+  elseif name == 'seg' then seg = value
+  elseif name == 'mv' then model = value
+  elseif name == 'pu' then for at in string.gmatch(value, '[^,]+') do add_purchase(at) end
+  end
+end
+if seg then set_latest(seg, model, why) end
+return finish()
+"""
+
+# A merged-away customer's hash becomes a redirect to the survivor (ARGV[1]), with the customer TTL (ARGV[2]).
+_MARK_MERGED = """
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'into', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
-# Forget a merged-away customer's segment and take it out of the counts.
-_DROP_SEGMENT = """
-local current = redis.call('HGET', KEYS[1], ARGV[1])
-if current then
-  redis.call('HINCRBY', KEYS[2], string.match(current, '^%d+|(.*)$'), -1)
-  redis.call('HDEL', KEYS[1], ARGV[1])
+# Segment counts (all keys in the {seg} slot): KEYS[1] customer -> "time|segment|stage", KEYS[2] counts,
+# KEYS[3] the days seen, KEYS[4..] flow keys of days. ARGV: flow TTL, days kept, then (customer, event time,
+# "segment|stage", flow key index, day) quintuples; an empty value drops the customer. A score older than the
+# one counted changes nothing, and the counts move only when a value changes: a replay is harmless.
+_SET_SEGMENTS = """
+local customers, current = {}, {}
+for n = 3, #ARGV, 5 do customers[#customers + 1] = ARGV[n] end
+if #customers == 0 then return 0 end
+local found = redis.call('HMGET', KEYS[1], unpack(customers))
+for n, customer in ipairs(customers) do current[customer] = found[n] end
+-- Counted up here and written once per value, flow change and day.
+local counts, flows, days, writes, gone = {}, {}, {}, {}, {}
+local function count(value, by) counts[value] = (counts[value] or 0) + by end
+for n = 3, #ARGV, 5 do
+  local customer, at, value = ARGV[n], ARGV[n + 1], ARGV[n + 2]
+  local stored = current[customer]
+  local old, newer = false, true
+  if stored then
+    local t, v = string.match(stored, '^(%d+)|(.*)$')
+    old, newer = v, tonumber(t) <= tonumber(at)
+  end
+  if value == '' then
+    if old then
+      count(old, -1)
+      gone[#gone + 1] = customer
+      current[customer] = false
+    end
+  elseif newer then
+    current[customer] = at .. '|' .. value
+    writes[#writes + 1] = customer
+    writes[#writes + 1] = current[customer]
+    if old ~= value then
+      if old then count(old, -1) end
+      count(value, 1)
+      local flow = KEYS[tonumber(ARGV[n + 3])]
+      flows[flow] = flows[flow] or {}
+      local change = (old or '') .. '>' .. value
+      flows[flow][change] = (flows[flow][change] or 0) + 1
+      days[flow] = ARGV[n + 4]
+    end
+  end
 end
+if #writes > 0 then redis.call('HSET', KEYS[1], unpack(writes)) end
+if #gone > 0 then redis.call('HDEL', KEYS[1], unpack(gone)) end
+for value, by in pairs(counts) do if by ~= 0 then redis.call('HINCRBY', KEYS[2], value, by) end end
+for flow, changes in pairs(flows) do
+  for change, by in pairs(changes) do redis.call('HINCRBY', flow, change, by) end
+  redis.call('EXPIRE', flow, ARGV[1])
+  redis.call('ZADD', KEYS[3], days[flow], days[flow])
+end
+redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -tonumber(ARGV[2]) - 1)
 return 0
 """
-
-DAY_MS = 86_400_000
-_LOGS = (("tl", TIMELINE_CAP), ("sc", SCORE_HISTORY_CAP), ("ac", ACTIONS_CAP))
-
-
-def _deletion_notice(update: Update) -> bool:
-    """A `customer.deleted` webhook (triggers tells marketing about an erasure): never read-modelled."""
-    return isinstance(update, ActionTaken) and update.rule_id == DELETED_RULE_ID
-
-
-def _customers_named(update: Update) -> set[str]:
-    """The customer ids a read-model update writes about (none for a deletion)."""
-    if isinstance(update, CustomerDeleted):
-        return set()
-    if isinstance(update, CustomersMerged):
-        return {update.survivor_id, update.merged_id}
-    if isinstance(update, DeadLettered):
-        return set() if update.delivery_failed is None else {update.delivery_failed.customer_id}
-    return {update.customer_id}
 
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-@dataclass
-class CustomerRecord:
-    """Everything the read model holds about one customer."""
+def _customers_named(update: Update) -> set[str]:
+    """The customer ids a read-model update writes about (none for a deletion or a dead letter)."""
+    if isinstance(update, CustomerDeleted | DeadLettered):
+        return set()
+    if isinstance(update, CustomersMerged):
+        return {update.survivor_id, update.merged_id}
+    return {update.customer_id}
 
-    customer_id: str
-    looked_up_id: str
-    timeline: list[TouchpointSeen]
-    scores: list[ScoreUpdated]  # oldest first
-    actions: list[ActionTaken]  # newest first
-    channels: list[tuple[str, int]]
-    merges: list[dict[str, Any]]
-    failed: dict[str, str] = field(default_factory=dict)  # action id -> why delivery gave up
-    delivered: set[str] = field(default_factory=set)
 
-    @property
-    def latest_score(self) -> ScoreUpdated | None:
-        return self.scores[-1] if self.scores else None
-
-    @property
-    def known(self) -> bool:
-        return bool(self.timeline or self.scores or self.actions or self.merges)
+def _deletion_notice(update: Update) -> bool:
+    """A `customer.deleted` webhook (triggers tells marketing about an erasure): never read-modelled."""
+    return isinstance(update, ActionTaken | DeliveryEnded) and update.rule_id == DELETED_RULE_ID
 
 
 @dataclass(frozen=True)
@@ -163,357 +375,404 @@ class RuleCounts:
 
 
 @dataclass
-class _BatchWrites:
-    """A batch's writes grouped by key, so a pipeline sends one command per key, not per update."""
+class _Batch:
+    """A batch's writes: each customer's ops (one script call each) and the shared keys' (one command each)."""
 
-    zadds: dict[str, dict[str, int]] = field(default_factory=dict)
-    zadds_gt: dict[str, dict[str, int]] = field(default_factory=dict)
-    hsets: dict[str, dict[Any, Any]] = field(default_factory=dict)
-    sadds: dict[str, set[str]] = field(default_factory=dict)
-    hsetnx: list[tuple[str, str, int]] = field(default_factory=list)
-    segments: dict[str, tuple[int, str]] = field(default_factory=dict)
-    logs: dict[tuple[str, str, int], list[str | int]] = field(default_factory=dict)
+    ops: dict[str, list[Any]] = field(default_factory=dict)
+    active: set[str] = field(default_factory=set)  # customers with an event, score or action in the batch
+    newest_ms: int | None = None
+    segments: dict[str, tuple[int, str]] = field(default_factory=dict)  # customer -> newest (time, "segment|stage")
+    rule_customers: dict[str, set[str]] = field(default_factory=dict)  # rule -> customers with its actions
+    dead_letters: dict[tuple[str, str], set[str]] = field(default_factory=dict)  # (stage, reason) -> digests
+
+    def add(self, customer_id: str, *args: Any) -> None:
+        self.ops.setdefault(customer_id, []).extend(args)
+
+    def saw(self, customer_id: str, time_ms: int) -> None:
+        self.active.add(customer_id)
+        self.newest_ms = time_ms if self.newest_ms is None else max(self.newest_ms, time_ms)
+
+    def scored(self, customer_id: str, time_ms: int, segment: str, stage: str) -> None:
+        latest = self.segments.get(customer_id)
+        if latest is None or latest[0] <= time_ms:
+            self.segments[customer_id] = (time_ms, f"{segment}|{stage}")
+
+    def acted(self, customer_id: str, rule_id: str) -> None:
+        self.rule_customers.setdefault(rule_id, set()).add(customer_id)
+
+    def moved(self, redirects: dict[str, str]) -> _Batch:
+        """The shared writes of this batch that named merged-away customers, undone and redone for the survivors."""
+        fix = _Batch()
+        for cid, lives in redirects.items():
+            if cid in self.active:
+                fix.active.add(lives)
+            if cid in self.segments:
+                fix.segments[cid] = (0, "")
+                fix.segments[lives] = self.segments[cid]
+            for rule, customers in self.rule_customers.items():
+                if cid in customers:
+                    fix.acted(lives, rule)
+        return fix
 
     @property
     def empty(self) -> bool:
-        return not (self.zadds or self.zadds_gt or self.hsets or self.sadds or self.hsetnx or self.segments
-                    or self.logs)
-
-    def zadd(self, key: str, member: str, score: int) -> None:
-        self.zadds.setdefault(key, {})[member] = score
-
-    def zadd_gt(self, key: str, member: str, score: int) -> None:
-        mapping = self.zadds_gt.setdefault(key, {})
-        mapping[member] = max(score, mapping.get(member, score))
-
-    def sadd(self, key: str, member: str) -> None:
-        self.sadds.setdefault(key, set()).add(member)
-
-    def log(self, order_key: str, body_key: str, member: str, time_ms: int, body: str, cap: int) -> None:
-        self.logs.setdefault((order_key, body_key, cap), []).extend((member, time_ms, body))
+        return not (self.ops or self.dead_letters)
 
 
 class ReadModelStore:
     """Apply read-model updates in batches and answer the pages' reads."""
 
     def __init__(self, client: aioredis.Redis, prefix: str = "ts:console:",
+                 customer_ttl_s: int = DEFAULT_CUSTOMER_TTL_S, *,
                  event_time_tolerance_s: float = DEFAULT_EVENT_TIME_TOLERANCE_S,
                  clock: Callable[[], float] = time.time, erased_ttl_s: int = DEFAULT_ERASED_TTL_S) -> None:
         self.client = client
         self.prefix = prefix
+        self.customer_ttl_s = customer_ttl_s
         # The event clock and the segment flow's days stop at the wall clock plus this, so one
         # record stamped years ahead cannot close every attribution window or empty the flow.
         self.event_time_tolerance_s = event_time_tolerance_s
         self._clock = clock
-        self._add_to_log = client.register_script(_ADD_TO_LOG)
-        self._set_segment = client.register_script(_SET_SEGMENT)
-        self._drop_segment = client.register_script(_DROP_SEGMENT)
-        self._scripts_loaded = False  # _set_segment and _add_to_log, for _write's EVALSHA
-        # One hash tag for both, so the scripts stay legal on Redis Cluster.
-        self._segment_keys = [self.key("{seg}"), self.key("{seg}", "counts")]
         self.erased = ErasedCustomers(client, self.key("erased"), erased_ttl_s)
+        self._apply_script = client.register_script(_APPLY)
+        self._absorb_script = client.register_script(_ABSORB)
+        self._mark_merged = client.register_script(_MARK_MERGED)
+        self._set_segments = client.register_script(_SET_SEGMENTS)
+        self._scripts_loaded = False
+        self._settings = [customer_ttl_s, TRIM_SLACK, PURCHASES_CAP, TIMELINE_CAP, SCORE_HISTORY_CAP, ACTIONS_CAP]
+        # What this worker has written to the shared keys already, so a batch need not write it again
+        # (the read model is rebuilt from the topics, never emptied under a running worker).
+        self._rules_noted: set[str] = set()
+        self._clock_noted = 0
 
     def _ceiling_ms(self) -> int:
         return event_time_ceiling_ms(int(self._clock() * 1000), self.event_time_tolerance_s)
 
-    def _segment_change_keys(self, flow_day: int) -> list[str]:
-        return [*self._segment_keys, self.key("{seg}", "flow", str(flow_day)), self.key("{seg}", "days")]
-
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
 
-    def ckey(self, customer_id: str, part: str) -> str:
-        return f"{self.prefix}c:{{{customer_id}}}:{part}"
+    def ckey(self, customer_id: str) -> str:
+        """The customer's hash (its id as the Redis Cluster hash tag)."""
+        return f"{self.prefix}c:{{{customer_id}}}"
 
-    async def redirects(self, customer_ids: Iterable[str]) -> dict[str, str]:
-        """Return merged-away ids among `customer_ids` (and their chains) mapped to where they went."""
-        found: dict[str, str] = {}
-        pending = list(dict.fromkeys(customer_ids))
-        while pending:
-            replies = await self.client.hmget(self.key("merged_into"), pending)
-            nxt = []
-            for cid, into in zip(pending, replies, strict=True):
-                if into is not None:
-                    found[cid] = _text(into)
-                    if found[cid] not in found:
-                        nxt.append(found[cid])
-            pending = [c for c in dict.fromkeys(nxt) if c not in found]
-        return found
+    def rule_key(self, rule_id: str) -> str:
+        return f"{self.prefix}rule:{{{rule_id}}}"
+
+    # -- writing ----------------------------------------------------------------------------------------
 
     async def apply(self, updates: Sequence[Update]) -> int:
         """Write a batch of updates; every write is idempotent, so replaying a batch changes nothing."""
         updates = await self._apply_deletions(updates)
-        ids = {u.customer_id for u in updates if not isinstance(u, CustomersMerged | DeadLettered | CustomerDeleted)}
-        ids |= {u.delivery_failed.customer_id for u in updates
-                if isinstance(u, DeadLettered) and u.delivery_failed is not None}
-        merged_into = await self.redirects(ids)
-        ceiling = self._ceiling_ms()
-        writes = _BatchWrites()
+        batch = _Batch()
         for update in updates:
-            if isinstance(update, CustomerDeleted):
-                continue  # applied above
             if isinstance(update, CustomersMerged):
                 # A merge reads what it moves, so everything before it must be written first.
-                await self._write(writes)
-                writes = _BatchWrites()
+                await self._write(batch)
+                batch = _Batch()
                 await self._apply_merge(update)
-                if update.kind == "merge":
-                    merged_into[update.merged_id] = update.survivor_id
-                else:
-                    merged_into.pop(update.merged_id, None)
-                continue
-            if isinstance(update, DeadLettered):
-                writes.sadd(self.key("dl", update.stage, update.reason), update.digest)
-                writes.sadd(self.key("dlreasons"), json.dumps([update.stage, update.reason]))
-                if update.delivery_failed is not None:
-                    failed = update.delivery_failed
-                    cid = follow_merges(failed.customer_id, merged_into)
-                    writes.hsets.setdefault(self.ckey(cid, "df"), {})[failed.action_id] = failed.reason
-                    if failed.rule_id:
-                        writes.sadd(self.key("rule", failed.rule_id, "delivery_failed"), failed.action_id)
-                continue
-            cid = follow_merges(update.customer_id, merged_into)
-            writes.zadd_gt(self.key("customers"), cid, update.event_time_ms)
-            writes.zadd_gt(self.key("clock"), "event_time", min(update.event_time_ms, ceiling))
-            if isinstance(update, TouchpointSeen):
-                writes.log(self.ckey(cid, "tl"), self.ckey(cid, "tle"), update.message_id, update.event_time_ms,
-                           update.to_json(), TIMELINE_CAP)
-                writes.zadd_gt(self.ckey(cid, "ch"), update.channel, update.event_time_ms)
-                if update.is_purchase:
-                    writes.zadd(self.ckey(cid, "pu"), update.message_id, update.event_time_ms)
+            elif isinstance(update, DeadLettered):
+                batch.dead_letters.setdefault((update.stage, update.reason), set()).add(update.digest)
+            elif isinstance(update, TouchpointSeen):
+                batch.add(update.customer_id, "T", update.message_id, update.event_time_ms, touchpoint_value(update),
+                          1 if update.is_purchase else 0, update.channel)
+                batch.saw(update.customer_id, update.event_time_ms)
             elif isinstance(update, ScoreUpdated):
-                writes.log(self.ckey(cid, "sc"), self.ckey(cid, "sce"), update.message_id, update.event_time_ms,
-                           update.to_json(), SCORE_HISTORY_CAP)
-                latest = writes.segments.get(cid)
-                if latest is None or latest[0] <= update.event_time_ms:
-                    writes.segments[cid] = (update.event_time_ms, f"{update.segment}|{update.stage}")
-            else:
-                writes.log(self.ckey(cid, "ac"), self.ckey(cid, "ace"), update.action_id, update.event_time_ms,
-                           update.to_json(), ACTIONS_CAP)
-                writes.sadd(self.key("rules"), update.rule_id)
-                writes.sadd(self.key("rule", update.rule_id, "o", update.count_field), update.action_id)
-                writes.sadd(self.key("rule", update.rule_id, "fields"), update.count_field)
-                if update.outcome in ("fired", "held_out"):
-                    group = "treated" if update.outcome == "fired" else "holdout"
-                    writes.hsetnx.append((self.key("rule", update.rule_id, group), cid, update.event_time_ms))
-        await self._write(writes)
+                latest = latest_score_values(update)
+                segment, model, why = latest if latest is not None else (b"", "", [])
+                batch.add(update.customer_id, "S", update.message_id, score_point_value(update), segment, model,
+                          len(why), *why)
+                batch.saw(update.customer_id, update.event_time_ms)
+                if latest is not None:
+                    batch.scored(update.customer_id, update.event_time_ms, update.segment, update.stage)
+            elif isinstance(update, ActionTaken):
+                group = "T" if update.outcome == "fired" else "H" if update.outcome == "held_out" else ""
+                batch.add(update.customer_id, "A", update.action_id, update.event_time_ms, action_value(update),
+                          update.rule_id, tally_field(update), group)
+                batch.saw(update.customer_id, update.event_time_ms)
+                batch.acted(update.customer_id, update.rule_id)
+            elif isinstance(update, DeliveryEnded):
+                # Not customer activity (no event of the customer's): only the action's delivery status.
+                batch.add(update.customer_id, "D", update.action_id, delivery_value(update), update.rule_id)
+                batch.acted(update.customer_id, update.rule_id)
+        await self._write(batch)
         return len(updates)
 
-    async def _write(self, writes: _BatchWrites, first_try: bool = True) -> None:
-        """Send one batch's writes in one pipeline: one command per key, one script call per capped log."""
-        if writes.empty:
+    async def _write(self, batch: _Batch) -> None:
+        if batch.empty:
             return
-        pipe = self.client.pipeline(transaction=False)
-        for key, mapping in writes.zadds.items():
-            pipe.zadd(key, mapping)
-        for key, mapping in writes.zadds_gt.items():
-            # GT still adds new members; it only refuses to move an existing one back in time.
-            pipe.zadd(key, mapping, gt=True)
-        for key, fields in writes.hsets.items():
-            pipe.hset(key, mapping=fields)
-        for key, members in writes.sadds.items():
-            pipe.sadd(key, *members)
-        for key, field_name, first_ms in writes.hsetnx:
-            pipe.hsetnx(key, field_name, first_ms)
-        # EVALSHA straight into the pipeline: going through the Script objects would make redis-py
-        # ask SCRIPT EXISTS first, one more round trip per batch. A Redis that lost its scripts
-        # (restarted) answers NOSCRIPT: load them and send the batch again (every write is idempotent).
-        set_segment, add_to_log = self._set_segment.sha, self._add_to_log.sha
+        written: list[tuple[set[str], int]] = []
+        named = list(batch.ops)
+
+        def alongside(pipe: Any) -> None:
+            written.append(self._shared_writes(pipe, batch))
+            # Whether any of them was erased, asked in the same round trip (see below).
+            if named:
+                pipe.zmscore(self.erased.key, [erased_token(cid) for cid in named])
+
+        redirects, answers = await self._run(self._apply_script,
+                                             {cid: [*self._settings, *ops] for cid, ops in batch.ops.items()},
+                                             alongside)
+        self._noted(*written[0])
+        # Records about an erased customer (in flight during its erasure, or read again by a restarted
+        # or lagging worker) were just written with the rest: rarely, so they are forgotten again at once
+        # rather than every batch waiting one more round trip to ask first.
+        erased = [cid for cid, at in zip(named, answers[-1] if named else [], strict=True) if at is not None]
+        for cid in erased:
+            await self.forget(cid)
+        if redirects:
+            # Records for ids merged away meanwhile went to the survivors: so do their places in the counts.
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.srem(self.key("customers"), *redirects)
+                for rule in batch.rule_customers:
+                    pipe.srem(self.rule_key(rule), *redirects)
+                noted = self._shared_writes(pipe, batch.moved(redirects))
+                await self._execute(pipe)
+            self._noted(*noted)
+
+    def _shared_writes(self, pipe: Any, batch: _Batch) -> tuple[set[str], int]:
+        """Queue the batch's writes to keys shared by every customer, each one command, none needing an answer.
+
+        Return the rule ids and the clock it writes, to be noted (`_noted`) once the pipeline has run.
+        """
+        clock = 0
+        if batch.active:
+            pipe.sadd(self.key("customers"), *batch.active)
+        newest = None if batch.newest_ms is None else min(batch.newest_ms, self._ceiling_ms())
+        if newest is not None and newest > self._clock_noted:
+            # GT: a batch of older events never moves the clock back (another worker's may be newer).
+            pipe.zadd(self.key("clock"), {"event_time": newest}, gt=True)
+            clock = newest
+        rules = set(batch.rule_customers)
+        if rules - self._rules_noted:
+            pipe.sadd(self.key("rules"), *rules)
+        for rule, customers in batch.rule_customers.items():
+            pipe.sadd(self.rule_key(rule), *customers)
+        if batch.rule_customers:
+            pipe.incr(self.key("rules", "version"))
+        for (stage, reason), digests in batch.dead_letters.items():
+            pipe.sadd(self.key("dl", stage, reason), *digests)
+            pipe.sadd(self.key("dlreasons"), json.dumps([stage, reason]))
+        if batch.segments:
+            self._count_segments(pipe, batch.segments)
+        return rules, clock
+
+    def _noted(self, rules: set[str], clock_ms: int) -> None:
+        """Remember what a pipeline that ran wrote to the rule list and the clock (later batches skip it)."""
+        self._rules_noted |= rules
+        self._clock_noted = max(self._clock_noted, clock_ms)
+
+    def _count_segments(self, pipe: Any, changes: dict[str, tuple[int, str]]) -> None:
+        """Queue one call of the segment-count script: customer -> (event time, "segment|stage", or "" to drop)."""
+        # A change counts on its event-time day, never one past the wall clock plus the tolerance.
         ceiling = self._ceiling_ms()
-        for cid, (time_ms, value) in writes.segments.items():
-            day = min(time_ms, ceiling) // DAY_MS
-            pipe.evalsha(set_segment, 4, *self._segment_change_keys(day), cid, time_ms, value, day)
-        for (order_key, body_key, cap), entries in writes.logs.items():
-            pipe.evalsha(add_to_log, 2, order_key, body_key, cap, *entries)
-        if not self._scripts_loaded and (writes.segments or writes.logs):
+        day_of = {cid: min(time_ms, ceiling) // DAY_MS for cid, (time_ms, _) in changes.items()}
+        days = sorted({day_of[cid] for cid, (_, value) in changes.items() if value})
+        index = {day: 4 + n for n, day in enumerate(days)}
+        args: list[Any] = [FLOW_KEEP_DAYS * 86_400, FLOW_KEEP_DAYS * 2]
+        for cid, (time_ms, value) in changes.items():
+            args += [cid, time_ms, value, index.get(day_of[cid], 0), day_of[cid]]
+        pipe.evalsha(self._set_segments.sha, 3 + len(days), self.key("{seg}"), self.key("{seg}", "counts"),
+                     self.key("{seg}", "days"), *(self.key("{seg}", "flow", str(day)) for day in days), *args)
+
+    async def _run(self, script: Any, calls: dict[str, list[Any]],
+                   alongside: Callable[[Any], None] | None = None) -> tuple[dict[str, str], list[Any]]:
+        """Call a customer script for each customer in one pipeline, with what `alongside` queues; calls that find
+        the customer merged away go again where it lives now. Return those ids, each with where it lives, and the
+        answers to what `alongside` queued."""
+        redirects: dict[str, str] = {}
+        answers: list[Any] = []
+        pending = calls
+        for _ in range(MAX_MERGE_HOPS):
+            if not pending and alongside is None:
+                break
+            async with self.client.pipeline(transaction=False) as pipe:
+                for cid, args in pending.items():
+                    pipe.evalsha(script.sha, 1, self.ckey(cid), *args)
+                if alongside is not None:
+                    alongside(pipe)
+                    alongside = None
+                    replies = await self._execute(pipe)
+                    replies, answers = replies[:len(pending)], replies[len(pending):]
+                else:
+                    replies = await self._execute(pipe)
+            moved: dict[str, list[Any]] = {}
+            for (cid, args), into in zip(pending.items(), replies, strict=True):
+                if not into:
+                    continue
+                target = _text(into)
+                for sent, lives in redirects.items():
+                    if lives == cid:
+                        redirects[sent] = target
+                redirects.setdefault(cid, target)
+                # The settings head every call; only the ops move (the script reads them in order).
+                moved.setdefault(target, list(args[:len(self._settings)])).extend(args[len(self._settings):])
+            pending = moved
+        return redirects, answers
+
+    async def _execute(self, pipe: Any) -> list[Any]:
+        """Run a pipeline whose scripts go by sha1 (no SCRIPT EXISTS round trip): a Redis that lost them
+        (restarted) answers NOSCRIPT, so they are loaded and the pipeline sent again (every write is idempotent)."""
+        if not self._scripts_loaded:
             await self._load_scripts()
+        commands = list(pipe.command_stack)
         try:
-            await pipe.execute()
+            return list(await pipe.execute())
         except NoScriptError:
-            if not first_try:
-                raise
             await self._load_scripts()
-            await self._write(writes, first_try=False)
+            async with self.client.pipeline(transaction=False) as again:
+                again.command_stack = commands
+                return list(await again.execute())
 
     async def _load_scripts(self) -> None:
-        """Load the batch scripts into Redis (SCRIPT LOAD is idempotent; their sha1 never changes)."""
-        for script in (self._set_segment, self._add_to_log):
+        """Load the scripts into Redis (SCRIPT LOAD is idempotent; their sha1 never changes)."""
+        for script in (self._apply_script, self._absorb_script, self._mark_merged, self._set_segments):
             await self.client.script_load(script.script)
         self._scripts_loaded = True
 
+    async def _live(self, customer_id: str) -> str:
+        """Return the customer `customer_id` lives on now (following merges)."""
+        current = customer_id
+        for _ in range(MAX_MERGE_HOPS):
+            into = await self.client.hget(self.ckey(current), "into")
+            if into is None or _text(into) == current:
+                return current
+            current = _text(into)
+        return current
+
     async def _apply_merge(self, merge: CustomersMerged) -> None:
+        entry = json.dumps({"merge_id": merge.merge_id, "kind": merge.kind, "survivor_id": merge.survivor_id,
+                            "merged_id": merge.merged_id, "reason": merge.reason,
+                            "event_time_ms": merge.event_time_ms})
         survivor, merged = merge.survivor_id, merge.merged_id
-        entry = json.dumps({"merge_id": merge.merge_id, "kind": merge.kind, "survivor_id": survivor,
-                            "merged_id": merged, "reason": merge.reason, "event_time_ms": merge.event_time_ms})
+        if await self.erased.among([survivor, merged]):
+            return  # about an erased customer: read again after its erasure, never modelled
         if merge.kind != "merge":
-            # An un-merge splits identifiers off; the history stays with the survivor, the new
-            # customer starts empty and is no longer redirected.
+            # An un-merge splits identifiers off; the history stays with the survivor, the new customer
+            # starts empty and is no longer redirected. Each names the other, for an erasure to find.
             async with self.client.pipeline(transaction=False) as pipe:
-                pipe.hset(self.ckey(survivor, "mg"), merge.merge_id, entry)
-                pipe.hset(self.ckey(merged, "mg"), merge.merge_id, entry)
+                pipe.hdel(self.ckey(merged), "into")
                 pipe.hdel(self.key("merged_into"), merged)
                 await pipe.execute()
+            await self._run(self._apply_script, {cid: [*self._settings, "M", merge.merge_id, entry]
+                                                 for cid in (survivor, merged)})
+            await self._note_mentions({survivor: [merged], merged: [survivor]})
             return
-        # The survivor may itself have been merged on since (records from two topics arrive in any
-        # order): move into where it lives now, and never into the merged customer itself.
-        survivor = follow_merges(survivor, await self.redirects([survivor]))
+        # The survivor may itself have been merged on since (records from two topics arrive in any order):
+        # move into where it lives now, and never into the merged customer itself.
+        survivor = await self._live(survivor)
         if survivor == merged:
             return
-        rules = sorted(_text(r) for r in await self.client.smembers(self.key("rules")))
-        parts = ("tl", "sc", "ac", "pu", "ch")
+        fields = await self.client.hgetall(self.ckey(merged))
+        pairs = [part for name, value in fields.items() if name not in _COUNTERS for part in (name, value)]
+        redirects, _ = await self._run(self._absorb_script,
+                                       {survivor: [*self._settings, merge.merge_id, entry, *pairs]})
+        live = redirects.get(survivor, survivor)
+        # Where the merged customer counted, the survivor counts now (each write idempotent).
+        moved = _Batch()
+        if fields:
+            moved.active.add(live)
+        for raw_name, value in fields.items():
+            name = _text(raw_name)
+            if name.startswith("r:"):
+                moved.acted(live, name[2:])
+            elif name == "seg":
+                time_ms, segment, stage = json.loads(value)
+                moved.scored(live, int(time_ms), segment, stage)
+        moved.segments = {merged: (0, ""), **moved.segments}
         async with self.client.pipeline(transaction=False) as pipe:
-            for part in parts:
-                pipe.zrange(self.ckey(merged, part), 0, -1, withscores=True)
-            for part in ("tle", "sce", "ace", "mg", "df"):
-                pipe.hgetall(self.ckey(merged, part))
-            for rule in rules:
-                pipe.hget(self.key("rule", rule, "treated"), merged)
-                pipe.hget(self.key("rule", rule, "holdout"), merged)
-            pipe.zscore(self.key("customers"), merged)
-            pipe.hget(self._segment_keys[0], merged)
-            replies = await pipe.execute()
-        segment = replies.pop()
-        zsets = dict(zip(parts, replies[: len(parts)], strict=True))
-        hashes = dict(zip(("tle", "sce", "ace", "mg", "df"), replies[len(parts): len(parts) + 5], strict=True))
-        groups = replies[len(parts) + 5: -1]
-        last_seen = replies[-1]
-        async with self.client.pipeline(transaction=False) as pipe:
-            for part, cap in _LOGS:
-                bodies = {_text(k): v for k, v in hashes[part + "e"].items()}
-                entries: list[Any] = []
-                for member, time_ms in zsets[part]:
-                    if _text(member) in bodies:
-                        entries.extend((_text(member), int(time_ms), bodies[_text(member)]))
-                if entries:
-                    await self._add_to_log(keys=[self.ckey(survivor, part), self.ckey(survivor, part + "e")],
-                                           args=[cap, *entries], client=pipe)
-            if zsets["pu"]:
-                pipe.zadd(self.ckey(survivor, "pu"), {_text(m): t for m, t in zsets["pu"]})
-            if zsets["ch"]:
-                pipe.zadd(self.ckey(survivor, "ch"), {_text(m): t for m, t in zsets["ch"]}, gt=True)
-            for part in ("mg", "df"):
-                if hashes[part]:
-                    pipe.hset(self.ckey(survivor, part), mapping=hashes[part])
-            for i, rule in enumerate(rules):
-                for group, at in zip(("treated", "holdout"), groups[2 * i: 2 * i + 2], strict=True):
-                    if at is not None:
-                        pipe.hsetnx(self.key("rule", rule, group), survivor, at)
-                        pipe.hdel(self.key("rule", rule, group), merged)
-            if last_seen is not None:
-                pipe.zadd(self.key("customers"), {survivor: last_seen}, gt=True)
-            pipe.hset(self.ckey(survivor, "mg"), merge.merge_id, entry)
-            pipe.hset(self.key("merged_into"), merged, survivor)
-            pipe.zrem(self.key("customers"), merged)
-            await self._drop_segment(keys=self._segment_keys, args=[merged], client=pipe)
-            if segment is not None:
-                # The survivor now holds the merged customer's scores: its latest may be the newer one.
-                time_ms, value = _text(segment).split("|", 1)
-                day = min(int(time_ms), self._ceiling_ms()) // DAY_MS
-                await self._set_segment(keys=self._segment_change_keys(day),
-                                        args=[survivor, time_ms, value, day], client=pipe)
-            pipe.delete(*(self.ckey(merged, p) for p in (*parts, "tle", "sce", "ace", "mg", "df")))
-            await pipe.execute()
+            for rule in moved.rule_customers:
+                pipe.srem(self.rule_key(rule), merged)
+            pipe.srem(self.key("customers"), merged)
+            noted = self._shared_writes(pipe, moved)
+            pipe.hset(self.key("merged_into"), merged, live)
+            pipe.evalsha(self._mark_merged.sha, 1, self.ckey(merged), live, self.customer_ttl_s)
+            await self._execute(pipe)
+        self._noted(*noted)
+
+    async def _note_mentions(self, mentioned: dict[str, list[str]]) -> None:
+        """Remember which customers' hashes hold split entries naming each id."""
+        current = await self.client.hmget(self.key("mentions"), list(mentioned))
+        merged: dict[Any, Any] = {
+            cid: ",".join(sorted(set(_text(found).split(",") if found else []) | set(holders)))
+            for (cid, holders), found in zip(mentioned.items(), current, strict=True)}
+        await self.client.hset(self.key("mentions"), mapping=merged)
 
     async def _apply_deletions(self, updates: Sequence[Update]) -> list[Update]:
-        """Forget the customers of every CustomerDeleted in `updates` (all ids listed, recorded as erased
-        first), and return the other updates minus those about an erased customer: in flight when the
-        erasure landed, or read again by a restarted or lagging worker, they would write it back."""
+        """Forget the customers of every CustomerDeleted in `updates` (all ids listed, recorded as erased first,
+        so a crash in between leaves them erased), and return the other updates minus those about them."""
+        deleted: set[str] = set()
         for update in updates:
             if isinstance(update, CustomerDeleted):
                 await self.erased.add(update.customer_ids)
                 for cid in update.customer_ids:
                     await self.forget(cid)
-        gone = await self.erased.among(cid for update in updates for cid in _customers_named(update))
+                deleted.update(update.customer_ids)
         return [u for u in updates
-                if not (isinstance(u, CustomerDeleted) or _deletion_notice(u) or gone & _customers_named(u))]
+                if not (isinstance(u, CustomerDeleted) or _deletion_notice(u) or deleted & _customers_named(u))]
 
     async def forget(self, customer_id: str) -> list[str]:
         """Remove every trace of a customer (and of the ids merged into it); return the ids forgotten.
 
         For the deletion flow (DESIGN: DELETE /v1/customers/{id}); rule counts drop its actions too.
         """
-        live = follow_merges(customer_id, await self.redirects([customer_id]))
+        live = await self._live(customer_id)
         redirects = {_text(k): _text(v) for k, v in (await self.client.hgetall(self.key("merged_into"))).items()}
         ids = sorted({live, customer_id} | {m for m in redirects if follow_merges(m, redirects) == live})
         rules = sorted(_text(r) for r in await self.client.smembers(self.key("rules")))
+        noted = await self.client.hmget(self.key("mentions"), ids)
+        holders = {h for found in noted if found for h in _text(found).split(",")}
+        holders = {await self._live(h) for h in holders} - set(ids)
         async with self.client.pipeline(transaction=False) as pipe:
-            for cid in ids:
-                pipe.hkeys(self.ckey(cid, "ace"))
-            for rule in rules:
-                pipe.smembers(self.key("rule", rule, "fields"))
+            for holder in sorted(holders):
+                pipe.hgetall(self.ckey(holder))
+                pipe.hget(self.key("mentions"), holder)
             replies = await pipe.execute()
-        action_ids = {_text(a) for reply in replies[: len(ids)] for a in reply}
-        fields = {rule: sorted(_text(f) for f in reply) for rule, reply in zip(rules, replies[len(ids):], strict=True)}
-        mentions = []
-        async for key in self.client.scan_iter(match=f"{self.prefix}c:*:mg", count=1000):
-            mentions.append(_text(key))
         async with self.client.pipeline(transaction=False) as pipe:
-            for key in mentions:
-                pipe.hgetall(key)
-            merge_logs = await pipe.execute()
-        async with self.client.pipeline(transaction=False) as pipe:
-            for cid in ids:
-                pipe.delete(*(self.ckey(cid, part) for part in ("tl", "tle", "sc", "sce", "ac", "ace", "pu", "ch",
-                                                                  "mg", "df")))
-                await self._drop_segment(keys=self._segment_keys, args=[cid], client=pipe)
-            pipe.zrem(self.key("customers"), *ids)
-            pipe.hdel(self.key("merged_into"), *ids)
-            for rule in rules:
-                pipe.hdel(self.key("rule", rule, "treated"), *ids)
-                pipe.hdel(self.key("rule", rule, "holdout"), *ids)
-                if action_ids:
-                    for name in fields[rule]:
-                        pipe.srem(self.key("rule", rule, "o", name), *action_ids)
-                    pipe.srem(self.key("rule", rule, "delivery_failed"), *action_ids)
-            for key, entries in zip(mentions, merge_logs, strict=True):
-                stale = [merge_id for merge_id, body in entries.items()
-                         if any(cid in _text(body) for cid in ids)]
+            for holder, fields, noted_here in zip(sorted(holders), replies[::2], replies[1::2], strict=True):
+                stale = [name for name, value in fields.items()
+                         if _text(name).startswith("m:") and any(cid in _text(value) for cid in ids)]
                 if stale:
-                    pipe.hdel(key, *stale)
-            await pipe.execute()
+                    pipe.hdel(self.ckey(holder), *stale)
+                if noted_here:
+                    kept = [h for h in _text(noted_here).split(",") if h not in ids]
+                    if kept:
+                        pipe.hset(self.key("mentions"), holder, ",".join(kept))
+                    else:
+                        pipe.hdel(self.key("mentions"), holder)
+            pipe.delete(*(self.ckey(cid) for cid in ids))
+            for rule in rules:
+                pipe.srem(self.rule_key(rule), *ids)
+            pipe.incr(self.key("rules", "version"))
+            pipe.srem(self.key("customers"), *ids)
+            pipe.hdel(self.key("merged_into"), *ids)
+            pipe.hdel(self.key("mentions"), *ids)
+            self._count_segments(pipe, dict.fromkeys(ids, (0, "")))
+            await self._execute(pipe)
         return ids
 
-    async def customer(self, customer_id: str, timeline_limit: int = TIMELINE_CAP) -> CustomerRecord:
+    # -- reading ----------------------------------------------------------------------------------------
+
+    async def customer(self, customer_id: str, timeline_limit: int = TIMELINE_CAP) -> CustomerView:
         """Read one customer (following merges); an unknown id gives an empty record."""
-        live = follow_merges(customer_id, await self.redirects([customer_id]))
-        async with self.client.pipeline(transaction=False) as pipe:
-            pipe.zrevrange(self.ckey(live, "tl"), 0, timeline_limit - 1)
-            pipe.zrange(self.ckey(live, "sc"), 0, -1)
-            pipe.zrevrange(self.ckey(live, "ac"), 0, -1)
-            pipe.zrevrange(self.ckey(live, "ch"), 0, -1, withscores=True)
-            pipe.hvals(self.ckey(live, "mg"))
-            pipe.hgetall(self.ckey(live, "df"))
-            tl_ids, sc_ids, ac_ids, channels, merges, failed = await pipe.execute()
-        async with self.client.pipeline(transaction=False) as pipe:
-            pipe.hmget(self.ckey(live, "tle"), tl_ids or ["-"])
-            pipe.hmget(self.ckey(live, "sce"), sc_ids or ["-"])
-            pipe.hmget(self.ckey(live, "ace"), ac_ids or ["-"])
-            tl_bodies, sc_bodies, ac_bodies = await pipe.execute()
-        merge_list = sorted((json.loads(m) for m in merges), key=lambda m: m["event_time_ms"], reverse=True)
-        return CustomerRecord(
-            customer_id=live,
-            looked_up_id=customer_id,
-            timeline=[TouchpointSeen.from_json(b) for b in tl_bodies if b is not None],
-            scores=[ScoreUpdated.from_json(b) for b in sc_bodies if b is not None],
-            actions=[ActionTaken.from_json(b) for b in ac_bodies if b is not None],
-            channels=[(_text(c), int(t)) for c, t in channels],
-            merges=merge_list,
-            failed={_text(k): _text(v) for k, v in failed.items()},
-        )
+        current = customer_id
+        fields: dict[Any, Any] = {}
+        for _ in range(MAX_MERGE_HOPS):
+            fields = await self.client.hgetall(self.ckey(current))
+            into = fields.get(b"into")
+            if into is None or _text(into) == current:
+                break
+            current = _text(into)
+        return customer_view(current, customer_id, fields, timeline_limit)
 
     async def change_marker(self, customer_id: str) -> str:
-        """Return a token that changes when the customer's timeline, scores or actions change (live updates)."""
-        live = follow_merges(customer_id, await self.redirects([customer_id]))
-        async with self.client.pipeline(transaction=False) as pipe:
-            for part in ("tl", "sc", "ac"):
-                pipe.zrevrange(self.ckey(live, part), 0, 0, withscores=True)
-            replies = await pipe.execute()
-        return f"{live}|{replies!r}"
+        """Return a token that changes whenever anything the customer page shows changes (live updates)."""
+        live = await self._live(customer_id)
+        return f"{live}|{_text(await self.client.hget(self.ckey(live), 'v') or b'0')}"
 
     async def segments(self) -> dict[tuple[str, str], int]:
         """Count customers by (segment, stage) of their latest score."""
         counts: dict[tuple[str, str], int] = {}
-        for value, n in (await self.client.hgetall(self._segment_keys[1])).items():
+        for value, n in (await self.client.hgetall(self.key("{seg}", "counts"))).items():
             if int(n) > 0:
                 segment, stage = _text(value).split("|", 1)
                 counts[(segment, stage)] = int(n)
@@ -538,13 +797,12 @@ class ReadModelStore:
         return sorted(((b, a, n) for (b, a), n in totals.items() if n > 0), key=lambda r: (-r[2], r[0], r[1]))
 
     async def event_clock(self) -> int | None:
-        """Return the newest event time the read model has applied (None before the first record),
-        at most the wall clock plus the event-time tolerance (a clock stored beyond it reads as that)."""
+        """Return the newest event time the read model has applied (None before the first record)."""
         value = await self.client.zscore(self.key("clock"), "event_time")
         return None if value is None else min(int(value), self._ceiling_ms())
 
     async def customer_count(self) -> int:
-        return int(await self.client.zcard(self.key("customers")))
+        return int(await self.client.scard(self.key("customers")))
 
     async def dead_letters(self) -> list[tuple[str, str, int]]:
         """Return (stage, reason, count), most frequent first."""
@@ -560,22 +818,20 @@ class ReadModelStore:
         return sorted(_text(r) for r in await self.client.smembers(self.key("rules")))
 
     async def rule_counts(self, rule_id: str) -> RuleCounts:
-        """Return a rule's counts by outcome (suppressed split by reason) and its two groups."""
-        fields = sorted(_text(f) for f in await self.client.smembers(self.key("rule", rule_id, "fields")))
+        """Add up the tallies of a rule's customers: counts by outcome (suppressed split by reason),
+        deliveries, and when each customer's first treated and hold-out actions came."""
+        customers = sorted(_text(c) for c in await self.client.smembers(self.rule_key(rule_id)))
         async with self.client.pipeline(transaction=False) as pipe:
-            for name in fields:
-                pipe.scard(self.key("rule", rule_id, "o", name))
-            pipe.hgetall(self.key("rule", rule_id, "treated"))
-            pipe.hgetall(self.key("rule", rule_id, "holdout"))
-            pipe.smembers(self.key("rule", rule_id, "o", "fired"))
-            pipe.scard(self.key("rule", rule_id, "delivery_failed"))
+            for cid in customers:
+                pipe.hget(self.ckey(cid), f"r:{rule_id}")
             replies = await pipe.execute()
-        counts = {name: int(n) for name, n in zip(fields, replies[: len(fields)], strict=True)}
-        treated, holdout, fired, failed = replies[-4:]
-        # triggers' ledger says which webhooks a receiver acknowledged (kept for its delivered TTL).
-        delivered = len(await DeliveryLedger(self.client, 0).delivered(_text(a) for a in fired))
-        return RuleCounts(rule_id, counts, {_text(c): int(t) for c, t in treated.items()},
-                          {_text(c): int(t) for c, t in holdout.items()}, delivered, int(failed))
+        # A customer whose hash expired (no record for the TTL) no longer counts.
+        tallies = {cid: parse_rule_tally(text) for cid, text in zip(customers, replies, strict=True) if text}
+        total = sum_tallies(tallies.values())
+        return RuleCounts(rule_id, total.counts,
+                          {cid: t.first_treated_ms for cid, t in tallies.items() if t.first_treated_ms is not None},
+                          {cid: t.first_holdout_ms for cid, t in tallies.items() if t.first_holdout_ms is not None},
+                          total.delivered, total.delivery_failed)
 
     async def converted(self, first_action_ms: dict[str, int], window_ms: int) -> int:
         """Count the customers with a purchase within `window_ms` after their first action."""
@@ -584,10 +840,45 @@ class ReadModelStore:
             return 0
         async with self.client.pipeline(transaction=False) as pipe:
             for cid in customers:
-                at = first_action_ms[cid]
-                pipe.zrangebyscore(self.ckey(cid, "pu"), f"({at}", at + window_ms, withscores=True)
+                pipe.hget(self.ckey(cid), "pu")
             replies = await pipe.execute()
-        return sum(
-            converted_within(first_action_ms[cid], [int(s) for _, s in found], window_ms)
-            for cid, found in zip(customers, replies, strict=True)
-        )
+        return sum(converted_within(first_action_ms[cid], purchase_times(found), window_ms)
+                   for cid, found in zip(customers, replies, strict=True))
+
+    async def rules_marker(self) -> str:
+        """A token that changes whenever a rule's counts may have (a tally moved, or the clock closed windows)."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.get(self.key("rules", "version"))
+            pipe.zscore(self.key("clock"), "event_time")
+            version, clock = await pipe.execute()
+        return f"{_text(version or b'0')}|{clock}"
+
+    async def overview_marker(self) -> str:
+        """A token that changes with the overview's numbers: segment counts and the newest day's changes,
+        customers, dead letters, the pipeline's samples (a few commands, whatever the number of customers)."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.key("{seg}", "counts"))
+            pipe.zrevrange(self.key("{seg}", "days"), 0, 0)
+            pipe.scard(self.key("customers"))
+            pipe.hgetall(self.key("pipeline", "minutes"))
+            counts, last_day, customers, samples = await pipe.execute()
+        flow = await self.client.hgetall(self.key("{seg}", "flow", _text(last_day[0]))) if last_day else {}
+        state = [sorted(counts.items()), sorted(flow.items()), customers, sorted(samples.items()),
+                 await self.dead_letters()]
+        return hashlib.sha256(repr(state).encode()).hexdigest()
+
+    async def record_pipeline_sample(self, sample: PipelineSample) -> None:
+        """Keep `sample` as its minute's (the latest sample of a minute wins) and drop minutes past the window."""
+        key = self.key("pipeline", "minutes")
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.hset(key, str(sample.minute), sample.to_json())
+            pipe.hkeys(key)
+            _, minutes = await pipe.execute()
+        old = [m for m in minutes if int(m) <= sample.minute - HISTORY_MINUTES]
+        if old:
+            await self.client.hdel(key, *old)
+
+    async def pipeline_samples(self) -> list[PipelineSample]:
+        """Return the kept minute samples, oldest first."""
+        found = await self.client.hgetall(self.key("pipeline", "minutes"))
+        return sorted((PipelineSample.from_json(text) for text in found.values()), key=lambda s: s.minute)

@@ -34,6 +34,20 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import Histogram
 
+from services.console.charts import (
+    PipelineSample,
+    dead_letter_bars,
+    latency_lines,
+    line_table,
+    quality_lines,
+    rate_lines,
+    recent_samples,
+    score_lines,
+    segment_heatmap,
+    segment_sankey,
+    uplift_forest,
+)
+from services.console.identities import IdentityAnswerError, IdentityProfile, identity_profile
 from services.console.quality import (
     CounterRate,
     LatencyWindow,
@@ -51,18 +65,15 @@ from services.console.readmodel import (
     duration_in_words,
     open_complaints,
     reason_in_words,
-    score_chart,
 )
 from services.console.settings import ConsoleSettings
 from services.console.store import ReadModelStore
+from services.console.vendor import ECHARTS
 from services.identity.admin import hash_admin_key, is_admin
-from services.identity.customer360 import CustomerView, read_customer
-from services.identity.domain import GraphLayout
 from services.triggers.rules import Rule, ScoreCrossing
-from services.triggers.state_store import DeliveryLedger
 from touchstream.client_address import client_address
 from touchstream.failures import FailureCounter
-from touchstream.topics import ACTIONS, SCORES, TOUCHPOINTS_RAW, TOUCHPOINTS_RESOLVED
+from touchstream.topics import ACTION_DELIVERIES, ACTIONS, SCORES, TOUCHPOINTS_RAW, TOUCHPOINTS_RESOLVED
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +100,14 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
-STATIC_FILES = {"console.css": "text/css", "console.js": "text/javascript"}
+# Served by name from a fixed list (no request path ever reaches the filesystem): name -> (file, type, max age).
+# The chart library's URL carries its version (the pages link `?v=<version>`), so browsers may keep it a year.
+STATIC_FILES = {
+    "console.css": ("console.css", "text/css", 300),
+    "console.js": ("console.js", "text/javascript", 300),
+    "charts.js": ("charts.js", "text/javascript", 300),
+    "echarts.min.js": (f"vendor/{ECHARTS.name}", "text/javascript", 365 * 86_400),
+}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -110,12 +128,18 @@ STAGES = (
     Stage("scoring", "events scored", "touchstream_scoring_events_in_total", TOUCHPOINTS_RESOLVED.name),
     Stage("triggers", "scores evaluated", "touchstream_triggers_events_in_total", SCORES.name),
 )
-# Topics whose records carry ingest's received_at_ms: how long after ingest accepted an event it shows here.
+# Topics whose records carry ingest's received_at_ms: how long after ingest accepted an event it shows here
+# (a delivery outcome: how long until the receiver acknowledged the webhook).
 ARRIVALS = (
-    (TOUCHPOINTS_RESOLVED.name, "a touchpoint (after identity)"),
-    (SCORES.name, "a score (after scoring)"),
-    (ACTIONS.name, "an action (after triggers)"),
+    (TOUCHPOINTS_RESOLVED.name, "visible here as a touchpoint (after identity)"),
+    (SCORES.name, "visible here as a score (after scoring)"),
+    (ACTIONS.name, "visible here as an action (after triggers)"),
+    (ACTION_DELIVERIES.name, "webhook acknowledged (2xx)"),
 )
+
+
+# The console's own line on the pipeline charts: records it applied to the read model.
+CONSOLE_STAGE = "console"
 
 
 def _time(ms: int | None) -> str:
@@ -135,7 +159,10 @@ def template_env() -> jinja2.Environment:
     env.filters["time"] = _time
     env.filters["pct"] = _pct
     env.globals["reason_in_words"] = reason_in_words
+    env.globals["chart_library_version"] = ECHARTS.version
+    env.globals["line_table"] = line_table
     env.filters["duration"] = duration_in_words
+    env.filters["latency_ms"] = lambda ms: seconds_in_words(max(0, ms) / 1000)
     return env
 
 
@@ -160,6 +187,12 @@ def safe_next(target: str | None) -> str:
     if parts.scheme or parts.netloc or parts.path.startswith("//"):
         return "/overview"
     return target
+
+
+@cache
+def _static_bytes(path: str) -> bytes:
+    """A static file's bytes, read once (they only change with a new release)."""
+    return (HERE / "static" / path).read_bytes()
 
 
 def _json_object(response: httpx.Response) -> dict[str, Any]:
@@ -247,27 +280,35 @@ class LoginThrottle:
         await self.by_address.clear(address)
 
 
-class ConsoleWeb:
-    """Routes of the console over the read model, the identity graph and scoring's metrics."""
+@dataclass(frozen=True)
+class IdentityLookup:
+    """What identity's customer API said about a customer: its view, or why there is none to show."""
 
-    def __init__(self, store: ReadModelStore, settings: ConsoleSettings, layout: GraphLayout, rules: Sequence[Rule],
+    profile: IdentityProfile | None
+    problem: str | None = None  # None with no profile: identity does not know the customer
+
+
+class ConsoleWeb:
+    """Routes of the console over its read model, identity's customer API and the services' metrics."""
+
+    def __init__(self, store: ReadModelStore, settings: ConsoleSettings, rules: Sequence[Rule],
                  page_seconds: Histogram | None = None, feed_rate: RateMeter | None = None,
                  arrivals: LatencyWindow | None = None) -> None:
         self.store = store
         self.client = store.client
         self.settings = settings
-        self.layout = layout
         self.thresholds = rule_thresholds(rules)
         self.rules = {r.id: r for r in rules}
         self.sessions = Sessions(store.client, settings.key_prefix, settings.session_ttl_s)
         self.throttle = LoginThrottle(store.client, settings.key_prefix, settings.login_max_failures,
                                       settings.login_failure_window_s, settings.login_max_failures_per_account)
         self.templates = template_env()
-        self.ledger = DeliveryLedger(store.client, 0)
         self.page_seconds = page_seconds
         self.feed_rate = feed_rate
         self.arrivals = arrivals
         self.stage_rates = {stage.name: CounterRate() for stage in STAGES}
+        # The services' /metrics texts of the latest sample (the live overview reads these, never scrapes).
+        self.last_texts: dict[str, str | None] = {}
 
     def register(self, router: web.UrlDispatcher) -> None:
         """Add every route to `router` (the Faust worker's aiohttp app, or a test app)."""
@@ -281,6 +322,10 @@ class ConsoleWeb:
         router.add_get("/customers/{customer_id}",
                        self._secure(self._authed(self._timed("customer", self.customer_page))))
         router.add_get("/customers/{customer_id}/live", self._secure(self._authed(self.customer_live)))
+        router.add_get("/overview/live", self._secure(self._authed(self.overview_live)))
+        router.add_get("/overview/fragment", self._secure(self._authed(self.overview_fragment)))
+        router.add_get("/rules/live", self._secure(self._authed(self.rules_live)))
+        router.add_get("/rules/fragment", self._secure(self._authed(self.rules_fragment)))
         router.add_get("/customers/{customer_id}/fragment", self._secure(self._authed(self.customer_fragment)))
         router.add_get("/customers/{customer_id}/split", self._secure(self._authed(self.split_form)))
         router.add_post("/customers/{customer_id}/split", self._secure(self._authed(self.split, csrf=True)))
@@ -290,6 +335,8 @@ class ConsoleWeb:
         router.add_get("/v1/rules/{rule_id}/outcomes", self._secure(self._authed(self.rule_outcomes_json,
                                                                                   api=True)))
         router.add_get("/static/{name}", self._secure(self.static))
+        # Browsers ask for one on every page; "no content" keeps their consoles free of a 404.
+        router.add_get("/favicon.ico", self._secure(self.no_icon))
 
     # -- plumbing -------------------------------------------------------------------------------------
 
@@ -343,13 +390,18 @@ class ConsoleWeb:
         return web.Response(text=body, content_type="text/html", charset="utf-8", status=status)
 
     async def static(self, request: web.Request) -> web.StreamResponse:
-        """Serve the console's own stylesheet and script (a fixed list: no path ever reaches the filesystem)."""
-        content_type = STATIC_FILES.get(request.match_info["name"])
-        if content_type is None:
+        """Serve the console's stylesheet, scripts and the vendored chart library (a fixed list), compressed."""
+        found = STATIC_FILES.get(request.match_info["name"])
+        if found is None:
             raise web.HTTPNotFound()
-        body = (HERE / "static" / request.match_info["name"]).read_bytes()
-        return web.Response(body=body, content_type=content_type, charset="utf-8",
-                            headers={"Cache-Control": "public, max-age=300"})
+        path, content_type, max_age_s = found
+        response = web.Response(body=_static_bytes(path), content_type=content_type, charset="utf-8",
+                                headers={"Cache-Control": f"public, max-age={max_age_s}"})
+        response.enable_compression()
+        return response
+
+    async def no_icon(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(status=204, headers={"Cache-Control": "public, max-age=86400"})
 
     # -- login ----------------------------------------------------------------------------------------
 
@@ -452,23 +504,45 @@ class ConsoleWeb:
             raise web.HTTPSeeOther(f"/customers/{quote(customer_id, safe='')}")
         return self._page("search.html", session, status=502, error=message)
 
-    async def _call_identity(self, method: str, path: str, **request: Any) -> httpx.Response:
+    async def _call_identity(self, method: str, path: str, timeout_s: float = 10.0, **request: Any) -> httpx.Response:
         """Send one request to identity's customer API with the console's admin key (raises httpx.HTTPError)."""
         key = self.settings.identity_admin_key.get_secret_value()
-        async with httpx.AsyncClient(timeout=10.0, verify=_tls_context()) as http:
+        async with httpx.AsyncClient(timeout=timeout_s, verify=_tls_context()) as http:
             return await http.request(method, f"{self.settings.identity_url}{path}",
                                       headers={"Authorization": f"Bearer {key}"}, **request)
 
+    async def identity_lookup(self, customer_id: str) -> IdentityLookup:
+        """Ask identity's `GET /v1/customers/{id}` for the customer's identifiers; never raise: the page
+        shows what it has and says why identity's part is missing."""
+        if not self.settings.identity_url:
+            return IdentityLookup(None, "Set TOUCHSTREAM_CONSOLE_IDENTITY_URL to show the identifiers identity holds.")
+        try:
+            response = await self._call_identity("GET", f"/v1/customers/{quote(customer_id, safe='')}",
+                                                 timeout_s=self.settings.identity_timeout_s)
+        except httpx.HTTPError as exc:
+            return IdentityLookup(None, f"identity did not answer ({type(exc).__name__}); the identifiers are not "
+                                        "shown. Reload to try again.")
+        if response.status_code == 404:
+            return IdentityLookup(None)
+        if response.status_code in (401, 403):
+            return IdentityLookup(None, "identity refused the console's admin key "
+                                        "(TOUCHSTREAM_CONSOLE_IDENTITY_ADMIN_KEY).")
+        if response.status_code != 200:
+            return IdentityLookup(None, f"identity could not show this customer (HTTP {response.status_code}).")
+        try:
+            return IdentityLookup(identity_profile(response.json()))
+        except (ValueError, IdentityAnswerError) as exc:
+            log.warning("identity's customer view was not understood: %s", exc)
+            return IdentityLookup(None, f"identity's answer was not understood ({exc}).")
+
     async def _customer_context(self, customer_id: str) -> dict[str, Any] | None:
         record = await self.store.customer(customer_id)
-        identity: CustomerView | None = await read_customer(self.client, self.layout, record.customer_id)
-        if not record.known and identity is None:
-            return None
-        fired = [a.action_id for a in record.actions if a.outcome == "fired"]
-        record.delivered = await self.ledger.delivered(fired)
+        identity = await self.identity_lookup(record.customer_id)
+        if not record.known and identity.profile is None:
+            return None  # neither the read model nor identity knows it (or identity cannot say)
         points = [(s.event_time_ms, s.churn_risk, s.purchase_propensity) for s in record.scores]
         marks = [(a.event_time_ms, a.outcome, a.rule_id) for a in record.actions]
-        chart = score_chart(points, [(f"{rid} ({score} {value:g})", value) for rid, score, value in self.thresholds],
+        chart = score_lines(points, [(f"{rid} ({score} {value:g})", value) for rid, score, value in self.thresholds],
                             marks)
         complaints = open_complaints(record.timeline, int(time.time() * 1000))
         return {"c": record, "identity": identity, "chart": chart, "latest": record.latest_score,
@@ -490,19 +564,24 @@ class ConsoleWeb:
         return self._page("customer_live.html", session, **context)
 
     async def customer_live(self, request: web.Request, session: Session) -> web.StreamResponse:
-        """Server-Sent Events: say `changed` whenever the customer's timeline, scores or actions change."""
+        """Server-Sent Events: say `changed` whenever anything the customer's page shows changes."""
         customer_id = request.match_info["customer_id"]
+        return await self._changes(request, lambda: self.store.change_marker(customer_id))
+
+    async def _changes(self, request: web.Request, marker: Callable[[], Awaitable[str]]) -> web.StreamResponse:
+        """Server-Sent Events: `changed` each time `marker()` gives something new (polled every live_poll_s)."""
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
                                                **{k: v for k, v in SECURITY_HEADERS.items() if k != "Cache-Control"}})
+        # The state the page was drawn from is taken before the client hears back, so no change slips between.
+        last = await marker()
         await response.prepare(request)
-        last = await self.store.change_marker(customer_id)
         await response.write(b"retry: 2000\n\n")
         try:
             while True:
                 await asyncio.sleep(self.settings.live_poll_s)
-                marker = await self.store.change_marker(customer_id)
-                if marker != last:
-                    last = marker
+                current = await marker()
+                if current != last:
+                    last = current
                     await response.write(b"event: changed\ndata: {}\n\n")
                 else:
                     await response.write(b": keep-alive\n\n")
@@ -632,7 +711,25 @@ class ConsoleWeb:
             total = counter_total(text, stage.metric, {"topic": stage.topic}) if text is not None else None
             if total is not None:
                 self.stage_rates[stage.name].add(total, now)
-        return {stage.name: text for stage, text in zip(STAGES, texts, strict=True)}
+        self.last_texts = {stage.name: text for stage, text in zip(STAGES, texts, strict=True)}
+        await self.store.record_pipeline_sample(self._pipeline_sample(now))
+        return self.last_texts
+
+    def _pipeline_sample(self, now_s: float) -> PipelineSample:
+        """This minute of the pipeline, for the overview's last hour: rates, latencies over the last minute, quality."""
+        rates = {stage.name: self.stage_rates[stage.name].per_second(now_s) for stage in STAGES}
+        rates[CONSOLE_STAGE] = self.feed_rate.per_second(now_s) if self.feed_rate is not None else None
+        latency = {}
+        for topic, label in ARRIVALS:
+            seen = self.arrivals.quantiles(topic, now_s) if self.arrivals is not None else None
+            if seen is not None:
+                latency[label] = {str(q): v for q, v in seen[1].items()}
+        scoring = self.last_texts.get("scoring")
+        quality = model_quality(scoring) if scoring is not None else None
+        learned = quality is not None and bool(quality.examples_learned)
+        return PipelineSample(int(now_s // 60), rates, latency, {
+            key: getattr(quality, key) if learned else None
+            for key in ("roc_auc", "log_loss", "brier", "calibration_error")})
 
     def _arrival_rows(self, now_s: float) -> list[tuple[str, int, dict[float, str]]]:
         rows = []
@@ -642,27 +739,42 @@ class ConsoleWeb:
                 rows.append((label, seen[0], {q: seconds_in_words(v) for q, v in seen[1].items()}))
         return rows
 
-    async def overview(self, request: web.Request, session: Session) -> web.StreamResponse:
+    async def _overview_context(self, texts: dict[str, str | None]) -> dict[str, Any]:
         segments = await self.store.segments()
-        seg_names = sorted({s for s, _ in segments})
-        stage_names = sorted({st for _, st in segments})
-        texts = await self.sample_pipeline()
-        scoring, triggers = texts["scoring"], texts["triggers"]
+        scoring, triggers = texts.get("scoring"), texts.get("triggers")
         quality: ModelQuality | None = model_quality(scoring) if scoring is not None else None
         quantiles = latency_quantiles(triggers, "touchstream_triggers_event_to_webhook_seconds") if triggers else None
         latency = latency_words(quantiles) if quantiles else None
         now = time.time()
         feed = self.feed_rate.per_second(now) if self.feed_rate is not None else None
-        rates = [(stage, bool(self._metrics_url(stage.name)), texts[stage.name] is not None,
+        rates = [(stage, bool(self._metrics_url(stage.name)), texts.get(stage.name) is not None,
                   self.stage_rates[stage.name].per_second(now)) for stage in STAGES]
-        return self._page(
-            "overview.html", session, segments=segments, seg_names=seg_names, stage_names=stage_names,
-            customers=await self.store.customer_count(), dead_letters=await self.store.dead_letters(),
-            flow=(await self.store.segment_flow(30))[:20],
-            quality=quality, quality_configured=bool(self.settings.scoring_metrics_url),
-            latency=latency, latency_configured=bool(self.settings.triggers_metrics_url), feed=feed,
-            rates=rates, arrivals=self._arrival_rows(now),
-        )
+        flow = await self.store.segment_flow(30)
+        dead_letters = await self.store.dead_letters()
+        history = recent_samples(await self.store.pipeline_samples(), int(now // 60))
+        charts = {
+            "segments": segment_heatmap(segments), "flow": segment_sankey(flow),
+            "rates": rate_lines(history, [*(stage.name for stage in STAGES), CONSOLE_STAGE]),
+            "latency": latency_lines(history, [label for _, label in ARRIVALS]),
+            "quality": quality_lines(history), "dead_letters": dead_letter_bars(dead_letters),
+        }
+        return {"segments": segments, "seg_names": charts["segments"]["rows"],
+                "stage_names": charts["segments"]["columns"], "customers": await self.store.customer_count(),
+                "dead_letters": dead_letters, "flow": flow, "quality": quality,
+                "quality_configured": bool(self.settings.scoring_metrics_url), "latency": latency,
+                "latency_configured": bool(self.settings.triggers_metrics_url), "feed": feed, "rates": rates,
+                "arrivals": self._arrival_rows(now), "charts": charts}
+
+    async def overview(self, request: web.Request, session: Session) -> web.StreamResponse:
+        return self._page("overview.html", session, **await self._overview_context(await self.sample_pipeline()))
+
+    async def overview_fragment(self, request: web.Request, session: Session) -> web.StreamResponse:
+        # The sampler's latest scrape (every pipeline_sample_s): a live page never scrapes the services itself.
+        return self._page("overview_live.html", session, **await self._overview_context(self.last_texts))
+
+    async def overview_live(self, request: web.Request, session: Session) -> web.StreamResponse:
+        """Server-Sent Events: `changed` whenever the overview's numbers change (the pipeline's every sample)."""
+        return await self._changes(request, self.store.overview_marker)
 
     async def outcomes_clock(self) -> int:
         """The "now" that closes attribution windows: the newest event time the read model applied.
@@ -691,6 +803,7 @@ class ConsoleWeb:
             "rule_id": rule_id,
             "fired": counts.counts.get("fired", 0),
             "held_out": counts.counts.get("held_out", 0),
+            "backfill": counts.counts.get("backfill", 0),
             "suppressed": suppressed,
             "delivered": counts.delivered,
             "delivery_failed": counts.delivery_failed,
@@ -699,11 +812,21 @@ class ConsoleWeb:
             "outcome": outcome.to_json(),
         }
 
-    async def rules_page(self, request: web.Request, session: Session) -> web.StreamResponse:
+    async def _rules_context(self) -> dict[str, Any]:
         ids = sorted(set(await self.store.rule_ids()) | set(self.rules))
         now = await self.outcomes_clock()
         rows = [await self.rule_outcomes(rule_id, now) for rule_id in ids]
-        return self._page("rules.html", session, rows=rows, rules=self.rules, clock_ms=now)
+        return {"rows": rows, "rules": self.rules, "clock_ms": now, "forest": uplift_forest(rows)}
+
+    async def rules_page(self, request: web.Request, session: Session) -> web.StreamResponse:
+        return self._page("rules.html", session, **await self._rules_context())
+
+    async def rules_fragment(self, request: web.Request, session: Session) -> web.StreamResponse:
+        return self._page("rules_live.html", session, **await self._rules_context())
+
+    async def rules_live(self, request: web.Request, session: Session) -> web.StreamResponse:
+        """Server-Sent Events: `changed` whenever a rule's counts or outcome may have changed."""
+        return await self._changes(request, self.store.rules_marker)
 
     async def rule_outcomes_json(self, request: web.Request, session: Session) -> web.StreamResponse:
         rule_id = request.match_info["rule_id"]

@@ -8,6 +8,11 @@ import hashlib
 import hmac
 from collections.abc import Iterable
 
+DEV_ADMIN_KEY = "dev-admin-key"
+# sha256 of DEV_ADMIN_KEY: only hashes of admin keys are ever configured. Here rather than in the
+# settings so the console can default to the same key without loading identity's graph code.
+DEV_ADMIN_KEY_SHA256 = "df76ff796f70d2c9cb055ea6280553caa27eda26b70e01082c160de75a05a4a9"
+
 
 def hash_admin_key(key: str) -> str:
     """Return the stored form of an admin key.

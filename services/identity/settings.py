@@ -5,14 +5,13 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.identity.admin import DEV_ADMIN_KEY, DEV_ADMIN_KEY_SHA256
 from services.identity.domain import GraphRules
 from services.identity.matching import MatchSettings
 from touchstream.identifiers import DEFAULT_BLOCKLIST, STRONG_TYPES
 from touchstream.settings import Environment
 
-DEV_ADMIN_KEY = "dev-admin-key"
-# sha256 of DEV_ADMIN_KEY: only hashes of admin keys are ever configured.
-DEV_ADMIN_KEY_SHA256 = "df76ff796f70d2c9cb055ea6280553caa27eda26b70e01082c160de75a05a4a9"
+__all__ = ["DEV_ADMIN_KEY", "DEV_ADMIN_KEY_SHA256", "IdentitySettings"]
 
 
 class IdentitySettings(BaseSettings):

@@ -14,6 +14,7 @@ from redis.exceptions import RedisError
 
 from services.triggers.delivery import (
     ActionDelivery,
+    DeliveryEnded,
     FailedDelivery,
     WebhookSender,
     endpoint_refusal,
@@ -21,7 +22,7 @@ from services.triggers.delivery import (
 )
 from services.triggers.metrics import TriggersMetrics
 from services.triggers.rules import Rule, RuleSet, parse_rule_file
-from services.triggers.service import TriggersService, dead_letter_failed_deliveries
+from services.triggers.service import TriggersService, announce_deliveries, dead_letter_failed_deliveries
 from services.triggers.settings import TriggersSettings
 from services.triggers.state_store import ERASED_KEY, DeliveryLedger, DeliveryQueue, RuleStateStore
 from touchstream.privacy import ErasedCustomers
@@ -80,6 +81,11 @@ def build_app(core: CoreSettings, settings: TriggersSettings, registry: Collecto
     async def dead_letter(failures: Sequence[FailedDelivery]) -> None:
         await dead_letter_failed_deliveries(kernel.outbox(), failures)
 
+    async def announce_delivered(outcomes: Sequence[DeliveryEnded]) -> None:
+        outbox = kernel.outbox()
+        await announce_deliveries(outbox, outcomes)
+        await outbox.flush()
+
     delivery_queue = DeliveryQueue(redis)
     delivery = ActionDelivery(
         WebhookSender(http, settings.endpoints),
@@ -94,6 +100,7 @@ def build_app(core: CoreSettings, settings: TriggersSettings, registry: Collecto
         lease_s=settings.delivery_lease_s,
         poll_s=settings.dispatch_poll_s,
         schedule=settings.retry_schedule_s,
+        announce_delivered=announce_delivered,
         erased=erased,
     )
     service = TriggersService(rule_set, settings, redis, RuleStateStore(redis, settings.state_ttl_days * DAY_S),
@@ -106,7 +113,7 @@ def build_app(core: CoreSettings, settings: TriggersSettings, registry: Collecto
     @app.task
     async def deliver_due_actions() -> None:
         """The retry timer: deliver queued actions as they fall due, for as long as the worker runs."""
-        await kernel.start_producer()  # dead letters of failed deliveries go out through it
+        await kernel.start_producer()  # dead letters and delivery outcomes go out through it
         await delivery.run()
 
     @app.timer(interval=15.0)

@@ -232,6 +232,7 @@ class PostResult:
     verdict: Verdict
     detail: str
     retry_after_s: float | None = None
+    status: int | None = None  # the receiver's HTTP status; None when no answer came
 
 
 def sign(secrets: Sequence[str], webhook_id: str, timestamp: datetime, body: str) -> str:
@@ -268,16 +269,50 @@ class WebhookSender:
         except (ConnectError, Timeout, ProtocolError) as exc:
             return PostResult(Verdict.RETRY, f"{type(exc).__name__}: {exc}"[:200])
         return PostResult(verdict_for_status(response.status_code), f"HTTP {response.status_code}",
-                          retry_after_s(response.headers.get("retry-after"), self._clock()))
+                          retry_after_s(response.headers.get("retry-after"), self._clock()), response.status_code)
+
+
+@dataclass(frozen=True)
+class DeliveryEnded:
+    """How one fired action's delivery ended, as `actions.deliveries` tells it (schema ActionDeliveryEnded)."""
+
+    action: Mapping[str, Any]
+    outcome: str  # "delivered" or "dead_lettered"
+    attempts: int  # HTTP requests made, the last included
+    status: int | None  # the last answer's HTTP status; None without an answer
+    reason: str | None  # why it was dead-lettered
+    ended_at_ms: int
+
+    def record(self) -> dict[str, Any]:
+        """Return the ActionDeliveryEnded Avro record.
+
+        >>> action = {"action_id": "act_1", "rule_id": "r", "customer_id": "c_1", "endpoint": "m",
+        ...           "event_time_ms": 1, "received_at_ms": 2, "created_at_ms": 3}
+        >>> DeliveryEnded(action, "delivered", 2, 204, None, 9).record()["attempts"]
+        2
+        """
+        action = self.action
+        return {"action_id": action["action_id"], "rule_id": action["rule_id"], "customer_id": action["customer_id"],
+                "endpoint": action["endpoint"], "outcome": self.outcome, "attempts": self.attempts,
+                "status": self.status, "reason": self.reason, "event_time_ms": action["event_time_ms"],
+                "received_at_ms": action["received_at_ms"], "created_at_ms": action["created_at_ms"],
+                "ended_at_ms": self.ended_at_ms}
 
 
 @dataclass(frozen=True)
 class FailedDelivery:
     action: Mapping[str, Any]
     reason: str
+    attempts: int = 0  # 0: it could not be sent at all (unknown or disabled endpoint)
+    status: int | None = None
+    failed_at_ms: int = 0
+
+    def ended(self) -> DeliveryEnded:
+        return DeliveryEnded(self.action, "dead_lettered", self.attempts, self.status, self.reason, self.failed_at_ms)
 
 
 DeadLetterSink = Callable[[Sequence[FailedDelivery]], Awaitable[None]]
+DeliveredSink = Callable[[Sequence[DeliveryEnded]], Awaitable[None]]
 
 
 class ActionDelivery:
@@ -287,6 +322,10 @@ class ActionDelivery:
     holds up the stream. The loop (`run`) claims due actions per endpoint, up to that
     endpoint's free request slots and only while its circuit lets requests through, so one
     slow or dead receiver never slows the others.
+
+    Every final outcome is told: an action given up on goes to `dead_letter` (with its tries and
+    last status), one a receiver acknowledged to `announce_delivered`, which the next scan calls
+    before the ledger write (see `dispatch_due`).
     """
 
     def __init__(
@@ -306,6 +345,7 @@ class ActionDelivery:
         schedule: tuple[float, ...] = RETRY_SCHEDULE_S,
         clock: Callable[[], float] = time.time,
         jitter: Callable[[], float] = random.random,
+        announce_delivered: DeliveredSink | None = None,
         erased: ErasedCustomers | None = None,
     ) -> None:
         self._sender = sender
@@ -332,6 +372,9 @@ class ActionDelivery:
         self._acknowledged: dict[str, list[tuple[str, int]]] = {}
         # Their ids, until written (also while a scan is writing them).
         self._unrecorded: set[str] = set()
+        self._announce_delivered = announce_delivered
+        # How each of those ended, until announced (action id -> outcome).
+        self._unannounced: dict[str, DeliveryEnded] = {}
 
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
@@ -358,9 +401,11 @@ class ActionDelivery:
         for action_id, action in fired.items():
             endpoint = action["endpoint"]
             if not self._sender.knows(endpoint):
-                failures.append(FailedDelivery(action, f"endpoint: {endpoint!r} is not registered"))
+                failures.append(FailedDelivery(action, f"endpoint: {endpoint!r} is not registered",
+                                               failed_at_ms=now_ms))
             elif endpoint in self._disabled:
-                failures.append(FailedDelivery(action, f"endpoint: {endpoint!r} is disabled (receiver answered 410)"))
+                failures.append(FailedDelivery(action, f"endpoint: {endpoint!r} is disabled (receiver answered 410)",
+                                               failed_at_ms=now_ms))
             else:
                 due_ms = max(now_ms, _not_before_ms(action))
                 by_endpoint.setdefault(endpoint, {})[action_id] = (_queue_state(action, 0, ""), due_ms)
@@ -404,6 +449,7 @@ class ActionDelivery:
         if not done:
             return
         try:
+            await self._announce(done)
             await self._queue.complete_many(done, self._ledger)
         except BaseException:
             # Keep them for the next scan; their leases keep them from being claimed meanwhile.
@@ -411,6 +457,15 @@ class ActionDelivery:
                 self._acknowledged.setdefault(endpoint, [])[:0] = items
             raise
         self._recorded(done)
+
+    async def _announce(self, done: Mapping[str, Sequence[tuple[str, int]]]) -> None:
+        """Hand the outcomes of acknowledged actions not yet announced to `announce_delivered`."""
+        ended = [self._unannounced[action_id] for items in done.values() for action_id, _ in items
+                 if action_id in self._unannounced]
+        if ended and self._announce_delivered is not None:
+            await self._announce_delivered(ended)
+        for outcome in ended:
+            self._unannounced.pop(outcome.action["action_id"], None)
 
     def _recorded(self, done: dict[str, list[tuple[str, int]]]) -> None:
         for items in done.values():
@@ -423,6 +478,10 @@ class ActionDelivery:
         acknowledged, self._acknowledged = self._acknowledged, {}
         written: dict[str, list[tuple[str, int]]] = {}
         try:
+            # Announced before the ledger write: a crash in between sends the webhook again (same
+            # webhook-id) and announces it again (same action id), where the other order could lose
+            # the announcement for good. While the broker is away this fails, and the scan with it.
+            await self._announce(acknowledged)
             started = await self._dispatch(acknowledged, written)
             await self._queue.complete_many(acknowledged, self._ledger)
         except BaseException:
@@ -538,31 +597,37 @@ class ActionDelivery:
             # trip for all). Until then the lease keeps the action from being claimed again.
             self._acknowledged.setdefault(endpoint, []).append((action_id, int(now_s * 1000)))
             self._unrecorded.add(action_id)
+            self._unannounced[action_id] = DeliveryEnded(action, "delivered", attempts, result.status, None,
+                                                         int(now_s * 1000))
             self._metrics.deliveries.labels(rule, endpoint, "succeeded").inc()
             self._metrics.event_to_webhook.labels(rule).observe(max(0.0, time.time() - action["received_at_ms"] / 1000))
             return
         self._metrics.attempts_failed.labels(endpoint, result.detail.split(":")[0][:40]).inc()
         if result.verdict is Verdict.DISABLE:
             breaker.record_success()  # the receiver answered; its circuit is not the problem
-            await self._disable(endpoint, result.detail, now_s)
+            await self._disable(endpoint, result.detail, now_s, {action_id: (attempts, result.status)})
             return
         # Dead-letter first, then forget: a crash in between retries rather than loses the action.
         if result.verdict is Verdict.GIVE_UP:
             breaker.record_success()
-            await self._give_up(action, f"webhook: {result.detail} after {attempts} tries", "rejected")
+            await self._give_up(FailedDelivery(action, f"webhook: {result.detail} after {attempts} tries", attempts,
+                                               result.status, int(now_s * 1000)), "rejected")
             await self._queue.remove(endpoint, action_id)
             return
         breaker.record_failure(now_s)
         due_s = next_retry_at(attempts, now_s, self._jitter(), result.retry_after_s, self._schedule)
         if due_s is None:
-            await self._give_up(action, f"webhook: {result.detail} after {attempts} tries", "exhausted")
+            await self._give_up(FailedDelivery(action, f"webhook: {result.detail} after {attempts} tries", attempts,
+                                               result.status, int(now_s * 1000)), "exhausted")
             await self._queue.remove(endpoint, action_id)
             return
-        if await self._queue.reschedule(endpoint, action_id, _queue_state(action, attempts, result.detail),
+        if await self._queue.reschedule(endpoint, action_id,
+                                        _queue_state(action, attempts, result.detail, result.status),
                                         int(due_s * 1000)):
             self._metrics.deliveries.labels(rule, endpoint, "retried").inc()
 
-    async def _disable(self, endpoint: str, detail: str, now_s: float) -> None:
+    async def _disable(self, endpoint: str, detail: str, now_s: float,
+                       just_tried: Mapping[str, tuple[int, int | None]]) -> None:
         reason = f"receiver answered {detail} (Gone)"
         await self._queue.disable(endpoint, json.dumps({"at_ms": int(now_s * 1000), "reason": reason}))
         self._disabled[endpoint] = reason
@@ -570,33 +635,43 @@ class ActionDelivery:
         log.warning("endpoint %r disabled: %s; its queued actions go to deadletter. Re-enable it by deleting the "
                     "Redis key %s: every worker resumes within %.1f s, no restart needed",
                     endpoint, reason, disabled_key(endpoint), self._poll_s)
-        await self._dead_letter_queue(endpoint, reason)
+        await self._dead_letter_queue(endpoint, reason, just_tried)
 
-    async def _dead_letter_queue(self, endpoint: str, reason: str) -> None:
-        """Send every action queued for a disabled endpoint to deadletter, then drop them from the queue."""
+    async def _dead_letter_queue(self, endpoint: str, reason: str,
+                                 just_tried: Mapping[str, tuple[int, int | None]] | None = None) -> None:
+        """Send every action queued for a disabled endpoint to deadletter, then drop them from the queue.
+
+        `just_tried`: tries and last status of actions whose latest try is not in their queue state yet.
+        """
         # Those a receiver acknowledged are delivered, not dead letters (their ledger write is on its way).
         queued = [(i, s) for i, s in await self._queue.all_queued(endpoint) if i not in self._unrecorded]
         if not queued:
             return
-        actions = [json.loads(s)["action"] for _, s in queued if s]
-        failures = [FailedDelivery(a, f"endpoint: {endpoint!r} disabled: {reason}") for a in actions]
+        now_ms = self._now_ms()
+        states = [json.loads(s) for _, s in queued if s]
+        failures = []
+        for state in states:
+            stored = (state["attempts"], state.get("last_status"))
+            attempts, status = (just_tried or {}).get(state["action"]["action_id"], stored)
+            failures.append(FailedDelivery(state["action"], f"endpoint: {endpoint!r} disabled: {reason}", attempts,
+                                           status, now_ms))
         for failure in failures:
             self._count_dead_letter(failure.action, "endpoint_disabled")
         await self._dead_letter(failures)
         await self._queue.remove_many(endpoint, [i for i, _ in queued])
 
-    async def _give_up(self, action: Mapping[str, Any], reason: str, kind: str) -> None:
-        self._count_dead_letter(action, kind)
-        await self._dead_letter([FailedDelivery(action, reason)])
+    async def _give_up(self, failure: FailedDelivery, kind: str) -> None:
+        self._count_dead_letter(failure.action, kind)
+        await self._dead_letter([failure])
 
     def _count_dead_letter(self, action: Mapping[str, Any], kind: str) -> None:
         self._metrics.deliveries.labels(action["rule_id"], action["endpoint"], "failed").inc()
         self._metrics.dead_lettered.labels(action["rule_id"], action["endpoint"], kind).inc()
 
 
-def _queue_state(action: Mapping[str, Any], attempts: int, last_error: str) -> str:
-    return json.dumps({"action": dict(action), "attempts": attempts, "last_error": last_error},
-                      separators=(",", ":"))
+def _queue_state(action: Mapping[str, Any], attempts: int, last_error: str, last_status: int | None = None) -> str:
+    return json.dumps({"action": dict(action), "attempts": attempts, "last_error": last_error,
+                       "last_status": last_status}, separators=(",", ":"))
 
 
 def _not_before_ms(action: Mapping[str, Any]) -> int:

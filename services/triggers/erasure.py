@@ -26,11 +26,9 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from services.triggers.state_store import TIMERS_KEY, DeliveryQueue, timer_member
-from touchstream.privacy import ErasedCustomers
+from touchstream.privacy import DELETED_RULE_ID, ErasedCustomers
 
 DELETED_TYPE = "customer.deleted"
-# The rule_id of a deletion notice: not a rule, but it names the action in metrics and the console.
-DELETED_RULE_ID = "customer.deleted"
 SCAN_COUNT = 1000
 
 

@@ -9,6 +9,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -17,6 +18,9 @@ import yaml
 from services.triggers.conditions import Condition, ConditionError, parse_condition
 from services.triggers.templates import PLACEHOLDERS, template_placeholders, unknown_placeholders
 
+# The rule file triggers evaluates unless TOUCHSTREAM_TRIGGERS_RULES_FILE names another; the console
+# reads the same file (through this module, the one parser) to draw the thresholds.
+DEFAULT_RULES_FILE = Path(__file__).resolve().parent.parent.parent / "deploy" / "rules" / "default.yaml"
 # The ScoreUpdate fields a crossing rule may watch.
 SCORE_NAMES = ("churn_risk", "purchase_propensity")
 CHANGE_FIELDS = ("segment", "stage")

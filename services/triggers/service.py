@@ -27,7 +27,7 @@ from services.triggers.crossing import (
     fire_due_timers,
     local_day,
 )
-from services.triggers.delivery import ActionDelivery, FailedDelivery
+from services.triggers.delivery import ActionDelivery, DeliveryEnded, FailedDelivery
 from services.triggers.erasure import DELETED_RULE_ID, deleted_ids, deletion_action_records, forget_customers
 from services.triggers.events import ScoreUpdated
 from services.triggers.metrics import TriggersMetrics
@@ -38,7 +38,7 @@ from touchstream import avro
 from touchstream.eventtime import DEFAULT_EVENT_TIME_TOLERANCE_S, event_time_ceiling_ms
 from touchstream.privacy import ErasedCustomers
 from touchstream.streams import Consumes, Outbox, Record
-from touchstream.topics import ACTIONS, CUSTOMER_DELETIONS, SCORES
+from touchstream.topics import ACTION_DELIVERIES, ACTIONS, CUSTOMER_DELETIONS, SCORES
 
 log = logging.getLogger(__name__)
 # A consumer lag longer than this many actions only costs an idempotent re-queue.
@@ -166,9 +166,11 @@ class TriggersService:
             originals.setdefault(action["action_id"], record)
         # A dead receiver never stalls this stream: delivery's own task does the HTTP. Actions about
         # erased customers (decided before the erasure, or read again) are not queued.
-        for failure in await self.delivery.enqueue(actions):
+        failures = await self.delivery.enqueue(actions)
+        for failure in failures:
             original = originals[failure.action["action_id"]]
             await outbox.dead_letter(ACTIONS.name, failure.reason, original.key, original.raw)
+        await announce_deliveries(outbox, [failure.ended() for failure in failures])
 
     async def forget_batch(self, records: list[Record], outbox: Outbox) -> None:
         """Erasures: forget the customers' states and queued actions, then send the deletion notices."""
@@ -193,8 +195,23 @@ class TriggersService:
 
 
 async def dead_letter_failed_deliveries(outbox: Outbox, failures: Sequence[FailedDelivery]) -> None:
-    """Send actions delivery gave up on to `deadletter`, each with its reason, acknowledged."""
+    """Send actions delivery gave up on to `deadletter`, each with its reason, and say so on
+    `actions.deliveries`; return once every record is acknowledged."""
     for failure in failures:
         original = avro.encode(ACTIONS.schema, dict(failure.action))
         await outbox.dead_letter(ACTIONS.name, failure.reason, failure.action["customer_id"].encode(), original)
+    await announce_deliveries(outbox, [failure.ended() for failure in failures])
     await outbox.flush()
+
+
+async def announce_deliveries(outbox: Outbox, outcomes: Sequence[DeliveryEnded]) -> None:
+    """Add how each action's delivery ended to `outbox` (topic actions.deliveries, keyed by customer id).
+
+    A `customer.deleted` notice is left out: it is about a customer just erased, and nobody
+    read-models it (its delivery shows in triggers' metrics).
+    """
+    for outcome in outcomes:
+        if outcome.action["rule_id"] == DELETED_RULE_ID:
+            continue
+        await outbox.send(ACTION_DELIVERIES, outcome.action["customer_id"],
+                          avro.encode(ACTION_DELIVERIES.schema, outcome.record()))

@@ -20,12 +20,9 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.triggers.rules import DEFAULT_RULES_FILE
 from services.triggers.ssrf import Network, allowlist_refusal, parse_network
 from services.triggers.webhooks import RETRY_SCHEDULE_S
-
-REPO_ROOT = Path(__file__).resolve().parent.parent.parent
-DEFAULT_RULES_FILE = REPO_ROOT / "deploy" / "rules" / "default.yaml"
-
 
 # The Standard Webhooks spec: a secret is 24 to 64 random bytes, sent as `whsec_` + base64.
 SECRET_PREFIX = "whsec_"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import re
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
@@ -20,12 +21,21 @@ from typing import Any
 import httpx
 import playwright.sync_api as playwright_api
 import pytest
+import redis.asyncio as aioredis
+from aiohttp import web
 from aiokafka import AIOKafkaProducer
 
+from services.console.charts import PipelineSample
+from services.console.readmodel import ActionTaken, DeadLettered, ScoreUpdated, TouchpointSeen
+from services.console.settings import ConsoleSettings
+from services.console.store import ReadModelStore
+from services.console.web import ConsoleWeb
 from services.identity.admin import hash_admin_key
 from services.identity.settings import DEV_ADMIN_KEY
+from services.triggers.rules import parse_rules
 from tests.stacks import ARTIFACTS, running_stack
 from touchstream import avro, local
+from touchstream.embedded import free_port
 from touchstream.topics import ACTIONS, SCORES, TOUCHPOINTS_RAW, TOUCHPOINTS_RESOLVED
 
 pytestmark = pytest.mark.integration
@@ -41,6 +51,14 @@ rules:
     action: {endpoint: marketing, template: {kind: retention_offer, churn_risk: "${scores.churn_risk}"}}
     cooldown_hours: 24
     holdout_percent: 0
+"""
+# Records every CSP violation and page error in the page itself (Playwright puts this script in before the
+# page's own, outside the page's CSP), so a test can read them back.
+WATCH_PAGE = """
+window.__cspViolations = [];
+document.addEventListener("securitypolicyviolation", function (e) {
+  window.__cspViolations.push(e.violatedDirective + " " + (e.blockedURI || "") + " " + (e.sample || ""));
+});
 """
 HOSTILE = {"note": "<script>window.__pwned = 1; alert(1)</script>",
            "img": "<img src=x onerror=\"window.__pwned = 2; alert(2)\">",
@@ -70,14 +88,20 @@ def browser() -> Iterator[Any]:
 @pytest.fixture
 def page(browser: Any, stack: local.StackState) -> Iterator[Any]:
     context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context.add_init_script(WATCH_PAGE)
     page = context.new_page()
     page.dialogs = []  # type: ignore[attr-defined]
     page.on("dialog", lambda dialog: (page.dialogs.append(dialog.message), dialog.dismiss()))  # type: ignore[attr-defined]
+    # Chromium reports a CSP violation on the console too: kept across navigations (the in-page list is per document).
+    page.csp = []  # type: ignore[attr-defined]
+    page.on("console", lambda message: page.csp.append(message.text)  # type: ignore[attr-defined]
+            if "Content Security Policy" in message.text else None)
     page.goto(f"{stack.url('console')}/login")
     page.fill("#key", ADMIN_KEY)
     page.click("button[type=submit]")
     page.wait_for_url("**/overview")
     yield page
+    assert page.csp == [] and page.evaluate("window.__cspViolations") == []  # type: ignore[attr-defined]
     context.close()
 
 
@@ -166,8 +190,9 @@ def test_customer_page_shows_the_merged_profile_score_action_and_live_updates(
     assert page.inner_text("#model-version").strip()
     actions = page.inner_text("#actions")
     assert "e2e-risk" in actions and "fired" in actions
-    assert page.locator("#score-chart polyline").count() == 2
-    assert page.locator("#score-chart text", has_text="e2e-risk (churn_risk 0.3)").count() == 1
+    # The risk/propensity chart is drawn, with the rule's threshold labelled on it.
+    playwright_api.expect(page.locator("#chart-scores[data-rendered] svg")).to_have_count(1, timeout=20_000)
+    assert page.locator("#chart-scores svg text", has_text="e2e-risk (churn_risk 0.3)").count() == 1
 
     # Attacker-controlled properties show as text and nothing runs.
     timeline = page.inner_text("#timeline")
@@ -194,6 +219,10 @@ def test_customer_page_shows_the_merged_profile_score_action_and_live_updates(
     playwright_api.expect(page.locator("#reasons li")).to_have_count(2, timeout=60_000)
     assert page.evaluate("window.__sameDocument") is True
     assert page.inner_text("#churn-risk") == "82.0%" and page.inner_text("#model-version") == "trained-v9"
+    # The swapped-in profile's chart is drawn again, with the new score as its newest point.
+    playwright_api.expect(page.locator("#chart-scores[data-rendered] svg")).to_have_count(1, timeout=20_000)
+    assert page.evaluate("echarts.getInstanceByDom(document.getElementById('chart-scores'))"
+                         ".getOption().series[0].data.at(-1)[1]") == 0.82
     reasons = page.inner_text("#reasons")
     assert "How overdue the next purchase is strongly raises churn risk" in reasons
     assert "Number of purchases slightly lowers churn risk" in reasons
@@ -422,3 +451,236 @@ def test_logged_out_browser_sees_the_login_page_only(stack: local.StackState, br
     assert session["httpOnly"] and session["sameSite"] == "Strict"
     assert anonymous.evaluate("document.cookie") == ""  # script cannot read the session
     context.close()
+
+
+# -- charts, on a console over a read model seeded with known numbers ---------------------------------------
+
+CHART_RULES = """
+rules:
+  - id: win-back
+    when: {score: churn_risk, crosses_above: 0.7, rearm_below: 0.6}
+    action: {endpoint: marketing}
+  - id: quiet
+    when: {score: churn_risk, crosses_above: 0.9, rearm_below: 0.8}
+    action: {endpoint: marketing}
+"""
+HOUR_MS = 3_600_000
+
+
+class SeededConsole:
+    """A console (the real pages) on its own event loop in a thread, over a read model seeded with known numbers."""
+
+    def __init__(self, redis_url: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.redis_url = redis_url
+        self.prefix = f"charts-{uuid.uuid4().hex[:8]}:"
+
+    def run(self, coroutine: Coroutine[Any, Any, Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=60)
+
+    async def start(self) -> None:
+        self.client = aioredis.from_url(self.redis_url)
+        self.store = ReadModelStore(self.client, self.prefix)
+        settings = ConsoleSettings(admin_keys=frozenset({hash_admin_key(ADMIN_KEY)}), key_prefix=self.prefix,
+                                   min_group_size=2, attribution_window_hours=1, live_poll_s=0.3)
+        self.pages = ConsoleWeb(self.store, settings, parse_rules(CHART_RULES))
+        app = web.Application()
+        self.pages.register(app.router)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+        await self.client.aclose()
+
+
+def seeded_updates(now_ms: int) -> list[Any]:
+    """Known numbers: segments, their changes, dead letters, two rules' outcomes, one customer's scores."""
+    t0 = now_ms - 10 * HOUR_MS
+    updates: list[Any] = []
+    for n, (segment, stage) in enumerate([("champion", "active")] * 3 + [("at_risk", "lapsing")] * 2
+                                         + [("new", "active")]):
+        updates.append(ScoreUpdated(f"c_seg{n}", f"s{n}", t0, 0.3, 0.7, segment, stage, "v1", (), {}))
+    updates.append(ScoreUpdated("c_seg0", "s0-later", t0 + HOUR_MS, 0.8, 0.2, "at_risk", "lapsing", "v1", (), {}))
+    updates += [DeadLettered("identity", "no usable identifier", f"d{n}") for n in range(3)]
+    updates.append(DeadLettered("ingest", "schema", "d-schema"))
+    # win-back: treated 4 (3 buy within the hour), hold-out 4 (1 buys): uplift 50 pp. quiet: too few.
+    for group, outcome, buyers in (("t", "fired", 3), ("h", "held_out", 1)):
+        for i in range(4):
+            cid = f"c_{group}{i}"
+            updates.append(ActionTaken(f"a-{cid}", "win-back", cid, outcome, None if outcome == "fired" else "holdout",
+                                       "marketing", t0, t0))
+            if i < buyers:
+                updates.append(TouchpointSeen(cid, f"buy-{cid}", t0 + 600_000, "track", "Order Completed", "web",
+                                              "t", 20.0, "EUR", None, None, {}, ()))
+    updates.append(ActionTaken("a-q", "quiet", "c_q", "fired", None, "marketing", t0, t0))
+    # One customer with a risk line crossing the threshold, an action fired and one held out.
+    updates += [ScoreUpdated("c_line", f"l{n}", t0 + n * HOUR_MS, risk, 1 - risk, "loyal", "active", "v2",
+                             (("overdue_ratio", 0.8),), {}) for n, risk in enumerate((0.2, 0.5, 0.75, 0.6))]
+    updates += [ActionTaken("a-line", "win-back", "c_line", "fired", None, "marketing", t0 + 2 * HOUR_MS, 0),
+                ActionTaken("a-line-q", "quiet", "c_line", "held_out", "holdout", "marketing", t0 + 3 * HOUR_MS, 0)]
+    return updates
+
+
+def seeded_samples(now_minute: int) -> list[PipelineSample]:
+    return [PipelineSample(now_minute - back, {"ingest": 100.0 + back, "identity": 99.0 + back, "scoring": 98.0,
+                                               "triggers": None, "console": 250.0},
+                           {"webhook acknowledged (2xx)": {"0.5": 0.2 + back / 100, "0.95": 0.5, "0.99": 0.9}},
+                           {"roc_auc": 0.7 + back / 100, "log_loss": 0.5, "brier": 0.2, "calibration_error": None})
+            for back in (4, 3, 2, 1)]  # the current minute is the console's own sampler's
+
+
+@pytest.fixture(scope="module")
+def seeded(redis_server: Any) -> Iterator[SeededConsole]:
+    console = SeededConsole(f"redis://127.0.0.1:{redis_server.port}/0")
+    console.run(console.start())
+    now_ms = int(time.time() * 1000)
+    console.run(console.store.apply(seeded_updates(now_ms)))
+    for sample in seeded_samples(now_ms // 60_000):
+        console.run(console.store.record_pipeline_sample(sample))
+    yield console
+    console.run(console.stop())
+    console.loop.call_soon_threadsafe(console.loop.stop)
+
+
+@pytest.fixture
+def chart_page(browser: Any, seeded: SeededConsole) -> Iterator[Any]:
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context.add_init_script(WATCH_PAGE)
+    page = context.new_page()
+    page.errors = []  # type: ignore[attr-defined]
+    page.on("pageerror", lambda error: page.errors.append(str(error)))  # type: ignore[attr-defined]
+    page.on("console", lambda message: page.errors.append(  # type: ignore[attr-defined]
+        f"{message.text} ({message.location.get('url')})") if message.type == "error" else None)
+    page.goto(f"{seeded.url}/login")
+    page.fill("#key", ADMIN_KEY)
+    page.click("button[type=submit]")
+    page.wait_for_url("**/overview")
+    yield page
+    assert page.evaluate("window.__cspViolations") == []
+    assert page.errors == []  # type: ignore[attr-defined]
+    context.close()
+
+
+def charts_drawn(page: Any, names: list[str]) -> None:
+    """Wait until each named chart is drawn (an svg in it), then hover each: tooltips must not break the CSP."""
+    for name in names:
+        playwright_api.expect(page.locator(f"#chart-{name}[data-rendered] svg")).to_have_count(1, timeout=20_000)
+        page.hover(f"#chart-{name}")
+    assert page.evaluate("window.__cspViolations") == []
+
+
+def option(page: Any, name: str) -> Any:
+    """The option ECharts draws the chart with (read through the page, as a user's browser has it)."""
+    return page.evaluate(f"echarts.getInstanceByDom(document.getElementById('chart-{name}')).getOption()")
+
+
+def table(page: Any, selector: str) -> list[list[str]]:
+    """The cells of a table, row by row (read from the DOM: the table is in a closed <details>)."""
+    return page.evaluate(f"""Array.from(document.querySelectorAll('{selector} tbody tr')).map(
+        r => Array.from(r.children).map(c => c.textContent.trim()))""")
+
+
+def test_overview_charts_draw_the_read_models_numbers_and_their_tables_agree(chart_page: Any,
+                                                                            seeded: SeededConsole) -> None:
+    page = chart_page
+    charts_drawn(page, ["segments", "flow", "rates", "latency", "quality", "dead-letters"])
+    segments = seeded.run(seeded.store.segments())
+    assert segments == {("champion", "active"): 2, ("at_risk", "lapsing"): 3, ("new", "active"): 1,
+                        ("loyal", "active"): 1}
+    # Heatmap: every cell is a (stage, segment) count of the read model, and so is the table.
+    heat = option(page, "segments")
+    columns, rows = heat["xAxis"][0]["data"], heat["yAxis"][0]["data"]
+    drawn = {(rows[y], columns[x]): n for x, y, n in heat["series"][0]["data"]}
+    assert drawn == segments
+    tabled = {(row[0], stage): int(n) for row in table(page, "#segments")
+              for stage, n in zip(columns, row[1:-1], strict=True) if int(n)}
+    assert tabled == segments
+    # The numbers are one click away: the table is folded until its summary is clicked.
+    assert not page.locator("#numbers-segments").evaluate("d => d.open")
+    page.click("#numbers-segments summary")
+    assert page.locator("#segments").is_visible()
+    # Sankey: the flow's links are the table's rows.
+    flow = seeded.run(seeded.store.segment_flow(30))
+    links = {(link["source"], link["target"]): link["value"] for link in option(page, "flow")["series"][0]["links"]}
+    # Seven customers arrived (c_seg0's two scores came in one batch: it arrives at risk straight away).
+    assert sum(links.values()) == sum(n for _, _, n in flow) == 7
+    assert links[("from new customer", "to at_risk · lapsing")] == 3
+    assert sorted((r[0], r[1], int(r[2])) for r in table(page, "#flow")) == sorted(
+        (b.replace("|", " · ") if b else "new customer", a.replace("|", " · "), n) for b, a, n in flow)
+    # Events/s of the last hour: one point a minute per stage, as the ring buffer holds them, as the table says.
+    samples = seeded_samples(int(time.time() * 1000) // 60_000)
+    rates = {s["name"]: s["data"] for s in option(page, "rates")["series"]}
+    assert set(rates) == {"ingest", "identity", "scoring", "console"}  # triggers had no rate
+    assert [v for _, v in rates["ingest"]] == [s.rates["ingest"] for s in samples]
+    rate_rows = table(page, "#rates-history")
+    assert [float(r[1]) for r in rate_rows] == [s.rates["ingest"] for s in samples]
+    # Latency quantiles and model quality likewise.
+    latency = {s["name"]: [v for _, v in s["data"]] for s in option(page, "latency")["series"]}
+    assert latency["webhook acknowledged (2xx) p50"] == [  # seconds, to the 0.1 ms
+        round(s.latency["webhook acknowledged (2xx)"]["0.5"], 4) for s in samples]
+    quality = {s["name"]: [v for _, v in s["data"]] for s in option(page, "quality")["series"]}
+    assert quality["ROC AUC"] == [round(s.quality["roc_auc"], 4) for s in samples]
+    assert "calibration error" not in quality
+    # Dead letters by reason: bars, and the same counts in the table.
+    bars = option(page, "dead-letters")
+    assert dict(zip(bars["yAxis"][0]["data"], bars["series"][0]["data"], strict=True)) == {
+        "identity: no usable identifier": 3, "ingest: schema": 1}
+    assert table(page, "#dead-letters") == [["identity", "no usable identifier", "3"], ["ingest", "schema", "1"]]
+    page.screenshot(path=str(ARTIFACTS / "console-charts-overview.png"), full_page=True)
+
+
+def test_overview_charts_follow_the_read_model_live(chart_page: Any, seeded: SeededConsole) -> None:
+    page = chart_page
+    charts_drawn(page, ["dead-letters"])
+    page.evaluate("window.__sameDocument = true")
+    seeded.run(seeded.store.apply([DeadLettered("scoring", "bad feature", "d-live")]))
+    playwright_api.expect(page.locator("#dead-letters")).to_contain_text("bad feature", timeout=20_000)
+    charts_drawn(page, ["dead-letters"])
+    assert "scoring: bad feature" in option(page, "dead-letters")["yAxis"][0]["data"]
+    assert page.evaluate("window.__sameDocument") is True  # refreshed in place, not reloaded
+
+
+def test_rules_forest_plot_draws_each_rules_uplift_and_interval_as_the_api_says(chart_page: Any,
+                                                                                seeded: SeededConsole) -> None:
+    page = chart_page
+    page.goto(f"{seeded.url}/rules")
+    charts_drawn(page, ["forest"])
+    forest = option(page, "forest")
+    assert forest["yAxis"][0]["data"] == ["win-back"]  # quiet has too few customers for an interval
+    outcome = httpx.get(f"{seeded.url}/v1/rules/win-back/outcomes",
+                        headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10).json()["outcome"]
+    assert (outcome["treated"], outcome["holdout"]) == (5, 4) and outcome["enough_data"]
+    interval = {s["name"]: s["data"] for s in forest["series"]}
+    assert interval["95% interval"] == [[round(100 * outcome["ci_low"], 2), round(100 * outcome["ci_high"], 2), 0]]
+    assert interval["uplift"] == [[round(100 * outcome["uplift"], 2), "win-back"]]
+    assert interval["treated conversion"] == [[round(100 * outcome["treated_rate"], 2), "win-back"]]
+    [row] = table(page, "#forest-numbers")
+    assert row == ["win-back", *(str(round(100 * outcome[k], 2)) for k in (
+        "treated_rate", "holdout_rate", "uplift", "ci_low", "ci_high"))]
+    assert "quiet" in page.inner_text("#forest-waiting")
+    page.screenshot(path=str(ARTIFACTS / "console-charts-rules.png"), full_page=True)
+
+
+def test_customer_chart_draws_risk_propensity_thresholds_and_actions(chart_page: Any, seeded: SeededConsole) -> None:
+    page = chart_page
+    page.goto(f"{seeded.url}/customers/c_line")
+    charts_drawn(page, ["scores"])
+    view = seeded.run(seeded.store.customer("c_line"))
+    drawn = {s["name"]: s for s in option(page, "scores")["series"]}
+    risk = [[s.event_time_ms, s.churn_risk] for s in view.scores]
+    assert drawn["churn risk"]["data"] == risk
+    assert drawn["purchase propensity"]["data"] == [[s.event_time_ms, s.purchase_propensity] for s in view.scores]
+    thresholds = {line["name"]: line["yAxis"] for line in drawn["churn risk"]["markLine"]["data"]}
+    assert thresholds == {"win-back (churn_risk 0.7)": 0.7, "quiet (churn_risk 0.9)": 0.9}
+    assert sorted(p["name"] for p in drawn["actions"]["data"]) == ["quiet: held out", "win-back: fired"]
+    assert [[int(r[0] != ""), float(r[1]), float(r[2])] for r in table(page, "#score-points")] == [
+        [1, s.churn_risk, s.purchase_propensity] for s in view.scores]
+    assert sorted(r[1:] for r in table(page, "#score-actions")) == [["quiet", "held out"], ["win-back", "fired"]]
+    assert page.locator("svg text", has_text="win-back (churn_risk 0.7)").count() == 1  # the threshold is labelled
+    page.screenshot(path=str(ARTIFACTS / "console-charts-customer.png"), full_page=True)

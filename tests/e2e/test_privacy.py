@@ -30,7 +30,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from services.console.store import CustomerRecord, ReadModelStore
+from services.console.entries import CustomerView
+from services.console.store import ReadModelStore
 from services.identity.domain import identifier_ref, lookup_identifier
 from services.ingest.app import record_key
 from services.ingest.segment import to_touchpoint
@@ -107,7 +108,7 @@ def metric(stack: local.StackState, service: str, name: str, **labels: str) -> f
     return total
 
 
-async def read_model(url: str, customer_id: str) -> CustomerRecord:
+async def read_model(url: str, customer_id: str) -> CustomerView:
     client = aioredis.from_url(url)
     try:
         return await ReadModelStore(client).customer(customer_id)

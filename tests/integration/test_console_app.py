@@ -1,4 +1,4 @@
-"""The console worker on the real broker and Valkey: records on five topics become the read model and pages."""
+"""The console worker on the real broker and Valkey: records on its topics become the read model and pages."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from services.console.store import ReadModelStore
 from services.identity.admin import hash_admin_key
 from touchstream import avro
 from touchstream.embedded import ManagedProcess, free_port, spawn
-from touchstream.topics import ACTIONS, DEADLETTER, IDENTITY_MERGES, SCORES, TOUCHPOINTS_RESOLVED
+from touchstream.topics import ACTION_DELIVERIES, ACTIONS, DEADLETTER, IDENTITY_MERGES, SCORES, TOUCHPOINTS_RESOLVED
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -81,6 +81,10 @@ async def test_records_on_every_topic_reach_the_read_model(worker: tuple[Managed
         (ACTIONS, b, {"action_id": f"act-{run}", "rule_id": f"rule-{run}", "customer_id": b, "outcome": "fired",
                       "reason": None, "endpoint": "marketing", "payload_json": "{}", "event_time_ms": t0 + 2000,
                       "received_at_ms": t0 + 2000, "created_at_ms": t0 + 2001}),
+        (ACTION_DELIVERIES, b, {"action_id": f"act-{run}", "rule_id": f"rule-{run}", "customer_id": b,
+                                "endpoint": "marketing", "outcome": "delivered", "attempts": 1, "status": 200,
+                                "reason": None, "event_time_ms": t0 + 2000, "received_at_ms": t0 + 2000,
+                                "created_at_ms": t0 + 2001, "ended_at_ms": t0 + 2300}),
         (IDENTITY_MERGES, a, {"merge_id": f"g-{run}", "survivor_id": a, "merged_id": b, "kind": "merge",
                               "reason": "shared_identifier", "identifiers": [], "event_time_ms": t0 + 3000}),
         (DEADLETTER, "ingest", {"source": "http", "stage": "ingest", "reason": f"schema{run}: bad", "key": None,
@@ -101,8 +105,9 @@ async def test_records_on_every_topic_reach_the_read_model(worker: tuple[Managed
     try:
         async def merged_and_complete() -> bool:
             assert process.alive(), "console worker exited; see test-artifacts/console-worker.log"
-            record = await store.customer(a)
-            return len(record.timeline) == 2 and bool(record.actions) and bool(record.merges)
+            record = await store.customer(b)  # b's hash becomes a redirect once a holds what it had
+            return (record.customer_id == a and len(record.timeline) == 2 and bool(record.actions)
+                    and bool(record.merges) and bool(record.deliveries))
 
         await wait_until(merged_and_complete, 90, "the read model")
         record = await store.customer(b)
@@ -110,6 +115,7 @@ async def test_records_on_every_topic_reach_the_read_model(worker: tuple[Managed
         assert [e.message_id for e in record.timeline] == [f"m2-{run}", f"m1-{run}"]
         assert record.latest_score is not None and record.latest_score.model_version == "v-test"
         assert [x.action_id for x in record.actions] == [f"act-{run}"]
+        assert record.deliveries[f"act-{run}"].delivered and record.deliveries[f"act-{run}"].status == 200
         await wait_until(lambda: _has_dead_letter(store, run), 30, "the dead letter count")
     finally:
         await client.aclose()
@@ -119,6 +125,7 @@ async def test_records_on_every_topic_reach_the_read_model(worker: tuple[Managed
         outcomes = (await http.get(f"/v1/rules/rule-{run}/outcomes", headers={"Authorization": f"Bearer {KEY}"})).json()
         # Fired a minute ago: its 7-day window is still open.
         assert outcomes["fired"] == 1 and outcomes["outcome"]["treated_open"] == 1
+        assert (outcomes["delivered"], outcomes["delivery_failed"]) == (1, 0)
         assert outcomes["outcome"]["treated"] == 0
         assert not outcomes["outcome"]["enough_data"]
         metrics = (await http.get("/metrics")).text

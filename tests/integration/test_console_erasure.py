@@ -7,7 +7,7 @@ import redis.asyncio as aioredis
 
 from services.console.readmodel import ActionTaken, CustomerDeleted, CustomersMerged, ScoreUpdated, TouchpointSeen
 from services.console.store import ReadModelStore
-from services.triggers.erasure import DELETED_RULE_ID
+from touchstream.privacy import DELETED_RULE_ID
 
 pytestmark = pytest.mark.integration
 

@@ -7,16 +7,16 @@ import time
 import pytest
 import redis.asyncio as aioredis
 
+from services.console.entries import ACTIONS_CAP, PURCHASES_CAP, SCORE_HISTORY_CAP, TIMELINE_CAP, DeliveryStatus
 from services.console.readmodel import (
     ActionTaken,
     CustomersMerged,
     DeadLettered,
-    DeliveryFailed,
+    DeliveryEnded,
     ScoreUpdated,
     TouchpointSeen,
 )
-from services.console.store import ReadModelStore
-from services.triggers.state_store import delivered_key
+from services.console.store import TRIM_SLACK, ReadModelStore
 
 pytestmark = pytest.mark.integration
 
@@ -48,7 +48,10 @@ async def test_timeline_is_newest_first_capped_at_200_and_idempotent(store: Read
     await store.apply(events[100:])  # an overlapping redelivery
     record = await store.customer("c_1")
     assert [e.message_id for e in record.timeline] == [f"m-c_1-{n}" for n in range(249, 49, -1)]
-    assert await store.client.hlen(store.ckey("c_1", "tle")) == 200  # trimmed bodies go too
+    # Stored: trimmed back to the cap once past it by the slack, oldest first (never more than cap + slack).
+    kept = sorted(int(name.split(b"-")[-1]) for name in await store.client.hkeys(store.ckey("c_1"))
+                  if name.startswith(b"t:"))
+    assert kept == list(range(250 - len(kept), 250)) and TIMELINE_CAP <= len(kept) <= TIMELINE_CAP + TRIM_SLACK
 
 
 async def test_scores_keep_history_and_the_latest_by_event_time_sets_the_segment(store: ReadModelStore) -> None:
@@ -82,7 +85,7 @@ async def test_a_merge_moves_timeline_scores_actions_and_rule_groups_to_the_surv
     await store.apply([merge])  # replayed: changes nothing
     survivor = await store.customer("c_a")
     assert [e.message_id for e in survivor.timeline] == ["m-c_b-4", "m-c_b-2", "m-c_a-1"]
-    assert [s.message_id for s in survivor.scores] == ["m-c_b-2"]
+    assert [(s.event_time_ms, s.churn_risk) for s in survivor.scores] == [(2000, 0.9)]
     assert [a.action_id for a in survivor.actions] == ["a-r1-c_b-2"]
     assert survivor.merges[0]["merged_id"] == "c_b"
     merged = await store.customer("c_b")
@@ -92,7 +95,8 @@ async def test_a_merge_moves_timeline_scores_actions_and_rule_groups_to_the_surv
     assert await store.converted(counts.holdout_at, 10_000) == 0  # the purchase at 2000 was not after the action
     assert await store.customer_count() == 1
     assert await store.segments() == {("loyal", "active"): 1}  # c_b's latest score now counts for c_a
-    assert not await store.client.exists(store.ckey("c_b", "tl"))
+    # What stays of c_b is a redirect to its survivor.
+    assert await store.client.hgetall(store.ckey("c_b")) == {b"into": b"c_a"}
 
 
 async def test_a_merge_into_a_customer_merged_on_since_lands_where_it_lives_now(store: ReadModelStore) -> None:
@@ -137,16 +141,25 @@ async def test_dead_letters_are_counted_once_per_record(store: ReadModelStore) -
     assert await store.dead_letters() == [("ingest", "schema", 2), ("identity", "no usable identifier", 1)]
 
 
-async def test_a_failed_delivery_shows_on_the_action_and_follows_a_merge(store: ReadModelStore) -> None:
-    await store.apply([action("c_b", "r", "fired", 1), action("c_c", "r", "fired", 1),
-                       DeadLettered("delivery", "endpoint", "d1",
-                                    DeliveryFailed("c_b", "a-r-c_b-1", "HTTP 500", "r"))])
-    assert (await store.customer("c_b")).failed == {"a-r-c_b-1": "HTTP 500"}
-    await store.client.set(delivered_key("a-r-c_c-1"), 1)  # what triggers writes on a receiver's 2xx
+def ended(cid: str, action_id: str, outcome: str, attempts: int = 1, status: int | None = 204,
+          reason: str | None = None) -> DeliveryEnded:
+    return DeliveryEnded(action_id, "r", cid, "marketing", outcome, attempts, status, reason, 1000, 1400)
+
+
+async def test_how_deliveries_ended_shows_on_the_actions_counts_once_and_follows_a_merge(
+        store: ReadModelStore) -> None:
+    failed = ended("c_b", "a-r-c_b-1", "dead_lettered", 10, 500, "webhook: HTTP 500 after 10 tries")
+    delivered = ended("c_c", "a-r-c_c-1", "delivered")
+    # The outcome may arrive before the action it is about (two topics): both orders end the same.
+    await store.apply([failed, action("c_b", "r", "fired", 1), action("c_c", "r", "fired", 1), delivered])
+    await store.apply([failed, delivered])  # replayed: counted once
+    failed_status = DeliveryStatus(False, 10, 500, 400, "webhook: HTTP 500 after 10 tries")
+    assert (await store.customer("c_b")).deliveries == {"a-r-c_b-1": failed_status}
+    assert (await store.customer("c_c")).deliveries == {"a-r-c_c-1": DeliveryStatus(True, 1, 204, 400)}
     counts = await store.rule_counts("r")
     assert (counts.delivered, counts.delivery_failed) == (1, 1)
     await store.apply([CustomersMerged("g", "c_a", "c_b", "merge", "shared_identifier", 2)])
-    assert (await store.customer("c_a")).failed == {"a-r-c_b-1": "HTTP 500"}
+    assert (await store.customer("c_a")).deliveries == {"a-r-c_b-1": failed_status}
 
 
 async def test_forget_leaves_no_trace_of_the_customer_or_the_ids_merged_into_it(store: ReadModelStore) -> None:
@@ -155,7 +168,7 @@ async def test_forget_leaves_no_trace_of_the_customer_or_the_ids_merged_into_it(
                        CustomersMerged("g-1", "c_x", "c_y", "merge", "shared_identifier", 3),
                        CustomersMerged("u-1", "c_k", "c_x", "unmerge", "operator", 4),
                        touch("c_keep", 5), score("c_keep", 5, 0.1), action("c_keep", "r", "fired", 5),
-                       DeadLettered("delivery", "endpoint", "d", DeliveryFailed("c_x", "a-r-c_x-1", "HTTP 500"))])
+                       ended("c_x", "a-r-c_x-1", "dead_lettered", 3, 500, "webhook: HTTP 500 after 3 tries")])
     assert await store.forget("c_y") == ["c_x", "c_y"]
     secrets = ("c_x", "c_y", "a-r-c_x-1", "a-r-c_y-2")
     found = []
@@ -177,7 +190,7 @@ async def test_forget_leaves_no_trace_of_the_customer_or_the_ids_merged_into_it(
     kept = await store.customer("c_keep")
     assert kept.timeline and kept.actions
     counts = await store.rule_counts("r")
-    assert counts.counts == {"fired": 1, "suppressed:cooldown": 0} and counts.treated_at == {"c_keep": 5000}
+    assert counts.counts == {"fired": 1} and counts.treated_at == {"c_keep": 5000}
     assert await store.segments() == {("loyal", "active"): 1}
 
 
@@ -206,7 +219,81 @@ async def test_a_batch_still_lands_after_redis_lost_its_scripts(store: ReadModel
     assert [e.message_id for e in record.timeline] == ["m-c_1-2", "m-c_1-1"]
     assert [s.event_time_ms for s in record.scores] == [1000, 2000]
     assert await store.segments() == {("at_risk", "lapsing"): 1}
-    assert await store.client.script_exists(store._add_to_log.sha, store._set_segment.sha) == [True, True]
+    assert await store.client.script_exists(store._apply_script.sha, store._set_segments.sha) == [True, True]
+
+
+async def test_one_customer_is_one_compact_hash_that_expires_without_records(redis_client: aioredis.Redis) -> None:
+    store = ReadModelStore(redis_client, customer_ttl_s=3_600)
+    purchase = TouchpointSeen("c_1", "m-c_1-1", 1000, "track", "Order Completed", "web", "test", 12.5, "EUR", None,
+                              None, {}, ("user_id",))  # what a pipeline event carries: no properties
+    await store.apply([purchase, score("c_1", 1, 0.4), action("c_1", "r", "fired", 1),
+                       ended("c_1", "a-r-c_1-1", "delivered")])
+    keys = {k.decode() async for k in redis_client.scan_iter(match="ts:console:c:*")}
+    assert keys == {store.ckey("c_1")}
+    # Every value within Redis's listpack limit: the whole hash is one compact listpack, not a hash table.
+    assert await redis_client.object("encoding", store.ckey("c_1")) == b"listpack"
+    assert 3_500 < await redis_client.ttl(store.ckey("c_1")) <= 3_600
+    view = await store.customer("c_1")
+    assert view.purchases_ms == [1000] and view.channels == [("web", 1000)]
+    assert view.latest_score is not None and view.latest_score.reasons == (("recency_days", 0.4),)
+
+
+async def test_score_points_and_actions_are_capped_and_a_dropped_actions_delivery_goes_with_it(
+        store: ReadModelStore) -> None:
+    await store.apply([score("c_1", n, 0.5) for n in range(260)])
+    # Past the cap and its slack: trimmed back to the cap, the oldest first, with their deliveries.
+    await store.apply([action("c_1", "r", "fired", n) for n in range(230)]
+                      + [ended("c_1", f"a-r-c_1-{n}", "delivered") for n in range(230)])
+    view = await store.customer("c_1")
+    assert [s.event_time_ms for s in view.scores] == [n * 1000 for n in range(260 - len(view.scores), 260)]
+    assert SCORE_HISTORY_CAP <= len(view.scores) <= SCORE_HISTORY_CAP + TRIM_SLACK
+    assert [a.action_id for a in view.actions] == [f"a-r-c_1-{n}" for n in range(229, 229 - ACTIONS_CAP, -1)]
+    assert set(view.deliveries) == {a.action_id for a in view.actions}
+    # A delivery that ends after its action was trimmed is dropped at the next trim too.
+    await store.apply([ended("c_1", "a-r-c_1-3", "delivered")]
+                      + [action("c_1", "r", "fired", n) for n in range(230, 230 + TRIM_SLACK + 1)])
+    view = await store.customer("c_1")
+    assert len(view.actions) == ACTIONS_CAP and set(view.deliveries) <= {a.action_id for a in view.actions}
+    counts = await store.rule_counts("r")
+    assert counts.counts == {"fired": 251} and counts.delivered == 231  # the tally is never trimmed
+
+
+async def test_the_newest_purchases_are_kept_for_rule_outcomes(store: ReadModelStore) -> None:
+    await store.apply([touch("c_1", n, amount=1.0) for n in range(PURCHASES_CAP + 10)])
+    await store.apply([touch("c_1", 5, amount=1.0)])  # a replay adds no second purchase
+    view = await store.customer("c_1")
+    assert view.purchases_ms == [n * 1000 for n in range(10, PURCHASES_CAP + 10)]
+
+
+async def test_a_rescore_without_a_segment_moves_the_risk_not_the_segment(store: ReadModelStore) -> None:
+    unexplained = ScoreUpdated("c_1", "m-c_1-2", 2000, 0.9, 0.1, "", "", "v1", (), {})  # an as-of rescore
+    await store.apply([score("c_1", 1, 0.3, "loyal", "active"), unexplained])
+    view = await store.customer("c_1")
+    assert view.latest_score is not None
+    assert (view.latest_score.churn_risk, view.latest_score.segment) == (0.9, "loyal")
+    assert view.latest_score.event_time_ms == 1000 and await store.segments() == {("loyal", "active"): 1}
+
+
+async def test_an_outcome_that_changes_moves_the_count_once(store: ReadModelStore) -> None:
+    # Dead-lettered, then delivered after all (a retry that was already on the wire): one count, the last.
+    await store.apply([action("c_1", "r", "fired", 1), ended("c_1", "a-r-c_1-1", "dead_lettered", 3, 500, "x")])
+    await store.apply([ended("c_1", "a-r-c_1-1", "delivered"), ended("c_1", "a-r-c_1-1", "delivered")])
+    counts = await store.rule_counts("r")
+    assert (counts.delivered, counts.delivery_failed) == (1, 0)
+    assert (await store.customer("c_1")).deliveries["a-r-c_1-1"].delivered
+
+
+async def test_the_newest_explained_score_replaces_the_reasons_and_an_older_one_is_ignored(
+        store: ReadModelStore) -> None:
+    three = (("overdue_ratio", 1.2), ("recency_days", 0.4), ("log_purchase_count", -0.2))
+    await store.apply([ScoreUpdated("c_1", "m-2", 2000, 0.8, 0.2, "at_risk", "lapsing", "v2", three, {})])
+    one = (("tenure_days", -0.5),)
+    await store.apply([ScoreUpdated("c_1", "m-3", 3000, 0.3, 0.7, "loyal", "active", "v3", one, {}),
+                       ScoreUpdated("c_1", "m-1", 1000, 0.9, 0.1, "lost", "lapsed", "v1", three, {})])  # late, older
+    latest = (await store.customer("c_1")).latest_score
+    assert latest is not None and (latest.segment, latest.model_version) == ("loyal", "v3")
+    assert latest.reasons == (("tenure_days", -0.5),)
+    assert await store.segments() == {("loyal", "active"): 1}
 
 
 async def test_a_record_stamped_in_2099_moves_the_event_clock_and_the_flow_no_further_than_the_tolerance(
@@ -222,3 +309,10 @@ async def test_a_record_stamped_in_2099_moves_the_event_clock_and_the_flow_no_fu
     # A real change after it still shows in the overview's flow, whose newest day is today's, not one in 2099.
     await store.apply([ScoreUpdated("c_3", "m-c_3", now_ms, 0.9, 0.1, "at_risk", "lapsing", "v1", (), {})])
     assert ("", "at_risk|lapsing", 1) in await store.segment_flow(30)
+
+
+async def test_a_backfill_decision_counts_apart_and_in_neither_group(store: ReadModelStore) -> None:
+    await store.apply([action("c_1", "r", "backfill", 1, "fired"), action("c_2", "r", "fired", 2)])
+    counts = await store.rule_counts("r")
+    assert counts.counts == {"backfill": 1, "fired": 1} and counts.treated_at == {"c_2": 2000}
+    assert counts.holdout_at == {}

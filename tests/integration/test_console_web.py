@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -13,28 +16,23 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from aiokafka import AIOKafkaProducer
 
+from services.console.charts import PipelineSample
 from services.console.quality import LatencyWindow, RateMeter
-from services.console.readmodel import ActionTaken, DeadLettered, DeliveryFailed, ScoreUpdated, TouchpointSeen
+from services.console.readmodel import ActionTaken, DeadLettered, DeliveryEnded, ScoreUpdated, TouchpointSeen
 from services.console.settings import ConsoleSettings
 from services.console.store import ReadModelStore
+from services.console.vendor import ECHARTS
 from services.console.web import CSP, LOGIN_COOKIE, SESSION_COOKIE, STAGES, ConsoleWeb, Lockout, LoginThrottle
 from services.identity.admin import hash_admin_key
-from services.identity.customer360 import find_customer
-from services.identity.domain import GraphLayout, GraphRules, ResolutionRequest, lookup_identifier, new_customer_id
-from services.identity.graph import IdentityGraph
-from services.identity.settings import IdentitySettings
 from services.triggers.rules import parse_rules
 from tests.integration.test_identity_service import ADMIN_KEY as IDENTITY_KEY
 from tests.integration.test_identity_service import identity_worker, producer, touchpoint  # noqa: F401 (fixtures)
 from tests.kafka_reading import collect
 from touchstream.embedded import free_port
-from touchstream.identifiers import DEFAULT_BLOCKLIST, STRONG_TYPES, InvalidIdentifier
 from touchstream.topics import TOUCHPOINTS_RAW, TOUCHPOINTS_RESOLVED
 
 pytestmark = pytest.mark.integration
 KEY = "console-test-key"
-HASH_KEY = b"console-test-pii-key"
-LAYOUT = GraphLayout("test:identity:{graph}:")
 RULES = parse_rules("""
 rules:
   - id: churn-high
@@ -49,7 +47,7 @@ HOSTILE = {"note": "<script>alert(1)</script>", "img": "<img src=x onerror=alert
 async def console(redis_client: aioredis.Redis) -> AsyncIterator[TestClient]:
     settings = ConsoleSettings(admin_keys=frozenset({hash_admin_key(KEY)}), min_group_size=2,
                                attribution_window_hours=1)
-    pages = ConsoleWeb(ReadModelStore(redis_client), settings, LAYOUT, RULES)
+    pages = ConsoleWeb(ReadModelStore(redis_client), settings, RULES)
     app = web.Application()
     pages.register(app.router)
     client = TestClient(TestServer(app))
@@ -118,8 +116,17 @@ async def test_static_files_are_a_fixed_list_with_nosniff(console: TestClient) -
     assert script.status == 200 and script.headers["Content-Type"].startswith("text/javascript")
     assert script.headers["X-Content-Type-Options"] == "nosniff"
     assert "EventSource" in await script.text()
-    for path in ("/static/..%2Fweb.py", "/static/web.py", "/static/%2e%2e%2fsettings.py"):
+    for path in ("/static/..%2Fweb.py", "/static/web.py", "/static/%2e%2e%2fsettings.py",
+                 "/static/vendor/echarts.min.js", "/static/echarts-LICENSE"):
         assert (await console.get(path)).status == 404, path
+    # The vendored chart library: its URL carries the version, so it is cached long, and sent compressed.
+    library = await console.get(f"/static/echarts.min.js?v={ECHARTS.version}", headers={"Accept-Encoding": "gzip"})
+    assert library.status == 200 and library.headers["Content-Encoding"] == "gzip"
+    assert library.headers["Cache-Control"] == "public, max-age=31536000"
+    assert hashlib.sha256(await library.read()).hexdigest() == ECHARTS.sha256
+    charts = await console.get("/static/charts.js")
+    assert charts.status == 200 and "renderMode" in await charts.text()
+    assert (await console.get("/favicon.ico")).status == 204
 
 
 async def test_a_post_without_the_csrf_token_is_refused(console: TestClient) -> None:
@@ -171,54 +178,70 @@ async def test_open_complaints_show_with_their_sla_clock(console: TestClient, re
     assert "parcel never arrived" not in section  # resolved
 
 
+ANN_HASH = "a1" * 32  # identity's keyed hash of ann@example.com (made up: the stub stands in for the HMAC)
+ANN_PHONE_HASH = "b2" * 32
+
+
 @pytest.fixture
-async def identity_lookup(redis_client: aioredis.Redis) -> AsyncIterator[tuple[str, list[dict[str, object]]]]:
-    """identity's POST /v1/customers/lookup stood in by a peer that does what identity does (normalise and
-    hash with the PII key, read the graph's owner) and records every request it gets; yields its URL and
-    the requests. (tests/e2e/test_console_browser.py searches through the real identity.)"""
+async def identity_api() -> AsyncIterator[tuple[str, list[dict[str, object]]]]:
+    """identity's customer API stood in by a peer that knows one customer: ann@example.com (any case and spacing,
+    as identity normalises) is c_7f3a. It records every request; yields its URL and the requests.
+    (test_the_console_finds_a_customer_through_the_real_identity_worker uses the real identity.)"""
     calls: list[dict[str, object]] = []
-    identity = web.Application()
+    view = {"customer_id": "c_7f3a", "looked_up_id": "c_7f3a", "first_seen_ms": 1000, "last_seen_ms": 2000,
+            "identities": [{"type": "email", "hash": ANN_HASH, "first_seen_ms": 1000, "last_seen_ms": 2000,
+                            "shared": False},
+                           {"type": "phone", "hash": ANN_PHONE_HASH, "first_seen_ms": 1500, "last_seen_ms": 1500,
+                            "shared": True}],
+            "merges": []}
 
     async def lookup(request: web.Request) -> web.Response:
         body = await request.json()
         calls.append({"path": request.path_qs, "authorization": request.headers.get("Authorization"), "body": body})
         wanted = body["identifier"]
-        try:
-            identifier = lookup_identifier(wanted["type"], wanted["value"], HASH_KEY, "US", DEFAULT_BLOCKLIST)
-        except InvalidIdentifier:
+        if "@" not in wanted["value"]:
             return web.json_response({"error": "identifier.value: is not a usable identifier of this type",
                                       "field": "identifier.value", "reason": "is not a usable identifier of this type"},
                                      status=400)
-        view = await find_customer(redis_client, LAYOUT, identifier)
-        if view is None:
+        if wanted["value"].strip().lower() != "ann@example.com":
             return web.json_response({"error": "no customer has this identifier"}, status=404)
-        return web.json_response(view.to_json())
+        return web.json_response(view)
 
+    async def customer(request: web.Request) -> web.Response:
+        calls.append({"path": request.path_qs, "authorization": request.headers.get("Authorization")})
+        if request.match_info["cid"] != "c_7f3a":
+            return web.json_response({"error": "unknown customer"}, status=404)
+        return web.json_response(view)
+
+    identity = web.Application()
     identity.router.add_post("/v1/customers/lookup", lookup)
+    identity.router.add_get("/v1/customers/{cid}", customer)
     server = TestServer(identity)
     await server.start_server()
     yield str(server.make_url("")).rstrip("/"), calls
     await server.close()
 
 
-async def test_a_typed_identifier_finds_the_customer_identity_resolved(
-        redis_client: aioredis.Redis, identity_lookup: tuple[str, list[dict[str, object]]]) -> None:
-    identity_url, calls = identity_lookup
-    graph = IdentityGraph(redis_client, LAYOUT, GraphRules(STRONG_TYPES, {"user_id": 1}, 5, 3), event_ttl_s=3600)
-    await graph.load_script()
-    # What identity would have stored for "Ann@Example.com": normalised, then keyed-hashed.
-    email = lookup_identifier("email", "ann@example.com", HASH_KEY, "US", DEFAULT_BLOCKLIST)
-    [resolution] = await graph.resolve([ResolutionRequest("m-1", 1000, (email,), new_customer_id([email]))])
-    cid = resolution.customer_id
+def delivery(action_id: str, cid: str, outcome: str, attempts: int, status: int | None,
+             reason: str | None = None) -> DeliveryEnded:
+    return DeliveryEnded(action_id, "churn-high", cid, "marketing", outcome, attempts, status, reason, 1000, 1250)
+
+
+async def test_a_typed_identifier_finds_the_customer_and_the_page_shows_identitys_view(
+        redis_client: aioredis.Redis, identity_api: tuple[str, list[dict[str, object]]]) -> None:
+    identity_url, calls = identity_api
+    cid = "c_7f3a"
     await ReadModelStore(redis_client).apply([
         ScoreUpdated(cid, "m-1", 1000, 0.82, 0.18, "at_risk", "lapsing", "v7", (("overdue_ratio", 1.4),), {}),
         ActionTaken("a-1", "churn-high", cid, "fired", None, "marketing", 1000, 1005),
         ActionTaken("a-2", "churn-high", cid, "fired", None, "marketing", 2000, 2005),
-        DeadLettered("delivery", "endpoint", "d", DeliveryFailed(cid, "a-2", "endpoint: HTTP 500 after 8 tries")),
+        ActionTaken("a-3", "churn-high", cid, "fired", None, "marketing", 3000, 3005),
+        delivery("a-2", cid, "dead_lettered", 8, 500, "webhook: HTTP 500 after 8 tries"),
+        delivery("a-3", cid, "delivered", 2, 204),
     ])
     settings = ConsoleSettings(admin_keys=frozenset({hash_admin_key(KEY)}), identity_url=identity_url,
                                identity_admin_key="identity-key")
-    pages = ConsoleWeb(ReadModelStore(redis_client), settings, LAYOUT, RULES)
+    pages = ConsoleWeb(ReadModelStore(redis_client), settings, RULES)
     app = web.Application()
     pages.register(app.router)
     async with TestClient(TestServer(app)) as console:
@@ -231,17 +254,67 @@ async def test_a_typed_identifier_finds_the_customer_identity_resolved(
         assert calls == [{"path": "/v1/customers/lookup", "authorization": "Bearer identity-key",
                           "body": {"identifier": {"type": "email", "value": "  ANN@example.com"}}}]
         page = await (await console.get(f"/customers/{cid}")).text()
-        assert email.value[:12] in page  # identity's view of the identities, hashed
+        # The identities come from identity's GET /v1/customers/{id}, with the same key.
+        assert calls[-1] == {"path": f"/v1/customers/{cid}", "authorization": "Bearer identity-key"}
+        identities = page[page.index('id="identities"'):page.index("</table>", page.index('id="identities"'))]
+        assert ANN_HASH[:12] in identities and ANN_PHONE_HASH[:12] in identities and "shared" in identities
+        assert f"/customers/{cid}/split?identifier=phone:{ANN_PHONE_HASH}" in identities
         assert "82.0%" in page and "v7" in page
         assert "How overdue the next purchase is strongly raises churn risk" in page
         assert "churn-high (churn_risk 0.7)" in page  # the rule threshold on the chart
+        # Delivery status, from actions.deliveries: pending, failed after 8 tries, delivered at the 2nd.
         assert "pending for marketing" in page
-        assert "failed: endpoint: HTTP 500 after 8 tries" in page
+        assert "failed: webhook: HTTP 500 after 8 tries" in page and "8 tries, last HTTP 500" in page
+        assert "delivered to marketing" in page and "2 tries, HTTP 204, 250 ms after ingest" in page
         missing = await console.post("/customers", data={"q": "email:nobody@example.com", "csrf": csrf})
         assert missing.status == 404 and "No customer has this identifier" in await missing.text()
         bad = await console.post("/customers", data={"q": "email:not-an-address", "csrf": csrf})
         assert bad.status == 400 and "identifier.value is not a usable identifier" in await bad.text()
         assert all("ann" not in str(call["path"]).lower() for call in calls)
+
+
+async def test_the_customer_page_says_why_identitys_view_is_missing_and_still_shows_the_rest(
+        redis_client: aioredis.Redis, identity_api: tuple[str, list[dict[str, object]]]) -> None:
+    identity_url, _ = identity_api
+    await ReadModelStore(redis_client).apply([
+        TouchpointSeen("c_7f3a", "m-1", 1000, "track", "Page Viewed", "web", "t", None, None, None, None, {}, ())])
+    broken = web.Application()
+
+    async def nonsense(request: web.Request) -> web.Response:
+        return web.json_response({"customer_id": "c_7f3a", "identities": [{"type": "email", "hash": "<b>x</b>"}]})
+
+    broken.router.add_get("/v1/customers/{cid}", nonsense)
+    broken_server = TestServer(broken)
+    await broken_server.start_server()
+    cases = {
+        None: "Set TOUCHSTREAM_CONSOLE_IDENTITY_URL to show the identifiers identity holds.",
+        f"http://127.0.0.1:{free_port()}": "identity did not answer (ConnectError)",
+        str(broken_server.make_url("")).rstrip("/"): "identity&#39;s answer was not understood "
+                                                     "(identities[0].hash is not a keyed hash)",
+    }
+    try:
+        for url, problem in cases.items():
+            settings = ConsoleSettings(admin_keys=frozenset({hash_admin_key(KEY)}), identity_url=url)
+            app = web.Application()
+            ConsoleWeb(ReadModelStore(redis_client), settings, RULES).register(app.router)
+            async with TestClient(TestServer(app)) as console:
+                await logged_in(console)
+                response = await console.get("/customers/c_7f3a")
+                page = await response.text()
+                assert response.status == 200 and problem in page, (url, page)
+                assert "Page Viewed" in page and 'id="identities"' not in page and "&lt;b&gt;" not in page
+    finally:
+        await broken_server.close()
+    # identity knows a customer the read model has not seen yet: the page shows identity's view.
+    await redis_client.flushdb()
+    settings = ConsoleSettings(admin_keys=frozenset({hash_admin_key(KEY)}), identity_url=identity_url)
+    app = web.Application()
+    ConsoleWeb(ReadModelStore(redis_client), settings, RULES).register(app.router)
+    async with TestClient(TestServer(app)) as console:
+        await logged_in(console)
+        page = await (await console.get("/customers/c_7f3a")).text()
+        assert ANN_HASH[:12] in page and "No touchpoints yet." in page
+        assert (await console.get("/customers/c_nobody")).status == 404
 
 
 async def test_searching_an_identifier_without_identity_says_what_is_missing(console: TestClient,
@@ -252,7 +325,7 @@ async def test_searching_an_identifier_without_identity_says_what_is_missing(con
     down = ConsoleSettings(admin_keys=frozenset({hash_admin_key(KEY)}),
                            identity_url=f"http://127.0.0.1:{free_port()}")
     app = web.Application()
-    ConsoleWeb(ReadModelStore(redis_client), down, LAYOUT, RULES).register(app.router)
+    ConsoleWeb(ReadModelStore(redis_client), down, RULES).register(app.router)
     async with TestClient(TestServer(app)) as client:
         csrf = await logged_in(client)
         response = await client.post("/customers", data={"q": "email:ann@example.com", "csrf": csrf})
@@ -288,7 +361,7 @@ async def test_overview_shows_segments_model_quality_and_dead_letters(redis_clie
                                triggers_metrics_url=str(scoring_server.make_url("/triggers-metrics")))
     feed = RateMeter()
     feed.add(120, time.time())
-    pages = ConsoleWeb(store, settings, LAYOUT, RULES, feed_rate=feed)
+    pages = ConsoleWeb(store, settings, RULES, feed_rate=feed)
     app = web.Application()
     pages.register(app.router)
     async with TestClient(TestServer(app)) as client:
@@ -319,7 +392,7 @@ async def test_split_asks_for_confirmation_then_calls_identity_with_the_admin_ke
     settings = ConsoleSettings(admin_keys=frozenset({hash_admin_key(KEY)}),
                                identity_url=str(identity_server.make_url("")).rstrip("/"),
                                identity_admin_key="identity-key")
-    pages = ConsoleWeb(ReadModelStore(redis_client), settings, LAYOUT, RULES)
+    pages = ConsoleWeb(ReadModelStore(redis_client), settings, RULES)
     app = web.Application()
     pages.register(app.router)
     ref = "phone:" + "ab" * 32
@@ -427,7 +500,7 @@ async def test_the_login_form_needs_its_csrf_token_bound_to_the_pre_session_cook
 async def test_failed_logins_are_rate_limited_per_address_with_retry_after(redis_client: aioredis.Redis) -> None:
     settings = ConsoleSettings(admin_keys=frozenset({hash_admin_key(KEY)}), login_max_failures=3,
                                login_failure_window_s=120)
-    pages = ConsoleWeb(ReadModelStore(redis_client), settings, LAYOUT, RULES)
+    pages = ConsoleWeb(ReadModelStore(redis_client), settings, RULES)
     app = web.Application()
     pages.register(app.router)
     async with TestClient(TestServer(app)) as client:
@@ -474,7 +547,7 @@ def throttled_console(redis_client: aioredis.Redis, **settings: object) -> web.A
     """A console with its own Redis prefix, so the failures it counts are this test's alone."""
     config = ConsoleSettings(admin_keys=frozenset({hash_admin_key(KEY)}), key_prefix=f"test:{uuid.uuid4().hex}:",
                              **settings)
-    pages = ConsoleWeb(ReadModelStore(redis_client), config, LAYOUT, RULES)
+    pages = ConsoleWeb(ReadModelStore(redis_client), config, RULES)
     app = web.Application()
     pages.register(app.router)
     return app
@@ -556,7 +629,7 @@ async def test_delete_asks_for_the_typed_id_then_calls_identity_with_the_admin_k
     def console_app(url: str | None) -> web.Application:
         settings = ConsoleSettings(admin_keys=frozenset({hash_admin_key(KEY)}), identity_url=url,
                                    identity_admin_key="identity-key")
-        pages = ConsoleWeb(ReadModelStore(redis_client), settings, LAYOUT, RULES)
+        pages = ConsoleWeb(ReadModelStore(redis_client), settings, RULES)
         app = web.Application()
         pages.register(app.router)
         return app
@@ -635,7 +708,7 @@ async def test_overview_shows_events_per_second_by_stage_and_latency_from_ingest
     now = time.time()
     for latency in (0.1, 0.2, 0.3, 0.4):
         arrivals.add("scores", latency, now)
-    pages = ConsoleWeb(ReadModelStore(redis_client), settings, LAYOUT, RULES,
+    pages = ConsoleWeb(ReadModelStore(redis_client), settings, RULES,
                        arrivals=arrivals)
     await pages.sample_pipeline(now - 10)
     for stage in totals:
@@ -689,8 +762,7 @@ async def test_the_console_finds_a_customer_through_the_real_identity_worker(
     settings = ConsoleSettings(admin_keys=frozenset({hash_admin_key(KEY)}),
                                identity_url=f"http://127.0.0.1:{identity_worker}", identity_admin_key=IDENTITY_KEY)
     app = web.Application()
-    ConsoleWeb(ReadModelStore(redis_client), settings, GraphLayout(IdentitySettings().graph_key_prefix),
-               RULES).register(app.router)
+    ConsoleWeb(ReadModelStore(redis_client), settings, RULES).register(app.router)
     async with TestClient(TestServer(app)) as client:
         csrf = await logged_in(client)
         found = await client.post("/customers", data={"q": f"email: {email.upper()}", "csrf": csrf},
@@ -698,3 +770,83 @@ async def test_the_console_finds_a_customer_through_the_real_identity_worker(
         assert found.status == 303 and found.headers["Location"] == f"/customers/{resolved['customer_id']}"
         missing = await client.post("/customers", data={"q": f"email:nobody.{run}@example.org", "csrf": csrf})
         assert missing.status == 404
+        # The read model here has not seen the customer; identity's GET /v1/customers/{id} shows its e-mail's hash.
+        page = await client.get(found.headers["Location"])
+        text = await page.text()
+        [hashed] = [i["value"] for i in resolved["event"]["identifiers"] if i["type"] == "email"]
+        assert page.status == 200 and hashed[:12] in text and email not in text
+
+
+async def next_event(response: Any, within_s: float = 10.0) -> str:
+    """Read a Server-Sent Events stream until an event (not a comment) arrives; return its name."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        line = (await asyncio.wait_for(response.content.readline(), timeout=within_s)).decode().strip()
+        if line.startswith("event: "):
+            return line[len("event: "):]
+    raise AssertionError("no event")
+
+
+async def test_the_overview_and_rules_pages_hear_of_changes_and_serve_their_fresh_parts(
+        redis_client: aioredis.Redis) -> None:
+    settings = ConsoleSettings(admin_keys=frozenset({hash_admin_key(KEY)}), live_poll_s=0.1, min_group_size=1)
+    store = ReadModelStore(redis_client)
+    app = web.Application()
+    ConsoleWeb(store, settings, RULES).register(app.router)
+    async with TestClient(TestServer(app)) as client:
+        await logged_in(client)
+        overview = await client.get("/overview/live")
+        assert overview.headers["Content-Type"] == "text/event-stream"
+        await store.apply([DeadLettered("scoring", "bad feature", "d-1")])
+        assert await next_event(overview) == "changed"
+        overview.close()
+        fragment = await (await client.get("/overview/fragment")).text()
+        assert "<html" not in fragment and "scoring: bad feature" in fragment and 'id="dead-letters"' in fragment
+        rules = await client.get("/rules/live")
+        await store.apply([ActionTaken("a-1", "churn-high", "c_1", "fired", None, "marketing", 1000, 1000)])
+        assert await next_event(rules) == "changed"
+        rules.close()
+        part = await (await client.get("/rules/fragment")).text()
+        assert '<tr data-rule="churn-high">' in part and '<td class="fired">1</td>' in part
+        assert (await client.get("/overview/fragment", allow_redirects=False)).status == 200
+    async with TestClient(TestServer(app)) as anonymous:  # a stranger gets the login, never the numbers
+        assert (await anonymous.get("/overview/fragment", allow_redirects=False)).status == 303
+        assert (await anonymous.get("/rules/live", allow_redirects=False)).status == 303
+
+
+async def test_each_sample_of_the_pipeline_is_kept_for_an_hour_and_shown_on_the_overview(
+        redis_client: aioredis.Redis) -> None:
+    scoring = web.Application()
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(text="touchstream_scoring_prequential_roc_auc_ratio 0.8125\n"
+                                 'touchstream_scoring_examples_learned_total{label="1"} 12.0\n'
+                                 'touchstream_scoring_events_in_total{topic="touchpoints.resolved"} 10.0\n')
+
+    scoring.router.add_get("/metrics", metrics)
+    server = TestServer(scoring)
+    await server.start_server()
+    store = ReadModelStore(redis_client)
+    arrivals = LatencyWindow()
+    now = time.time()
+    for latency in (0.1, 0.2, 0.3):
+        arrivals.add("scores", latency, now)
+    settings = ConsoleSettings(admin_keys=frozenset({hash_admin_key(KEY)}),
+                               scoring_metrics_url=str(server.make_url("/metrics")))
+    pages = ConsoleWeb(store, settings, RULES, arrivals=arrivals)
+    app = web.Application()
+    pages.register(app.router)
+    try:
+        old = PipelineSample(int(now // 60) - 61, {"ingest": 5.0})
+        await store.record_pipeline_sample(old)
+        await pages.sample_pipeline(now)
+        [sample] = await store.pipeline_samples()  # the one past the hour went when the new one came
+        assert sample.minute == int(now // 60) and sample.quality["roc_auc"] == 0.8125
+        assert sample.latency == {"visible here as a score (after scoring)": {"0.5": 0.2, "0.95": 0.3, "0.99": 0.3}}
+        async with TestClient(TestServer(app)) as client:
+            await logged_in(client)  # the overview samples again (the same minute: its latest sample wins)
+            page = await (await client.get("/overview/fragment")).text()
+    finally:
+        await server.close()
+    assert 'id="chart-quality"' in page and 'id="quality-history"' in page and "0.8125" in page
+    assert 'id="chart-latency"' in page and "visible here as a score (after scoring) p50" in page

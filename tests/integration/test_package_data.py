@@ -22,7 +22,8 @@ REPO = Path(__file__).resolve().parents[2]
 def _sources() -> set[str]:
     console = REPO / "services" / "console"
     expected = {f"services/console/templates/{p.name}" for p in (console / "templates").glob("*.html")}
-    expected |= {f"services/console/static/{p.name}" for p in (console / "static").iterdir()}
+    expected |= {f"services/console/{p.relative_to(console).as_posix()}" for p in (console / "static").rglob("*")
+                 if p.is_file()}
     expected |= {f"touchstream/schemas/{p.name}" for p in (REPO / "schemas").iterdir() if p.is_file()}
     return expected
 
@@ -49,7 +50,8 @@ def test_the_wheel_lists_templates_static_files_and_schemas(wheel: Path) -> None
     assert {"touchstream/schemas/ScoreUpdate.v3.avsc", "touchstream/schemas/registry.txt",
             "touchstream/schemas/openapi.yaml",
             "touchstream/schemas/rules.schema.json", "services/console/templates/login.html",
-            "services/console/static/console.js", "services/console/static/console.css"} <= expected
+            "services/console/static/console.js", "services/console/static/console.css",
+            "services/console/static/charts.js", "services/console/static/vendor/echarts.min.js"} <= expected
     assert expected <= names, sorted(expected - names)
 
 
@@ -66,6 +68,8 @@ def test_code_installed_from_the_wheel_finds_its_files(wheel: Path, tmp_path: Pa
         "assert 'Log in' in w.template_env().get_template('login.html').render(\n"
         "    csrf='', logged_in=False, next='/', error=None)\n"
         "assert (w.HERE / 'static' / 'console.js').is_file()\n"
+        "import hashlib, services.console.vendor as v\n"
+        "assert hashlib.sha256(w._static_bytes('vendor/' + v.ECHARTS.name)).hexdigest() == v.ECHARTS.sha256\n"
         "print('ok')\n"
     )
     # PYTHONPATH puts the unpacked wheel ahead of the editable install of the checkout.

@@ -28,7 +28,7 @@ from tests.kafka_reading import collect
 from touchstream import avro
 from touchstream.embedded import ManagedProcess, free_port, spawn
 from touchstream.startup import EXIT_CONFIG
-from touchstream.topics import ACTIONS, DEADLETTER, SCORES
+from touchstream.topics import ACTION_DELIVERIES, ACTIONS, DEADLETTER, SCORES
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -161,6 +161,13 @@ async def test_crossing_score_becomes_one_signed_webhook(worker: tuple[ManagedPr
     assert outcomes == [("churn-risk-high", "fired"), ("everyone-held-out", "held_out")]
     assert receiver.hits(expected_id) == 1
     assert receiver.rejected == []
+    # How the delivery ended, for the console: delivered at the first try, keyed by the customer.
+    [(key, ended)] = await collect(all_topics, ACTION_DELIVERIES.name, ACTION_DELIVERIES.schema, 1,
+                                   lambda _key, r: r["action_id"] == expected_id)
+    assert key == customer.encode()
+    assert (ended["outcome"], ended["attempts"], ended["status"], ended["rule_id"]) == (
+        "delivered", 1, 204, "churn-risk-high")
+    assert ended["received_at_ms"] <= ended["ended_at_ms"]
 
     dead = [avro.decode(DEADLETTER.schema, v) for v in await records_about(all_topics, DEADLETTER.name, None, want=1,
                                                                             original=f"not avro {customer}".encode())]

@@ -26,6 +26,7 @@ from services.triggers.crossing import CrossingState
 from services.triggers.delivery import (
     ActionDelivery,
     AddressRefused,
+    DeliveryEnded,
     FailedDelivery,
     GuardedClient,
     WebhookSender,
@@ -146,6 +147,7 @@ class Harness:
     metrics: TriggersMetrics
     clock: FakeClock
     dead: list[FailedDelivery]
+    delivered: list[DeliveryEnded]
 
     def count(self, result: str, rule: str = "churn-risk-high", endpoint: str = "marketing") -> float:
         return self.metrics.deliveries.labels(rule, endpoint, result)._value.get()
@@ -168,15 +170,19 @@ def make_harness(redis_client: aioredis.Redis, endpoints: dict[str, WebhookEndpo
     metrics = TriggersMetrics(CollectorRegistry())
     clock = FakeClock()
     dead: list[FailedDelivery] = []
+    delivered: list[DeliveryEnded] = []
 
     async def sink(failures: Sequence[FailedDelivery]) -> None:
         dead.extend(failures)
 
+    async def announce(outcomes: Sequence[DeliveryEnded]) -> None:
+        delivered.extend(outcomes)
+
     delivery = ActionDelivery(
         WebhookSender(client, endpoints, clock=clock), DeliveryLedger(redis_client, ttl_s=3600),
         DeliveryQueue(redis_client), metrics, sink, endpoints=sorted(endpoints), clock=clock,
-        jitter=lambda: 0.5, **options)
-    return Harness(delivery, metrics, clock, dead)
+        jitter=lambda: 0.5, announce_delivered=announce, **options)
+    return Harness(delivery, metrics, clock, dead, delivered)
 
 
 @pytest.fixture
@@ -303,6 +309,11 @@ async def test_last_scheduled_try_sends_the_action_to_deadletter(harness: Harnes
     ((failure,),) = [harness.dead]
     assert failure.action == action
     assert failure.reason == "webhook: HTTP 500 after 10 tries"
+    # What actions.deliveries says about it: ten tries, the last answered 500, given up at the last try.
+    ended = failure.ended().record()
+    assert (ended["outcome"], ended["attempts"], ended["status"]) == ("dead_lettered", 10, 500)
+    assert ended["ended_at_ms"] == int((T0 + tried_at[-1]) * 1000) and ended["reason"] == failure.reason
+    assert harness.delivered == []
     assert harness.dead_lettered("exhausted") == 1
     assert not await redis_client.exists(delivered_key(action["action_id"]))
     assert await harness.tick(10 * 86_400) == 0  # nothing left in the queue
@@ -331,6 +342,9 @@ async def test_gone_disables_the_endpoint_and_dead_letters_its_queue(
     assert disabled["reason"].startswith("receiver answered HTTP 410")
     assert sorted(f.action["action_id"] for f in harness.dead) == sorted([first["action_id"], second["action_id"]])
     assert harness.dead_lettered("endpoint_disabled") == 2
+    # Each dead letter says how many tries it had and what the last answer was.
+    assert sorted((f.action["action_id"], f.attempts, f.status) for f in harness.dead) == sorted(
+        [(first["action_id"], 1, 500), (second["action_id"], 1, 410)])
     assert harness.metrics.endpoint_disabled.labels("marketing")._value.get() == 1
     assert await harness.tick(3600) == 0
     # Persisted: a fresh worker refuses new actions for the endpoint too.
@@ -486,6 +500,7 @@ async def test_unreachable_receiver_is_retried_later(redis_client: aioredis.Redi
 async def test_unknown_endpoint_fails_without_a_request(harness: Harness, receiver: Receiver) -> None:
     (failure,) = await harness.delivery.enqueue([an_action(10, endpoint="nowhere")])
     assert failure.reason == "endpoint: 'nowhere' is not registered"
+    assert (failure.attempts, failure.status, failure.failed_at_ms) == (0, None, int(T0 * 1000))
     assert await harness.tick() == 0
     assert receiver.verified == []
 
@@ -675,6 +690,39 @@ async def test_a_long_answer_counts_by_its_status_and_the_next_request_still_goe
             assert again.status_code == 200
     finally:
         await runner.cleanup()
+
+
+async def test_a_delivered_action_is_announced_before_the_ledger_records_it(
+        receiver: Receiver, redis_client: aioredis.Redis, client: GuardedClient) -> None:
+    harness = make_harness(redis_client, {"marketing": WebhookEndpoint(url=receiver.url, secret=SECRET)}, client)
+    ledger_when_announced: list[bool] = []
+    calls = {"n": 0}
+
+    async def announce(outcomes: Sequence[DeliveryEnded]) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("broker away")
+        ledger_when_announced.extend([bool(await redis_client.exists(delivered_key(o.action["action_id"])))
+                                      for o in outcomes])
+        harness.delivered.extend(outcomes)
+
+    harness.delivery._announce_delivered = announce
+    receiver.statuses = [503, 204]
+    action = an_action(70)
+    await harness.delivery.enqueue([action])
+    await harness.tick()  # 503
+    with pytest.raises(RuntimeError, match="broker away"):
+        await harness.tick(6)  # 204, but announcing it fails
+    # Not announced, so not recorded either; the lease keeps it from being sent again meanwhile.
+    assert harness.delivered == [] and not await redis_client.exists(delivered_key(action["action_id"]))
+    assert await harness.tick(1) == 0  # the next scan announces it, then records it
+    assert ledger_when_announced == [False] and await redis_client.exists(delivered_key(action["action_id"]))
+    (ended,) = harness.delivered
+    record = ended.record()
+    assert (record["action_id"], record["outcome"], record["attempts"], record["status"], record["reason"]) == (
+        action["action_id"], "delivered", 2, 204, None)
+    assert record["ended_at_ms"] == int((T0 + 6) * 1000)
+    assert receiver.hits(action["action_id"]) == 2 and harness.dead == []
 
 
 async def test_an_erased_customers_actions_are_never_sent_again_not_even_the_retry_of_one_in_flight(

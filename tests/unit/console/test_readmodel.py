@@ -15,9 +15,9 @@ from services.console.readmodel import (
     converted_within,
     customers_merged,
     dead_lettered,
+    delivery_ended,
     follow_merges,
     reason_in_words,
-    score_chart,
     score_updated,
     touchpoint_seen,
 )
@@ -26,7 +26,7 @@ from services.console.web import rule_thresholds, safe_next
 from services.identity.admin import hash_admin_key
 from services.triggers.rules import parse_rules
 from touchstream import avro
-from touchstream.topics import ACTIONS
+from touchstream.topics import ACTION_DELIVERIES
 
 
 def a_resolved(message_id: str = "m-1", **event: object) -> dict[str, object]:
@@ -121,16 +121,6 @@ def test_reasons_read_as_words() -> None:
     assert reason_in_words("some_new_feature", -2.0) == "Some new feature strongly lowers churn risk"
 
 
-def test_chart_places_thresholds_and_actions_on_the_time_axis() -> None:
-    chart = score_chart([(100, 1.0, 0.0), (0, 0.0, 1.0)], [("r", 0.75)], [(50, "fired", "r")],
-                        width=200, height=100, pad=0)
-    assert chart.risk == "0.0,100.0 200.0,0.0"  # sorted by event time, y grows downwards
-    assert chart.propensity == "0.0,0.0 200.0,100.0"
-    assert chart.thresholds == (("r", 0.75, 25.0),)
-    assert chart.marks == (("fired", "r", 100.0),)
-    assert score_chart([], [], []).empty
-
-
 def test_only_score_crossing_rules_give_thresholds() -> None:
     rules = parse_rules("""
 rules:
@@ -178,17 +168,23 @@ def test_traits_context_and_personal_looking_values_never_reach_the_timeline() -
     assert props == {"note": "mail me at [masked] or [masked]", "sku": "A-1"}
 
 
-def test_a_delivery_dead_letter_names_the_failed_action() -> None:
-    action = {"action_id": "a-9", "rule_id": "r", "customer_id": "c_7", "outcome": "fired", "reason": None,
-              "endpoint": "marketing", "payload_json": "{}", "event_time_ms": 1, "received_at_ms": 1,
-              "created_at_ms": 1}
+def test_a_delivery_outcome_becomes_the_actions_delivery_status() -> None:
+    record = {"action_id": "a-9", "rule_id": "r", "customer_id": "c_7", "endpoint": "marketing",
+              "outcome": "dead_lettered", "attempts": 10, "status": 500, "reason": "webhook: HTTP 500 " + "x" * 300,
+              "event_time_ms": 1, "received_at_ms": 2, "created_at_ms": 3, "ended_at_ms": 9}
+    ended = delivery_ended(avro.decode(ACTION_DELIVERIES.schema, avro.encode(ACTION_DELIVERIES.schema, record)))
+    assert (ended.customer_id, ended.action_id, ended.attempts, ended.status) == ("c_7", "a-9", 10, 500)
+    assert not ended.delivered and ended.reason is not None and len(ended.reason) == 200
+    delivered = delivery_ended({**record, "outcome": "delivered", "status": 204, "reason": None})
+    assert delivered.delivered and delivered.reason is None and delivered.ended_at_ms - delivered.received_at_ms == 7
+
+
+def test_a_dead_letter_is_counted_by_stage_and_the_first_clause_of_its_reason() -> None:
     record = {"source": "actions", "stage": "delivery", "reason": "endpoint: HTTP 500 after 8 tries", "key": b"c_7",
-              "original": avro.encode(ACTIONS.schema, action), "failed_at_ms": 5}
-    failed = dead_lettered(record).delivery_failed
-    assert failed is not None and (failed.customer_id, failed.action_id) == ("c_7", "a-9")
-    assert failed.reason == "endpoint: HTTP 500 after 8 tries"
-    garbled = dead_lettered({**record, "original": b"not avro"})
-    assert garbled.delivery_failed is None and garbled.reason == "endpoint"
+              "original": b"whatever", "failed_at_ms": 5}
+    letter = dead_lettered(record)
+    assert (letter.stage, letter.reason) == ("delivery", "endpoint")
+    assert dead_lettered(record).digest == letter.digest != dead_lettered({**record, "failed_at_ms": 6}).digest
 
 
 def test_prod_refuses_dev_keys_and_insecure_cookies() -> None:

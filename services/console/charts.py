@@ -1,0 +1,197 @@
+"""What each chart of the pages plots, as plain data: pure, no I/O.
+
+The pages put each of these dicts on its chart's element (`data-chart`, JSON) and render the same
+numbers as a table next to it; `static/charts.js` turns them into Apache ECharts options. The
+pipeline's minute samples (`PipelineSample`) are the ring buffer the read model keeps for the
+overview's last hour.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+HISTORY_MINUTES = 60
+QUANTILES = (0.5, 0.95, 0.99)
+QUALITY_METRICS = (("roc_auc", "ROC AUC"), ("log_loss", "log-loss"), ("brier", "Brier"),
+                   ("calibration_error", "calibration error"))
+NEW_CUSTOMER = "new customer"
+
+
+@dataclass(frozen=True)
+class PipelineSample:
+    """The pipeline as the console saw it in one minute (epoch minutes): events/s by stage, latency quantiles
+    (seconds) by what the latency runs until, and the model's quality."""
+
+    minute: int
+    rates: dict[str, float | None] = field(default_factory=dict)
+    latency: dict[str, dict[str, float]] = field(default_factory=dict)  # label -> {"0.5": seconds, ...}
+    quality: dict[str, float | None] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> PipelineSample:
+        """
+        >>> s = PipelineSample(5, {"ingest": 2.5}, {"touchpoint": {"0.5": 0.1}}, {"roc_auc": 0.8})
+        >>> PipelineSample.from_json(s.to_json()) == s
+        True
+        """
+        data = json.loads(text)
+        return cls(int(data["minute"]), dict(data.get("rates", {})), dict(data.get("latency", {})),
+                   dict(data.get("quality", {})))
+
+
+def recent_samples(samples: Sequence[PipelineSample], now_minute: int, minutes: int = HISTORY_MINUTES
+                   ) -> list[PipelineSample]:
+    """The samples of the last `minutes` minutes up to `now_minute`, oldest first.
+
+    >>> [s.minute for s in recent_samples([PipelineSample(m) for m in (3, 1, 100, 98, 40, 41)], 100)]
+    [41, 98, 100]
+    """
+    return sorted((s for s in samples if now_minute - minutes < s.minute <= now_minute), key=lambda s: s.minute)
+
+
+def _lines(title: str, unit: str, series: dict[str, list[list[float]]]) -> dict[str, Any]:
+    return {"kind": "lines", "title": title, "unit": unit,
+            "series": [{"name": name, "points": points} for name, points in series.items() if points]}
+
+
+def rate_lines(samples: Sequence[PipelineSample], stages: Sequence[str]) -> dict[str, Any]:
+    """Events/s of each stage, one point a minute (a minute without a rate for a stage leaves a gap).
+
+    >>> rate_lines([PipelineSample(1, {"ingest": 2.0, "scoring": None})], ["ingest", "scoring"])["series"]
+    [{'name': 'ingest', 'points': [[60000, 2.0]]}]
+    """
+    series: dict[str, list[list[float]]] = {stage: [] for stage in stages}
+    for sample in samples:
+        for stage in stages:
+            value = sample.rates.get(stage)
+            if value is not None:
+                series[stage].append([sample.minute * 60_000, round(value, 2)])
+    return _lines("Events per second, by stage", "events/s", series)
+
+
+def latency_lines(samples: Sequence[PipelineSample], labels: Sequence[str]) -> dict[str, Any]:
+    """p50/p95/p99 of each latency (in seconds), one point a minute.
+
+    >>> latency_lines([PipelineSample(2, latency={"webhook": {"0.5": 0.2, "0.99": 0.9}})], ["webhook"])["series"]
+    [{'name': 'webhook p50', 'points': [[120000, 0.2]]}, {'name': 'webhook p99', 'points': [[120000, 0.9]]}]
+    """
+    series: dict[str, list[list[float]]] = {}
+    for label in labels:
+        for q in QUANTILES:
+            series[f"{label} p{round(q * 100)}"] = [
+                [s.minute * 60_000, round(s.latency[label][str(q)], 4)] for s in samples
+                if str(q) in s.latency.get(label, {})]
+    return _lines("End-to-end latency from ingest accepting an event", "s", series)
+
+
+def quality_lines(samples: Sequence[PipelineSample]) -> dict[str, Any]:
+    """Scoring's prequential metrics, one point a minute.
+
+    >>> quality_lines([PipelineSample(1, quality={"roc_auc": 0.75, "brier": None})])["series"]
+    [{'name': 'ROC AUC', 'points': [[60000, 0.75]]}]
+    """
+    series = {name: [[s.minute * 60_000, round(value, 4)] for s in samples
+                     if (value := s.quality.get(key)) is not None] for key, name in QUALITY_METRICS}
+    return _lines("Model quality (prequential)", "", series)
+
+
+def segment_heatmap(segments: Mapping[tuple[str, str], int]) -> dict[str, Any]:
+    """Customers by segment (rows) and stage (columns).
+
+    >>> segment_heatmap({("loyal", "active"): 3, ("at_risk", "lapsing"): 1})
+    {'kind': 'heatmap', 'title': 'Customers by segment and stage', 'rows': ['at_risk', 'loyal'], \
+'columns': ['active', 'lapsing'], 'cells': [[1, 0, 1], [0, 1, 3]], 'max': 3}
+    """
+    rows = sorted({segment for segment, _ in segments})
+    columns = sorted({stage for _, stage in segments})
+    cells = [[columns.index(stage), rows.index(segment), n] for (segment, stage), n in sorted(segments.items())]
+    return {"kind": "heatmap", "title": "Customers by segment and stage", "rows": rows, "columns": columns,
+            "cells": cells, "max": max(segments.values(), default=0)}
+
+
+def _segment_label(value: str) -> str:
+    return value.replace("|", " · ") if value else NEW_CUSTOMER
+
+
+def segment_sankey(flow: Sequence[tuple[str, str, int]]) -> dict[str, Any]:
+    """Changes of segment and stage as a Sankey: where customers were (left) and went (right).
+
+    The two sides are separate nodes, so a change back and forth never makes a cycle (a Sankey cannot draw one).
+
+    >>> segment_sankey([("", "loyal|active", 2), ("loyal|active", "at_risk|lapsing", 1)])["links"]
+    [{'source': 'from new customer', 'target': 'to loyal · active', 'value': 2}, \
+{'source': 'from loyal · active', 'target': 'to at_risk · lapsing', 'value': 1}]
+    """
+    links = [{"source": f"from {_segment_label(before)}", "target": f"to {_segment_label(after)}", "value": n}
+             for before, after, n in flow]
+    nodes = list(dict.fromkeys([link["source"] for link in links] + [link["target"] for link in links]))
+    return {"kind": "sankey", "title": "Changes of segment and stage, last 30 days", "nodes": nodes, "links": links}
+
+
+def dead_letter_bars(rows: Sequence[tuple[str, str, int]]) -> dict[str, Any]:
+    """Dead letters by stage and reason, most frequent first.
+
+    >>> dead_letter_bars([("identity", "no usable identifier", 4)])["bars"]
+    [{'label': 'identity: no usable identifier', 'value': 4}]
+    """
+    return {"kind": "bars", "title": "Dead letters by reason",
+            "bars": [{"label": f"{stage}: {reason}", "value": n} for stage, reason, n in rows]}
+
+
+def uplift_forest(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Each rule with enough data: treated and hold-out conversion, and the uplift with its 95% interval, in
+    percentage points (a forest plot); the others are listed as waiting for data.
+
+    >>> f = uplift_forest([{"rule_id": "r", "outcome": {"enough_data": True, "treated_rate": 0.6,
+    ...     "holdout_rate": 0.3, "uplift": 0.3, "ci_low": 0.006, "ci_high": 0.594}},
+    ...     {"rule_id": "q", "outcome": {"enough_data": False}}])
+    >>> f["rules"], f["waiting"]
+    ([{'rule': 'r', 'treated': 60.0, 'holdout': 30.0, 'uplift': 30.0, 'low': 0.6, 'high': 59.4}], ['q'])
+    """
+    rules, waiting = [], []
+    for row in rows:
+        outcome = row["outcome"]
+        if not outcome.get("enough_data"):
+            waiting.append(row["rule_id"])
+            continue
+        rules.append({"rule": row["rule_id"], **{name: round(100 * outcome[key], 2) for name, key in (
+            ("treated", "treated_rate"), ("holdout", "holdout_rate"), ("uplift", "uplift"), ("low", "ci_low"),
+            ("high", "ci_high"))}})
+    return {"kind": "forest", "title": "Uplift by rule (treated minus hold-out conversion, 95% interval)",
+            "unit": "pp", "rules": rules, "waiting": waiting}
+
+
+def score_lines(points: Sequence[tuple[int, float, float]], thresholds: Sequence[tuple[str, float]],
+                actions: Sequence[tuple[int, str, str]]) -> dict[str, Any]:
+    """Risk and propensity over event time, the rules' thresholds, and when actions came (fired or not).
+
+    >>> c = score_lines([(10, 0.6, 0.4), (0, 0.2, 0.8)], [("r (churn_risk 0.5)", 0.5)], [(10, "fired", "r")])
+    >>> c["risk"], c["thresholds"], c["actions"]
+    ([[0, 0.2], [10, 0.6]], [{'label': 'r (churn_risk 0.5)', 'value': 0.5}], [{'t': 10, 'outcome': 'fired', \
+'rule': 'r'}])
+    """
+    ordered = sorted(points)
+    return {"kind": "scores", "title": "Churn risk and purchase propensity over event time",
+            "risk": [[t, risk] for t, risk, _ in ordered], "propensity": [[t, p] for t, _, p in ordered],
+            "thresholds": [{"label": label, "value": value} for label, value in thresholds],
+            "actions": [{"t": t, "outcome": outcome, "rule": rule} for t, outcome, rule in sorted(actions)]}
+
+
+def line_table(spec: Mapping[str, Any]) -> tuple[list[str], list[tuple[int, list[float | None]]]]:
+    """The numbers of a `lines` chart as a table: one row per time (oldest first), one column per line.
+
+    >>> line_table({"series": [{"name": "a", "points": [[1, 2.0], [2, 3.0]]}, {"name": "b", "points": [[2, 4.0]]}]})
+    (['a', 'b'], [(1, [2.0, None]), (2, [3.0, 4.0])])
+    """
+    names = [line["name"] for line in spec["series"]]
+    by_time: dict[int, list[float | None]] = {}
+    for column, line in enumerate(spec["series"]):
+        for t, value in line["points"]:
+            by_time.setdefault(int(t), [None] * len(names))[column] = value
+    return names, sorted(by_time.items())
