@@ -186,6 +186,7 @@ PATH_FIELDS = (
     "first_purchase_ms",
     "last_purchase_ms",
     "purchase_count",
+    "repeat_purchase_days",
     "monetary_total",
     "mean_interpurchase_days",
     "complaints",
@@ -220,6 +221,7 @@ def silent_path(state: CustomerState) -> np.ndarray:
         _ms(state.first_purchase_ms),
         _ms(state.last_purchase_ms),
         float(count),
+        float(repeat_purchase_days(state)),
         state.monetary_total,
         mean_gap,
         float(state.complaints),
@@ -233,6 +235,21 @@ def silent_path(state: CustomerState) -> np.ndarray:
         *_windows(state.complaints_recent)[:1], state.complaints_recent.values[WINDOW_DAYS.index(90)],
     ]
     return np.array(values, dtype=np.float64)
+
+
+def repeat_purchase_days(state: CustomerState) -> int:
+    """Return BG/NBD's x: the days with a purchase after the first one (several orders a day count once).
+
+    >>> from services.scoring.state import Touchpoint, apply_touchpoint
+    >>> state = CustomerState()
+    >>> for n, hours in enumerate((0, 1, 30)):
+    ...     _ = apply_touchpoint(state, Touchpoint(f"m{n}", hours * 3_600_000, 0, order_amount=5.0))
+    >>> repeat_purchase_days(state)
+    1
+    """
+    days = len({t // DAY_MS for t in state.purchase_times})
+    # Purchases older than the kept times are counted as one day each.
+    return max(0, days - 1 + state.purchase_count - len(state.purchase_times))
 
 
 def _ms(t_ms: int | None) -> float:
@@ -300,11 +317,12 @@ def path_model_inputs(paths: np.ndarray, times_ms: np.ndarray) -> tuple[np.ndarr
         columns[f"channel_share_{c}"] = p[_AT[f"channel_share_{c}"]]
     inputs = np.column_stack([columns[name] for name in MODEL_FEATURES])
     bought = ~np.isnan(p[_AT["first_purchase_ms"]])
+    repeats = p[_AT["repeat_purchase_days"]]
     # BG/NBD counts a customer's time from the first purchase; a prospect's from the first touch.
     born = np.where(bought, p[_AT["first_purchase_ms"]], p[_AT["first_touch_ms"]])
-    last_age = np.where(bought, np.maximum(0.0, p[_AT["last_purchase_ms"]] - born), 0.0)
+    last_age = np.where(bought & (repeats > 0), np.maximum(0.0, p[_AT["last_purchase_ms"]] - born), 0.0)
     btyd = BtydInputs(
-        repeats=np.maximum(0.0, count - 1.0),
+        repeats=repeats,
         last_purchase_age=np.nan_to_num(last_age / DAY_MS, nan=0.0),
         age=np.nan_to_num(np.maximum(0.0, t - born) / DAY_MS, nan=0.0),
     )

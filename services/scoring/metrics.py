@@ -39,7 +39,10 @@ class ScoringMetrics:
         self.late_events = self.service.counter(
             "events_late", "Touchpoints older than the partition watermark minus the allowed lateness."
         )
-        self.rescores = self.service.counter("rescores", "As-of rescores of customers (ticks in event time).")
+        self.crossing_checks = self.service.counter(
+            "crossing_checks", "Silent customers' crossing checks that came due (event time).")
+        self.crossings = self.service.counter(
+            "crossings", "ScoreUpdates sent for silent customers whose scores crossed what a rule watches.")
         self.duplicates = self.service.counter("events_duplicate", "Touchpoints already applied (redeliveries).")
         self.merges = self.service.counter("merges", "identity.merges records, by outcome.", ["outcome"])
         self.checkpoints = self.service.counter("checkpoints", "Model checkpoints written to Redis.")
