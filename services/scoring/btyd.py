@@ -8,9 +8,9 @@ classifier on raw features does not know: rates differ across customers and a cu
 own history shrinks towards the population (`(r + x) / (alpha + T)`), and a long silence
 means more from a frequent buyer than from a one-off one (P(alive)).
 
-Here the four parameters are not fitted on a calibration period but learned online, by Adam
-on the log-loss of P(any purchase in the next `window_days`) over matured examples only,
-the same examples the model learns from. The prior's P(any purchase in a window) is then
+Here the four parameters are not fitted on a calibration period but online: by maximum
+likelihood of P(any purchase in the next `window_days`) over a rolling window of matured
+examples only, the same examples the model learns from. The prior's P(any purchase in a window) is then
 an input (an offset) of the hazard model in `model.py`.
 """
 
@@ -20,10 +20,13 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import optimize
 
 # r, alpha (days), a, b before anything is learned: one purchase a month on average, half
 # of the customers gone after each purchase. Weak enough that a few thousand examples move them.
 INITIAL_PARAMS = (1.0, 30.0, 1.0, 1.0)
+# The first fit waits for this many matured examples; until then the initial parameters hold.
+MIN_FIT_EXAMPLES = 1_000
 # Keeps exp() and the logit finite for extreme ages; far beyond anything a forecast needs.
 _MAX_LOG = 50.0
 _EPS = 1e-9
@@ -111,28 +114,48 @@ def log_loss_gradient(
 
 @dataclass
 class BgNbdPrior:
-    """BG/NBD parameters learned online by Adam on matured window labels."""
+    """BG/NBD parameters fitted by maximum likelihood on a rolling window of matured window labels.
+
+    The window keeps the newest `window` examples' summaries (numbers only, no customer ids).
+    It is refitted (L-BFGS from the current parameters) each time it has doubled since the
+    last fit while it fills, then every `refit_every` examples: a stable estimate, and one
+    that follows the ageing population rather than its first weeks.
+    """
 
     window_days: float
-    learning_rate: float = 0.03
+    window: int = 50_000
+    refit_every: int = 20_000
     params: np.ndarray = field(default_factory=lambda: np.log(np.array(INITIAL_PARAMS)))
-    _first_moment: np.ndarray = field(default_factory=lambda: np.zeros(4))
-    _second_moment: np.ndarray = field(default_factory=lambda: np.zeros(4))
-    steps: int = 0
+    # Ring buffer: repeats, last purchase age, age, label.
+    rows: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
+    seen: int = 0
+    fitted_at: int = 0
 
     def p_any(self, inputs: BtydInputs, window_days: float | np.ndarray | None = None) -> np.ndarray:
         return p_any_purchase(self.params, inputs, self.window_days if window_days is None else window_days)
 
-    def learn(self, inputs: BtydInputs, purchased: np.ndarray) -> float:
-        """Take one Adam step on a mini-batch of matured examples; return its log-loss before the step."""
-        loss, gradient = log_loss_gradient(self.params, inputs, self.window_days, purchased)
-        self.steps += 1
-        self._first_moment = 0.9 * self._first_moment + 0.1 * gradient
-        self._second_moment = 0.999 * self._second_moment + 0.001 * gradient * gradient
-        first = self._first_moment / (1.0 - 0.9**self.steps)
-        second = self._second_moment / (1.0 - 0.999**self.steps)
-        self.params = np.clip(self.params - self.learning_rate * first / (np.sqrt(second) + 1e-8), -10.0, 10.0)
-        return loss
+    def observe(self, inputs: BtydInputs, purchased: np.ndarray) -> None:
+        """Add matured examples to the window; refit when it is time."""
+        if not len(self.rows):
+            self.rows = np.zeros((self.window, 4))
+        positions = (self.seen + np.arange(len(purchased))) % self.window
+        self.rows[positions] = np.column_stack([inputs.repeats, inputs.last_purchase_age, inputs.age, purchased])
+        self.seen += len(purchased)
+        due = self.fitted_at * 2 if self.fitted_at < self.refit_every else self.fitted_at + self.refit_every
+        if self.seen >= max(due, MIN_FIT_EXAMPLES):
+            self.fit()
+
+    def fit(self) -> None:
+        rows = self.rows[: min(self.seen, self.window)]
+        self.fitted_at = self.seen
+        labels = rows[:, 3] > 0.5
+        if not 0 < labels.sum() < len(labels):
+            return
+        inputs = BtydInputs(rows[:, 0], rows[:, 1], rows[:, 2])
+        found = optimize.minimize(log_loss_gradient, self.params, args=(inputs, self.window_days, labels),
+                                  jac=True, method="L-BFGS-B", bounds=[(-10.0, 10.0)] * 4)
+        if np.all(np.isfinite(found.x)):
+            self.params = found.x
 
     def describe(self) -> dict[str, float]:
         """Return the parameters by name (alpha in days).

@@ -175,13 +175,13 @@ class PropensityModel:
     """
 
     def __init__(self, step_days: float = 14.0, kind: ModelKind = "logreg",
-                 learning_rates: tuple[float, ...] = LEARNING_RATES, prior_learning_rate: float = 0.03) -> None:
+                 learning_rates: tuple[float, ...] = LEARNING_RATES) -> None:
         self.kind = kind
         self.family = MODEL_FAMILIES[kind]
         self.step_days = step_days
         self.learning_rates = np.array(learning_rates, dtype=np.float64)
         width, candidates = len(MODEL_FEATURES), len(learning_rates)
-        self.prior = BgNbdPrior(step_days, prior_learning_rate)
+        self.prior = BgNbdPrior(step_days)
         self.scale = RunningScale(width)
         self.weights = np.zeros((candidates, width))
         self.intercepts = np.zeros(candidates)
@@ -245,7 +245,7 @@ class PropensityModel:
         self.active = int(np.argmin(self.recent_log_loss))
         self.prior_offset_total += float(offset.sum())
         self.prior_offset_count += len(offset)
-        self.prior.learn(btyd, y.astype(bool))
+        self.prior.observe(btyd, y.astype(bool))
         self.scale.update(inputs)
         scaled = self.scale.transform(inputs)
         p = _sigmoid(offset[:, None] + scaled @ self.weights.T + self.intercepts)

@@ -47,11 +47,12 @@ def test_the_prior_learns_from_window_labels_what_simulated_customers_do() -> No
     rng = np.random.default_rng(2)
     customers = some_customers()
     truth = p_any_purchase(LOG_PARAMS, customers, 14.0)
-    prior = BgNbdPrior(14.0)
+    prior = BgNbdPrior(14.0, window=20_000, refit_every=10_000)
     before = np.abs(prior.p_any(customers) - truth).mean()
-    for _ in range(3000):
+    for _ in range(400):
         batch = rng.integers(0, 200, 64)
         sample = BtydInputs(customers.repeats[batch], customers.last_purchase_age[batch], customers.age[batch])
-        prior.learn(sample, rng.random(64) < truth[batch])
+        prior.observe(sample, rng.random(64) < truth[batch])
+    assert prior.fitted_at == 16_384  # at 1,024 examples, doubling while below 10,000; next at 26,384
     after = np.abs(prior.p_any(customers) - truth).mean()
-    assert after < 0.02 < before
+    assert after < 0.01 < 0.02 < before
