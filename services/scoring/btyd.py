@@ -152,10 +152,14 @@ class BgNbdPrior:
         if not 0 < labels.sum() < len(labels):
             return
         inputs = BtydInputs(rows[:, 0], rows[:, 1], rows[:, 2])
-        found = optimize.minimize(log_loss_gradient, self.params, args=(inputs, self.window_days, labels),
-                                  jac=True, method="L-BFGS-B", bounds=[(-10.0, 10.0)] * 4)
-        if np.all(np.isfinite(found.x)):
-            self.params = found.x
+        # From where it was and from the neutral start: a small early window can leave the
+        # parameters in a poor local optimum (e.g. no drop-out at all) that a warm start never leaves.
+        fits = [optimize.minimize(log_loss_gradient, start, args=(inputs, self.window_days, labels), jac=True,
+                                  method="L-BFGS-B", bounds=[(-10.0, 10.0)] * 4)
+                for start in (self.params, np.log(np.array(INITIAL_PARAMS)))]
+        best = min((f for f in fits if np.all(np.isfinite(f.x))), key=lambda f: f.fun, default=None)
+        if best is not None:
+            self.params = best.x
 
     def describe(self) -> dict[str, float]:
         """Return the parameters by name (alpha in days).

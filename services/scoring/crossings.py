@@ -80,6 +80,7 @@ def threshold_side(propensity: np.ndarray | float, thresholds: tuple[float, ...]
 
 
 def next_crossings(
+    propensity_grid: Callable[[np.ndarray, int], np.ndarray],
     propensity_at: Callable[[np.ndarray, np.ndarray], np.ndarray],
     starts_ms: np.ndarray,
     ends_ms: np.ndarray,
@@ -89,34 +90,38 @@ def next_crossings(
 ) -> np.ndarray:
     """Return, per customer, the first time in (start, end] its propensity is on another side than `sides`.
 
-    `propensity_at(rows, times)` gives the propensity of customer `rows[i]` at `times[i]`. The
-    search steps `coarse_ms` at a time (a crossing there and back within one step is not
-    seen), then bisects. NaN where nothing is crossed before `ends_ms`.
+    `propensity_grid(first_ms, count)` gives each customer's propensity at first + k * coarse
+    for k < count (one row per customer); `propensity_at(rows, times)` that of customer
+    `rows[i]` at `times[i]`. The search steps `coarse_ms` at a time (a crossing there and
+    back within one step is not seen; nor one after the last step before `end`), then
+    bisects. NaN where nothing is crossed.
 
-    >>> falling = lambda rows, times: 1.0 - times / 100.0
-    >>> next_crossings(falling, np.array([0.0, 0.0]), np.array([100.0, 30.0]), np.array([2, 2]), (0.3, 0.6), 10.0)
+    >>> def grid(first, count):
+    ...     return 1.0 - (first[:, None] + 10.0 * np.arange(count)) / 100.0
+    >>> def at(rows, times):
+    ...     return 1.0 - times / 100.0
+    >>> next_crossings(grid, at, np.array([0.0, 0.0]), np.array([100.0, 30.0]), np.array([2, 2]), (0.3, 0.6), 10.0)
     array([40., nan])
-    >>> next_crossings(falling, np.array([45.0]), np.array([100.0]), np.array([1]), (0.3, 0.6), 10.0).round(1)
+    >>> next_crossings(grid, at, np.array([45.0]), np.array([100.0]), np.array([1]), (0.3, 0.6), 10.0).round(1)
     array([70.])
     """
     count = len(starts_ms)
     found = np.full(count, np.nan)
     if not count or not thresholds:
         return found
-    steps = int(np.ceil(np.max(ends_ms - starts_ms) / coarse_ms)) if count else 0
+    steps = int(np.ceil(np.max(ends_ms - starts_ms) / coarse_ms))
     if steps <= 0:
         return found
-    times = np.minimum(starts_ms[:, None] + coarse_ms * np.arange(1, steps + 1)[None, :], ends_ms[:, None])
-    rows = np.repeat(np.arange(count), steps)
-    propensity = propensity_at(rows, times.ravel()).reshape(count, steps)
-    changed = (threshold_side(propensity, thresholds) != sides[:, None]) & (times > starts_ms[:, None])
+    times = starts_ms[:, None] + coarse_ms * np.arange(1, steps + 1)[None, :]
+    propensity = propensity_grid(starts_ms + coarse_ms, steps)
+    changed = (threshold_side(propensity, thresholds) != sides[:, None]) & (times <= ends_ms[:, None])
     crossing = changed.any(axis=1)
     first = np.argmax(changed, axis=1)
     which = np.flatnonzero(crossing)
     if not which.size:
         return found
     high = times[which, first[which]]
-    low = np.where(first[which] > 0, times[which, np.maximum(first[which] - 1, 0)], starts_ms[which])
+    low = high - coarse_ms
     for _ in range(REFINE_STEPS):
         middle = (low + high) / 2.0
         across = threshold_side(propensity_at(which, middle), thresholds) != sides[which]

@@ -286,10 +286,14 @@ class ScoringEngine:
                             dtype=np.float64)
             sides = threshold_side(np.array([states[c].last_scored_propensity for c in searchable]), thresholds)
 
+            def propensity_grid(first_ms: np.ndarray, count: int) -> np.ndarray:
+                return self.propensity_grid(paths, first_ms, count)
+
             def propensity_at(rows: np.ndarray, times: np.ndarray) -> np.ndarray:
                 return self.horizon_forecasts(paths[rows], times, self.horizon_days)[0]
 
-            found = next_crossings(propensity_at, starts, ends, sides, thresholds, float(self.step_ms))
+            found = next_crossings(propensity_grid, propensity_at, starts, ends, sides, thresholds,
+                                   float(self.step_ms))
             for c, t in zip(searchable, found, strict=True):
                 checks[c] = None if math.isnan(t) else math.ceil(t)
         for c in ids:
@@ -377,12 +381,30 @@ class ScoringEngine:
         model.learn_many(inputs, btyd, labels)
         return LearningOutcome(learned=len(labels), positives=int(labels.sum()), drift_alarms=alarms)
 
+    def propensity_grid(self, paths: np.ndarray, first_ms: np.ndarray, count: int) -> np.ndarray:
+        """Return P(a purchase within the horizon) as of first + k * step for k < count, per path.
+
+        The chains of neighbouring grid times share all but one step, so each step's hazard
+        is computed once and the chains are sliding sums of their logs.
+        """
+        steps, fractions = self._chain(self.horizon_days)
+        total = count + steps - 1
+        at = (first_ms[:, None] + self.step_ms * np.arange(total)[None, :]).ravel()
+        inputs, btyd = path_model_inputs(np.repeat(paths, total, axis=0), at)
+        log_silent = np.log1p(-self.learner.model.hazards(inputs, btyd)).reshape(len(first_ms), total)
+        windows = np.lib.stride_tricks.sliding_window_view(log_silent, steps, axis=1)
+        return 1.0 - np.exp(windows @ fractions)
+
+    def _chain(self, horizon_days: float) -> tuple[int, np.ndarray]:
+        """Return the steps a horizon takes and the share of each one it covers (the last may be partial)."""
+        steps = max(1, math.ceil(horizon_days / self.step_days - 1e-9))
+        return steps, np.minimum(1.0, (horizon_days - self.step_days * np.arange(steps)) / self.step_days)
+
     def horizon_forecasts(self, paths: np.ndarray, times_ms: np.ndarray,
                           horizon_days: float) -> tuple[np.ndarray, np.ndarray]:
         """Return P(a purchase in (t, t + horizon]) and the expected purchases, per (path, time), chained by step."""
-        steps = max(1, math.ceil(horizon_days / self.step_days - 1e-9))
         # The last step may be partial: the same hazard over a shorter window.
-        fractions = np.minimum(1.0, (horizon_days - self.step_days * np.arange(steps)) / self.step_days)
+        steps, fractions = self._chain(horizon_days)
         count = len(times_ms)
         at = (np.asarray(times_ms, dtype=np.float64)[:, None] + self.step_ms * np.arange(steps)[None, :]).ravel()
         inputs, btyd = path_model_inputs(np.repeat(paths, steps, axis=0), at)

@@ -105,9 +105,9 @@ class RunningScale:
         if not self.count:
             return np.zeros_like(rows)
         std = np.sqrt(self.m2 / self.count)
-        clipped = np.clip(rows, self.low, self.high)
         # An input that never varied says nothing yet: it scales to 0.
-        return np.where(std > 0, (clipped - self.mean) / np.where(std > 0, std, 1.0), 0.0)
+        inverse = np.divide(1.0, std, out=np.zeros_like(std), where=std > 0)
+        return (np.clip(rows, self.low, self.high) - self.mean) * inverse
 
 
 @dataclass

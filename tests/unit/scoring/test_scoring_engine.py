@@ -286,3 +286,17 @@ def test_score_updates_stay_readable_across_the_added_channel_field() -> None:
     read = fastavro.schemaless_reader(io.BytesIO(buffer.getvalue()), fastavro.parse_schema(new_schema),
                                       fastavro.parse_schema(old_schema))
     assert "channel" not in read and read["customer_id"] == "c"
+
+
+def test_the_sliding_propensity_grid_equals_the_chain_at_every_grid_time() -> None:
+    stream = Stream(engine())
+    for customer_id, event in synthetic_history(customers=30, days=200, seed=3):
+        stream.event(customer_id, event)
+    stream.learn()
+    scoring = stream.scoring
+    paths = np.stack([silent_path(state) for state in stream.states.values()])
+    first = np.full(len(paths), 210.0 * DAY_MS)
+    grid = scoring.propensity_grid(paths, first, 5)
+    for k in range(5):
+        chained, _ = scoring.horizon_forecasts(paths, first + k * scoring.step_ms, 90)
+        assert np.allclose(grid[:, k], chained, rtol=1e-12, atol=1e-12)
