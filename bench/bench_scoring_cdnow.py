@@ -1,24 +1,29 @@
-"""Quality of the online scoring model on CDNOW against BG/NBD and Pareto/NBD; prints JSON.
+"""Quality of the online scoring model on CDNOW against BG/NBD and Pareto/NBD, at several cuts; prints JSON.
 
-Replays the calibration period of CDNOW (1997-01-01 .. 1997-09-30, 39 weeks) through
-scoring, in event order, one of two ways:
-- `--via worker` (default): a real scoring worker process (`python -m services.scoring`)
-  on the embedded broker (Apache Kafka) and Valkey; the events go to `touchpoints.resolved` as
-  ResolvedTouchpoint Avro, and the run waits until the worker has sent every ScoreUpdate.
-  The worker is then stopped (it checkpoints its model on shutdown) and the forecasts are
-  read from its Redis state and checkpoint.
-- `--via service`: the service layer the worker runs (ScoringService + RedisScoringStore on
-  the embedded Valkey) called in-process, batch by batch; no Kafka around it.
-At the cutoff it asks every customer's
-P(purchase in the next 39 weeks) "as of" the cutoff, chained from the 90-day model (see
-services/scoring/engine.py), and compares with the holdout (1997-10-01 .. 1998-06-30).
-Nothing of the holdout is replayed, so the model never sees a holdout label.
+For each calibration cut (weeks after 1997-01-01: 13, 20, 33, 39 and 45 by default) the
+purchases before the cut, and nothing after it, are replayed in event order through scoring:
+- `--via worker` (default): a real scoring worker process (`python -m services.scoring`) on
+  the embedded broker (Apache Kafka) and Valkey; the events go to `touchpoints.resolved` as
+  ResolvedTouchpoint Avro, and the run waits until the worker has scored every one. The
+  worker is then stopped (it checkpoints its model on shutdown). Its CPU time (from /proc)
+  over the replay is reported per event.
+- `--via service`: ScoringService + RedisScoringStore on the embedded Valkey, in-process.
+Then every customer's P(a purchase between the cut and 1998-06-30) is read from what the
+service stored (`ScoringService.forecasts`, chained from its step model as if the customer
+stayed silent) and compared with the holdout. In the same run BG/NBD (Fader, Hardie & Lee
+2005) and Pareto/NBD are fitted with `lifetimes` on the same calibration period.
 
-In the same run, BG/NBD (Fader, Hardie & Lee 2005) and Pareto/NBD are fitted with
-`lifetimes` on the calibration period (daily resolution), scored by P(alive), expected
-purchases, and P(at least one purchase in the holdout).
+`--baseline REF` also replays `--baseline-cuts` (the 39-week cut by default) through the
+scoring code of git REF (exported with `git archive` into a temporary directory and run from
+there, worker and forecasts alike): quality and the worker's CPU per event before and after,
+measured in one run on the same machine.
 
-    .venv/bin/python bench/bench_scoring_cdnow.py [--via worker|service] [--partitions 4] [--model logreg]
+No holdout label reaches the service: `calibration_events` is the only source of what is
+replayed (tests/unit/scoring/test_bench_replay.py holds it to that), and the forecasts read
+only the service's own state and model.
+
+    .venv/bin/python bench/bench_scoring_cdnow.py [--cuts 13,20,33,39,45] [--via worker|service]
+        [--baseline main] [--baseline-cuts 39] [--partitions 4]
 """
 
 from __future__ import annotations
@@ -27,32 +32,28 @@ import argparse
 import asyncio
 import json
 import math
-import random
+import os
+import subprocess
 import sys
 import tempfile
 import time
 import zlib
-from datetime import UTC, datetime
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pandas as pd
-import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
-from prometheus_client import CollectorRegistry
+from bench_pipeline import process_cpu_s
 
-from services.scoring.features import features_at
-from services.scoring.metrics import ScoringMetrics
-from services.scoring.model import PropensityModel
-from services.scoring.service import ResolvedInput, ScoringService
-from services.scoring.settings import ScoringSettings
-from services.scoring.state import Touchpoint
-from services.scoring.store import RedisScoringStore
 from touchstream import avro
 from touchstream.datasets import Purchase, cdnow_purchases
 from touchstream.embedded import (
+    ManagedProcess,
     broker_client_env,
     broker_description,
     create_topics,
@@ -67,24 +68,75 @@ from touchstream.replay import sum_metric
 from touchstream.topics import SCORES, TOUCHPOINTS_RESOLVED
 
 CALIBRATION_START = datetime(1997, 1, 1, tzinfo=UTC)
-CUTOFF = datetime(1997, 10, 1, tzinfo=UTC)
 HOLDOUT_END = datetime(1998, 7, 1, tzinfo=UTC)
-HOLDOUT_DAYS = (HOLDOUT_END - CUTOFF).days  # 273 = 39 weeks
+REPO = Path(__file__).resolve().parent.parent
+# Run in a subprocess with the code under test first on its path, so the same lines read the
+# forecasts of this checkout's scoring and of an older one (`--baseline`).
+FORECASTS_SCRIPT = """
+import asyncio, json, sys
+import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry
+from services.scoring.metrics import ScoringMetrics
+from services.scoring.service import ScoringService
+from services.scoring.settings import ScoringSettings
+from services.scoring.store import RedisScoringStore
+
+async def main(redis_url, prefix, cutoff_ms, days, customers):
+    redis = aioredis.from_url(redis_url)
+    service = ScoringService(RedisScoringStore(redis, prefix), ScoringSettings(key_prefix=prefix),
+                             ScoringMetrics(CollectorRegistry()))
+    forecasts = await service.forecasts(customers, cutoff_ms, days)
+    learner = service.engine.learner
+    quality = learner.quality
+    model = learner.model
+    await redis.aclose()
+    return {"p_any": {c: f.propensity for c, f in forecasts.items()},
+            "expected": {c: f.expected_purchases for c, f in forecasts.items()},
+            "model_version": model.version,
+            "model": model.describe() if hasattr(model, "describe") else {},
+            "prequential": {"examples": quality.examples, "roc_auc": quality.roc_auc.get(),
+                            "log_loss": quality.log_loss.get(), "brier": quality.brier.get(),
+                            "calibration_error": quality.calibration.get()}}
+
+arguments = json.load(sys.stdin)
+print(json.dumps(asyncio.run(main(**arguments))))
+"""
+
+
+@dataclass(frozen=True)
+class CodeTree:
+    """A scoring implementation to run: this checkout, or an exported git revision."""
+
+    name: str
+    root: Path | None = None
+
+    def python(self) -> list[str]:
+        # -P: the exported tree on PYTHONPATH comes before this checkout's editable install.
+        return [sys.executable, "-P"] if self.root else [sys.executable]
+
+    def env(self) -> dict[str, str]:
+        return {"PYTHONPATH": str(self.root)} if self.root else {}
 
 
 def ms(day: datetime) -> int:
     return int(day.timestamp() * 1000)
 
 
+def cut_at(weeks: int) -> datetime:
+    return CALIBRATION_START + timedelta(weeks=weeks)
+
+
+def calibration_events(purchases: Sequence[Purchase], cutoff_ms: int) -> list[tuple[Purchase, int]]:
+    """Return the purchases the service may see for a cut: those strictly before it, with their event times."""
+    return [(p, t) for p in purchases if (t := p.timestamp_ms) < cutoff_ms]
+
+
 def roc_auc(y: np.ndarray, score: np.ndarray) -> float:
     """Mann-Whitney ROC AUC with ties counted half."""
     order = np.argsort(score, kind="mergesort")
     ranks = np.empty(len(score))
-    sorted_scores = score[order]
-    # Average ranks of ties.
-    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
-    avg = first + (counts - 1) / 2.0 + 1
-    ranks[order] = np.repeat(avg, counts)
+    _, first, counts = np.unique(score[order], return_index=True, return_counts=True)
+    ranks[order] = np.repeat(first + (counts - 1) / 2.0 + 1, counts)
     positives = int(y.sum())
     negatives = len(y) - positives
     return float((ranks[y].sum() - positives * (positives + 1) / 2) / (positives * negatives))
@@ -95,33 +147,11 @@ def log_loss(y: np.ndarray, p: np.ndarray) -> float:
     return float(-np.mean(np.where(y, np.log(p), np.log(1 - p))))
 
 
-def summary(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
-    return {"roc_auc": round(roc_auc(y, p), 4), "log_loss": round(log_loss(y, p), 4),
-            "brier": round(float(np.mean((p - y) ** 2)), 4), "predicted_buyers": round(float(p.sum()), 1)}
+def rounded(value: float, digits: int = 4) -> float | None:
+    return None if value is None or math.isnan(value) else round(float(value), digits)
 
 
-def touchpoint(purchase: Purchase, t: int) -> Touchpoint:
-    return Touchpoint(f"cdnow-{purchase.line}", t, t, event_name="Order Completed", order_amount=purchase.amount)
-
-
-async def replay_calibration(
-    service: ScoringService, purchases: list[Purchase], times: list[int], partitions: int, batch: int
-) -> dict[str, float]:
-    inputs = [
-        ResolvedInput(zlib.crc32(p.customer.encode()) % partitions, p.customer, touchpoint(p, t))
-        for p, t in zip(purchases, times, strict=True)
-    ]
-    started = time.perf_counter()
-    for start in range(0, len(inputs), batch):
-        await service.score_touchpoints(inputs[start : start + batch])
-    elapsed = time.perf_counter() - started
-    rescores = service.metrics.rescores._value.get()
-    return {"events": len(inputs), "rescores": rescores, "seconds": round(elapsed, 2),
-            "events_per_s_per_worker": round(len(inputs) / elapsed, 1),
-            "scorings_per_s_per_worker": round((len(inputs) + rescores) / elapsed, 1)}
-
-
-def resolved_record(purchase: Purchase, t: int) -> dict[str, Any]:
+def touchpoint_record(purchase: Purchase, t: int) -> dict[str, Any]:
     return {
         "customer_id": purchase.customer,
         "resolved_at_ms": t,
@@ -135,6 +165,12 @@ def resolved_record(purchase: Purchase, t: int) -> dict[str, Any]:
     }
 
 
+async def replay(events: list[tuple[Purchase, int]], send: Callable[[Purchase, int], Awaitable[None]]) -> None:
+    """Hand each calibration event to `send`, in event order."""
+    for purchase, t in events:
+        await send(purchase, t)
+
+
 async def scraped(client: httpx.AsyncClient, port: int, name: str, **labels: str) -> float:
     try:
         text = (await client.get(f"http://127.0.0.1:{port}/metrics", timeout=10.0)).text
@@ -143,19 +179,22 @@ async def scraped(client: httpx.AsyncClient, port: int, name: str, **labels: str
     return sum_metric(text, name, **labels)
 
 
-async def wait_ready(client: httpx.AsyncClient, port: int) -> None:
+async def wait_ready(client: httpx.AsyncClient, port: int, worker: ManagedProcess) -> None:
     for _ in range(600):
-        if (await client.get(f"http://127.0.0.1:{port}/readyz")).status_code == 200:
-            return
+        if not worker.alive():
+            raise RuntimeError(f"the scoring worker exited; see {worker.log_path}")
+        try:
+            if (await client.get(f"http://127.0.0.1:{port}/readyz")).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
         await asyncio.sleep(0.2)
     raise TimeoutError("the scoring worker did not get ready in 120 s")
 
 
-async def replay_through_worker(
-    redis_url: str, purchases: list[Purchase], times: list[int], settings: ScoringSettings, partitions: int,
-    run_dir: Path,
-) -> dict[str, float]:
-    """Run a scoring worker on the embedded broker, produce the events, wait for every ScoreUpdate, stop it."""
+async def replay_through_worker(code: CodeTree, redis_url: str, prefix: str, events: list[tuple[Purchase, int]],
+                                partitions: int, run_dir: Path) -> dict[str, Any]:
+    """Run a scoring worker of `code` on a fresh embedded broker, produce the events, wait until all are scored."""
     broker_port, web_port = free_port(), free_port()
     kind = embedded_broker_kind()
     broker = start_broker(kind, broker_port, run_dir / "kafka", run_dir / "broker.log")
@@ -164,60 +203,105 @@ async def replay_through_worker(
     try:
         await create_topics(bootstrap, partitions)
         env = {
-            "TOUCHSTREAM_KAFKA_BOOTSTRAP": bootstrap, **broker_client_env(kind), "TOUCHSTREAM_REDIS_URL": redis_url,
-            "TOUCHSTREAM_PARTITIONS": str(partitions), "TOUCHSTREAM_STATE_DIR": str(run_dir / "state"),
-            "TOUCHSTREAM_SCORING_WEB_PORT": str(web_port), "TOUCHSTREAM_SCORING_KEY_PREFIX": settings.key_prefix,
-            "TOUCHSTREAM_SCORING_MODEL": settings.model, "TOUCHSTREAM_SCORING_TICK_DAYS": str(settings.tick_days),
-            "TOUCHSTREAM_SCORING_LEARNING_RATE": str(settings.learning_rate),
-            "TOUCHSTREAM_SCORING_CHECKPOINT_INTERVAL_S": "10",
+            **code.env(), "TOUCHSTREAM_KAFKA_BOOTSTRAP": bootstrap, **broker_client_env(kind),
+            "TOUCHSTREAM_REDIS_URL": redis_url, "TOUCHSTREAM_PARTITIONS": str(partitions),
+            "TOUCHSTREAM_STATE_DIR": str(run_dir / "state"), "TOUCHSTREAM_SCORING_WEB_PORT": str(web_port),
+            "TOUCHSTREAM_SCORING_KEY_PREFIX": prefix, "TOUCHSTREAM_SCORING_CHECKPOINT_INTERVAL_S": "10",
         }
-        worker = spawn("scoring", [sys.executable, "-m", "services.scoring"], run_dir / "scoring-worker.log", env=env)
+        worker = spawn("scoring", [*code.python(), "-m", "services.scoring"], run_dir / "scoring-worker.log",
+                       env=env)
         wait_for_port(web_port, timeout=60, process=worker)
         async with httpx.AsyncClient() as client:
-            await wait_ready(client, web_port)
+            await wait_ready(client, web_port, worker)
+            cpu_before = process_cpu_s(worker.pid)
             producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, max_batch_size=256 * 1024)
             await producer.start()
             started = time.perf_counter()
+
+            async def send(purchase: Purchase, t: int) -> None:
+                value = avro.encode(TOUCHPOINTS_RESOLVED.schema, touchpoint_record(purchase, t))
+                await producer.send(TOUCHPOINTS_RESOLVED.name, value, key=purchase.customer.encode())
+
             try:
-                for purchase, t in zip(purchases, times, strict=True):
-                    value = avro.encode(TOUCHPOINTS_RESOLVED.schema, resolved_record(purchase, t))
-                    await producer.send(TOUCHPOINTS_RESOLVED.name, value, key=purchase.customer.encode())
+                await replay(events, send)
                 await producer.flush()
             finally:
                 await producer.stop()
-            produced_s = time.perf_counter() - started
             while True:
                 if not worker.alive():
                     raise RuntimeError(f"the scoring worker died; see {run_dir / 'scoring-worker.log'}")
                 sent = await scraped(client, web_port, "touchstream_scoring_events_out_total", topic=SCORES.name)
-                if sent >= len(purchases):
+                crossings = max(0.0, await scraped(client, web_port, "touchstream_scoring_crossings_total"))
+                if sent - crossings >= len(events):
                     break
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(0.5)
             elapsed = time.perf_counter() - started
-            rescores = await scraped(client, web_port, "touchstream_scoring_rescores_total")
+            cpu_s = process_cpu_s(worker.pid) - cpu_before
+            checks = max(0.0, await scraped(client, web_port, "touchstream_scoring_crossing_checks_total"))
+            rescores = max(0.0, await scraped(client, web_port, "touchstream_scoring_rescores_total"))
     finally:
         if worker is not None:
             # SIGTERM: the worker checkpoints its model before it exits.
             worker.stop(timeout=60)
         broker.stop()
-    return {"events": len(purchases), "rescores": rescores, "produce_seconds": round(produced_s, 2),
-            "seconds": round(elapsed, 2), "events_per_s_per_worker": round(len(purchases) / elapsed, 1),
-            "scorings_per_s_per_worker": round((len(purchases) + rescores) / elapsed, 1)}
+    return {"path": f"scoring worker process on {broker_description(kind)} + Valkey", "events": len(events),
+            "seconds": round(elapsed, 2), "events_per_s": round(len(events) / elapsed, 1),
+            "worker_cpu_s": round(cpu_s, 2), "worker_cpu_us_per_event": round(1e6 * cpu_s / len(events), 1),
+            "crossing_checks": checks, "crossing_updates": crossings, "periodic_rescores": rescores}
 
 
-def bare_river_rate(model_kind: str, learning_rate: float, rows: list[dict[str, float]]) -> float:
-    """Learn+predict per second of a fresh model of the same kind on real feature rows (labels random)."""
-    model = PropensityModel(learning_rate, kind=model_kind)  # type: ignore[arg-type]
-    rng = random.Random(0)
-    labels = [rng.random() < 0.3 for _ in rows]
-    started = time.perf_counter()
-    for features, label in zip(rows, labels, strict=True):
-        model.predict_propensity(features)
-        model.learn(features, label)
-    return round(len(rows) / (time.perf_counter() - started), 1)
+async def replay_through_service(redis_url: str, prefix: str, events: list[tuple[Purchase, int]],
+                                 partitions: int, batch: int) -> dict[str, Any]:
+    """Call this checkout's ScoringService in-process with batches of events (no Kafka)."""
+    import redis.asyncio as aioredis
+    from prometheus_client import CollectorRegistry
+
+    from services.scoring.metrics import ScoringMetrics
+    from services.scoring.service import ResolvedInput, ScoringService
+    from services.scoring.settings import ScoringSettings
+    from services.scoring.state import Touchpoint
+    from services.scoring.store import RedisScoringStore
+
+    redis = aioredis.from_url(redis_url)
+    service = ScoringService(RedisScoringStore(redis, prefix), ScoringSettings(key_prefix=prefix),
+                             ScoringMetrics(CollectorRegistry()))
+    inputs: list[ResolvedInput] = []
+
+    async def send(purchase: Purchase, t: int) -> None:
+        touch = Touchpoint(f"cdnow-{purchase.line}", t, t, event_name="Order Completed", order_amount=purchase.amount)
+        inputs.append(ResolvedInput(zlib.crc32(purchase.customer.encode()) % partitions, purchase.customer, touch))
+        if len(inputs) >= batch:
+            await service.score_touchpoints(inputs)
+            inputs.clear()
+
+    started, cpu_before = time.perf_counter(), time.process_time()
+    await replay(events, send)
+    if inputs:
+        await service.score_touchpoints(inputs)
+    await service.checkpoint()
+    elapsed, cpu_s = time.perf_counter() - started, time.process_time() - cpu_before
+    await redis.aclose()
+    return {"path": "ScoringService + RedisScoringStore on embedded Valkey, in-process", "events": len(events),
+            "seconds": round(elapsed, 2), "events_per_s": round(len(events) / elapsed, 1),
+            "process_cpu_us_per_event": round(1e6 * cpu_s / len(events), 1),
+            "crossing_checks": service.metrics.crossing_checks._value.get(),
+            "crossing_updates": service.metrics.crossings._value.get()}
 
 
-def btyd(purchases: list[Purchase], customers: list[str], y: np.ndarray) -> dict[str, Any]:
+def read_forecasts(code: CodeTree, redis_url: str, prefix: str, cutoff_ms: int, days: int,
+                   customers: list[str]) -> dict[str, Any]:
+    """Return `code`'s forecasts as of the cut, read by a fresh service from what the replay stored."""
+    arguments = {"redis_url": redis_url, "prefix": prefix, "cutoff_ms": cutoff_ms, "days": days,
+                 "customers": customers}
+    done = subprocess.run([*code.python(), "-c", FORECASTS_SCRIPT], input=json.dumps(arguments), text=True,
+                          capture_output=True, env={**os.environ, **code.env()}, cwd=code.root or REPO, check=False)
+    if done.returncode:
+        raise RuntimeError(f"reading {code.name}'s forecasts failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+
+def btyd_baselines(purchases: list[Purchase], cutoff: datetime, customers: list[str], y: np.ndarray) -> dict[str, Any]:
+    """Fit BG/NBD and Pareto/NBD on the calibration period (daily resolution) and score the holdout."""
     from lifetimes import BetaGeoFitter, ParetoNBDFitter
     from lifetimes.utils import calibration_and_holdout_data
 
@@ -226,144 +310,140 @@ def btyd(purchases: list[Purchase], customers: list[str], y: np.ndarray) -> dict
         "date": pd.to_datetime([p.date for p in purchases], format="%Y%m%d"),
         "amount": [p.amount for p in purchases],
     })
+    holdout_days = (HOLDOUT_END - cutoff).days
     # pandas 3 needs monetary_value_col here, though the models do not use it.
     rfm = calibration_and_holdout_data(
-        frame, "customer", "date", calibration_period_end=(CUTOFF - pd.Timedelta(days=1)).strftime("%Y-%m-%d"),
+        frame, "customer", "date", calibration_period_end=(cutoff - pd.Timedelta(days=1)).strftime("%Y-%m-%d"),
         observation_period_end=(HOLDOUT_END - pd.Timedelta(days=1)).strftime("%Y-%m-%d"), freq="D",
         monetary_value_col="amount",
     ).reindex(customers)
     x, t_x, big_t = rfm["frequency_cal"], rfm["recency_cal"], rfm["T_cal"]
-    actual_repeat = float(rfm["frequency_holdout"].sum())
-    out: dict[str, Any] = {"actual_repeat_purchase_days_holdout": actual_repeat}
 
-    started = time.perf_counter()
     bg = BetaGeoFitter(penalizer_coef=0.0)
     bg.fit(x, t_x, big_t)
-    expected = np.asarray(bg.conditional_expected_number_of_purchases_up_to_time(HOLDOUT_DAYS, x, t_x, big_t))
+    bg_expected = np.asarray(bg.conditional_expected_number_of_purchases_up_to_time(holdout_days, x, t_x, big_t))
     alive = np.asarray(bg.conditional_probability_alive(x, t_x, big_t))
     r, alpha = bg._unload_params("r", "alpha")
     # BG/NBD: an alive customer cannot die before its next purchase, so
     # P(X = 0 | x, t_x, T) = 1 - P(alive) + P(alive) * ((alpha + T) / (alpha + T + t)) ** (r + x).
-    none = 1 - alive + alive * ((alpha + big_t) / (alpha + big_t + HOLDOUT_DAYS)) ** (r + x)
-    p_any = np.asarray(1 - none)
-    out["bg_nbd"] = {
-        "params": {k: round(float(v), 4) for k, v in bg.params_.items()},
-        "fit_seconds": round(time.perf_counter() - started, 2),
-        "roc_auc_expected_purchases": round(roc_auc(y, expected), 4),
-        "roc_auc_p_alive": round(roc_auc(y, alive), 4),
-        "p_any_purchase": summary(y, p_any),
-        "predicted_repeat_purchases": round(float(expected.sum()), 1),
-    }
+    bg_p_any = np.asarray(1 - (1 - alive + alive * ((alpha + big_t) / (alpha + big_t + holdout_days)) ** (r + x)))
 
-    started = time.perf_counter()
     pnbd = ParetoNBDFitter(penalizer_coef=0.0)
     pnbd.fit(x, t_x, big_t)
-    expected = np.asarray(pnbd.conditional_expected_number_of_purchases_up_to_time(HOLDOUT_DAYS, x, t_x, big_t))
-    alive = np.asarray(pnbd.conditional_probability_alive(x, t_x, big_t))
-    none = np.asarray(pnbd.conditional_probability_of_n_purchases_up_to_time(0, HOLDOUT_DAYS, x, t_x, big_t))
-    out["pareto_nbd"] = {
-        "params": {k: round(float(v), 4) for k, v in pnbd.params_.items()},
-        "fit_seconds": round(time.perf_counter() - started, 2),
-        "roc_auc_expected_purchases": round(roc_auc(y, expected), 4),
-        "roc_auc_p_alive": round(roc_auc(y, alive), 4),
-        "p_any_purchase": summary(y, 1 - none),
-        "predicted_repeat_purchases": round(float(expected.sum()), 1),
+    pareto_expected = np.asarray(
+        pnbd.conditional_expected_number_of_purchases_up_to_time(holdout_days, x, t_x, big_t))
+    pareto_none = np.asarray(pnbd.conditional_probability_of_n_purchases_up_to_time(0, holdout_days, x, t_x, big_t))
+    return {
+        "bgnbd_auc": rounded(roc_auc(y, bg_expected)),
+        "pareto_auc": rounded(roc_auc(y, pareto_expected)),
+        "bgnbd_log_loss": rounded(log_loss(y, bg_p_any)),
+        "bgnbd_p_any_auc": rounded(roc_auc(y, bg_p_any)),
+        "pareto_log_loss": rounded(log_loss(y, 1 - pareto_none)),
+        "bgnbd_params": {k: round(float(v), 4) for k, v in bg.params_.items()},
+        "pareto_params": {k: round(float(v), 4) for k, v in pnbd.params_.items()},
     }
-    return out
+
+
+async def evaluate_cut(code: CodeTree, weeks: int, purchases: list[Purchase], redis_url: str, args: argparse.Namespace,
+                       run_dir: Path) -> dict[str, Any]:
+    """Replay one cut's calibration period through `code` and score its forecasts against the holdout."""
+    cutoff = cut_at(weeks)
+    events = calibration_events(purchases, ms(cutoff))
+    customers = sorted({p.customer for p, _ in events})
+    bought = {p.customer for p in purchases if ms(cutoff) <= p.timestamp_ms < ms(HOLDOUT_END)}
+    y = np.array([c in bought for c in customers])
+    holdout_days = (HOLDOUT_END - cutoff).days
+    prefix = f"bench:{code.name}:{weeks}w"
+    cut_dir = run_dir / f"{code.name}-{weeks}w"
+    cut_dir.mkdir(parents=True, exist_ok=True)
+    if args.via == "worker":
+        throughput = await replay_through_worker(code, redis_url, prefix, events, args.partitions, cut_dir)
+    else:
+        throughput = await replay_through_service(redis_url, prefix, events, args.partitions, args.batch)
+    read = read_forecasts(code, redis_url, prefix, ms(cutoff), holdout_days, customers)
+    p_any = np.array([read["p_any"][c] for c in customers])
+    expected = np.array([read["expected"][c] for c in customers])
+    prequential = {k: rounded(v) if isinstance(v, float) else v for k, v in read["prequential"].items()}
+    return {
+        "code": code.name, "cut_weeks": weeks, "cutoff": cutoff.date().isoformat(), "holdout_days": holdout_days,
+        "customers": len(customers), "buyers_holdout": int(y.sum()),
+        "auc": rounded(roc_auc(y, p_any)), "log_loss": rounded(log_loss(y, p_any)),
+        "brier": rounded(float(np.mean((p_any - y) ** 2))),
+        "predicted_buyers": round(float(p_any.sum()), 1), "predicted_purchases": round(float(expected.sum()), 1),
+        "model_version": read["model_version"], "model": read["model"], "prequential": prequential,
+        **throughput,
+    }
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     purchases = cdnow_purchases()
-    cutoff_ms = ms(CUTOFF)
-    # Purchase.timestamp_ms parses the date on every call; once is enough.
-    times = [p.timestamp_ms for p in purchases]
-    calibration = [p for p, t in zip(purchases, times, strict=True) if t < cutoff_ms]
-    holdout = [p for p, t in zip(purchases, times, strict=True) if cutoff_ms <= t < ms(HOLDOUT_END)]
-    customers = sorted({p.customer for p in purchases})
-    bought = {p.customer for p in holdout}
-    y = np.array([c in bought for c in customers])
-
     run_dir = Path(tempfile.mkdtemp(prefix="bench-scoring-"))
     port = free_port()
     valkey = start_valkey(port, run_dir / "valkey.log")
     redis_url = f"redis://127.0.0.1:{port}/0"
-    redis = aioredis.from_url(redis_url)
-    settings = ScoringSettings(key_prefix="bench:scoring", model=args.model, tick_days=args.tick_days,
-                               learning_rate=args.learning_rate)
+    result: dict[str, Any] = {"dataset": "CDNOW master (lifetimes)", "holdout_end": "1998-06-30", "via": args.via,
+                              "logs": str(run_dir), "cuts": {}}
     try:
-        if args.via == "worker":
-            throughput = await replay_through_worker(
-                redis_url, calibration, times[: len(calibration)], settings, args.partitions, run_dir
-            )
-        # A fresh service restores the worker's checkpoint (worker path) or is the one that learned.
-        service = ScoringService(RedisScoringStore(redis, settings.key_prefix), settings,
-                                 ScoringMetrics(CollectorRegistry()))
-        if args.via == "service":
-            throughput = await replay_calibration(
-                service, calibration, times[: len(calibration)], args.partitions, args.batch
-            )
-        forecasts = await service.forecasts(customers, cutoff_ms, HOLDOUT_DAYS)
-        short = await service.forecasts(customers, cutoff_ms, settings.horizon_days)
-        states, _ = await service.store.load(customers[:20000])
+        current = CodeTree("current")
+        for weeks in args.cuts:
+            ours = await evaluate_cut(current, weeks, purchases, redis_url, args, run_dir)
+            cutoff = cut_at(weeks)
+            customers = sorted({p.customer for p, _ in calibration_events(purchases, ms(cutoff))})
+            bought = {p.customer for p in purchases if ms(cutoff) <= p.timestamp_ms < ms(HOLDOUT_END)}
+            baselines = btyd_baselines(purchases, cutoff, customers, np.array([c in bought for c in customers]))
+            best = max(baselines["bgnbd_auc"], baselines["pareto_auc"])
+            ours.update(baselines)
+            ours["targets"] = {"auc_at_least_best_btyd": ours["auc"] >= best,
+                               "log_loss_at_most_bgnbd": ours["log_loss"] <= baselines["bgnbd_log_loss"]}
+            result["cuts"][f"{weeks}w"] = ours
+            print(json.dumps({"done": f"{weeks}w", "auc": ours["auc"], "log_loss": ours["log_loss"],
+                              "bgnbd_auc": ours["bgnbd_auc"], "pareto_auc": ours["pareto_auc"],
+                              "bgnbd_log_loss": ours["bgnbd_log_loss"]}), file=sys.stderr, flush=True)
+        if args.baseline:
+            with tempfile.TemporaryDirectory(prefix="bench-scoring-baseline-") as tree:
+                commit = export_tree(args.baseline, Path(tree))
+                baseline = CodeTree(f"baseline-{args.baseline}", Path(tree))
+                result["baseline"] = {"ref": args.baseline, "commit": commit, "cuts": {}}
+                for weeks in args.baseline_cuts:
+                    before = await evaluate_cut(baseline, weeks, purchases, redis_url, args, run_dir)
+                    result["baseline"]["cuts"][f"{weeks}w"] = before
+                    after = result["cuts"].get(f"{weeks}w")
+                    if after is not None:
+                        result["baseline"]["cuts"][f"{weeks}w"]["compared"] = compare(before, after)
     finally:
-        await redis.aclose()
         valkey.stop()
-
-    p_any = np.array([forecasts[c].propensity for c in customers])
-    p_short = np.array([short[c].propensity for c in customers])
-    expected = np.array([forecasts[c].expected_purchases for c in customers])
-    learner = service.engine.learner
-    rows = [features_at(state, cutoff_ms) for state in states.values()]
-    result: dict[str, Any] = {
-        "dataset": "CDNOW master (lifetimes)",
-        "customers": len(customers),
-        "calibration": [CALIBRATION_START.date().isoformat(), (CUTOFF - pd.Timedelta(days=1)).date().isoformat()],
-        "cutoff": CUTOFF.isoformat(),
-        "logs": str(run_dir),
-        "holdout_days": HOLDOUT_DAYS,
-        "actual_buyers_holdout": int(y.sum()),
-        "actual_transactions_holdout": len(holdout),
-        "touchstream": {
-            "path": {"worker": f"scoring worker process on {broker_description(embedded_broker_kind())} + Valkey",
-                     "service": "ScoringService + RedisScoringStore on embedded Valkey, in-process"}[args.via],
-            "model": learner.model.version,
-            "settings": {"model": settings.model, "horizon_days": settings.horizon_days,
-                         "learning_rate": settings.learning_rate, "tick_days": settings.tick_days,
-                         "partitions": args.partitions,
-                         "batch": args.batch if args.via == "service" else "worker (TOUCHSTREAM_BATCH_SIZE)"},
-            "p_any_purchase_39w": summary(y, p_any),
-            "roc_auc_90d_propensity_at_cutoff": round(roc_auc(y, p_short), 4),
-            "predicted_transactions_39w": round(float(expected.sum()), 1),
-            "purchases_per_positive_window": round(float(learner.purchases_per_positive.get()), 3),
-            "prequential_90d": {"examples": learner.quality.examples,
-                                "roc_auc": round(learner.quality.roc_auc.get(), 4),
-                                "log_loss": round(learner.quality.log_loss.get(), 4),
-                                "brier": round(learner.quality.brier.get(), 4),
-                                "calibration_error": round(learner.quality.calibration.get(), 4)},
-            **throughput,
-            "bare_river_learn_predict_per_s": bare_river_rate(settings.model, settings.learning_rate, rows),
-        },
-    }
-    result.update(btyd(purchases, customers, y))
-    best_btyd = max(result["bg_nbd"]["roc_auc_expected_purchases"], result["pareto_nbd"]["roc_auc_expected_purchases"])
-    ours = result["touchstream"]["p_any_purchase_39w"]
-    result["targets"] = {
-        "auc_at_least_best_btyd": ours["roc_auc"] >= best_btyd,
-        "log_loss_below_bg_nbd": ours["log_loss"] < result["bg_nbd"]["p_any_purchase"]["log_loss"],
-    }
-    assert not math.isnan(ours["roc_auc"])
+    result["targets_met_on_every_cut"] = all(all(c["targets"].values()) for c in result["cuts"].values())
+    result["load_average"] = [round(v, 2) for v in os.getloadavg()]
     return result
+
+
+def export_tree(ref: str, into: Path) -> str:
+    """Write the files of git `ref` into `into` (git archive); return its commit."""
+    archive = subprocess.run(["git", "archive", ref], cwd=REPO, capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return subprocess.run(["git", "rev-parse", ref], cwd=REPO, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def compare(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """Return the before/after figures of one cut side by side."""
+    keys = ("auc", "log_loss", "worker_cpu_us_per_event", "process_cpu_us_per_event", "seconds")
+    return {k: {"before": before.get(k), "after": after.get(k)} for k in keys if k in before or k in after}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--via", choices=("worker", "service"), default="worker")
+    parser.add_argument("--cuts", type=lambda s: [int(w) for w in s.split(",")], default=[13, 20, 33, 39, 45],
+                        help="calibration cuts, in weeks after 1997-01-01")
+    parser.add_argument("--baseline", default=None, help="git ref whose scoring to run too (e.g. main)")
+    parser.add_argument("--baseline-cuts", type=lambda s: [int(w) for w in s.split(",")], default=[39])
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--batch", type=int, default=500, help="--via service: events per call (the worker's batch)")
-    parser.add_argument("--model", choices=("logreg", "forest"), default="logreg")
-    parser.add_argument("--tick-days", type=float, default=14.0)
-    parser.add_argument("--learning-rate", type=float, default=0.002)
-    print(json.dumps(asyncio.run(run(parser.parse_args())), indent=2))
+    args = parser.parse_args()
+    if args.baseline and args.via != "worker":
+        parser.error("--baseline runs the older code as a worker process: use --via worker")
+    print(json.dumps(asyncio.run(run(args)), indent=2))
 
 
 if __name__ == "__main__":

@@ -24,14 +24,24 @@ bounded window, rate, share and experience features. Raw day counts stay in the
 ScoreUpdate for rules and people, but a linear model extrapolates them badly: the
 horizon chaining asks about customers silent longer than any the model has seen, and on
 CDNOW raw days made the 39-week forecast swing with the order examples were learned in.
+
+Between two events a customer's state does not change, so its model inputs at any later
+time follow from a few numbers: `silent_path` packs them into one vector, and
+`path_model_inputs` computes MODEL_FEATURES (and the BG/NBD summary, see btyd.py) for many
+(path, time) pairs in one numpy computation. That is how a horizon is chained, a threshold
+crossing is searched for, and a silent customer's examples are learned without loading
+their state. `features_at` stays the reference: a test holds the two to the same values.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
+
+from services.scoring.btyd import BtydInputs
 from services.scoring.labels import DAY_MS
-from services.scoring.state import CHANNELS, WINDOW_DAYS, CustomerState
+from services.scoring.state import CHANNELS, WINDOW_DAYS, CustomerState, DecayedWindows
 
 FEATURE_NAMES = (
     "recency_days",
@@ -165,3 +175,155 @@ def features_at(state: CustomerState, t_ms: int) -> dict[str, float]:
 def _days(ms: int) -> float:
     # Out-of-order events can sit before the latest state; never report negative ages.
     return max(0, ms) / DAY_MS
+
+
+# The layout of a silent path vector. Times are epoch milliseconds (exact in a float64 up to
+# year 287,000), NaN where the state has none.
+PATH_FIELDS = (
+    "recency_from_ms",
+    "first_touch_ms",
+    "last_touch_ms",
+    "first_purchase_ms",
+    "last_purchase_ms",
+    "purchase_count",
+    "repeat_purchase_days",
+    "monetary_total",
+    "mean_interpurchase_days",
+    "complaints",
+    "rating_mean",
+    "ratings_count",
+    "channels_used",
+    *(f"channel_share_{c}" for c in (*CHANNELS, "other")),
+    "purchases_at_ms",
+    *(f"purchases_{w}d" for w in WINDOW_DAYS),
+    "spend_at_ms",
+    *(f"spend_{w}d" for w in WINDOW_DAYS),
+    "touches_at_ms",
+    "touches_30d",
+    "complaints_at_ms",
+    "complaints_90d",
+)
+_AT = {name: i for i, name in enumerate(PATH_FIELDS)}
+_NAN = float("nan")
+
+
+def silent_path(state: CustomerState) -> np.ndarray:
+    """Return the vector `path_model_inputs` reads: `state` as it stays while the customer is silent."""
+    count = state.purchase_count
+    mean_gap = 0.0
+    if count >= 2 and state.first_purchase_ms is not None and state.last_purchase_ms is not None:
+        mean_gap = _days(state.last_purchase_ms - state.first_purchase_ms) / (count - 1)
+    touches = sum(state.channel_counts.values())
+    values: list[float] = [
+        _ms(state.last_purchase_ms if state.last_purchase_ms is not None else state.first_touch_ms),
+        _ms(state.first_touch_ms),
+        _ms(state.last_touch_ms),
+        _ms(state.first_purchase_ms),
+        _ms(state.last_purchase_ms),
+        float(count),
+        float(repeat_purchase_days(state)),
+        state.monetary_total,
+        mean_gap,
+        float(state.complaints),
+        state.ratings_sum / state.ratings_count if state.ratings_count else 0.0,
+        float(state.ratings_count),
+        float(len(state.channel_counts)),
+        *(state.channel_counts.get(c, 0) / touches if touches else 0.0 for c in (*CHANNELS, "other")),
+        *_windows(state.purchases),
+        *_windows(state.spend),
+        *_windows(state.touches)[:1], state.touches.values[WINDOW_DAYS.index(30)],
+        *_windows(state.complaints_recent)[:1], state.complaints_recent.values[WINDOW_DAYS.index(90)],
+    ]
+    return np.array(values, dtype=np.float64)
+
+
+def repeat_purchase_days(state: CustomerState) -> int:
+    """Return BG/NBD's x: the days with a purchase after the first one (several orders a day count once).
+
+    >>> from services.scoring.state import Touchpoint, apply_touchpoint
+    >>> state = CustomerState()
+    >>> for n, hours in enumerate((0, 1, 30)):
+    ...     _ = apply_touchpoint(state, Touchpoint(f"m{n}", hours * 3_600_000, 0, order_amount=5.0))
+    >>> repeat_purchase_days(state)
+    1
+    """
+    days = len({t // DAY_MS for t in state.purchase_times})
+    # Purchases older than the kept times are counted as one day each.
+    return max(0, days - 1 + state.purchase_count - len(state.purchase_times))
+
+
+def _ms(t_ms: int | None) -> float:
+    return _NAN if t_ms is None else float(t_ms)
+
+
+def _windows(windows: DecayedWindows) -> list[float]:
+    return [_ms(windows.at_ms), *windows.values]
+
+
+def path_model_inputs(paths: np.ndarray, times_ms: np.ndarray) -> tuple[np.ndarray, BtydInputs]:
+    """Return MODEL_FEATURES (one row per path, in that order) and the BG/NBD summary at `times_ms`.
+
+    `paths` is (n, len(PATH_FIELDS)) and `times_ms` (n,): row i is path i seen at time i.
+
+    >>> from services.scoring.state import Touchpoint, apply_touchpoint
+    >>> state = CustomerState()
+    >>> _ = apply_touchpoint(state, Touchpoint("m1", 0, 0, order_amount=10.0))
+    >>> _ = apply_touchpoint(state, Touchpoint("m2", 10 * DAY_MS, 0, order_amount=30.0))
+    >>> inputs, btyd = path_model_inputs(silent_path(state)[None, :], np.array([40.0 * DAY_MS]))
+    >>> round(float(inputs[0, MODEL_FEATURES.index("log_overdue_ratio")]), 4), round(math.log1p(3.0), 4)
+    (1.3863, 1.3863)
+    >>> float(btyd.repeats[0]), float(btyd.last_purchase_age[0]), float(btyd.age[0])
+    (1.0, 10.0, 40.0)
+    """
+    p = paths.T
+    t = np.asarray(times_ms, dtype=np.float64)
+
+    def since(name: str) -> np.ndarray:
+        # Out-of-order events can sit after `t`; never report negative ages (as features_at).
+        return np.nan_to_num(np.maximum(0.0, t - p[_AT[name]]) / DAY_MS, nan=0.0)
+
+    def decayed(at: str, value: str, window_days: int) -> np.ndarray:
+        age = np.maximum(0.0, t - p[_AT[at]])
+        return np.nan_to_num(p[_AT[value]] * np.exp(-age / (window_days * DAY_MS)), nan=0.0)
+
+    count, mean_gap = p[_AT["purchase_count"]], p[_AT["mean_interpurchase_days"]]
+    recency, tenure = since("recency_from_ms"), since("first_touch_ms")
+    log_recency, log_count = np.log1p(recency), np.log1p(count)
+    safe_count = np.where(count > 0, count, 1.0)
+    safe_gap = np.where(mean_gap > 0, mean_gap, 1.0)
+    columns = {
+        "log_recency_days": log_recency,
+        "log_tenure_days": np.log1p(tenure),
+        "log_days_since_last_touch": np.log1p(since("last_touch_ms")),
+        "log_purchase_count": log_count,
+        "log_monetary_total": np.log1p(np.maximum(0.0, p[_AT["monetary_total"]])),
+        "log_avg_order_value": np.log1p(np.maximum(0.0, np.where(count > 0, p[_AT["monetary_total"]] / safe_count,
+                                                                  0.0))),
+        "log_mean_interpurchase_days": np.log1p(mean_gap),
+        "log_overdue_ratio": np.log1p(np.where(mean_gap > 0, recency / safe_gap, 0.0)),
+        "recency_x_frequency": log_recency * log_count,
+        "repeat_rate_30d": np.maximum(0.0, count - 1) / (tenure + 1.0) * 30.0,
+        "touches_30d": decayed("touches_at_ms", "touches_30d", 30),
+        "log_complaints": np.log1p(p[_AT["complaints"]]),
+        "complaints_90d": decayed("complaints_at_ms", "complaints_90d", 90),
+        "rating_mean": p[_AT["rating_mean"]],
+        "log_ratings_count": np.log1p(p[_AT["ratings_count"]]),
+        "channels_used": p[_AT["channels_used"]],
+    }
+    for w in WINDOW_DAYS:
+        columns[f"purchases_{w}d"] = decayed("purchases_at_ms", f"purchases_{w}d", w)
+        columns[f"log_spend_{w}d"] = np.log1p(np.maximum(0.0, decayed("spend_at_ms", f"spend_{w}d", w)))
+    for c in (*CHANNELS, "other"):
+        columns[f"channel_share_{c}"] = p[_AT[f"channel_share_{c}"]]
+    inputs = np.column_stack([columns[name] for name in MODEL_FEATURES])
+    bought = ~np.isnan(p[_AT["first_purchase_ms"]])
+    repeats = p[_AT["repeat_purchase_days"]]
+    # BG/NBD counts a customer's time from the first purchase; a prospect's from the first touch.
+    born = np.where(bought, p[_AT["first_purchase_ms"]], p[_AT["first_touch_ms"]])
+    last_age = np.where(bought & (repeats > 0), np.maximum(0.0, p[_AT["last_purchase_ms"]] - born), 0.0)
+    btyd = BtydInputs(
+        repeats=repeats,
+        last_purchase_age=np.nan_to_num(last_age / DAY_MS, nan=0.0),
+        age=np.nan_to_num(np.maximum(0.0, t - born) / DAY_MS, nan=0.0),
+    )
+    return inputs, btyd

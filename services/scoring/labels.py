@@ -20,7 +20,8 @@ class PendingExample:
 
     t_ms: int
     due_ms: int
-    features: dict[str, float]
+    # The customer's silent path (features.PATH_FIELDS) as it was at t_ms: its model inputs follow from it.
+    path: list[float]
     propensity: float
     positive: bool = False
     # Purchases inside the window so far (positive = at least one); expected counts learn from it.
@@ -53,7 +54,7 @@ def is_prediction_point(last_example_day: int, t_ms: int, horizon_ms: int, matur
 def label_with_purchase(pending: list[PendingExample], purchase_ms: int) -> int:
     """Count `purchase_ms` in every waiting window that contains it; return how many turned positive.
 
-    >>> waiting = [PendingExample(0, 10, {}, 0.5), PendingExample(20, 30, {}, 0.5)]
+    >>> waiting = [PendingExample(0, 10, [], 0.5), PendingExample(20, 30, [], 0.5)]
     >>> label_with_purchase(waiting, 10), [e.positive for e in waiting]
     (1, [True, False])
     """
@@ -72,7 +73,7 @@ def split_matured(
 ) -> tuple[list[PendingExample], list[PendingExample]]:
     """Split `pending` into (matured, still waiting) at the watermark-derived cutoff.
 
-    >>> matured, waiting = split_matured([PendingExample(0, 10, {}, 0.5), PendingExample(5, 15, {}, 0.5)], 12)
+    >>> matured, waiting = split_matured([PendingExample(0, 10, [], 0.5), PendingExample(5, 15, [], 0.5)], 12)
     >>> [e.t_ms for e in matured], [e.t_ms for e in waiting]
     ([0], [5])
     """

@@ -44,7 +44,10 @@ class ScoringMetrics:
                             "the partition watermark stopped at that bound.")
         self.events_erased = self.service.counter(
             "events_erased", "Touchpoints of erased customers dropped (in flight during the erasure, or read again).")
-        self.rescores = self.service.counter("rescores", "As-of rescores of customers (ticks in event time).")
+        self.crossing_checks = self.service.counter(
+            "crossing_checks", "Silent customers' crossing checks that came due (event time).")
+        self.crossings = self.service.counter(
+            "crossings", "ScoreUpdates sent for silent customers whose scores crossed what a rule watches.")
         self.duplicates = self.service.counter("events_duplicate", "Touchpoints already applied (redeliveries).")
         self.merges = self.service.counter("merges", "identity.merges records, by outcome.", ["outcome"])
         self.checkpoints = self.service.counter("checkpoints", "Model checkpoints written to Redis.")

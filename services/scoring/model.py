@@ -1,12 +1,24 @@
 """The online model, its live quality, and what a checkpoint holds.
 
-Two model families, chosen by `ScoringSettings.model`:
-- `logreg` (default): River StandardScaler | LogisticRegression (SGD). Reason codes are
-  weight x scaled value, exact for a linear model.
-- `forest`: River's adaptive random forest (ARFClassifier). Slower and less calibrated, but
-  it finds interactions by itself. Reason codes are the change in churn log-odds when one
-  feature is replaced by its running mean over customers who did buy (only for the
-  REASON_CANDIDATES, to bound cost): "what stands between this customer and a typical buyer".
+The model answers "will this customer buy within the next step" (`step_days`, 14 by
+default), a discrete-time hazard: a longer horizon is the chain of steps of a customer who
+stays silent (engine.py), and every example's label matures one step after it was made,
+so even a stream of a few weeks has labels to learn from.
+
+P(buy in the step) = Platt(logit(BG/NBD prior) + w . scaled inputs + b):
+- the BG/NBD prior (btyd.py) carries frequency, recency and age in the customer's own time
+  and the heterogeneity across customers; it is learned online on the same matured labels;
+- a logistic regression learns what the prior misses from MODEL_FEATURES. Its inputs are
+  clipped to the range seen in learning, so a forecast far beyond the observed ages (a long
+  horizon chained from a young stream) moves only through the prior, whose shape is known;
+- the learning rate is not a setting tuned on one data set: LEARNING_RATES are learned side
+  by side, each is scored on every mini-batch before it learns it (test-then-train), and
+  the one with the lowest recent log-loss predicts;
+- a Platt scaling fitted on a rolling window of those prequential scores keeps the
+  probability honest as the population drifts.
+Learning takes mini-batches of MINI_BATCH examples in the order they come, with a remainder
+carried over, so the model does not depend on where the stream's batches happened to end.
+Reason codes are each input's term in the churn log-odds, the prior's against its average.
 """
 
 from __future__ import annotations
@@ -16,101 +28,265 @@ import pickle
 from dataclasses import dataclass, field
 from typing import Literal
 
-from river import compose, drift, forest, linear_model, metrics, optim, preprocessing, stats
+import numpy as np
+from river import drift, metrics, stats
 
+from services.scoring.btyd import BgNbdPrior, BtydInputs
 from services.scoring.checkpoint import signed_checkpoint, verified_payload
-from services.scoring.features import model_inputs
+from services.scoring.features import MODEL_FEATURES
 from services.scoring.segments import RfmQuantiles
 
-ModelKind = Literal["logreg", "forest"]
-MODEL_FAMILIES = {"logreg": "logreg-v2", "forest": "arf-v1"}
-# Features worth explaining with the forest's perturbation reasons (each costs one predict).
-REASON_CANDIDATES = (
-    "log_recency_days",
-    "log_purchase_count",
-    "log_monetary_total",
-    "purchases_90d",
-    "log_overdue_ratio",
-    "log_complaints",
-    "log_days_since_last_touch",
-)
+ModelKind = Literal["logreg"]
+MODEL_FAMILIES = {"logreg": "logreg-v3"}
+# Candidate step sizes (Adam) of the logistic regression, from "barely moves off the prior" to
+# the usual 0.01; which one predicts is decided on the stream (see the module docstring).
+LEARNING_RATES = (0.0003, 0.001, 0.003, 0.01)
+MINI_BATCH = 32
+# How far back the candidates' log-loss is remembered (examples for half the weight).
+SELECTION_HALF_LIFE = 20_000
+# Platt scaling: refitted every CALIBRATION_REFIT examples on the newest CALIBRATION_WINDOW.
+CALIBRATION_WINDOW = 50_000
+CALIBRATION_REFIT = 5_000
+# The reason code of the prior's term.
+PRIOR_REASON = "repeat_buying_pattern"
 _EPS = 1e-6
 
 
-def _logit(p: float) -> float:
-    p = min(max(p, _EPS), 1 - _EPS)
-    return math.log(p / (1 - p))
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, _EPS, 1 - _EPS)
+    return np.log(p / (1 - p))
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -30.0, 30.0)))
+
+
+def _log_loss(p: np.ndarray, y: np.ndarray) -> np.ndarray:
+    p = np.clip(p, _EPS, 1 - _EPS)
+    return -(y * np.log(p) + (1.0 - y) * np.log(1.0 - p))
+
+
+@dataclass
+class RunningScale:
+    """Running mean, variance and range of each input; inputs are clipped to the range, then standardised.
+
+    >>> scale = RunningScale(1)
+    >>> scale.update(np.array([[1.0], [3.0]]))
+    >>> scale.transform(np.array([[2.0], [9.0]])).ravel().tolist()
+    [0.0, 1.0]
+    """
+
+    width: int
+    count: float = 0.0
+    mean: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    m2: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    low: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    high: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    def __post_init__(self) -> None:
+        if not self.mean.size:
+            self.mean, self.m2 = np.zeros(self.width), np.zeros(self.width)
+            self.low, self.high = np.full(self.width, np.inf), np.full(self.width, -np.inf)
+
+    def update(self, rows: np.ndarray) -> None:
+        # Chan et al.'s merge of the batch's moments into the running ones.
+        n = float(len(rows))
+        if not n:
+            return
+        batch_mean = rows.mean(axis=0)
+        batch_m2 = ((rows - batch_mean) ** 2).sum(axis=0)
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.mean = self.mean + delta * n / total
+        self.m2 = self.m2 + batch_m2 + delta**2 * self.count * n / total
+        self.count = total
+        self.low, self.high = np.minimum(self.low, rows.min(axis=0)), np.maximum(self.high, rows.max(axis=0))
+
+    def transform(self, rows: np.ndarray) -> np.ndarray:
+        if not self.count:
+            return np.zeros_like(rows)
+        std = np.sqrt(self.m2 / self.count)
+        # An input that never varied says nothing yet: it scales to 0.
+        inverse = np.divide(1.0, std, out=np.zeros_like(std), where=std > 0)
+        return (np.clip(rows, self.low, self.high) - self.mean) * inverse
+
+
+@dataclass
+class PlattScaling:
+    """P = sigmoid(slope * logit + intercept), fitted by Newton on a rolling window of (logit, label).
+
+    >>> platt = PlattScaling(window=100, refit_every=100)
+    >>> logits = np.linspace(-2, 2, 100)
+    >>> platt.observe(logits, logits > 0)
+    >>> platt.slope > 1.0  # separable labels: the fitted slope only grows
+    True
+    """
+
+    window: int = CALIBRATION_WINDOW
+    refit_every: int = CALIBRATION_REFIT
+    slope: float = 1.0
+    intercept: float = 0.0
+    # A ring buffer of the newest `window` pairs; `seen` counts every pair ever observed.
+    logits: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    labels: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    seen: int = 0
+    since_fit: int = 0
+
+    def observe(self, logits: np.ndarray, labels: np.ndarray) -> None:
+        if not self.logits.size:
+            self.logits, self.labels = np.zeros(self.window), np.zeros(self.window)
+        positions = (self.seen + np.arange(len(logits))) % self.window
+        self.logits[positions], self.labels[positions] = logits, labels
+        self.seen += len(logits)
+        self.since_fit += len(logits)
+        if self.since_fit >= self.refit_every:
+            self.fit()
+
+    def fit(self) -> None:
+        self.since_fit = 0
+        filled = min(self.seen, self.window)
+        x, y = self.logits[:filled], self.labels[:filled]
+        if not 0 < y.sum() < len(y):
+            return
+        # A weak pull towards the identity keeps a window of nearly one class from running off.
+        ridge = 1.0
+        params = np.array([self.slope, self.intercept])
+        for _ in range(8):
+            p = _sigmoid(params[0] * x + params[1])
+            weight = p * (1.0 - p)
+            gradient = np.array([np.dot(p - y, x), np.sum(p - y)]) + ridge * (params - [1.0, 0.0])
+            hessian = np.array([[np.dot(weight, x * x), np.dot(weight, x)], [np.dot(weight, x), np.sum(weight)]])
+            params = params - np.linalg.solve(hessian + ridge * np.eye(2), gradient)
+        self.slope, self.intercept = float(params[0]), float(params[1])
+
+    def apply(self, logits: np.ndarray) -> np.ndarray:
+        return self.slope * logits + self.intercept
 
 
 class PropensityModel:
-    """Predict P(purchase within the horizon) from a feature dict; learn one example at a time.
+    """Predict P(purchase within the next step) from model inputs and the BG/NBD summary; learn mini-batches.
 
     >>> model = PropensityModel()
-    >>> model.predict_propensity({"recency_days": 3.0})
-    0.5
     >>> model.version
-    'logreg-v2-n0'
+    'logreg-v3-n0'
+    >>> inputs = np.zeros((1, len(MODEL_FEATURES)))
+    >>> btyd = BtydInputs(np.array([0.0]), np.array([0.0]), np.array([10.0]))
+    >>> round(float(model.hazards(inputs, btyd)[0]), 3)  # the untrained prior alone
+    0.259
     """
 
-    def __init__(self, learning_rate: float = 0.002, kind: ModelKind = "logreg", seed: int = 42) -> None:
+    def __init__(self, step_days: float = 14.0, kind: ModelKind = "logreg",
+                 learning_rates: tuple[float, ...] = LEARNING_RATES) -> None:
         self.kind = kind
-        self.scaler = preprocessing.StandardScaler()
-        self.classifier = linear_model.LogisticRegression(optimizer=optim.SGD(learning_rate))
-        self.forest = forest.ARFClassifier(n_models=10, seed=seed) if kind == "forest" else None
-        self.pipeline = compose.Pipeline(self.scaler, self.classifier)
-        # Running means of the inputs of positive examples: the forest's perturbation baseline.
-        self.means: dict[str, stats.Mean] = {}
+        self.family = MODEL_FAMILIES[kind]
+        self.step_days = step_days
+        self.learning_rates = np.array(learning_rates, dtype=np.float64)
+        width, candidates = len(MODEL_FEATURES), len(learning_rates)
+        self.prior = BgNbdPrior(step_days)
+        self.scale = RunningScale(width)
+        self.weights = np.zeros((candidates, width))
+        self.intercepts = np.zeros(candidates)
+        self._moments = [np.zeros((candidates, width + 1)), np.zeros((candidates, width + 1))]
+        self._steps = 0
+        self.recent_log_loss = np.full(candidates, np.nan)
+        self.active = int(np.argmin(np.abs(np.log(self.learning_rates) - math.log(0.01))))
+        self.calibration = PlattScaling()
+        # The prior's logit over learned examples: the reference its reason code is measured from.
+        self.prior_offset_total, self.prior_offset_count = 0.0, 0
+        # Examples waiting to fill the next mini-batch: inputs, BG/NBD summary columns, labels.
+        self._waiting: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.examples_learned = 0
 
     @property
     def version(self) -> str:
-        return f"{MODEL_FAMILIES[self.kind]}-n{self.examples_learned}"
+        return f"{self.family}-n{self.examples_learned}"
 
-    def predict_propensity(self, features: dict[str, float]) -> float:
-        """Return P(purchase within the horizon); `features` may be all of them or the model inputs."""
-        features = model_inputs(features)
-        if self.forest is not None:
-            if self.examples_learned == 0:
-                return 0.5
-            return float(self.forest.predict_proba_one(features).get(True, 0.0))
-        return float(self.pipeline.predict_proba_one(features).get(True, 0.0))
+    def raw_logits(self, inputs: np.ndarray, btyd: BtydInputs) -> tuple[np.ndarray, np.ndarray]:
+        """Return (prior logit, active candidate's logit before calibration) per row."""
+        offset = _logit(self.prior.p_any(btyd))
+        scaled = self.scale.transform(inputs)
+        return offset, offset + scaled @ self.weights[self.active] + self.intercepts[self.active]
 
-    def learn(self, features: dict[str, float], purchased: bool) -> None:
-        features = model_inputs(features)
-        # learn_one in a fixed order rather than learn_many: a mini-batch step depends on
-        # where batch boundaries fall, and a replay must end in the same model as live.
-        if self.forest is not None:
-            self.forest.learn_one(features, purchased)
-            for name in REASON_CANDIDATES if purchased else ():
-                if name in features:
-                    self.means.setdefault(name, stats.Mean()).update(features[name])
-        else:
-            self.pipeline.learn_one(features, purchased)
-        self.examples_learned += 1
+    def hazards(self, inputs: np.ndarray, btyd: BtydInputs) -> np.ndarray:
+        """Return calibrated P(at least one purchase within the next step) per row."""
+        _, logits = self.raw_logits(inputs, btyd)
+        return _sigmoid(self.calibration.apply(logits))
 
-    def churn_contributions(self, features: dict[str, float]) -> dict[str, float]:
-        """Return each model input's signed contribution to the churn-risk log-odds."""
-        features = model_inputs(features)
-        if self.forest is not None:
-            if self.examples_learned == 0:
-                return {}
-            base = _logit(self.predict_propensity(features))
-            contributions = {}
-            for name, mean in self.means.items():
-                if name in features:
-                    swapped = _logit(self.predict_propensity(features | {name: mean.get()}))
-                    # Churn log-odds = -propensity log-odds; positive means "raises churn risk".
-                    contributions[name] = swapped - base
-            return contributions
-        scaled = self.scaler.transform_one(features)
-        weights = self.classifier.weights
-        return {name: -weights.get(name, 0.0) * value for name, value in scaled.items()}
+    def learn_many(self, inputs: np.ndarray, btyd: BtydInputs, purchased: np.ndarray) -> None:
+        """Learn matured examples in the given order."""
+        if not len(inputs):
+            return
+        summary = np.column_stack([btyd.repeats, btyd.last_purchase_age, btyd.age])
+        self._waiting.append((inputs, summary, purchased.astype(float)))
+        self.examples_learned += len(inputs)
+        waiting = sum(len(rows) for rows, _, _ in self._waiting)
+        if waiting < MINI_BATCH:
+            return
+        rows = np.concatenate([r for r, _, _ in self._waiting])
+        summaries = np.concatenate([s for _, s, _ in self._waiting])
+        labels = np.concatenate([y for _, _, y in self._waiting])
+        full = len(rows) - len(rows) % MINI_BATCH
+        for start in range(0, full, MINI_BATCH):
+            end = start + MINI_BATCH
+            s = summaries[start:end]
+            self._learn_batch(rows[start:end], BtydInputs(s[:, 0], s[:, 1], s[:, 2]), labels[start:end])
+        self._waiting = [(rows[full:], summaries[full:], labels[full:])] if full < len(rows) else []
 
-    def reason_codes(self, features: dict[str, float], count: int) -> list[tuple[str, float]]:
-        """Return the `count` largest contributions to churn risk by size, signed, zeros left out."""
-        contributions = self.churn_contributions(features)
-        ranked = sorted(contributions.items(), key=lambda item: (-abs(item[1]), item[0]))
-        return [(name, value) for name, value in ranked[:count] if value != 0.0]
+    def _learn_batch(self, inputs: np.ndarray, btyd: BtydInputs, y: np.ndarray) -> None:
+        offset = _logit(self.prior.p_any(btyd))
+        scaled = self.scale.transform(inputs)
+        logits = offset[:, None] + scaled @ self.weights.T + self.intercepts
+        p = _sigmoid(logits)
+        # Test, then train: each candidate is judged on examples it has not learned yet.
+        losses = _log_loss(p, y[:, None]).mean(axis=0)
+        decay = 0.5 ** (len(y) / SELECTION_HALF_LIFE)
+        known = ~np.isnan(self.recent_log_loss)
+        self.recent_log_loss = np.where(known, decay * self.recent_log_loss + (1 - decay) * losses, losses)
+        self.calibration.observe(logits[:, self.active], y)
+        self.active = int(np.argmin(self.recent_log_loss))
+        self.prior_offset_total += float(offset.sum())
+        self.prior_offset_count += len(offset)
+        self.prior.observe(btyd, y.astype(bool))
+        self.scale.update(inputs)
+        scaled = self.scale.transform(inputs)
+        p = _sigmoid(offset[:, None] + scaled @ self.weights.T + self.intercepts)
+        error = p - y[:, None]
+        gradient = np.concatenate([(error.T @ scaled), error.sum(axis=0)[:, None]], axis=1) / len(y)
+        self._steps += 1
+        first, second = self._moments
+        first *= 0.9
+        first += 0.1 * gradient
+        second *= 0.999
+        second += 0.001 * gradient * gradient
+        step = (first / (1 - 0.9**self._steps)) / (np.sqrt(second / (1 - 0.999**self._steps)) + 1e-8)
+        step *= self.learning_rates[:, None]
+        self.weights -= step[:, :-1]
+        self.intercepts -= step[:, -1]
+
+    def input_terms(self, inputs: np.ndarray) -> np.ndarray:
+        """Return each input's signed term in the churn-risk log-odds, per row (reason codes)."""
+        if not self.examples_learned:
+            return np.zeros_like(inputs)
+        # Churn log-odds = -propensity log-odds; positive means "raises churn risk".
+        return -self.calibration.slope * self.weights[self.active] * self.scale.transform(inputs)
+
+    def prior_terms(self, btyd: BtydInputs) -> np.ndarray:
+        """Return the BG/NBD prior's term in the churn-risk log-odds against its average, per row."""
+        if not self.examples_learned:
+            return np.zeros(len(btyd.age))
+        offset = _logit(self.prior.p_any(btyd))
+        mean = self.prior_offset_total / self.prior_offset_count if self.prior_offset_count else 0.0
+        return -self.calibration.slope * (offset - mean)
+
+    def describe(self) -> dict[str, object]:
+        """Return what the model chose online: learning rate, recent log-loss per candidate, prior, calibration."""
+        return {
+            "learning_rate": float(self.learning_rates[self.active]),
+            "recent_log_loss": {str(lr): round(float(v), 5)
+                                for lr, v in zip(self.learning_rates, self.recent_log_loss, strict=True)},
+            "prior": self.prior.describe(),
+            "platt": {"slope": round(self.calibration.slope, 4), "intercept": round(self.calibration.intercept, 4)},
+        }
 
 
 @dataclass

@@ -11,17 +11,26 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from services.scoring.checkpoint import UntrustedCheckpoint
-from services.scoring.engine import HorizonForecast, ScoringEngine, rescore_touchpoint, score_update_record
+from services.scoring.crossings import WatchedChanges, watched_changes
+from services.scoring.engine import HorizonForecast, ScoringEngine, ScoringPoint, score_update_record
+from services.scoring.features import PATH_FIELDS
+from services.scoring.features import silent_path as silent_path_of
 from services.scoring.metrics import ScoringMetrics
-from services.scoring.model import IncompatibleCheckpoint, Learner, PropensityModel
+from services.scoring.model import MODEL_FAMILIES, IncompatibleCheckpoint, Learner, PropensityModel
 from services.scoring.segments import StageRules
 from services.scoring.settings import ScoringSettings
 from services.scoring.state import CustomerState, Touchpoint, merge_states
 from services.scoring.store import RedisScoringStore, StateChanges, customer_of
+from services.triggers.rules import parse_rule_file
 from touchstream.eventtime import DEFAULT_EVENT_TIME_TOLERANCE_S, event_time_ceiling_ms
 
 log = logging.getLogger(__name__)
+# Crossing checks of one customer run within one batch at most this many times (each one
+# starts after the last, so this only bounds a batch that jumps far in event time).
+MAX_CHECKS_PER_BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -43,7 +52,13 @@ class MergeInput:
     merged_id: str
 
 
-def build_engine(settings: ScoringSettings) -> ScoringEngine:
+def rule_watches(settings: ScoringSettings) -> WatchedChanges:
+    """Return what the rule file's rules watch; a missing or broken file stops the worker with its reason."""
+    path = settings.rules_file
+    return watched_changes(parse_rule_file(path.read_text(encoding="utf-8"), source=str(path)))
+
+
+def build_engine(settings: ScoringSettings, watched: WatchedChanges | None = None) -> ScoringEngine:
     """Return a fresh engine with an untrained model, configured by `settings`."""
     horizon = float(settings.horizon_days)
     rules = StageRules(
@@ -54,13 +69,14 @@ def build_engine(settings: ScoringSettings) -> ScoringEngine:
         loyal_min_purchases=settings.loyal_min_purchases,
     )
     return ScoringEngine(
-        Learner(PropensityModel(settings.learning_rate, kind=settings.model)),
+        Learner(PropensityModel(settings.step_days, kind=settings.model, learning_rates=settings.learning_rates)),
         horizon_days=horizon,
+        step_days=settings.step_days,
         lateness_days=settings.lateness_days,
         rules=rules,
         reason_count=settings.reason_count,
-        tick_days=settings.tick_days,
-        tick_max_silence_days=settings.tick_max_silence_days,
+        max_silence_days=settings.max_silence_days,
+        watched=rule_watches(settings) if watched is None else watched,
     )
 
 
@@ -94,8 +110,11 @@ class ScoringService:
         if data is not None:
             try:
                 learner = Learner.from_bytes(data, self._checkpoint_key)
-                if learner.model.kind != self.settings.model:
-                    raise IncompatibleCheckpoint(f"checkpoint holds a {learner.model.kind} model")
+                family = getattr(learner.model, "family", None)
+                if family != MODEL_FAMILIES[self.settings.model]:
+                    raise IncompatibleCheckpoint(f"checkpoint holds a {family or 'older'} model")
+                if getattr(learner.model, "step_days", None) != self.settings.step_days:
+                    raise IncompatibleCheckpoint(f"checkpoint learned {learner.model.step_days}-day steps")
             except UntrustedCheckpoint as exc:
                 await self._refuse_checkpoint(data, exc)
             except IncompatibleCheckpoint as exc:
@@ -128,13 +147,13 @@ class ScoringService:
         self.metrics.checkpoints.inc()
 
     async def score_touchpoints(self, inputs: list[ResolvedInput]) -> list[dict[str, Any]]:
-        """Apply and score `inputs` in order, with the as-of rescores they pass; return the ScoreUpdates.
+        """Apply and score `inputs` in order, with the crossing checks they pass; return the ScoreUpdates.
 
-        One ScoreUpdate per input, plus one per rescore when `emit_rescores` is set. A rescore
-        due at T runs just before the first input that moves its partition's watermark to T,
-        so its features see the events up to T and none after. A watermark never passes the wall
-        clock plus the event-time tolerance, so one event stamped years ahead matures no label
-        and passes no rescore early (a watermark stored beyond it before is pulled back).
+        One ScoreUpdate per input, plus one per crossing check whose scores crossed what a
+        rule watches. A check due at T runs just before the first input that moves its
+        partition's watermark to T, so it sees the events up to T and none after. A watermark never
+        passes the wall clock plus the event-time tolerance, so one event stamped years ahead matures
+        no label and passes no check early (a watermark stored beyond it before is pulled back).
         """
         async with self._lock:
             # Erased customers' events (in flight during the erasure, or read again by a restarted or
@@ -154,67 +173,118 @@ class ScoringService:
                 if t > ceiling:
                     self.metrics.events_ahead.inc()
                 batch_max[item.partition] = min(max(batch_max.get(item.partition, t), t), ceiling)
-            ticks = await self.store.due_ticks(batch_max)
-            tick_ids = [customer_id for due in ticks.values() for customer_id, _ in due]
-            states, watermarks = await self.store.load([*(i.customer_id for i in inputs), *tick_ids], partitions)
-            # Heaps of (tick time, customer): a rescore schedules the next one, maybe due in this batch too.
-            queues = {p: [(t, c) for c, t in ticks.get(p, [])] for p in partitions}
+            checks = await self.store.due_ticks(batch_max)
+            check_ids = [customer_id for due in checks.values() for customer_id, _ in due]
+            states, watermarks = await self.store.load([*(i.customer_id for i in inputs), *check_ids], partitions)
+            by_partition: dict[int, list[str]] = {}
+            for item in inputs:
+                by_partition.setdefault(item.partition, []).append(item.customer_id)
+            silent_next = await self.store.silent_schedule(by_partition)
+            queues = {p: [(t, c) for c, t in checks.get(p, [])] for p in partitions}
             for queue in queues.values():
                 heapq.heapify(queue)
             changes = StateChanges()
-            records: list[dict[str, Any]] = []
+            points: list[tuple[ScoringPoint, bool]] = []
+            home: dict[str, int] = {}
             for item in inputs:
                 t = item.touch.timestamp_ms
                 watermark = min(max(watermarks.get(item.partition, t), t), ceiling)
                 watermarks[item.partition] = watermark
-                records.extend(self._run_ticks(item.partition, queues[item.partition], watermark, states, changes))
-                state = states.setdefault(item.customer_id, CustomerState())
-                applied_before = state.has_applied(item.touch.message_id)
-                scored = self.engine.score(state, item.touch, watermark)
-                if applied_before:
-                    self.metrics.duplicates.inc()
-                if scored.late:
-                    self.metrics.late_events.inc()
-                if scored.new_example is not None:
-                    changes.add_due(item.partition, item.customer_id, t, scored.new_example.due_ms)
-                changes.schedule_tick(item.partition, item.customer_id, self.engine.next_tick_ms(state))
-                changes.states[item.customer_id] = state
-                records.append(score_update_record(item.customer_id, item.touch, scored, state))
+                points.extend((point, False) for point in self._run_checks(
+                    item.partition, queues[item.partition], watermark, states, changes, home))
+                points.append((self._apply_event(item, watermark, states, silent_next, changes), True))
+                home[item.customer_id] = item.partition
+            records = self._decide(points, states)
+            records += self._schedule_checks(points, states, watermarks, home, changes)
             changes.watermarks = {p: watermarks[p] for p in partitions}
             await self._learn_matured(states, changes)
             await self.store.save(changes)
         await self._report(partitions, changes.watermarks)
         return records
 
-    def _run_ticks(
-        self,
-        partition: int,
-        queue: list[tuple[int, str]],
-        watermark: int,
-        states: dict[str, CustomerState],
-        changes: StateChanges,
-    ) -> list[dict[str, Any]]:
-        records = []
+    def _apply_event(self, item: ResolvedInput, watermark: int, states: dict[str, CustomerState],
+                     silent_next: dict[str, int], changes: StateChanges) -> ScoringPoint:
+        t = item.touch.timestamp_ms
+        state = states.setdefault(item.customer_id, CustomerState())
+        in_order = state.last_touch_ms is None or t >= state.last_touch_ms
+        previous = silent_next.get(item.customer_id)
+        if state.has_applied(item.touch.message_id):
+            self.metrics.duplicates.inc()
+        point = self.engine.observe_event(item.customer_id, state, item.touch, watermark, previous)
+        if point.late:
+            self.metrics.late_events.inc()
+        for example in point.new_examples:
+            changes.add_due(item.partition, item.customer_id, example.t_ms, example.due_ms)
+        # Silent examples already made (by the queue, or closed by this event) are not made again.
+        not_before = max(previous or t, t) if in_order else previous
+        following = self.engine.next_silent_example_ms(state, not_before)
+        if following is not None:
+            silent_next[item.customer_id] = following
+        changes.schedule_silent(item.partition, item.customer_id, following, point.path)
+        changes.states[item.customer_id] = state
+        return point
+
+    def _run_checks(
+        self, partition: int, queue: list[tuple[int, str]], watermark: int, states: dict[str, CustomerState],
+        changes: StateChanges, home: dict[str, int],
+    ) -> list[ScoringPoint]:
+        points = []
         while queue and queue[0][0] <= watermark:
             t_ms, customer_id = heapq.heappop(queue)
             state = states.get(customer_id)
-            if state is None:
-                # Merged away or deleted: nothing left to rescore.
-                changes.schedule_tick(partition, customer_id, None)
+            if state is None or state.next_check_ms != t_ms:
+                # Merged away, erased, or superseded by a newer schedule: the state decides.
+                changes.schedule_tick(partition, customer_id, None if state is None else state.next_check_ms)
                 continue
-            scored = self.engine.rescore(state, t_ms, watermark, explain=self.settings.emit_rescores)
-            next_tick = self.engine.next_tick_ms(state)
-            changes.schedule_tick(partition, customer_id, next_tick)
-            if scored is None:
-                continue
-            if next_tick is not None and next_tick <= watermark:
-                heapq.heappush(queue, (next_tick, customer_id))
-            self.metrics.rescores.inc()
-            changes.states[customer_id] = state
-            if scored.new_example is not None:
-                changes.add_due(partition, customer_id, t_ms, scored.new_example.due_ms)
-            if self.settings.emit_rescores:
-                records.append(score_update_record(customer_id, rescore_touchpoint(customer_id, t_ms), scored, state))
+            self.metrics.crossing_checks.inc()
+            points.append(self.engine.observe_check(customer_id, state, t_ms))
+            home[customer_id] = partition
+        return points
+
+    def _schedule_checks(
+        self, points: list[tuple[ScoringPoint, bool]], states: dict[str, CustomerState], watermarks: dict[int, int],
+        home: dict[str, int], changes: StateChanges,
+    ) -> list[dict[str, Any]]:
+        """Set each scored customer's next crossing check; run those already passed by its partition's watermark.
+
+        A customer's check scheduled in this batch may fall before the watermark the batch
+        reached (one check found the first crossing, the next one lies a few days on): it
+        runs here, after the customer's last event, rather than a batch late.
+        """
+        since: dict[str, int] = {}
+        for point, _ in points:
+            since[point.customer_id] = max(since.get(point.customer_id, point.t_ms), point.t_ms)
+        scheduled = {c: states[c].next_check_ms for c in since}
+        records: list[dict[str, Any]] = []
+        pending = dict(since)
+        for _ in range(MAX_CHECKS_PER_BATCH):
+            checks = self.engine.schedule_checks(states, pending)
+            passed = {c: t for c, t in checks.items() if t is not None and t <= watermarks[home[c]]}
+            if not passed:
+                break
+            self.metrics.crossing_checks.inc(len(passed))
+            records += self._decide([(self.engine.observe_check(c, states[c], t), False) for c, t in passed.items()],
+                                    states)
+            pending = passed
+        for customer_id, was in scheduled.items():
+            changes.states[customer_id] = states[customer_id]
+            if states[customer_id].next_check_ms != was:
+                changes.schedule_tick(home[customer_id], customer_id, states[customer_id].next_check_ms)
+        return records
+
+    def _decide(
+        self, points: list[tuple[ScoringPoint, bool]], states: dict[str, CustomerState]
+    ) -> list[dict[str, Any]]:
+        """Score all points at once; keep every event's update and each check's that crossed something watched."""
+        records = []
+        for (point, is_event), scored in zip(points, self.engine.assess([p for p, _ in points]), strict=True):
+            state = states[point.customer_id]
+            if not is_event:
+                if not self.engine.changed_enough(state, scored):
+                    continue
+                self.metrics.crossings.inc()
+            self.engine.remember_sent(state, scored)
+            records.append(score_update_record(point.customer_id, point, scored))
         return records
 
     async def forecasts(
@@ -227,21 +297,27 @@ class ScoringService:
             await self._restore_once()
             for start in range(0, len(ids), chunk):
                 states, _ = await self.store.load(ids[start : start + chunk])
-                for customer_id, state in states.items():
-                    result[customer_id] = self.engine.forecast(state, t_ms, horizon_days)
+                if not states:
+                    continue
+                found = list(states)
+                paths = np.stack([silent_path_of(states[c]) for c in found])
+                propensity, expected = self.engine.horizon_forecasts(paths, np.full(len(found), float(t_ms)),
+                                                                     horizon_days)
+                for customer_id, p, e in zip(found, propensity, expected, strict=True):
+                    result[customer_id] = HorizonForecast(horizon_days, float(p), float(e))
         return result
 
     async def _learn_matured(self, states: dict[str, CustomerState], changes: StateChanges) -> None:
         cutoffs = {p: self.engine.maturity_cutoff(w) for p, w in changes.watermarks.items()}
-        # One round trip for every partition's due examples (learning one partition's examples
-        # changes nothing stored for another's before the batch is saved).
+        step = self.engine.step_ms
+        # One round trip each for every partition's waiting examples and silent customers due
+        # (learning one partition's examples changes nothing stored for another's before the save).
         stored_due = await self.store.due_members_by_partition(cutoffs)
+        stored_silent = await self.store.due_silent({p: c - step for p, c in cutoffs.items()})
         for partition, cutoff in cutoffs.items():
             members = stored_due[partition]
             # Examples added earlier in this batch are not in Redis yet but may be due already.
             members += [m for m, due in changes.due_added.get(partition, {}).items() if due <= cutoff]
-            if not members:
-                continue
             due_ids = {customer_of(m) for m in members}
             missing = [c for c in due_ids if c not in states]
             if missing:
@@ -249,12 +325,45 @@ class ScoringService:
                 states.update(loaded)
             # A member whose customer is gone was merged away; its examples moved with the state.
             due_states = {c: states[c] for c in due_ids if c in states}
-            outcome = self.engine.learn_matured(due_states.values(), cutoff)
+            silent_ids, silent_paths, silent_from = await self._silent_due(
+                partition, stored_silent.get(partition, []), cutoff - step, changes)
+            silent = self.engine.silent_examples(silent_paths, silent_from, cutoff)
+            for row, (customer_id, following) in enumerate(zip(silent_ids, silent.next_ms.tolist(), strict=True)):
+                ended = np.isnan(following)
+                changes.schedule_silent(partition, customer_id, None if ended else int(following),
+                                        None if ended else silent_paths[row])
+            outcome = self.engine.learn_matured(due_states.values(), cutoff, silent_paths, silent)
             changes.states.update(due_states)
-            changes.remove_due(partition, members)
+            if members:
+                changes.remove_due(partition, members)
             self.metrics.examples_learned.labels("positive").inc(outcome.positives)
             self.metrics.examples_learned.labels("negative").inc(outcome.learned - outcome.positives)
             self.metrics.drift_alarms.inc(outcome.drift_alarms)
+
+    async def _silent_due(self, partition: int, stored: list[tuple[str, int]], up_to_ms: int,
+                          changes: StateChanges) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """Return the partition's silent customers whose next example's step has passed: ids, paths, next times."""
+        # This batch's schedules replace the stored ones.
+        written = changes.silent.get(partition, {})
+        gone = changes.silent_removed.get(partition, set())
+        due = {c: t for c, t in stored if c not in written and c not in gone}
+        due |= {c: t for c, t in written.items() if t <= up_to_ms}
+        stored_paths = await self.store.load_paths([c for c in due if c not in changes.paths])
+        ids, paths, starts = [], [], []
+        for customer_id, t in due.items():
+            path = changes.paths.get(customer_id)
+            if path is None:
+                path = stored_paths.get(customer_id)
+            if path is None:
+                # Merged away or erased: its path went with it.
+                changes.schedule_silent(partition, customer_id, None, None)
+                continue
+            ids.append(customer_id)
+            paths.append(path)
+            starts.append(t)
+        if not ids:
+            return [], np.zeros((0, len(PATH_FIELDS))), np.zeros(0)
+        return ids, np.stack(paths), np.array(starts, dtype=np.float64)
 
     async def _report(self, partitions: list[int], watermarks: dict[int, int]) -> None:
         quality = self.engine.learner.quality
@@ -269,7 +378,7 @@ class ScoringService:
             self.metrics.watermark.labels(str(partition)).set(watermark / 1000)
 
     async def forget_customers(self, customer_ids: Iterable[str], partitions: Iterable[int]) -> int:
-        """Erase customers: their states, the examples waiting for a label, their rescore ticks.
+        """Erase customers: their states, silent paths, the examples waiting for a label, their schedules.
 
         Under the batch lock, so a batch that loaded a state before cannot save it back after; the
         store records them as erased first, and every later batch drops their records.
@@ -293,13 +402,25 @@ class ScoringService:
                 merges = [m for m in merges if m.survivor_id not in erased and m.merged_id not in erased]
             ids = [c for m in merges for c in (m.survivor_id, m.merged_id)]
             states, _ = await self.store.load(ids)
-            changes = StateChanges()
+            by_partition: dict[int, list[str]] = {}
             for merge in merges:
-                outcome = self._merge_one(merge, states, changes)
+                by_partition.setdefault(merge.partition, []).append(merge.survivor_id)
+            silent_next = await self.store.silent_schedule(by_partition)
+            changes = StateChanges()
+            since: dict[str, int] = {}
+            home: dict[str, int] = {}
+            for merge in merges:
+                outcome = self._merge_one(merge, states, changes, silent_next)
                 self.metrics.merges.labels(outcome).inc()
+                survivor = states.get(merge.survivor_id)
+                if outcome == "merged" and survivor is not None and survivor.last_touch_ms is not None:
+                    since[merge.survivor_id], home[merge.survivor_id] = survivor.last_touch_ms, merge.partition
+            for customer_id, check in self.engine.schedule_checks(states, since).items():
+                changes.schedule_tick(home[customer_id], customer_id, check)
             await self.store.save(changes)
 
-    def _merge_one(self, merge: MergeInput, states: dict[str, CustomerState], changes: StateChanges) -> str:
+    def _merge_one(self, merge: MergeInput, states: dict[str, CustomerState], changes: StateChanges,
+                   silent_next: dict[str, int]) -> str:
         if merge.merged_id == merge.survivor_id:
             return "self"
         merged = states.get(merge.merged_id)
@@ -313,9 +434,12 @@ class ScoringService:
         changes.deleted.add(merge.merged_id)
         changes.deleted.discard(merge.survivor_id)
         changes.states[merge.survivor_id] = survivor
-        # The merged customer's due members stay in its own partition's set and are
-        # skipped when they come due; the examples mature from the survivor's partition.
+        # The merged customer's due members, silent schedule and checks stay in its own
+        # partition's sets and are skipped when they come due (its state and path are gone);
+        # the examples mature from the survivor's partition.
+        changes.paths_deleted.add(merge.merged_id)
         for example in survivor.pending:
             changes.add_due(merge.partition, merge.survivor_id, example.t_ms, example.due_ms)
-        changes.schedule_tick(merge.partition, merge.survivor_id, self.engine.next_tick_ms(survivor))
+        following = self.engine.next_silent_example_ms(survivor, silent_next.get(merge.survivor_id))
+        changes.schedule_silent(merge.partition, merge.survivor_id, following, silent_path_of(survivor))
         return "merged"

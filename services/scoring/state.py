@@ -169,8 +169,16 @@ class CustomerState:
     complaints_recent: DecayedWindows = field(default_factory=DecayedWindows)
     pending: list[PendingExample] = field(default_factory=list)
     last_example_day: int = -1
-    # Event time of the newest prediction point; the next as-of rescore is due a tick later.
+    # Event time of the newest event-made prediction point: a silent customer's examples follow it, a step apart.
     last_example_ms: int | None = None
+    # What the customer's newest ScoreUpdate said: a silent customer gets another only when time
+    # alone carries one of these across what a rule watches.
+    last_scored_propensity: float | None = None
+    last_scored_stage: str = ""
+    last_scored_segment: str = ""
+    # When the customer's scores are next checked for a crossing (None: no check due); the
+    # timer set indexes it, the state decides whether a timer that fires is still current.
+    next_check_ms: int | None = None
     applied_ids: list[str] = field(default_factory=list)
     # The customer's consent categories as last stated (None: never stated), and when (event time);
     # every ScoreUpdate carries them, rescores included.
@@ -331,22 +339,10 @@ _WINDOW_FIELDS = ("touches", "purchases", "spend", "complaints_recent")
 
 _STATE_FIELDS = tuple(f.name for f in fields(CustomerState))
 _KNOWN_FIELDS = frozenset(_STATE_FIELDS)
-# MODEL_FEATURES, imported on first use (services.scoring.features imports this module).
-_packed_order: tuple[str, ...] = ()
 
 
-def _model_features() -> tuple[str, ...]:
-    global _packed_order
-    if not _packed_order:
-        from services.scoring.features import MODEL_FEATURES
-
-        _packed_order = MODEL_FEATURES
-    return _packed_order
-
-
-# The codec runs for every state a batch loads and saves (on CDNOW, with the as-of rescores,
-# several per event), so it is written out by hand: no dataclasses.fields() per call, no
-# keyword-argument dicts per waiting example. The stored JSON is unchanged.
+# The codec runs for every state a batch loads and saves, so it is written out by hand: no
+# dataclasses.fields() per call, no keyword-argument dicts per waiting example.
 def state_to_dict(state: CustomerState) -> dict[str, Any]:
     """Return `state` as plain JSON-ready data."""
     # Written out rather than dataclasses.asdict, whose deep copies were most of a batch's time.
@@ -354,31 +350,18 @@ def state_to_dict(state: CustomerState) -> dict[str, Any]:
     for name in _WINDOW_FIELDS:
         windows = getattr(state, name)
         data[name] = {"values": windows.values, "at_ms": windows.at_ms}
-    order = _model_features()
     data["pending"] = [
-        {"t_ms": e.t_ms, "due_ms": e.due_ms, "features": _pack(e.features, order), "propensity": e.propensity,
-         "positive": e.positive, "purchases": e.purchases}
+        {"t_ms": e.t_ms, "due_ms": e.due_ms, "path": e.path, "propensity": e.propensity, "positive": e.positive,
+         "purchases": e.purchases}
         for e in state.pending
     ]
     return data
 
 
-def _pack(features: dict[str, float], order: tuple[str, ...]) -> dict[str, float] | list[float]:
-    # Waiting examples are most of a state's bytes; the usual model inputs are stored as a
-    # bare list in MODEL_FEATURES order (names once in code, not in every example).
-    if len(features) == len(order) and tuple(features) == order:
-        return list(features.values())
-    return features
-
-
-def _unpack(features: dict[str, float] | list[float], order: tuple[str, ...]) -> dict[str, float]:
-    return dict(zip(order, features, strict=True)) if isinstance(features, list) else features
-
-
 def state_from_dict(data: dict[str, Any]) -> CustomerState:
     """Rebuild a CustomerState from `state_to_dict` output; fields it lacks take their defaults.
 
-    >>> state = CustomerState(purchase_count=2, pending=[PendingExample(1, 2, {"f": 1.0}, 0.3)])
+    >>> state = CustomerState(purchase_count=2, pending=[PendingExample(1, 2, [1.0], 0.3)])
     >>> state_from_dict(state_to_dict(state)) == state
     True
     """
@@ -387,10 +370,11 @@ def state_from_dict(data: dict[str, Any]) -> CustomerState:
     for name in _WINDOW_FIELDS:
         if name in values:
             values[name] = DecayedWindows(**values[name])
-    order = _model_features()
+    # Examples stored by the 90-day model (model inputs, no path) cannot be learned by this one; they are dropped.
+    # JSON has no NaN: a path's missing times were written as null.
     values["pending"] = [
-        PendingExample(e["t_ms"], e["due_ms"], _unpack(e["features"], order), e["propensity"],
+        PendingExample(e["t_ms"], e["due_ms"], [math.nan if v is None else v for v in e["path"]], e["propensity"],
                        e.get("positive", False), e.get("purchases", 0))
-        for e in values.get("pending", ())
+        for e in values.get("pending", ()) if "path" in e
     ]
     return CustomerState(**values)

@@ -1,31 +1,38 @@
-"""Redis adapter: customer states, per-partition due sets and watermarks, model checkpoint.
+"""Redis adapter: customer states and silent paths, per-partition schedules and watermarks, model checkpoint.
 
 Key layout (prefix from settings, default `ts:scoring`):
   {prefix}:customer:{customer_id}  string, JSON CustomerState (waiting examples and the
                                    recently applied message/merge ids inside it, so one
                                    SET makes an update and its idempotency record atomic)
+  {prefix}:path:{customer_id}      string, the customer's silent path (features.PATH_FIELDS as
+                                   little-endian float64): its model inputs at any later time
+                                   while it stays silent, without loading the state
   {prefix}:due:{partition}         sorted set, member "{customer_id}|{t_ms}" per waiting
-                                   example, score = its due time (t + H)
-  {prefix}:watermark:{partition}   string, newest event time seen on the partition (ms)
+                                   example, score = its due time (t + step)
+  {prefix}:silent:{partition}      sorted set, member customer_id, score = event time of its
+                                   next silent example not yet made (learned from its path
+                                   once its step has passed)
   {prefix}:tick:{partition}        sorted set, member customer_id, score = event time of its
-                                   next as-of rescore (one member per customer)
+                                   next crossing check (one member per customer)
+  {prefix}:watermark:{partition}   string, newest event time seen on the partition (ms)
   {prefix}:model                   string, pickled Learner checkpoint, signed (checkpoint.py)
   {prefix}:model:refused           string, the last checkpoint refused for a missing or wrong
                                    signature, kept as found for whoever investigates (never loaded)
   {prefix}:erased                  sorted set, erased customers' tokens (touchstream.privacy.ErasedCustomers):
-                                   their events, merges and ticks are dropped, never scored again
+                                   their events, merges and checks are dropped, never scored again
 
-Due sets, tick sets and watermarks are per partition because only the partition's owner may touch
-its customers' states; the owner is the single writer of all three. The one exception is an
-erasure (`forget`), which removes a customer's members from every partition's sets.
+Due, silent and tick sets and watermarks are per partition because only the partition's owner may
+touch its customers' states; the owner is the single writer of all of them. The one exception is
+an erasure (`forget`), which removes a customer's members from every partition's sets.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import orjson
 import redis.asyncio as aioredis
 
@@ -47,6 +54,10 @@ class StateChanges:
     watermarks: dict[int, int] = field(default_factory=dict)
     ticks: dict[int, dict[str, int]] = field(default_factory=dict)
     ticks_removed: dict[int, set[str]] = field(default_factory=dict)
+    silent: dict[int, dict[str, int]] = field(default_factory=dict)
+    silent_removed: dict[int, set[str]] = field(default_factory=dict)
+    paths: dict[str, np.ndarray] = field(default_factory=dict)
+    paths_deleted: set[str] = field(default_factory=set)
 
     def add_due(self, partition: int, customer_id: str, t_ms: int, due_ms: int) -> None:
         self.due_added.setdefault(partition, {})[due_member(customer_id, t_ms)] = due_ms
@@ -62,6 +73,19 @@ class StateChanges:
         else:
             self.ticks_removed.get(partition, set()).discard(customer_id)
             self.ticks.setdefault(partition, {})[customer_id] = t_ms
+
+    def schedule_silent(self, partition: int, customer_id: str, t_ms: int | None, path: np.ndarray | None) -> None:
+        """Set the customer's next silent example and its path (None: no more of them; the path goes too)."""
+        if t_ms is None or path is None:
+            self.silent.get(partition, {}).pop(customer_id, None)
+            self.silent_removed.setdefault(partition, set()).add(customer_id)
+            self.paths.pop(customer_id, None)
+            self.paths_deleted.add(customer_id)
+        else:
+            self.silent_removed.get(partition, set()).discard(customer_id)
+            self.silent.setdefault(partition, {})[customer_id] = t_ms
+            self.paths_deleted.discard(customer_id)
+            self.paths[customer_id] = path
 
 
 def due_member(customer_id: str, t_ms: int) -> str:
@@ -107,6 +131,12 @@ class RedisScoringStore:
     def tick_key(self, partition: int) -> str:
         return f"{self.prefix}:tick:{partition}"
 
+    def silent_key(self, partition: int) -> str:
+        return f"{self.prefix}:silent:{partition}"
+
+    def path_key(self, customer_id: str) -> str:
+        return f"{self.prefix}:path:{customer_id}"
+
     @property
     def model_key(self) -> str:
         return f"{self.prefix}:model"
@@ -146,16 +176,50 @@ class RedisScoringStore:
                 for p, reply in zip(parts, replies, strict=True)}
 
     async def due_ticks(self, up_to_ms: dict[int, int]) -> dict[int, list[tuple[str, int]]]:
-        """Return each partition's (customer_id, tick time) due by its `up_to_ms`, oldest first."""
+        """Return each partition's (customer_id, crossing check time) due by its `up_to_ms`, oldest first."""
+        return await self._scheduled_by(self.tick_key, up_to_ms)
+
+    async def due_silent(self, up_to_ms: dict[int, int]) -> dict[int, list[tuple[str, int]]]:
+        """Return each partition's (customer_id, next silent example time) at or before its `up_to_ms`."""
+        return await self._scheduled_by(self.silent_key, up_to_ms)
+
+    async def _scheduled_by(
+        self, key: Callable[[int], str], up_to_ms: dict[int, int]
+    ) -> dict[int, list[tuple[str, int]]]:
         parts = list(up_to_ms)
+        if not parts:
+            return {}
         async with self.redis.pipeline(transaction=False) as pipe:
             for partition in parts:
-                pipe.zrangebyscore(self.tick_key(partition), "-inf", up_to_ms[partition], withscores=True)
+                pipe.zrangebyscore(key(partition), "-inf", up_to_ms[partition], withscores=True)
             replies = await pipe.execute()
         return {
             p: [(m.decode() if isinstance(m, bytes) else str(m), int(score)) for m, score in reply]
             for p, reply in zip(parts, replies, strict=True)
         }
+
+    async def silent_schedule(self, customers: dict[int, list[str]]) -> dict[str, int]:
+        """Return the next silent example time of each of `customers` (by partition) that has one."""
+        parts = [p for p, ids in customers.items() if ids]
+        if not parts:
+            return {}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for partition in parts:
+                pipe.zmscore(self.silent_key(partition), customers[partition])
+            replies = await pipe.execute()
+        return {cid: int(score) for p, reply in zip(parts, replies, strict=True)
+                for cid, score in zip(customers[p], reply, strict=True) if score is not None}
+
+    async def load_paths(self, customer_ids: Iterable[str]) -> dict[str, np.ndarray]:
+        """Return the stored silent paths of `customer_ids` (absent ones left out)."""
+        ids = list(dict.fromkeys(customer_ids))
+        replies: list[bytes | None] = []
+        for start in range(0, len(ids), PIPELINE_CHUNK):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for cid in ids[start : start + PIPELINE_CHUNK]:
+                    pipe.get(self.path_key(cid))
+                replies.extend(await pipe.execute())
+        return {cid: np.frombuffer(raw, dtype="<f8") for cid, raw in zip(ids, replies, strict=True) if raw}
 
     async def save(self, changes: StateChanges) -> None:
         """Write a batch's changes in one round trip.
@@ -179,13 +243,25 @@ class RedisScoringStore:
         for partition, removed in changes.due_removed.items():
             if removed:
                 commands.append(("zrem", self.due_key(partition), *removed))
-        # A lost tick update only delays or repeats a rescore; the state decides if it is still due.
+        # After the states: a lost tick update only delays or repeats a check (the state says
+        # which check is current), and a state saved without its path and silent schedule is
+        # repaired by the redelivered batch, which writes both from the state again.
         for partition, ticks in changes.ticks.items():
             if ticks:
                 commands.append(("zadd", self.tick_key(partition), ticks))
         for partition, gone in changes.ticks_removed.items():
             if gone:
                 commands.append(("zrem", self.tick_key(partition), *gone))
+        for customer_id, path in changes.paths.items():
+            commands.append(("set", self.path_key(customer_id), np.asarray(path, dtype="<f8").tobytes()))
+        if changes.paths_deleted:
+            commands.append(("delete", *[self.path_key(c) for c in changes.paths_deleted]))
+        for partition, silent in changes.silent.items():
+            if silent:
+                commands.append(("zadd", self.silent_key(partition), silent))
+        for partition, gone in changes.silent_removed.items():
+            if gone:
+                commands.append(("zrem", self.silent_key(partition), *gone))
         # In chunks, in order: one huge write (a batch that passes thousands of rescores)
         # would outlast redis-py's 5 s socket timeout on a busy host.
         for start in range(0, len(commands), PIPELINE_CHUNK):
@@ -196,9 +272,9 @@ class RedisScoringStore:
 
     async def forget(self, customer_ids: Iterable[str], partitions: Iterable[int]) -> int:
         """Delete every key and set member of `customer_ids` (an erasure): their states (with the
-        examples waiting for a label), their due-set members and rescore ticks in `partitions`;
-        first record them as erased, so nothing brings them back. Idempotent; returns how many keys
-        and members went."""
+        examples waiting for a label) and silent paths, their due-set members, silent schedules
+        and crossing checks in `partitions`; first record them as erased, so nothing brings them back.
+        Idempotent; returns how many keys and members went."""
         ids = sorted(set(customer_ids))
         if not ids:
             return 0
@@ -212,9 +288,10 @@ class RedisScoringStore:
                     members.setdefault(partition, []).append(member.decode() if isinstance(member, bytes) else member)
         async with self.redis.pipeline(transaction=False) as pipe:
             for cid in ids:
-                pipe.delete(self.customer_key(cid))
+                pipe.delete(self.customer_key(cid), self.path_key(cid))
             for partition in parts:
                 pipe.zrem(self.tick_key(partition), *ids)
+                pipe.zrem(self.silent_key(partition), *ids)
                 if members.get(partition):
                     pipe.zrem(self.due_key(partition), *members[partition])
             replies = await pipe.execute()

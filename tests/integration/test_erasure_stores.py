@@ -8,6 +8,7 @@ import json
 import pytest
 import redis.asyncio as aioredis
 
+from services.scoring.features import silent_path
 from services.scoring.state import CustomerState
 from services.scoring.store import RedisScoringStore, StateChanges
 from services.triggers.crossing import CrossingState
@@ -18,7 +19,7 @@ from touchstream.privacy import ErasedCustomers, erased_token
 pytestmark = pytest.mark.integration
 
 
-async def test_scoring_forgets_states_waiting_examples_and_ticks(redis_client: aioredis.Redis) -> None:
+async def test_scoring_forgets_states_paths_waiting_examples_and_schedules(redis_client: aioredis.Redis) -> None:
     store = RedisScoringStore(redis_client, "t:scoring")
     changes = StateChanges(states={"c_ann": CustomerState(purchase_count=1), "c_bob": CustomerState()})
     changes.add_due(0, "c_ann", 1, 100)
@@ -26,13 +27,17 @@ async def test_scoring_forgets_states_waiting_examples_and_ticks(redis_client: a
     changes.add_due(0, "c_bob", 3, 300)
     changes.schedule_tick(0, "c_ann", 50)
     changes.schedule_tick(1, "c_bob", 60)
+    changes.schedule_silent(0, "c_ann", 70, silent_path(CustomerState(purchase_count=1)))
+    changes.schedule_silent(1, "c_bob", 80, silent_path(CustomerState()))
     await store.save(changes)
 
-    assert await store.forget(["c_ann", "c_old"], range(2)) == 4
+    assert await store.forget(["c_ann", "c_old"], range(2)) == 6
     states, _ = await store.load(["c_ann", "c_bob"])
     assert set(states) == {"c_bob"}
+    assert set(await store.load_paths(["c_ann", "c_bob"])) == {"c_bob"}
     assert await store.due_members(0, 1000) == ["c_bob|3"] and await store.due_members(1, 1000) == []
     assert await store.due_ticks({0: 1000, 1: 1000}) == {0: [], 1: [("c_bob", 60)]}
+    assert await store.due_silent({0: 1000, 1: 1000}) == {0: [], 1: [("c_bob", 80)]}
     assert await store.forget(["c_ann", "c_old"], range(2)) == 0  # idempotent
 
 

@@ -110,7 +110,7 @@ async def test_worker_scores_resolved_touchpoints_and_dead_letters_garbage(
         assert last["features"]["monetary_total"] == 60.0  # type: ignore[index]
         assert last["stage"] == "loyal" and last["consent"] == ["email"]
         assert last["received_at_ms"] == 45 * DAY_MS + 1
-        assert str(last["model_version"]).startswith("logreg-v2-n")
+        assert str(last["model_version"]).startswith("logreg-v3-n")
         assert dead and dead[0]["stage"] == "scoring" and dead[0]["original"] == b"not avro"
 
         async with httpx.AsyncClient() as client:

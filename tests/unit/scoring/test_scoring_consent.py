@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
-from services.scoring.engine import ScoringEngine, rescore_touchpoint, score_update_record
+from services.scoring.engine import ScoringEngine, score_update_record
 from services.scoring.labels import DAY_MS
 from services.scoring.model import Learner, PropensityModel
 from services.scoring.state import CustomerState, Touchpoint, merge_states, state_from_dict, state_to_dict
 from touchstream import avro
 
 
-def engine() -> ScoringEngine:
-    return ScoringEngine(Learner(PropensityModel()), horizon_days=90, lateness_days=1, tick_days=7)
+class Scoring(ScoringEngine):
+    """The engine, with an event scored the way the service does it (no silent examples waiting)."""
+
+    def score(self, state: CustomerState, touch: Touchpoint, watermark_ms: int) -> dict[str, object]:
+        point = self.observe_event("c", state, touch, watermark_ms, None)
+        return score_update_record("c", point, self.assess([point])[0])
+
+
+def engine() -> Scoring:
+    return Scoring(Learner(PropensityModel()), horizon_days=90, lateness_days=1)
 
 
 def at(day: float, message_id: str, consent: tuple[str, ...] = (), time_zone: str | None = None,
@@ -19,19 +27,16 @@ def at(day: float, message_id: str, consent: tuple[str, ...] = (), time_zone: st
     return Touchpoint(message_id, t, t, event_type=event_type, consent=consent, time_zone=time_zone)
 
 
-def test_consent_given_on_identify_is_carried_by_later_events_and_rescores() -> None:
+def test_consent_given_on_identify_is_carried_by_later_events_and_crossing_checks() -> None:
     scoring, state = engine(), CustomerState()
     scoring.score(state, at(1, "identify", ("email", "sms"), "Asia/Shanghai", event_type="identify"), DAY_MS)
-    later = at(2, "track")
-    record = score_update_record("c", later, scoring.score(state, later, 2 * DAY_MS), state)
+    record = scoring.score(state, at(2, "track"), 2 * DAY_MS)
     assert record["consent"] == ["email", "sms"] and record["time_zone"] == "Asia/Shanghai"
     assert avro.validation_errors("ScoreUpdate", record) == []
-    tick = scoring.next_tick_ms(state)
-    assert tick is not None
-    rescored = scoring.rescore(state, tick, tick)
-    assert rescored is not None
-    rescore = score_update_record("c", rescore_touchpoint("c", tick), rescored, state)
+    check = scoring.observe_check("c", state, 60 * DAY_MS)
+    rescore = score_update_record("c", check, scoring.assess([check])[0])
     assert rescore["consent"] == ["email", "sms"] and rescore["time_zone"] == "Asia/Shanghai"
+    assert rescore["event_type"] == "rescore" and rescore["channel"] is None
 
 
 def test_an_empty_list_changes_nothing_and_none_withdraws() -> None:
@@ -48,8 +53,7 @@ def test_an_empty_list_changes_nothing_and_none_withdraws() -> None:
 
 def test_never_stated_consent_falls_back_to_the_event() -> None:
     scoring, state = engine(), CustomerState()
-    event = at(1, "a")
-    record = score_update_record("c", event, scoring.score(state, event, DAY_MS), state)
+    record = scoring.score(state, at(1, "a"), DAY_MS)
     assert record["consent"] == [] and state.consent is None
 
 

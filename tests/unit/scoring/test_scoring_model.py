@@ -1,57 +1,90 @@
-"""The online model: reason codes and checkpoints."""
+"""The online model: the prior, mini-batches, the learning rate it picks, calibration, reasons, checkpoints."""
 
 from __future__ import annotations
 
-import math
+import numpy as np
 
-from services.scoring.model import Learner, PrequentialQuality, PropensityModel
+from services.scoring.btyd import BtydInputs
+from services.scoring.features import MODEL_FEATURES
+from services.scoring.model import MINI_BATCH, Learner, PlattScaling, PrequentialQuality, PropensityModel
+
+RECENCY = MODEL_FEATURES.index("log_recency_days")
+COMPLAINTS = MODEL_FEATURES.index("log_complaints")
 
 KEY = b"unit-test-checkpoint-key"
 
 
-def trained_model() -> PropensityModel:
-    model = PropensityModel(learning_rate=0.1)
-    for i in range(400):
-        recent = i % 2 == 0
-        model.learn({"log_recency_days": 1.5 if recent else 5.3, "log_complaints": float(i % 3)}, recent)
+def examples(count: int, seed: int = 0) -> tuple[np.ndarray, BtydInputs, np.ndarray]:
+    """Recent customers buy within the step four times in five, long-silent ones one time in ten."""
+    rng = np.random.default_rng(seed)
+    recent = rng.random(count) < 0.5
+    inputs = np.zeros((count, len(MODEL_FEATURES)))
+    inputs[:, RECENCY] = np.where(recent, 1.5, 5.3) + rng.normal(0, 0.1, count)
+    inputs[:, COMPLAINTS] = rng.integers(0, 3, count)
+    btyd = BtydInputs(np.ones(count), np.full(count, 10.0), np.full(count, 40.0))
+    bought = rng.random(count) < np.where(recent, 0.8, 0.1)
+    return inputs, btyd, bought
+
+
+def trained_model(count: int = 4000) -> PropensityModel:
+    model = PropensityModel()
+    model.learn_many(*examples(count))
     return model
 
 
 def test_reason_codes_are_signed_toward_churn_risk() -> None:
     model = trained_model()
-    reasons = dict(model.reason_codes({"log_recency_days": 5.3, "log_complaints": 1.0}, 2))
-    assert reasons["log_recency_days"] > 0
-    assert dict(model.reason_codes({"log_recency_days": 1.5, "log_complaints": 1.0}, 2))["log_recency_days"] < 0
+    customers = np.zeros((2, len(MODEL_FEATURES)))
+    customers[0, RECENCY], customers[1, RECENCY] = 5.3, 1.5
+    terms = model.input_terms(customers)
+    # Long silence raises churn risk, a recent purchase lowers it.
+    assert terms[0, RECENCY] > 0 > terms[1, RECENCY]
 
 
 def test_an_untrained_model_gives_no_reasons() -> None:
-    assert PropensityModel().reason_codes({"log_recency_days": 3.0}, 3) == []
+    model = PropensityModel()
+    inputs, btyd, _ = examples(3)
+    assert not model.input_terms(inputs).any() and not model.prior_terms(btyd).any()
+
+
+def test_learning_does_not_depend_on_where_the_stream_was_cut_into_batches() -> None:
+    inputs, btyd, bought = examples(10 * MINI_BATCH + 7)
+    whole, pieces = PropensityModel(), PropensityModel()
+    whole.learn_many(inputs, btyd, bought)
+    for start, end in ((0, 5), (5, 40), (40, 41), (41, 200), (200, len(bought))):
+        part = BtydInputs(btyd.repeats[start:end], btyd.last_purchase_age[start:end], btyd.age[start:end])
+        pieces.learn_many(inputs[start:end], part, bought[start:end])
+    assert np.array_equal(whole.weights, pieces.weights) and np.array_equal(whole.prior.params, pieces.prior.params)
+    assert whole.examples_learned == pieces.examples_learned == len(bought)
+
+
+def test_the_learning_rate_that_predicts_is_the_one_with_the_lowest_recent_log_loss() -> None:
+    model = trained_model(20_000)
+    assert model.active == int(np.argmin(model.recent_log_loss))
+    # A strong, simple signal is learned faster by the larger rates: the smallest one does not win.
+    assert model.learning_rates[model.active] > min(model.learning_rates)
+    inputs, btyd, _ = examples(2000, seed=1)
+    hazards, recent = model.hazards(inputs, btyd), inputs[:, RECENCY] < 3
+    assert abs(hazards[recent].mean() - 0.8) < 0.1 and abs(hazards[~recent].mean() - 0.1) < 0.1
+
+
+def test_platt_scaling_corrects_a_model_that_is_off_by_a_constant() -> None:
+    rng = np.random.default_rng(3)
+    true_logits = rng.normal(-1.0, 1.5, 20_000)
+    bought = rng.random(20_000) < 1 / (1 + np.exp(-true_logits))
+    platt = PlattScaling(window=20_000, refit_every=20_000)
+    platt.observe(true_logits + 1.0, bought)  # the model says one logit too much
+    assert abs(platt.slope - 1.0) < 0.05 and abs(platt.intercept + 1.0) < 0.1
 
 
 def test_checkpoint_round_trip_keeps_predictions_and_quality() -> None:
     learner = Learner(trained_model())
     learner.quality.update(True, 0.8)
     restored = Learner.from_bytes(learner.to_bytes(KEY), KEY)
-    features = {"log_recency_days": 3.4, "log_complaints": 0.0}
-    assert restored.model.predict_propensity(features) == learner.model.predict_propensity(features)
-    assert restored.model.version == learner.model.version == "logreg-v2-n400"
+    inputs, btyd, _ = examples(5, seed=2)
+    assert np.array_equal(restored.model.hazards(inputs, btyd), learner.model.hazards(inputs, btyd))
+    assert restored.model.version == learner.model.version == "logreg-v3-n4000"
     assert restored.quality.examples == 1
-
-
-def test_the_forest_option_learns_and_explains_by_perturbation() -> None:
-    model = PropensityModel(kind="forest")
-    assert model.version == "arf-v1-n0" and model.predict_propensity({"log_recency_days": 5.0}) == 0.5
-    for i in range(600):
-        recent = i % 2 == 0
-        days = 5.0 + i % 7 if recent else 200.0 + i % 11
-        model.learn({"log_recency_days": math.log1p(days), "log_complaints": float(i % 3)}, recent)
-    assert model.predict_propensity({"log_recency_days": math.log1p(6), "log_complaints": 1.0}) > 0.8
-    assert model.predict_propensity({"log_recency_days": math.log1p(205), "log_complaints": 1.0}) < 0.2
-    reasons = dict(model.reason_codes({"log_recency_days": math.log1p(205), "log_complaints": 1.0}, 2))
-    # Replacing a long recency by the average one lowers churn risk: recency is why it is high.
-    assert reasons["log_recency_days"] > 0
-    restored = Learner.from_bytes(Learner(model).to_bytes(KEY), KEY)
-    assert restored.model.version == "arf-v1-n600"
 
 
 def test_live_quality_tracks_brier_and_calibration_error() -> None:

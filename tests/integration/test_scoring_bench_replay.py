@@ -1,0 +1,59 @@
+"""The CDNOW quality benchmark replays only the calibration period: no holdout label reaches scoring."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from services.scoring.service import ResolvedInput, ScoringService
+from services.scoring.state import state_from_dict
+from touchstream.datasets import cdnow_purchases
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+import bench_scoring_cdnow as bench
+
+pytestmark = pytest.mark.integration
+
+
+def test_calibration_events_are_exactly_the_purchases_before_the_cut() -> None:
+    purchases = cdnow_purchases()
+    for weeks in (13, 20, 33, 39, 45):
+        cutoff_ms = bench.ms(bench.cut_at(weeks))
+        events = bench.calibration_events(purchases, cutoff_ms)
+        assert events and max(t for _, t in events) < cutoff_ms
+        assert len(events) == sum(p.timestamp_ms < cutoff_ms for p in purchases)
+        assert [t for _, t in events] == sorted(t for _, t in events)
+
+
+async def test_the_replay_hands_scoring_nothing_from_the_holdout(redis_url: str,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    cutoff_ms = bench.ms(bench.cut_at(2))
+    purchases = cdnow_purchases()
+    events = bench.calibration_events(purchases, cutoff_ms)
+    seen: list[ResolvedInput] = []
+    score = ScoringService.score_touchpoints
+
+    async def recording(service: ScoringService, inputs: list[ResolvedInput]) -> list[dict[str, object]]:
+        seen.extend(inputs)
+        return await score(service, inputs)
+
+    monkeypatch.setattr(ScoringService, "score_touchpoints", recording)
+    result = await bench.replay_through_service(redis_url, "test:bench", events, 2, 500)
+
+    assert result["events"] == len(seen) == len(events)
+    assert max(i.touch.timestamp_ms for i in seen) < cutoff_ms
+    holdout_ids = {f"cdnow-{p.line}" for p in purchases if p.timestamp_ms >= cutoff_ms}
+    assert not holdout_ids & {i.touch.message_id for i in seen}
+    # What the forecasts will read: states built from the calibration period alone.
+    redis = aioredis.from_url(redis_url)
+    try:
+        keys = [key async for key in redis.scan_iter("test:bench:customer:*")]
+        states = [state_from_dict(orjson.loads(raw)) for raw in await redis.mget(keys)]
+    finally:
+        await redis.aclose()
+    assert len(states) == len({i.customer_id for i in seen})
+    assert max(s.last_touch_ms or 0 for s in states) < cutoff_ms
