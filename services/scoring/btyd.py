@@ -1,4 +1,4 @@
-"""A BG/NBD prior learned online from matured labels: what "buy till you die" models know.
+"""A "buy till you die" prior learned online from matured labels: MBG/NBD.
 
 BG/NBD (Fader, Hardie & Lee 2005) describes a customer in their own time: `x` repeat
 purchases, the last at age `t_x`, now aged `T` (days since the first purchase). While alive
@@ -7,6 +7,11 @@ they drop out with a probability drawn from Beta(a, b). Two facts follow that an
 classifier on raw features does not know: rates differ across customers and a customer's
 own history shrinks towards the population (`(r + x) / (alpha + T)`), and a long silence
 means more from a frequent buyer than from a one-off one (P(alive)).
+
+The variant here is MBG/NBD (Batislam, Denizel & Filiztekin 2007): a customer may also drop
+out right after the first purchase. BG/NBD holds every one-off buyer alive for certain, so
+however long one stays silent only the slowing of the purchase rate lowers its chance to buy;
+that ranks long-silent one-off buyers above recently active repeat buyers.
 
 Here the four parameters are not fitted on a calibration period but online: by maximum
 likelihood of P(any purchase in the next `window_days`) over a rolling window of matured
@@ -42,7 +47,7 @@ class BtydInputs:
 
 
 def p_any_purchase(params: np.ndarray, inputs: BtydInputs, window_days: float | np.ndarray) -> np.ndarray:
-    """Return BG/NBD's P(at least one purchase in the next `window_days`), per customer.
+    """Return MBG/NBD's P(at least one purchase in the next `window_days`), per customer.
 
     `params` are log(r), log(alpha), log(a), log(b).
 
@@ -50,9 +55,9 @@ def p_any_purchase(params: np.ndarray, inputs: BtydInputs, window_days: float | 
     >>> fresh = BtydInputs(np.array([0.0, 4.0]), np.array([0.0, 50.0]), np.array([10.0, 60.0]))
     >>> gone = BtydInputs(np.array([4.0]), np.array([50.0]), np.array([300.0]))
     >>> [round(float(p), 3) for p in p_any_purchase(params, fresh, 90.0)]
-    [0.255, 0.761]
+    [0.188, 0.785]
     >>> round(float(p_any_purchase(params, gone, 90.0)[0]), 3)
-    0.01
+    0.012
     """
     p, _ = _p_any_and_gradient(params, inputs, window_days, want_gradient=False)
     return p
@@ -63,11 +68,10 @@ def _p_any_and_gradient(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     r, alpha, a, b = np.exp(params)
     x, t_x, big_t = inputs.repeats, inputs.last_purchase_age, np.maximum(inputs.age, inputs.last_purchase_age)
-    repeat = x > 0
-    # Odds that the customer dropped out after the last purchase (0 for one without repeats).
+    # Odds that the customer dropped out after the last purchase.
     since_last = np.log(alpha + big_t) - np.log(alpha + t_x)
-    log_odds_gone = np.log(a) - np.log(b + np.maximum(x, 1.0) - 1.0) + np.minimum((r + x) * since_last, _MAX_LOG)
-    odds_gone = np.where(repeat, np.exp(np.minimum(log_odds_gone, _MAX_LOG)), 0.0)
+    log_odds_gone = np.log(a) - np.log(b + x) + np.minimum((r + x) * since_last, _MAX_LOG)
+    odds_gone = np.exp(np.minimum(log_odds_gone, _MAX_LOG))
     alive = 1.0 / (1.0 + odds_gone)
     # P(no purchase in the window | alive): the Gamma-Poisson survival.
     ahead = np.log(alpha + big_t) - np.log(alpha + big_t + window_days)
@@ -76,13 +80,13 @@ def _p_any_and_gradient(
     if not want_gradient:
         return p, None
     # d log p / d log(param) = -P(gone) * d log odds_gone - silent/(1 - silent) * d log silent_if_alive.
-    gone = np.where(repeat, odds_gone / (1.0 + odds_gone), 0.0)
+    gone = odds_gone / (1.0 + odds_gone)
     silent_ratio = silent_if_alive / np.maximum(1.0 - silent_if_alive, _EPS)
     d_odds = np.stack([
         r * since_last,
         (r + x) * alpha * (1.0 / (alpha + big_t) - 1.0 / (alpha + t_x)),
         np.ones_like(x),
-        -b / (b + np.maximum(x, 1.0) - 1.0),
+        -b / (b + x),
     ])
     d_silent = np.stack([
         r * ahead,
@@ -102,7 +106,7 @@ def log_loss_gradient(
     >>> inputs = BtydInputs(np.array([1.0, 0.0]), np.array([5.0, 0.0]), np.array([20.0, 40.0]))
     >>> loss, gradient = log_loss_gradient(params, inputs, 14.0, np.array([True, False]))
     >>> round(loss, 4), gradient.shape
-    (1.1185, (4,))
+    (0.8486, (4,))
     """
     p, d_log_p = _p_any_and_gradient(params, inputs, window_days, want_gradient=True)
     assert d_log_p is not None
@@ -114,7 +118,7 @@ def log_loss_gradient(
 
 @dataclass
 class BgNbdPrior:
-    """BG/NBD parameters fitted by maximum likelihood on a rolling window of matured window labels.
+    """MBG/NBD parameters fitted by maximum likelihood on a rolling window of matured window labels.
 
     The window keeps the newest `window` examples' summaries (numbers only, no customer ids).
     It is refitted (L-BFGS from the current parameters) each time it has doubled since the

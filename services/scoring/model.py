@@ -171,7 +171,7 @@ class PropensityModel:
     >>> inputs = np.zeros((1, len(MODEL_FEATURES)))
     >>> btyd = BtydInputs(np.array([0.0]), np.array([0.0]), np.array([10.0]))
     >>> round(float(model.hazards(inputs, btyd)[0]), 3)  # the untrained prior alone
-    0.259
+    0.111
     """
 
     def __init__(self, step_days: float = 14.0, kind: ModelKind = "logreg",

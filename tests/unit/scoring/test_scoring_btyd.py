@@ -1,10 +1,10 @@
-"""The BG/NBD prior: the textbook formula, its gradient, and learning the parameters back from simulated customers."""
+"""The MBG/NBD prior: the textbook formula, its gradient, and learning the parameters back from simulated customers."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from lifetimes import BetaGeoFitter
+from lifetimes import ModifiedBetaGeoFitter
 
 from services.scoring.btyd import BgNbdPrior, BtydInputs, log_loss_gradient, p_any_purchase
 
@@ -19,13 +19,13 @@ def some_customers() -> BtydInputs:
     return BtydInputs(repeats, np.where(repeats > 0, rng.uniform(0, 1, 200) * age, 0.0), age)
 
 
-def test_p_any_purchase_is_lifetimes_bg_nbd() -> None:
-    fitter = BetaGeoFitter()
+def test_p_any_purchase_is_lifetimes_mbg_nbd() -> None:
+    fitter = ModifiedBetaGeoFitter()
     fitter.params_ = pd.Series(PARAMS)
     customers = some_customers()
     alive = fitter.conditional_probability_alive(customers.repeats, customers.last_purchase_age, customers.age)
     r, alpha = PARAMS["r"], PARAMS["alpha"]
-    # BG/NBD: an alive customer cannot drop out before the next purchase.
+    # MBG/NBD: an alive customer cannot drop out before the next purchase.
     silent = ((alpha + customers.age) / (alpha + customers.age + 90)) ** (r + customers.repeats)
     expected = 1 - (1 - alive + alive * silent)
     assert np.allclose(p_any_purchase(LOG_PARAMS, customers, 90.0), expected, rtol=1e-9, atol=1e-12)
@@ -55,4 +55,4 @@ def test_the_prior_learns_from_window_labels_what_simulated_customers_do() -> No
         prior.observe(sample, rng.random(64) < truth[batch])
     assert prior.fitted_at == 16_384  # at 1,024 examples, doubling while below 10,000; next at 26,384
     after = np.abs(prior.p_any(customers) - truth).mean()
-    assert after < 0.01 < 0.02 < before
+    assert after < before / 3
