@@ -252,20 +252,20 @@ def test_a_check_sends_an_update_only_when_a_watched_threshold_or_stage_was_cros
 
 
 def test_checks_are_scheduled_where_the_untrained_path_crosses_and_stages_change() -> None:
-    scoring = engine(WatchedChanges(propensity_thresholds=(0.2, 0.3), stage=True))
+    scoring = engine(WatchedChanges(propensity_thresholds=(0.4, 0.5), stage=True))
     state = CustomerState()
     point = scoring.observe_event("c", state, touch("a", 0, 10.0), 0, None)
     [scored] = scoring.assess([point])
     scoring.remember_sent(state, scored)
     first = scoring.schedule_checks({"c": state}, {"c": 0})["c"]
     assert first is not None and state.next_check_ms == first
-    # The prior alone (r = a = b = 1, alpha = 30 days): P(alive) = 30 / (60 + T), P(buy in 90 days if
-    # alive) = 90 / (120 + T); their product falls through 0.3 at T = 9.5 days (the chain's partial
-    # last step moves it a little).
-    assert abs(first / DAY_MS - 9.5) < 1
-    assert scoring.forecast(state, first, 90).propensity <= 0.3 < scoring.forecast(state, first - DAY_MS, 90).propensity
+    # The untrained model predicts with its BG/NBD prior alone (r = 1, alpha = 30 days): a one-off
+    # buyer is alive for certain and P(buy in 90 days) = 90 / (120 + T) falls through 0.5 at T = 60
+    # days (the chain's partial last step moves it a little).
+    assert abs(first / DAY_MS - 60) < 1
+    assert scoring.forecast(state, first, 90).propensity <= 0.5 < scoring.forecast(state, first - DAY_MS, 90).propensity
     # Below both thresholds: only the stage marks are left (at_risk after 90 days, churned after 180).
-    scoring.remember_sent(state, type(scored)(0.1, {}, [], "", "at_risk", "v"))
+    scoring.remember_sent(state, type(scored)(0.3, {}, [], "", "at_risk", "v"))
     assert scoring.schedule_checks({"c": state}, {"c": 100 * DAY_MS})["c"] == 180 * DAY_MS + 1
 
 
