@@ -1,10 +1,12 @@
 """Scoring: per-customer event-time features, online churn/propensity model, ScoreUpdates.
 
-Flow per batch (service.py): load the batch's customer states and the as-of rescores its
-event times pass; in event order, run each due rescore, then apply and score each
-touchpoint (engine.py); learn every example whose label matured by the partition's
-watermark minus the allowed lateness; save; send one ScoreUpdate per touchpoint (and per
-rescore if `emit_rescores`).
+Flow per batch (service.py): load the batch's customer states and the crossing checks its
+event times pass; in event order, run each due check, then apply each touchpoint
+(engine.py); score the whole batch in one model evaluation; schedule each scored customer's
+next crossing check; learn every example whose step ended by the partition's watermark minus
+the allowed lateness (silent customers' from their stored paths); save; send one ScoreUpdate
+per touchpoint and one per check that crossed a threshold a rule watches. README.md in this
+folder has the details and how each setting was chosen.
 
 State per customer lives in Redis (not Faust tables: Tansu's ListOffsets answer cuts
 changelog recovery short); see store.py for the key layout. Features are in event time
@@ -27,6 +29,6 @@ Models per worker, and checkpoints:
   restart re-seeds all of them from whichever checkpoint was written last. Every model
   sees a random share of customers (partitioning is by customer id hash), so they learn
   the same function; the price is that each one learns from 1/N of the examples.
-  A ScoreUpdate's `model_version` (`logreg-v2-n<examples learned>`) says which state of
+  A ScoreUpdate's `model_version` (`logreg-v3-n<examples learned>`) says which state of
   which model scored it.
 """

@@ -1,4 +1,4 @@
-"""A BG/NBD prior learned online from matured labels: what "buy till you die" models know.
+"""A "buy till you die" prior learned online from matured labels: BG/NBD and MBG/NBD.
 
 BG/NBD (Fader, Hardie & Lee 2005) describes a customer in their own time: `x` repeat
 purchases, the last at age `t_x`, now aged `T` (days since the first purchase). While alive
@@ -8,10 +8,15 @@ classifier on raw features does not know: rates differ across customers and a cu
 own history shrinks towards the population (`(r + x) / (alpha + T)`), and a long silence
 means more from a frequent buyer than from a one-off one (P(alive)).
 
+MBG/NBD (Batislam, Denizel & Filiztekin 2007) differs in one assumption: a customer may also
+drop out right after the first purchase, where BG/NBD holds every one-off buyer alive for
+certain. Which of the two a stream follows is an empirical question: model.py learns with
+both and lets the stream's prequential log-loss decide.
+
 Here the four parameters are not fitted on a calibration period but online: by maximum
 likelihood of P(any purchase in the next `window_days`) over a rolling window of matured
-examples only, the same examples the model learns from. The prior's P(any purchase in a window) is then
-an input (an offset) of the hazard model in `model.py`.
+examples only (`BtydWindow`), the same examples the model learns from. The prior's P(any
+purchase in a window) is an offset of the hazard model in model.py.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ MIN_FIT_EXAMPLES = 1_000
 # Keeps exp() and the logit finite for extreme ages; far beyond anything a forecast needs.
 _MAX_LOG = 50.0
 _EPS = 1e-9
+STRUCTURES = ("bg_nbd", "mbg_nbd")
 
 
 @dataclass(frozen=True)
@@ -41,33 +47,35 @@ class BtydInputs:
     age: np.ndarray
 
 
-def p_any_purchase(params: np.ndarray, inputs: BtydInputs, window_days: float | np.ndarray) -> np.ndarray:
-    """Return BG/NBD's P(at least one purchase in the next `window_days`), per customer.
+def p_any_purchase(params: np.ndarray, inputs: BtydInputs, window_days: float | np.ndarray,
+                   structure: str = "bg_nbd") -> np.ndarray:
+    """Return BG/NBD's (or MBG/NBD's) P(at least one purchase in the next `window_days`), per customer.
 
     `params` are log(r), log(alpha), log(a), log(b).
 
     >>> params = np.log([0.25, 30.0, 0.8, 2.4])
     >>> fresh = BtydInputs(np.array([0.0, 4.0]), np.array([0.0, 50.0]), np.array([10.0, 60.0]))
-    >>> gone = BtydInputs(np.array([4.0]), np.array([50.0]), np.array([300.0]))
     >>> [round(float(p), 3) for p in p_any_purchase(params, fresh, 90.0)]
     [0.255, 0.761]
-    >>> round(float(p_any_purchase(params, gone, 90.0)[0]), 3)
-    0.01
+    >>> [round(float(p), 3) for p in p_any_purchase(params, fresh, 90.0, "mbg_nbd")]
+    [0.188, 0.785]
     """
-    p, _ = _p_any_and_gradient(params, inputs, window_days, want_gradient=False)
+    p, _ = _p_any_and_gradient(params, inputs, window_days, structure, want_gradient=False)
     return p
 
 
 def _p_any_and_gradient(
-    params: np.ndarray, inputs: BtydInputs, window_days: float | np.ndarray, want_gradient: bool
+    params: np.ndarray, inputs: BtydInputs, window_days: float | np.ndarray, structure: str, want_gradient: bool
 ) -> tuple[np.ndarray, np.ndarray | None]:
     r, alpha, a, b = np.exp(params)
     x, t_x, big_t = inputs.repeats, inputs.last_purchase_age, np.maximum(inputs.age, inputs.last_purchase_age)
-    repeat = x > 0
-    # Odds that the customer dropped out after the last purchase (0 for one without repeats).
+    # Odds that the customer dropped out after the last purchase; BG/NBD: none without a repeat.
+    modified = structure == "mbg_nbd"
+    dropouts = b + x if modified else b + np.maximum(x, 1.0) - 1.0
+    can_be_gone = np.ones_like(x, dtype=bool) if modified else x > 0
     since_last = np.log(alpha + big_t) - np.log(alpha + t_x)
-    log_odds_gone = np.log(a) - np.log(b + np.maximum(x, 1.0) - 1.0) + np.minimum((r + x) * since_last, _MAX_LOG)
-    odds_gone = np.where(repeat, np.exp(np.minimum(log_odds_gone, _MAX_LOG)), 0.0)
+    log_odds_gone = np.log(a) - np.log(dropouts) + np.minimum((r + x) * since_last, _MAX_LOG)
+    odds_gone = np.where(can_be_gone, np.exp(np.minimum(log_odds_gone, _MAX_LOG)), 0.0)
     alive = 1.0 / (1.0 + odds_gone)
     # P(no purchase in the window | alive): the Gamma-Poisson survival.
     ahead = np.log(alpha + big_t) - np.log(alpha + big_t + window_days)
@@ -76,13 +84,13 @@ def _p_any_and_gradient(
     if not want_gradient:
         return p, None
     # d log p / d log(param) = -P(gone) * d log odds_gone - silent/(1 - silent) * d log silent_if_alive.
-    gone = np.where(repeat, odds_gone / (1.0 + odds_gone), 0.0)
+    gone = odds_gone / (1.0 + odds_gone)
     silent_ratio = silent_if_alive / np.maximum(1.0 - silent_if_alive, _EPS)
     d_odds = np.stack([
         r * since_last,
         (r + x) * alpha * (1.0 / (alpha + big_t) - 1.0 / (alpha + t_x)),
         np.ones_like(x),
-        -b / (b + np.maximum(x, 1.0) - 1.0),
+        -b / dropouts,
     ])
     d_silent = np.stack([
         r * ahead,
@@ -94,7 +102,7 @@ def _p_any_and_gradient(
 
 
 def log_loss_gradient(
-    params: np.ndarray, inputs: BtydInputs, window_days: float, purchased: np.ndarray
+    params: np.ndarray, inputs: BtydInputs, window_days: float, purchased: np.ndarray, structure: str = "bg_nbd"
 ) -> tuple[float, np.ndarray]:
     """Return the mean log-loss of P(any purchase in the window) against `purchased`, and its gradient.
 
@@ -104,7 +112,7 @@ def log_loss_gradient(
     >>> round(loss, 4), gradient.shape
     (1.1185, (4,))
     """
-    p, d_log_p = _p_any_and_gradient(params, inputs, window_days, want_gradient=True)
+    p, d_log_p = _p_any_and_gradient(params, inputs, window_days, structure, want_gradient=True)
     assert d_log_p is not None
     y = purchased.astype(float)
     loss = float(-np.mean(y * np.log(p) + (1.0 - y) * np.log(1.0 - p)))
@@ -113,59 +121,68 @@ def log_loss_gradient(
 
 
 @dataclass
-class BgNbdPrior:
-    """BG/NBD parameters fitted by maximum likelihood on a rolling window of matured window labels.
+class BtydWindow:
+    """The newest `size` matured examples' summaries (numbers only, no customer ids), and when to refit.
 
-    The window keeps the newest `window` examples' summaries (numbers only, no customer ids).
-    It is refitted (L-BFGS from the current parameters) each time it has doubled since the
-    last fit while it fills, then every `refit_every` examples: a stable estimate, and one
-    that follows the ageing population rather than its first weeks.
+    A refit is due each time the window has doubled since the last one while it fills, then
+    every `refit_every` examples.
     """
 
-    window_days: float
-    window: int = 50_000
+    size: int = 50_000
     refit_every: int = 20_000
-    params: np.ndarray = field(default_factory=lambda: np.log(np.array(INITIAL_PARAMS)))
     # Ring buffer: repeats, last purchase age, age, label.
     rows: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
     seen: int = 0
     fitted_at: int = 0
 
-    def p_any(self, inputs: BtydInputs, window_days: float | np.ndarray | None = None) -> np.ndarray:
-        return p_any_purchase(self.params, inputs, self.window_days if window_days is None else window_days)
-
-    def observe(self, inputs: BtydInputs, purchased: np.ndarray) -> None:
-        """Add matured examples to the window; refit when it is time."""
+    def observe(self, inputs: BtydInputs, purchased: np.ndarray) -> bool:
+        """Add matured examples; return True when the priors should be refitted."""
         if not len(self.rows):
-            self.rows = np.zeros((self.window, 4))
-        positions = (self.seen + np.arange(len(purchased))) % self.window
+            self.rows = np.zeros((self.size, 4))
+        positions = (self.seen + np.arange(len(purchased))) % self.size
         self.rows[positions] = np.column_stack([inputs.repeats, inputs.last_purchase_age, inputs.age, purchased])
         self.seen += len(purchased)
         due = self.fitted_at * 2 if self.fitted_at < self.refit_every else self.fitted_at + self.refit_every
-        if self.seen >= max(due, MIN_FIT_EXAMPLES):
-            self.fit()
-
-    def fit(self) -> None:
-        rows = self.rows[: min(self.seen, self.window)]
+        if self.seen < max(due, MIN_FIT_EXAMPLES):
+            return False
         self.fitted_at = self.seen
-        labels = rows[:, 3] > 0.5
-        if not 0 < labels.sum() < len(labels):
+        return True
+
+    def examples(self) -> tuple[BtydInputs, np.ndarray]:
+        rows = self.rows[: min(self.seen, self.size)]
+        return BtydInputs(rows[:, 0], rows[:, 1], rows[:, 2]), rows[:, 3] > 0.5
+
+
+@dataclass
+class BtydPrior:
+    """One structure's parameters, fitted by maximum likelihood on a window of matured window labels."""
+
+    window_days: float
+    structure: str = "bg_nbd"
+    params: np.ndarray = field(default_factory=lambda: np.log(np.array(INITIAL_PARAMS)))
+
+    def p_any(self, inputs: BtydInputs, window_days: float | np.ndarray | None = None) -> np.ndarray:
+        return p_any_purchase(self.params, inputs, self.window_days if window_days is None else window_days,
+                              self.structure)
+
+    def fit(self, inputs: BtydInputs, purchased: np.ndarray) -> None:
+        if not 0 < purchased.sum() < len(purchased):
             return
-        inputs = BtydInputs(rows[:, 0], rows[:, 1], rows[:, 2])
         # From where it was and from the neutral start: a small early window can leave the
         # parameters in a poor local optimum (e.g. no drop-out at all) that a warm start never leaves.
-        fits = [optimize.minimize(log_loss_gradient, start, args=(inputs, self.window_days, labels), jac=True,
-                                  method="L-BFGS-B", bounds=[(-10.0, 10.0)] * 4)
+        fits = [optimize.minimize(log_loss_gradient, start, args=(inputs, self.window_days, purchased, self.structure),
+                                  jac=True, method="L-BFGS-B", bounds=[(-10.0, 10.0)] * 4)
                 for start in (self.params, np.log(np.array(INITIAL_PARAMS)))]
         best = min((f for f in fits if np.all(np.isfinite(f.x))), key=lambda f: f.fun, default=None)
         if best is not None:
             self.params = best.x
 
-    def describe(self) -> dict[str, float]:
-        """Return the parameters by name (alpha in days).
+    def describe(self) -> dict[str, float | str]:
+        """Return the structure and its parameters by name (alpha in days).
 
-        >>> BgNbdPrior(14.0).describe()
-        {'r': 1.0, 'alpha': 30.0, 'a': 1.0, 'b': 1.0}
+        >>> BtydPrior(14.0).describe()
+        {'structure': 'bg_nbd', 'r': 1.0, 'alpha': 30.0, 'a': 1.0, 'b': 1.0}
         """
-        return {name: round(float(math.exp(v)), 6) for name, v in zip(("r", "alpha", "a", "b"), self.params,
-                                                                        strict=True)}
+        values = {name: round(float(math.exp(v)), 6) for name, v in zip(("r", "alpha", "a", "b"), self.params,
+                                                                          strict=True)}
+        return {"structure": self.structure, **values}

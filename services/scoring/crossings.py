@@ -24,8 +24,8 @@ from services.scoring.segments import QuintileSketch, StageRules
 from services.scoring.state import CustomerState
 from services.triggers.rules import FieldChange, RuleSet, ScoreCrossing
 
-# Bisection steps after the coarse search: a step of 14 days is narrowed to ~20 minutes.
-REFINE_STEPS = 10
+# Bisection steps after the coarse search: a step of 14 days is narrowed to ~80 minutes.
+REFINE_STEPS = 8
 
 
 @dataclass(frozen=True)

@@ -390,7 +390,7 @@ class ScoringEngine:
         steps, fractions = self._chain(self.horizon_days)
         total = count + steps - 1
         at = (first_ms[:, None] + self.step_ms * np.arange(total)[None, :]).ravel()
-        inputs, btyd = path_model_inputs(np.repeat(paths, total, axis=0), at)
+        inputs, btyd = path_model_inputs(paths, at, np.repeat(np.arange(len(first_ms)), total))
         log_silent = np.log1p(-self.learner.model.hazards(inputs, btyd)).reshape(len(first_ms), total)
         windows = np.lib.stride_tricks.sliding_window_view(log_silent, steps, axis=1)
         return 1.0 - np.exp(windows @ fractions)
@@ -407,7 +407,7 @@ class ScoringEngine:
         steps, fractions = self._chain(horizon_days)
         count = len(times_ms)
         at = (np.asarray(times_ms, dtype=np.float64)[:, None] + self.step_ms * np.arange(steps)[None, :]).ravel()
-        inputs, btyd = path_model_inputs(np.repeat(paths, steps, axis=0), at)
+        inputs, btyd = path_model_inputs(paths, at, np.repeat(np.arange(count), steps))
         hazard = self.learner.model.hazards(inputs, btyd).reshape(count, steps)
         per_step = 1.0 - (1.0 - hazard) ** fractions
         none = np.prod(1.0 - per_step, axis=1)

@@ -260,10 +260,13 @@ def _windows(windows: DecayedWindows) -> list[float]:
     return [_ms(windows.at_ms), *windows.values]
 
 
-def path_model_inputs(paths: np.ndarray, times_ms: np.ndarray) -> tuple[np.ndarray, BtydInputs]:
-    """Return MODEL_FEATURES (one row per path, in that order) and the BG/NBD summary at `times_ms`.
+def path_model_inputs(
+    paths: np.ndarray, times_ms: np.ndarray, rows: np.ndarray | None = None
+) -> tuple[np.ndarray, BtydInputs]:
+    """Return MODEL_FEATURES (one row per time, in that order) and the BG/NBD summary at `times_ms`.
 
-    `paths` is (n, len(PATH_FIELDS)) and `times_ms` (n,): row i is path i seen at time i.
+    `paths` is (m, len(PATH_FIELDS)). Row i is path `rows[i]` seen at `times_ms[i]` (without
+    `rows`, path i). What does not change with time is computed once per path.
 
     >>> from services.scoring.state import Touchpoint, apply_touchpoint
     >>> state = CustomerState()
@@ -277,53 +280,70 @@ def path_model_inputs(paths: np.ndarray, times_ms: np.ndarray) -> tuple[np.ndarr
     """
     p = paths.T
     t = np.asarray(times_ms, dtype=np.float64)
+    which = np.arange(len(paths)) if rows is None else rows
+
+    def per_row(name: str) -> np.ndarray:
+        return p[_AT[name]][which]
 
     def since(name: str) -> np.ndarray:
         # Out-of-order events can sit after `t`; never report negative ages (as features_at).
-        return np.nan_to_num(np.maximum(0.0, t - p[_AT[name]]) / DAY_MS, nan=0.0)
+        return np.nan_to_num(np.maximum(0.0, t - per_row(name)) / DAY_MS, nan=0.0)
 
     def decayed(at: str, value: str, window_days: int) -> np.ndarray:
-        age = np.maximum(0.0, t - p[_AT[at]])
-        return np.nan_to_num(p[_AT[value]] * np.exp(-age / (window_days * DAY_MS)), nan=0.0)
+        age = np.maximum(0.0, t - per_row(at))
+        return np.nan_to_num(per_row(value) * np.exp(-age / (window_days * DAY_MS)), nan=0.0)
 
     count, mean_gap = p[_AT["purchase_count"]], p[_AT["mean_interpurchase_days"]]
-    recency, tenure = since("recency_from_ms"), since("first_touch_ms")
-    log_recency, log_count = np.log1p(recency), np.log1p(count)
+    log_count = np.log1p(count)
     safe_count = np.where(count > 0, count, 1.0)
-    safe_gap = np.where(mean_gap > 0, mean_gap, 1.0)
-    columns = {
-        "log_recency_days": log_recency,
-        "log_tenure_days": np.log1p(tenure),
-        "log_days_since_last_touch": np.log1p(since("last_touch_ms")),
+    static = {
         "log_purchase_count": log_count,
         "log_monetary_total": np.log1p(np.maximum(0.0, p[_AT["monetary_total"]])),
         "log_avg_order_value": np.log1p(np.maximum(0.0, np.where(count > 0, p[_AT["monetary_total"]] / safe_count,
                                                                   0.0))),
         "log_mean_interpurchase_days": np.log1p(mean_gap),
-        "log_overdue_ratio": np.log1p(np.where(mean_gap > 0, recency / safe_gap, 0.0)),
-        "recency_x_frequency": log_recency * log_count,
-        "repeat_rate_30d": np.maximum(0.0, count - 1) / (tenure + 1.0) * 30.0,
-        "touches_30d": decayed("touches_at_ms", "touches_30d", 30),
         "log_complaints": np.log1p(p[_AT["complaints"]]),
-        "complaints_90d": decayed("complaints_at_ms", "complaints_90d", 90),
         "rating_mean": p[_AT["rating_mean"]],
         "log_ratings_count": np.log1p(p[_AT["ratings_count"]]),
         "channels_used": p[_AT["channels_used"]],
+        **{f"channel_share_{c}": p[_AT[f"channel_share_{c}"]] for c in (*CHANNELS, "other")},
+    }
+    recency, tenure = since("recency_from_ms"), since("first_touch_ms")
+    log_recency = np.log1p(recency)
+    gap = mean_gap[which]
+    moving = {
+        "log_recency_days": log_recency,
+        "log_tenure_days": np.log1p(tenure),
+        "log_days_since_last_touch": np.log1p(since("last_touch_ms")),
+        "log_overdue_ratio": np.log1p(np.where(gap > 0, recency / np.where(gap > 0, gap, 1.0), 0.0)),
+        "recency_x_frequency": log_recency * log_count[which],
+        "repeat_rate_30d": np.maximum(0.0, count[which] - 1) / (tenure + 1.0) * 30.0,
+        "touches_30d": decayed("touches_at_ms", "touches_30d", 30),
+        "complaints_90d": decayed("complaints_at_ms", "complaints_90d", 90),
     }
     for w in WINDOW_DAYS:
-        columns[f"purchases_{w}d"] = decayed("purchases_at_ms", f"purchases_{w}d", w)
-        columns[f"log_spend_{w}d"] = np.log1p(np.maximum(0.0, decayed("spend_at_ms", f"spend_{w}d", w)))
-    for c in (*CHANNELS, "other"):
-        columns[f"channel_share_{c}"] = p[_AT[f"channel_share_{c}"]]
-    inputs = np.column_stack([columns[name] for name in MODEL_FEATURES])
+        moving[f"purchases_{w}d"] = decayed("purchases_at_ms", f"purchases_{w}d", w)
+        moving[f"log_spend_{w}d"] = np.log1p(np.maximum(0.0, decayed("spend_at_ms", f"spend_{w}d", w)))
+    inputs = np.empty((len(t), len(MODEL_FEATURES)))
+    inputs[:, _STATIC_COLUMNS] = np.column_stack([static[MODEL_FEATURES[i]] for i in _STATIC_COLUMNS])[which]
+    for i in _MOVING_COLUMNS:
+        inputs[:, i] = moving[MODEL_FEATURES[i]]
     bought = ~np.isnan(p[_AT["first_purchase_ms"]])
     repeats = p[_AT["repeat_purchase_days"]]
     # BG/NBD counts a customer's time from the first purchase; a prospect's from the first touch.
     born = np.where(bought, p[_AT["first_purchase_ms"]], p[_AT["first_touch_ms"]])
     last_age = np.where(bought & (repeats > 0), np.maximum(0.0, p[_AT["last_purchase_ms"]] - born), 0.0)
     btyd = BtydInputs(
-        repeats=repeats,
-        last_purchase_age=np.nan_to_num(last_age / DAY_MS, nan=0.0),
-        age=np.nan_to_num(np.maximum(0.0, t - born) / DAY_MS, nan=0.0),
+        repeats=repeats[which],
+        last_purchase_age=np.nan_to_num(last_age / DAY_MS, nan=0.0)[which],
+        age=np.nan_to_num(np.maximum(0.0, t - born[which]) / DAY_MS, nan=0.0),
     )
     return inputs, btyd
+
+
+# Model inputs that stay the same while a customer is silent, and those that move with time.
+_STATIC_COLUMNS = [i for i, name in enumerate(MODEL_FEATURES) if name in {
+    "log_purchase_count", "log_monetary_total", "log_avg_order_value", "log_mean_interpurchase_days",
+    "log_complaints", "rating_mean", "log_ratings_count", "channels_used",
+    *(f"channel_share_{c}" for c in (*CHANNELS, "other"))}]
+_MOVING_COLUMNS = [i for i in range(len(MODEL_FEATURES)) if i not in _STATIC_COLUMNS]

@@ -5,15 +5,17 @@ default), a discrete-time hazard: a longer horizon is the chain of steps of a cu
 stays silent (engine.py), and every example's label matures one step after it was made,
 so even a stream of a few weeks has labels to learn from.
 
-P(buy in the step) = Platt(logit(BG/NBD prior) + w . scaled inputs + b):
-- the BG/NBD prior (btyd.py) carries frequency, recency and age in the customer's own time
-  and the heterogeneity across customers; it is learned online on the same matured labels;
+P(buy in the step) = Platt(logit(BTYD prior) + w . scaled inputs + b):
+- the prior (btyd.py: BG/NBD or MBG/NBD) carries frequency, recency and age in the
+  customer's own time and the heterogeneity across customers; it is learned online on the
+  same matured labels;
 - a logistic regression learns what the prior misses from MODEL_FEATURES. Its inputs are
   clipped to the range seen in learning, so a forecast far beyond the observed ages (a long
   horizon chained from a young stream) moves only through the prior, whose shape is known;
-- the learning rate is not a setting tuned on one data set: LEARNING_RATES are learned side
-  by side, each is scored on every mini-batch before it learns it (test-then-train), and
-  the one with the lowest recent log-loss predicts;
+- neither the prior's structure nor the learning rate is a setting tuned on one data set:
+  every pair of a structure and one of LEARNING_RATES is learned side by side, each is
+  scored on every mini-batch before it learns it (test-then-train), and the one with the
+  lowest recent log-loss predicts;
 - a Platt scaling fitted on a rolling window of those prequential scores keeps the
   probability honest as the population drifts.
 Learning takes mini-batches of MINI_BATCH examples in the order they come, with a remainder
@@ -31,7 +33,7 @@ from typing import Literal
 import numpy as np
 from river import drift, metrics, stats
 
-from services.scoring.btyd import BgNbdPrior, BtydInputs
+from services.scoring.btyd import STRUCTURES, BtydInputs, BtydPrior, BtydWindow
 from services.scoring.checkpoint import signed_checkpoint, verified_payload
 from services.scoring.features import MODEL_FEATURES
 from services.scoring.segments import RfmQuantiles
@@ -166,12 +168,14 @@ class PlattScaling:
 class PropensityModel:
     """Predict P(purchase within the next step) from model inputs and the BG/NBD summary; learn mini-batches.
 
+    Candidates: every prior structure (btyd.STRUCTURES) with every learning rate.
+
     >>> model = PropensityModel()
     >>> model.version
     'logreg-v3-n0'
     >>> inputs = np.zeros((1, len(MODEL_FEATURES)))
     >>> btyd = BtydInputs(np.array([0.0]), np.array([0.0]), np.array([10.0]))
-    >>> round(float(model.hazards(inputs, btyd)[0]), 3)  # the untrained prior alone
+    >>> round(float(model.hazards(inputs, btyd)[0]), 3)  # the untrained BG/NBD prior alone
     0.259
     """
 
@@ -180,9 +184,13 @@ class PropensityModel:
         self.kind = kind
         self.family = MODEL_FAMILIES[kind]
         self.step_days = step_days
-        self.learning_rates = np.array(learning_rates, dtype=np.float64)
-        width, candidates = len(MODEL_FEATURES), len(learning_rates)
-        self.prior = BgNbdPrior(step_days)
+        width = len(MODEL_FEATURES)
+        self.window = BtydWindow()
+        self.priors = [BtydPrior(step_days, structure) for structure in STRUCTURES]
+        # Candidate k learns with prior `candidate_prior[k]` and step size `learning_rates[k]`.
+        self.candidate_prior = np.repeat(np.arange(len(self.priors)), len(learning_rates))
+        self.learning_rates = np.tile(np.array(learning_rates, dtype=np.float64), len(self.priors))
+        candidates = len(self.learning_rates)
         self.scale = RunningScale(width)
         self.weights = np.zeros((candidates, width))
         self.intercepts = np.zeros(candidates)
@@ -191,8 +199,8 @@ class PropensityModel:
         self.recent_log_loss = np.full(candidates, np.nan)
         self.active = int(np.argmin(np.abs(np.log(self.learning_rates) - math.log(0.01))))
         self.calibration = PlattScaling()
-        # The prior's logit over learned examples: the reference its reason code is measured from.
-        self.prior_offset_total, self.prior_offset_count = 0.0, 0
+        # Each prior's logit over learned examples: the reference its reason code is measured from.
+        self.prior_offset_total, self.prior_offset_count = np.zeros(len(self.priors)), 0
         # Examples waiting to fill the next mini-batch: inputs, BG/NBD summary columns, labels.
         self._waiting: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.examples_learned = 0
@@ -200,6 +208,11 @@ class PropensityModel:
     @property
     def version(self) -> str:
         return f"{self.family}-n{self.examples_learned}"
+
+    @property
+    def prior(self) -> BtydPrior:
+        """The prior of the candidate that predicts."""
+        return self.priors[self.candidate_prior[self.active]]
 
     def raw_logits(self, inputs: np.ndarray, btyd: BtydInputs) -> tuple[np.ndarray, np.ndarray]:
         """Return (prior logit, active candidate's logit before calibration) per row."""
@@ -232,24 +245,31 @@ class PropensityModel:
             self._learn_batch(rows[start:end], BtydInputs(s[:, 0], s[:, 1], s[:, 2]), labels[start:end])
         self._waiting = [(rows[full:], summaries[full:], labels[full:])] if full < len(rows) else []
 
+    def _offsets(self, btyd: BtydInputs) -> np.ndarray:
+        """Return every prior's logit per row: (priors, rows)."""
+        return np.stack([_logit(prior.p_any(btyd)) for prior in self.priors])
+
     def _learn_batch(self, inputs: np.ndarray, btyd: BtydInputs, y: np.ndarray) -> None:
-        offset = _logit(self.prior.p_any(btyd))
+        offsets = self._offsets(btyd)
         scaled = self.scale.transform(inputs)
-        logits = offset[:, None] + scaled @ self.weights.T + self.intercepts
-        p = _sigmoid(logits)
+        logits = offsets[self.candidate_prior].T + scaled @ self.weights.T + self.intercepts
         # Test, then train: each candidate is judged on examples it has not learned yet.
-        losses = _log_loss(p, y[:, None]).mean(axis=0)
+        losses = _log_loss(_sigmoid(logits), y[:, None]).mean(axis=0)
         decay = 0.5 ** (len(y) / SELECTION_HALF_LIFE)
         known = ~np.isnan(self.recent_log_loss)
         self.recent_log_loss = np.where(known, decay * self.recent_log_loss + (1 - decay) * losses, losses)
         self.calibration.observe(logits[:, self.active], y)
         self.active = int(np.argmin(self.recent_log_loss))
-        self.prior_offset_total += float(offset.sum())
-        self.prior_offset_count += len(offset)
-        self.prior.observe(btyd, y.astype(bool))
+        self.prior_offset_total += offsets.sum(axis=1)
+        self.prior_offset_count += len(y)
+        if self.window.observe(btyd, y.astype(bool)):
+            window_inputs, window_labels = self.window.examples()
+            for prior in self.priors:
+                prior.fit(window_inputs, window_labels)
+            offsets = self._offsets(btyd)
         self.scale.update(inputs)
         scaled = self.scale.transform(inputs)
-        p = _sigmoid(offset[:, None] + scaled @ self.weights.T + self.intercepts)
+        p = _sigmoid(offsets[self.candidate_prior].T + scaled @ self.weights.T + self.intercepts)
         error = p - y[:, None]
         gradient = np.concatenate([(error.T @ scaled), error.sum(axis=0)[:, None]], axis=1) / len(y)
         self._steps += 1
@@ -271,20 +291,22 @@ class PropensityModel:
         return -self.calibration.slope * self.weights[self.active] * self.scale.transform(inputs)
 
     def prior_terms(self, btyd: BtydInputs) -> np.ndarray:
-        """Return the BG/NBD prior's term in the churn-risk log-odds against its average, per row."""
-        if not self.examples_learned:
+        """Return the prior's term in the churn-risk log-odds against its average, per row."""
+        if not self.examples_learned or not self.prior_offset_count:
             return np.zeros(len(btyd.age))
         offset = _logit(self.prior.p_any(btyd))
-        mean = self.prior_offset_total / self.prior_offset_count if self.prior_offset_count else 0.0
+        mean = self.prior_offset_total[self.candidate_prior[self.active]] / self.prior_offset_count
         return -self.calibration.slope * (offset - mean)
 
     def describe(self) -> dict[str, object]:
-        """Return what the model chose online: learning rate, recent log-loss per candidate, prior, calibration."""
+        """Return what the model chose online: prior, learning rate, each candidate's recent log-loss, calibration."""
+        structures = [self.priors[i].structure for i in self.candidate_prior]
         return {
             "learning_rate": float(self.learning_rates[self.active]),
-            "recent_log_loss": {str(lr): round(float(v), 5)
-                                for lr, v in zip(self.learning_rates, self.recent_log_loss, strict=True)},
             "prior": self.prior.describe(),
+            "recent_log_loss": {f"{structure}@{lr}": round(float(v), 5) for structure, lr, v in
+                                zip(structures, self.learning_rates, self.recent_log_loss, strict=True)},
+            "priors": [prior.describe() for prior in self.priors],
             "platt": {"slope": round(self.calibration.slope, 4), "intercept": round(self.calibration.intercept, 4)},
         }
 

@@ -328,10 +328,11 @@ class ScoringService:
             silent_ids, silent_paths, silent_from = await self._silent_due(
                 partition, stored_silent.get(partition, []), cutoff - step, changes)
             silent = self.engine.silent_examples(silent_paths, silent_from, cutoff)
-            for row, (customer_id, following) in enumerate(zip(silent_ids, silent.next_ms.tolist(), strict=True)):
-                ended = np.isnan(following)
-                changes.schedule_silent(partition, customer_id, None if ended else int(following),
-                                        None if ended else silent_paths[row])
+            for customer_id, following in zip(silent_ids, silent.next_ms.tolist(), strict=True):
+                if np.isnan(following):
+                    changes.schedule_silent(partition, customer_id, None, None)
+                else:
+                    changes.advance_silent(partition, customer_id, int(following))
             outcome = self.engine.learn_matured(due_states.values(), cutoff, silent_paths, silent)
             changes.states.update(due_states)
             if members:

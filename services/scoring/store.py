@@ -87,6 +87,10 @@ class StateChanges:
             self.paths_deleted.discard(customer_id)
             self.paths[customer_id] = path
 
+    def advance_silent(self, partition: int, customer_id: str, t_ms: int) -> None:
+        """Move the customer's next silent example on; its path stays as stored."""
+        self.silent.setdefault(partition, {})[customer_id] = t_ms
+
 
 def due_member(customer_id: str, t_ms: int) -> str:
     """Return the due-set member of one waiting example.

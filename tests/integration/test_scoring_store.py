@@ -157,8 +157,8 @@ async def test_merge_moves_state_to_the_survivor_once(redis_client: aioredis.Red
 async def test_a_silent_customer_gets_a_score_update_only_when_time_carries_it_across_a_threshold(
     redis_client: aioredis.Redis, tmp_path: Path
 ) -> None:
-    # Labels never mature here (lateness beyond the test), so the untrained model's path is fixed:
-    # a one-off buyer's 90-day propensity falls from 0.75 through 0.5 (day ~60) and 0.4 (~105).
+    # Labels never mature here (lateness beyond the test), so the untrained model (its BG/NBD prior)
+    # is fixed: a one-off buyer's 90-day propensity falls from 0.75 through 0.5 (day ~60) and 0.4 (~105).
     service = new_service(redis_client, tmp_path, RISK_RULE, lateness_days=10_000)
     thresholds = service.engine.watched.propensity_thresholds
     assert thresholds == (0.4, 0.5)
@@ -172,7 +172,7 @@ async def test_a_silent_customer_gets_a_score_update_only_when_time_carries_it_a
         [ResolvedInput(0, "busy", purchase("m2", 50))])] == ["busy"]
     records = await service.score_touchpoints([ResolvedInput(0, "busy", purchase("m3", 200))])
     # Day 200 passes both of quiet's crossings (the second found once the first was checked),
-    # and busy's first one (its day-50 purchase fades too) before its own event.
+    # and busy's (its day-50 purchase fades too) before its own event.
     rescores = [r for r in records if r["event_type"] == "rescore" and r["customer_id"] == "quiet"]
     assert len(rescores) == 2
     assert [r["customer_id"] for r in records if r["event_type"] != "rescore"] == ["busy"]
