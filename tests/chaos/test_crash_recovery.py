@@ -27,7 +27,7 @@ from touchstream import local
 RULES = """
 rules:
   - id: chaos-first-score
-    when: {score: churn_risk, crosses_above: 0.3, rearm_below: 0.2}
+    when: {score: churn_risk, crosses_above: 0.1, rearm_below: 0.05}
     action: {endpoint: marketing, template: {kind: chaos}}
     cooldown_hours: 24
     holdout_percent: 0

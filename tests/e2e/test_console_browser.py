@@ -47,7 +47,7 @@ RULES = """
 rules:
   - id: e2e-risk
     description: Fires on the first score above 0.3 (a fresh model scores 0.5).
-    when: {score: churn_risk, crosses_above: 0.3, rearm_below: 0.2}
+    when: {score: churn_risk, crosses_above: 0.1, rearm_below: 0.05}
     action: {endpoint: marketing, template: {kind: retention_offer, churn_risk: "${scores.churn_risk}"}}
     cooldown_hours: 24
     holdout_percent: 0
@@ -192,7 +192,7 @@ def test_customer_page_shows_the_merged_profile_score_action_and_live_updates(
     assert "e2e-risk" in actions and "fired" in actions
     # The risk/propensity chart is drawn, with the rule's threshold labelled on it.
     playwright_api.expect(page.locator("#chart-scores[data-rendered] svg")).to_have_count(1, timeout=20_000)
-    assert page.locator("#chart-scores svg text", has_text="e2e-risk (churn_risk 0.3)").count() == 1
+    assert page.locator("#chart-scores svg text", has_text="e2e-risk (churn_risk 0.1)").count() == 1
 
     # Attacker-controlled properties show as text and nothing runs.
     timeline = page.inner_text("#timeline")

@@ -1,8 +1,9 @@
 """One event travels ingest -> identity -> scoring -> triggers -> webhook on a real broker and Redis.
 
-The stack is the one `touchstream local up` starts: separate processes, real Tansu and Valkey.
-The rule file used here fires on the first score above 0.3, which a fresh model (propensity
-0.5, risk 0.5) crosses, so the test does not depend on what the model has learned.
+The stack is the one `touchstream local up` starts: separate processes, real Apache Kafka and Redis.
+The rule file used here fires on the first score above 0.1, which a fresh model (propensity
+0.75, churn risk 0.25 from the BTYD prior's neutral start) crosses, so the test does not
+depend on what the model has learned.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ rules:
   - id: e2e-risk
     when:
       score: churn_risk
-      crosses_above: 0.3
-      rearm_below: 0.2
+      crosses_above: 0.1
+      rearm_below: 0.05
     action:
       endpoint: marketing
       template:
@@ -71,7 +72,7 @@ def test_event_becomes_a_signed_webhook(stack: local.StackState) -> None:
     assert body["customer_id"].startswith("c_")
     assert body["type"] == "retention.action" and body["action_id"] == delivery["webhook_id"]
     assert body["data"]["offer"] == "e2e" and body["data"]["kind"] == "retention_offer"
-    assert 0.3 <= body["data"]["churn_risk"] <= 1.0
+    assert 0.1 <= body["data"]["churn_risk"] <= 1.0
     # Pseudonymised end to end: the clear identifiers never reach the webhook.
     assert user not in str(body) and email not in str(body)
 

@@ -47,7 +47,7 @@ ADMIN = {"Authorization": "Bearer dev-admin-key"}
 RULES = """
 rules:
   - id: e2e-risk
-    when: {score: churn_risk, crosses_above: 0.3, rearm_below: 0.2}
+    when: {score: churn_risk, crosses_above: 0.1, rearm_below: 0.05}
     action:
       endpoint: marketing
       template: {kind: retention_offer, churn_risk: "${scores.churn_risk}"}

@@ -24,14 +24,14 @@ from touchstream import local
 
 pytestmark = pytest.mark.integration
 
-# Fires on the first score of a fresh model (churn risk 0.5), like tests/e2e/test_pipeline.py.
+# Fires on the first score of a fresh model (churn risk 0.25), like tests/e2e/test_pipeline.py.
 RULES = """
 rules:
   - id: ops-metrics
     when:
       score: churn_risk
-      crosses_above: 0.3
-      rearm_below: 0.2
+      crosses_above: 0.1
+      rearm_below: 0.05
     action:
       endpoint: marketing
       template:
