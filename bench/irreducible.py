@@ -48,8 +48,8 @@ from services.scoring.labels import DAY_MS
 from services.scoring.model import PropensityModel
 from services.scoring.settings import ScoringSettings
 from services.scoring.state import CustomerState, apply_touchpoint, touchpoint_from_record
-from services.triggers.delivery import GuardedClient, WebhookSender
 from services.triggers.settings import WebhookEndpoint
+from services.triggers.transport import GuardedClient, WebhookSender
 from services.triggers.webhooks import Verdict
 from touchstream.embedded import create_topics, free_port, spawn, start_valkey
 from touchstream.settings import CoreSettings

@@ -12,19 +12,13 @@ import redis.asyncio as aioredis
 from prometheus_client import REGISTRY, CollectorRegistry
 from redis.exceptions import RedisError
 
-from services.triggers.delivery import (
-    ActionDelivery,
-    DeliveryEnded,
-    FailedDelivery,
-    WebhookSender,
-    endpoint_refusal,
-    guarded_client,
-)
+from services.triggers.delivery import ActionDelivery, DeliveryEnded, FailedDelivery
 from services.triggers.metrics import TriggersMetrics
 from services.triggers.rules import Rule, RuleSet, parse_rule_file
 from services.triggers.service import TriggersService, announce_deliveries, dead_letter_failed_deliveries
 from services.triggers.settings import TriggersSettings
 from services.triggers.state_store import ERASED_KEY, DeliveryLedger, DeliveryQueue, RuleStateStore
+from services.triggers.transport import WebhookSender, endpoint_refusal, guarded_client
 from touchstream.privacy import ErasedCustomers
 from touchstream.settings import CoreSettings
 from touchstream.startup import ConfigurationError
