@@ -33,7 +33,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from services.console.entries import CustomerView
 from services.console.store import ReadModelStore
 from services.identity.domain import identifier_ref, lookup_identifier
-from services.ingest.app import record_key
+from services.ingest.producer import record_key
 from services.ingest.segment import to_touchpoint
 from tests.stacks import running_stack
 from touchstream import avro, local

@@ -32,7 +32,7 @@ QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')
 def exposed_series() -> set[str]:
     """Every series name the services can expose (counters with _total, histograms with _bucket/_sum/_count)."""
     from services.identity.metrics import IdentityMetrics
-    from services.ingest.app import IngestMetrics
+    from services.ingest.service import IngestMetrics
     from services.scoring.metrics import ScoringMetrics
     from services.triggers.metrics import TriggersMetrics
     from touchstream.metrics import ServiceMetrics
