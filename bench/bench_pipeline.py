@@ -90,12 +90,13 @@ from pipeline_workloads import (
 )
 from proc_cpu import components_cpu_s, load_average
 
-from touchstream import local
 from touchstream.datasets import cdnow_purchases
 from touchstream.embedded import broker_description, embedded_broker_kind, stop_pid
+from touchstream.eventtime import DAY_MS
 from touchstream.receiver import percentile
 from touchstream.replay import sum_metric
 from touchstream.topics import ACTIONS, SCORES, TOUCHPOINTS_RAW, TOUCHPOINTS_RESOLVED
+from touchstream_cli import local
 
 # bench_console imports these three from here.
 RULES = ONE_WEBHOOK_RULES
@@ -105,7 +106,6 @@ TARGETS = {"mix_events_per_s": 2000, "one_webhook_events_per_s": 1000, "p99_ms_a
            "redis_bytes_per_customer": 2048}
 RULES_ENV = "TOUCHSTREAM_TRIGGERS_RULES_FILE"
 PIPELINE_TOPICS = (TOUCHPOINTS_RAW, TOUCHPOINTS_RESOLVED, SCORES, ACTIONS)
-DAY_MS = 86_400_000
 # A request every ~10 ms when offering a steady rate: batches of rate/100 events.
 STEADY_REQUESTS_PER_S = 100
 

@@ -346,7 +346,7 @@ async def webhook_post_cpu(bodies: Sequence[str], posts: int, concurrency: int =
     secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
     port = free_port()
     # As the stack runs it: the same command, with its journal.
-    receiver = spawn("receiver", [sys.executable, "-m", "touchstream.cli", "receiver", "--port", str(port),
+    receiver = spawn("receiver", [sys.executable, "-m", "touchstream_cli", "receiver", "--port", str(port),
                                   "--secret", secret, "--journal", str(work_dir / "journal.jsonl")],
                      work_dir / "receiver.log")
     url = f"http://127.0.0.1:{port}"

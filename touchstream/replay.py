@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-DAY_MS = 86_400_000
+from touchstream.eventtime import DAY_MS
 
 
 @dataclass

@@ -22,6 +22,7 @@ from services.console.quality import (
 )
 from services.console.settings import ConsoleSettings
 from services.console.store import ReadModelStore
+from touchstream.metrics import events_in_total, events_out_total
 from touchstream.topics import ACTION_DELIVERIES, ACTIONS, SCORES, TOUCHPOINTS_RAW, TOUCHPOINTS_RESOLVED
 
 log = logging.getLogger(__name__)
@@ -39,10 +40,10 @@ class Stage:
 
 # Each stage's counter of the events it took in (ingest: accepted and acknowledged by the broker).
 STAGES = (
-    Stage("ingest", "events accepted", "touchstream_ingest_events_out_total", TOUCHPOINTS_RAW.name),
-    Stage("identity", "events resolved", "touchstream_identity_events_in_total", TOUCHPOINTS_RAW.name),
-    Stage("scoring", "events scored", "touchstream_scoring_events_in_total", TOUCHPOINTS_RESOLVED.name),
-    Stage("triggers", "scores evaluated", "touchstream_triggers_events_in_total", SCORES.name),
+    Stage("ingest", "events accepted", events_out_total("ingest"), TOUCHPOINTS_RAW.name),
+    Stage("identity", "events resolved", events_in_total("identity"), TOUCHPOINTS_RAW.name),
+    Stage("scoring", "events scored", events_in_total("scoring"), TOUCHPOINTS_RESOLVED.name),
+    Stage("triggers", "scores evaluated", events_in_total("triggers"), SCORES.name),
 )
 # Topics whose records carry ingest's received_at_ms: how long after ingest accepted an event it shows here
 # (a delivery outcome: how long until the receiver acknowledged the webhook).

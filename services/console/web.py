@@ -76,6 +76,8 @@ from services.console.vendor import ECHARTS
 from services.identity.admin import hash_admin_key, is_admin
 from services.triggers.rules import Rule, ScoreCrossing
 from touchstream.client_address import client_address
+from touchstream.eventtime import DAY_S
+from touchstream.metrics import EVENT_TO_WEBHOOK_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +97,7 @@ STATIC_FILES = {
     "console.css": ("console.css", "text/css", 300),
     "console.js": ("console.js", "text/javascript", 300),
     "charts.js": ("charts.js", "text/javascript", 300),
-    "echarts.min.js": (f"vendor/{ECHARTS.name}", "text/javascript", 365 * 86_400),
+    "echarts.min.js": (f"vendor/{ECHARTS.name}", "text/javascript", 365 * DAY_S),
 }
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -505,7 +507,7 @@ class ConsoleWeb:
         segments = await self.store.segments()
         scoring, triggers = texts.get("scoring"), texts.get("triggers")
         quality: ModelQuality | None = model_quality(scoring) if scoring is not None else None
-        quantiles = latency_quantiles(triggers, "touchstream_triggers_event_to_webhook_seconds") if triggers else None
+        quantiles = latency_quantiles(triggers, EVENT_TO_WEBHOOK_SECONDS) if triggers else None
         latency = latency_words(quantiles) if quantiles else None
         now = time.time()
         feed = self.feed_rate.per_second(now) if self.feed_rate is not None else None

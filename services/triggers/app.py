@@ -19,6 +19,7 @@ from services.triggers.service import TriggersService, announce_deliveries, dead
 from services.triggers.settings import TriggersSettings
 from services.triggers.state_store import ERASED_KEY, DeliveryLedger, DeliveryQueue, RuleStateStore
 from services.triggers.transport import WebhookSender, endpoint_refusal, guarded_client
+from touchstream.eventtime import DAY_S
 from touchstream.privacy import ErasedCustomers
 from touchstream.settings import CoreSettings
 from touchstream.startup import ConfigurationError
@@ -26,7 +27,6 @@ from touchstream.streams import Readiness, StreamKernel, add_health_pages, make_
 
 log = logging.getLogger(__name__)
 STAGE = "triggers"
-DAY_S = 86_400
 
 
 def load_rules(path: Path) -> RuleSet:

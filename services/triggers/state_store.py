@@ -15,12 +15,14 @@ Key layout (the `{customer_id}` hash tag keeps one customer's keys in one Redis 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Protocol
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 from redis.typing import EncodableT, FieldT
 
 from services.triggers.crossing import CrossingState, StateKey
+from touchstream.eventtime import DAY_S
 
 
 def state_key(rule_id: str, customer_id: str) -> str:
@@ -79,6 +81,22 @@ def cap_key(customer_id: str, day: str) -> str:
 
 def timer_member(key: StateKey) -> str:
     return f"{key[0]}\x1f{key[1]}"
+
+
+class RuleStates(Protocol):
+    """What deciding on scores needs of its state: `RuleStateStore` in Redis; an in-memory fake in unit tests."""
+
+    async def load(self, keys: Iterable[StateKey]) -> dict[StateKey, CrossingState]: ...
+
+    async def save(self, states: Mapping[StateKey, CrossingState], silence_rules: Iterable[str] = ()) -> None: ...
+
+    async def load_caps(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], int]: ...
+
+    async def save_caps(self, counts: Mapping[tuple[str, str], int]) -> None: ...
+
+    async def raise_watermark(self, event_time_ms: int, ceiling_ms: int) -> int: ...
+
+    async def due_timers(self, watermark_ms: int, limit: int = 1000) -> list[StateKey]: ...
 
 
 class RuleStateStore:
@@ -142,7 +160,7 @@ class RuleStateStore:
             return
         async with self._redis.pipeline(transaction=False) as pipe:
             for (customer_id, day), count in counts.items():
-                await self._raise_cap(keys=[cap_key(customer_id, day)], args=[count, 3 * 86_400], client=pipe)
+                await self._raise_cap(keys=[cap_key(customer_id, day)], args=[count, 3 * DAY_S], client=pipe)
             await pipe.execute()
 
     async def raise_watermark(self, event_time_ms: int, ceiling_ms: int) -> int:

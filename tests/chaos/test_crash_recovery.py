@@ -22,7 +22,7 @@ import pytest
 import redis
 
 from tests.stacks import running_stack, webhooks_received
-from touchstream import local
+from touchstream_cli import local
 
 RULES = """
 rules:

@@ -25,8 +25,8 @@ import redis
 
 from tests.chaos.test_crash_recovery import RULES, post_events, redis_json_values
 from tests.stacks import running_stack, webhooks_received
-from touchstream import local
 from touchstream.embedded import free_port, start_valkey
+from touchstream_cli import local
 
 WORKERS = ("ingest", "identity", "scoring", "triggers", "console")
 

@@ -126,6 +126,17 @@ def test_rules_read_only_metrics_the_services_expose() -> None:
             assert used <= known, f"{rule.get('alert') or rule.get('record')} reads unknown series {used - known}"
 
 
+def test_the_console_scrapes_only_series_the_services_expose() -> None:
+    from services.console.quality import PREFIX, QUALITY_SERIES
+    from services.console.scraping import STAGES
+    from touchstream.metrics import EVENT_TO_WEBHOOK_SECONDS
+
+    read = {stage.metric for stage in STAGES} | {PREFIX + series for series in QUALITY_SERIES.values()}
+    read |= {EVENT_TO_WEBHOOK_SECONDS + "_bucket"}
+    assert all(stage.metric.startswith(f"touchstream_{stage.name}_") for stage in STAGES)
+    assert read - exposed_series() == set()
+
+
 def test_rules_alert_on_every_service_job() -> None:
     down = next(r for g in load_rules()["groups"] for r in g["rules"] if r.get("alert") == "TouchstreamServiceDown")
     jobs = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())["scrape_configs"]

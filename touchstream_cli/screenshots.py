@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from touchstream import local
+from touchstream_cli import local
 
 # Debian's chromium, driven by Playwright (a dev dependency): no browser download.
 CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--no-first-run",

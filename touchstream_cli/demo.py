@@ -12,9 +12,11 @@ from typing import Any
 
 import httpx
 
-from touchstream import local
 from touchstream.datasets import cdnow_purchases, iter_track_calls
+from touchstream.metrics import events_in_total, events_out_total
 from touchstream.replay import ReplayProgress, replay, scrape, sum_metric
+from touchstream.topics import ACTIONS, SCORES, TOUCHPOINTS_RESOLVED
+from touchstream_cli import local
 
 
 async def pipeline_counts(client: httpx.AsyncClient, state: local.StackState) -> dict[str, float]:
@@ -26,11 +28,11 @@ async def pipeline_counts(client: httpx.AsyncClient, state: local.StackState) ->
     with contextlib.suppress(httpx.HTTPError):
         stats = (await client.get(f"{state.url('receiver')}/stats", timeout=5.0)).json()
     return {
-        "resolved": sum_metric(identity, "touchstream_identity_events_out_total", topic="touchpoints.resolved"),
-        "scored": sum_metric(scoring, "touchstream_scoring_events_out_total", topic="scores"),
-        "scores_seen": sum_metric(triggers, "touchstream_triggers_events_in_total", topic="scores"),
-        "actions": sum_metric(triggers, "touchstream_triggers_events_out_total", topic="actions"),
-        "actions_seen": sum_metric(triggers, "touchstream_triggers_events_in_total", topic="actions"),
+        "resolved": sum_metric(identity, events_out_total("identity"), topic=TOUCHPOINTS_RESOLVED.name),
+        "scored": sum_metric(scoring, events_out_total("scoring"), topic=SCORES.name),
+        "scores_seen": sum_metric(triggers, events_in_total("triggers"), topic=SCORES.name),
+        "actions": sum_metric(triggers, events_out_total("triggers"), topic=ACTIONS.name),
+        "actions_seen": sum_metric(triggers, events_in_total("triggers"), topic=ACTIONS.name),
         "customers": sum_metric(identity, "touchstream_identity_customers_created_total"),
         "webhooks": float(stats.get("unique", 0)),
         "latency_p50_s": stats.get("latency_p50_s") or 0.0,
@@ -64,7 +66,7 @@ async def replay_with_backpressure(state: local.StackState, calls: list[tuple[in
 
         async def scores_seen_by_triggers() -> float:
             text = await scrape(client, state.url("triggers"))
-            return sum_metric(text, "touchstream_triggers_events_in_total", topic="scores")
+            return sum_metric(text, events_in_total("triggers"), topic=SCORES.name)
 
         return await replay(state.url("ingest"), state.write_key, calls, days_per_second,
                             on_progress=show, processed=scores_seen_by_triggers, max_lag=1000)
@@ -81,7 +83,7 @@ def show_sample_webhook(state: local.StackState) -> None:
 def run_demo(run_dir: Path, days_per_second: float, limit: int | None, partitions: int,
              broker: str | None = None, screenshots: Path | None = None) -> dict[str, Any]:
     """Replay CDNOW through a fresh local stack, print a summary; with `screenshots`, save the console's
-    pages there (touchstream.screenshots) before the stack stops."""
+    pages there (touchstream_cli.screenshots) before the stack stops."""
     purchases = cdnow_purchases()
     if limit:
         purchases = purchases[:limit]
@@ -118,7 +120,7 @@ def run_demo(run_dir: Path, days_per_second: float, limit: int | None, partition
         show_sample_webhook(state)
         if screenshots is not None:
             from services.identity.settings import DEV_ADMIN_KEY
-            from touchstream.screenshots import capture_console, showcase_candidates
+            from touchstream_cli.screenshots import capture_console, showcase_candidates
 
             # The local stack's console and identity take the dev admin key (docs/console.md).
             candidates = showcase_candidates((str(call["userId"]) for _, call in calls), 50)
