@@ -28,9 +28,9 @@ How each figure is measured:
   the stack's own broker (relay processes + broker from /proc, the broker's idle rate with the
   stack idle subtracted); redis_resolve_us, Redis's CPU per identity resolve-script call on a
   fresh Valkey (append-only file, as the stack's) with the workload's events resolved in the
-  worker's mean batch size from this run, times resolves per event; river_learn_predict_us, one
-  River predict and one learn per event on scoring's own features of the workload
-  (time.process_time); webhook_us, client + receiver CPU of one signed POST (WebhookSender
+  worker's mean batch size from this run, times resolves per event; model_learn_predict_us, scoring's
+  model predicting and learning every event of the workload in 500-event batches, on scoring's
+  own silent paths of it (time.process_time); webhook_us, client + receiver CPU of one signed POST (WebhookSender
   against the receiver process, /proc), times the webhooks per event measured in the run.
   efficiency = irreducible_us_per_event / stack_us_per_event.
 - latency: the one-webhook workload offered as a steady stream (a request every ~10 ms, open
@@ -75,7 +75,7 @@ from irreducible import (
     TopicLoad,
     redis_resolve_cpu,
     relay_cpu,
-    river_learn_predict_cpu,
+    model_learn_predict_cpu,
     topic_record_sizes,
     webhook_post_cpu,
 )
@@ -104,6 +104,10 @@ __all__ = ["RULES", "post_events", "track_call", "wait_for_webhooks"]
 TARGETS = {"mix_events_per_s": 2000, "one_webhook_events_per_s": 1000, "p99_ms_at_half_load": 250,
            "redis_bytes_per_customer": 2048}
 RULES_ENV = "TOUCHSTREAM_TRIGGERS_RULES_FILE"
+# The mix replays CDNOW's 18 months as if live: with triggers' default 72 h backfill horizon every
+# decision in it would be a `backfill` outcome and the mix would send no webhook at all.
+BACKFILL_HORIZON_ENV = "TOUCHSTREAM_TRIGGERS_BACKFILL_HORIZON_HOURS"
+MIX_BACKFILL_HORIZON_HOURS = str(3 * 365 * 24)
 PIPELINE_TOPICS = (TOUCHPOINTS_RAW, TOUCHPOINTS_RESOLVED, SCORES, ACTIONS)
 DAY_MS = 86_400_000
 # A request every ~10 ms when offering a steady rate: batches of rate/100 events.
@@ -487,14 +491,14 @@ def topic_loads(run: WorkloadRun, events: int) -> list[TopicLoad]:
 
 
 def efficiency(run: WorkloadRun, relay: dict[str, Any], redis_resolve: dict[str, Any],
-               river_learn_predict: dict[str, Any], webhook_post: dict[str, Any]) -> dict[str, Any]:
+               model_learn_predict: dict[str, Any], webhook_post: dict[str, Any]) -> dict[str, Any]:
     """Irreducible CPU per event (its parts) against the whole stack's, for one workload."""
     events = run.result["events"]
     resolves_per_event = run.done["identity_out_resolved"] / events
     parts = {
         "relay_us": relay["cpu_us_per_event"]["total"],
         "redis_resolve_us": redis_resolve["redis_cpu_us_per_call"] * resolves_per_event,
-        "river_learn_predict_us": river_learn_predict["us_per_event"],
+        "model_learn_predict_us": model_learn_predict["us_per_event"],
         "webhook_us": webhook_post["us_per_post"] * run.result["webhooks_per_event"],
     }
     irreducible = sum(parts.values())
@@ -528,7 +532,7 @@ def measure(events: int, quick: bool, backlog: int, partitions: int, workers: in
         rules_file = run_dir / "rules.yaml"
         rules_file.write_text(DEFAULT_RULES_FILE.read_text())
         state = local.up(run_dir, partitions=partitions, workers=workers, progress=False,
-                         env_overrides={RULES_ENV: str(rules_file)})
+                         env_overrides={RULES_ENV: str(rules_file), BACKFILL_HORIZON_ENV: MIX_BACKFILL_HORIZON_HOURS})
         try:
             # The broker's JIT compiles its request paths over its first thousands of requests: a
             # relay of the nominal shape first, so the workloads and the relays meet the same broker.
@@ -572,7 +576,7 @@ def measure(events: int, quick: bool, backlog: int, partitions: int, workers: in
         parts[name] = {
             "relay": relays[name],
             "redis_resolve": asyncio.run(redis_resolve_cpu(micro_calls[name], batch)),
-            "river_learn_predict": river_learn_predict_cpu(micro_calls[name]),
+            "model_learn_predict": model_learn_predict_cpu(micro_calls[name]),
             "webhook_post": asyncio.run(webhook_post_cpu(workload.webhook_bodies, posts)),
         }
         workload.result["efficiency"] = efficiency(workload, **parts[name])
