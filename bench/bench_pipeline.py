@@ -73,9 +73,9 @@ import orjson
 import redis
 from irreducible import (
     TopicLoad,
+    model_learn_predict_cpu,
     redis_resolve_cpu,
     relay_cpu,
-    model_learn_predict_cpu,
     topic_record_sizes,
     webhook_post_cpu,
 )
@@ -340,6 +340,7 @@ def run_workload(state: local.StackState, calls: Sequence[dict[str, Any]], warm:
         asyncio.run(post_events(state, warm, None))
         wait_drained(client, state, before_warm, len(warm), timeout_s)
         memory_before = redis_used_memory(state)
+        services_before = redis_bytes_by_service(state)
         before = read_counters(client, state)
         load_before = load_average()
         cpu_before = components_cpu_s(state.pids)
@@ -353,6 +354,7 @@ def run_workload(state: local.StackState, calls: Sequence[dict[str, Any]], warm:
     elapsed = t_end - t0
     done = after - before
     memory_after = redis_used_memory(state)
+    services_after = redis_bytes_by_service(state)
     cpu_us = {name: round((cpu_after[name] - cpu_before.get(name, 0.0)) / events * 1e6, 1) for name in cpu_after}
     cpu_us = dict(sorted(cpu_us.items(), key=lambda item: -item[1]))
     stack_us = round(sum(cpu_us.values()), 1)
@@ -383,6 +385,10 @@ def run_workload(state: local.StackState, calls: Sequence[dict[str, Any]], warm:
         "identity_customers_created": int(done["identity_customers_created"]),
         "redis_bytes_per_customer": round((memory_after - memory_before) / max(customers, 1)),
         "redis_bytes_per_event": round((memory_after - memory_before) / events),
+        # Estimated from sampled MEMORY USAGE per key family (redis_bytes_by_key_family), not used_memory.
+        "redis_bytes_per_customer_by_service": {
+            name: round((services_after.get(name, 0) - services_before.get(name, 0)) / max(customers, 1))
+            for name in sorted(services_after, key=lambda n: -(services_after[n] - services_before.get(n, 0)))},
         "load_average_before": load_before,
         "load_average": load_average(),
     }
@@ -452,6 +458,24 @@ def redis_bytes_by_key_family(state: local.StackState, sample_per_family: int = 
         sizes = [size or 0 for size in pipe.execute()]
         estimate[family] = {"keys": counts[family], "bytes": round(sum(sizes) / len(sizes) * counts[family])}
     return dict(sorted(estimate.items(), key=lambda item: -item[1]["bytes"]))
+
+
+# Each service's keys by their prefix (the services' default settings).
+SERVICE_KEY_PREFIXES = (("identity", "ts:identity:"), ("scoring", "ts:scoring:"), ("triggers", "triggers:"),
+                        ("console", "ts:console:"), ("ingest", "ts:in:"))
+
+
+def service_of_key_family(family: str) -> str:
+    """Name the service that owns a key family (its key prefix), or "other"."""
+    return next((name for name, prefix in SERVICE_KEY_PREFIXES if f"{family}:".startswith(prefix)), "other")
+
+
+def redis_bytes_by_service(state: local.StackState) -> dict[str, int]:
+    """Estimate the bytes each service's keys hold now (sampled MEMORY USAGE x keys, per key family)."""
+    totals: Counter[str] = Counter()
+    for family, estimate in redis_bytes_by_key_family(state, sample_per_family=100).items():
+        totals[service_of_key_family(family)] += estimate["bytes"]
+    return dict(totals)
 
 
 def stack_idle_cpu_share(state: local.StackState, seconds: float = 5.0) -> dict[str, Any]:
