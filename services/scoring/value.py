@@ -16,9 +16,11 @@ predicted value = expected purchases x expected order value.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+from river import stats
 from scipy import optimize, special
 
 # Fewer customers with an order than this and the fit is not attempted: the population mean is used.
@@ -110,3 +112,68 @@ def value_tier(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
     [1, 2, 4]
     """
     return np.searchsorted(np.asarray(edges, dtype=float), np.asarray(values, dtype=float), side="right") + 1
+
+
+# The newest customers' (orders, mean order value) the spend model is fitted on, and how often.
+SPEND_WINDOW = 50_000
+SPEND_REFIT_EVERY = 5_000
+# Value tiers: quartiles of the predicted values scored so far, as RFM cuts its scores.
+VALUE_QUANTILES = (0.25, 0.5, 0.75)
+VALUE_WARM_UP = 100
+
+
+@dataclass
+class SpendLearner:
+    """The online spend model: a rolling window of buyers' order summaries, refitted as purchases arrive.
+
+    A buyer enters the window at each purchase with its orders and mean order value as of then
+    (no customer id: the checkpoint holds no identifier); the model is refitted every
+    SPEND_REFIT_EVERY purchases from the previous parameters.
+
+    >>> spend = SpendLearner()
+    >>> for n in range(40):
+    ...     spend.observe_purchase(1 + n % 3, 20.0 + n)
+    >>> spend.model.fitted, round(spend.model.population_mean, 1)
+    (False, 0.0)
+    >>> spend.refit(); spend.model.fitted
+    True
+    """
+
+    orders: list[float] = field(default_factory=list)
+    mean_values: list[float] = field(default_factory=list)
+    model: SpendModel = field(default_factory=SpendModel)
+    since_fit: int = 0
+    value_cuts: list[Any] = field(default_factory=lambda: [stats.Quantile(q) for q in VALUE_QUANTILES])
+    values_seen: int = 0
+
+    def observe_purchase(self, orders: int, mean_value: float) -> None:
+        self.orders.append(float(orders))
+        self.mean_values.append(float(mean_value))
+        if len(self.orders) > SPEND_WINDOW:
+            del self.orders[: -SPEND_WINDOW], self.mean_values[: -SPEND_WINDOW]
+        self.since_fit += 1
+        if self.since_fit >= SPEND_REFIT_EVERY:
+            self.refit()
+
+    def refit(self) -> None:
+        self.model = fit_spend_model(np.array(self.orders), np.array(self.mean_values), self.model)
+        self.since_fit = 0
+
+    def expected_order_value(self, orders: np.ndarray, mean_value: np.ndarray) -> np.ndarray:
+        """Return expected order values; before the first fit, the window's order-weighted mean."""
+        if not self.model.fitted and self.orders:
+            x, m = np.array(self.orders), np.array(self.mean_values)
+            return np.full(np.shape(orders), float(np.sum(x * m) / max(np.sum(x), 1.0)))
+        return self.model.expected_order_value(orders, mean_value)
+
+    def tiers(self, values: np.ndarray) -> np.ndarray:
+        """Return value tiers 1-4 (quartiles of the values seen so far; 0 while fewer than VALUE_WARM_UP)."""
+        if self.values_seen < VALUE_WARM_UP:
+            tiers = np.zeros(len(values), dtype=int)
+        else:
+            tiers = value_tier(values, np.array(sorted(float(q.get() or 0.0) for q in self.value_cuts)))
+        for value in values:
+            for q in self.value_cuts:
+                q.update(float(value))
+        self.values_seen += len(values)
+        return tiers
