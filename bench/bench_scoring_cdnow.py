@@ -88,14 +88,23 @@ async def main(redis_url, prefix, cutoff_ms, days, customers):
     forecasts = await service.forecasts(customers, cutoff_ms, days)
     # What the service knows of each customer's orders at the cut (the spend model's inputs).
     states, _ = await service.store.load(customers)
-    learner = service.engine.learner
+    spend = getattr(learner := service.engine.learner, "spend", None)
+    order_value = None
+    if spend is not None and spend.model.fitted:
+        # The service's own spend model (learned online during the replay), as its ScoreUpdates use it.
+        import numpy as np
+        ids = list(states)
+        orders = np.array([states[c].purchase_count for c in ids], dtype=float)
+        total = np.array([states[c].monetary_total for c in ids])
+        means = np.divide(total, orders, out=np.zeros_like(total), where=orders > 0)
+        order_value = dict(zip(ids, spend.expected_order_value(orders, means).tolist()))
     quality = learner.quality
     model = learner.model
     await redis.aclose()
     return {"p_any": {c: f.propensity for c, f in forecasts.items()},
             "expected": {c: f.expected_purchases for c, f in forecasts.items()},
             "orders": {c: s.purchase_count for c, s in states.items()},
-            "spend": {c: s.monetary_total for c, s in states.items()},
+            "spend": {c: s.monetary_total for c, s in states.items()}, "order_value": order_value,
             "model_version": model.version,
             "model": model.describe() if hasattr(model, "describe") else {},
             "prequential": {"examples": quality.examples, "roc_auc": quality.roc_auc.get(),
@@ -387,9 +396,13 @@ async def evaluate_cut(code: CodeTree, weeks: int, purchases: list[Purchase], re
     p_any = np.array([read["p_any"][c] for c in customers])
     expected = np.array([read["expected"][c] for c in customers])
     prequential = {k: rounded(v) if isinstance(v, float) else v for k, v in read["prequential"].items()}
-    value = None
-    if "orders" in read:
-        # The service's spend model on what it stored by the cut (never a holdout order).
+    value, value_source = None, None
+    if read.get("order_value"):
+        value = expected * np.array([read["order_value"][c] for c in customers])
+        value_source = "the service's online spend model x its expected purchases"
+    elif "orders" in read:
+        # A replay whose code had no online spend model: the same model fitted at the cut on what
+        # the service stored (never a holdout order).
         from services.scoring.value import fit_spend_model, predicted_value
 
         orders = np.array([read["orders"].get(c, 0) for c in customers], dtype=float)
@@ -397,6 +410,7 @@ async def evaluate_cut(code: CodeTree, weeks: int, purchases: list[Purchase], re
         mean_value = np.divide(spend, orders, out=np.zeros_like(spend), where=orders > 0)
         spend_model = fit_spend_model(orders, mean_value)
         value = predicted_value(expected, spend_model.expected_order_value(orders, mean_value))
+        value_source = "value.fit_spend_model at the cut on the service's stored states x its expected purchases"
     return {
         "code": code.name, "cut_weeks": weeks, "cutoff": cutoff.date().isoformat(), "holdout_days": holdout_days,
         "customers": len(customers), "buyers_holdout": int(y.sum()),
@@ -404,7 +418,7 @@ async def evaluate_cut(code: CodeTree, weeks: int, purchases: list[Purchase], re
         "brier": rounded(float(np.mean((p_any - y) ** 2))),
         "predicted_buyers": round(float(p_any.sum()), 1), "predicted_purchases": round(float(expected.sum()), 1),
         "model_version": read["model_version"], "model": read["model"], "prequential": prequential,
-        "predicted_value": value, **throughput,
+        "predicted_value": value, "value_source": value_source, **throughput,
     }
 
 
