@@ -19,8 +19,8 @@ import httpx
 import pytest
 import redis
 
+from services.scoring.codec import decode_state
 from services.scoring.state import CustomerState
-from services.scoring.store import decode_state
 from tests.stacks import running_stack, webhooks_received
 from touchstream_cli import local
 

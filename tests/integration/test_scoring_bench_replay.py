@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
+from services.scoring.codec import decode_state
 from services.scoring.service import ResolvedInput, ScoringService
-from services.scoring.store import decode_state
 from touchstream.datasets import cdnow_purchases
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))

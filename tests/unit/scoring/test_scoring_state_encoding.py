@@ -7,10 +7,10 @@ import math
 
 import orjson
 
+from services.scoring.codec import STATE_POSITIONS, decode_state, encode_state, state_to_dict
 from services.scoring.features import silent_path
 from services.scoring.labels import PendingExample
-from services.scoring.state import CustomerState, Touchpoint, apply_touchpoint, state_to_dict
-from services.scoring.store import STATE_POSITIONS, decode_state, encode_state
+from services.scoring.state import CustomerState, Touchpoint, apply_touchpoint
 
 
 def _busy_state() -> CustomerState:
