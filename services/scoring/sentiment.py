@@ -15,7 +15,7 @@ exception, so one odd message cannot fail a batch:
 | `too_long` | more than MAX_TEXT_CHARS characters: the cap bounds a message's cost (see MAX_TEXT_CHARS) |
 | `binary` | a NUL, or more than 10% control or replacement characters: bytes that were never text |
 | `undecodable` | bytes that are not UTF-8 |
-| `unsupported_language` | no Han and no Latin letters (e.g. Cyrillic, or only digits and punctuation), or Japanese kana / Korean hangul, which the Chinese model would misread |
+| `unsupported_language` | no Han and no Latin letters (Cyrillic; only digits), or kana/hangul (not Chinese) |
 | `scorer_error` | the scorer raised (a bug upstream of us; counted, not fatal) |
 
     >>> score_text("").unscored, score_text(b"\\xff\\xfe").unscored, score_text("a\\x00b").unscored
@@ -101,7 +101,7 @@ def score_text(text: str | bytes | None) -> Sentiment:
         return Sentiment(None, unscored="unsupported_language")
     try:
         score = _SCORERS[language](text)
-    except Exception:  # noqa: BLE001 - a scorer's bug must not fail the batch; counted by the caller
+    except Exception:
         return Sentiment(None, language, "scorer_error")
     if score != score:  # NaN
         return Sentiment(None, language, "scorer_error")

@@ -83,3 +83,61 @@ def test_any_input_gives_a_score_in_range_or_a_named_reason(text: str | bytes | 
     else:
         assert result.unscored is None and result.language in ("zh", "en")
         assert -1.0 <= result.score <= 1.0 and not math.isnan(result.score)
+
+
+def _feedback_record(message_id: str, day: float, text: str | None) -> dict[str, object]:
+    t = int(day * 86_400_000)
+    return {"message_id": message_id, "type": "track", "event": "Complaint Submitted", "timestamp_ms": t,
+            "received_at_ms": t, "order": None, "feedback": {"kind": "complaint", "text": text, "rating": None},
+            "consent": []}
+
+
+def test_a_complaints_text_becomes_features_and_only_its_score_is_kept() -> None:
+    import json
+
+    from services.scoring.engine import ScoringEngine, score_update_record
+    from services.scoring.model import Learner, PropensityModel
+    from services.scoring.state import CustomerState, state_from_dict, state_to_dict, touchpoint_from_record
+    from touchstream import avro
+    from touchstream.topics import SCORES
+
+    text = "送餐太慢了，饭菜都凉了，再也不点了"
+    scoring = ScoringEngine(Learner(PropensityModel()))
+    state = CustomerState()
+    touch = touchpoint_from_record(_feedback_record("m1", 1, text))
+    point = scoring.observe_event("c1", state, touch, touch.timestamp_ms, None)
+    [scored] = scoring.assess([point])
+    update = score_update_record("c1", point, scored)
+    features = update["features"]
+    assert features["message_sentiment"] == features["sentiment_last"] == features["sentiment_recent"] < -0.5
+    assert avro.decode(SCORES.schema, avro.encode(SCORES.schema, update))["features"] == features
+    stored = json.dumps(state_to_dict(state), ensure_ascii=False)
+    assert text not in stored and "送餐" not in stored
+    restored = state_from_dict(json.loads(stored))
+    assert (restored.sentiment_last, restored.sentiment_sum) == (state.sentiment_last, state.sentiment_sum)
+
+    # A later event without text keeps the customer's voice but has no message_sentiment of its own.
+    quiet = touchpoint_from_record(_feedback_record("m2", 2, None))
+    later = scoring.observe_event("c1", state, quiet, quiet.timestamp_ms, None)
+    assert "message_sentiment" not in later.features and later.features["sentiment_last"] < -0.5
+    assert quiet.sentiment_unscored is None  # no text is not a failure to count
+
+
+def test_merging_customers_keeps_both_voices_and_the_newest_last() -> None:
+    from services.scoring.features import sentiment_features
+    from services.scoring.state import CustomerState, Touchpoint, apply_touchpoint, merge_states
+
+    a, b = CustomerState(), CustomerState()
+    apply_touchpoint(a, Touchpoint("m1", 86_400_000, 0, sentiment=0.8))
+    apply_touchpoint(b, Touchpoint("m2", 2 * 86_400_000, 0, sentiment=-0.6))
+    merge_states(a, b, "merge-1")
+    voice = sentiment_features(a)
+    assert voice["sentiment_last"] == -0.6
+    assert -0.6 < voice["sentiment_recent"] < 0.8
+
+
+def test_an_unscoreable_text_is_noted_not_raised() -> None:
+    from services.scoring.state import touchpoint_from_record
+
+    touch = touchpoint_from_record(_feedback_record("m1", 1, "x" * (MAX_TEXT_CHARS + 5)))
+    assert touch.sentiment is None and touch.sentiment_unscored == "too_long"
