@@ -108,19 +108,6 @@ def score_text(text: str | bytes | None) -> Sentiment:
     return Sentiment(max(-1.0, min(1.0, score)), language)
 
 
-def sentiment_in_words(score: float) -> str:
-    """Say a sentiment score the way a person reads it.
-
-    >>> [sentiment_in_words(s) for s in (-0.8, -0.3, 0.0, 0.3, 0.8)]
-    ['strongly negative', 'negative', 'neutral', 'positive', 'strongly positive']
-    """
-    size = abs(score)
-    if size < 0.2:
-        return "neutral"
-    tone = "negative" if score < 0 else "positive"
-    return f"strongly {tone}" if size >= 0.6 else tone
-
-
 @functools.cache
 def _vader() -> Callable[[str], float]:
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer

@@ -14,7 +14,6 @@ from services.scoring.sentiment import (
     Sentiment,
     score_text,
     script_language,
-    sentiment_in_words,
 )
 
 
@@ -66,11 +65,6 @@ def test_a_scorer_that_raises_is_counted_not_fatal(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setitem(sentiment._SCORERS, "en", broken)
     assert score_text("fine") == Sentiment(None, "en", "scorer_error")
-
-
-def test_words_for_scores() -> None:
-    assert sentiment_in_words(-0.9) == "strongly negative"
-    assert sentiment_in_words(0.1) == "neutral"
 
 
 @settings(max_examples=300, deadline=None)
