@@ -49,7 +49,7 @@ import httpx
 import numpy as np
 import pandas as pd
 from aiokafka import AIOKafkaProducer
-from bench_pipeline import process_cpu_s
+from proc_cpu import process_cpu_s
 
 from touchstream import avro
 from touchstream.datasets import Purchase, cdnow_purchases
@@ -87,12 +87,25 @@ async def main(redis_url, prefix, cutoff_ms, days, customers):
     service = ScoringService(RedisScoringStore(redis, prefix), ScoringSettings(key_prefix=prefix),
                              ScoringMetrics(CollectorRegistry()))
     forecasts = await service.forecasts(customers, cutoff_ms, days)
-    learner = service.engine.learner
+    # What the service knows of each customer's orders at the cut (the spend model's inputs).
+    states, _ = await service.store.load(customers)
+    spend = getattr(learner := service.engine.learner, "spend", None)
+    order_value = None
+    if spend is not None and spend.model.fitted:
+        # The service's own spend model (learned online during the replay), as its ScoreUpdates use it.
+        import numpy as np
+        ids = list(states)
+        orders = np.array([states[c].purchase_count for c in ids], dtype=float)
+        total = np.array([states[c].monetary_total for c in ids])
+        means = np.divide(total, orders, out=np.zeros_like(total), where=orders > 0)
+        order_value = dict(zip(ids, spend.expected_order_value(orders, means).tolist()))
     quality = learner.quality
     model = learner.model
     await redis.aclose()
     return {"p_any": {c: f.propensity for c, f in forecasts.items()},
             "expected": {c: f.expected_purchases for c, f in forecasts.items()},
+            "orders": {c: s.purchase_count for c, s in states.items()},
+            "spend": {c: s.monetary_total for c, s in states.items()}, "order_value": order_value,
             "model_version": model.version,
             "model": model.describe() if hasattr(model, "describe") else {},
             "prequential": {"examples": quality.examples, "roc_auc": quality.roc_auc.get(),
@@ -141,6 +154,18 @@ def roc_auc(y: np.ndarray, score: np.ndarray) -> float:
     positives = int(y.sum())
     negatives = len(y) - positives
     return float((ranks[y].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def value_figures(actual: np.ndarray, predicted: np.ndarray) -> dict[str, Any]:
+    """Spearman, top-decile capture of the actual revenue, MAE and totals of a per-customer spend prediction."""
+    from scipy.stats import spearmanr
+
+    top = np.argsort(-predicted, kind="mergesort")[: max(1, len(predicted) // 10)]
+    return {"spearman": rounded(float(spearmanr(predicted, actual).statistic)),
+            "top_decile_capture": rounded(float(actual[top].sum() / actual.sum())),
+            "mae": rounded(float(np.mean(np.abs(predicted - actual))), 2),
+            "predicted_revenue": round(float(predicted.sum()), 0), "actual_revenue": round(float(actual.sum()), 0),
+            "revenue_error": rounded(float(predicted.sum() / actual.sum() - 1.0))}
 
 
 def log_loss(y: np.ndarray, p: np.ndarray) -> float:
@@ -303,7 +328,7 @@ def read_forecasts(code: CodeTree, redis_url: str, prefix: str, cutoff_ms: int, 
 
 def btyd_baselines(purchases: list[Purchase], cutoff: datetime, customers: list[str], y: np.ndarray) -> dict[str, Any]:
     """Fit BG/NBD and Pareto/NBD on the calibration period (daily resolution) and score the holdout."""
-    from lifetimes import BetaGeoFitter, ParetoNBDFitter
+    from lifetimes import BetaGeoFitter, GammaGammaFitter, ParetoNBDFitter
     from lifetimes.utils import calibration_and_holdout_data
 
     frame = pd.DataFrame({
@@ -334,7 +359,14 @@ def btyd_baselines(purchases: list[Purchase], cutoff: datetime, customers: list[
     pareto_expected = np.asarray(
         pnbd.conditional_expected_number_of_purchases_up_to_time(holdout_days, x, t_x, big_t))
     pareto_none = np.asarray(pnbd.conditional_probability_of_n_purchases_up_to_time(0, holdout_days, x, t_x, big_t))
+    # Gamma-Gamma on repeat buyers' mean repeat order value (lifetimes' convention), then
+    # BG/NBD's expected purchases x expected order value: each customer's holdout spend.
+    repeat = rfm["frequency_cal"] > 0
+    gg = GammaGammaFitter(penalizer_coef=0.0)
+    gg.fit(rfm.loc[repeat, "frequency_cal"], rfm.loc[repeat, "monetary_value_cal"])
+    order_value = np.asarray(gg.conditional_expected_average_profit(x, rfm["monetary_value_cal"].fillna(0.0)))
     return {
+        "bgnbd_gg_value": bg_expected * order_value,
         "bgnbd_auc": rounded(roc_auc(y, bg_expected)),
         "pareto_auc": rounded(roc_auc(y, pareto_expected)),
         "bgnbd_log_loss": rounded(log_loss(y, bg_p_any)),
@@ -365,6 +397,21 @@ async def evaluate_cut(code: CodeTree, weeks: int, purchases: list[Purchase], re
     p_any = np.array([read["p_any"][c] for c in customers])
     expected = np.array([read["expected"][c] for c in customers])
     prequential = {k: rounded(v) if isinstance(v, float) else v for k, v in read["prequential"].items()}
+    value, value_source = None, None
+    if read.get("order_value"):
+        value = expected * np.array([read["order_value"][c] for c in customers])
+        value_source = "the service's online spend model x its expected purchases"
+    elif "orders" in read:
+        # A replay whose code had no online spend model: the same model fitted at the cut on what
+        # the service stored (never a holdout order).
+        from services.scoring.value import fit_spend_model, predicted_value
+
+        orders = np.array([read["orders"].get(c, 0) for c in customers], dtype=float)
+        spend = np.array([read["spend"].get(c, 0.0) for c in customers])
+        mean_value = np.divide(spend, orders, out=np.zeros_like(spend), where=orders > 0)
+        spend_model = fit_spend_model(orders, mean_value)
+        value = predicted_value(expected, spend_model.expected_order_value(orders, mean_value))
+        value_source = "value.fit_spend_model at the cut on the service's stored states x its expected purchases"
     return {
         "code": code.name, "cut_weeks": weeks, "cutoff": cutoff.date().isoformat(), "holdout_days": holdout_days,
         "customers": len(customers), "buyers_holdout": int(y.sum()),
@@ -372,7 +419,7 @@ async def evaluate_cut(code: CodeTree, weeks: int, purchases: list[Purchase], re
         "brier": rounded(float(np.mean((p_any - y) ** 2))),
         "predicted_buyers": round(float(p_any.sum()), 1), "predicted_purchases": round(float(expected.sum()), 1),
         "model_version": read["model_version"], "model": read["model"], "prequential": prequential,
-        **throughput,
+        "predicted_value": value, "value_source": value_source, **throughput,
     }
 
 
@@ -392,12 +439,25 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             customers = sorted({p.customer for p, _ in calibration_events(purchases, ms(cutoff))})
             bought = {p.customer for p in purchases if ms(cutoff) <= p.timestamp_ms < ms(HOLDOUT_END)}
             baselines = btyd_baselines(purchases, cutoff, customers, np.array([c in bought for c in customers]))
+            actual_spend = holdout_spend(purchases, cutoff, customers)
+            baseline_value = value_figures(actual_spend, baselines.pop("bgnbd_gg_value"))
+            value = ours.pop("predicted_value")
+            ours["value"] = value_figures(actual_spend, value) if value is not None else None
+            ours["bgnbd_gg_value"] = baseline_value
+            if ours["value"] is not None:
+                v, b = ours["value"], baseline_value
+                ours["value_targets"] = {
+                    "spearman_at_least_bgnbd_gg": v["spearman"] >= b["spearman"],
+                    "top_decile_at_least_bgnbd_gg": v["top_decile_capture"] >= b["top_decile_capture"],
+                    "mae_at_most_bgnbd_gg": v["mae"] <= b["mae"],
+                    "revenue_within_10_percent": abs(v["revenue_error"]) <= 0.10}
             best = max(baselines["bgnbd_auc"], baselines["pareto_auc"])
             ours.update(baselines)
             ours["targets"] = {"auc_at_least_best_btyd": ours["auc"] >= best,
                                "log_loss_at_most_bgnbd": ours["log_loss"] <= baselines["bgnbd_log_loss"]}
             result["cuts"][f"{weeks}w"] = ours
             print(json.dumps({"done": f"{weeks}w", "auc": ours["auc"], "log_loss": ours["log_loss"],
+                              "value": ours["value"], "bgnbd_gg_value": baseline_value,
                               "bgnbd_auc": ours["bgnbd_auc"], "pareto_auc": ours["pareto_auc"],
                               "bgnbd_log_loss": ours["bgnbd_log_loss"]}), file=sys.stderr, flush=True)
         if args.baseline:
@@ -407,6 +467,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 result["baseline"] = {"ref": args.baseline, "commit": commit, "cuts": {}}
                 for weeks in args.baseline_cuts:
                     before = await evaluate_cut(baseline, weeks, purchases, redis_url, args, run_dir)
+                    before.pop("predicted_value", None)
                     result["baseline"]["cuts"][f"{weeks}w"] = before
                     after = result["cuts"].get(f"{weeks}w")
                     if after is not None:
@@ -414,8 +475,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         valkey.stop()
     result["targets_met_on_every_cut"] = all(all(c["targets"].values()) for c in result["cuts"].values())
+    result["value_targets_met_on_every_cut"] = all(all(c.get("value_targets", {"missing": False}).values())
+                                                   for c in result["cuts"].values())
     result["load_average"] = [round(v, 2) for v in os.getloadavg()]
     return result
+
+
+def holdout_spend(purchases: Sequence[Purchase], cutoff: datetime, customers: list[str]) -> np.ndarray:
+    """Return each customer's spend between the cut and the holdout's end (scored only, never replayed)."""
+    spent: dict[str, float] = {}
+    for p in purchases:
+        if ms(cutoff) <= p.timestamp_ms < ms(HOLDOUT_END):
+            spent[p.customer] = spent.get(p.customer, 0.0) + p.amount
+    return np.array([spent.get(c, 0.0) for c in customers])
 
 
 def export_tree(ref: str, into: Path) -> str:

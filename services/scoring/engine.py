@@ -53,6 +53,7 @@ from services.scoring.labels import DAY_MS, PendingExample, event_day, is_predic
 from services.scoring.model import PRIOR_REASON, Learner
 from services.scoring.segments import StageRules, lifecycle_stage, rfm_segment
 from services.scoring.state import CustomerState, Touchpoint, apply_touchpoint
+from services.scoring.value import predicted_value
 from touchstream.privacy import CONSENT_WITHDRAWN
 
 # The ScoreUpdate event_type of a crossing check's update (no touchpoint behind it).
@@ -140,8 +141,10 @@ class ScoringEngine:
         reason_count: int = 3,
         max_silence_days: float = 730.0,
         watched: WatchedChanges | None = None,
+        value_horizon_days: float = 365.0,
     ) -> None:
         self.learner = learner
+        self.value_horizon_days = value_horizon_days
         self.horizon_days = horizon_days
         self.step_days = step_days
         self.step_ms = int(step_days * DAY_MS)
@@ -172,6 +175,8 @@ class ScoringEngine:
         if in_order and silent_from_ms is not None and not state.has_applied(touch.message_id):
             made = self._close_silent_examples(state, silent_from_ms, t)
         applied = apply_touchpoint(state, touch)
+        if applied and touch.is_purchase and state.purchase_count:
+            self.learner.spend.observe_purchase(state.purchase_count, state.monetary_total / state.purchase_count)
         cutoff = self.maturity_cutoff(watermark_ms)
         path = silent_path(state)
         if applied and in_order and is_prediction_point(state.last_example_day, t, self.step_ms, cutoff):
@@ -232,7 +237,9 @@ class ScoringEngine:
             return []
         paths = np.stack([p.path for p in points])
         times = np.array([p.t_ms for p in points], dtype=np.float64)
-        propensity, _ = self.horizon_forecasts(paths, times, self.horizon_days)
+        (propensity, _), (_, purchases) = self.horizon_forecasts_at(paths, times,
+                                                                    (self.horizon_days, self.value_horizon_days))
+        value = self._value_features(paths, purchases)
         examples = [e for p in points for e in p.new_examples]
         if examples:
             inputs, btyd = path_model_inputs(np.array([e.path for e in examples]),
@@ -242,9 +249,22 @@ class ScoringEngine:
         reasons = self._reasons(paths, times) if self.reason_count else [[] for _ in points]
         version = self.learner.model.version
         return [
-            Scored(float(p), point.features, why, point.segment, point.stage, version, point.late)
-            for point, p, why in zip(points, propensity, reasons, strict=True)
+            Scored(float(p), point.features | worth, why, point.segment, point.stage, version, point.late)
+            for point, p, why, worth in zip(points, propensity, reasons, value, strict=True)
         ]
+
+    def _value_features(self, paths: np.ndarray, purchases: np.ndarray) -> list[dict[str, float]]:
+        """Return each point's predicted value over the value horizon, its parts and its tier (value.py)."""
+        orders = np.nan_to_num(paths[:, _PURCHASE_COUNT])
+        total = np.nan_to_num(paths[:, _MONETARY_TOTAL])
+        mean_value = np.divide(total, orders, out=np.zeros_like(total), where=orders > 0)
+        spend = self.learner.spend
+        order_value = spend.expected_order_value(orders, mean_value)
+        value = predicted_value(purchases, order_value)
+        tiers = spend.tiers(value)
+        return [{"predicted_value": float(v), "expected_purchases_value_horizon": float(n),
+                 "expected_order_value": float(o), "value_tier": float(t)}
+                for v, n, o, t in zip(value, purchases, order_value, tiers, strict=True)]
 
     def _reasons(self, paths: np.ndarray, times: np.ndarray) -> list[list[tuple[str, float]]]:
         model = self.learner.model
@@ -411,15 +431,23 @@ class ScoringEngine:
                           horizon_days: float) -> tuple[np.ndarray, np.ndarray]:
         """Return P(a purchase in (t, t + horizon]) and the expected purchases, per (path, time), chained by step."""
         # The last step may be partial: the same hazard over a shorter window.
-        steps, fractions = self._chain(horizon_days)
+        return self.horizon_forecasts_at(paths, times_ms, (horizon_days,))[0]
+
+    def horizon_forecasts_at(self, paths: np.ndarray, times_ms: np.ndarray,
+                             horizons_days: tuple[float, ...]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Return `horizon_forecasts` for several horizons from one evaluation of the longest one's chain."""
+        longest, _ = self._chain(max(horizons_days))
         count = len(times_ms)
-        at = (np.asarray(times_ms, dtype=np.float64)[:, None] + self.step_ms * np.arange(steps)[None, :]).ravel()
-        inputs, btyd = path_model_inputs(paths, at, np.repeat(np.arange(count), steps))
-        hazard = self.learner.model.hazards(inputs, btyd).reshape(count, steps)
-        per_step = 1.0 - (1.0 - hazard) ** fractions
-        none = np.prod(1.0 - per_step, axis=1)
+        at = (np.asarray(times_ms, dtype=np.float64)[:, None] + self.step_ms * np.arange(longest)[None, :]).ravel()
+        inputs, btyd = path_model_inputs(paths, at, np.repeat(np.arange(count), longest))
+        hazard = self.learner.model.hazards(inputs, btyd).reshape(count, longest)
         per_positive = self.learner.purchases_per_positive.get() or 1.0
-        return 1.0 - none, per_step.sum(axis=1) * per_positive
+        result = []
+        for horizon in horizons_days:
+            steps, fractions = self._chain(horizon)
+            per_step = 1.0 - (1.0 - hazard[:, :steps]) ** fractions
+            result.append((1.0 - np.prod(1.0 - per_step, axis=1), per_step.sum(axis=1) * per_positive))
+        return result
 
     def forecast(self, state: CustomerState, t_ms: int, horizon_days: float) -> HorizonForecast:
         """Return P(purchase in (t, t + horizon]) and expected purchases of one customer (reads the state only)."""
@@ -429,6 +457,8 @@ class ScoringEngine:
 
 
 _LAST_TOUCH = PATH_FIELDS.index("last_touch_ms")
+_PURCHASE_COUNT = PATH_FIELDS.index("purchase_count")
+_MONETARY_TOTAL = PATH_FIELDS.index("monetary_total")
 
 
 def _select(btyd: BtydInputs, mask: np.ndarray) -> BtydInputs:

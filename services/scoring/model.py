@@ -37,6 +37,7 @@ from services.scoring.btyd import STRUCTURES, BtydInputs, BtydPrior, BtydWindow
 from services.scoring.checkpoint import signed_checkpoint, verified_payload
 from services.scoring.features import MODEL_FEATURES
 from services.scoring.segments import RfmQuantiles
+from services.scoring.value import SpendLearner
 
 ModelKind = Literal["logreg"]
 MODEL_FAMILIES = {"logreg": "logreg-v3"}
@@ -378,6 +379,8 @@ class Learner:
     # P(buy in window) into an expected purchase count.
     purchases_per_positive: stats.Mean = field(default_factory=stats.Mean)
     rfm_quantiles: RfmQuantiles = field(default_factory=RfmQuantiles)
+    # Order values and the tiers of predicted value (value.py).
+    spend: SpendLearner = field(default_factory=SpendLearner)
 
     def to_bytes(self, key: bytes) -> bytes:
         """Return this learner as a checkpoint signed with `key`."""
@@ -394,6 +397,9 @@ class Learner:
             learner.model, "kind"
         ):
             raise IncompatibleCheckpoint("checkpoint was written by an older scoring version")
+        if not hasattr(learner, "spend"):
+            # Written before predicted value: the propensity model stands; the spend model starts empty.
+            learner.spend = SpendLearner()
         return learner
 
 

@@ -75,6 +75,7 @@ def build_engine(settings: ScoringSettings, watched: WatchedChanges | None = Non
         lateness_days=settings.lateness_days,
         rules=rules,
         reason_count=settings.reason_count,
+        value_horizon_days=float(settings.value_horizon_days),
         max_silence_days=settings.max_silence_days,
         watched=rule_watches(settings) if watched is None else watched,
     )

@@ -44,6 +44,7 @@ class ScoringSettings(BaseSettings):
         LEARNING_RATES, min_length=1, description="Candidate step sizes, learned side by side; the one with the "
         "lowest recent prequential log-loss predicts.")
     reason_count: int = Field(3, ge=0, description="Reason codes per ScoreUpdate.")
+    value_horizon_days: int = Field(365, ge=1, description="Predicted value covers this many days (12 months).")
     max_silence_days: float = Field(
         730.0, gt=0, description="A customer silent this long makes no more examples and no more crossing checks.")
     # The same rule file triggers evaluates: a crossing of a rule's threshold by time alone is

@@ -16,7 +16,7 @@ from __future__ import annotations
 import bisect
 import math
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 from services.scoring.labels import DAY_MS, PendingExample, label_with_purchase, union_pending
@@ -154,6 +154,10 @@ class DecayedWindows:
 
 def _decay(age_ms: int, window_days: int) -> float:
     return math.exp(-age_ms / (window_days * DAY_MS))
+
+
+# CustomerState's DecayedWindows fields (merged by adding; the codec writes them as values + time).
+DECAYED_WINDOW_FIELDS = ("touches", "purchases", "spend", "complaints_recent", "sentiment_sum", "sentiment_count")
 
 
 @dataclass
@@ -340,7 +344,7 @@ def merge_states(survivor: CustomerState, merged: CustomerState, merge_id: str) 
     survivor.ratings_sum += merged.ratings_sum
     for channel, count in merged.channel_counts.items():
         survivor.channel_counts[channel] = survivor.channel_counts.get(channel, 0) + count
-    for name in _WINDOW_FIELDS:
+    for name in DECAYED_WINDOW_FIELDS:
         getattr(survivor, name).merge(getattr(merged, name))
     if merged.sentiment_last is not None and merged.sentiment_last_ms is not None and (
             survivor.sentiment_last_ms is None or merged.sentiment_last_ms > survivor.sentiment_last_ms):
@@ -366,49 +370,3 @@ def _earliest(a: int | None, b: int | None) -> int | None:
 
 def _latest(a: int | None, b: int | None) -> int | None:
     return b if a is None else a if b is None else max(a, b)
-
-
-_WINDOW_FIELDS = ("touches", "purchases", "spend", "complaints_recent", "sentiment_sum", "sentiment_count")
-
-
-_STATE_FIELDS = tuple(f.name for f in fields(CustomerState))
-_KNOWN_FIELDS = frozenset(_STATE_FIELDS)
-
-
-# The codec runs for every state a batch loads and saves, so it is written out by hand: no
-# dataclasses.fields() per call, no keyword-argument dicts per waiting example.
-def state_to_dict(state: CustomerState) -> dict[str, Any]:
-    """Return `state` as plain JSON-ready data."""
-    # Written out rather than dataclasses.asdict, whose deep copies were most of a batch's time.
-    data = {name: getattr(state, name) for name in _STATE_FIELDS}
-    for name in _WINDOW_FIELDS:
-        windows = getattr(state, name)
-        data[name] = {"values": windows.values, "at_ms": windows.at_ms}
-    data["pending"] = [
-        {"t_ms": e.t_ms, "due_ms": e.due_ms, "path": e.path, "propensity": e.propensity, "positive": e.positive,
-         "purchases": e.purchases}
-        for e in state.pending
-    ]
-    return data
-
-
-def state_from_dict(data: dict[str, Any]) -> CustomerState:
-    """Rebuild a CustomerState from `state_to_dict` output; fields it lacks take their defaults.
-
-    >>> state = CustomerState(purchase_count=2, pending=[PendingExample(1, 2, [1.0], 0.3)])
-    >>> state_from_dict(state_to_dict(state)) == state
-    True
-    """
-    # Older states carried fields since replaced (e.g. single decayed counts); they are dropped.
-    values = {k: v for k, v in data.items() if k in _KNOWN_FIELDS}
-    for name in _WINDOW_FIELDS:
-        if name in values:
-            values[name] = DecayedWindows(**values[name])
-    # Examples stored by the 90-day model (model inputs, no path) cannot be learned by this one; they are dropped.
-    # JSON has no NaN: a path's missing times were written as null.
-    values["pending"] = [
-        PendingExample(e["t_ms"], e["due_ms"], [math.nan if v is None else v for v in e["path"]], e["propensity"],
-                       e.get("positive", False), e.get("purchases", 0))
-        for e in values.get("pending", ()) if "path" in e
-    ]
-    return CustomerState(**values)

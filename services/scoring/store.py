@@ -4,8 +4,9 @@ Key layout (prefix from settings, default `ts:scoring`):
   {prefix}:customer:{customer_id}  string, JSON CustomerState (waiting examples and the
                                    recently applied message/merge ids inside it, so one
                                    SET makes an update and its idempotency record atomic)
-  {prefix}:path:{customer_id}      string, the customer's silent path (features.PATH_FIELDS as
-                                   little-endian float64): its model inputs at any later time
+  {prefix}:path:{customer_id}      string, the customer's silent path (b"P", the path layout's
+                                   id as uint32, then features.PATH_FIELDS as little-endian
+                                   float64; codec.py): its model inputs at any later time
                                    while it stays silent, without loading the state
   {prefix}:due:{partition}         sorted set, member "{customer_id}|{t_ms}" per waiting
                                    example, score = its due time (t + step)
@@ -36,7 +37,8 @@ import numpy as np
 import orjson
 import redis.asyncio as aioredis
 
-from services.scoring.state import CustomerState, state_from_dict, state_to_dict
+from services.scoring.codec import decode_path, encode_path, state_from_dict, state_to_dict
+from services.scoring.state import CustomerState
 from touchstream.privacy import DEFAULT_ERASED_TTL_S, ErasedCustomers
 
 # Commands per pipeline round trip.
@@ -223,7 +225,9 @@ class RedisScoringStore:
                 for cid in ids[start : start + PIPELINE_CHUNK]:
                     pipe.get(self.path_key(cid))
                 replies.extend(await pipe.execute())
-        return {cid: np.frombuffer(raw, dtype="<f8") for cid, raw in zip(ids, replies, strict=True) if raw}
+        # A path stored under another layout (features.PATH_FIELDS changed) reads as absent (see codec).
+        decoded = {cid: decode_path(raw) for cid, raw in zip(ids, replies, strict=True) if raw}
+        return {cid: path for cid, path in decoded.items() if path is not None}
 
     async def save(self, changes: StateChanges) -> None:
         """Write a batch's changes in one round trip.
@@ -257,7 +261,7 @@ class RedisScoringStore:
             if gone:
                 commands.append(("zrem", self.tick_key(partition), *gone))
         for customer_id, path in changes.paths.items():
-            commands.append(("set", self.path_key(customer_id), np.asarray(path, dtype="<f8").tobytes()))
+            commands.append(("set", self.path_key(customer_id), encode_path(path)))
         if changes.paths_deleted:
             commands.append(("delete", *[self.path_key(c) for c in changes.paths_deleted]))
         for partition, silent in changes.silent.items():

@@ -9,8 +9,8 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
+from services.scoring.codec import state_from_dict
 from services.scoring.service import ResolvedInput, ScoringService
-from services.scoring.state import state_from_dict
 from touchstream.datasets import cdnow_purchases
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))

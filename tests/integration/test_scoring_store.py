@@ -7,13 +7,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
 from services.scoring.checkpoint import FORMAT, TAG_BYTES
+from services.scoring.codec import PATH_LAYOUT, decode_path, encode_path, layout_id
 from services.scoring.crossings import threshold_side
-from services.scoring.features import silent_path
+from services.scoring.features import PATH_FIELDS, silent_path
 from services.scoring.labels import DAY_MS
 from services.scoring.metrics import ScoringMetrics
 from services.scoring.service import MergeInput, ResolvedInput, ScoringService
@@ -99,6 +101,43 @@ async def test_examples_survive_a_new_adapter_and_silent_ones_are_learned_from_p
     assert states["c2"].pending == [] and states["c2"].last_example_ms == 0
     assert await restarted.store.silent_schedule({1: ["c1", "c2"]}) == {"c1": 54 * DAY_MS, "c2": 28 * DAY_MS}
     assert await restarted.store.pending_counts([1]) == {1: 2}
+
+
+async def test_examples_and_paths_stored_under_another_feature_layout_are_dropped_not_crashed_on(
+    redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    """A release that reorders or adds a path field must not learn old vectors as new ones, nor fail on them."""
+    first = new_service(redis_client, tmp_path)
+    await first.score_touchpoints([ResolvedInput(1, "c1", purchase("m1", 0)),
+                                   ResolvedInput(1, "c2", purchase("m2", 0))])
+    store = first.store
+    # Rewrite what was stored as an older release with one path field fewer would have written it.
+    older_layout = layout_id(PATH_FIELDS[:-1])
+    for customer in ("c1", "c2"):
+        stored = orjson.loads(await redis_client.get(store.customer_key(customer)))
+        assert stored["pending"] and all(e["layout"] == PATH_LAYOUT for e in stored["pending"])
+        for example in stored["pending"]:
+            example["path"], example["layout"] = example["path"][:-1], older_layout
+        await redis_client.set(store.customer_key(customer), orjson.dumps(stored))
+        path = decode_path(await redis_client.get(store.path_key(customer)))
+        assert path is not None
+        await redis_client.set(store.path_key(customer), encode_path(path[:-1], layout=older_layout))
+
+    restarted = new_service(redis_client, tmp_path)
+    # As in the test above, day 40 matures both day-0 examples and c2's first silent one; here
+    # they were made under the other layout, so only c1's silent example of day 14, made from its
+    # state by its own event, is learned (day 28's waits, as above).
+    updates = await restarted.score_touchpoints([ResolvedInput(1, "c1", purchase("m3", 40))])
+    assert len(updates) == 1
+    learner = restarted.engine.learner
+    assert learner.quality.examples == learner.model.examples_learned == 1
+    states, _ = await restarted.store.load(["c1", "c2"])
+    assert [e.t_ms // DAY_MS for e in states["c1"].pending] == [28, 40]
+    assert states["c2"].pending == []
+    # c2's path of the other layout reads as absent: its silent examples stop until its next event.
+    paths = await restarted.store.load_paths(["c1", "c2"])
+    assert list(paths) == ["c1"] and len(paths["c1"]) == len(PATH_FIELDS)
+    assert await restarted.store.silent_schedule({1: ["c1", "c2"]}) == {"c1": 54 * DAY_MS}
 
 
 async def checkpointed_service(redis_client: aioredis.Redis, tmp_path: Path) -> tuple[ScoringService, int]:

@@ -292,3 +292,34 @@ def test_the_sliding_propensity_grid_equals_the_chain_at_every_grid_time() -> No
     for k in range(5):
         chained, _ = scoring.horizon_forecasts(paths, first + k * scoring.step_ms, 90)
         assert np.allclose(grid[:, k], chained, rtol=1e-12, atol=1e-12)
+
+
+def test_every_score_carries_predicted_value_from_expected_purchases_and_shrunk_order_value() -> None:
+    scoring = engine()
+    states = {f"c{n}": CustomerState() for n in range(60)}
+    # Sixty buyers with one to three orders of 10-70 each: the spend model has a population to fit.
+    for n, (customer, state) in enumerate(states.items()):
+        for k in range(1 + n % 3):
+            scoring.observe_event(customer, state, touch(f"{customer}-{k}", 1 + k, 10.0 + n), DAY_MS, None)
+    scoring.learner.spend.refit()
+    assert scoring.learner.spend.model.fitted
+    spender, thrifty = CustomerState(), CustomerState()
+    for k in range(3):
+        scoring.observe_event("big", spender, touch(f"big-{k}", 1 + k, 500.0), 3 * DAY_MS, None)
+        scoring.observe_event("small", thrifty, touch(f"small-{k}", 1 + k, 5.0), 3 * DAY_MS, None)
+    big, small = scoring.assess([scoring.observe_check("big", spender, 4 * DAY_MS),
+                                 scoring.observe_check("small", thrifty, 4 * DAY_MS)])
+    population = scoring.learner.spend.model.population_mean
+    # Same orders, same times: same expected purchases; order values shrunk toward the population's.
+    assert big.features["expected_purchases_value_horizon"] == small.features["expected_purchases_value_horizon"] > 0
+    assert 5.0 < small.features["expected_order_value"] < population < big.features["expected_order_value"] < 500.0
+    for scored in (big, small):
+        worth = scored.features
+        assert math.isclose(worth["predicted_value"],
+                            worth["expected_purchases_value_horizon"] * worth["expected_order_value"])
+    # The value horizon (365 days) covers more purchases than the propensity's 90 days.
+    [(_, in_90), (_, in_365)] = scoring.horizon_forecasts_at(np.stack([silent_path(spender)]),
+                                                              np.array([4.0 * DAY_MS]), (90, 365))
+    assert in_365[0] > in_90[0] and math.isclose(in_365[0], big.features["expected_purchases_value_horizon"])
+    record = score_update_record("big", scoring.observe_check("big", spender, 4 * DAY_MS), big)
+    assert avro.validation_errors("ScoreUpdate", record) == [] and record["features"]["predicted_value"] > 0

@@ -89,9 +89,10 @@ def _feedback_record(message_id: str, day: float, text: str | None) -> dict[str,
 def test_a_complaints_text_becomes_features_and_only_its_score_is_kept() -> None:
     import json
 
+    from services.scoring.codec import state_from_dict, state_to_dict
     from services.scoring.engine import ScoringEngine, score_update_record
     from services.scoring.model import Learner, PropensityModel
-    from services.scoring.state import CustomerState, state_from_dict, state_to_dict, touchpoint_from_record
+    from services.scoring.state import CustomerState, touchpoint_from_record
     from touchstream import avro
     from touchstream.topics import SCORES
 

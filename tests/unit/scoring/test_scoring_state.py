@@ -8,6 +8,7 @@ import random
 import numpy as np
 import orjson
 
+from services.scoring.codec import state_from_dict, state_to_dict
 from services.scoring.features import FEATURE_NAMES, PATH_FIELDS, features_at, silent_path
 from services.scoring.labels import DAY_MS, PendingExample
 from services.scoring.state import (
@@ -15,8 +16,6 @@ from services.scoring.state import (
     Touchpoint,
     apply_touchpoint,
     merge_states,
-    state_from_dict,
-    state_to_dict,
     touchpoint_from_record,
 )
 

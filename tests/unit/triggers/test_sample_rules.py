@@ -46,23 +46,26 @@ def test_the_seeds_examples_are_all_there(rule_set: RuleSet) -> None:
 
 
 def test_high_value_customer_at_churn_risk_gets_the_exclusive_offer(rule_set: RuleSet) -> None:
-    def score(spend: float, risk: float, consent: tuple[str, ...] = ("marketing",)) -> Any:
-        return a_score(risk, features={"monetary_total": spend}, consent=consent, event_type="rescore")
+    def score(tier: float, risk: float, consent: tuple[str, ...] = ("marketing",)) -> Any:
+        # Its audience is the top quartile of predicted 12-month value (scoring's features.value_tier).
+        return a_score(risk, features={"value_tier": tier, "predicted_value": 100.0 * tier, "monetary_total": 50.0},
+                       consent=consent, event_type="rescore")
 
     churn = [r for r in rule_set.rules if r.id == "high-value-churn-risk"]
-    offer = fired(RuleSet(tuple(churn), rule_set.policy), [score(900, 0.75)])
+    offer = fired(RuleSet(tuple(churn), rule_set.policy), [score(4, 0.75)])
     assert offer in ([("high-value-churn-risk", "fired", None)], [("high-value-churn-risk", "held_out", "holdout")])
-    assert fired(RuleSet(tuple(churn), rule_set.policy), [score(90, 0.75)]) == []  # not high value
-    assert fired(RuleSet(tuple(churn), rule_set.policy), [score(900, 0.65)]) == []  # below the threshold
-    assert fired(RuleSet(tuple(churn), rule_set.policy), [score(900, 0.75, consent=())]) == [
+    assert fired(RuleSet(tuple(churn), rule_set.policy), [score(3, 0.75)]) == []  # not top-quartile value
+    assert fired(RuleSet(tuple(churn), rule_set.policy), [score(0, 0.75)]) == []  # scoring still warming up
+    assert fired(RuleSet(tuple(churn), rule_set.policy), [score(4, 0.65)]) == []  # below the threshold
+    assert fired(RuleSet(tuple(churn), rule_set.policy), [score(4, 0.75, consent=())]) == [
         ("high-value-churn-risk", "suppressed", "consent")]
 
 
 def test_high_value_offer_waits_for_the_end_of_quiet_hours(rule_set: RuleSet) -> None:
     churn = RuleSet(tuple(r for r in rule_set.rules if r.id == "high-value-churn-risk"), rule_set.policy)
     customer = next(f"c{n}" for n in range(100) if fired(churn, [a_score(0.8, customer_id=f"c{n}", features={
-        "monetary_total": 900.0}, consent=("marketing",))])[0][1] == "fired")
-    decisions, _ = evaluate_scores(churn.rules, [a_score(0.8, customer_id=customer, features={"monetary_total": 900.0},
+        "value_tier": 4.0}, consent=("marketing",))])[0][1] == "fired")
+    decisions, _ = evaluate_scores(churn.rules, [a_score(0.8, customer_id=customer, features={"value_tier": 4.0},
                                                          consent=("marketing",))], {},
                                    DecisionContext(churn.policy, NOON_UTC_MS + 11 * HOUR_MS))  # 23:00 UTC
     (decided,) = decisions
@@ -91,19 +94,20 @@ def test_a_strongly_negative_message_from_a_high_value_customer_gets_recovery_at
     voice = RuleSet(tuple(r for r in rule_set.rules if r.id == "negative-voice-high-value-recovery"),
                     rule_set.policy)
 
-    def message(spend: float, sentiment: float | None, **fields: Any) -> Any:
-        features = {"monetary_total": spend, "sentiment_last": -0.9, "sentiment_recent": -0.9}
+    def message(value_tier: float, sentiment: float | None, **fields: Any) -> Any:
+        features = {"value_tier": value_tier, "predicted_value": 800.0, "sentiment_last": -0.9,
+                    "sentiment_recent": -0.9}
         if sentiment is not None:
             features["message_sentiment"] = sentiment
         return a_score(event_name="Feedback Submitted", features=features, **fields)
 
-    assert fired(voice, [message(900, -0.8)]) == [("negative-voice-high-value-recovery", "fired", None)]
-    assert fired(voice, [message(90, -0.8)]) == []  # not high value
-    assert fired(voice, [message(900, -0.3)]) == []  # negative, not strongly
-    assert fired(voice, [message(900, None)]) == []  # an event without a message of its own
+    assert fired(voice, [message(4, -0.8)]) == [("negative-voice-high-value-recovery", "fired", None)]
+    assert fired(voice, [message(3, -0.8)]) == []  # not in the top quarter of predicted value
+    assert fired(voice, [message(4, -0.3)]) == []  # negative, not strongly
+    assert fired(voice, [message(4, None)]) == []  # an event without a message of its own
     # A service message: no marketing consent needed, and it goes out at night too.
-    assert fired(voice, [message(900, -0.8, consent=())], now_ms=NOON_UTC_MS + 11 * HOUR_MS)[0][1] == "fired"
-    decisions, _ = evaluate_scores(voice.rules, [message(900, -0.8)], {}, DecisionContext(voice.policy, NOON_UTC_MS))
+    assert fired(voice, [message(4, -0.8, consent=())], now_ms=NOON_UTC_MS + 11 * HOUR_MS)[0][1] == "fired"
+    decisions, _ = evaluate_scores(voice.rules, [message(4, -0.8)], {}, DecisionContext(voice.policy, NOON_UTC_MS))
     body = retention_action_record(decisions[0], 0)["payload_json"]
     assert '"respond_within_minutes":60' in body and '"message_sentiment":-0.8' in body
 
