@@ -361,7 +361,8 @@ def btyd_baselines(purchases: list[Purchase], cutoff: datetime, customers: list[
     pareto_none = np.asarray(pnbd.conditional_probability_of_n_purchases_up_to_time(0, holdout_days, x, t_x, big_t))
     # Gamma-Gamma on repeat buyers' mean repeat order value (lifetimes' convention), then
     # BG/NBD's expected purchases x expected order value: each customer's holdout spend.
-    repeat = rfm["frequency_cal"] > 0
+    # CDNOW holds some zero-amount orders: Gamma-Gamma needs a positive mean, as value.fit_spend_model does.
+    repeat = (rfm["frequency_cal"] > 0) & (rfm["monetary_value_cal"] > 0)
     gg = GammaGammaFitter(penalizer_coef=0.0)
     gg.fit(rfm.loc[repeat, "frequency_cal"], rfm.loc[repeat, "monetary_value_cal"])
     order_value = np.asarray(gg.conditional_expected_average_profit(x, rfm["monetary_value_cal"].fillna(0.0)))
