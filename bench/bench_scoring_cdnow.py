@@ -44,6 +44,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import bench_sentiment
 import httpx
 import numpy as np
 import pandas as pd
@@ -516,7 +517,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.baseline and args.via != "worker":
         parser.error("--baseline runs the older code as a worker process: use --via worker")
-    print(json.dumps(asyncio.run(run(args)), indent=2))
+    result = asyncio.run(run(args))
+    # The customer's voice (issue 20): the sentiment scorer's accuracy per language, same JSON.
+    result["sentiment"] = bench_sentiment.run()
+    print(json.dumps(result, indent=2, ensure_ascii=False))
 
 
 if __name__ == "__main__":

@@ -70,8 +70,21 @@ def score_point_value(score: ScoreUpdated) -> bytes:
 
     >>> score_point_value(ScoreUpdated("c", "m", 5, 0.123456, 0.876544, "loyal", "active", "v1", (), {}))
     b'[5,0.1235,0.8765]'
+
+    With the customer's voice (scoring's sentiment features), three more: the message's own
+    sentiment (null for an event without one), the recent mean and the last.
+
+    >>> score_point_value(ScoreUpdated("c", "m", 5, 0.2, 0.8, "", "", "v1", (), {
+    ...     "message_sentiment": -0.81234, "sentiment_recent": -0.5, "sentiment_last": -0.81234}))
+    b'[5,0.2,0.8,-0.8123,-0.5,-0.8123]'
     """
-    return orjson.dumps([score.event_time_ms, round(score.churn_risk, 4), round(score.purchase_propensity, 4)])
+    point: list[float | None] = [score.event_time_ms, round(score.churn_risk, 4), round(score.purchase_propensity, 4)]
+    features = score.features
+    if "sentiment_recent" in features and "sentiment_last" in features:
+        message = features.get("message_sentiment")
+        point += [None if message is None else round(message, 4), round(features["sentiment_recent"], 4),
+                  round(features["sentiment_last"], 4)]
+    return orjson.dumps(point)
 
 
 def latest_score_values(score: ScoreUpdated) -> tuple[bytes, str, list[bytes]] | None:
@@ -131,6 +144,11 @@ class ScorePoint:
     event_time_ms: int
     churn_risk: float
     purchase_propensity: float
+    message_id: str = ""
+    # The customer's voice as scored with this point (None: no sentiment yet; message: this event had none).
+    message_sentiment: float | None = None
+    sentiment_recent: float | None = None
+    sentiment_last: float | None = None
 
 
 @dataclass(frozen=True)
@@ -270,8 +288,8 @@ def customer_view(customer_id: str, looked_up_id: str, fields: Mapping[bytes | s
             view.timeline.append(TimelineEntry(key, items[0], items[1], items[2], items[3], items[4], items[5],
                                                items[6], items[7], items[8] or {}))
         elif kind == "s":
-            time_ms, risk, propensity = json.loads(value)
-            view.scores.append(ScorePoint(time_ms, risk, propensity))
+            items = [*json.loads(value), None, None, None]
+            view.scores.append(ScorePoint(items[0], items[1], items[2], key, *items[3:6]))
         elif kind == "a":
             items = [*json.loads(value), None]
             view.actions.append(ActionEntry(key, items[1], items[2], items[3], items[4], items[0]))

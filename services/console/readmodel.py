@@ -395,6 +395,38 @@ FEATURE_WORDS = {
 }
 
 
+def sentiment_in_words(score: float) -> str:
+    """Say a sentiment score (scoring's scale: -1 negative to 1 positive) the way a person reads it.
+
+    >>> [sentiment_in_words(s) for s in (-0.8, -0.3, 0.0, 0.3, 0.8)]
+    ['strongly negative', 'negative', 'neutral', 'positive', 'strongly positive']
+    """
+    size = abs(score)
+    if size < 0.2:
+        return "neutral"
+    tone = "negative" if score < 0 else "positive"
+    return f"strongly {tone}" if size >= 0.6 else tone
+
+
+# |sentiment_recent| from which the customer's voice is a reason shown beside the model's.
+VOICE_MATTERS_AT = 0.6
+
+
+def voice_in_words(recent: float | None, last: float | None) -> str | None:
+    """Say the customer's recent voice when it matters (strongly negative or positive), else None.
+
+    Scoring's sentiment is no model input (reasons are the model's terms), so it is said apart.
+
+    >>> voice_in_words(-0.72, -0.9)
+    "The customer's recent messages are strongly negative (mean -0.72, last -0.90)"
+    >>> voice_in_words(0.1, 0.1) is None, voice_in_words(None, None) is None
+    (True, True)
+    """
+    if recent is None or last is None or abs(recent) < VOICE_MATTERS_AT:
+        return None
+    return f"The customer's recent messages are {sentiment_in_words(recent)} (mean {recent:+.2f}, last {last:+.2f})"
+
+
 def reason_in_words(feature: str, contribution: float) -> str:
     """Say what a reason code means for a person reading the page.
 

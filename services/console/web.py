@@ -68,6 +68,8 @@ from services.console.readmodel import (
     duration_in_words,
     open_complaints,
     reason_in_words,
+    sentiment_in_words,
+    voice_in_words,
 )
 from services.console.scraping import ARRIVALS, CONSOLE_STAGE, STAGES, PipelineSampler
 from services.console.settings import ConsoleSettings
@@ -119,6 +121,7 @@ def template_env() -> jinja2.Environment:
     env.filters["time"] = _time
     env.filters["pct"] = _pct
     env.globals["reason_in_words"] = reason_in_words
+    env.globals["sentiment_in_words"] = sentiment_in_words
     env.globals["chart_library_version"] = ECHARTS.version
     env.globals["line_table"] = line_table
     env.filters["duration"] = duration_in_words
@@ -362,8 +365,11 @@ class ConsoleWeb:
         chart = score_lines(points, [(f"{rid} ({score} {value:g})", value) for rid, score, value in self.thresholds],
                             marks)
         complaints = open_complaints(record.timeline, int(time.time() * 1000))
+        voice = {s.message_id: s.message_sentiment for s in record.scores if s.message_sentiment is not None}
+        heard = [s for s in record.scores if s.sentiment_recent is not None]
+        voice_reason = voice_in_words(heard[-1].sentiment_recent, heard[-1].sentiment_last) if heard else None
         return {"c": record, "identity": identity, "chart": chart, "latest": record.latest_score,
-                "complaints": complaints}
+                "complaints": complaints, "voice": voice, "voice_reason": voice_reason}
 
     async def customer_page(self, request: web.Request, session: Session) -> web.StreamResponse:
         customer_id = request.match_info["customer_id"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from functools import partial
 from typing import Any
@@ -11,6 +12,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from services.scoring.metrics import ScoringMetrics
+from services.scoring.sentiment import load_scorers
 from services.scoring.service import MergeInput, ResolvedInput, ScoringService
 from services.scoring.settings import ScoringSettings
 from services.scoring.state import touchpoint_from_record
@@ -80,6 +82,8 @@ class ScoringStage:
                 Consumes((TOUCHPOINTS_RESOLVED,), self.score_touchpoints))
 
     async def restore_model(self, readiness: Readiness) -> None:
+        # The sentiment models load in seconds; before the first batch, not inside it.
+        await asyncio.to_thread(load_scorers)
         await while_redis_is_down(self.service.restore_model, self.metrics.service, "scoring: restore model")
         readiness.done("model_restored")
 
@@ -88,6 +92,11 @@ class ScoringStage:
         # the events it has applied (the model may learn an example twice).
         inputs = [ResolvedInput(r.partition, r.value["customer_id"], touchpoint_from_record(r.value["event"]))
                   for r in records if r.value is not None]
+        for item in inputs:
+            if item.touch.sentiment is not None:
+                self.metrics.sentiments.labels("scored").inc()
+            elif item.touch.sentiment_unscored is not None:
+                self.metrics.sentiments.labels(item.touch.sentiment_unscored).inc()
         for update in await self.service.score_touchpoints(inputs):
             await outbox.send(SCORES, update["customer_id"], avro.encode(SCORES.schema, update))
 

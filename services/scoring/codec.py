@@ -29,7 +29,7 @@ import orjson
 
 from services.scoring.features import PATH_FIELDS
 from services.scoring.labels import PendingExample
-from services.scoring.state import CustomerState, DecayedWindows
+from services.scoring.state import DECAYED_WINDOW_FIELDS, CustomerState, DecayedWindows
 
 
 def layout_id(path_fields: tuple[str, ...]) -> int:
@@ -46,7 +46,7 @@ PATH_LAYOUT = layout_id(PATH_FIELDS)
 # 36 fields of PATH_FIELDS when stamping began); a later layout drops them like any other.
 UNSTAMPED_LAYOUT = 710_091_317
 
-_WINDOW_FIELDS = ("touches", "purchases", "spend", "complaints_recent")
+_WINDOW_FIELDS = DECAYED_WINDOW_FIELDS
 _STATE_FIELDS = tuple(f.name for f in fields(CustomerState))
 _KNOWN_FIELDS = frozenset(_STATE_FIELDS)
 # A stored path: b"P" + the layout id (uint32, little-endian) + the vector as little-endian float64.

@@ -41,7 +41,14 @@ from services.scoring.crossings import (
     next_stage_change_ms,
     threshold_side,
 )
-from services.scoring.features import MODEL_FEATURES, PATH_FIELDS, features_at, path_model_inputs, silent_path
+from services.scoring.features import (
+    MODEL_FEATURES,
+    PATH_FIELDS,
+    features_at,
+    path_model_inputs,
+    sentiment_features,
+    silent_path,
+)
 from services.scoring.labels import DAY_MS, PendingExample, event_day, is_prediction_point, split_matured
 from services.scoring.model import PRIOR_REASON, Learner
 from services.scoring.segments import StageRules, lifecycle_stage, rfm_segment
@@ -194,7 +201,7 @@ class ScoringEngine:
         if consent is None and touch.event_type != RESCORE:
             consent = [c for c in touch.consent if c != CONSENT_WITHDRAWN]
         return ScoringPoint(
-            customer_id, touch, path, features_at(state, t) | rfm_totals(state),
+            customer_id, touch, path, features_at(state, t) | rfm_totals(state) | sentiment_features(state),
             rfm_segment(state, t, self.learner.rfm_quantiles), lifecycle_stage(state, t, self.rules),
             consent, state.time_zone or touch.time_zone, late,
         )
@@ -461,12 +468,15 @@ def _select(btyd: BtydInputs, mask: np.ndarray) -> BtydInputs:
 def event_facts(touch: Touchpoint) -> dict[str, float]:
     """Return facts of the scored touchpoint itself that rules read next to the features.
 
-    >>> event_facts(Touchpoint("m", 0, 0, is_complaint=True, rating=2))
-    {'is_complaint': 1.0, 'feedback_rating': 2.0}
+    >>> event_facts(Touchpoint("m", 0, 0, is_complaint=True, rating=2, sentiment=-0.7))
+    {'is_complaint': 1.0, 'feedback_rating': 2.0, 'message_sentiment': -0.7}
     """
     facts = {"is_complaint": float(touch.is_complaint)}
     if touch.rating is not None:
         facts["feedback_rating"] = float(touch.rating)
+    if touch.sentiment is not None:
+        # This event's own message, so a rule can react to it and not to an older one's.
+        facts["message_sentiment"] = touch.sentiment
     return facts
 
 

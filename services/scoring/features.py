@@ -98,6 +98,35 @@ MODEL_FEATURES = (
 )
 
 
+# The window (days) of the decayed recent mean of the customer's message sentiment.
+SENTIMENT_WINDOW_DAYS = 30
+
+
+def sentiment_features(state: CustomerState) -> dict[str, float]:
+    """Return the customer's voice for rules and people (none until a message had a sentiment).
+
+    `sentiment_recent` is the mean of the messages' sentiments, each weighed exp(-age / 30 days)
+    from the newest, so a fresh complaint outweighs last year's praise; `sentiment_last` is the
+    newest message's. Not model inputs: the model learns from purchases, and text is too rare
+    on most streams (none on CDNOW) to learn a weight from.
+
+    >>> from services.scoring.state import Touchpoint, apply_touchpoint
+    >>> state = CustomerState()
+    >>> sentiment_features(state)
+    {}
+    >>> _ = apply_touchpoint(state, Touchpoint("m1", 0, 0, sentiment=0.6))
+    >>> _ = apply_touchpoint(state, Touchpoint("m2", 30 * DAY_MS, 0, sentiment=-0.9))
+    >>> {k: round(v, 3) for k, v in sentiment_features(state).items()}
+    {'sentiment_recent': -0.497, 'sentiment_last': -0.9}
+    """
+    if state.sentiment_last is None:
+        return {}
+    window = WINDOW_DAYS.index(SENTIMENT_WINDOW_DAYS)
+    count = state.sentiment_count.values[window]
+    recent = state.sentiment_sum.values[window] / count if count > 0 else state.sentiment_last
+    return {"sentiment_recent": recent, "sentiment_last": state.sentiment_last}
+
+
 def model_inputs(features: dict[str, float]) -> dict[str, float]:
     """Return the MODEL_FEATURES of `features`, in that order (those it has).
 

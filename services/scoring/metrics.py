@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import REGISTRY, CollectorRegistry
 
+from services.scoring.sentiment import UNSCORED_REASONS
 from touchstream.metrics import ServiceMetrics
 
 
@@ -57,5 +58,10 @@ class ScoringMetrics:
         # Present at 0 from the start, so the first refusal is an increase an alert can see.
         for reason in ("unsigned", "bad_signature"):
             self.checkpoints_refused.labels(reason)
+        self.sentiments = self.service.counter(
+            "sentiments", "Complaint/feedback texts seen, by outcome: scored, or the reason they got no sentiment "
+            "(empty, too_long, binary, undecodable, unsupported_language, scorer_error).", ["outcome"])
+        for outcome in ("scored", *UNSCORED_REASONS):
+            self.sentiments.labels(outcome)
         self.customers_forgotten = self.service.counter(
             "customers_forgotten", "Customer ids erased (customers.deletions), states and waiting examples deleted.")

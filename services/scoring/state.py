@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.scoring.labels import DAY_MS, PendingExample, label_with_purchase, union_pending
+from services.scoring.sentiment import score_text
 from touchstream.privacy import CONSENT_WITHDRAWN, consent_update
 
 # A redelivery after a crash replays at most the offsets not yet committed (about one
@@ -50,6 +51,10 @@ class Touchpoint:
     rating: int | None = None
     # IANA zone from Segment's context.timezone, when the event carries one.
     time_zone: str | None = None
+    # The sentiment of the event's complaint/feedback text (sentiment.py); the text itself is not kept.
+    sentiment: float | None = None
+    # Why a text the event carried got no sentiment (sentiment.UNSCORED_REASONS); None if scored or no text.
+    sentiment_unscored: str | None = None
 
     @property
     def is_purchase(self) -> bool:
@@ -61,6 +66,8 @@ def touchpoint_from_record(event: dict[str, Any]) -> Touchpoint:
     """Build a Touchpoint from the `event` field of a decoded ResolvedTouchpoint."""
     order = event.get("order")
     feedback = event.get("feedback")
+    text = feedback.get("text") if feedback else None
+    voice = score_text(text) if text is not None else None
     return Touchpoint(
         message_id=event["message_id"],
         timestamp_ms=int(event["timestamp_ms"]),
@@ -73,6 +80,8 @@ def touchpoint_from_record(event: dict[str, Any]) -> Touchpoint:
         channel=str(event.get("channel") or "web"),
         rating=feedback.get("rating") if feedback else None,
         time_zone=context_time_zone(event.get("properties_json")),
+        sentiment=voice.score if voice else None,
+        sentiment_unscored=voice.unscored if voice else None,
     )
 
 
@@ -147,6 +156,10 @@ def _decay(age_ms: int, window_days: int) -> float:
     return math.exp(-age_ms / (window_days * DAY_MS))
 
 
+# CustomerState's DecayedWindows fields (merged by adding; the codec writes them as values + time).
+DECAYED_WINDOW_FIELDS = ("touches", "purchases", "spend", "complaints_recent", "sentiment_sum", "sentiment_count")
+
+
 @dataclass
 class CustomerState:
     """What scoring remembers about one customer."""
@@ -186,6 +199,12 @@ class CustomerState:
     consent_at_ms: int | None = None
     time_zone: str | None = None
     time_zone_at_ms: int | None = None
+    # The customer's voice: decayed sums of message sentiments and of messages (their ratio is the
+    # recent mean), and the newest message's sentiment (event time). Scores only, never the text.
+    sentiment_sum: DecayedWindows = field(default_factory=DecayedWindows)
+    sentiment_count: DecayedWindows = field(default_factory=DecayedWindows)
+    sentiment_last: float | None = None
+    sentiment_last_ms: int | None = None
 
     def has_applied(self, idempotency_key: str) -> bool:
         return idempotency_key in self.applied_ids
@@ -226,11 +245,27 @@ def apply_touchpoint(state: CustomerState, touch: Touchpoint) -> bool:
     if touch.rating is not None:
         state.ratings_count += 1
         state.ratings_sum += touch.rating
+    if touch.sentiment is not None:
+        _note_sentiment(state, t, touch.sentiment)
     if touch.is_purchase:
         _apply_purchase(state, t, touch.order_amount or 0.0)
     elif touch.order_amount is not None:
         _apply_refund(state, t, touch.order_amount)
     return True
+
+
+def _note_sentiment(state: CustomerState, t: int, score: float) -> None:
+    """Add a message's sentiment to the decayed sums; keep it as the last if it is the newest.
+
+    >>> state = CustomerState()
+    >>> _note_sentiment(state, 2 * DAY_MS, -0.8); _note_sentiment(state, DAY_MS, 0.5)  # the second is older
+    >>> state.sentiment_last, round(state.sentiment_sum.values[1] / state.sentiment_count.values[1], 3)
+    (-0.8, -0.161)
+    """
+    state.sentiment_sum.add(t, score)
+    state.sentiment_count.add(t, 1.0)
+    if state.sentiment_last_ms is None or t >= state.sentiment_last_ms:
+        state.sentiment_last, state.sentiment_last_ms = score, t
 
 
 def _apply_refund(state: CustomerState, t: int, amount: float) -> None:
@@ -309,8 +344,11 @@ def merge_states(survivor: CustomerState, merged: CustomerState, merge_id: str) 
     survivor.ratings_sum += merged.ratings_sum
     for channel, count in merged.channel_counts.items():
         survivor.channel_counts[channel] = survivor.channel_counts.get(channel, 0) + count
-    for name in ("touches", "purchases", "spend", "complaints_recent"):
+    for name in DECAYED_WINDOW_FIELDS:
         getattr(survivor, name).merge(getattr(merged, name))
+    if merged.sentiment_last is not None and merged.sentiment_last_ms is not None and (
+            survivor.sentiment_last_ms is None or merged.sentiment_last_ms > survivor.sentiment_last_ms):
+        survivor.sentiment_last, survivor.sentiment_last_ms = merged.sentiment_last, merged.sentiment_last_ms
     survivor.pending = union_pending(survivor.pending, merged.pending)
     survivor.last_example_day = max(survivor.last_example_day, merged.last_example_day)
     survivor.last_example_ms = _latest(survivor.last_example_ms, merged.last_example_ms)

@@ -180,6 +180,25 @@ async def test_open_complaints_show_with_their_sla_clock(console: TestClient, re
     assert "parcel never arrived" not in section  # resolved
 
 
+async def test_the_customers_voice_shows_on_the_timeline_and_in_words(console: TestClient,
+                                                                      redis_client: aioredis.Redis) -> None:
+    await ReadModelStore(redis_client).apply([
+        TouchpointSeen("c_v", "v1", 1000, "track", "Complaint Submitted", "app", "t", None, None, "complaint",
+                       "送餐太慢了", {}, ()),
+        ScoreUpdated("c_v", "v1", 1000, 0.5, 0.5, "new", "active", "v", (), {
+            "message_sentiment": -0.83, "sentiment_recent": -0.83, "sentiment_last": -0.83}),
+        TouchpointSeen("c_v", "v2", 2000, "page", None, "web", "t", None, None, None, None, {}, ()),
+        ScoreUpdated("c_v", "v2", 2000, 0.5, 0.5, "new", "active", "v", (), {
+            "sentiment_recent": -0.83, "sentiment_last": -0.83}),
+    ])
+    await logged_in(console)
+    page = await (await console.get("/customers/c_v")).text()
+    assert "The customer's recent messages are strongly negative (mean -0.83, last -0.83)" in page.replace(
+        "&#39;", "'")
+    timeline = page[page.index('id="timeline"'):]
+    assert timeline.count('class="chip sentiment"') == 1 and "strongly negative -0.83" in timeline
+
+
 ANN_HASH = "a1" * 32  # identity's keyed hash of ann@example.com (made up: the stub stands in for the HMAC)
 ANN_PHONE_HASH = "b2" * 32
 

@@ -64,7 +64,7 @@ def test_a_hash_reads_back_as_the_page_shows_it() -> None:
                       "late <b>parcel</b>", {"order": "o-1"}),
         TimelineEntry(PURCHASE.message_id, T, "track", "Order Completed", "store_pos", 59.9, "EUR"),
     ]
-    assert view.scores == [ScorePoint(T, 0.6123, 0.3877), ScorePoint(T + 120_000, 0.7, 0.3)]
+    assert view.scores == [ScorePoint(T, 0.6123, 0.3877, SCORE.message_id), ScorePoint(T + 120_000, 0.7, 0.3, "m-3")]
     # The profile shows the newest risk (the rescore's) beside the newest segment and its reasons, in order.
     assert view.latest_score == LatestScore(T, 0.7, 0.3, "at_risk", "lapsing", "river-logreg-v1:1234",
                                             tuple((f, round(c, 4)) for f, c in SCORE.reasons))
@@ -89,3 +89,13 @@ def test_tallies_add_up_across_customers_with_suppressed_reasons_apart() -> None
     assert total.counts == {"fired": 3, "held_out": 1, "suppressed:cooldown": 2, "suppressed:quiet_hours": 1}
     assert (total.delivered, total.delivery_failed) == (2, 1)
     assert parse_rule_tally(b"") == parse_rule_tally("")
+
+
+def test_a_score_with_the_customers_voice_reads_back_for_the_timeline() -> None:
+    heard = ScoreUpdated("c", "m-9", T, 0.4, 0.6, "", "", "v1", (), {
+        "message_sentiment": -0.9, "sentiment_recent": -0.7, "sentiment_last": -0.9})
+    quiet = ScoreUpdated("c", "m-10", T + 1, 0.4, 0.6, "", "", "v1", (), {
+        "sentiment_recent": -0.7, "sentiment_last": -0.9})
+    view = customer_view("c", "c", {b"s:m-9": score_point_value(heard), b"s:m-10": score_point_value(quiet)})
+    assert view.scores == [ScorePoint(T, 0.4, 0.6, "m-9", -0.9, -0.7, -0.9),
+                           ScorePoint(T + 1, 0.4, 0.6, "m-10", None, -0.7, -0.9)]

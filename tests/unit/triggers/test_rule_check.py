@@ -43,7 +43,7 @@ def test_validate_prints_each_error_with_its_line_and_fails(tmp_path: Path, caps
 
 def test_validate_accepts_the_shipped_rules(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["rules", "validate", str(DEFAULT_RULES_FILE)]) == 0
-    assert capsys.readouterr().out.strip() == f"{DEFAULT_RULES_FILE}: ok (5 rules)"
+    assert capsys.readouterr().out.strip() == f"{DEFAULT_RULES_FILE}: ok (6 rules)"
 
 
 def test_one_bad_file_among_good_ones_fails_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

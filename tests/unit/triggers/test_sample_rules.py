@@ -40,7 +40,8 @@ def test_every_shipped_rule_file_validates(path: Path) -> None:
 
 def test_the_seeds_examples_are_all_there(rule_set: RuleSet) -> None:
     assert [r.id for r in rule_set.rules] == ["high-value-churn-risk", "first-complaint-recovery",
-                                              "first-complaint-unanswered-24h", "birthday-greeting",
+                                              "negative-voice-high-value-recovery", "first-complaint-unanswered-24h",
+                                              "birthday-greeting",
                                               "third-purchase-loyalty"]
     assert {r.action.endpoint for r in rule_set.rules} == {"marketing"}
 
@@ -90,6 +91,28 @@ def test_first_complaint_gets_service_recovery_and_the_second_does_not(rule_set:
     assert fired(recovery, [complaint(0, 1, customer_id=customer, consent=())])[0][1] == "fired"
 
 
+def test_a_strongly_negative_message_from_a_high_value_customer_gets_recovery_at_once(rule_set: RuleSet) -> None:
+    voice = RuleSet(tuple(r for r in rule_set.rules if r.id == "negative-voice-high-value-recovery"),
+                    rule_set.policy)
+
+    def message(value_tier: float, sentiment: float | None, **fields: Any) -> Any:
+        features = {"value_tier": value_tier, "predicted_value": 800.0, "sentiment_last": -0.9,
+                    "sentiment_recent": -0.9}
+        if sentiment is not None:
+            features["message_sentiment"] = sentiment
+        return a_score(event_name="Feedback Submitted", features=features, **fields)
+
+    assert fired(voice, [message(4, -0.8)]) == [("negative-voice-high-value-recovery", "fired", None)]
+    assert fired(voice, [message(3, -0.8)]) == []  # not in the top quarter of predicted value
+    assert fired(voice, [message(4, -0.3)]) == []  # negative, not strongly
+    assert fired(voice, [message(4, None)]) == []  # an event without a message of its own
+    # A service message: no marketing consent needed, and it goes out at night too.
+    assert fired(voice, [message(4, -0.8, consent=())], now_ms=NOON_UTC_MS + 11 * HOUR_MS)[0][1] == "fired"
+    decisions, _ = evaluate_scores(voice.rules, [message(4, -0.8)], {}, DecisionContext(voice.policy, NOON_UTC_MS))
+    body = retention_action_record(decisions[0], 0)["payload_json"]
+    assert '"respond_within_minutes":60' in body and '"message_sentiment":-0.8' in body
+
+
 def test_unanswered_first_complaint_escalates_after_24h_of_event_time(rule_set: RuleSet) -> None:
     escalate = RuleSet(tuple(r for r in rule_set.rules if r.id == "first-complaint-unanswered-24h"), rule_set.policy)
     rules = {r.id: r for r in escalate.rules}
@@ -134,4 +157,5 @@ def test_third_purchase_brings_the_loyalty_invitation_once(rule_set: RuleSet) ->
 def test_marketing_rules_are_capped_and_service_rules_are_not(rule_set: RuleSet) -> None:
     assert rule_set.policy.frequency_cap_per_day == 3
     assert {r.id for r in rule_set.rules if not r.capped} == {"first-complaint-recovery",
+                                                               "negative-voice-high-value-recovery",
                                                                "first-complaint-unanswered-24h"}
