@@ -140,6 +140,7 @@ STATE_POSITIONS = (
     "purchase_times", "complaints", "ratings_count", "ratings_sum", "channel_counts", "touches", "purchases", "spend",
     "complaints_recent", "last_example_day", "last_example_ms", "last_scored_propensity", "last_scored_stage",
     "last_scored_segment", "next_check_ms", "applied_ids", "consent", "consent_at_ms", "time_zone", "time_zone_at_ms",
+    "sentiment_sum", "sentiment_count", "sentiment_last", "sentiment_last_ms",
 )
 _WINDOWS = frozenset(_WINDOW_FIELDS)
 

@@ -17,6 +17,7 @@ def _busy_state() -> CustomerState:
     state = CustomerState()
     apply_touchpoint(state, Touchpoint("m-1", 1_764_800_000_123, 0, order_amount=23.0))
     apply_touchpoint(state, Touchpoint("m-2", 1_764_900_000_000, 0, order_amount=7.5))
+    apply_touchpoint(state, Touchpoint("m-3", 1_764_950_000_000, 0, sentiment=-0.75))
     state.pending = [
         PendingExample(1_764_800_000_123, 1_766_009_600_123, silent_path(state).tolist(), 0.2587, False, 0),
         PendingExample(1_764_900_000_000, 1_766_109_600_000, [1.0, math.nan, 3.0], math.nan, True, 2),
@@ -35,6 +36,7 @@ def test_every_field_round_trips_and_the_encoding_is_smaller_than_json() -> None
     state = _busy_state()
     encoded = encode_state(state)
     assert _as_json(decode_state(encoded)) == _as_json(state)
+    assert decode_state(encoded).sentiment_last == -0.75
     assert len(encoded) < 0.7 * len(_as_json(state))
 
 
