@@ -88,6 +88,8 @@ async def test_worker_scores_resolved_touchpoints_and_dead_letters_garbage(
         )
         await consumer.start()
         scores: dict[str, dict[str, object]] = {}
+        # Crossing checks: scoring re-scores a silent customer when a watched threshold may be crossed.
+        checks: list[dict[str, object]] = []
         dead: list[dict[str, object]] = []
         try:
             deadline = time.monotonic() + 60
@@ -96,7 +98,10 @@ async def test_worker_scores_resolved_touchpoints_and_dead_letters_garbage(
                     for record in records:
                         if tp.topic == SCORES.name and record.key == customer.encode():
                             update = avro.decode(SCORES.schema, record.value)
-                            scores[str(update["message_id"])] = update
+                            if str(update["message_id"]).startswith("rescore:"):
+                                checks.append(update)
+                            else:
+                                scores[str(update["message_id"])] = update
                         elif tp.topic == DEADLETTER.name and record.key is not None:
                             letter = avro.decode(DEADLETTER.schema, record.value)
                             if letter["key"] == garbage_key:
@@ -105,6 +110,7 @@ async def test_worker_scores_resolved_touchpoints_and_dead_letters_garbage(
             await consumer.stop()
 
         assert set(scores) == set(message_ids)
+        assert all(check["event_type"] == "rescore" for check in checks)
         last = scores[message_ids[-1]]
         assert last["features"]["purchase_count"] == 3.0  # type: ignore[index]
         assert last["features"]["monetary_total"] == 60.0  # type: ignore[index]

@@ -7,13 +7,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import orjson
 import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
 from services.scoring.checkpoint import FORMAT, TAG_BYTES
-from services.scoring.codec import PATH_LAYOUT, decode_path, encode_path, layout_id
+from services.scoring.codec import decode_path, decode_state, encode_path, encode_state, layout_id
 from services.scoring.crossings import threshold_side
 from services.scoring.features import PATH_FIELDS, silent_path
 from services.scoring.labels import DAY_MS
@@ -114,11 +113,13 @@ async def test_examples_and_paths_stored_under_another_feature_layout_are_droppe
     # Rewrite what was stored as an older release with one path field fewer would have written it.
     older_layout = layout_id(PATH_FIELDS[:-1])
     for customer in ("c1", "c2"):
-        stored = orjson.loads(await redis_client.get(store.customer_key(customer)))
-        assert stored["pending"] and all(e["layout"] == PATH_LAYOUT for e in stored["pending"])
-        for example in stored["pending"]:
-            example["path"], example["layout"] = example["path"][:-1], older_layout
-        await redis_client.set(store.customer_key(customer), orjson.dumps(stored))
+        raw = await redis_client.get(store.customer_key(customer))
+        stored = decode_state(raw)
+        # Stamped with this release's layout: read as another layout, its waiting examples are dropped.
+        assert stored.pending and decode_state(raw, layout=older_layout).pending == []
+        for example in stored.pending:
+            example.path = example.path[:-1]
+        await redis_client.set(store.customer_key(customer), encode_state(stored, layout=older_layout))
         path = decode_path(await redis_client.get(store.path_key(customer)))
         assert path is not None
         await redis_client.set(store.path_key(customer), encode_path(path[:-1], layout=older_layout))
