@@ -34,14 +34,20 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import Histogram
 
+from services.console.backtests import BacktestReportError, parse_backtest_report
 from services.console.charts import (
+    DAY_MS,
     PipelineSample,
+    backtest_fired,
+    backtest_totals,
+    dated,
     dead_letter_bars,
     latency_lines,
     line_table,
     quality_lines,
     rate_lines,
     recent_samples,
+    rule_activity,
     score_lines,
     segment_heatmap,
     segment_sankey,
@@ -109,6 +115,8 @@ STATIC_FILES = {
     "echarts.min.js": (f"vendor/{ECHARTS.name}", "text/javascript", 365 * 86_400),
 }
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# A backtest report is a few kB per rule (one count per day or week it fired).
+MAX_BACKTEST_BYTES = 2_000_000
 
 
 @dataclass(frozen=True)
@@ -158,6 +166,7 @@ def template_env() -> jinja2.Environment:
                              undefined=jinja2.StrictUndefined)
     env.filters["time"] = _time
     env.filters["pct"] = _pct
+    env.filters["day"] = lambda ms: datetime.fromtimestamp(ms / 1000, UTC).date().isoformat()
     env.globals["reason_in_words"] = reason_in_words
     env.globals["chart_library_version"] = ECHARTS.version
     env.globals["line_table"] = line_table
@@ -334,6 +343,8 @@ class ConsoleWeb:
         router.add_get("/rules", self._secure(self._authed(self._timed("rules", self.rules_page))))
         router.add_get("/v1/rules/{rule_id}/outcomes", self._secure(self._authed(self.rule_outcomes_json,
                                                                                   api=True)))
+        # Machines only (the admin key as a bearer token, never a session cookie, so no page can be made to send it).
+        router.add_put("/v1/rules/backtest", self._secure(self.save_backtest))
         router.add_get("/static/{name}", self._secure(self.static))
         # Browsers ask for one on every page; "no content" keeps their consoles free of a 404.
         router.add_get("/favicon.ico", self._secure(self.no_icon))
@@ -810,13 +821,18 @@ class ConsoleWeb:
             "attribution_window_hours": window_ms / 3_600_000,
             "windows_closed_by_ms": now,
             "outcome": outcome.to_json(),
+            "by_day": dated(counts.by_day),
         }
 
     async def _rules_context(self) -> dict[str, Any]:
         ids = sorted(set(await self.store.rule_ids()) | set(self.rules))
         now = await self.outcomes_clock()
         rows = [await self.rule_outcomes(rule_id, now) for rule_id in ids]
-        return {"rows": rows, "rules": self.rules, "clock_ms": now, "forest": uplift_forest(rows)}
+        backtest = await self.store.backtest()
+        return {"rows": rows, "rules": self.rules, "clock_ms": now, "forest": uplift_forest(rows),
+                "activity": [rule_activity(row["rule_id"], row["by_day"], now // DAY_MS) for row in rows],
+                "backtest": backtest,
+                "backtest_charts": (backtest_fired(backtest), backtest_totals(backtest)) if backtest else None}
 
     async def rules_page(self, request: web.Request, session: Session) -> web.StreamResponse:
         return self._page("rules.html", session, **await self._rules_context())
@@ -833,3 +849,23 @@ class ConsoleWeb:
         if rule_id not in self.rules and rule_id not in await self.store.rule_ids():
             return web.json_response({"error": "unknown rule"}, status=404)
         return web.Response(text=json.dumps(await self.rule_outcomes(rule_id)), content_type="application/json")
+
+    async def save_backtest(self, request: web.Request) -> web.StreamResponse:
+        """Keep a backtest report (`touchstream rules backtest --json`) for the rules page's backtest charts."""
+        if not is_admin(request.headers.get("Authorization", ""), self.settings.admin_keys):
+            return web.json_response({"error": "admin key required (Authorization: Bearer <key>)"}, status=401)
+        if request.content_length is not None and request.content_length > MAX_BACKTEST_BYTES:
+            return web.json_response({"error": f"report: larger than {MAX_BACKTEST_BYTES} bytes"}, status=413)
+        body = await request.content.read(MAX_BACKTEST_BYTES + 1)
+        if len(body) > MAX_BACKTEST_BYTES:
+            return web.json_response({"error": f"report: larger than {MAX_BACKTEST_BYTES} bytes"}, status=413)
+        try:
+            result = parse_backtest_report(json.loads(body), int(time.time() * 1000))
+        except json.JSONDecodeError as exc:
+            return web.json_response({"error": f"report: not JSON ({exc.msg} at line {exc.lineno})"}, status=400)
+        except UnicodeDecodeError:
+            return web.json_response({"error": "report: not UTF-8 text"}, status=400)
+        except BacktestReportError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        await self.store.save_backtest(result)
+        return web.json_response({"rules": len(result.rules), "periods": len(result.periods())})
