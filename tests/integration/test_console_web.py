@@ -850,3 +850,59 @@ async def test_each_sample_of_the_pipeline_is_kept_for_an_hour_and_shown_on_the_
         await server.close()
     assert 'id="chart-quality"' in page and 'id="quality-history"' in page and "0.8125" in page
     assert 'id="chart-latency"' in page and "visible here as a score (after scoring) p50" in page
+
+
+BACKTEST = {"rules_file": "deploy/rules/default.yaml", "source": "the scores topic", "bucket": "day",
+            "window": {"from": "2026-09-01T00:00:00+00:00", "to": None}, "scores_replayed": 120,
+            "scores_in_window": 100, "customers_in_window": 40, "first_event": None, "last_event": None,
+            "unreadable_records": 0,
+            "rules": [{"rule_id": "churn-high", "fired": 5, "customers": 4,
+                       "fired_by_period": {"2026-09-01": 2, "2026-09-03": 3}, "held_out": 1,
+                       "held_for_quiet_hours": 0, "stopped": {"cooldown": 2}}]}
+
+
+async def test_a_backtest_report_needs_the_admin_key_is_checked_by_field_and_shows_on_the_rules_page(
+        console: TestClient) -> None:
+    await logged_in(console)
+    # A session cookie is not enough: only a bearer admin key may send a report.
+    assert (await console.put("/v1/rules/backtest", json=BACKTEST)).status == 401
+    auth = {"Authorization": f"Bearer {KEY}"}
+    page = await (await console.get("/rules")).text()
+    assert 'id="backtest-none"' in page
+    for broken, field in (({**BACKTEST, "bucket": "month"}, "bucket"),
+                          ({**BACKTEST, "rules": [{**BACKTEST["rules"][0], "fired": -1}]}, "rules[0].fired"),
+                          ({**BACKTEST, "rules": [{**BACKTEST["rules"][0], "fired_by_period": {"2026-W36": 1}}]},
+                           "rules[0].fired_by_period.2026-W36")):
+        response = await console.put("/v1/rules/backtest", json=broken, headers=auth)
+        assert response.status == 400 and (await response.json())["error"].startswith(f"{field}: "), broken
+    response = await console.put("/v1/rules/backtest", data=b"{not json", headers=auth)
+    assert response.status == 400 and "not JSON" in (await response.json())["error"]
+    assert 'id="backtest-none"' in await (await console.get("/rules")).text()  # nothing half-stored
+    response = await console.put("/v1/rules/backtest", json=BACKTEST, headers=auth)
+    assert response.status == 200 and await response.json() == {"rules": 1, "periods": 2}
+    page = await (await console.get("/rules/fragment")).text()
+    assert 'id="chart-backtest-fired"' in page and 'id="chart-backtest-totals"' in page
+    rows = re.findall(r"<tr><td>(2026-09-0\d)</td><td>(\d+)</td></tr>", page)
+    assert rows == [("2026-09-01", "2"), ("2026-09-03", "3")]
+    assert "deploy/rules/default.yaml" in page
+
+
+async def test_rules_page_charts_each_rules_actions_per_day_as_the_json_says(console: TestClient,
+                                                                              redis_client: aioredis.Redis) -> None:
+    store = ReadModelStore(redis_client)
+    now = int(time.time() * 1000)
+    day = 86_400_000
+    await store.apply([ActionTaken(f"a{n}", "churn-high", f"c_{n}", outcome, reason, "marketing",
+                                   now - back * day, now) for n, (outcome, reason, back) in enumerate(
+        [("fired", None, 2), ("fired", None, 2), ("held_out", "holdout", 2), ("suppressed", "cooldown", 0)])])
+    await logged_in(console)
+    body = await (await console.get("/v1/rules/churn-high/outcomes",
+                                    headers={"Authorization": f"Bearer {KEY}"})).json()
+    two_days_ago = time.strftime("%Y-%m-%d", time.gmtime((now - 2 * day) / 1000))
+    today = time.strftime("%Y-%m-%d", time.gmtime(now / 1000))
+    assert body["by_day"] == {two_days_ago: {"fired": 2, "held_out": 1}, today: {"suppressed": 1}}
+    page = await (await console.get("/rules")).text()
+    assert 'id="chart-activity-1"' in page
+    rows = re.findall(r'<tr data-t="\d+"><td>([\d-]+)</td>((?:<td>\d+</td>)+)</tr>', page)
+    assert [(d, re.findall(r"\d+", cells)) for d, cells in rows] == [
+        (two_days_ago, ["2", "1", "0", "0"]), (today, ["0", "0", "1", "0"])]
