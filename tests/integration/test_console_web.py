@@ -906,3 +906,32 @@ async def test_rules_page_charts_each_rules_actions_per_day_as_the_json_says(con
     rows = re.findall(r'<tr data-t="\d+"><td>([\d-]+)</td>((?:<td>\d+</td>)+)</tr>', page)
     assert [(d, re.findall(r"\d+", cells)) for d, cells in rows] == [
         (two_days_ago, ["2", "1", "0", "0"]), (today, ["0", "0", "1", "0"])]
+
+
+async def test_touchstream_rules_backtest_sends_its_report_to_the_console(
+        console: TestClient, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from touchstream.cli import main
+
+    day, start = 86_400_000, 1_767_225_600_000  # 2026-01-01
+    scores = tmp_path / "scores.jsonl"
+    scores.write_text("".join(
+        f'{{"customer_id": "c_{n}", "message_id": "m{n}-{d}", "event_time_ms": {start + (n + d) * day}, '
+        f'"churn_risk": {risk}, "purchase_propensity": {1 - risk}}}\n'
+        for n in range(3) for d, risk in ((0, 0.2), (1, 0.8))))
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules:\n  - id: churn-high\n    when: {score: churn_risk, crosses_above: 0.7, rearm_below: 0.6}\n"
+                     "    action: {endpoint: marketing}\n")
+    url = str(console.make_url("/")).rstrip("/")
+    command = ["rules", "backtest", str(rules), "--scores", str(scores), "--console", url]
+    monkeypatch.delenv("TOUCHSTREAM_CONSOLE_ADMIN_KEY", raising=False)
+    assert await asyncio.to_thread(main, command) == 2  # no key: said so, nothing sent
+    monkeypatch.setenv("TOUCHSTREAM_CONSOLE_ADMIN_KEY", "not-the-key")
+    assert await asyncio.to_thread(main, command) == 1  # the console refused it
+    monkeypatch.setenv("TOUCHSTREAM_CONSOLE_ADMIN_KEY", KEY)
+    assert await asyncio.to_thread(main, command) == 0
+    await logged_in(console)
+    page = await (await console.get("/rules")).text()
+    # One customer fired per day, from 2026-01-02 to 2026-01-04.
+    assert re.findall(r"<tr><td>(2026-01-0\d)</td><td>(\d+)</td></tr>", page) == [
+        ("2026-01-02", "1"), ("2026-01-03", "1"), ("2026-01-04", "1")]
+    assert str(rules) in page
