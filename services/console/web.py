@@ -32,7 +32,7 @@ import httpx
 import jinja2
 import redis.asyncio as aioredis
 from aiohttp import web
-from prometheus_client import Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from services.console.backtests import BacktestReportError, parse_backtest_report
 from services.console.charts import (
@@ -78,7 +78,7 @@ from services.console.vendor import ECHARTS
 from services.identity.admin import hash_admin_key, is_admin
 from services.triggers.rules import Rule, ScoreCrossing
 from touchstream.client_address import client_address
-from touchstream.failures import FailureCounter
+from touchstream.failures import FailureCounter, KeyFailureThrottle, KeyRefusal
 from touchstream.topics import ACTION_DELIVERIES, ACTIONS, SCORES, TOUCHPOINTS_RAW, TOUCHPOINTS_RESOLVED
 
 log = logging.getLogger(__name__)
@@ -302,7 +302,7 @@ class ConsoleWeb:
 
     def __init__(self, store: ReadModelStore, settings: ConsoleSettings, rules: Sequence[Rule],
                  page_seconds: Histogram | None = None, feed_rate: RateMeter | None = None,
-                 arrivals: LatencyWindow | None = None) -> None:
+                 arrivals: LatencyWindow | None = None, api_refused: Counter | None = None) -> None:
         self.store = store
         self.client = store.client
         self.settings = settings
@@ -311,6 +311,11 @@ class ConsoleWeb:
         self.sessions = Sessions(store.client, settings.key_prefix, settings.session_ttl_s)
         self.throttle = LoginThrottle(store.client, settings.key_prefix, settings.login_max_failures,
                                       settings.login_failure_window_s, settings.login_max_failures_per_account)
+        # Without the worker's counter (tests, benchmarks), one of its own registry.
+        self.api_throttle = KeyFailureThrottle(
+            FailureCounter(store.client, f"{settings.key_prefix}api_failures:", settings.api_max_failures,
+                           settings.api_failure_window_s),
+            api_refused or Counter("console_api_auth_refused", "", ["reason"], registry=CollectorRegistry()))
         self.templates = template_env()
         self.page_seconds = page_seconds
         self.feed_rate = feed_rate
@@ -368,11 +373,14 @@ class ConsoleWeb:
                 csrf: bool = False, api: bool = False) -> Handler:
         async def wrapped(request: web.Request) -> web.StreamResponse:
             session = await self.sessions.get(request.cookies.get(SESSION_COOKIE))
-            if session is None and api and is_admin(request.headers.get("Authorization", ""),
-                                                    self.settings.admin_keys):
+            if session is None and api:
+                refusal = await self._api_key_refusal(request)
+                if refusal is not None:
+                    return web.json_response({"error": refusal.message}, status=refusal.status,
+                                             headers=refusal.headers)
                 session = Session("")
             if session is None:
-                if api or request.method != "GET":
+                if request.method != "GET":
                     return web.json_response({"error": "login or admin key required"}, status=401)
                 raise web.HTTPSeeOther(f"/login?next={request.rel_url.path}")
             if csrf:
@@ -382,6 +390,13 @@ class ConsoleWeb:
                     return self._page("error.html", None, status=403, message="This form has expired; reload it.")
             return await handler(request, session)
         return wrapped
+
+    async def _api_key_refusal(self, request: web.Request) -> KeyRefusal | None:
+        """None for a request with an admin key (Bearer); else 401, or 429 once its address sent too many wrong keys."""
+        address = client_address(request.remote, request.headers.getall("X-Forwarded-For", []),
+                                 self.settings.trusted_proxies)
+        return await self.api_throttle.check(request.headers.get("Authorization", ""), address,
+                                             lambda authorization: is_admin(authorization, self.settings.admin_keys))
 
     def _timed(self, page: str, handler: Callable[[web.Request, Session], Awaitable[web.StreamResponse]]
                ) -> Callable[[web.Request, Session], Awaitable[web.StreamResponse]]:
@@ -852,8 +867,9 @@ class ConsoleWeb:
 
     async def save_backtest(self, request: web.Request) -> web.StreamResponse:
         """Keep a backtest report (`touchstream rules backtest --json`) for the rules page's backtest charts."""
-        if not is_admin(request.headers.get("Authorization", ""), self.settings.admin_keys):
-            return web.json_response({"error": "admin key required (Authorization: Bearer <key>)"}, status=401)
+        refusal = await self._api_key_refusal(request)
+        if refusal is not None:
+            return web.json_response({"error": refusal.message}, status=refusal.status, headers=refusal.headers)
         if request.content_length is not None and request.content_length > MAX_BACKTEST_BYTES:
             return web.json_response({"error": f"report: larger than {MAX_BACKTEST_BYTES} bytes"}, status=413)
         body = await request.content.read(MAX_BACKTEST_BYTES + 1)

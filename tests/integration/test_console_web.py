@@ -935,3 +935,29 @@ async def test_touchstream_rules_backtest_sends_its_report_to_the_console(
     assert re.findall(r"<tr><td>(2026-01-0\d)</td><td>(\d+)</td></tr>", page) == [
         ("2026-01-02", "1"), ("2026-01-03", "1"), ("2026-01-04", "1")]
     assert str(rules) in page
+
+
+async def test_the_json_api_locks_out_an_address_that_sends_wrong_admin_keys(redis_client: aioredis.Redis) -> None:
+    from prometheus_client import CollectorRegistry, Counter
+    refused = Counter("api_refused", "", ["reason"], registry=CollectorRegistry())
+    settings = ConsoleSettings(admin_keys=frozenset({hash_admin_key(KEY)}), api_max_failures=3,
+                               api_failure_window_s=120, trusted_proxies=("127.0.0.0/8",))  # type: ignore[arg-type]
+    app = web.Application()
+    ConsoleWeb(ReadModelStore(redis_client), settings, RULES, api_refused=refused).register(app.router)
+    async with TestClient(TestServer(app)) as client:
+        async def outcomes(key: str | None, address: str) -> Any:
+            headers = {"X-Forwarded-For": address, **({"Authorization": f"Bearer {key}"} if key else {})}
+            return await client.get("/v1/rules/churn-high/outcomes", headers=headers)
+
+        assert [(await outcomes(None, "203.0.113.9")).status for _ in range(5)] == [401] * 5  # no key: not counted
+        assert [(await outcomes("wrong", "203.0.113.9")).status for _ in range(3)] == [401] * 3
+        locked = await outcomes(KEY, "203.0.113.9")  # even the right key, once locked out
+        assert locked.status == 429 and 0 < int(locked.headers["Retry-After"]) <= 120
+        backtest = await client.put("/v1/rules/backtest", json=BACKTEST,
+                                    headers={"X-Forwarded-For": "203.0.113.9", "Authorization": f"Bearer {KEY}"})
+        assert backtest.status == 429  # the same count guards every bearer route
+        assert (await outcomes(KEY, "198.51.100.7")).status == 200  # another client is not held up
+        assert refused.labels("bad_key")._value.get() == 3 and refused.labels("locked_out")._value.get() == 2
+        # A logged-in operator on the locked-out address keeps working: the session is no key guess.
+        await logged_in(client)
+        assert (await outcomes(None, "203.0.113.9")).status == 200
