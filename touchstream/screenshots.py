@@ -59,7 +59,11 @@ def send_backtest(state: local.StackState, admin_key: str) -> None:
     previous = os.environ.get("TOUCHSTREAM_CONSOLE_ADMIN_KEY")
     os.environ["TOUCHSTREAM_CONSOLE_ADMIN_KEY"] = admin_key
     try:
-        code = main(["rules", "backtest", str(DEFAULT_RULES_FILE), "--bootstrap", state.kafka_bootstrap, "--by", "week",
+        # Named relative to the repository, as a reader of the README would type it.
+        relative = Path(os.path.relpath(DEFAULT_RULES_FILE, Path(__file__).resolve().parents[1]))
+        here = (Path.cwd() / relative).resolve() == DEFAULT_RULES_FILE.resolve()
+        rules_file = relative if here else DEFAULT_RULES_FILE
+        code = main(["rules", "backtest", str(rules_file), "--bootstrap", state.kafka_bootstrap, "--by", "week",
                      "--console", state.url("console")])
     finally:
         if previous is None:

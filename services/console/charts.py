@@ -205,8 +205,10 @@ def dated(by_day: Mapping[int, Mapping[str, int]]) -> dict[str, dict[str, int]]:
 def rule_activity(rule_id: str, by_date: Mapping[str, Mapping[str, int]], last_day: int,
                   days: int = ACTIVITY_DAYS) -> dict[str, Any]:
     """A rule's actions per event-time day (`by_date`: ISO date -> outcome -> actions) over the `days` days up to
-    `last_day` (days since 1970), by outcome, as stacked bars; `rows` are the same numbers, one per day with
-    any action (for the table).
+    its newest action, at most `last_day` (days since 1970: the newest event time), by outcome, as stacked bars;
+    `rows` are the same numbers, one per day with any action (for the table). Up to its newest action, so a
+    rule that stopped firing (or history replayed) still shows its last stretch; and every day shown is whole,
+    as each customer's tally keeps TALLY_DAYS_KEPT (> `days`) days before its own newest action.
 
     >>> by_day = {1: {"fired": 2}, 99: {"fired": 1, "suppressed": 3}, 100: {"held_out": 1}}
     >>> a = rule_activity("r", dated(by_day), 100)
@@ -215,14 +217,19 @@ def rule_activity(rule_id: str, by_date: Mapping[str, Mapping[str, int]], last_d
 {'name': 'suppressed', 'points': [[8553600000, 3]]}]
     >>> a["rows"], a["total"]
     ([[8553600000, 1, 0, 3, 0], [8640000000, 0, 1, 0, 0]], 5)
+    >>> b = rule_activity("r", dated(by_day), 400)  # quiet for 300 days: its last stretch is still shown
+    >>> b["to_ms"] // DAY_MS, b["total"]
+    (100, 5)
     """
-    shown = {day: outcomes for iso, outcomes in by_date.items()
-             if last_day - days < (day := date.fromisoformat(iso).toordinal() - _EPOCH_ORDINAL) <= last_day}
+    every = {date.fromisoformat(iso).toordinal() - _EPOCH_ORDINAL: outcomes for iso, outcomes in by_date.items()}
+    last_day = min([last_day, max((day for day, outcomes in every.items() if day <= last_day and any(
+        outcomes.values())), default=last_day)])
+    shown = {day: outcomes for day, outcomes in every.items() if last_day - days < day <= last_day}
     series = [{"name": label, "points": [[day * DAY_MS, outcomes[key]] for day, outcomes in sorted(shown.items())
                                          if outcomes.get(key)]} for key, label in ACTIVITY_OUTCOMES]
     rows = [[day * DAY_MS, *(outcomes.get(key, 0) for key, _ in ACTIVITY_OUTCOMES)]
             for day, outcomes in sorted(shown.items()) if any(outcomes.values())]
-    return {"kind": "activity", "title": f"{rule_id}: actions per day, last {days} days of event time",
+    return {"kind": "activity", "title": f"{rule_id}: actions per day, the {days} days up to its newest action",
             "rule": rule_id, "from_ms": (last_day - days + 1) * DAY_MS, "to_ms": last_day * DAY_MS,
             "series": [line for line in series if line["points"]], "columns": [label for _, label in ACTIVITY_OUTCOMES],
             "rows": rows, "total": sum(sum(row[1:]) for row in rows)}
