@@ -14,6 +14,7 @@ WORKDIR /app
 # touchstream/schemas is a link to schemas/: both are copied.
 COPY pyproject.toml README.md ./
 COPY touchstream ./touchstream
+COPY touchstream_cli ./touchstream_cli
 COPY services ./services
 COPY schemas ./schemas
 COPY deploy/rules ./deploy/rules

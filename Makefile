@@ -66,7 +66,7 @@ vendor-charts: $(STAMP) ## re-fetch the console's pinned chart library (Apache E
 	$(BIN)/python -m services.console.vendor
 
 lint: $(STAMP) ## ruff
-	$(BIN)/ruff check touchstream services tests bench
+	$(BIN)/ruff check touchstream touchstream_cli services tests bench
 
 typecheck: $(STAMP) ## mypy
 	$(BIN)/mypy

@@ -401,7 +401,7 @@ def pipeline_lag(events: int) -> dict[str, Any]:
     it has caught up. Every event makes three console records (resolved touchpoint, score, action)."""
     import bench_pipeline  # the pipeline benchmark's event shape, rule and ingest client
 
-    from touchstream import local
+    from touchstream_cli import local
 
     with tempfile.TemporaryDirectory(prefix="touchstream-bench-console-") as tmp:
         run_dir = Path(tmp)

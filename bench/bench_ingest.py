@@ -174,7 +174,7 @@ async def raw_produce(bootstrap: str, values: list[tuple[bytes, bytes]], seconds
 
 
 def same_records(count: int) -> list[tuple[bytes, bytes]]:
-    from services.ingest.app import record_key
+    from services.ingest.producer import record_key
 
     records = []
     for n in range(count):

@@ -28,18 +28,21 @@ How each figure is measured:
   the stack's own broker (relay processes + broker from /proc, the broker's idle rate with the
   stack idle subtracted); redis_resolve_us, Redis's CPU per identity resolve-script call on a
   fresh Valkey (append-only file, as the stack's) with the workload's events resolved in the
-  worker's mean batch size from this run, times resolves per event; river_learn_predict_us, one
-  River predict and one learn per event on scoring's own features of the workload
-  (time.process_time); webhook_us, client + receiver CPU of one signed POST (WebhookSender
+  worker's mean batch size from this run, times resolves per event; model_learn_predict_us, scoring's
+  model predicting and learning every event of the workload in 500-event batches, on scoring's
+  own silent paths of it (time.process_time); webhook_us, client + receiver CPU of one signed POST (WebhookSender
   against the receiver process, /proc), times the webhooks per event measured in the run.
   efficiency = irreducible_us_per_event / stack_us_per_event.
 - latency: the one-webhook workload offered as a steady stream (a request every ~10 ms, open
   loop) at 25/50/75/90% of its measured sustained rate; p50/p99 of accepted (ingest's receive
   time) -> webhook received, for that level's events only, with the level's mean identity batch
   and CPU per event (small batches pay each stage's per-batch costs on few events).
-- redis_bytes_per_customer: Valkey's used_memory after minus before a workload's run, divided by
-  that workload's customers (people, not events); `redis_bytes_by_key_family` estimates where the
-  bytes sit at the end (MEMORY USAGE of sampled keys x keys per family).
+- redis_bytes_per_customer: Valkey's used_memory after minus before a workload's run, less the
+  growth of scoring's model checkpoint (one key per deployment), divided by that workload's
+  customers (people, not events); `redis_bytes_per_customer_by_service` splits it by the key
+  prefix of each service (sampled MEMORY USAGE, before and after the run);
+  `redis_bytes_by_key_family` estimates where the bytes sit at the end (MEMORY USAGE of sampled
+  keys x keys per family).
 - load_average (1, 5, 15 min) is printed with every figure: the machine may be shared.
 
 Usage: .venv/bin/python bench/bench_pipeline.py [--quick] [--events N] [--scale]
@@ -73,9 +76,9 @@ import orjson
 import redis
 from irreducible import (
     TopicLoad,
+    model_learn_predict_cpu,
     redis_resolve_cpu,
     relay_cpu,
-    river_learn_predict_cpu,
     topic_record_sizes,
     webhook_post_cpu,
 )
@@ -90,12 +93,13 @@ from pipeline_workloads import (
 )
 from proc_cpu import components_cpu_s, load_average
 
-from touchstream import local
 from touchstream.datasets import cdnow_purchases
 from touchstream.embedded import broker_description, embedded_broker_kind, stop_pid
+from touchstream.eventtime import DAY_MS
 from touchstream.receiver import percentile
 from touchstream.replay import sum_metric
 from touchstream.topics import ACTIONS, SCORES, TOUCHPOINTS_RAW, TOUCHPOINTS_RESOLVED
+from touchstream_cli import local
 
 # bench_console imports these three from here.
 RULES = ONE_WEBHOOK_RULES
@@ -104,8 +108,11 @@ __all__ = ["RULES", "post_events", "track_call", "wait_for_webhooks"]
 TARGETS = {"mix_events_per_s": 2000, "one_webhook_events_per_s": 1000, "p99_ms_at_half_load": 250,
            "redis_bytes_per_customer": 2048}
 RULES_ENV = "TOUCHSTREAM_TRIGGERS_RULES_FILE"
+# The mix replays CDNOW's 18 months as if live: with triggers' default 72 h backfill horizon every
+# decision in it would be a `backfill` outcome and the mix would send no webhook at all.
+BACKFILL_HORIZON_ENV = "TOUCHSTREAM_TRIGGERS_BACKFILL_HORIZON_HOURS"
+MIX_BACKFILL_HORIZON_HOURS = str(3 * 365 * 24)
 PIPELINE_TOPICS = (TOUCHPOINTS_RAW, TOUCHPOINTS_RESOLVED, SCORES, ACTIONS)
-DAY_MS = 86_400_000
 # A request every ~10 ms when offering a steady rate: batches of rate/100 events.
 STEADY_REQUESTS_PER_S = 100
 
@@ -336,6 +343,7 @@ def run_workload(state: local.StackState, calls: Sequence[dict[str, Any]], warm:
         asyncio.run(post_events(state, warm, None))
         wait_drained(client, state, before_warm, len(warm), timeout_s)
         memory_before = redis_used_memory(state)
+        services_before = redis_bytes_by_service(state)
         before = read_counters(client, state)
         load_before = load_average()
         cpu_before = components_cpu_s(state.pids)
@@ -349,6 +357,8 @@ def run_workload(state: local.StackState, calls: Sequence[dict[str, Any]], warm:
     elapsed = t_end - t0
     done = after - before
     memory_after = redis_used_memory(state)
+    services_after = redis_bytes_by_service(state)
+    checkpoint_growth = services_after.get(MODEL_CHECKPOINT, 0) - services_before.get(MODEL_CHECKPOINT, 0)
     cpu_us = {name: round((cpu_after[name] - cpu_before.get(name, 0.0)) / events * 1e6, 1) for name in cpu_after}
     cpu_us = dict(sorted(cpu_us.items(), key=lambda item: -item[1]))
     stack_us = round(sum(cpu_us.values()), 1)
@@ -377,8 +387,16 @@ def run_workload(state: local.StackState, calls: Sequence[dict[str, Any]], warm:
         "actions_by_rule_and_outcome": fired,
         "customers": customers,
         "identity_customers_created": int(done["identity_customers_created"]),
-        "redis_bytes_per_customer": round((memory_after - memory_before) / max(customers, 1)),
-        "redis_bytes_per_event": round((memory_after - memory_before) / events),
+        # Less the scoring model's checkpoint: one key of ~2.4 MB whatever the customers, first
+        # written (or grown) during whichever run comes first; over the mix's 250 customers it
+        # alone read as ~10 KB per customer.
+        "redis_bytes_per_customer": round((memory_after - memory_before - checkpoint_growth) / max(customers, 1)),
+        "redis_bytes_per_event": round((memory_after - memory_before - checkpoint_growth) / events),
+        "redis_model_checkpoint_growth_bytes": checkpoint_growth,
+        # Estimated from sampled MEMORY USAGE per key family (redis_bytes_by_key_family), not used_memory.
+        "redis_bytes_per_customer_by_service": {
+            name: round((services_after.get(name, 0) - services_before.get(name, 0)) / max(customers, 1))
+            for name in sorted(services_after, key=lambda n: -(services_after[n] - services_before.get(n, 0)))},
         "load_average_before": load_before,
         "load_average": load_average(),
     }
@@ -450,6 +468,30 @@ def redis_bytes_by_key_family(state: local.StackState, sample_per_family: int = 
     return dict(sorted(estimate.items(), key=lambda item: -item[1]["bytes"]))
 
 
+# Each service's keys by their prefix (the services' default settings).
+SERVICE_KEY_PREFIXES = (("identity", "ts:identity:"), ("scoring", "ts:scoring:"), ("triggers", "triggers:"),
+                        ("console", "ts:console:"), ("ingest", "ts:in:"))
+
+
+# Scoring's model checkpoint: one key per deployment, not per customer, counted apart.
+MODEL_CHECKPOINT = "scoring model checkpoint (not per customer)"
+
+
+def service_of_key_family(family: str) -> str:
+    """Name the service that owns a key family (its key prefix), or "other"."""
+    if family.startswith("ts:scoring:model"):
+        return MODEL_CHECKPOINT
+    return next((name for name, prefix in SERVICE_KEY_PREFIXES if f"{family}:".startswith(prefix)), "other")
+
+
+def redis_bytes_by_service(state: local.StackState) -> dict[str, int]:
+    """Estimate the bytes each service's keys hold now (sampled MEMORY USAGE x keys, per key family)."""
+    totals: Counter[str] = Counter()
+    for family, estimate in redis_bytes_by_key_family(state, sample_per_family=100).items():
+        totals[service_of_key_family(family)] += estimate["bytes"]
+    return dict(totals)
+
+
 def stack_idle_cpu_share(state: local.StackState, seconds: float = 5.0) -> dict[str, Any]:
     """Return the cores each component uses while the stack has nothing to do."""
     before = components_cpu_s(state.pids)
@@ -487,14 +529,14 @@ def topic_loads(run: WorkloadRun, events: int) -> list[TopicLoad]:
 
 
 def efficiency(run: WorkloadRun, relay: dict[str, Any], redis_resolve: dict[str, Any],
-               river_learn_predict: dict[str, Any], webhook_post: dict[str, Any]) -> dict[str, Any]:
+               model_learn_predict: dict[str, Any], webhook_post: dict[str, Any]) -> dict[str, Any]:
     """Irreducible CPU per event (its parts) against the whole stack's, for one workload."""
     events = run.result["events"]
     resolves_per_event = run.done["identity_out_resolved"] / events
     parts = {
         "relay_us": relay["cpu_us_per_event"]["total"],
         "redis_resolve_us": redis_resolve["redis_cpu_us_per_call"] * resolves_per_event,
-        "river_learn_predict_us": river_learn_predict["us_per_event"],
+        "model_learn_predict_us": model_learn_predict["us_per_event"],
         "webhook_us": webhook_post["us_per_post"] * run.result["webhooks_per_event"],
     }
     irreducible = sum(parts.values())
@@ -528,7 +570,7 @@ def measure(events: int, quick: bool, backlog: int, partitions: int, workers: in
         rules_file = run_dir / "rules.yaml"
         rules_file.write_text(DEFAULT_RULES_FILE.read_text())
         state = local.up(run_dir, partitions=partitions, workers=workers, progress=False,
-                         env_overrides={RULES_ENV: str(rules_file)})
+                         env_overrides={RULES_ENV: str(rules_file), BACKFILL_HORIZON_ENV: MIX_BACKFILL_HORIZON_HOURS})
         try:
             # The broker's JIT compiles its request paths over its first thousands of requests: a
             # relay of the nominal shape first, so the workloads and the relays meet the same broker.
@@ -572,7 +614,7 @@ def measure(events: int, quick: bool, backlog: int, partitions: int, workers: in
         parts[name] = {
             "relay": relays[name],
             "redis_resolve": asyncio.run(redis_resolve_cpu(micro_calls[name], batch)),
-            "river_learn_predict": river_learn_predict_cpu(micro_calls[name]),
+            "model_learn_predict": model_learn_predict_cpu(micro_calls[name]),
             "webhook_post": asyncio.run(webhook_post_cpu(workload.webhook_bodies, posts)),
         }
         workload.result["efficiency"] = efficiency(workload, **parts[name])

@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import redis
 
-from touchstream import local
+from touchstream_cli import local
 
 COUNTERS = {
     "ingest": 'touchstream_ingest_events_out_total{topic="touchpoints.raw"}',

@@ -48,7 +48,7 @@ import httpx
 import numpy as np
 import pandas as pd
 from aiokafka import AIOKafkaProducer
-from bench_pipeline import process_cpu_s
+from proc_cpu import process_cpu_s
 
 from touchstream import avro
 from touchstream.datasets import Purchase, cdnow_purchases

@@ -1,6 +1,6 @@
 """Event received -> webhook acknowledged latency, at half the pipeline's max sustainable rate.
 
-Starts the whole embedded stack (`touchstream.local.up`: Tansu, Valkey, ingest, identity,
+Starts the whole embedded stack (`touchstream_cli.local.up`: Tansu, Valkey, ingest, identity,
 scoring, triggers, a webhook receiver) with a rule that fires once per tracked event, then:
 1. capacity: POSTs --events events through ingest as fast as it takes them and times how
    long until the receiver has every webhook: max sustainable rate = events / that time;
@@ -28,9 +28,9 @@ from typing import Any
 
 import httpx
 
-from touchstream import local
 from touchstream.metrics import LATENCY_BUCKETS
 from touchstream.receiver import percentile
+from touchstream_cli import local
 
 RULE_ID = "bench-every-event"
 RULES = f"""

@@ -9,8 +9,9 @@ Four parts, each measured on its own so nothing of the stack's own overhead leak
 - `redis_resolve_cpu`: Redis's CPU per call of identity's resolve script, on a fresh Valkey
   configured as the stack's (append-only file), the workload's events resolved in batches
   through services/identity's IdentityResolver as the worker does.
-- `river_learn_predict_cpu`: one River predict and one learn per event, services/scoring's
-  PropensityModel on the feature dicts scoring's own state functions make of the workload.
+- `model_learn_predict_cpu`: scoring's PropensityModel (numpy: a BG/NBD prior and a logistic
+  hazard) predicting and learning every event of the workload in kernel-sized batches, on the
+  silent paths scoring's own state functions make of it.
 - `webhook_post_cpu`: client and receiver CPU of one signed POST: services/triggers'
   WebhookSender against touchstream.receiver in a process of its own.
 """
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import numpy as np
 import redis.asyncio as aioredis
 from proc_cpu import load_average, process_group_cpu_s, process_run_time_s
 
@@ -43,13 +45,13 @@ from services.identity.graph import IdentityGraph
 from services.identity.resolver import EventToResolve, IdentityResolver
 from services.identity.settings import IdentitySettings
 from services.ingest.segment import to_touchpoint
-from services.scoring.features import features_at
+from services.scoring.features import path_model_inputs, silent_path
 from services.scoring.labels import DAY_MS
 from services.scoring.model import PropensityModel
 from services.scoring.settings import ScoringSettings
 from services.scoring.state import CustomerState, apply_touchpoint, touchpoint_from_record
-from services.triggers.delivery import GuardedClient, WebhookSender
 from services.triggers.settings import WebhookEndpoint
+from services.triggers.transport import GuardedClient, WebhookSender
 from services.triggers.webhooks import Verdict
 from touchstream.embedded import create_topics, free_port, spawn, start_valkey
 from touchstream.settings import CoreSettings
@@ -296,13 +298,13 @@ async def redis_resolve_cpu(calls: Sequence[dict[str, Any]], batch_size: int) ->
             "load_average": load_average()}
 
 
-# ---------------------------------------------------------------- River: learn + predict
+# ---------------------------------------------------------------- the model: learn + predict
 def _customer_key(call: dict[str, Any]) -> str:
     return str(call.get("userId") or call.get("anonymousId"))
 
 
-def river_learn_predict_cpu(calls: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Time one predict and one learn per event on the features scoring's state makes of `calls`."""
+def model_learn_predict_cpu(calls: Sequence[dict[str, Any]], batch_size: int = CONSUMER_BATCH) -> dict[str, Any]:
+    """Time scoring's model predicting and learning every event of `calls`, `batch_size` events per call."""
     settings = ScoringSettings()
     horizon_ms = settings.horizon_days * DAY_MS
     touches = [touchpoint_from_record(t) for t in touchpoints_of(calls)]
@@ -314,23 +316,30 @@ def river_learn_predict_cpu(calls: Sequence[dict[str, Any]]) -> dict[str, Any]:
     for times in purchases.values():
         times.sort()
     states: dict[str, CustomerState] = {}
-    examples: list[tuple[dict[str, float], bool]] = []
+    paths: list[np.ndarray] = []
+    labels: list[bool] = []
     for key, touch in zip(keys, touches, strict=True):
         state = states.setdefault(key, CustomerState())
         apply_touchpoint(state, touch)
         later = purchases.get(key, [])
         # The label scoring would learn: a purchase by this customer within the horizon after the event.
         after = bisect.bisect_right(later, touch.timestamp_ms)
-        bought = after < len(later) and later[after] <= touch.timestamp_ms + horizon_ms
-        examples.append((features_at(state, touch.timestamp_ms), bought))
-    model = PropensityModel(settings.learning_rate, kind=settings.model)
+        labels.append(after < len(later) and later[after] <= touch.timestamp_ms + horizon_ms)
+        paths.append(silent_path(state))
+    times_ms = np.array([touch.timestamp_ms for touch in touches], dtype=np.float64)
+    all_paths, all_labels = np.stack(paths), np.array(labels, dtype=bool)
+    model = PropensityModel(settings.step_days, kind=settings.model, learning_rates=settings.learning_rates)
     started = time.process_time()
-    for features, bought in examples:
-        model.predict_propensity(features)
-        model.learn(features, bought)
+    # As scoring does it: one vectorised predict and one learn per batch (numpy, not a River call per event).
+    for start in range(0, len(labels), batch_size):
+        rows = slice(start, start + batch_size)
+        inputs, btyd = path_model_inputs(all_paths[rows], times_ms[rows])
+        model.hazards(inputs, btyd)
+        model.learn_many(inputs, btyd, all_labels[rows])
     spent = time.process_time() - started
-    return {"events": len(examples), "model": model.version, "positive_share": round(
-        sum(bought for _, bought in examples) / max(len(examples), 1), 3),
+    examples = labels
+    return {"events": len(examples), "model": model.version, "batch": batch_size, "positive_share": round(
+        sum(examples) / max(len(examples), 1), 3),
         "us_per_event": round(spent / max(len(examples), 1) * 1e6, 1), "load_average": load_average()}
 
 
@@ -346,7 +355,7 @@ async def webhook_post_cpu(bodies: Sequence[str], posts: int, concurrency: int =
     secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
     port = free_port()
     # As the stack runs it: the same command, with its journal.
-    receiver = spawn("receiver", [sys.executable, "-m", "touchstream.cli", "receiver", "--port", str(port),
+    receiver = spawn("receiver", [sys.executable, "-m", "touchstream_cli", "receiver", "--port", str(port),
                                   "--secret", secret, "--journal", str(work_dir / "journal.jsonl")],
                      work_dir / "receiver.log")
     url = f"http://127.0.0.1:{port}"

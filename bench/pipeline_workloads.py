@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from touchstream.datasets import Purchase, cdnow_purchases
+from touchstream.eventtime import DAY_MS, HOUR_MS
 
 DEFAULT_RULES_FILE = Path(__file__).resolve().parents[1] / "deploy" / "rules" / "default.yaml"
 ONE_WEBHOOK_RULE_ID = "bench-first-score"
@@ -33,8 +34,6 @@ rules:
     holdout_percent: 0
 """
 MINUTE_MS = 60_000
-HOUR_MS = 60 * MINUTE_MS
-DAY_MS = 24 * HOUR_MS
 
 
 def track_call(run: str, index: int) -> dict[str, Any]:

@@ -14,8 +14,8 @@ from typing import Any
 
 import httpx
 
-from touchstream import local
 from touchstream.embedded import ManagedProcess, free_port
+from touchstream_cli import local
 
 REPO = Path(__file__).resolve().parent.parent
 # One folder per pytest-xdist worker: each runs its own broker and Redis, whose logs would mix.

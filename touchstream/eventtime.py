@@ -10,6 +10,10 @@ from __future__ import annotations
 
 # CoreSettings.event_time_tolerance_s's default, for the services' constructors too.
 DEFAULT_EVENT_TIME_TOLERANCE_S = 300.0
+# Event times are epoch milliseconds; TTLs and settings in days are seconds. Defined once here.
+HOUR_MS = 3_600_000
+DAY_MS = 24 * HOUR_MS
+DAY_S = 86_400
 
 
 def event_time_ceiling_ms(now_ms: int, tolerance_s: float) -> int:

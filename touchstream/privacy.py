@@ -31,12 +31,16 @@ from functools import lru_cache
 
 import redis.asyncio as aioredis
 
+from touchstream.eventtime import DAY_S
 from touchstream.identifiers import Identifier, InvalidIdentifier, normalise, pseudonymise
 
+# identity's Redis keys all start with this (IdentitySettings.graph_key_prefix's default): one hash
+# slot ({graph}), so each batch is one script call. Named here because ingest reads one of them.
+IDENTITY_GRAPH_PREFIX = "ts:identity:{graph}:"
 # identity's graph prefix + "suppressed": the set must share the graph's hash slot ({graph}).
-DEFAULT_SUPPRESSION_KEY = "ts:identity:{graph}:suppressed"
+DEFAULT_SUPPRESSION_KEY = IDENTITY_GRAPH_PREFIX + "suppressed"
 # CoreSettings.erased_customer_ttl_s with its defaults (168 h retention + 168 h), for the stores' constructors.
-DEFAULT_ERASED_TTL_S = 14 * 86_400
+DEFAULT_ERASED_TTL_S = 14 * DAY_S
 CONSENT_WITHDRAWN = "none"
 # `-email` in an event's consent withdraws that one category (an unsubscribe), the rest stands.
 CONSENT_WITHDRAW_PREFIX = "-"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-DAY_MS = 86_400_000
+from touchstream.eventtime import DAY_MS
 
 
 @dataclass
@@ -20,6 +21,19 @@ class ReplayProgress:
     total: int
     event_time_ms: int
     elapsed_s: float
+    # Events per second sent since the previous report.
+    rate: float = 0.0
+    # What the pipeline reported at the last look (None without a `pipeline` probe).
+    pipeline: PipelineState | None = None
+
+
+@dataclass(frozen=True)
+class PipelineState:
+    """How far behind the pipeline is, from its own /metrics: the pacing signal of a replay."""
+
+    # Records consumed by no stage yet: the sum of the stream stages' consumer lag.
+    lag: int
+    webhooks: int = 0
 
 
 def sum_metric(text: str, name: str, **labels: str) -> float:
@@ -52,15 +66,17 @@ async def replay(
     batch_size: int = 500,
     concurrency: int = 2,
     on_progress: Callable[[ReplayProgress], None] | None = None,
-    processed: Callable[[], Awaitable[float]] | None = None,
+    pipeline: Callable[[], Awaitable[PipelineState]] | None = None,
     max_lag: int = 5000,
+    look_every_s: float = 0.25,
 ) -> int:
     """POST `calls` (event time ms, Segment call) in event-time order; return how many were accepted.
 
     The clock runs `days_per_second` days of event time per wall-clock second, so a year of
-    history takes 365 / days_per_second seconds if the pipeline keeps up. With `processed`
-    (how many events the pipeline's last stage has handled) the replay pauses the clock while
-    more than `max_lag` events are in the pipeline, so latency is measured, not queueing.
+    history takes 365 / days_per_second seconds if the pipeline keeps up. With `pipeline` (looked
+    at every `look_every_s`) the replay stops its clock while the stages' summed consumer lag is
+    above `max_lag`: it goes as fast as the pipeline drains, and what the receiver measures is the
+    pipeline's latency, not a queue the replay built in front of it.
     """
     if not calls:
         return 0
@@ -71,6 +87,16 @@ async def replay(
     semaphore = asyncio.Semaphore(concurrency)
     tasks: list[asyncio.Task[int]] = []
     last_report = 0.0
+    sent_at_report = 0
+    seen: PipelineState | None = None
+    looked_at = -math.inf
+
+    async def look() -> PipelineState | None:
+        nonlocal seen, looked_at
+        if pipeline is not None and time.monotonic() - looked_at >= look_every_s:
+            seen = await pipeline()
+            looked_at = time.monotonic()
+        return seen
 
     async def post(batch: list[dict[str, Any]]) -> int:
         async with semaphore:
@@ -84,12 +110,24 @@ async def replay(
                 raise RuntimeError(f"ingest refused a batch: {response.status_code} {response.text[:500]}")
             raise RuntimeError("ingest kept refusing a batch with 429/503")
 
+    def report(state: PipelineState | None) -> float:
+        nonlocal sent_at_report
+        assert on_progress is not None
+        now = time.monotonic() - started
+        rate = (next_index - sent_at_report) / max(now - last_report, 1e-9)
+        sent_at_report = next_index
+        on_progress(ReplayProgress(next_index, len(calls), calls[max(next_index - 1, 0)][0], now, rate, state))
+        return now
+
     async with httpx.AsyncClient(timeout=30.0) as client:
         while next_index < len(calls):
-            if processed is not None and next_index - await processed() > max_lag:
+            state = await look()
+            if state is not None and state.lag > max_lag:
                 pause_started = time.monotonic()
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(look_every_s)
                 paused_s += time.monotonic() - pause_started
+                if on_progress and time.monotonic() - started - last_report >= 1.0:
+                    last_report = report(state)
                 continue
             elapsed = time.monotonic() - started - paused_s
             clock_ms = first_ms + elapsed * days_per_second * DAY_MS
@@ -104,9 +142,7 @@ async def replay(
             in_flight = [t for t in tasks[-concurrency:] if not t.done()]
             if len(in_flight) >= concurrency:
                 await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-            if on_progress and elapsed - last_report >= 1.0:
-                last_report = elapsed
-                on_progress(ReplayProgress(next_index, len(calls), calls[next_index - 1][0],
-                                           time.monotonic() - started))
+            if on_progress and time.monotonic() - started - last_report >= 1.0:
+                last_report = report(state)
         results = await asyncio.gather(*tasks)
     return sum(results)

@@ -75,7 +75,12 @@ class CoreSettings(BaseSettings):
     heartbeat_interval_s: float = 1.0
     pii_hash_key: SecretStr = SecretStr(DEV_PLACEHOLDER_SECRET)
     batch_size: int = Field(500, ge=1, description="Max events a stream handles per batch.")
-    batch_within_s: float = Field(0.02, gt=0, description="Max wait to fill a batch.")
+    # At a steady low rate a fetch brings 1-4 records; a stage then waits this long for more before
+    # handling them (README, "The hot loop"): a few ms of latency per stage for one round of
+    # per-batch costs instead of one per record. Batches of `linger_below` or more never wait.
+    batch_within_s: float = Field(0.01, ge=0, description="How long a small batch waits for more records.")
+    linger_below: int = Field(32, ge=0, description="Batches smaller than this wait batch_within_s for more; "
+                                                   "0 turns the wait off.")
     state_dir: Path = Field(Path(".run/state"), description="Where Faust keeps its local files.")
     # Read when the topics are created (touchstream.embedded.create_topics): retention.ms of the
     # topics that carry events as sent (touchpoints.raw, touchpoints.resolved). They are not

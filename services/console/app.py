@@ -29,6 +29,7 @@ from services.console.settings import ConsoleSettings
 from services.console.store import ReadModelStore, Update
 from services.console.web import ConsoleWeb
 from services.triggers.rules import Rule, RuleError, parse_rules
+from touchstream.eventtime import DAY_S
 from touchstream.metrics import ServiceMetrics
 from touchstream.settings import CoreSettings
 from touchstream.streams import (
@@ -145,7 +146,7 @@ def build_app(core: CoreSettings, settings: ConsoleSettings, registry: Collector
                                         ["topic"])
 
     redis = aioredis.from_url(core.redis_url)
-    store = ReadModelStore(redis, settings.key_prefix, int(settings.customer_ttl_days * 86_400),
+    store = ReadModelStore(redis, settings.key_prefix, int(settings.customer_ttl_days * DAY_S),
                            event_time_tolerance_s=core.event_time_tolerance_s,
                            erased_ttl_s=core.erased_customer_ttl_s)
     feed_rate = RateMeter()

@@ -12,6 +12,17 @@ from dataclasses import dataclass
 from prometheus_client.parser import text_string_to_metric_families
 
 PREFIX = "touchstream_scoring_"
+# ModelQuality's field -> the series of scoring's /metrics it is read from (without PREFIX);
+# tests/unit/test_deploy_monitoring.py checks scoring exposes each one.
+QUALITY_SERIES = {
+    "roc_auc": "prequential_roc_auc_ratio",
+    "log_loss": "prequential_log_loss_nats",
+    "brier": "prequential_brier_score_ratio",
+    "calibration_error": "prequential_calibration_error_ratio",
+    "examples_learned": "examples_learned_total",
+    "pending_examples": "pending_examples",
+    "drift_alarms": "drift_alarms_total",
+}
 
 
 @dataclass(frozen=True)
@@ -41,18 +52,7 @@ def model_quality(exposition: str) -> ModelQuality:
                 name = sample.name[len(PREFIX):]
                 found[name] = found.get(name, 0.0) + sample.value
 
-    def first(*names: str) -> float | None:
-        return next((found[n] for n in names if n in found), None)
-
-    return ModelQuality(
-        roc_auc=first("prequential_roc_auc_ratio"),
-        log_loss=first("prequential_log_loss_nats"),
-        brier=first("prequential_brier_score_ratio"),
-        calibration_error=first("prequential_calibration_error_ratio"),
-        examples_learned=first("examples_learned_total"),
-        pending_examples=first("pending_examples"),
-        drift_alarms=first("drift_alarms_total"),
-    )
+    return ModelQuality(**{field: found.get(series) for field, series in QUALITY_SERIES.items()})
 
 
 def latency_quantiles(exposition: str, metric: str, quantiles: tuple[float, ...] = (0.5, 0.95, 0.99)

@@ -74,14 +74,13 @@ from services.console.readmodel import (
     converted_within,
     follow_merges,
 )
-from touchstream.eventtime import DEFAULT_EVENT_TIME_TOLERANCE_S, event_time_ceiling_ms
+from touchstream.eventtime import DAY_MS, DAY_S, DEFAULT_EVENT_TIME_TOLERANCE_S, event_time_ceiling_ms
 from touchstream.privacy import DEFAULT_ERASED_TTL_S, DELETED_RULE_ID, ErasedCustomers, erased_token
 
 Update = TouchpointSeen | ScoreUpdated | ActionTaken | CustomersMerged | DeadLettered | CustomerDeleted | DeliveryEnded
-DAY_MS = 86_400_000
 # The overview shows the flow of the last 30 days; a day's counts outlive it a little.
 FLOW_KEEP_DAYS = 35
-DEFAULT_CUSTOMER_TTL_S = 400 * 86_400
+DEFAULT_CUSTOMER_TTL_S = 400 * DAY_S
 # A capped list is trimmed back to its cap once it is this much over: a trim reads the hash, so not on every add.
 TRIM_SLACK = 20
 MAX_MERGE_HOPS = 64
@@ -589,7 +588,7 @@ class ReadModelStore:
         day_of = {cid: min(time_ms, ceiling) // DAY_MS for cid, (time_ms, _) in changes.items()}
         days = sorted({day_of[cid] for cid, (_, value) in changes.items() if value})
         index = {day: 4 + n for n, day in enumerate(days)}
-        args: list[Any] = [FLOW_KEEP_DAYS * 86_400, FLOW_KEEP_DAYS * 2]
+        args: list[Any] = [FLOW_KEEP_DAYS * DAY_S, FLOW_KEEP_DAYS * 2]
         for cid, (time_ms, value) in changes.items():
             args += [cid, time_ms, value, index.get(day_of[cid], 0), day_of[cid]]
         pipe.evalsha(self._set_segments.sha, 3 + len(days), self.key("{seg}"), self.key("{seg}", "counts"),

@@ -2,42 +2,47 @@
 
 Every page is rendered on the server with Jinja2 (autoescape on); the only script is
 static/console.js (live updates), served from this package. Pages sit behind an admin-key
-login that sets an HttpOnly, SameSite=Strict session cookie; every POST carries a CSRF token (the
-login form's is a double-submit token bound to a pre-session cookie), and failed logins are
-rate-limited in Redis per client address (read through trusted proxies) and for all addresses together.
+login (`auth.py`: sessions, the failed-login throttle) that sets an HttpOnly, SameSite=Strict session
+cookie; every POST carries a CSRF token (the login form's is a double-submit token bound to a
+pre-session cookie). identity's customer API is called through `identity_api.py`, the services'
+/metrics are scraped by `scraping.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import json
 import logging
 import re
 import secrets
-import ssl
 import time
-import unicodedata
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import httpx
 import jinja2
-import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from services.console.auth import (
+    LOGIN_COOKIE,
+    LOGIN_COOKIE_TTL_S,
+    LOGIN_TOKEN,
+    SESSION_COOKIE,
+    LoginThrottle,
+    Session,
+    Sessions,
+    safe_next,
+)
 from services.console.backtests import BacktestReportError, parse_backtest_report
 from services.console.charts import (
     DAY_MS,
-    PipelineSample,
     backtest_fired,
     backtest_totals,
     dated,
@@ -53,13 +58,11 @@ from services.console.charts import (
     segment_sankey,
     uplift_forest,
 )
-from services.console.identities import IdentityAnswerError, IdentityProfile, identity_profile
+from services.console.identity_api import IdentityClient, json_object
 from services.console.quality import (
-    CounterRate,
     LatencyWindow,
     ModelQuality,
     RateMeter,
-    counter_total,
     latency_quantiles,
     latency_words,
     model_quality,
@@ -72,31 +75,20 @@ from services.console.readmodel import (
     open_complaints,
     reason_in_words,
 )
+from services.console.scraping import ARRIVALS, CONSOLE_STAGE, STAGES, PipelineSampler
 from services.console.settings import ConsoleSettings
 from services.console.store import ReadModelStore
 from services.console.vendor import ECHARTS
 from services.identity.admin import hash_admin_key, is_admin
 from services.triggers.rules import Rule, ScoreCrossing
 from touchstream.client_address import client_address
+from touchstream.eventtime import DAY_S
 from touchstream.failures import FailureCounter, KeyFailureThrottle, KeyRefusal
-from touchstream.topics import ACTION_DELIVERIES, ACTIONS, SCORES, TOUCHPOINTS_RAW, TOUCHPOINTS_RESOLVED
+from touchstream.metrics import EVENT_TO_WEBHOOK_SECONDS
 
 log = logging.getLogger(__name__)
 
-
-@cache
-def _tls_context() -> ssl.SSLContext:
-    """The TLS settings httpx would build for each new client (loading the CA bundle costs ~10 ms of
-    CPU), built once: the pipeline sampler opens a client per service every few seconds."""
-    return httpx.create_ssl_context()
-
-
 HERE = Path(__file__).resolve().parent
-SESSION_COOKIE = "ts_console_session"
-# Pre-session cookie of the login form: its value is also the form's CSRF token (double submit).
-LOGIN_COOKIE = "ts_console_login"
-LOGIN_COOKIE_TTL_S = 3600
-_TOKEN = re.compile(r"[A-Za-z0-9_-]{43}")  # secrets.token_urlsafe(32)
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 SECURITY_HEADERS = {
@@ -112,42 +104,11 @@ STATIC_FILES = {
     "console.css": ("console.css", "text/css", 300),
     "console.js": ("console.js", "text/javascript", 300),
     "charts.js": ("charts.js", "text/javascript", 300),
-    "echarts.min.js": (f"vendor/{ECHARTS.name}", "text/javascript", 365 * 86_400),
+    "echarts.min.js": (f"vendor/{ECHARTS.name}", "text/javascript", 365 * DAY_S),
 }
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # A backtest report is a few kB per rule (one count per day or week it fired).
 MAX_BACKTEST_BYTES = 2_000_000
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One stage of the pipeline on the overview: whose /metrics, which counter, what it counts."""
-
-    name: str
-    counts: str
-    metric: str
-    topic: str
-
-
-# Each stage's counter of the events it took in (ingest: accepted and acknowledged by the broker).
-STAGES = (
-    Stage("ingest", "events accepted", "touchstream_ingest_events_out_total", TOUCHPOINTS_RAW.name),
-    Stage("identity", "events resolved", "touchstream_identity_events_in_total", TOUCHPOINTS_RAW.name),
-    Stage("scoring", "events scored", "touchstream_scoring_events_in_total", TOUCHPOINTS_RESOLVED.name),
-    Stage("triggers", "scores evaluated", "touchstream_triggers_events_in_total", SCORES.name),
-)
-# Topics whose records carry ingest's received_at_ms: how long after ingest accepted an event it shows here
-# (a delivery outcome: how long until the receiver acknowledged the webhook).
-ARRIVALS = (
-    (TOUCHPOINTS_RESOLVED.name, "visible here as a touchpoint (after identity)"),
-    (SCORES.name, "visible here as a score (after scoring)"),
-    (ACTIONS.name, "visible here as an action (after triggers)"),
-    (ACTION_DELIVERIES.name, "webhook acknowledged (2xx)"),
-)
-
-
-# The console's own line on the pipeline charts: records it applied to the read model.
-CONSOLE_STAGE = "console"
 
 
 def _time(ms: int | None) -> str:
@@ -175,126 +136,15 @@ def template_env() -> jinja2.Environment:
     return env
 
 
-def safe_next(target: str | None) -> str:
-    r"""Keep a post-login redirect on this site: a path of its own, or /overview.
-
-    Browsers drop tabs and line breaks from a Location before reading it and treat a backslash as
-    "/", so "/<tab>/evil.example" would arrive as "//evil.example": a target with any control
-    character, whitespace or backslash is refused whole, and what is left must parse to a path with
-    no scheme and no host.
-
-    >>> safe_next("/customers/c_1"), safe_next("//evil.example"), safe_next("https://evil.example")
-    ('/customers/c_1', '/overview', '/overview')
-    >>> safe_next("/\t/evil.example"), safe_next("/\\evil.example"), safe_next("/ok?q=1#top")
-    ('/overview', '/overview', '/ok?q=1#top')
-    """
-    if not target or not target.startswith("/") or "\\" in target:
-        return "/overview"
-    if any(char.isspace() or unicodedata.category(char) == "Cc" for char in target):
-        return "/overview"
-    parts = urlsplit(target)
-    if parts.scheme or parts.netloc or parts.path.startswith("//"):
-        return "/overview"
-    return target
-
-
 @cache
 def _static_bytes(path: str) -> bytes:
     """A static file's bytes, read once (they only change with a new release)."""
     return (HERE / "static" / path).read_bytes()
 
 
-def _json_object(response: httpx.Response) -> dict[str, Any]:
-    """Return a peer's JSON object answer, or {} for anything else (an HTML error page, a list)."""
-    try:
-        answer = response.json()
-    except ValueError:
-        return {}
-    return answer if isinstance(answer, dict) else {}
-
-
 def rule_thresholds(rules: Sequence[Rule]) -> list[tuple[str, str, float]]:
     """Return (rule id, score name, threshold) of every rule that fires on a score crossing."""
     return [(r.id, r.when.score, r.when.crosses_above) for r in rules if isinstance(r.when, ScoreCrossing)]
-
-
-@dataclass
-class Session:
-    csrf: str
-
-
-class Sessions:
-    """Server-side sessions in Redis; the cookie holds a random token, Redis only its hash."""
-
-    def __init__(self, client: aioredis.Redis, prefix: str, ttl_s: int) -> None:
-        self.client, self.prefix, self.ttl_s = client, prefix, ttl_s
-
-    def _key(self, token: str) -> str:
-        return f"{self.prefix}session:{hashlib.sha256(token.encode()).hexdigest()}"
-
-    async def create(self) -> tuple[str, Session]:
-        token, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
-        await self.client.set(self._key(token), csrf, ex=self.ttl_s)
-        return token, Session(csrf)
-
-    async def get(self, token: str | None) -> Session | None:
-        if not token:
-            return None
-        csrf = await self.client.get(self._key(token))
-        return Session(csrf.decode() if isinstance(csrf, bytes) else csrf) if csrf is not None else None
-
-    async def drop(self, token: str) -> None:
-        await self.client.delete(self._key(token))
-
-
-@dataclass(frozen=True)
-class Lockout:
-    """Logins refused for `wait_s` seconds, because of the failures from one address or from all."""
-
-    wait_s: int
-    all_addresses: bool
-
-
-class LoginThrottle:
-    """Failed logins counted in Redis (so across workers), per client address and for the console's one
-    account (every admin key), each from its first failure on.
-
-    After `max_failures` from one address, or `max_account_failures` from all of them together, within
-    `window_s`, logins from that address (or from everywhere) are refused with 429 until the window ends.
-    A successful login clears its address's count only: the account's would let a guesser start over
-    each time an operator logs in.
-    """
-
-    ACCOUNT = "admin"
-
-    def __init__(self, client: aioredis.Redis, prefix: str, max_failures: int, window_s: int,
-                 max_account_failures: int) -> None:
-        self.by_address = FailureCounter(client, f"{prefix}login_failures:", max_failures, window_s)
-        self.by_account = FailureCounter(client, f"{prefix}login_account_failures:", max_account_failures, window_s)
-
-    async def lockout(self, address: str) -> Lockout | None:
-        """Return why and how long logins from `address` are refused, or None if it may try now."""
-        account_wait = await self.by_account.retry_after(self.ACCOUNT)
-        address_wait = await self.by_address.retry_after(address)
-        if account_wait is not None and account_wait >= (address_wait or 0):
-            return Lockout(account_wait, all_addresses=True)
-        return Lockout(address_wait, all_addresses=False) if address_wait is not None else None
-
-    async def failed(self, address: str) -> int:
-        """Count one failure; return how many `address` has in the current window."""
-        await self.by_account.failed(self.ACCOUNT)
-        return await self.by_address.failed(address)
-
-    async def clear(self, address: str) -> None:
-        await self.by_address.clear(address)
-
-
-@dataclass(frozen=True)
-class IdentityLookup:
-    """What identity's customer API said about a customer: its view, or why there is none to show."""
-
-    profile: IdentityProfile | None
-    problem: str | None = None  # None with no profile: identity does not know the customer
 
 
 class ConsoleWeb:
@@ -320,9 +170,8 @@ class ConsoleWeb:
         self.page_seconds = page_seconds
         self.feed_rate = feed_rate
         self.arrivals = arrivals
-        self.stage_rates = {stage.name: CounterRate() for stage in STAGES}
-        # The services' /metrics texts of the latest sample (the live overview reads these, never scrapes).
-        self.last_texts: dict[str, str | None] = {}
+        self.sampler = PipelineSampler(store, settings, feed_rate, arrivals)
+        self.identity = IdentityClient(settings)
 
     def register(self, router: web.UrlDispatcher) -> None:
         """Add every route to `router` (the Faust worker's aiohttp app, or a test app)."""
@@ -438,7 +287,7 @@ class ConsoleWeb:
                     fresh: bool = False) -> web.Response:
         """The login form with its CSRF token: the pre-session cookie's value (a new one if absent or `fresh`)."""
         token = request.cookies.get(LOGIN_COOKIE, "")
-        if fresh or not _TOKEN.fullmatch(token):
+        if fresh or not LOGIN_TOKEN.fullmatch(token):
             token = secrets.token_urlsafe(32)
         response = self._page("login.html", None, status=status, csrf=token, next=target, error=error)
         response.set_cookie(LOGIN_COOKIE, token, httponly=True, samesite="Strict", path="/login",
@@ -463,7 +312,7 @@ class ConsoleWeb:
             response.headers["Retry-After"] = str(wait_s)
             return response
         cookie, sent = request.cookies.get(LOGIN_COOKIE, ""), str(form.get("csrf", ""))
-        if not _TOKEN.fullmatch(cookie) or not hmac.compare_digest(sent, cookie):
+        if not LOGIN_TOKEN.fullmatch(cookie) or not hmac.compare_digest(sent, cookie):
             return self._login_page(request, target, status=403, fresh=True,
                                     error="This form has expired (or cookies are off); log in again.")
         key = str(form.get("key", ""))
@@ -510,12 +359,12 @@ class ConsoleWeb:
             return self._page("search.html", session, status=503, error=(
                 "Search by identifier needs TOUCHSTREAM_CONSOLE_IDENTITY_URL; search by customer id works."))
         try:
-            response = await self._call_identity("POST", "/v1/customers/lookup",
+            response = await self.identity.call("POST", "/v1/customers/lookup",
                                                  json={"identifier": {"type": kind, "value": value}})
         except httpx.HTTPError as exc:
             return self._page("search.html", session, status=502,
                               error=f"identity did not answer ({type(exc).__name__}); try again.")
-        answer = _json_object(response)
+        answer = json_object(response)
         if response.status_code == 404:
             return self._page("search.html", session, status=404, error="No customer has this identifier.")
         if response.status_code == 400:
@@ -530,40 +379,9 @@ class ConsoleWeb:
             raise web.HTTPSeeOther(f"/customers/{quote(customer_id, safe='')}")
         return self._page("search.html", session, status=502, error=message)
 
-    async def _call_identity(self, method: str, path: str, timeout_s: float = 10.0, **request: Any) -> httpx.Response:
-        """Send one request to identity's customer API with the console's admin key (raises httpx.HTTPError)."""
-        key = self.settings.identity_admin_key.get_secret_value()
-        async with httpx.AsyncClient(timeout=timeout_s, verify=_tls_context()) as http:
-            return await http.request(method, f"{self.settings.identity_url}{path}",
-                                      headers={"Authorization": f"Bearer {key}"}, **request)
-
-    async def identity_lookup(self, customer_id: str) -> IdentityLookup:
-        """Ask identity's `GET /v1/customers/{id}` for the customer's identifiers; never raise: the page
-        shows what it has and says why identity's part is missing."""
-        if not self.settings.identity_url:
-            return IdentityLookup(None, "Set TOUCHSTREAM_CONSOLE_IDENTITY_URL to show the identifiers identity holds.")
-        try:
-            response = await self._call_identity("GET", f"/v1/customers/{quote(customer_id, safe='')}",
-                                                 timeout_s=self.settings.identity_timeout_s)
-        except httpx.HTTPError as exc:
-            return IdentityLookup(None, f"identity did not answer ({type(exc).__name__}); the identifiers are not "
-                                        "shown. Reload to try again.")
-        if response.status_code == 404:
-            return IdentityLookup(None)
-        if response.status_code in (401, 403):
-            return IdentityLookup(None, "identity refused the console's admin key "
-                                        "(TOUCHSTREAM_CONSOLE_IDENTITY_ADMIN_KEY).")
-        if response.status_code != 200:
-            return IdentityLookup(None, f"identity could not show this customer (HTTP {response.status_code}).")
-        try:
-            return IdentityLookup(identity_profile(response.json()))
-        except (ValueError, IdentityAnswerError) as exc:
-            log.warning("identity's customer view was not understood: %s", exc)
-            return IdentityLookup(None, f"identity's answer was not understood ({exc}).")
-
     async def _customer_context(self, customer_id: str) -> dict[str, Any] | None:
         record = await self.store.customer(customer_id)
-        identity = await self.identity_lookup(record.customer_id)
+        identity = await self.identity.lookup(record.customer_id)
         if not record.known and identity.profile is None:
             return None  # neither the read model nor identity knows it (or identity cannot say)
         points = [(s.event_time_ms, s.churn_risk, s.purchase_propensity) for s in record.scores]
@@ -636,7 +454,7 @@ class ConsoleWeb:
             return self._page("error.html", session, status=503,
                               message="Un-merge needs TOUCHSTREAM_CONSOLE_IDENTITY_URL.")
         try:
-            response = await self._call_identity(
+            response = await self.identity.call(
                 "POST", f"/v1/customers/{quote(customer_id, safe='')}/unmerge",
                 json={"identifiers": [ref], "request_id": request_id or uuid.uuid4().hex})
         except httpx.HTTPError as exc:
@@ -673,7 +491,7 @@ class ConsoleWeb:
             return self._page("error.html", session, status=503,
                               message="Deletion needs TOUCHSTREAM_CONSOLE_IDENTITY_URL; nothing was deleted.")
         try:
-            response = await self._call_identity("DELETE", f"/v1/customers/{quote(customer_id, safe='')}",
+            response = await self.identity.call("DELETE", f"/v1/customers/{quote(customer_id, safe='')}",
                                                  params={"request_id": request_id})
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             log.warning("identity unreachable for a deletion: %s", type(exc).__name__)
@@ -698,7 +516,7 @@ class ConsoleWeb:
             status = response.status_code if response.status_code < 500 else 502
             return self._page("error.html", session, status=status, message=(
                 f"identity refused the deletion (HTTP {response.status_code}): {response.text[:300]}"))
-        answer = _json_object(response)
+        answer = json_object(response)
         # identity erases the live customer and every id merged into it: name them all, as identity did.
         erased = str(answer.get("customer_id") or customer_id)
         merged = [str(m) for m in answer.get("merged_ids") or ()]
@@ -708,73 +526,20 @@ class ConsoleWeb:
 
     # -- overview and rules ---------------------------------------------------------------------------
 
-    async def _scrape(self, url: str | None) -> str | None:
-        if not url:
-            return None
-        try:
-            async with httpx.AsyncClient(timeout=1.0, verify=_tls_context()) as http:
-                response = await http.get(url)
-                response.raise_for_status()
-        except httpx.HTTPError as exc:
-            # debug: the app samples every few seconds, so a service that is down would flood the log.
-            log.debug("metrics at %s unreachable: %s", url, type(exc).__name__)
-            return None
-        return response.text
-
-    def _metrics_url(self, stage: str) -> str | None:
-        return {"ingest": self.settings.ingest_metrics_url, "identity": self.settings.identity_metrics_url,
-                "scoring": self.settings.scoring_metrics_url, "triggers": self.settings.triggers_metrics_url}[stage]
-
     async def sample_pipeline(self, now_s: float | None = None) -> dict[str, str | None]:
-        """Scrape every configured service's /metrics once and sample its events counter; return the texts.
-
-        Called every `pipeline_sample_s` by the app (so a rate is there when someone opens the overview)
-        and on each overview.
-        """
-        texts = await asyncio.gather(*(self._scrape(self._metrics_url(stage.name)) for stage in STAGES))
-        now = time.time() if now_s is None else now_s
-        for stage, text in zip(STAGES, texts, strict=True):
-            total = counter_total(text, stage.metric, {"topic": stage.topic}) if text is not None else None
-            if total is not None:
-                self.stage_rates[stage.name].add(total, now)
-        self.last_texts = {stage.name: text for stage, text in zip(STAGES, texts, strict=True)}
-        await self.store.record_pipeline_sample(self._pipeline_sample(now))
-        return self.last_texts
-
-    def _pipeline_sample(self, now_s: float) -> PipelineSample:
-        """This minute of the pipeline, for the overview's last hour: rates, latencies over the last minute, quality."""
-        rates = {stage.name: self.stage_rates[stage.name].per_second(now_s) for stage in STAGES}
-        rates[CONSOLE_STAGE] = self.feed_rate.per_second(now_s) if self.feed_rate is not None else None
-        latency = {}
-        for topic, label in ARRIVALS:
-            seen = self.arrivals.quantiles(topic, now_s) if self.arrivals is not None else None
-            if seen is not None:
-                latency[label] = {str(q): v for q, v in seen[1].items()}
-        scoring = self.last_texts.get("scoring")
-        quality = model_quality(scoring) if scoring is not None else None
-        learned = quality is not None and bool(quality.examples_learned)
-        return PipelineSample(int(now_s // 60), rates, latency, {
-            key: getattr(quality, key) if learned else None
-            for key in ("roc_auc", "log_loss", "brier", "calibration_error")})
-
-    def _arrival_rows(self, now_s: float) -> list[tuple[str, int, dict[float, str]]]:
-        rows = []
-        for topic, label in ARRIVALS:
-            seen = self.arrivals.quantiles(topic, now_s) if self.arrivals is not None else None
-            if seen is not None:
-                rows.append((label, seen[0], {q: seconds_in_words(v) for q, v in seen[1].items()}))
-        return rows
+        """Scrape the services' /metrics once (see `PipelineSampler.sample`); return the texts."""
+        return await self.sampler.sample(now_s)
 
     async def _overview_context(self, texts: dict[str, str | None]) -> dict[str, Any]:
         segments = await self.store.segments()
         scoring, triggers = texts.get("scoring"), texts.get("triggers")
         quality: ModelQuality | None = model_quality(scoring) if scoring is not None else None
-        quantiles = latency_quantiles(triggers, "touchstream_triggers_event_to_webhook_seconds") if triggers else None
+        quantiles = latency_quantiles(triggers, EVENT_TO_WEBHOOK_SECONDS) if triggers else None
         latency = latency_words(quantiles) if quantiles else None
         now = time.time()
         feed = self.feed_rate.per_second(now) if self.feed_rate is not None else None
-        rates = [(stage, bool(self._metrics_url(stage.name)), texts.get(stage.name) is not None,
-                  self.stage_rates[stage.name].per_second(now)) for stage in STAGES]
+        rates = [(stage, bool(self.sampler.metrics_url(stage.name)), texts.get(stage.name) is not None,
+                  self.sampler.stage_rates[stage.name].per_second(now)) for stage in STAGES]
         flow = await self.store.segment_flow(30)
         dead_letters = await self.store.dead_letters()
         history = recent_samples(await self.store.pipeline_samples(), int(now // 60))
@@ -789,14 +554,14 @@ class ConsoleWeb:
                 "dead_letters": dead_letters, "flow": flow, "quality": quality,
                 "quality_configured": bool(self.settings.scoring_metrics_url), "latency": latency,
                 "latency_configured": bool(self.settings.triggers_metrics_url), "feed": feed, "rates": rates,
-                "arrivals": self._arrival_rows(now), "charts": charts}
+                "arrivals": self.sampler.arrival_rows(now), "charts": charts}
 
     async def overview(self, request: web.Request, session: Session) -> web.StreamResponse:
         return self._page("overview.html", session, **await self._overview_context(await self.sample_pipeline()))
 
     async def overview_fragment(self, request: web.Request, session: Session) -> web.StreamResponse:
         # The sampler's latest scrape (every pipeline_sample_s): a live page never scrapes the services itself.
-        return self._page("overview_live.html", session, **await self._overview_context(self.last_texts))
+        return self._page("overview_live.html", session, **await self._overview_context(self.sampler.last_texts))
 
     async def overview_live(self, request: web.Request, session: Session) -> web.StreamResponse:
         """Server-Sent Events: `changed` whenever the overview's numbers change (the pipeline's every sample)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
@@ -15,8 +14,6 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from faust.web import Request, Response, View
 from prometheus_client import REGISTRY, CollectorRegistry
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.identity.admin import is_admin
 from services.identity.customer360 import find_customer, read_customer, read_review
@@ -57,6 +54,7 @@ from touchstream.streams import (
     add_health_pages,
     make_app,
     run_kernel,
+    while_redis_is_down,
 )
 from touchstream.topics import (
     CUSTOMER_DELETIONS,
@@ -67,7 +65,6 @@ from touchstream.topics import (
 )
 
 STAGE = "identity"
-MAX_REDIS_BACKOFF_S = 5.0
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -213,15 +210,7 @@ class TouchpointResolver:
 
     async def with_redis_retry(self, call: Callable[[], Awaitable[T]]) -> T:
         """Retry `call` while Redis is unreachable: the batch waits rather than being skipped."""
-        backoff = 0.1
-        while True:
-            try:
-                return await call()
-            except (RedisConnectionError, RedisTimeoutError) as exc:
-                self.metrics.service.redis_errors.inc()
-                log.warning("identity: Redis unavailable (%s), retrying in %.1fs", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, MAX_REDIS_BACKOFF_S)
+        return await while_redis_is_down(call, self.metrics.service, "identity")
 
 
 def build_app(

@@ -70,7 +70,13 @@ end
 
 local function remember(answer)
   local text = cjson.encode(answer)
-  redis.call("SET", prefix .. "event:" .. op_id, text, "EX", ttl)
+  -- Kept for event_ttl_s per event, so without what a replay reads back as its default (false,
+  -- empty lists): the most common answer, an event of a known customer, halves.
+  local kept = {}
+  for name, value in pairs(answer) do
+    if value ~= false and not (type(value) == "table" and next(value) == nil) then kept[name] = value end
+  end
+  redis.call("SET", prefix .. "event:" .. op_id, cjson.encode(kept), "EX", ttl)
   return text
 end
 

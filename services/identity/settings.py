@@ -10,6 +10,7 @@ from services.identity.domain import GraphRules
 from services.identity.matching import MatchSettings
 from touchstream.client_address import TrustedProxies
 from touchstream.identifiers import DEFAULT_BLOCKLIST, STRONG_TYPES
+from touchstream.privacy import IDENTITY_GRAPH_PREFIX
 from touchstream.settings import Environment
 
 __all__ = ["DEV_ADMIN_KEY", "DEV_ADMIN_KEY_SHA256", "IdentitySettings"]
@@ -45,7 +46,7 @@ class IdentitySettings(BaseSettings):
     matching: MatchSettings = Field(default_factory=MatchSettings)
     # The braces are a Redis Cluster hash tag: every graph key lands in one slot, so the
     # one Lua script per event stays legal there (at the price of one primary for the graph).
-    graph_key_prefix: str = "ts:identity:{graph}:"
+    graph_key_prefix: str = IDENTITY_GRAPH_PREFIX
     # Long enough to cover any redelivery after a crash or a consumer-group rebalance.
     event_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="How long an event's resolution is remembered.")
 

@@ -1,9 +1,10 @@
 """Redis adapter: customer states and silent paths, per-partition schedules and watermarks, model checkpoint.
 
 Key layout (prefix from settings, default `ts:scoring`):
-  {prefix}:customer:{customer_id}  string, JSON CustomerState (waiting examples and the
-                                   recently applied message/merge ids inside it, so one
-                                   SET makes an update and its idempotency record atomic)
+  {prefix}:customer:{customer_id}  string, CustomerState in the compact encoding of
+                                   `encode_state` (waiting examples and the recently applied
+                                   message/merge ids inside it, so one SET makes an update and
+                                   its idempotency record atomic); JSON written before it still reads
   {prefix}:path:{customer_id}      string, the customer's silent path (features.PATH_FIELDS as
                                    little-endian float64): its model inputs at any later time
                                    while it stays silent, without loading the state
@@ -28,6 +29,7 @@ an erasure (`forget`), which removes a customer's members from every partition's
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +43,67 @@ from touchstream.privacy import DEFAULT_ERASED_TTL_S, ErasedCustomers
 
 # Commands per pipeline round trip.
 PIPELINE_CHUNK = 500
+
+# The compact state encoding (issue 15: Redis bytes per customer). A JSON object spent a third of a
+# new customer's state on field names and its waiting examples' paths as decimal text; this is
+# 0x02, the length of a JSON array, the array, then every waiting example's path as little-endian
+# float64. The array holds the fields of STATE_POSITIONS by position, then a JSON object of any
+# other field (a field added to CustomerState later is kept by name until it is given a position:
+# append positions, never reorder them), then the waiting examples as
+# [t_ms, due_ms, propensity, positive, purchases, path length].
+COMPACT_STATE = 2
+_COMPACT_HEAD = struct.Struct("<BI")
+STATE_POSITIONS = (
+    "first_touch_ms", "last_touch_ms", "first_purchase_ms", "last_purchase_ms", "purchase_count", "monetary_total",
+    "purchase_times", "complaints", "ratings_count", "ratings_sum", "channel_counts", "touches", "purchases", "spend",
+    "complaints_recent", "last_example_day", "last_example_ms", "last_scored_propensity", "last_scored_stage",
+    "last_scored_segment", "next_check_ms", "applied_ids", "consent", "consent_at_ms", "time_zone", "time_zone_at_ms",
+)
+_WINDOWS = frozenset(("touches", "purchases", "spend", "complaints_recent"))
+
+
+def encode_state(state: CustomerState) -> bytes:
+    """Return `state` in the compact encoding (see COMPACT_STATE); `decode_state` reads it back.
+
+    >>> from services.scoring.state import PendingExample
+    >>> state = CustomerState(purchase_count=2, pending=[PendingExample(1, 2, [1.0, float("nan")], 0.3)])
+    >>> decoded = decode_state(encode_state(state))
+    >>> decoded.purchase_count, decoded.pending[0].t_ms, decoded.pending[0].path[0]
+    (2, 1, 1.0)
+    """
+    data = state_to_dict(state)
+    pending = data.pop("pending")
+    row: list[Any] = []
+    for name in STATE_POSITIONS:
+        value = data.pop(name)
+        row.append([value["values"], value["at_ms"]] if name in _WINDOWS else value)
+    row.append(data)  # fields without a position yet, by name
+    row.append([[e["t_ms"], e["due_ms"], e["propensity"], e["positive"], e["purchases"], len(e["path"])]
+                for e in pending])
+    head = orjson.dumps(row)
+    paths = b"".join(np.asarray(e["path"], dtype="<f8").tobytes() for e in pending)
+    return _COMPACT_HEAD.pack(COMPACT_STATE, len(head)) + head + paths
+
+
+def decode_state(raw: bytes) -> CustomerState:
+    """Read a state written by `encode_state`, or the JSON object scoring wrote before it."""
+    if raw[:1] != bytes((COMPACT_STATE,)):
+        return state_from_dict(orjson.loads(raw))
+    _, size = _COMPACT_HEAD.unpack_from(raw)
+    start = _COMPACT_HEAD.size
+    row = orjson.loads(raw[start:start + size])
+    offset = start + size
+    data: dict[str, Any] = dict(row[len(STATE_POSITIONS)])
+    for name, value in zip(STATE_POSITIONS, row, strict=False):
+        data[name] = {"values": value[0], "at_ms": value[1]} if name in _WINDOWS else value
+    pending = []
+    for t_ms, due_ms, propensity, positive, purchases, length in row[len(STATE_POSITIONS) + 1]:
+        path = np.frombuffer(raw, dtype="<f8", count=length, offset=offset).tolist()
+        offset += length * 8
+        pending.append({"t_ms": t_ms, "due_ms": due_ms, "path": path, "propensity": propensity,
+                        "positive": positive, "purchases": purchases})
+    data["pending"] = pending
+    return state_from_dict(data)
 
 
 @dataclass
@@ -158,7 +221,7 @@ class RedisScoringStore:
                 for key in keys[start : start + PIPELINE_CHUNK]:
                     pipe.get(key)
                 replies.extend(await pipe.execute())
-        states = {cid: state_from_dict(orjson.loads(raw)) for cid, raw in zip(ids, replies, strict=False) if raw}
+        states = {cid: decode_state(raw) for cid, raw in zip(ids, replies, strict=False) if raw}
         watermarks = {p: int(raw) for p, raw in zip(parts, replies[len(ids) :], strict=True) if raw is not None}
         return states, watermarks
 
@@ -240,8 +303,7 @@ class RedisScoringStore:
         for partition, watermark in changes.watermarks.items():
             commands.append(("set", self.watermark_key(partition), watermark))
         for customer_id, state in changes.states.items():
-            encoded = orjson.dumps(state_to_dict(state))
-            commands.append(("set", self.customer_key(customer_id), encoded))
+            commands.append(("set", self.customer_key(customer_id), encode_state(state)))
         if changes.deleted:
             commands.append(("delete", *[self.customer_key(c) for c in changes.deleted]))
         for partition, removed in changes.due_removed.items():

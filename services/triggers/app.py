@@ -12,19 +12,14 @@ import redis.asyncio as aioredis
 from prometheus_client import REGISTRY, CollectorRegistry
 from redis.exceptions import RedisError
 
-from services.triggers.delivery import (
-    ActionDelivery,
-    DeliveryEnded,
-    FailedDelivery,
-    WebhookSender,
-    endpoint_refusal,
-    guarded_client,
-)
+from services.triggers.delivery import ActionDelivery, DeliveryEnded, FailedDelivery
 from services.triggers.metrics import TriggersMetrics
 from services.triggers.rules import Rule, RuleSet, parse_rule_file
 from services.triggers.service import TriggersService, announce_deliveries, dead_letter_failed_deliveries
 from services.triggers.settings import TriggersSettings
 from services.triggers.state_store import ERASED_KEY, DeliveryLedger, DeliveryQueue, RuleStateStore
+from services.triggers.transport import WebhookSender, endpoint_refusal, guarded_client
+from touchstream.eventtime import DAY_S
 from touchstream.privacy import ErasedCustomers
 from touchstream.settings import CoreSettings
 from touchstream.startup import ConfigurationError
@@ -32,7 +27,6 @@ from touchstream.streams import Readiness, StreamKernel, add_health_pages, make_
 
 log = logging.getLogger(__name__)
 STAGE = "triggers"
-DAY_S = 86_400
 
 
 def load_rules(path: Path) -> RuleSet:

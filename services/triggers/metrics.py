@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from touchstream.metrics import ServiceMetrics
+from touchstream.metrics import EVENT_TO_WEBHOOK, ServiceMetrics
 
 
 class TriggersMetrics(ServiceMetrics):
@@ -56,5 +56,5 @@ class TriggersMetrics(ServiceMetrics):
         self.events_erased = self.counter(
             "events_erased", "Scores of erased customers not evaluated (in flight during the erasure, or read again).")
         self.event_to_webhook = self.histogram(
-            "event_to_webhook", "From ingest receiving the event to the webhook's 2xx, by rule.", ["rule"]
+            EVENT_TO_WEBHOOK, "From ingest receiving the event to the webhook's 2xx, by rule.", ["rule"]
         )

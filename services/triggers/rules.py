@@ -17,6 +17,7 @@ import yaml
 
 from services.triggers.conditions import Condition, ConditionError, parse_condition
 from services.triggers.templates import PLACEHOLDERS, template_placeholders, unknown_placeholders
+from touchstream.eventtime import HOUR_MS
 
 # The rule file triggers evaluates unless TOUCHSTREAM_TRIGGERS_RULES_FILE names another; the console
 # reads the same file (through this module, the one parser) to draw the thresholds.
@@ -27,7 +28,6 @@ CHANGE_FIELDS = ("segment", "stage")
 QUIET_MODES = ("hold", "drop")
 RULE_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _CLOCK = re.compile(r"^([01][0-9]|2[0-3]):([0-5][0-9])$")
-HOUR_MS = 3_600_000
 
 
 class RuleError(ValueError):

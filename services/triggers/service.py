@@ -31,11 +31,11 @@ from services.triggers.delivery import ActionDelivery, DeliveryEnded, FailedDeli
 from services.triggers.erasure import DELETED_RULE_ID, deleted_ids, deletion_action_records, forget_customers
 from services.triggers.events import ScoreUpdated
 from services.triggers.metrics import TriggersMetrics
-from services.triggers.rules import HOUR_MS, RuleSet, Silence
+from services.triggers.rules import RuleSet, Silence
 from services.triggers.settings import TriggersSettings
-from services.triggers.state_store import DeliveryQueue, RuleStateStore
+from services.triggers.state_store import DeliveryQueue, RuleStates
 from touchstream import avro
-from touchstream.eventtime import DEFAULT_EVENT_TIME_TOLERANCE_S, event_time_ceiling_ms
+from touchstream.eventtime import DEFAULT_EVENT_TIME_TOLERANCE_S, HOUR_MS, event_time_ceiling_ms
 from touchstream.privacy import ErasedCustomers
 from touchstream.streams import Consumes, Outbox, Record
 from touchstream.topics import ACTION_DELIVERIES, ACTIONS, CUSTOMER_DELETIONS, SCORES
@@ -49,7 +49,7 @@ class TriggersService:
     """Decide actions from score batches, queue them for delivery, and forget erased customers."""
 
     def __init__(self, rule_set: RuleSet, settings: TriggersSettings, redis: aioredis.Redis,
-                 states: RuleStateStore, delivery: ActionDelivery, delivery_queue: DeliveryQueue,
+                 states: RuleStates, delivery: ActionDelivery, delivery_queue: DeliveryQueue,
                  metrics: TriggersMetrics, erased: ErasedCustomers,
                  event_time_tolerance_s: float = DEFAULT_EVENT_TIME_TOLERANCE_S) -> None:
         self.rules = rule_set.rules

@@ -17,12 +17,14 @@ Key layout (the `{customer_id}` hash tag keeps one customer's keys in one Redis 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Protocol
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 from redis.typing import EncodableT, FieldT
 
 from services.triggers.crossing import CrossingState, StateKey
+from touchstream.eventtime import DAY_S
 
 
 def state_key(rule_id: str, customer_id: str) -> str:
@@ -44,7 +46,7 @@ def customer_keys_key(customer_id: str) -> str:
 
 
 # A day's fired-action count is kept this long (the frequency cap needs the customer's local day only).
-CAP_TTL_S = 3 * 86_400
+CAP_TTL_S = 3 * DAY_S
 
 
 def delivered_key(action_id: str) -> str:
@@ -94,6 +96,22 @@ def cap_key(customer_id: str, day: str) -> str:
 
 def timer_member(key: StateKey) -> str:
     return f"{key[0]}\x1f{key[1]}"
+
+
+class RuleStates(Protocol):
+    """What deciding on scores needs of its state: `RuleStateStore` in Redis; an in-memory fake in unit tests."""
+
+    async def load(self, keys: Iterable[StateKey]) -> dict[StateKey, CrossingState]: ...
+
+    async def save(self, states: Mapping[StateKey, CrossingState], silence_rules: Iterable[str] = ()) -> None: ...
+
+    async def load_caps(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], int]: ...
+
+    async def save_caps(self, counts: Mapping[tuple[str, str], int]) -> None: ...
+
+    async def raise_watermark(self, event_time_ms: int, ceiling_ms: int) -> int: ...
+
+    async def due_timers(self, watermark_ms: int, limit: int = 1000) -> list[StateKey]: ...
 
 
 class RuleStateStore:

@@ -9,20 +9,20 @@ A supervisor's restart is played by `local.kill_and_restart`.
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 import redis
 
+from services.scoring.state import CustomerState
+from services.scoring.store import decode_state
 from tests.stacks import running_stack, webhooks_received
-from touchstream import local
+from touchstream_cli import local
 
 RULES = """
 rules:
@@ -68,9 +68,9 @@ def post_events(state: local.StackState, run: str, count: int, rate: float, prog
     asyncio.run(send())
 
 
-def redis_json_values(client: redis.Redis, pattern: str) -> list[Any]:
-    keys = list(client.scan_iter(match=pattern, count=1000))
-    return [json.loads(v) for v in client.mget(keys)] if keys else []
+def scoring_states(client: redis.Redis) -> list[CustomerState]:
+    keys = list(client.scan_iter(match="ts:scoring:customer:*", count=1000))
+    return [decode_state(raw) for raw in client.mget(keys)] if keys else []
 
 
 def run_with_kills(stack: local.StackState, count: int, rate: float) -> None:
@@ -97,9 +97,9 @@ def run_with_kills(stack: local.StackState, count: int, rate: float) -> None:
     identity_customers = [k for k in client.scan_iter(match="ts:identity:{graph}:customer:*", count=1000)
                           if k.count(b":") == 4]
     assert len(identity_customers) == count
-    states = redis_json_values(client, "ts:scoring:customer:*")
+    states = scoring_states(client)
     assert len(states) == count
-    assert sorted({s["purchase_count"] for s in states}) == [1], "a purchase was lost or counted twice"
+    assert sorted({s.purchase_count for s in states}) == [1], "a purchase was lost or counted twice"
 
 
 @pytest.mark.integration

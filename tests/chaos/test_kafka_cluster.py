@@ -24,9 +24,9 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from tests.chaos.test_crash_recovery import RULES, post_events
 from tests.stacks import ARTIFACTS, running_stack, webhooks_received
-from touchstream import local
 from touchstream.embedded import ManagedProcess, restart_kafka_node, start_kafka_cluster
 from touchstream.topics import ALL_TOPICS
+from touchstream_cli import local
 
 WORKERS = ("ingest", "identity", "scoring", "triggers", "console")
 

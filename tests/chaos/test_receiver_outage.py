@@ -31,7 +31,7 @@ from services.triggers.state_store import queue_keys
 from services.triggers.webhooks import RETRY_SCHEDULE_S
 from tests.chaos.test_crash_recovery import RULES, post_events
 from tests.stacks import running_stack, webhooks_received
-from touchstream import local
+from touchstream_cli import local
 
 SCALE = 400
 SCHEDULE = tuple(wait / SCALE for wait in RETRY_SCHEDULE_S)

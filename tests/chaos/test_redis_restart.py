@@ -23,10 +23,10 @@ import httpx
 import pytest
 import redis
 
-from tests.chaos.test_crash_recovery import RULES, post_events, redis_json_values
+from tests.chaos.test_crash_recovery import RULES, post_events, scoring_states
 from tests.stacks import running_stack, webhooks_received
-from touchstream import local
 from touchstream.embedded import free_port, start_valkey
+from touchstream_cli import local
 
 WORKERS = ("ingest", "identity", "scoring", "triggers", "console")
 
@@ -54,9 +54,9 @@ def assert_every_event_once(stack: local.StackState, count: int, timeout_s: floa
     identity_customers = [k for k in client.scan_iter(match="ts:identity:{graph}:customer:*", count=1000)
                           if k.count(b":") == 4]
     assert len(identity_customers) == count
-    states = redis_json_values(client, "ts:scoring:customer:*")
+    states = scoring_states(client)
     assert len(states) == count, f"{count - len(states)} events never reached scoring's state"
-    assert sorted({s["purchase_count"] for s in states}) == [1], "a purchase was lost or counted twice"
+    assert sorted({s.purchase_count for s in states}) == [1], "a purchase was lost or counted twice"
 
 
 def run_with_redis_restarts(stack: local.StackState, count: int, rate: float, restarts: int, down_s: float) -> None:

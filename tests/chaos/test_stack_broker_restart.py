@@ -20,7 +20,7 @@ import pytest
 
 from tests.chaos.test_crash_recovery import RULES, post_events
 from tests.stacks import running_stack, webhooks_received
-from touchstream import local
+from touchstream_cli import local
 
 WORKERS = ("ingest", "identity", "scoring", "triggers", "console")
 

@@ -34,9 +34,10 @@ from services.identity.admin import hash_admin_key
 from services.identity.settings import DEV_ADMIN_KEY
 from services.triggers.rules import parse_rules
 from tests.stacks import ARTIFACTS, running_stack
-from touchstream import avro, local
+from touchstream import avro
 from touchstream.embedded import free_port
 from touchstream.topics import ACTIONS, SCORES, TOUCHPOINTS_RAW, TOUCHPOINTS_RESOLVED
+from touchstream_cli import local
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]

@@ -38,7 +38,6 @@ from tests.e2e.test_privacy import (
     wait_until,
 )
 from tests.stacks import running_stack
-from touchstream import local
 from touchstream.identifiers import DEFAULT_BLOCKLIST
 from touchstream.settings import CoreSettings
 from touchstream.topics import (
@@ -49,6 +48,7 @@ from touchstream.topics import (
     SCORES,
     TOUCHPOINTS_RESOLVED,
 )
+from touchstream_cli import local
 
 pytestmark = pytest.mark.integration
 

@@ -36,8 +36,8 @@ from services.triggers.rules import parse_rule_file
 from services.triggers.settings import DEFAULT_RULES_FILE, TriggersSettings
 from tests.kafka_reading import collect
 from tests.stacks import running_stack
-from touchstream import local
 from touchstream.topics import ACTIONS
+from touchstream_cli import local
 
 pytestmark = pytest.mark.integration
 RULES = parse_rule_file(DEFAULT_RULES_FILE.read_text())

@@ -33,13 +33,14 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from services.console.entries import CustomerView
 from services.console.store import ReadModelStore
 from services.identity.domain import identifier_ref, lookup_identifier
-from services.ingest.app import record_key
+from services.ingest.producer import record_key
 from services.ingest.segment import to_touchpoint
 from tests.stacks import running_stack
-from touchstream import avro, local
+from touchstream import avro
 from touchstream.identifiers import DEFAULT_BLOCKLIST
 from touchstream.settings import CoreSettings
 from touchstream.topics import SCORES, TOUCHPOINTS_RAW
+from touchstream_cli import local
 
 pytestmark = pytest.mark.integration
 

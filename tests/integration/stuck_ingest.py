@@ -11,7 +11,7 @@ import asyncio
 from typing import Any
 
 from services.ingest import __main__ as ingest_main
-from services.ingest.app import IngestService
+from services.ingest.service import IngestService
 
 
 async def never_acknowledged(self: IngestService, encoded: Any) -> None:

@@ -16,13 +16,15 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from aiokafka import AIOKafkaProducer
 
+from services.console.auth import LOGIN_COOKIE, SESSION_COOKIE, Lockout, LoginThrottle
 from services.console.charts import PipelineSample
 from services.console.quality import LatencyWindow, RateMeter
 from services.console.readmodel import ActionTaken, DeadLettered, DeliveryEnded, ScoreUpdated, TouchpointSeen
+from services.console.scraping import STAGES
 from services.console.settings import ConsoleSettings
 from services.console.store import ReadModelStore
 from services.console.vendor import ECHARTS
-from services.console.web import CSP, LOGIN_COOKIE, SESSION_COOKIE, STAGES, ConsoleWeb, Lockout, LoginThrottle
+from services.console.web import CSP, ConsoleWeb
 from services.identity.admin import hash_admin_key
 from services.triggers.rules import parse_rules
 from tests.integration.test_identity_service import ADMIN_KEY as IDENTITY_KEY
@@ -910,7 +912,7 @@ async def test_rules_page_charts_each_rules_actions_per_day_as_the_json_says(con
 
 async def test_touchstream_rules_backtest_sends_its_report_to_the_console(
         console: TestClient, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    from touchstream.cli import main
+    from touchstream_cli.cli import main
 
     day, start = 86_400_000, 1_767_225_600_000  # 2026-01-01
     scores = tmp_path / "scores.jsonl"

@@ -74,7 +74,7 @@ def test_a_data_dir_of_another_cluster_is_reported_in_one_line(tmp_path: Path) -
 
 def test_the_cli_reports_a_broker_that_cannot_start_in_one_line(tmp_path: Path) -> None:
     env = {"TOUCHSTREAM_KAFKA_LIBS": str(tmp_path / "empty"), "PATH": "/usr/bin:/bin"}
-    done = subprocess.run([sys.executable, "-m", "touchstream.cli", "local", "up", "--run-dir", str(tmp_path / "run")],
+    done = subprocess.run([sys.executable, "-m", "touchstream_cli", "local", "up", "--run-dir", str(tmp_path / "run")],
                           env=env, capture_output=True, text=True, timeout=60, cwd=REPO)
     assert done.returncode == 1
     assert done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr, done.stderr

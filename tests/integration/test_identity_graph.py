@@ -73,6 +73,24 @@ async def test_an_event_linking_two_customers_merges_them_into_the_oldest(
     assert not await redis_client.exists(LAYOUT.members_key(younger.customer_id))
 
 
+async def test_an_event_s_answer_is_kept_without_its_defaults_and_replays_whole(
+    graph: IdentityGraph, redis_client: aioredis.Redis
+) -> None:
+    [created] = await graph.resolve([request("n1", 1000, EMAIL_A)])
+    [known] = await graph.resolve([request("n2", 2000, EMAIL_A)])
+
+    assert created.created and not known.created
+    kept = await redis_client.get(LAYOUT.event_key("n2"))
+    # Only the customer: false flags and empty lists are what a replay reads back by default.
+    assert kept == b'{"customer_id":"' + known.customer_id.encode() + b'"}'
+    [created_again, known_again] = await graph.resolve([request("n1", 1000, EMAIL_A), request("n2", 2000, EMAIL_A)])
+    assert created_again.replayed and known_again.replayed
+    assert (created_again.customer_id, created_again.created, created_again.merges, created_again.refused) == (
+        created.customer_id, True, (), ())
+    assert (known_again.customer_id, known_again.created, known_again.merges, known_again.refused) == (
+        known.customer_id, False, (), ())
+
+
 async def test_replaying_an_event_gives_the_same_answer_and_no_new_merge(
     graph: IdentityGraph, redis_client: aioredis.Redis
 ) -> None:

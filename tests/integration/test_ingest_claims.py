@@ -26,7 +26,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from starlette.testclient import TestClient
 
 from services.ingest.admission import Admitter, dedupe_key
-from services.ingest.app import IngestService, build_app
+from services.ingest.app import build_app
+from services.ingest.service import IngestService
 from services.ingest.settings import IngestSettings, hash_write_key
 from tests.kafka_reading import collect
 from tests.stacks import ingest_process

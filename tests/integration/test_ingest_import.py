@@ -56,7 +56,7 @@ def test_an_interrupted_import_resumes_and_every_row_goes_in_once(
     history = tmp_path / "history.jsonl"
     history.write_text("\n".join(lines) + "\n")
     state_path = default_paths(history)["state_path"]
-    command = [sys.executable, "-m", "touchstream.cli", "import", str(history), "--url", live_ingest,
+    command = [sys.executable, "-m", "touchstream_cli", "import", str(history), "--url", live_ingest,
                "--batch-size", "10"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOUCHSTREAM_IMPORT_WRITE_KEY": WRITE_KEY}
 

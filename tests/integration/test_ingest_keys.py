@@ -12,8 +12,8 @@ from starlette.testclient import TestClient
 from services.ingest.app import build_app
 from services.ingest.keys import KEYS_HASH, WriteKeyStore
 from services.ingest.settings import IngestSettings, hash_write_key
-from touchstream.cli import main as cli_main
 from touchstream.settings import CoreSettings
+from touchstream_cli.cli import main as cli_main
 
 pytestmark = pytest.mark.integration
 BOOTSTRAP_KEY = "bootstrap-key"

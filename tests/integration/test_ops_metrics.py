@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from tests.stacks import running_stack
-from touchstream import local
+from touchstream_cli import local
 
 pytestmark = pytest.mark.integration
 

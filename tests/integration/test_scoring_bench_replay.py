@@ -5,12 +5,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import orjson
 import pytest
 import redis.asyncio as aioredis
 
 from services.scoring.service import ResolvedInput, ScoringService
-from services.scoring.state import state_from_dict
+from services.scoring.store import decode_state
 from touchstream.datasets import cdnow_purchases
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
@@ -52,7 +51,7 @@ async def test_the_replay_hands_scoring_nothing_from_the_holdout(redis_url: str,
     redis = aioredis.from_url(redis_url)
     try:
         keys = [key async for key in redis.scan_iter("test:bench:customer:*")]
-        states = [state_from_dict(orjson.loads(raw)) for raw in await redis.mget(keys)]
+        states = [decode_state(raw) for raw in await redis.mget(keys)]
     finally:
         await redis.aclose()
     assert len(states) == len({i.customer_id for i in seen})

@@ -14,11 +14,12 @@ from services.triggers.backtest import backtest
 from services.triggers.rules import parse_rule_file
 from services.triggers.score_history import read_score_file, read_scores_topic
 from touchstream import avro
-from touchstream.cli import main
+from touchstream.eventtime import DAY_MS
 from touchstream.topics import SCORES
+from touchstream_cli.cli import main
 
 pytestmark = pytest.mark.integration
-DAY_MS = 86_400_000
+
 START_MS = 1_767_225_600_000  # 2026-01-01
 
 

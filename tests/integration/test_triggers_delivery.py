@@ -23,16 +23,7 @@ from prometheus_client import CollectorRegistry
 from standardwebhooks import Webhook
 
 from services.triggers.crossing import CrossingState
-from services.triggers.delivery import (
-    ActionDelivery,
-    AddressRefused,
-    DeliveryEnded,
-    FailedDelivery,
-    GuardedClient,
-    WebhookSender,
-    endpoint_refusal,
-    guarded_client,
-)
+from services.triggers.delivery import ActionDelivery, DeliveryEnded, FailedDelivery
 from services.triggers.erasure import forget_customers
 from services.triggers.metrics import TriggersMetrics
 from services.triggers.settings import WebhookEndpoint
@@ -47,6 +38,7 @@ from services.triggers.state_store import (
     queue_keys,
     state_key,
 )
+from services.triggers.transport import AddressRefused, GuardedClient, WebhookSender, endpoint_refusal, guarded_client
 from services.triggers.webhooks import RETRY_SCHEDULE_S
 from touchstream.embedded import free_port
 from touchstream.privacy import ErasedCustomers

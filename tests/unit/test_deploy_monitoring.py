@@ -32,7 +32,7 @@ QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')
 def exposed_series() -> set[str]:
     """Every series name the services can expose (counters with _total, histograms with _bucket/_sum/_count)."""
     from services.identity.metrics import IdentityMetrics
-    from services.ingest.app import IngestMetrics
+    from services.ingest.service import IngestMetrics
     from services.scoring.metrics import ScoringMetrics
     from services.triggers.metrics import TriggersMetrics
     from touchstream.metrics import ServiceMetrics
@@ -124,6 +124,17 @@ def test_rules_read_only_metrics_the_services_expose() -> None:
             used = metric_names(rule["expr"])
             assert used, f"{rule.get('alert') or rule.get('record')} reads no touchstream metric"
             assert used <= known, f"{rule.get('alert') or rule.get('record')} reads unknown series {used - known}"
+
+
+def test_the_console_scrapes_only_series_the_services_expose() -> None:
+    from services.console.quality import PREFIX, QUALITY_SERIES
+    from services.console.scraping import STAGES
+    from touchstream.metrics import EVENT_TO_WEBHOOK_SECONDS
+
+    read = {stage.metric for stage in STAGES} | {PREFIX + series for series in QUALITY_SERIES.values()}
+    read |= {EVENT_TO_WEBHOOK_SECONDS + "_bucket"}
+    assert all(stage.metric.startswith(f"touchstream_{stage.name}_") for stage in STAGES)
+    assert read - exposed_series() == set()
 
 
 def test_rules_alert_on_every_service_job() -> None:

@@ -7,6 +7,7 @@ import math
 import pytest
 from pydantic import ValidationError
 
+from services.console.auth import safe_next
 from services.console.quality import model_quality
 from services.console.readmodel import (
     TouchpointSeen,
@@ -22,7 +23,7 @@ from services.console.readmodel import (
     touchpoint_seen,
 )
 from services.console.settings import ConsoleSettings
-from services.console.web import rule_thresholds, safe_next
+from services.console.web import rule_thresholds
 from services.identity.admin import hash_admin_key
 from services.triggers.rules import parse_rules
 from touchstream import avro

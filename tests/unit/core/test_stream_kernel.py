@@ -178,3 +178,54 @@ def test_only_connection_type_redis_errors_are_transient(error: type[Exception])
     assert transient_redis_error(RedisConnectionError("x"))
     assert not transient_redis_error(ResponseError("WRONGTYPE Operation against a key holding the wrong kind"))
     assert transient_redis_error(error("x")) is (error is ConnectionError)
+
+
+class FakeConsumer:
+    """Hands out, on each `getmany`, the records that `arrive` put there since the last call."""
+
+    def __init__(self) -> None:
+        self.arrived: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]] = {}
+        self.calls: list[int] = []
+
+    def arrive(self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]) -> None:
+        for tp, messages in batch.items():
+            self.arrived.setdefault(tp, []).extend(messages)
+
+    async def getmany(self, timeout_ms: int = 0, max_records: int | None = None) -> dict[TopicPartition, list[Any]]:
+        self.calls.append(max_records or 0)
+        arrived, self.arrived = self.arrived, {}
+        return arrived
+
+
+def lingering_kernel(**settings: Any) -> tuple[StreamKernel, FakeConsumer]:
+    metrics = ServiceMetrics("kerneltest", CollectorRegistry())
+    kernel = StreamKernel("kerneltest", CoreSettings(**settings), (), metrics, Readiness())
+    consumer = FakeConsumer()
+    kernel.consumer = consumer  # type: ignore[assignment]
+    return kernel, consumer
+
+
+async def test_a_small_batch_takes_in_the_records_that_arrive_while_it_lingers() -> None:
+    kernel, consumer = lingering_kernel(batch_size=10, linger_below=4, batch_within_s=0.05)
+    tp = TopicPartition(SCORES.name, 0)
+    first = {tp: [message(SCORES.name, 0, b"a")]}
+
+    async def later_arrivals() -> None:
+        await asyncio.sleep(0.01)
+        consumer.arrive({tp: [message(SCORES.name, 1, b"b"), message(SCORES.name, 2, b"c")]})
+
+    arrivals = asyncio.create_task(later_arrivals())
+    batch = await kernel._lingered(first)
+    await arrivals
+    assert [m.offset for m in batch[tp]] == [0, 1, 2]
+    assert consumer.calls == [9]  # asked only for the room left in the batch
+
+
+async def test_a_batch_of_linger_below_or_more_is_handled_without_waiting() -> None:
+    kernel, consumer = lingering_kernel(batch_size=10, linger_below=2, batch_within_s=5.0)
+    tp = TopicPartition(SCORES.name, 0)
+    batch = await asyncio.wait_for(kernel._lingered({tp: [message(SCORES.name, i, b"x") for i in range(2)]}), 1.0)
+    assert len(batch[tp]) == 2 and consumer.calls == []
+    off, consumer = lingering_kernel(batch_size=10, linger_below=0, batch_within_s=5.0)
+    batch = await asyncio.wait_for(off._lingered({tp: [message(SCORES.name, 0, b"x")]}), 1.0)
+    assert len(batch[tp]) == 1 and consumer.calls == []

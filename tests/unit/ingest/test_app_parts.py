@@ -10,7 +10,9 @@ import itertools
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
-from services.ingest.app import CachedPartitioner, basic_user, build_app, record_key
+from services.ingest.app import build_app
+from services.ingest.http_api import basic_user
+from services.ingest.producer import CachedPartitioner, record_key
 from services.ingest.settings import IngestSettings
 from touchstream.identifiers import KNOWN_TYPES, Identifier, partition_key, raw_topic_key
 from touchstream.settings import CoreSettings

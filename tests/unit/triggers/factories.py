@@ -7,9 +7,6 @@ from typing import Any
 from services.triggers.events import Reason, ScoreUpdated
 from services.triggers.rules import ActionSpec, Rule, ScoreCrossing, parse_rule_file
 
-HOUR_MS = 3_600_000
-DAY_MS = 24 * HOUR_MS
-
 
 def a_rule(**overrides: Any) -> Rule:
     fields: dict[str, Any] = {

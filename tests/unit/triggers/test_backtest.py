@@ -11,8 +11,9 @@ import pytest
 
 from services.triggers.backtest import backtest
 from services.triggers.events import ScoreUpdated
-from tests.unit.triggers.factories import DAY_MS, HOUR_MS, a_score, rules_from
-from touchstream.cli import main
+from tests.unit.triggers.factories import a_score, rules_from
+from touchstream.eventtime import DAY_MS, HOUR_MS
+from touchstream_cli.cli import main
 
 MONDAY_MS = 1_772_409_600_000  # 2026-03-02T00:00Z
 

@@ -15,7 +15,8 @@ from services.triggers.crossing import (
     is_held_out,
     next_crossing_state,
 )
-from tests.unit.triggers.factories import HOUR_MS, a_rule, a_score
+from tests.unit.triggers.factories import a_rule, a_score
+from touchstream.eventtime import HOUR_MS
 
 
 def outcomes(risks: list[float], *, step_ms: int = 48 * HOUR_MS, **rule_fields: object) -> list[str | None]:

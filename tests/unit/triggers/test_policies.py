@@ -23,8 +23,9 @@ from services.triggers.crossing import (
 )
 from services.triggers.events import ScoreUpdated
 from services.triggers.rules import RuleError
-from tests.unit.triggers.factories import DAY_MS, HOUR_MS, a_score, rules_from
+from tests.unit.triggers.factories import a_score, rules_from
 from touchstream import avro
+from touchstream.eventtime import DAY_MS, HOUR_MS
 
 ACTION = "    action: {endpoint: marketing}\n"
 

@@ -8,7 +8,7 @@ import pytest
 
 from services.triggers.rule_check import rule_file_problems
 from services.triggers.settings import DEFAULT_RULES_FILE
-from touchstream.cli import main
+from touchstream_cli.cli import main
 
 BAD = """\
 policy:

@@ -12,8 +12,9 @@ from services.triggers.crossing import CrossingState, DecisionContext, Outcome, 
 from services.triggers.rule_check import rule_file_problems
 from services.triggers.rules import RuleSet, parse_rule_file
 from services.triggers.settings import DEFAULT_RULES_FILE
-from tests.unit.triggers.factories import DAY_MS, HOUR_MS, a_score
+from tests.unit.triggers.factories import a_score
 from touchstream import avro
+from touchstream.eventtime import DAY_MS, HOUR_MS
 
 SAMPLES = sorted(Path(DEFAULT_RULES_FILE).parent.glob("*.yaml"))
 NOON_UTC_MS = 1_795_000_000_000 - 1_795_000_000_000 % DAY_MS + 12 * HOUR_MS

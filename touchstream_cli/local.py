@@ -209,7 +209,7 @@ def spawn_component(state: StackState, name: str) -> ManagedProcess:
         return start_valkey(state.ports["redis"], log, Path(state.run_dir, REDIS_DATA_DIR))
     env = service_env(state, state.env_overrides)
     if name == "receiver":
-        argv = [python, "-m", "touchstream.cli", "receiver", "--port", str(state.ports["receiver"]),
+        argv = [python, "-m", "touchstream_cli", "receiver", "--port", str(state.ports["receiver"]),
                 "--secret", state.webhook_secret, "--journal", str(Path(state.run_dir, RECEIVER_JOURNAL))]
         return spawn(name, argv, log, env)
     service = name if name in SERVICES else name.rsplit("-", 1)[0]

@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "local":
-        from touchstream import local
+        from touchstream_cli import local
 
         if args.action == "up":
             state = local.up(args.run_dir, partitions=args.partitions, workers=args.workers, broker=args.broker)
@@ -124,7 +124,7 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"{name:9s} {text}")
         return 0
     if args.command == "demo":
-        from touchstream.demo import run_demo
+        from touchstream_cli.demo import run_demo
 
         summary = run_demo(args.run_dir, args.days_per_second, args.limit, args.partitions, args.broker,
                            args.screenshots)

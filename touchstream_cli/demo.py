@@ -12,9 +12,21 @@ from typing import Any
 
 import httpx
 
-from touchstream import local
 from touchstream.datasets import cdnow_purchases, iter_track_calls
-from touchstream.replay import ReplayProgress, replay, scrape, sum_metric
+from touchstream.metrics import events_in_total, events_out_total
+from touchstream.replay import PipelineState, ReplayProgress, replay, scrape, sum_metric
+from touchstream.topics import ACTIONS, SCORES, TOUCHPOINTS_RESOLVED
+from touchstream_cli import local
+
+# The stages between ingest and the webhook; the console reads beside them, off the webhook's path.
+PACED_STAGES = ("identity", "scoring", "triggers")
+# Events in flight between ingest and the last stage above which the replay stops its clock. At the
+# stack's ~300-500 events/s on 2 cores this is about a second of work: enough to keep every stage's
+# batches full, little enough that the summary's latency is the pipeline's and not a queue's.
+DEMO_MAX_LAG = 300
+# Small posts: a 500-event post lands on the broker at once, a second of the pipeline's work ahead
+# of the lag the replay paces by.
+DEMO_POST_EVENTS = 100
 
 
 async def pipeline_counts(client: httpx.AsyncClient, state: local.StackState) -> dict[str, float]:
@@ -26,11 +38,13 @@ async def pipeline_counts(client: httpx.AsyncClient, state: local.StackState) ->
     with contextlib.suppress(httpx.HTTPError):
         stats = (await client.get(f"{state.url('receiver')}/stats", timeout=5.0)).json()
     return {
-        "resolved": sum_metric(identity, "touchstream_identity_events_out_total", topic="touchpoints.resolved"),
-        "scored": sum_metric(scoring, "touchstream_scoring_events_out_total", topic="scores"),
-        "scores_seen": sum_metric(triggers, "touchstream_triggers_events_in_total", topic="scores"),
-        "actions": sum_metric(triggers, "touchstream_triggers_events_out_total", topic="actions"),
-        "actions_seen": sum_metric(triggers, "touchstream_triggers_events_in_total", topic="actions"),
+        "lag": sum(sum_metric(text, f"touchstream_{stage}_consumer_lag_messages")
+                   for stage, text in zip(PACED_STAGES, (identity, scoring, triggers), strict=True)),
+        "resolved": sum_metric(identity, events_out_total("identity"), topic=TOUCHPOINTS_RESOLVED.name),
+        "scored": sum_metric(scoring, events_out_total("scoring"), topic=SCORES.name),
+        "scores_seen": sum_metric(triggers, events_in_total("triggers"), topic=SCORES.name),
+        "actions": sum_metric(triggers, events_out_total("triggers"), topic=ACTIONS.name),
+        "actions_seen": sum_metric(triggers, events_in_total("triggers"), topic=ACTIONS.name),
         "customers": sum_metric(identity, "touchstream_identity_customers_created_total"),
         "webhooks": float(stats.get("unique", 0)),
         "latency_p50_s": stats.get("latency_p50_s") or 0.0,
@@ -39,13 +53,16 @@ async def pipeline_counts(client: httpx.AsyncClient, state: local.StackState) ->
 
 
 async def wait_drained(state: local.StackState, accepted: int, wait_s: float) -> dict[str, float]:
-    """Wait until every accepted event is scored and every action seen by delivery, and webhooks stop."""
+    """Wait until every stage has consumed all it was sent, delivery has seen every action, and webhooks stop."""
     deadline = time.monotonic() + wait_s
     previous_webhooks = -1.0
     async with httpx.AsyncClient() as client:
         while True:
             counts = await pipeline_counts(client, state)
-            caught_up = (counts["scores_seen"] >= accepted and counts["actions_seen"] >= counts["actions"])
+            # Scoring sends scores of its own (a silent customer's crossing), so the scores triggers
+            # saw are no count of events: every stage's lag at zero is.
+            caught_up = (counts["resolved"] >= accepted and counts["lag"] == 0
+                         and counts["actions_seen"] >= counts["actions"])
             if caught_up and counts["webhooks"] == previous_webhooks:
                 return counts
             if time.monotonic() > deadline:
@@ -53,21 +70,22 @@ async def wait_drained(state: local.StackState, accepted: int, wait_s: float) ->
                 return counts
             previous_webhooks = counts["webhooks"]
             print(f"  draining: resolved {counts['resolved']:,.0f} scored {counts['scored']:,.0f} "
-                  f"webhooks {counts['webhooks']:,.0f}", flush=True)
+                  f"lag {counts['lag']:,.0f} webhooks {counts['webhooks']:,.0f}", flush=True)
             await asyncio.sleep(2.0)
 
 
 async def replay_with_backpressure(state: local.StackState, calls: list[tuple[int, dict[str, Any]]],
-                                  days_per_second: float, show: Any) -> int:
-    """Replay, pausing while the triggers service is more than a thousand events behind."""
+                                  days_per_second: float, show: Any, max_lag: int = DEMO_MAX_LAG) -> int:
+    """Replay, stopping the clock while the stages together are more than `max_lag` records behind."""
     async with httpx.AsyncClient() as client:
 
-        async def scores_seen_by_triggers() -> float:
-            text = await scrape(client, state.url("triggers"))
-            return sum_metric(text, "touchstream_triggers_events_in_total", topic="scores")
+        async def pipeline_state() -> PipelineState:
+            counts = await pipeline_counts(client, state)
+            return PipelineState(lag=int(counts["lag"]), webhooks=int(counts["webhooks"]))
 
         return await replay(state.url("ingest"), state.write_key, calls, days_per_second,
-                            on_progress=show, processed=scores_seen_by_triggers, max_lag=1000)
+                            batch_size=DEMO_POST_EVENTS,
+                            on_progress=show, pipeline=pipeline_state, max_lag=max_lag)
 
 
 def show_sample_webhook(state: local.StackState) -> None:
@@ -81,7 +99,7 @@ def show_sample_webhook(state: local.StackState) -> None:
 def run_demo(run_dir: Path, days_per_second: float, limit: int | None, partitions: int,
              broker: str | None = None, screenshots: Path | None = None) -> dict[str, Any]:
     """Replay CDNOW through a fresh local stack, print a summary; with `screenshots`, save the console's
-    pages there (touchstream.screenshots) before the stack stops."""
+    pages there (touchstream_cli.screenshots) before the stack stops."""
     purchases = cdnow_purchases()
     if limit:
         purchases = purchases[:limit]
@@ -95,8 +113,10 @@ def run_demo(run_dir: Path, days_per_second: float, limit: int | None, partition
     try:
         def show(progress: ReplayProgress) -> None:
             day = datetime.fromtimestamp(progress.event_time_ms / 1000, UTC).date()
+            seen = progress.pipeline
+            behind = f", lag {seen.lag:,}, webhooks {seen.webhooks:,}" if seen is not None else ""
             print(f"  [{progress.elapsed_s:5.1f}s] sent {progress.sent:,}/{progress.total:,} events "
-                  f"(event time {day})", flush=True)
+                  f"({progress.rate:,.0f}/s{behind}; event time {day})", flush=True)
 
         started = time.monotonic()
         accepted = asyncio.run(replay_with_backpressure(state, calls, days_per_second, show))
@@ -118,7 +138,7 @@ def run_demo(run_dir: Path, days_per_second: float, limit: int | None, partition
         show_sample_webhook(state)
         if screenshots is not None:
             from services.identity.settings import DEV_ADMIN_KEY
-            from touchstream.screenshots import capture_console, showcase_candidates
+            from touchstream_cli.screenshots import capture_console, showcase_candidates
 
             # The local stack's console and identity take the dev admin key (docs/console.md).
             candidates = showcase_candidates((str(call["userId"]) for _, call in calls), 50)

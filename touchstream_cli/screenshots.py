@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from touchstream import local
+from touchstream_cli import local
 
 # Debian's chromium, driven by Playwright (a dev dependency): no browser download.
 CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--no-first-run",
@@ -54,7 +54,7 @@ def send_backtest(state: local.StackState, admin_key: str) -> None:
     import os
 
     from services.triggers.rules import DEFAULT_RULES_FILE
-    from touchstream.cli import main
+    from touchstream_cli.cli import main
 
     previous = os.environ.get("TOUCHSTREAM_CONSOLE_ADMIN_KEY")
     os.environ["TOUCHSTREAM_CONSOLE_ADMIN_KEY"] = admin_key

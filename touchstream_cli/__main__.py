@@ -1,0 +1,7 @@
+"""`python -m touchstream_cli ...` runs the `touchstream` command."""
+
+import sys
+
+from touchstream_cli.cli import main
+
+sys.exit(main())
