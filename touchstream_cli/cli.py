@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
                               help="also write the scores read from the topic to this file")
     backtest_cmd.add_argument("--by", choices=["day", "week"], default="day", help="period of the fired counts")
     backtest_cmd.add_argument("--json", action="store_true", help="print the report as JSON")
+    backtest_cmd.add_argument("--console", default=None, metavar="URL",
+                              help="also send the report to this console's rules page (its admin key in "
+                                   "TOUCHSTREAM_CONSOLE_ADMIN_KEY)")
     backtest_cmd.add_argument("--events", type=Path, default=None, metavar="SEMANTICS.yaml",
                               help="as for validate: the event names the rules may compare")
 
@@ -261,9 +264,10 @@ def _backtest(args: argparse.Namespace) -> int:
         args.save_scores.write_text("".join(line + "\n" for line in score_lines(history.records)), encoding="utf-8")
     rule_set = parse_rule_file(args.file.read_text(encoding="utf-8"), str(args.file))
     report = backtest(rule_set, history.scores, start, end, args.by)
+    as_json = {"rules_file": str(args.file), "source": source, "unreadable_records": history.unreadable,
+               **report.to_json()}
     if args.json:
-        print(json.dumps({"rules_file": str(args.file), "source": source, "unreadable_records": history.unreadable,
-                          **report.to_json()}, indent=2))
+        print(json.dumps(as_json, indent=2))
     else:
         print(report_text(report, str(args.file)))
         print(f"\nscores from {source}" + (f" ({history.unreadable} unreadable records skipped)"
@@ -271,6 +275,31 @@ def _backtest(args: argparse.Namespace) -> int:
         if args.scores is None:
             print("note: scores is compacted; where the broker has compacted it, only each customer's latest score is "
                   "left. Keep a history with --save-scores for later backtests.")
+    if args.console is not None:
+        return _send_backtest(args.console, as_json)
+    return 0
+
+
+def _send_backtest(console_url: str, report: dict[str, object]) -> int:
+    """PUT the report to a console's `/v1/rules/backtest` with its admin key; say what the console answered."""
+    import httpx
+
+    key = os.environ.get("TOUCHSTREAM_CONSOLE_ADMIN_KEY")
+    if not key:
+        print("touchstream rules backtest: --console: set TOUCHSTREAM_CONSOLE_ADMIN_KEY to the console's admin key",
+              file=sys.stderr)
+        return 2
+    try:
+        response = httpx.put(f"{console_url.rstrip('/')}/v1/rules/backtest", json=report, timeout=30,
+                             headers={"Authorization": f"Bearer {key}"})
+    except httpx.HTTPError as exc:
+        print(f"touchstream rules backtest: --console: cannot reach {console_url}: {exc}", file=sys.stderr)
+        return 1
+    if response.status_code != 200:
+        print(f"touchstream rules backtest: --console: the console answered {response.status_code}: "
+              f"{response.text[:300]}", file=sys.stderr)
+        return 1
+    print(f"sent to the console's rules page ({console_url})", file=sys.stderr)
     return 0
 
 

@@ -11,13 +11,23 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from datetime import date
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from services.console.backtests import BacktestResult
 
 HISTORY_MINUTES = 60
 QUANTILES = (0.5, 0.95, 0.99)
 QUALITY_METRICS = (("roc_auc", "ROC AUC"), ("log_loss", "log-loss"), ("brier", "Brier"),
                    ("calibration_error", "calibration error"))
 NEW_CUSTOMER = "new customer"
+DAY_MS = 86_400_000
+_EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
+# The rules page charts each rule's actions over this many days of event time, up to the newest seen.
+ACTIVITY_DAYS = 90
+ACTIVITY_OUTCOMES = (("fired", "fired"), ("held_out", "held out"), ("suppressed", "suppressed"),
+                     ("backfill", "backfill (recorded, not sent)"))
 
 
 @dataclass(frozen=True)
@@ -181,6 +191,85 @@ def score_lines(points: Sequence[tuple[int, float, float]], thresholds: Sequence
             "risk": [[t, risk] for t, risk, _ in ordered], "propensity": [[t, p] for t, _, p in ordered],
             "thresholds": [{"label": label, "value": value} for label, value in thresholds],
             "actions": [{"t": t, "outcome": outcome, "rule": rule} for t, outcome, rule in sorted(actions)]}
+
+
+def dated(by_day: Mapping[int, Mapping[str, int]]) -> dict[str, dict[str, int]]:
+    """Per-day counts keyed by their ISO date (UTC) instead of days since 1970, as the JSON API gives them.
+
+    >>> dated({20399: {"fired": 2}})
+    {'2025-11-07': {'fired': 2}}
+    """
+    return {date.fromordinal(_EPOCH_ORDINAL + day).isoformat(): dict(outcomes) for day, outcomes in by_day.items()}
+
+
+def rule_activity(rule_id: str, by_date: Mapping[str, Mapping[str, int]], last_day: int,
+                  days: int = ACTIVITY_DAYS) -> dict[str, Any]:
+    """A rule's actions per event-time day (`by_date`: ISO date -> outcome -> actions) over the `days` days up to
+    its newest action, at most `last_day` (days since 1970: the newest event time), by outcome, as stacked bars;
+    `rows` are the same numbers, one per day with any action (for the table). Up to its newest action, so a
+    rule that stopped firing (or history replayed) still shows its last stretch; and every day shown is whole,
+    as each customer's tally keeps TALLY_DAYS_KEPT (> `days`) days before its own newest action.
+
+    >>> by_day = {1: {"fired": 2}, 99: {"fired": 1, "suppressed": 3}, 100: {"held_out": 1}}
+    >>> a = rule_activity("r", dated(by_day), 100)
+    >>> a["series"]
+    [{'name': 'fired', 'points': [[8553600000, 1]]}, {'name': 'held out', 'points': [[8640000000, 1]]}, \
+{'name': 'suppressed', 'points': [[8553600000, 3]]}]
+    >>> a["rows"], a["total"]
+    ([[8553600000, 1, 0, 3, 0], [8640000000, 0, 1, 0, 0]], 5)
+    >>> b = rule_activity("r", dated(by_day), 400)  # quiet for 300 days: its last stretch is still shown
+    >>> b["to_ms"] // DAY_MS, b["total"]
+    (100, 5)
+    """
+    every = {date.fromisoformat(iso).toordinal() - _EPOCH_ORDINAL: outcomes for iso, outcomes in by_date.items()}
+    last_day = min([last_day, max((day for day, outcomes in every.items() if day <= last_day and any(
+        outcomes.values())), default=last_day)])
+    shown = {day: outcomes for day, outcomes in every.items() if last_day - days < day <= last_day}
+    series = [{"name": label, "points": [[day * DAY_MS, outcomes[key]] for day, outcomes in sorted(shown.items())
+                                         if outcomes.get(key)]} for key, label in ACTIVITY_OUTCOMES]
+    rows = [[day * DAY_MS, *(outcomes.get(key, 0) for key, _ in ACTIVITY_OUTCOMES)]
+            for day, outcomes in sorted(shown.items()) if any(outcomes.values())]
+    return {"kind": "activity", "title": f"{rule_id}: actions per day, the {days} days up to its newest action",
+            "rule": rule_id, "from_ms": (last_day - days + 1) * DAY_MS, "to_ms": last_day * DAY_MS,
+            "series": [line for line in series if line["points"]], "columns": [label for _, label in ACTIVITY_OUTCOMES],
+            "rows": rows, "total": sum(sum(row[1:]) for row in rows)}
+
+
+def backtest_fired(result: BacktestResult) -> dict[str, Any]:
+    """How many actions each rule of a backtest would have fired per period (day or ISO week): one line per rule.
+
+    >>> from services.console.backtests import BacktestResult, BacktestRule
+    >>> r = BacktestResult(0, "week", None, None, 9, 9, 3, (BacktestRule("a", 3, 3, {"2026-W36": 1, "2026-W38": 2},
+    ...     0, 0, {}), BacktestRule("b", 1, 1, {"2026-W37": 1}, 2, 0, {"cooldown": 4})))
+    >>> c = backtest_fired(r)
+    >>> c["periods"], c["series"]
+    (['2026-W36', '2026-W37', '2026-W38'], [{'name': 'a', 'values': [1, 0, 2]}, {'name': 'b', 'values': [0, 1, 0]}])
+    """
+    periods = result.periods()
+    return {"kind": "periods", "title": f"Would have fired per {result.bucket} (backtest, UTC)",
+            "bucket": result.bucket, "periods": periods,
+            "series": [{"name": rule.rule_id, "values": [rule.fired_by_period.get(p, 0) for p in periods]}
+                       for rule in result.rules]}
+
+
+def backtest_totals(result: BacktestResult) -> dict[str, Any]:
+    """Each rule of a backtest: fired, held out and stopped by reason, as stacked horizontal bars.
+
+    >>> from services.console.backtests import BacktestResult, BacktestRule
+    >>> r = BacktestResult(0, "day", None, None, 9, 9, 3, (BacktestRule("a", 3, 3, {}, 1, 0, {"cooldown": 2}),
+    ...     BacktestRule("b", 1, 1, {}, 0, 0, {"consent": 1})))
+    >>> c = backtest_totals(r)
+    >>> c["categories"], c["series"]
+    (['a', 'b'], [{'name': 'fired', 'values': [3, 1]}, {'name': 'held out', 'values': [1, 0]}, \
+{'name': 'stopped: consent', 'values': [0, 1]}, {'name': 'stopped: cooldown', 'values': [2, 0]}])
+    """
+    reasons = sorted({reason for rule in result.rules for reason in rule.stopped})
+    series = [{"name": "fired", "values": [rule.fired for rule in result.rules]},
+              {"name": "held out", "values": [rule.held_out for rule in result.rules]},
+              *({"name": f"stopped: {reason}", "values": [rule.stopped.get(reason, 0) for rule in result.rules]}
+                for reason in reasons)]
+    return {"kind": "stack", "title": "What the backtest's rules would have done", "unit": "actions",
+            "categories": [rule.rule_id for rule in result.rules], "series": series}
 
 
 def line_table(spec: Mapping[str, Any]) -> tuple[list[str], list[tuple[int, list[float | None]]]]:

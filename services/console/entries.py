@@ -15,7 +15,10 @@ listpack, several times smaller than a hash table.
     ch:<channel>    last event time on that channel
     pu              purchase times, comma-separated, the newest PURCHASES_CAP
     r:<rule>        the customer's tally for a rule: `f=1;h=0;b=0;d=1;x=0;T=<first treated ms>;H=<first hold-out ms>;
-                    s:<reason>=<suppressed>` (fired, held out, backfill, delivered, delivery failed); never trimmed
+                    s:<reason>=<suppressed>` (fired, held out, backfill, delivered, delivery failed), never trimmed;
+                    and per event-time day the same outcomes, `@<day>f=1;@<day>s=2` (days since 1970, suppressed
+                    not split by reason), the newest TALLY_DAYS_KEPT days before its newest action (the rules
+                    page charts them over time)
     m:<merge_id>    a merge or split involving the customer (JSON object)
     n:t n:s n:a     how many touchpoints, score points, actions are kept (trimmed back to the cap past it)
     v               a counter bumped by every change (the live page's change marker)
@@ -25,6 +28,7 @@ listpack, several times smaller than a hash table.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +46,11 @@ ACTIONS_CAP = 200
 PURCHASES_CAP = 50
 MAX_REASONS = 10
 DELIVERED, DEAD_LETTERED = 1, 0
+DAY_MS = 86_400_000
+# A customer's tally keeps its per-day outcomes this many days before its newest one: the rules page charts
+# the last ACTIVITY_DAYS days up to the newest event time, which never comes before a customer's newest action,
+# so every day it shows is still kept (and a customer acted on daily for years keeps a bounded tally).
+TALLY_DAYS_KEPT = 100
 
 
 def _compact(values: list[Any]) -> bytes:
@@ -194,9 +203,13 @@ class RuleTally:
     delivery_failed: int = 0
     first_treated_ms: int | None = None
     first_holdout_ms: int | None = None
+    # Event-time day (days since 1970) -> outcome (fired, held_out, suppressed, backfill) -> actions.
+    by_day: dict[int, dict[str, int]] = field(default_factory=dict)
 
 
 _TALLY_COUNTS = {"f": "fired", "h": "held_out", "b": "backfill"}
+_DAY_COUNTS = {"f": "fired", "h": "held_out", "s": "suppressed", "b": "backfill"}
+_DAY_PART = re.compile(r"@(-?\d+)([fhsb])")
 
 
 def parse_rule_tally(text: str | bytes) -> RuleTally:
@@ -204,20 +217,26 @@ def parse_rule_tally(text: str | bytes) -> RuleTally:
 
     >>> parse_rule_tally("f=2;d=1;x=1;T=5;s:cooldown=3")
     RuleTally(counts={'fired': 2, 'suppressed:cooldown': 3}, delivered=1, delivery_failed=1, first_treated_ms=5, \
-first_holdout_ms=None)
+first_holdout_ms=None, by_day={})
+    >>> parse_rule_tally("f=2;s:cooldown=1;@20400f=1;@20401f=1;@20401s=1").by_day
+    {20400: {'fired': 1}, 20401: {'fired': 1, 'suppressed': 1}}
     """
     if isinstance(text, bytes):
         text = text.decode()
     counts: dict[str, int] = {}
+    by_day: dict[int, dict[str, int]] = {}
     values = dict(part.split("=", 1) for part in text.split(";") if "=" in part)
     for name, value in values.items():
         if name in _TALLY_COUNTS:
             counts[_TALLY_COUNTS[name]] = int(value)
         elif name.startswith("s:"):
             counts[f"suppressed:{name[2:]}"] = int(value)
+        elif day_part := _DAY_PART.fullmatch(name):
+            by_day.setdefault(int(day_part.group(1)), {})[_DAY_COUNTS[day_part.group(2)]] = int(value)
     first_treated, first_holdout = values.get("T"), values.get("H")
     return RuleTally(counts, int(values.get("d", 0)), int(values.get("x", 0)),
-                     int(first_treated) if first_treated else None, int(first_holdout) if first_holdout else None)
+                     int(first_treated) if first_treated else None, int(first_holdout) if first_holdout else None,
+                     dict(sorted(by_day.items())))
 
 
 def tally_field(action: ActionTaken) -> str:
@@ -238,6 +257,20 @@ def tally_field(action: ActionTaken) -> str:
     if action.outcome == "backfill":
         return "b"
     return "s:" + (action.reason or "unspecified").replace(";", ",").replace("=", ":")
+
+
+def tally_day_field(action: ActionTaken, ceiling_ms: int | None = None) -> str:
+    """The per-day tally counter an action adds to: its event-time day (at most the day of `ceiling_ms`, so
+    one action stamped years ahead cannot push every other day out of the kept ones) and its outcome.
+
+    >>> [tally_day_field(ActionTaken("a", "r", "c", o, None, "m", 1_762_473_600_000, 0)) for o in
+    ...  ("fired", "held_out", "suppressed", "backfill")]
+    ['@20399f', '@20399h', '@20399s', '@20399b']
+    >>> tally_day_field(ActionTaken("a", "r", "c", "fired", None, "m", 4_102_444_800_000, 0), 1_762_473_600_000)
+    '@20399f'
+    """
+    at = action.event_time_ms if ceiling_ms is None else min(action.event_time_ms, ceiling_ms)
+    return f"@{at // DAY_MS}{tally_field(action)[0]}"
 
 
 @dataclass
@@ -329,15 +362,20 @@ def customer_view(customer_id: str, looked_up_id: str, fields: Mapping[bytes | s
 def sum_tallies(tallies: Iterable[RuleTally]) -> RuleTally:
     """Add customers' tallies of one rule up (first times are per customer, so they are dropped).
 
-    >>> sum_tallies([parse_rule_tally("f=1;d=1;T=5"), parse_rule_tally("f=2;s:cooldown=1;x=1")])
+    >>> sum_tallies([parse_rule_tally("f=1;d=1;T=5;@9f=1"), parse_rule_tally("f=2;s:cooldown=1;x=1;@9f=1;@10f=1")])
     RuleTally(counts={'fired': 3, 'suppressed:cooldown': 1}, delivered=1, delivery_failed=1, \
-first_treated_ms=None, first_holdout_ms=None)
+first_treated_ms=None, first_holdout_ms=None, by_day={9: {'fired': 2}, 10: {'fired': 1}})
     """
     counts: dict[str, int] = {}
+    by_day: dict[int, dict[str, int]] = {}
     delivered = failed = 0
     for tally in tallies:
         for name, n in tally.counts.items():
             counts[name] = counts.get(name, 0) + n
+        for day, outcomes in tally.by_day.items():
+            summed = by_day.setdefault(day, {})
+            for outcome, n in outcomes.items():
+                summed[outcome] = summed.get(outcome, 0) + n
         delivered += tally.delivered
         failed += tally.delivery_failed
-    return RuleTally(counts, delivered, failed)
+    return RuleTally(counts, delivered, failed, by_day=dict(sorted(by_day.items())))

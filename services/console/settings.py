@@ -31,6 +31,11 @@ class ConsoleSettings(BaseSettings):
     login_max_failures_per_account: int = Field(
         100, ge=1, description="Failed logins from all addresses together before every login gets a 429.")
     login_failure_window_s: int = Field(900, ge=1, description="How long failed logins count (from the first).")
+    # The JSON API (GET /v1/rules/{id}/outcomes, PUT /v1/rules/backtest) takes the admin key as a bearer token:
+    # a guesser gets 429 instead of a cheap 401 per try.
+    api_max_failures: int = Field(
+        20, ge=1, description="Wrong admin keys per client address on the JSON API before every key from it gets 429.")
+    api_failure_window_s: int = Field(300, ge=1, description="How long wrong API keys count (from the first).")
     trusted_proxies: TrustedProxies = Field(
         (), description="Networks of the reverse proxies whose X-Forwarded-For names the client (default none).")
     # Browsers only send Secure cookies over https; the local stack is plain http on loopback.

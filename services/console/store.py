@@ -20,6 +20,7 @@ Key layout (prefix `ts:console:` by default):
                              (each customer's tally of the rule is in its own hash); rules:version counts
                              the batches that touched a tally (the live rules page's change marker)
     dl:<stage>:<reason>      set of dead-letter digests (the count); dlreasons lists those keys
+    backtest                 the latest rule backtest report sent to the console (backtests.BacktestResult, JSON)
     pipeline:minutes         hash epoch minute -> the pipeline's sample of that minute (charts.PipelineSample),
                              the last HISTORY_MINUTES: a ring buffer, written by the sampler every few seconds
 
@@ -41,11 +42,13 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
+from services.console.backtests import BacktestResult
 from services.console.charts import HISTORY_MINUTES, PipelineSample
 from services.console.entries import (
     ACTIONS_CAP,
     PURCHASES_CAP,
     SCORE_HISTORY_CAP,
+    TALLY_DAYS_KEPT,
     TIMELINE_CAP,
     CustomerView,
     action_value,
@@ -56,6 +59,7 @@ from services.console.entries import (
     purchase_times,
     score_point_value,
     sum_tallies,
+    tally_day_field,
     tally_field,
     touchpoint_value,
 )
@@ -83,11 +87,12 @@ MAX_MERGE_HOPS = 64
 _COUNTERS = (b"into", b"n:t", b"n:s", b"n:a", b"v")
 
 # Shared by the scripts below; runs on one customer's hash, KEYS[1]. ARGV starts with the TTL, the trim
-# slack, the purchase cap and the caps of touchpoints, score points and actions.
+# slack, the purchase cap, the caps of touchpoints, score points and actions, and the days a tally keeps.
 _PRELUDE = """
 local key = KEYS[1]
 local ttl, slack, purchase_cap = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local caps = {t = tonumber(ARGV[4]), s = tonumber(ARGV[5]), a = tonumber(ARGV[6])}
+local days_kept = tonumber(ARGV[7])
 local added = {t = 0, s = 0, a = 0}
 local changed = false
 local tallies = {}
@@ -191,8 +196,17 @@ local function finish()
     redis.call('HSET', key, 'pu', table.concat(kept, ','))
   end
   for rule, counts in pairs(tallies) do
+    -- Per-day parts (@<day><outcome>) older than days_kept before the newest one go.
+    local newest = nil
+    for name in pairs(counts) do
+      local day = tonumber(string.match(name, '^@(%-?%d+)'))
+      if day and (not newest or day > newest) then newest = day end
+    end
     local names = {}
-    for name in pairs(counts) do names[#names + 1] = name end
+    for name in pairs(counts) do
+      local day = tonumber(string.match(name, '^@(%-?%d+)'))
+      if not day or day >= newest - days_kept then names[#names + 1] = name end
+    end
     table.sort(names)
     local parts = {}
     for _, name in ipairs(names) do parts[#parts + 1] = name .. '=' .. counts[name] end
@@ -204,18 +218,20 @@ local function finish()
 end
 """
 
-# Apply one batch's records about one customer. After the six settings, ops follow, each a letter and
+# Apply one batch's records about one customer. After the seven settings, ops follow, each a letter and
 # its arguments:
 #   T id time value purchase(0|1) channel     a touchpoint
 #   S id point seg model n why1..whyn          a score point; seg '' for one without a segment
-#   A id time value rule tally-field group     an action; group T (treated), H (hold-out) or ''
+#   A id time value rule tally-field group day-field
+#                                              an action; group T (treated), H (hold-out) or ''; day-field its
+#                                              per-day tally counter (@<day><outcome>)
 #   D id value rule                            how an action's delivery ended
 #   M merge-id entry                           a merge or split involving the customer
 # A merged-away id answers with its survivor and changes nothing: the caller sends the ops there.
 _APPLY = _PRELUDE + """
 local into = redis.call('HGET', key, 'into')
 if into then return into end
-local i = 7
+local i = 8
 while i <= #ARGV do
   local op = ARGV[i]
   if op == 'T' then
@@ -237,8 +253,9 @@ while i <= #ARGV do
       local counts = tally(ARGV[i + 4])
       bump(counts, ARGV[i + 5], 1)
       if ARGV[i + 6] ~= '' then earliest(counts, ARGV[i + 6], ARGV[i + 2]) end
+      bump(counts, ARGV[i + 7], 1)
     end
-    i = i + 7
+    i = i + 8
   elseif op == 'D' then
     set_delivery(ARGV[i + 1], ARGV[i + 2], ARGV[i + 3])
     i = i + 4
@@ -252,16 +269,16 @@ end
 return finish()
 """
 
-# Take a merged customer's fields (ARGV[9]..: name, value pairs) into the survivor's hash, once per merge
-# id (ARGV[7], its entry ARGV[8]): entries the survivor lacks, the newer segment, channels and purchases,
-# tallies added up. A replay finds the merge entry and changes nothing.
+# Take a merged customer's fields (ARGV[10]..: name, value pairs) into the survivor's hash, once per merge
+# id (ARGV[8], its entry ARGV[9]): entries the survivor lacks, the newer segment, channels and purchases,
+# tallies added up (per-day counts too). A replay finds the merge entry and changes nothing.
 _ABSORB = _PRELUDE + """
 local into = redis.call('HGET', key, 'into')
 if into then return into end
-if redis.call('HSETNX', key, 'm:' .. ARGV[7], ARGV[8]) == 0 then return false end
+if redis.call('HSETNX', key, 'm:' .. ARGV[8], ARGV[9]) == 0 then return false end
 changed = true
 local seg, model, why = nil, '', {}
-for n = 9, #ARGV, 2 do
+for n = 10, #ARGV, 2 do
   local name, value = ARGV[n], ARGV[n + 1]
   local kind, rest = string.match(name, '^(%a+):(.*)$')
   if kind == 't' or kind == 's' or kind == 'a' then add_entry(kind, rest, value)
@@ -371,6 +388,8 @@ class RuleCounts:
     holdout_at: dict[str, int]
     delivered: int = 0
     delivery_failed: int = 0
+    # Event-time day (days since 1970) -> outcome (fired, held_out, suppressed, backfill) -> actions.
+    by_day: dict[int, dict[str, int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -438,7 +457,8 @@ class ReadModelStore:
         self._mark_merged = client.register_script(_MARK_MERGED)
         self._set_segments = client.register_script(_SET_SEGMENTS)
         self._scripts_loaded = False
-        self._settings = [customer_ttl_s, TRIM_SLACK, PURCHASES_CAP, TIMELINE_CAP, SCORE_HISTORY_CAP, ACTIONS_CAP]
+        self._settings = [customer_ttl_s, TRIM_SLACK, PURCHASES_CAP, TIMELINE_CAP, SCORE_HISTORY_CAP, ACTIONS_CAP,
+                          TALLY_DAYS_KEPT]
         # What this worker has written to the shared keys already, so a batch need not write it again
         # (the read model is rebuilt from the topics, never emptied under a running worker).
         self._rules_noted: set[str] = set()
@@ -463,6 +483,7 @@ class ReadModelStore:
         """Write a batch of updates; every write is idempotent, so replaying a batch changes nothing."""
         updates = await self._apply_deletions(updates)
         batch = _Batch()
+        ceiling_ms = self._ceiling_ms()
         for update in updates:
             if isinstance(update, CustomersMerged):
                 # A merge reads what it moves, so everything before it must be written first.
@@ -486,7 +507,7 @@ class ReadModelStore:
             elif isinstance(update, ActionTaken):
                 group = "T" if update.outcome == "fired" else "H" if update.outcome == "held_out" else ""
                 batch.add(update.customer_id, "A", update.action_id, update.event_time_ms, action_value(update),
-                          update.rule_id, tally_field(update), group)
+                          update.rule_id, tally_field(update), group, tally_day_field(update, ceiling_ms))
                 batch.saw(update.customer_id, update.event_time_ms)
                 batch.acted(update.customer_id, update.rule_id)
             elif isinstance(update, DeliveryEnded):
@@ -818,7 +839,7 @@ class ReadModelStore:
 
     async def rule_counts(self, rule_id: str) -> RuleCounts:
         """Add up the tallies of a rule's customers: counts by outcome (suppressed split by reason),
-        deliveries, and when each customer's first treated and hold-out actions came."""
+        deliveries, when each customer's first treated and hold-out actions came, and outcomes per day."""
         customers = sorted(_text(c) for c in await self.client.smembers(self.rule_key(rule_id)))
         async with self.client.pipeline(transaction=False) as pipe:
             for cid in customers:
@@ -830,7 +851,7 @@ class ReadModelStore:
         return RuleCounts(rule_id, total.counts,
                           {cid: t.first_treated_ms for cid, t in tallies.items() if t.first_treated_ms is not None},
                           {cid: t.first_holdout_ms for cid, t in tallies.items() if t.first_holdout_ms is not None},
-                          total.delivered, total.delivery_failed)
+                          total.delivered, total.delivery_failed, total.by_day)
 
     async def converted(self, first_action_ms: dict[str, int], window_ms: int) -> int:
         """Count the customers with a purchase within `window_ms` after their first action."""
@@ -865,6 +886,18 @@ class ReadModelStore:
         state = [sorted(counts.items()), sorted(flow.items()), customers, sorted(samples.items()),
                  await self.dead_letters()]
         return hashlib.sha256(repr(state).encode()).hexdigest()
+
+    async def save_backtest(self, result: BacktestResult) -> None:
+        """Keep `result` as the latest backtest (the one before it goes) and tell the live rules pages."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.set(self.key("backtest"), result.to_json())
+            pipe.incr(self.key("rules", "version"))
+            await pipe.execute()
+
+    async def backtest(self) -> BacktestResult | None:
+        """Return the latest backtest sent to the console, if any."""
+        found = await self.client.get(self.key("backtest"))
+        return None if found is None else BacktestResult.from_json(found)
 
     async def record_pipeline_sample(self, sample: PipelineSample) -> None:
         """Keep `sample` as its minute's (the latest sample of a minute wins) and drop minutes past the window."""

@@ -28,7 +28,7 @@ from urllib.parse import quote
 import httpx
 import jinja2
 from aiohttp import web
-from prometheus_client import Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from services.console.auth import (
     LOGIN_COOKIE,
@@ -40,13 +40,19 @@ from services.console.auth import (
     Sessions,
     safe_next,
 )
+from services.console.backtests import BacktestReportError, parse_backtest_report
 from services.console.charts import (
+    DAY_MS,
+    backtest_fired,
+    backtest_totals,
+    dated,
     dead_letter_bars,
     latency_lines,
     line_table,
     quality_lines,
     rate_lines,
     recent_samples,
+    rule_activity,
     score_lines,
     segment_heatmap,
     segment_sankey,
@@ -79,6 +85,7 @@ from services.identity.admin import hash_admin_key, is_admin
 from services.triggers.rules import Rule, ScoreCrossing
 from touchstream.client_address import client_address
 from touchstream.eventtime import DAY_S
+from touchstream.failures import FailureCounter, KeyFailureThrottle, KeyRefusal
 from touchstream.metrics import EVENT_TO_WEBHOOK_SECONDS
 
 log = logging.getLogger(__name__)
@@ -102,6 +109,8 @@ STATIC_FILES = {
     "echarts.min.js": (f"vendor/{ECHARTS.name}", "text/javascript", 365 * DAY_S),
 }
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# A backtest report is a few kB per rule (one count per day or week it fired).
+MAX_BACKTEST_BYTES = 2_000_000
 
 
 def _time(ms: int | None) -> str:
@@ -120,6 +129,7 @@ def template_env() -> jinja2.Environment:
                              undefined=jinja2.StrictUndefined)
     env.filters["time"] = _time
     env.filters["pct"] = _pct
+    env.filters["day"] = lambda ms: datetime.fromtimestamp(ms / 1000, UTC).date().isoformat()
     env.globals["reason_in_words"] = reason_in_words
     env.globals["sentiment_in_words"] = sentiment_in_words
     env.globals["chart_library_version"] = ECHARTS.version
@@ -145,7 +155,7 @@ class ConsoleWeb:
 
     def __init__(self, store: ReadModelStore, settings: ConsoleSettings, rules: Sequence[Rule],
                  page_seconds: Histogram | None = None, feed_rate: RateMeter | None = None,
-                 arrivals: LatencyWindow | None = None) -> None:
+                 arrivals: LatencyWindow | None = None, api_refused: Counter | None = None) -> None:
         self.store = store
         self.client = store.client
         self.settings = settings
@@ -154,6 +164,11 @@ class ConsoleWeb:
         self.sessions = Sessions(store.client, settings.key_prefix, settings.session_ttl_s)
         self.throttle = LoginThrottle(store.client, settings.key_prefix, settings.login_max_failures,
                                       settings.login_failure_window_s, settings.login_max_failures_per_account)
+        # Without the worker's counter (tests, benchmarks), one of its own registry.
+        self.api_throttle = KeyFailureThrottle(
+            FailureCounter(store.client, f"{settings.key_prefix}api_failures:", settings.api_max_failures,
+                           settings.api_failure_window_s),
+            api_refused or Counter("console_api_auth_refused", "", ["reason"], registry=CollectorRegistry()))
         self.templates = template_env()
         self.page_seconds = page_seconds
         self.feed_rate = feed_rate
@@ -185,6 +200,8 @@ class ConsoleWeb:
         router.add_get("/rules", self._secure(self._authed(self._timed("rules", self.rules_page))))
         router.add_get("/v1/rules/{rule_id}/outcomes", self._secure(self._authed(self.rule_outcomes_json,
                                                                                   api=True)))
+        # Machines only (the admin key as a bearer token, never a session cookie, so no page can be made to send it).
+        router.add_put("/v1/rules/backtest", self._secure(self.save_backtest))
         router.add_get("/static/{name}", self._secure(self.static))
         # Browsers ask for one on every page; "no content" keeps their consoles free of a 404.
         router.add_get("/favicon.ico", self._secure(self.no_icon))
@@ -208,11 +225,14 @@ class ConsoleWeb:
                 csrf: bool = False, api: bool = False) -> Handler:
         async def wrapped(request: web.Request) -> web.StreamResponse:
             session = await self.sessions.get(request.cookies.get(SESSION_COOKIE))
-            if session is None and api and is_admin(request.headers.get("Authorization", ""),
-                                                    self.settings.admin_keys):
+            if session is None and api:
+                refusal = await self._api_key_refusal(request)
+                if refusal is not None:
+                    return web.json_response({"error": refusal.message}, status=refusal.status,
+                                             headers=refusal.headers)
                 session = Session("")
             if session is None:
-                if api or request.method != "GET":
+                if request.method != "GET":
                     return web.json_response({"error": "login or admin key required"}, status=401)
                 raise web.HTTPSeeOther(f"/login?next={request.rel_url.path}")
             if csrf:
@@ -222,6 +242,13 @@ class ConsoleWeb:
                     return self._page("error.html", None, status=403, message="This form has expired; reload it.")
             return await handler(request, session)
         return wrapped
+
+    async def _api_key_refusal(self, request: web.Request) -> KeyRefusal | None:
+        """None for a request with an admin key (Bearer); else 401, or 429 once its address sent too many wrong keys."""
+        address = client_address(request.remote, request.headers.getall("X-Forwarded-For", []),
+                                 self.settings.trusted_proxies)
+        return await self.api_throttle.check(request.headers.get("Authorization", ""), address,
+                                             lambda authorization: is_admin(authorization, self.settings.admin_keys))
 
     def _timed(self, page: str, handler: Callable[[web.Request, Session], Awaitable[web.StreamResponse]]
                ) -> Callable[[web.Request, Session], Awaitable[web.StreamResponse]]:
@@ -580,13 +607,18 @@ class ConsoleWeb:
             "attribution_window_hours": window_ms / 3_600_000,
             "windows_closed_by_ms": now,
             "outcome": outcome.to_json(),
+            "by_day": dated(counts.by_day),
         }
 
     async def _rules_context(self) -> dict[str, Any]:
         ids = sorted(set(await self.store.rule_ids()) | set(self.rules))
         now = await self.outcomes_clock()
         rows = [await self.rule_outcomes(rule_id, now) for rule_id in ids]
-        return {"rows": rows, "rules": self.rules, "clock_ms": now, "forest": uplift_forest(rows)}
+        backtest = await self.store.backtest()
+        return {"rows": rows, "rules": self.rules, "clock_ms": now, "forest": uplift_forest(rows),
+                "activity": [rule_activity(row["rule_id"], row["by_day"], now // DAY_MS) for row in rows],
+                "backtest": backtest,
+                "backtest_charts": (backtest_fired(backtest), backtest_totals(backtest)) if backtest else None}
 
     async def rules_page(self, request: web.Request, session: Session) -> web.StreamResponse:
         return self._page("rules.html", session, **await self._rules_context())
@@ -603,3 +635,24 @@ class ConsoleWeb:
         if rule_id not in self.rules and rule_id not in await self.store.rule_ids():
             return web.json_response({"error": "unknown rule"}, status=404)
         return web.Response(text=json.dumps(await self.rule_outcomes(rule_id)), content_type="application/json")
+
+    async def save_backtest(self, request: web.Request) -> web.StreamResponse:
+        """Keep a backtest report (`touchstream rules backtest --json`) for the rules page's backtest charts."""
+        refusal = await self._api_key_refusal(request)
+        if refusal is not None:
+            return web.json_response({"error": refusal.message}, status=refusal.status, headers=refusal.headers)
+        if request.content_length is not None and request.content_length > MAX_BACKTEST_BYTES:
+            return web.json_response({"error": f"report: larger than {MAX_BACKTEST_BYTES} bytes"}, status=413)
+        body = await request.content.read(MAX_BACKTEST_BYTES + 1)
+        if len(body) > MAX_BACKTEST_BYTES:
+            return web.json_response({"error": f"report: larger than {MAX_BACKTEST_BYTES} bytes"}, status=413)
+        try:
+            result = parse_backtest_report(json.loads(body), int(time.time() * 1000))
+        except json.JSONDecodeError as exc:
+            return web.json_response({"error": f"report: not JSON ({exc.msg} at line {exc.lineno})"}, status=400)
+        except UnicodeDecodeError:
+            return web.json_response({"error": "report: not UTF-8 text"}, status=400)
+        except BacktestReportError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        await self.store.save_backtest(result)
+        return web.json_response({"rules": len(result.rules), "periods": len(result.periods())})

@@ -7,10 +7,11 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import faust
 import redis.asyncio as aioredis
+from aiohttp import web
 from faust.web import Request, Response, View
 from prometheus_client import REGISTRY, CollectorRegistry
 
@@ -39,7 +40,9 @@ from services.identity.metrics import IdentityMetrics
 from services.identity.resolver import EventToResolve, IdentityResolver
 from services.identity.settings import IdentitySettings
 from touchstream import avro
+from touchstream.client_address import client_address
 from touchstream.eventtime import too_far_ahead
+from touchstream.failures import FailureCounter, KeyFailureThrottle, KeyRefusal
 from touchstream.identifiers import Identifier, InvalidIdentifier
 from touchstream.settings import CoreSettings
 from touchstream.streams import (
@@ -346,12 +349,25 @@ async def _erase_target(body: Any, resolver: TouchpointResolver, client: aioredi
     return None if owner is None else (owner.decode() if isinstance(owner, bytes) else str(owner))
 
 
+# Failed admin keys per client address (sha256 of the address), shared by every identity worker.
+ADMIN_FAILURES_PREFIX = "ts:identity:admin_failures:"
+
+
 def add_customer_pages(app: faust.App, resolver: TouchpointResolver, layout: GraphLayout) -> None:
     """Serve the admin customer API: 360 lookup by id or by identifier (in the body), un-merge, and erasure."""
     client = resolver.graph.client
 
-    def refused(request: Request) -> bool:
-        return not is_admin(request.headers.get("Authorization", ""), resolver.settings.admin_keys)
+    settings = resolver.settings
+    throttle = KeyFailureThrottle(
+        FailureCounter(client, ADMIN_FAILURES_PREFIX, settings.admin_max_failures, settings.admin_failure_window_s),
+        resolver.metrics.admin_auth_refused)
+
+    async def admitted(request: Request) -> KeyRefusal | None:
+        """None for a request with an admin key; else 401, or 429 once its address sent too many wrong keys."""
+        peer = cast(web.Request, request)  # faust's aiohttp driver hands over aiohttp's request
+        address = client_address(peer.remote, peer.headers.getall("X-Forwarded-For", []), settings.trusted_proxies)
+        return await throttle.check(request.headers.get("Authorization", ""), address,
+                                    lambda authorization: is_admin(authorization, settings.admin_keys))
 
     def field_error(view: View, exc: FieldError) -> Response:
         return view.json({"error": str(exc), "field": exc.field, "reason": exc.reason}, status=400)
@@ -371,8 +387,8 @@ def add_customer_pages(app: faust.App, resolver: TouchpointResolver, layout: Gra
         """Erase the customer owning an identifier; the identifier travels in the body, never in a URL."""
 
         async def post(self, request: Request) -> Response:
-            if refused(request):
-                return self.error(401, "admin key required", headers={"WWW-Authenticate": "Bearer"})
+            if (refusal := await admitted(request)) is not None:
+                return self.error(refusal.status, refusal.message, headers=refusal.headers)
             try:
                 body = await _json_body(request)
                 request_id = _request_id(body.get("request_id") if isinstance(body, dict) else None)
@@ -386,8 +402,8 @@ def add_customer_pages(app: faust.App, resolver: TouchpointResolver, layout: Gra
         """Find the customer owning an identifier; the identifier travels in the body, never in a URL."""
 
         async def post(self, request: Request) -> Response:
-            if refused(request):
-                return self.error(401, "admin key required", headers={"WWW-Authenticate": "Bearer"})
+            if (refusal := await admitted(request)) is not None:
+                return self.error(refusal.status, refusal.message, headers=refusal.headers)
             try:
                 identifier = _lookup_target(await _json_body(request), resolver)
             except FieldError as exc:
@@ -401,15 +417,15 @@ def add_customer_pages(app: faust.App, resolver: TouchpointResolver, layout: Gra
     class CustomerSearchView(View):
         async def get(self, request: Request) -> Response:
             """Refuse a look-up by query string: a clear e-mail or phone there lands in every access log."""
-            if refused(request):
-                return self.error(401, "admin key required", headers={"WWW-Authenticate": "Bearer"})
+            if (refusal := await admitted(request)) is not None:
+                return self.error(refusal.status, refusal.message, headers=refusal.headers)
             return field_error(self, FieldError("identifier", LOOKUP_IN_THE_BODY))
 
     @app.page("/v1/customers/{customer_id}")
     class CustomerView(View):
         async def get(self, request: Request, customer_id: str) -> Response:
-            if refused(request):
-                return self.error(401, "admin key required", headers={"WWW-Authenticate": "Bearer"})
+            if (refusal := await admitted(request)) is not None:
+                return self.error(refusal.status, refusal.message, headers=refusal.headers)
             view = await read_customer(client, layout, customer_id)
             if view is None:
                 return self.notfound("unknown customer")
@@ -417,8 +433,8 @@ def add_customer_pages(app: faust.App, resolver: TouchpointResolver, layout: Gra
 
         async def delete(self, request: Request, customer_id: str) -> Response:
             """Erase the customer (any id it ever had); `?request_id=` makes a retry the same erasure."""
-            if refused(request):
-                return self.error(401, "admin key required", headers={"WWW-Authenticate": "Bearer"})
+            if (refusal := await admitted(request)) is not None:
+                return self.error(refusal.status, refusal.message, headers=refusal.headers)
             try:
                 if not customer_id.strip() or len(customer_id) > MAX_ID_CHARS:
                     raise FieldError("customer_id", f"must be a non-empty string of at most {MAX_ID_CHARS} characters")
@@ -432,8 +448,8 @@ def add_customer_pages(app: faust.App, resolver: TouchpointResolver, layout: Gra
         """The latest possible matches (plausible, not merged), for an operator to look at."""
 
         async def get(self, request: Request) -> Response:
-            if refused(request):
-                return self.error(401, "admin key required", headers={"WWW-Authenticate": "Bearer"})
+            if (refusal := await admitted(request)) is not None:
+                return self.error(refusal.status, refusal.message, headers=refusal.headers)
             try:
                 limit = min(max(int(request.query.get("limit", "100")), 1), 1000)
             except ValueError:
@@ -445,8 +461,8 @@ def add_customer_pages(app: faust.App, resolver: TouchpointResolver, layout: Gra
         """The fitted Fellegi-Sunter model in use: m, u and weight per field and level, the prior, the fit."""
 
         async def get(self, request: Request) -> Response:
-            if refused(request):
-                return self.error(401, "admin key required", headers={"WWW-Authenticate": "Bearer"})
+            if (refusal := await admitted(request)) is not None:
+                return self.error(refusal.status, refusal.message, headers=refusal.headers)
             persons = resolver.resolver.persons
             if persons is None:
                 return self.notfound("probabilistic matching is off")
@@ -455,8 +471,8 @@ def add_customer_pages(app: faust.App, resolver: TouchpointResolver, layout: Gra
     @app.page("/v1/customers/{customer_id}/unmerge")
     class UnmergeView(View):
         async def post(self, request: Request, customer_id: str) -> Response:
-            if refused(request):
-                return self.error(401, "admin key required", headers={"WWW-Authenticate": "Bearer"})
+            if (refusal := await admitted(request)) is not None:
+                return self.error(refusal.status, refusal.message, headers=refusal.headers)
             try:
                 body = await request.json()
                 identifiers = _identifiers_to_split(body, resolver)

@@ -43,6 +43,9 @@ class IdentityMetrics:
         self.events_suppressed = self.service.counter(
             "events_suppressed", "Events dropped because they carry an identifier of an erased customer.")
         self.customers_deleted = self.service.counter("customers_deleted", "Customers erased by an operator.")
+        self.admin_auth_refused = self.service.counter(
+            "admin_auth_refused", "Customer API requests refused for their admin key: bad_key (a wrong key, counted "
+            "against its address) or locked_out (429: too many wrong keys from the address).", ["reason"])
         self.possible_matches = self.service.counter(
             "possible_matches", "Pairs of customers probabilistic matching found plausible but not likely enough to "
             "merge: kept for review (GET /v1/matching/review), never merged.")

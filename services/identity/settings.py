@@ -8,6 +8,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from services.identity.admin import DEV_ADMIN_KEY, DEV_ADMIN_KEY_SHA256
 from services.identity.domain import GraphRules
 from services.identity.matching import MatchSettings
+from touchstream.client_address import TrustedProxies
 from touchstream.identifiers import DEFAULT_BLOCKLIST, STRONG_TYPES
 from touchstream.privacy import IDENTITY_GRAPH_PREFIX
 from touchstream.settings import Environment
@@ -36,6 +37,12 @@ class IdentitySettings(BaseSettings):
         frozenset({DEV_ADMIN_KEY_SHA256}),
         description="sha256 (hex) of the keys allowed on /v1/customers (Bearer, or Basic with the key as password).",
     )
+    # A key guesser gets 429 instead of a cheap 401 per try (per client address, across workers).
+    admin_max_failures: int = Field(
+        20, ge=1, description="Wrong admin keys per client address before every request from it gets 429.")
+    admin_failure_window_s: int = Field(300, ge=1, description="How long wrong admin keys count (from the first).")
+    trusted_proxies: TrustedProxies = Field(
+        (), description="Networks of the reverse proxies whose X-Forwarded-For names the client (default none).")
     matching: MatchSettings = Field(default_factory=MatchSettings)
     # The braces are a Redis Cluster hash tag: every graph key lands in one slot, so the
     # one Lua script per event stays legal there (at the price of one primary for the graph).

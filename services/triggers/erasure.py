@@ -6,7 +6,9 @@ and every id merged into it. Triggers then
 - records the ids as erased (`ErasedCustomers`, kept longer than the event logs): their scores are
   no longer evaluated and their actions never queued nor sent, even by a worker that restarts or
   lags and reads `scores` or `actions` again;
-- deletes every `triggers:state:{<id>}:*` and `triggers:cap:{<id>}:*` key and the ids' silence timers;
+- deletes every `triggers:state:{<id>}:*` and `triggers:cap:{<id>}:*` key (named by the customer's key
+  index `triggers:keys:{<id>}`, plus each current rule's state key: the keyspace is never scanned, so an
+  erasure costs what the customer has, not what Redis holds) and the ids' silence timers;
 - drops the actions still queued for delivery to them (pending retries included): they are never
   sent. A request already on the wire when the erasure arrives cannot be recalled, but its retry
   is not written back (`DeliveryQueue.reschedule` only updates an action still queued);
@@ -25,11 +27,12 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from services.triggers.state_store import TIMERS_KEY, DeliveryQueue, timer_member
+from services.triggers.state_store import TIMERS_KEY, DeliveryQueue, customer_keys_key, state_key, timer_member
 from touchstream.privacy import DELETED_RULE_ID, ErasedCustomers
 
 DELETED_TYPE = "customer.deleted"
-SCAN_COUNT = 1000
+# Keys per DEL command.
+DELETE_CHUNK = 1000
 
 
 def deleted_ids(record: Mapping[str, Any]) -> list[str]:
@@ -94,16 +97,6 @@ def _iso_utc(epoch_ms: int) -> str:
     return datetime.fromtimestamp(epoch_ms / 1000, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _names_customer(key: str, tags: set[str]) -> bool:
-    """Whether a `triggers:state:` or `triggers:cap:` key belongs to one of the customers (hash tags).
-
-    >>> _names_customer("triggers:cap:{c_1}:2026-11-25", {"{c_1}"}), _names_customer("triggers:cap:{c_12}:x", {"{c_1}"})
-    (True, False)
-    """
-    start, end = key.find("{"), key.find("}")
-    return start >= 0 and end > start and key[start:end + 1] in tags
-
-
 async def forget_customers(redis: aioredis.Redis, queue: DeliveryQueue, erased: ErasedCustomers,
                            customer_ids: Sequence[str], rule_ids: Iterable[str],
                            endpoints: Iterable[str]) -> tuple[int, int]:
@@ -112,26 +105,29 @@ async def forget_customers(redis: aioredis.Redis, queue: DeliveryQueue, erased: 
 
     Idempotent. Returns (keys deleted, queued actions dropped).
     """
-    ids = set(customer_ids)
+    ids = sorted(set(customer_ids))
     if not ids:
         return 0, 0
     await erased.add(ids)
-    tags = {f"{{{cid}}}" for cid in ids}
-    doomed: list[str] = []
-    for pattern in ("triggers:state:*", "triggers:cap:*"):
-        async for raw in redis.scan_iter(match=pattern, count=SCAN_COUNT):
-            key = raw.decode() if isinstance(raw, bytes) else str(raw)
-            if _names_customer(key, tags):
-                doomed.append(key)
+    rule_ids = list(rule_ids)
+    async with redis.pipeline(transaction=False) as pipe:
+        for cid in ids:
+            pipe.smembers(customer_keys_key(cid))
+        indexed = await pipe.execute()
+    # The indexes name every key written since they exist; the current rules' state keys are named
+    # too, for states written before (a cap key lives 3 days; a state of a rule since removed, its TTL).
+    doomed = sorted({*(m.decode() if isinstance(m, bytes) else str(m) for members in indexed for m in members),
+                     *(state_key(rule_id, cid) for rule_id in rule_ids for cid in ids)})
     deleted = 0
     async with redis.pipeline(transaction=False) as pipe:
-        for start in range(0, len(doomed), SCAN_COUNT):
-            pipe.delete(*doomed[start:start + SCAN_COUNT])
+        for start in range(0, len(doomed), DELETE_CHUNK):
+            pipe.delete(*doomed[start:start + DELETE_CHUNK])
+        pipe.delete(*(customer_keys_key(cid) for cid in ids))
         timers = [timer_member((rule_id, cid)) for rule_id in rule_ids for cid in ids]
         if timers:
             pipe.zrem(TIMERS_KEY, *timers)
         replies = await pipe.execute()
-        deleted = sum(int(r) for r in replies[: -1 if timers else None])
+        deleted = sum(int(r) for r in replies[: -2 if timers else -1])
     dropped = 0
     for endpoint in endpoints:
         stale = []

@@ -4,6 +4,8 @@ Key layout (the `{customer_id}` hash tag keeps one customer's keys in one Redis 
   triggers:state:{<customer_id>}:<rule_id>  hash armed=0|1, cooldown_until_ms, last_value,
                                             timer_due_ms, timer_snapshot (JSON score)
   triggers:cap:{<customer_id>}:<local day>  fired actions that day (frequency cap)
+  triggers:keys:{<customer_id>}             set: the customer's state and cap keys (an erasure deletes these,
+                                            never scanning the keyspace); outlives each key it names
   triggers:timers:{triggers}:due            sorted set: silence timers by event-time deadline
   triggers:watermark:{triggers}             the event-time watermark (epoch ms)
   triggers:delivered:<action_id>            string: epoch ms of the receiver's 2xx
@@ -32,6 +34,19 @@ def state_key(rule_id: str, customer_id: str) -> str:
     'triggers:state:{cus_1}:churn-risk-high'
     """
     return f"triggers:state:{{{customer_id}}}:{rule_id}"
+
+
+def customer_keys_key(customer_id: str) -> str:
+    """Return the Redis key of the set naming every state and cap key of one customer (same hash slot).
+
+    >>> customer_keys_key("cus_1")
+    'triggers:keys:{cus_1}'
+    """
+    return f"triggers:keys:{{{customer_id}}}"
+
+
+# A day's fired-action count is kept this long (the frequency cap needs the customer's local day only).
+CAP_TTL_S = 3 * DAY_S
 
 
 def delivered_key(action_id: str) -> str:
@@ -109,6 +124,8 @@ class RuleStateStore:
     def __init__(self, redis: aioredis.Redis, ttl_s: int) -> None:
         self._redis = redis
         self._ttl_s = ttl_s
+        # Renewed on every write to any key it names, so it outlives all of them.
+        self._index_ttl_s = max(ttl_s, CAP_TTL_S)
         self._raise_watermark = redis.register_script(_RAISE_WATERMARK)
         self._raise_cap = redis.register_script(_RAISE_CAP)
 
@@ -134,6 +151,7 @@ class RuleStateStore:
                 pipe.delete(key)
                 pipe.hset(key, mapping=_hash_from_state(state))
                 pipe.expire(key, self._ttl_s)
+                self._index_in(pipe, customer_id, key)
                 if rule_id in silence:
                     member = timer_member((rule_id, customer_id))
                     if state.timer_due_ms:
@@ -160,8 +178,14 @@ class RuleStateStore:
             return
         async with self._redis.pipeline(transaction=False) as pipe:
             for (customer_id, day), count in counts.items():
-                await self._raise_cap(keys=[cap_key(customer_id, day)], args=[count, 3 * DAY_S], client=pipe)
+                await self._raise_cap(keys=[cap_key(customer_id, day)], args=[count, CAP_TTL_S], client=pipe)
+                self._index_in(pipe, customer_id, cap_key(customer_id, day))
             await pipe.execute()
+
+    def _index_in(self, pipe: Pipeline, customer_id: str, key: str) -> None:
+        index = customer_keys_key(customer_id)
+        pipe.sadd(index, key)
+        pipe.expire(index, self._index_ttl_s)
 
     async def raise_watermark(self, event_time_ms: int, ceiling_ms: int) -> int:
         """Move the shared event-time watermark forward to `event_time_ms` if later, never past

@@ -685,3 +685,50 @@ def test_customer_chart_draws_risk_propensity_thresholds_and_actions(chart_page:
     assert sorted(r[1:] for r in table(page, "#score-actions")) == [["quiet", "held out"], ["win-back", "fired"]]
     assert page.locator("svg text", has_text="win-back (churn_risk 0.7)").count() == 1  # the threshold is labelled
     page.screenshot(path=str(ARTIFACTS / "console-charts-customer.png"), full_page=True)
+
+
+def test_rules_page_charts_actions_over_time_and_a_backtest_sent_later_arrives_live(chart_page: Any,
+                                                                                    seeded: SeededConsole) -> None:
+    page = chart_page
+    page.goto(f"{seeded.url}/rules")
+    activity = {page.locator(f"#chart-activity-{n}").evaluate("e => e.closest('.activity').dataset.rule"): n
+                for n in (1, 2)}
+    assert set(activity) == {"quiet", "win-back"}
+    charts_drawn(page, [f"activity-{n}" for n in activity.values()])
+    for rule, n in activity.items():
+        by_day = httpx.get(f"{seeded.url}/v1/rules/{rule}/outcomes", headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+                           timeout=10).json()["by_day"]
+        drawn: dict[str, dict[str, int]] = {}
+        for series in option(page, f"activity-{n}")["series"]:
+            for t, count in series["data"]:
+                day = time.strftime("%Y-%m-%d", time.gmtime(t / 1000))
+                drawn.setdefault(day, {})[series["name"].replace(" ", "_")] = count
+        assert drawn == by_day and by_day, rule
+        assert sum(sum(day.values()) for day in by_day.values()) == {"win-back": 9, "quiet": 2}[rule]
+        tabled = {row[0]: [int(v) for v in row[1:]] for row in table(page, f"#activity-{n}-numbers")}
+        assert tabled == {day: [counts.get(k, 0) for k in ("fired", "held_out", "suppressed", "backfill")]
+                          for day, counts in by_day.items()}
+    # A backtest sent by a machine while the page is open: its charts arrive without a reload.
+    assert page.locator("#backtest-none").count() == 1
+    page.evaluate("window.__sameDocument = true")
+    report = {"bucket": "week", "window": {"from": None, "to": None}, "scores_replayed": 50, "scores_in_window": 50,
+              "customers_in_window": 20, "rules": [
+                  {"rule_id": "win-back", "fired": 7, "customers": 6, "fired_by_period": {"2026-W40": 3, "2026-W42": 4},
+                   "held_out": 2, "held_for_quiet_hours": 0, "stopped": {"cooldown": 1}},
+                  {"rule_id": "quiet", "fired": 1, "customers": 1, "fired_by_period": {"2026-W41": 1}, "held_out": 0,
+                   "held_for_quiet_hours": 0, "stopped": {}}]}
+    response = httpx.put(f"{seeded.url}/v1/rules/backtest", json=report,
+                         headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10)
+    assert response.status_code == 200, response.text
+    charts_drawn(page, ["backtest-fired", "backtest-totals"])
+    assert page.evaluate("window.__sameDocument") is True
+    fired = option(page, "backtest-fired")
+    assert fired["xAxis"][0]["data"] == ["2026-W40", "2026-W41", "2026-W42"]
+    assert {s["name"]: s["data"] for s in fired["series"]} == {"win-back": [3, 0, 4], "quiet": [0, 1, 0]}
+    totals = option(page, "backtest-totals")
+    assert totals["yAxis"][0]["data"] == ["win-back", "quiet"]
+    assert {s["name"]: s["data"] for s in totals["series"]} == {"fired": [7, 1], "held out": [2, 0],
+                                                                "stopped: cooldown": [1, 0]}
+    assert table(page, "#backtest-fired-numbers") == [["2026-W40", "3", "0"], ["2026-W41", "0", "1"],
+                                                      ["2026-W42", "4", "0"]]
+    page.screenshot(path=str(ARTIFACTS / "console-charts-rules-over-time.png"), full_page=True)

@@ -316,3 +316,42 @@ async def test_a_backfill_decision_counts_apart_and_in_neither_group(store: Read
     counts = await store.rule_counts("r")
     assert counts.counts == {"backfill": 1, "fired": 1} and counts.treated_at == {"c_2": 2000}
     assert counts.holdout_at == {}
+
+
+async def test_each_rules_actions_are_counted_per_event_time_day_once_and_follow_merges_and_erasure(
+        store: ReadModelStore) -> None:
+    day = 86_400_000
+    t0 = 20_000 * day  # an event-time day well in the past
+
+    def acted(cid: str, outcome: str, days: int, n: int, reason: str | None = None) -> ActionTaken:
+        return ActionTaken(f"a-{cid}-{n}", "r", cid, outcome, reason, "marketing", t0 + days * day + n, 0)
+
+    batch = [acted("c_1", "fired", 0, 1), acted("c_1", "suppressed", 0, 2, "cooldown"), acted("c_2", "fired", 0, 3),
+             acted("c_2", "held_out", 1, 4), acted("c_3", "backfill", 2, 5)]
+    await store.apply(batch)
+    await store.apply(batch)  # redelivered: counted once
+    expected = {20_000: {"fired": 2, "suppressed": 1}, 20_001: {"held_out": 1}, 20_002: {"backfill": 1}}
+    assert (await store.rule_counts("r")).by_day == expected
+    # A merge carries the merged customer's days into the survivor's tally: the rule's days stay the same.
+    await store.apply([CustomersMerged("g-1", "c_1", "c_2", "merge", "shared_identifier", t0)])
+    assert (await store.rule_counts("r")).by_day == expected
+    assert (await store.customer("c_1")).tallies["r"].by_day == {20_000: {"fired": 2, "suppressed": 1},
+                                                                  20_001: {"held_out": 1}}
+    # Erasing a customer takes its actions out of every day.
+    await store.forget("c_3")
+    assert (await store.rule_counts("r")).by_day == {20_000: {"fired": 2, "suppressed": 1}, 20_001: {"held_out": 1}}
+
+
+async def test_a_customers_tally_keeps_only_its_newest_days(store: ReadModelStore) -> None:
+    from services.console.entries import TALLY_DAYS_KEPT
+    day = 86_400_000
+    actions = [ActionTaken(f"a-{n}", "r", "c_1", "fired", None, "marketing", (20_000 + n) * day, 0)
+               for n in range(0, TALLY_DAYS_KEPT + 30, 3)]
+    for n in range(0, len(actions), 7):  # several batches, as days go by
+        await store.apply(actions[n:n + 7])
+    tally = (await store.customer("c_1")).tallies["r"]
+    newest = max(a.event_time_ms // day for a in actions)
+    assert tally.counts == {"fired": len(actions)}  # the total is never trimmed
+    assert min(tally.by_day) >= newest - TALLY_DAYS_KEPT and max(tally.by_day) == newest
+    assert tally.by_day == {a.event_time_ms // day: {"fired": 1} for a in actions
+                            if a.event_time_ms // day >= newest - TALLY_DAYS_KEPT}

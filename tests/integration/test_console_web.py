@@ -871,3 +871,114 @@ async def test_each_sample_of_the_pipeline_is_kept_for_an_hour_and_shown_on_the_
         await server.close()
     assert 'id="chart-quality"' in page and 'id="quality-history"' in page and "0.8125" in page
     assert 'id="chart-latency"' in page and "visible here as a score (after scoring) p50" in page
+
+
+BACKTEST = {"rules_file": "deploy/rules/default.yaml", "source": "the scores topic", "bucket": "day",
+            "window": {"from": "2026-09-01T00:00:00+00:00", "to": None}, "scores_replayed": 120,
+            "scores_in_window": 100, "customers_in_window": 40, "first_event": None, "last_event": None,
+            "unreadable_records": 0,
+            "rules": [{"rule_id": "churn-high", "fired": 5, "customers": 4,
+                       "fired_by_period": {"2026-09-01": 2, "2026-09-03": 3}, "held_out": 1,
+                       "held_for_quiet_hours": 0, "stopped": {"cooldown": 2}}]}
+
+
+async def test_a_backtest_report_needs_the_admin_key_is_checked_by_field_and_shows_on_the_rules_page(
+        console: TestClient) -> None:
+    await logged_in(console)
+    # A session cookie is not enough: only a bearer admin key may send a report.
+    assert (await console.put("/v1/rules/backtest", json=BACKTEST)).status == 401
+    auth = {"Authorization": f"Bearer {KEY}"}
+    page = await (await console.get("/rules")).text()
+    assert 'id="backtest-none"' in page
+    for broken, field in (({**BACKTEST, "bucket": "month"}, "bucket"),
+                          ({**BACKTEST, "rules": [{**BACKTEST["rules"][0], "fired": -1}]}, "rules[0].fired"),
+                          ({**BACKTEST, "rules": [{**BACKTEST["rules"][0], "fired_by_period": {"2026-W36": 1}}]},
+                           "rules[0].fired_by_period.2026-W36")):
+        response = await console.put("/v1/rules/backtest", json=broken, headers=auth)
+        assert response.status == 400 and (await response.json())["error"].startswith(f"{field}: "), broken
+    response = await console.put("/v1/rules/backtest", data=b"{not json", headers=auth)
+    assert response.status == 400 and "not JSON" in (await response.json())["error"]
+    assert 'id="backtest-none"' in await (await console.get("/rules")).text()  # nothing half-stored
+    response = await console.put("/v1/rules/backtest", json=BACKTEST, headers=auth)
+    assert response.status == 200 and await response.json() == {"rules": 1, "periods": 2}
+    page = await (await console.get("/rules/fragment")).text()
+    assert 'id="chart-backtest-fired"' in page and 'id="chart-backtest-totals"' in page
+    rows = re.findall(r"<tr><td>(2026-09-0\d)</td><td>(\d+)</td></tr>", page)
+    assert rows == [("2026-09-01", "2"), ("2026-09-03", "3")]
+    assert "deploy/rules/default.yaml" in page
+
+
+async def test_rules_page_charts_each_rules_actions_per_day_as_the_json_says(console: TestClient,
+                                                                              redis_client: aioredis.Redis) -> None:
+    store = ReadModelStore(redis_client)
+    now = int(time.time() * 1000)
+    day = 86_400_000
+    await store.apply([ActionTaken(f"a{n}", "churn-high", f"c_{n}", outcome, reason, "marketing",
+                                   now - back * day, now) for n, (outcome, reason, back) in enumerate(
+        [("fired", None, 2), ("fired", None, 2), ("held_out", "holdout", 2), ("suppressed", "cooldown", 0)])])
+    await logged_in(console)
+    body = await (await console.get("/v1/rules/churn-high/outcomes",
+                                    headers={"Authorization": f"Bearer {KEY}"})).json()
+    two_days_ago = time.strftime("%Y-%m-%d", time.gmtime((now - 2 * day) / 1000))
+    today = time.strftime("%Y-%m-%d", time.gmtime(now / 1000))
+    assert body["by_day"] == {two_days_ago: {"fired": 2, "held_out": 1}, today: {"suppressed": 1}}
+    page = await (await console.get("/rules")).text()
+    assert 'id="chart-activity-1"' in page
+    rows = re.findall(r'<tr data-t="\d+"><td>([\d-]+)</td>((?:<td>\d+</td>)+)</tr>', page)
+    assert [(d, re.findall(r"\d+", cells)) for d, cells in rows] == [
+        (two_days_ago, ["2", "1", "0", "0"]), (today, ["0", "0", "1", "0"])]
+
+
+async def test_touchstream_rules_backtest_sends_its_report_to_the_console(
+        console: TestClient, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from touchstream_cli.cli import main
+
+    day, start = 86_400_000, 1_767_225_600_000  # 2026-01-01
+    scores = tmp_path / "scores.jsonl"
+    scores.write_text("".join(
+        f'{{"customer_id": "c_{n}", "message_id": "m{n}-{d}", "event_time_ms": {start + (n + d) * day}, '
+        f'"churn_risk": {risk}, "purchase_propensity": {1 - risk}}}\n'
+        for n in range(3) for d, risk in ((0, 0.2), (1, 0.8))))
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules:\n  - id: churn-high\n    when: {score: churn_risk, crosses_above: 0.7, rearm_below: 0.6}\n"
+                     "    action: {endpoint: marketing}\n")
+    url = str(console.make_url("/")).rstrip("/")
+    command = ["rules", "backtest", str(rules), "--scores", str(scores), "--console", url]
+    monkeypatch.delenv("TOUCHSTREAM_CONSOLE_ADMIN_KEY", raising=False)
+    assert await asyncio.to_thread(main, command) == 2  # no key: said so, nothing sent
+    monkeypatch.setenv("TOUCHSTREAM_CONSOLE_ADMIN_KEY", "not-the-key")
+    assert await asyncio.to_thread(main, command) == 1  # the console refused it
+    monkeypatch.setenv("TOUCHSTREAM_CONSOLE_ADMIN_KEY", KEY)
+    assert await asyncio.to_thread(main, command) == 0
+    await logged_in(console)
+    page = await (await console.get("/rules")).text()
+    # One customer fired per day, from 2026-01-02 to 2026-01-04.
+    assert re.findall(r"<tr><td>(2026-01-0\d)</td><td>(\d+)</td></tr>", page) == [
+        ("2026-01-02", "1"), ("2026-01-03", "1"), ("2026-01-04", "1")]
+    assert str(rules) in page
+
+
+async def test_the_json_api_locks_out_an_address_that_sends_wrong_admin_keys(redis_client: aioredis.Redis) -> None:
+    from prometheus_client import CollectorRegistry, Counter
+    refused = Counter("api_refused", "", ["reason"], registry=CollectorRegistry())
+    settings = ConsoleSettings(admin_keys=frozenset({hash_admin_key(KEY)}), api_max_failures=3,
+                               api_failure_window_s=120, trusted_proxies=("127.0.0.0/8",))  # type: ignore[arg-type]
+    app = web.Application()
+    ConsoleWeb(ReadModelStore(redis_client), settings, RULES, api_refused=refused).register(app.router)
+    async with TestClient(TestServer(app)) as client:
+        async def outcomes(key: str | None, address: str) -> Any:
+            headers = {"X-Forwarded-For": address, **({"Authorization": f"Bearer {key}"} if key else {})}
+            return await client.get("/v1/rules/churn-high/outcomes", headers=headers)
+
+        assert [(await outcomes(None, "203.0.113.9")).status for _ in range(5)] == [401] * 5  # no key: not counted
+        assert [(await outcomes("wrong", "203.0.113.9")).status for _ in range(3)] == [401] * 3
+        locked = await outcomes(KEY, "203.0.113.9")  # even the right key, once locked out
+        assert locked.status == 429 and 0 < int(locked.headers["Retry-After"]) <= 120
+        backtest = await client.put("/v1/rules/backtest", json=BACKTEST,
+                                    headers={"X-Forwarded-For": "203.0.113.9", "Authorization": f"Bearer {KEY}"})
+        assert backtest.status == 429  # the same count guards every bearer route
+        assert (await outcomes(KEY, "198.51.100.7")).status == 200  # another client is not held up
+        assert refused.labels("bad_key")._value.get() == 3 and refused.labels("locked_out")._value.get() == 2
+        # A logged-in operator on the locked-out address keeps working: the session is no key guess.
+        await logged_in(client)
+        assert (await outcomes(None, "203.0.113.9")).status == 200

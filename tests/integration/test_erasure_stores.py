@@ -4,6 +4,7 @@ record as erased stays erased for a worker that starts afresh."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -13,7 +14,15 @@ from services.scoring.state import CustomerState
 from services.scoring.store import RedisScoringStore, StateChanges
 from services.triggers.crossing import CrossingState
 from services.triggers.erasure import forget_customers
-from services.triggers.state_store import ERASED_KEY, DeliveryQueue, RuleStateStore, cap_key, timer_member
+from services.triggers.state_store import (
+    ERASED_KEY,
+    DeliveryQueue,
+    RuleStateStore,
+    cap_key,
+    customer_keys_key,
+    state_key,
+    timer_member,
+)
 from touchstream.privacy import ErasedCustomers, erased_token
 
 pytestmark = pytest.mark.integration
@@ -61,6 +70,34 @@ async def test_triggers_forgets_rule_states_caps_timers_and_queued_actions(redis
     assert await redis_client.exists(cap_key("c_bob", "2026-11-25")) == 1
     assert await redis_client.zscore("triggers:timers:{triggers}:due", timer_member(("r1", "c_ann"))) is None
     assert [a for a, _ in await queue.all_queued("marketing")] == ["a2"]
+
+
+async def test_triggers_erasure_finds_a_customers_keys_through_its_index_without_scanning(
+        redis_client: aioredis.Redis) -> None:
+    states = RuleStateStore(redis_client, 3600)
+    # Keys of a rule no longer in the rule file, and caps of days long past, are found too.
+    await states.save({("r_gone", "c_ann"): CrossingState(), ("r1", "c_ann"): CrossingState(),
+                       ("r1", "c_bob"): CrossingState()})
+    await states.save_caps({("c_ann", "1997-01-01"): 1, ("c_ann", "2026-11-25"): 2, ("c_bob", "2026-11-25"): 1})
+    assert await redis_client.smembers(customer_keys_key("c_ann")) == {
+        state_key("r_gone", "c_ann").encode(), state_key("r1", "c_ann").encode(),
+        cap_key("c_ann", "1997-01-01").encode(), cap_key("c_ann", "2026-11-25").encode()}
+    assert await redis_client.ttl(customer_keys_key("c_ann")) > 3 * 86_400 - 60  # outlives the caps it names
+
+    def scans(stats: dict[str, Any]) -> int:
+        return int(stats.get("cmdstat_scan", {}).get("calls", 0))
+
+    before = scans(await redis_client.info("commandstats"))
+    erased = ErasedCustomers(redis_client, ERASED_KEY, 3600)
+    deleted, _ = await forget_customers(redis_client, DeliveryQueue(redis_client), erased, ["c_ann"], ["r1"], [])
+    assert deleted == 4
+    assert scans(await redis_client.info("commandstats")) == before  # the keyspace was never scanned
+    assert await redis_client.exists(customer_keys_key("c_ann")) == 0
+    assert sorted(k.decode() for k in await redis_client.keys("triggers:*{c_*")) == sorted([
+        state_key("r1", "c_bob"), cap_key("c_bob", "2026-11-25"), customer_keys_key("c_bob")])
+    # A state written before the index existed (an older release) is still found, for every current rule.
+    await redis_client.hset(state_key("r1", "c_old"), "armed", "1")
+    assert (await forget_customers(redis_client, DeliveryQueue(redis_client), erased, ["c_old"], ["r1"], []))[0] == 1
 
 
 def queued(action_id: str, cid: str) -> tuple[str, int]:

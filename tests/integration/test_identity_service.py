@@ -374,3 +374,30 @@ async def test_matching_links_a_typo_and_shows_a_possible_match_for_review(
     assert model["model"]["fields"]["surname"]["exact"]["weight_bits"] > 0
     assert "touchstream_identity_possible_matches_total 1.0" in metrics
     assert "touchstream_identity_probabilistic_merges_total 1.0" in metrics
+
+
+def test_the_customer_api_locks_out_an_address_that_sends_wrong_admin_keys(
+        all_topics: str, redis_url: str, tmp_path: Path, artifacts_dir: Path) -> None:
+    worker, web_port = spawn_identity_worker(all_topics, redis_url, tmp_path, artifacts_dir, {
+        "TOUCHSTREAM_IDENTITY_ADMIN_MAX_FAILURES": "3", "TOUCHSTREAM_IDENTITY_ADMIN_FAILURE_WINDOW_S": "120",
+        # Loopback is the proxy here, so each X-Forwarded-For address is a client of its own.
+        "TOUCHSTREAM_IDENTITY_TRUSTED_PROXIES": '["127.0.0.0/8"]'})
+    try:
+        wait_until_ready(worker, web_port)
+        url = f"http://127.0.0.1:{web_port}/v1/customers/c_nobody"
+
+        def get(key: str | None, client: str) -> httpx.Response:
+            headers = {"X-Forwarded-For": client, **({"Authorization": f"Bearer {key}"} if key else {})}
+            return httpx.get(url, headers=headers, timeout=10)
+
+        # Requests without a key guess nothing: refused, never counted.
+        assert [get(None, "203.0.113.9").status_code for _ in range(5)] == [401] * 5
+        assert [get("wrong", "203.0.113.9").status_code for _ in range(3)] == [401] * 3
+        locked = get(ADMIN_KEY, "203.0.113.9")  # even the right key, once locked out
+        assert locked.status_code == 429 and 0 < int(locked.headers["Retry-After"]) <= 120
+        assert get(ADMIN_KEY, "198.51.100.7").status_code == 404  # another client is not held up
+        metrics = httpx.get(f"http://127.0.0.1:{web_port}/metrics", timeout=10).text
+        assert 'touchstream_identity_admin_auth_refused_total{reason="bad_key"} 3.0' in metrics
+        assert 'touchstream_identity_admin_auth_refused_total{reason="locked_out"} 1.0' in metrics
+    finally:
+        worker.stop()

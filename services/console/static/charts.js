@@ -8,6 +8,9 @@
   if (!window.echarts) { return; }
   var RISK = "#c0392b", PROPENSITY = "#2c7be5", FIRED = "#15803d", OTHER = "#7f8c8d";
   var TOOLTIP = { renderMode: "richText", confine: true };
+  var DAY = 86400000;
+  var OUTCOME_COLOURS = { "fired": FIRED, "held out": OTHER, "suppressed": "#d97706",
+                          "backfill (recorded, not sent)": "#a78bfa" };
 
   function timeAxis() { return { type: "time", axisLabel: { hideOverlap: true } }; }
   function grid() { return { left: 56, right: 24, top: 48, bottom: 40, containLabel: true }; }
@@ -79,6 +82,39 @@
           { type: "scatter", name: "hold-out conversion", symbol: "diamond", itemStyle: { color: OTHER },
             data: spec.rules.map(function (r) { return [r.holdout, r.rule]; }) }
         ]
+      };
+    },
+    activity: function (spec) {
+      // One bar per day, the outcomes stacked; the axis spans the whole window, so quiet days show as gaps.
+      return {
+        tooltip: { renderMode: "richText", confine: true, trigger: "axis" }, legend: { top: 0 }, grid: grid(),
+        xAxis: { type: "time", min: spec.from_ms - DAY / 2, max: spec.to_ms + DAY / 2, axisLabel: { hideOverlap: true } },
+        yAxis: { type: "value", name: "actions", minInterval: 1 },
+        series: spec.series.map(function (line) {
+          return { type: "bar", name: line.name, stack: "outcomes", data: line.points, barMaxWidth: 14,
+                   itemStyle: { color: OUTCOME_COLOURS[line.name] } };
+        })
+      };
+    },
+    periods: function (spec) {
+      return {
+        tooltip: { renderMode: "richText", confine: true, trigger: "axis" }, legend: { type: "scroll", top: 0 },
+        grid: grid(), xAxis: { type: "category", data: spec.periods, name: spec.bucket, axisLabel: { hideOverlap: true } },
+        yAxis: { type: "value", name: "would fire", minInterval: 1 },
+        series: spec.series.map(function (line) {
+          return { type: "line", name: line.name, data: line.values, showSymbol: spec.periods.length < 40 };
+        })
+      };
+    },
+    stack: function (spec) {
+      return {
+        tooltip: { renderMode: "richText", confine: true, trigger: "axis" }, legend: { type: "scroll", top: 0 },
+        grid: grid(), xAxis: { type: "value", name: spec.unit, minInterval: 1 },
+        yAxis: { type: "category", inverse: true, data: spec.categories },
+        series: spec.series.map(function (part) {
+          return { type: "bar", name: part.name, stack: "total", data: part.values,
+                   itemStyle: OUTCOME_COLOURS[part.name] ? { color: OUTCOME_COLOURS[part.name] } : undefined };
+        })
       };
     },
     scores: function (spec) {
