@@ -41,6 +41,7 @@ from touchstream.streams import (
     add_health_pages,
     make_app,
     run_kernel,
+    transient_redis_error,
 )
 from touchstream.topics import (
     ACTION_DELIVERIES,
@@ -176,7 +177,15 @@ def build_app(core: CoreSettings, settings: ConsoleSettings, registry: Collector
     @app.timer(interval=settings.pipeline_sample_s, name="sample_pipeline")
     async def sample_pipeline() -> None:
         # Counters sampled in the background, so the overview has a rate when someone opens it.
-        await pages.sample_pipeline()
+        # A sample is worth nothing later: while Redis is away this one is skipped (the chart shows
+        # a gap), rather than waited for or let out of the timer, where it would stop the worker.
+        try:
+            await pages.sample_pipeline()
+        except Exception as exc:
+            if not transient_redis_error(exc):
+                raise
+            metrics.redis_errors.inc()
+            log.warning("pipeline sample skipped: Redis unavailable (%s)", exc)
 
     async def close_clients(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
         await redis.aclose()

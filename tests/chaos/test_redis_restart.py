@@ -77,7 +77,8 @@ def run_with_redis_restarts(stack: local.StackState, count: int, rate: float, re
     # Recovered on their own: the same processes, all ready, and they did see Redis go away.
     state = local.StackState.load(run_dir)
     assert {name: state.pids[name] for name in WORKERS} == pids
-    assert all(s.startswith("ready") for name, s in local.status(run_dir).items() if name in WORKERS)
+    statuses = {name: s for name, s in local.status(run_dir).items() if name in WORKERS}
+    assert all(s.startswith("ready") for s in statuses.values()), "; ".join(f"{n}: {s}" for n, s in statuses.items())
     # Which stage was mid-command when Redis went (the others reconnect silently) depends on timing.
     assert sum(redis_errors(stack, service) for service in ("identity", "scoring", "triggers", "console")) > 0
 
