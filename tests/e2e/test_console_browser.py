@@ -419,9 +419,12 @@ def test_rules_page_shows_the_known_uplift_and_the_json_agrees(stack: local.Stac
     assert page.locator("#quality").count() == 1 and page.inner_text("#drift-alarms") == "0"
     # Webhooks were delivered (the fired uplift actions), so triggers reports event-to-webhook latency.
     assert page.inner_text("#latency-p50").startswith("≤ ")
-    # Events/s of every stage, from its own /metrics (the console samples them every few seconds).
-    for stage in ("ingest", "identity", "scoring", "triggers"):
-        assert re.fullmatch(r"\d+\.\d", page.inner_text(f"#pipeline-rates tr[data-stage='{stage}'] .rate")), stage
+    # Events/s of every stage, from its own /metrics: a rate needs two of the console's samples
+    # (taken every few seconds), which a loaded machine may not have taken yet at the first load.
+    def every_stage_has_a_rate() -> bool:
+        return all(re.fullmatch(r"\d+\.\d", page.inner_text(f"#pipeline-rates tr[data-stage='{stage}'] .rate"))
+                   for stage in ("ingest", "identity", "scoring", "triggers"))
+    reload_until(page, every_stage_has_a_rate, "every stage's events/s on the overview", 60)
     # A fresh event: how long after ingest accepted it its touchpoint showed here, over the last minute.
     send(stack, {"messageId": f"f-{run}", "event": "Page Viewed", "userId": f"u-{run}", "channel": "web",
                  "timestamp": "2026-11-07T10:00:00Z"})
