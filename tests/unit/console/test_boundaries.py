@@ -6,12 +6,12 @@ layouts (identity's graph, customer360 and domain, triggers' state store and del
 
 from __future__ import annotations
 
-import ast
 import subprocess
 import sys
 from pathlib import Path
 
 import services.console
+from tests.import_scan import imported_modules
 
 CONSOLE = Path(services.console.__file__).resolve().parent
 REPO = CONSOLE.parents[1]
@@ -27,19 +27,8 @@ ALLOWED_BENEATH = {"services.triggers.conditions", "services.triggers.templates"
 
 def other_service_imports(source: str, own: str = "services.console") -> list[str]:
     """Return the modules of other services that `source` imports (import, from-import, importlib), in order."""
-    found = []
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module]
-        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-              and node.func.attr == "import_module" and node.args and isinstance(node.args[0], ast.Constant)):
-            names = [str(node.args[0].value)]
-        else:
-            continue
-        found += [n for n in names if n.startswith("services.") and not (n == own or n.startswith(own + "."))]
-    return found
+    return [n for n in imported_modules(source)
+            if n.startswith("services.") and not (n == own or n.startswith(own + "."))]
 
 
 def test_the_scan_finds_every_way_of_importing_another_service() -> None:

@@ -6,12 +6,12 @@ The `touchstream` command and the local stack, which do reach every service, liv
 
 from __future__ import annotations
 
-import ast
 import subprocess
 import sys
 from pathlib import Path
 
 import touchstream
+from tests.import_scan import imported_modules
 
 CORE = Path(touchstream.__file__).resolve().parent
 REPO = CORE.parent
@@ -21,19 +21,7 @@ ABOVE = ("services", "touchstream_cli")
 
 def upward_imports(source: str) -> list[str]:
     """Return the modules of `ABOVE` that `source` imports (import, from-import, importlib), in order."""
-    found = []
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module]
-        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-              and node.func.attr == "import_module" and node.args and isinstance(node.args[0], ast.Constant)):
-            names = [str(node.args[0].value)]
-        else:
-            continue
-        found += [n for n in names if n.split(".")[0] in ABOVE]
-    return found
+    return [n for n in imported_modules(source) if n.split(".")[0] in ABOVE]
 
 
 def test_the_scan_finds_every_way_of_importing_a_service() -> None:
