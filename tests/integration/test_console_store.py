@@ -355,3 +355,41 @@ async def test_a_customers_tally_keeps_only_its_newest_days(store: ReadModelStor
     assert min(tally.by_day) >= newest - TALLY_DAYS_KEPT and max(tally.by_day) == newest
     assert tally.by_day == {a.event_time_ms // day: {"fired": 1} for a in actions
                             if a.event_time_ms // day >= newest - TALLY_DAYS_KEPT}
+
+
+def valued(cid: str, n: int, value: float, tier: int, segment: str = "loyal") -> ScoreUpdated:
+    """A score carrying scoring's value features (a segment of "" for a crossing check's, which scoring does not
+    explain)."""
+    return ScoreUpdated(cid, f"m-{cid}-v{n}", n * 1000, 0.2, 0.8, segment, "active" if segment else "", "v1", (),
+                        {"predicted_value": value, "value_tier": float(tier),
+                         "expected_purchases_value_horizon": value / 50, "expected_order_value": 50.0})
+
+
+async def test_the_newest_predicted_value_shows_and_counts_once_in_its_tier(store: ReadModelStore) -> None:
+    await store.apply([valued("c_1", 2, 400.0, 4), valued("c_1", 1, 10.0, 1), valued("c_2", 1, 20.004, 1)])
+    record = await store.customer("c_1")
+    # The older score arrived last: it changes neither the customer's value nor the tiers.
+    assert record.value is not None
+    assert (record.value.predicted_value, record.value.tier, record.value.expected_purchases,
+            record.value.expected_order_value) == (400.0, 4, 8.0, 50.0)
+    assert [(t.tier, t.customers, t.predicted_value) for t in await store.value_tiers()] == [(4, 1, 400.0),
+                                                                                           (1, 1, 20.0)]
+    # A crossing check's score (no segment) moves the value too; a replay counts nothing twice.
+    await store.apply([valued("c_1", 3, 30.0, 1, segment="")])
+    await store.apply([valued("c_1", 3, 30.0, 1, segment="")])
+    assert [(t.tier, t.customers, t.predicted_value) for t in await store.value_tiers()] == [(1, 2, 50.0)]
+    assert (await store.customer("c_1")).value.predicted_value == 30.0  # type: ignore[union-attr]
+    # A score without value features (an older scoring) leaves the value as it was.
+    await store.apply([score("c_1", 4, 0.5)])
+    assert (await store.customer("c_1")).value.predicted_value == 30.0  # type: ignore[union-attr]
+
+
+async def test_predicted_values_follow_a_merge_and_leave_with_an_erasure(store: ReadModelStore) -> None:
+    await store.apply([valued("c_a", 1, 100.0, 3), valued("c_b", 2, 900.0, 4), valued("c_keep", 1, 5.0, 1)])
+    await store.apply([CustomersMerged("g-1", "c_a", "c_b", "merge", "shared_identifier", 3)])
+    # c_b's value is the newer: the survivor takes it, and each customer counts once.
+    assert (await store.customer("c_a")).value.predicted_value == 900.0  # type: ignore[union-attr]
+    assert [(t.tier, t.customers, t.predicted_value) for t in await store.value_tiers()] == [(4, 1, 900.0),
+                                                                                           (1, 1, 5.0)]
+    await store.forget("c_b")
+    assert [(t.tier, t.customers, t.predicted_value) for t in await store.value_tiers()] == [(1, 1, 5.0)]
