@@ -330,50 +330,61 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
+# Keeps KEYS[1], a hash customer -> "event time|value", at each customer's newest value: ARGV from `first`
+# holds (customer, event time, value, ...) records of `step` items; an empty value drops the customer. A value
+# older than the one kept changes nothing, and `on_change(old, new, n)` (old false for a first value, new nil
+# for a drop; n the record's ARGV index) is called only when the kept value changes: a replay is harmless.
+_NEWEST_PER_CUSTOMER = """
+local function keep_newest(first, step, on_change)
+  local customers, current = {}, {}
+  for n = first, #ARGV, step do customers[#customers + 1] = ARGV[n] end
+  if #customers == 0 then return end
+  local found = redis.call('HMGET', KEYS[1], unpack(customers))
+  for n, customer in ipairs(customers) do current[customer] = found[n] end
+  local writes, gone = {}, {}
+  for n = first, #ARGV, step do
+    local customer, at, value = ARGV[n], ARGV[n + 1], ARGV[n + 2]
+    local stored = current[customer]
+    local old, newer = false, true
+    if stored then
+      local t, v = string.match(stored, '^(%d+)|(.*)$')
+      old, newer = v, tonumber(t) <= tonumber(at)
+    end
+    if value == '' then
+      if old then
+        on_change(old, nil, n)
+        gone[#gone + 1] = customer
+        current[customer] = false
+      end
+    elseif newer then
+      current[customer] = at .. '|' .. value
+      writes[#writes + 1] = customer
+      writes[#writes + 1] = current[customer]
+      if old ~= value then on_change(old, value, n) end
+    end
+  end
+  if #writes > 0 then redis.call('HSET', KEYS[1], unpack(writes)) end
+  if #gone > 0 then redis.call('HDEL', KEYS[1], unpack(gone)) end
+end
+"""
+
 # Segment counts (all keys in the {seg} slot): KEYS[1] customer -> "time|segment|stage", KEYS[2] counts,
 # KEYS[3] the days seen, KEYS[4..] flow keys of days. ARGV: flow TTL, days kept, then (customer, event time,
-# "segment|stage", flow key index, day) quintuples; an empty value drops the customer. A score older than the
-# one counted changes nothing, and the counts move only when a value changes: a replay is harmless.
-_SET_SEGMENTS = """
-local customers, current = {}, {}
-for n = 3, #ARGV, 5 do customers[#customers + 1] = ARGV[n] end
-if #customers == 0 then return 0 end
-local found = redis.call('HMGET', KEYS[1], unpack(customers))
-for n, customer in ipairs(customers) do current[customer] = found[n] end
+# "segment|stage", flow key index, day) quintuples; an empty value drops the customer.
+_SET_SEGMENTS = _NEWEST_PER_CUSTOMER + """
 -- Counted up here and written once per value, flow change and day.
-local counts, flows, days, writes, gone = {}, {}, {}, {}, {}
+local counts, flows, days = {}, {}, {}
 local function count(value, by) counts[value] = (counts[value] or 0) + by end
-for n = 3, #ARGV, 5 do
-  local customer, at, value = ARGV[n], ARGV[n + 1], ARGV[n + 2]
-  local stored = current[customer]
-  local old, newer = false, true
-  if stored then
-    local t, v = string.match(stored, '^(%d+)|(.*)$')
-    old, newer = v, tonumber(t) <= tonumber(at)
-  end
-  if value == '' then
-    if old then
-      count(old, -1)
-      gone[#gone + 1] = customer
-      current[customer] = false
-    end
-  elseif newer then
-    current[customer] = at .. '|' .. value
-    writes[#writes + 1] = customer
-    writes[#writes + 1] = current[customer]
-    if old ~= value then
-      if old then count(old, -1) end
-      count(value, 1)
-      local flow = KEYS[tonumber(ARGV[n + 3])]
-      flows[flow] = flows[flow] or {}
-      local change = (old or '') .. '>' .. value
-      flows[flow][change] = (flows[flow][change] or 0) + 1
-      days[flow] = ARGV[n + 4]
-    end
-  end
-end
-if #writes > 0 then redis.call('HSET', KEYS[1], unpack(writes)) end
-if #gone > 0 then redis.call('HDEL', KEYS[1], unpack(gone)) end
+keep_newest(3, 5, function(old, value, n)
+  if old then count(old, -1) end
+  if not value then return end
+  count(value, 1)
+  local flow = KEYS[tonumber(ARGV[n + 3])]
+  flows[flow] = flows[flow] or {}
+  local change = (old or '') .. '>' .. value
+  flows[flow][change] = (flows[flow][change] or 0) + 1
+  days[flow] = ARGV[n + 4]
+end)
 for value, by in pairs(counts) do if by ~= 0 then redis.call('HINCRBY', KEYS[2], value, by) end end
 for flow, changes in pairs(flows) do
   for change, by in pairs(changes) do redis.call('HINCRBY', flow, change, by) end
@@ -386,45 +397,17 @@ return 0
 
 # Value tiers (all keys in the {val} slot): KEYS[1] customer -> "time|tier|cents", KEYS[2] tier -> customers,
 # KEYS[3] tier -> cents. ARGV: (customer, event time, "tier|cents") triples; an empty value drops the customer.
-# As for segments, an older score changes nothing and the sums move only when a value changes.
-_SET_VALUES = """
-local customers, current = {}, {}
-for n = 1, #ARGV, 3 do customers[#customers + 1] = ARGV[n] end
-if #customers == 0 then return 0 end
-local found = redis.call('HMGET', KEYS[1], unpack(customers))
-for n, customer in ipairs(customers) do current[customer] = found[n] end
-local counts, cents, writes, gone = {}, {}, {}, {}
+_SET_VALUES = _NEWEST_PER_CUSTOMER + """
+local counts, cents = {}, {}
 local function count(value, by)
   local tier, amount = string.match(value, '^(%d+)|(%-?%d+)$')
   counts[tier] = (counts[tier] or 0) + by
   cents[tier] = (cents[tier] or 0) + by * tonumber(amount)
 end
-for n = 1, #ARGV, 3 do
-  local customer, at, value = ARGV[n], ARGV[n + 1], ARGV[n + 2]
-  local stored = current[customer]
-  local old, newer = false, true
-  if stored then
-    local t, v = string.match(stored, '^(%d+)|(.*)$')
-    old, newer = v, tonumber(t) <= tonumber(at)
-  end
-  if value == '' then
-    if old then
-      count(old, -1)
-      gone[#gone + 1] = customer
-      current[customer] = false
-    end
-  elseif newer then
-    current[customer] = at .. '|' .. value
-    writes[#writes + 1] = customer
-    writes[#writes + 1] = current[customer]
-    if old ~= value then
-      if old then count(old, -1) end
-      count(value, 1)
-    end
-  end
-end
-if #writes > 0 then redis.call('HSET', KEYS[1], unpack(writes)) end
-if #gone > 0 then redis.call('HDEL', KEYS[1], unpack(gone)) end
+keep_newest(1, 3, function(old, value)
+  if old then count(old, -1) end
+  if value then count(value, 1) end
+end)
 for tier, by in pairs(counts) do if by ~= 0 then redis.call('HINCRBY', KEYS[2], tier, by) end end
 for tier, by in pairs(cents) do if by ~= 0 then redis.call('HINCRBY', KEYS[3], tier, by) end end
 return 0
