@@ -360,7 +360,8 @@ class CustomerView:
         return bool(self.timeline or self.scores or self.actions or self.merges)
 
 
-def _text(value: bytes | str) -> str:
+def as_text(value: bytes | str) -> str:
+    """A Redis reply (bytes) or a fake's (str) as text."""
     return value.decode() if isinstance(value, bytes) else value
 
 
@@ -370,7 +371,7 @@ def purchase_times(value: bytes | str | None) -> list[int]:
     >>> purchase_times(b"5,9"), purchase_times(None)
     ([5, 9], [])
     """
-    return [int(t) for t in _text(value).split(",") if t] if value else []
+    return [int(t) for t in as_text(value).split(",") if t] if value else []
 
 
 def customer_view(customer_id: str, looked_up_id: str, fields: Mapping[bytes | str, bytes | str],
@@ -380,7 +381,7 @@ def customer_view(customer_id: str, looked_up_id: str, fields: Mapping[bytes | s
     latest: list[Any] | None = None
     model_version, reasons = "", []
     for raw_name, raw_value in fields.items():
-        name, value = _text(raw_name), _text(raw_value)
+        name, value = as_text(raw_name), as_text(raw_value)
         kind, _, key = name.partition(":")
         if kind == "t":
             items = [*json.loads(value), None, None, None, None, None, None, None, None]

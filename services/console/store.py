@@ -58,6 +58,7 @@ from services.console.entries import (
     ValueEstimate,
     ValueTier,
     action_value,
+    as_text,
     customer_view,
     delivery_value,
     latest_score_values,
@@ -414,10 +415,6 @@ return 0
 """
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def _customers_named(update: Update) -> set[str]:
     """The customer ids a read-model update writes about (none for a deletion or a dead letter)."""
     if isinstance(update, CustomerDeleted | DeadLettered):
@@ -737,7 +734,7 @@ class ReadModelStore:
             for (cid, args), into in zip(pending.items(), replies, strict=True):
                 if not into:
                     continue
-                target = _text(into)
+                target = as_text(into)
                 for sent, lives in redirects.items():
                     if lives == cid:
                         redirects[sent] = target
@@ -773,9 +770,9 @@ class ReadModelStore:
         current = customer_id
         for _ in range(MAX_MERGE_HOPS):
             into = await self.client.hget(self.ckey(current), "into")
-            if into is None or _text(into) == current:
+            if into is None or as_text(into) == current:
                 return current
-            current = _text(into)
+            current = as_text(into)
         return current
 
     async def _apply_merge(self, merge: CustomersMerged) -> None:
@@ -811,7 +808,7 @@ class ReadModelStore:
         if fields:
             moved.active.add(live)
         for raw_name, value in fields.items():
-            name = _text(raw_name)
+            name = as_text(raw_name)
             if name.startswith("r:"):
                 moved.acted(live, name[2:])
             elif name == "seg":
@@ -836,7 +833,7 @@ class ReadModelStore:
         """Remember which customers' hashes hold split entries naming each id."""
         current = await self.client.hmget(self.key("mentions"), list(mentioned))
         merged: dict[Any, Any] = {
-            cid: ",".join(sorted(set(_text(found).split(",") if found else []) | set(holders)))
+            cid: ",".join(sorted(set(as_text(found).split(",") if found else []) | set(holders)))
             for (cid, holders), found in zip(mentioned.items(), current, strict=True)}
         await self.client.hset(self.key("mentions"), mapping=merged)
 
@@ -859,11 +856,11 @@ class ReadModelStore:
         For the deletion flow (DESIGN: DELETE /v1/customers/{id}); rule counts drop its actions too.
         """
         live = await self._live(customer_id)
-        redirects = {_text(k): _text(v) for k, v in (await self.client.hgetall(self.key("merged_into"))).items()}
+        redirects = {as_text(k): as_text(v) for k, v in (await self.client.hgetall(self.key("merged_into"))).items()}
         ids = sorted({live, customer_id} | {m for m in redirects if follow_merges(m, redirects) == live})
-        rules = sorted(_text(r) for r in await self.client.smembers(self.key("rules")))
+        rules = sorted(as_text(r) for r in await self.client.smembers(self.key("rules")))
         noted = await self.client.hmget(self.key("mentions"), ids)
-        holders = {h for found in noted if found for h in _text(found).split(",")}
+        holders = {h for found in noted if found for h in as_text(found).split(",")}
         holders = {await self._live(h) for h in holders} - set(ids)
         async with self.client.pipeline(transaction=False) as pipe:
             for holder in sorted(holders):
@@ -873,11 +870,11 @@ class ReadModelStore:
         async with self.client.pipeline(transaction=False) as pipe:
             for holder, fields, noted_here in zip(sorted(holders), replies[::2], replies[1::2], strict=True):
                 stale = [name for name, value in fields.items()
-                         if _text(name).startswith("m:") and any(cid in _text(value) for cid in ids)]
+                         if as_text(name).startswith("m:") and any(cid in as_text(value) for cid in ids)]
                 if stale:
                     pipe.hdel(self.ckey(holder), *stale)
                 if noted_here:
-                    kept = [h for h in _text(noted_here).split(",") if h not in ids]
+                    kept = [h for h in as_text(noted_here).split(",") if h not in ids]
                     if kept:
                         pipe.hset(self.key("mentions"), holder, ",".join(kept))
                     else:
@@ -903,22 +900,22 @@ class ReadModelStore:
         for _ in range(MAX_MERGE_HOPS):
             fields = await self.client.hgetall(self.ckey(current))
             into = fields.get(b"into")
-            if into is None or _text(into) == current:
+            if into is None or as_text(into) == current:
                 break
-            current = _text(into)
+            current = as_text(into)
         return customer_view(current, customer_id, fields, timeline_limit)
 
     async def change_marker(self, customer_id: str) -> str:
         """Return a token that changes whenever anything the customer page shows changes (live updates)."""
         live = await self._live(customer_id)
-        return f"{live}|{_text(await self.client.hget(self.ckey(live), 'v') or b'0')}"
+        return f"{live}|{as_text(await self.client.hget(self.ckey(live), 'v') or b'0')}"
 
     async def segments(self) -> dict[tuple[str, str], int]:
         """Count customers by (segment, stage) of their latest score."""
         counts: dict[tuple[str, str], int] = {}
         for value, n in (await self.client.hgetall(self.key("{seg}", "counts"))).items():
             if int(n) > 0:
-                segment, stage = _text(value).split("|", 1)
+                segment, stage = as_text(value).split("|", 1)
                 counts[(segment, stage)] = int(n)
         return counts
 
@@ -946,7 +943,7 @@ class ReadModelStore:
         totals: dict[tuple[str, str], int] = {}
         for reply in replies:
             for change, n in reply.items():
-                before, _, after = _text(change).partition(">")
+                before, _, after = as_text(change).partition(">")
                 totals[(before, after)] = totals.get((before, after), 0) + int(n)
         return sorted(((b, a, n) for (b, a), n in totals.items() if n > 0), key=lambda r: (-r[2], r[0], r[1]))
 
@@ -969,12 +966,12 @@ class ReadModelStore:
         return sorted(rows, key=lambda r: (-r[2], r[0], r[1]))
 
     async def rule_ids(self) -> list[str]:
-        return sorted(_text(r) for r in await self.client.smembers(self.key("rules")))
+        return sorted(as_text(r) for r in await self.client.smembers(self.key("rules")))
 
     async def rule_counts(self, rule_id: str) -> RuleCounts:
         """Add up the tallies of a rule's customers: counts by outcome (suppressed split by reason),
         deliveries, when each customer's first treated and hold-out actions came, and outcomes per day."""
-        customers = sorted(_text(c) for c in await self.client.smembers(self.rule_key(rule_id)))
+        customers = sorted(as_text(c) for c in await self.client.smembers(self.rule_key(rule_id)))
         async with self.client.pipeline(transaction=False) as pipe:
             for cid in customers:
                 pipe.hget(self.ckey(cid), f"r:{rule_id}")
@@ -1005,7 +1002,7 @@ class ReadModelStore:
             pipe.get(self.key("rules", "version"))
             pipe.zscore(self.key("clock"), "event_time")
             version, clock = await pipe.execute()
-        return f"{_text(version or b'0')}|{clock}"
+        return f"{as_text(version or b'0')}|{clock}"
 
     async def overview_marker(self) -> str:
         """A token that changes with the overview's numbers: segment counts and the newest day's changes,
@@ -1018,7 +1015,7 @@ class ReadModelStore:
             pipe.hgetall(self.key("{val}", "counts"))
             pipe.hgetall(self.key("{val}", "cents"))
             counts, last_day, customers, samples, value_counts, value_cents = await pipe.execute()
-        flow = await self.client.hgetall(self.key("{seg}", "flow", _text(last_day[0]))) if last_day else {}
+        flow = await self.client.hgetall(self.key("{seg}", "flow", as_text(last_day[0]))) if last_day else {}
         state = [sorted(counts.items()), sorted(flow.items()), customers, sorted(samples.items()),
                  await self.dead_letters(), sorted(value_counts.items()), sorted(value_cents.items())]
         return hashlib.sha256(repr(state).encode()).hexdigest()
