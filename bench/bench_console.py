@@ -47,6 +47,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from aiokafka import AIOKafkaProducer
 from proc_cpu import process_cpu_s
 
+from services.console.app import READ_MODEL_UPDATES_TOTAL
 from services.console.readmodel import ActionTaken, ScoreUpdated, TouchpointSeen
 from services.console.settings import ConsoleSettings
 from services.console.store import ReadModelStore, Update
@@ -64,6 +65,7 @@ from touchstream.embedded import (
     start_broker,
     start_valkey,
 )
+from touchstream.metrics import batch_size_events, consumer_lag_messages, events_in_total
 from touchstream.replay import sum_metric
 from touchstream.topics import ACTION_DELIVERIES, ACTIONS, SCORES, TOUCHPOINTS_RESOLVED
 
@@ -298,8 +300,8 @@ async def read_model_cost(source: Path, records: list[tuple[str, str, bytes]], c
             deadline = time.monotonic() + 900
             while True:
                 text = (await http.get("/metrics")).text
-                seen = {topic: sum_metric(text, "touchstream_console_events_in_total", topic=topic) for topic in topics}
-                lag = sum_metric(text, "touchstream_console_consumer_lag_messages")
+                seen = {topic: sum_metric(text, events_in_total("console"), topic=topic) for topic in topics}
+                lag = sum_metric(text, consumer_lag_messages("console"))
                 if all(seen[t] >= expected[t] for t in topics) and lag == 0:
                     break
                 assert worker.alive(), f"console worker of {source} exited; see its log"
@@ -309,7 +311,7 @@ async def read_model_cost(source: Path, records: list[tuple[str, str, bytes]], c
             worker_cpu, redis_cpu = process_cpu_s(worker.pid) - worker_cpu, process_cpu_s(redis_pid) - redis_cpu
             memory = int((await redis.info("memory"))["used_memory"]) - memory_before
             keys = int(await redis.dbsize())
-            batches = sum_metric(text, "touchstream_console_batch_size_events_count")
+            batches = sum_metric(text, batch_size_events("console") + "_count")
     finally:
         worker.stop()
         await redis.aclose()
@@ -391,8 +393,7 @@ async def compare_read_models(sources: list[Path], customers: int, events_per_cu
 
 def console_updates(state: Any) -> float:
     text = httpx.get(f"{state.url('console')}/metrics", timeout=10).text
-    return sum(float(line.split()[-1]) for line in text.splitlines()
-               if line.startswith("touchstream_console_read_model_updates_total"))
+    return sum_metric(text, READ_MODEL_UPDATES_TOTAL)
 
 
 def pipeline_lag(events: int) -> dict[str, Any]:

@@ -93,10 +93,13 @@ from pipeline_workloads import (
 )
 from proc_cpu import components_cpu_s, load_average
 
+from services.identity.metrics import CUSTOMERS_CREATED_TOTAL
+from services.triggers.metrics import ACTIONS_TOTAL as TRIGGERS_ACTIONS_TOTAL
 from touchstream.datasets import cdnow_purchases
 from touchstream.embedded import broker_description, embedded_broker_kind, stop_pid
 from touchstream.eventtime import DAY_MS
-from touchstream.receiver import percentile
+from touchstream.metrics import batch_size_events, consumer_lag_messages, events_in_total, events_out_total
+from touchstream.receiver import WEBHOOKS_TOTAL, percentile
 from touchstream.replay import sum_metric
 from touchstream.topics import ACTIONS, SCORES, TOUCHPOINTS_RAW, TOUCHPOINTS_RESOLVED
 from touchstream_cli import local
@@ -133,7 +136,7 @@ class Backlog:
 
     async def _read(self, session: aiohttp.ClientSession) -> float:
         async with session.get(self.url) as answer:
-            return sum_metric(await answer.text(), "touchstream_triggers_events_in_total", topic=SCORES.name)
+            return sum_metric(await answer.text(), events_in_total("triggers"), topic=SCORES.name)
 
     async def wait_for_room(self, session: aiohttp.ClientSession, posted: int) -> None:
         if self.baseline is None:
@@ -225,34 +228,34 @@ def read_counters(client: httpx.Client, state: local.StackState) -> Counters:
 
     values: dict[str, float] = {}
     ingest = text("ingest")
-    values["ingest_out_raw"] = sum_metric(ingest, "touchstream_ingest_events_out_total", topic=TOUCHPOINTS_RAW.name)
+    values["ingest_out_raw"] = sum_metric(ingest, events_out_total("ingest"), topic=TOUCHPOINTS_RAW.name)
     identity = text("identity")
-    values["identity_out_resolved"] = sum_metric(identity, "touchstream_identity_events_out_total",
+    values["identity_out_resolved"] = sum_metric(identity, events_out_total("identity"),
                                                  topic=TOUCHPOINTS_RESOLVED.name)
-    values["identity_customers_created"] = sum_metric(identity, "touchstream_identity_customers_created_total")
-    values["identity_batches"] = sum_metric(identity, "touchstream_identity_batch_size_events_count")
-    values["identity_batched_events"] = sum_metric(identity, "touchstream_identity_batch_size_events_sum")
-    values["identity_lag"] = sum_metric(identity, "touchstream_identity_consumer_lag_messages")
+    values["identity_customers_created"] = sum_metric(identity, CUSTOMERS_CREATED_TOTAL)
+    values["identity_batches"] = sum_metric(identity, batch_size_events("identity") + "_count")
+    values["identity_batched_events"] = sum_metric(identity, batch_size_events("identity") + "_sum")
+    values["identity_lag"] = sum_metric(identity, consumer_lag_messages("identity"))
     scoring = text("scoring")
-    values["scoring_in_resolved"] = sum_metric(scoring, "touchstream_scoring_events_in_total",
+    values["scoring_in_resolved"] = sum_metric(scoring, events_in_total("scoring"),
                                                topic=TOUCHPOINTS_RESOLVED.name)
-    values["scoring_out_scores"] = sum_metric(scoring, "touchstream_scoring_events_out_total", topic=SCORES.name)
-    values["scoring_lag"] = sum_metric(scoring, "touchstream_scoring_consumer_lag_messages")
+    values["scoring_out_scores"] = sum_metric(scoring, events_out_total("scoring"), topic=SCORES.name)
+    values["scoring_lag"] = sum_metric(scoring, consumer_lag_messages("scoring"))
     triggers = text("triggers")
-    values["triggers_in_scores"] = sum_metric(triggers, "touchstream_triggers_events_in_total", topic=SCORES.name)
-    values["triggers_out_actions"] = sum_metric(triggers, "touchstream_triggers_events_out_total", topic=ACTIONS.name)
-    values["triggers_in_actions"] = sum_metric(triggers, "touchstream_triggers_events_in_total", topic=ACTIONS.name)
-    values["triggers_fired"] = sum_metric(triggers, "touchstream_triggers_actions_total", outcome="fired")
-    values["triggers_held"] = sum_metric(triggers, "touchstream_triggers_actions_total", outcome="fired",
+    values["triggers_in_scores"] = sum_metric(triggers, events_in_total("triggers"), topic=SCORES.name)
+    values["triggers_out_actions"] = sum_metric(triggers, events_out_total("triggers"), topic=ACTIONS.name)
+    values["triggers_in_actions"] = sum_metric(triggers, events_in_total("triggers"), topic=ACTIONS.name)
+    values["triggers_fired"] = sum_metric(triggers, TRIGGERS_ACTIONS_TOTAL, outcome="fired")
+    values["triggers_held"] = sum_metric(triggers, TRIGGERS_ACTIONS_TOTAL, outcome="fired",
                                          reason="quiet_hours_hold")
-    values["triggers_lag"] = sum_metric(triggers, "touchstream_triggers_consumer_lag_messages")
+    values["triggers_lag"] = sum_metric(triggers, consumer_lag_messages("triggers"))
     for rule, outcome, count in _actions_by_rule(triggers):
         values[f"action {rule} {outcome}"] = count
     console = text("console")
     for spec in (TOUCHPOINTS_RESOLVED, SCORES, ACTIONS):
-        values[f"console_in_{spec.name}"] = sum_metric(console, "touchstream_console_events_in_total", topic=spec.name)
-    values["console_lag"] = sum_metric(console, "touchstream_console_consumer_lag_messages")
-    values["webhooks"] = sum_metric(text("receiver"), "touchstream_receiver_webhooks_total", result="new")
+        values[f"console_in_{spec.name}"] = sum_metric(console, events_in_total("console"), topic=spec.name)
+    values["console_lag"] = sum_metric(console, consumer_lag_messages("console"))
+    values["webhooks"] = sum_metric(text("receiver"), WEBHOOKS_TOTAL, result="new")
     return Counters(values)
 
 
@@ -262,7 +265,7 @@ def _actions_by_rule(metrics_text: str) -> list[tuple[str, str, float]]:
     totals: dict[tuple[str, str], float] = {}
     for family in text_string_to_metric_families(metrics_text):
         for sample in family.samples:
-            if sample.name == "touchstream_triggers_actions_total":
+            if sample.name == TRIGGERS_ACTIONS_TOTAL:
                 key = (sample.labels["rule"], sample.labels["outcome"])
                 totals[key] = totals.get(key, 0.0) + sample.value
     return [(rule, outcome, count) for (rule, outcome), count in sorted(totals.items())]
@@ -302,7 +305,7 @@ def wait_for_webhooks(state: local.StackState, target: int, timeout: float = 900
     with httpx.Client() as client:
         while time.perf_counter() < deadline:
             text = client.get(f"{state.url('receiver')}/metrics", timeout=10).text
-            if sum_metric(text, "touchstream_receiver_webhooks_total", result="new") >= target:
+            if sum_metric(text, WEBHOOKS_TOTAL, result="new") >= target:
                 return time.perf_counter()
             time.sleep(0.1)
     raise TimeoutError(f"fewer than {target} webhooks after {timeout}s")

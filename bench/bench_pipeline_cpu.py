@@ -24,13 +24,15 @@ from typing import Any
 import httpx
 import redis
 
+from touchstream.metrics import events_in_total, events_out_total
+from touchstream.topics import SCORES, TOUCHPOINTS_RAW, TOUCHPOINTS_RESOLVED
 from touchstream_cli import local
 
 COUNTERS = {
-    "ingest": 'touchstream_ingest_events_out_total{topic="touchpoints.raw"}',
-    "identity": 'touchstream_identity_events_in_total{topic="touchpoints.raw"}',
-    "scoring": 'touchstream_scoring_events_in_total{topic="touchpoints.resolved"}',
-    "triggers": 'touchstream_triggers_events_in_total{topic="scores"}',
+    "ingest": f'{events_out_total("ingest")}{{topic="{TOUCHPOINTS_RAW.name}"}}',
+    "identity": f'{events_in_total("identity")}{{topic="{TOUCHPOINTS_RAW.name}"}}',
+    "scoring": f'{events_in_total("scoring")}{{topic="{TOUCHPOINTS_RESOLVED.name}"}}',
+    "triggers": f'{events_in_total("triggers")}{{topic="{SCORES.name}"}}',
 }
 
 

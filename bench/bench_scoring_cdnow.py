@@ -51,6 +51,7 @@ import pandas as pd
 from aiokafka import AIOKafkaProducer
 from proc_cpu import process_cpu_s
 
+from services.scoring.metrics import CROSSING_CHECKS_TOTAL, CROSSINGS_TOTAL
 from touchstream import avro
 from touchstream.datasets import Purchase, cdnow_purchases
 from touchstream.embedded import (
@@ -65,6 +66,7 @@ from touchstream.embedded import (
     start_valkey,
     wait_for_port,
 )
+from touchstream.metrics import events_out_total
 from touchstream.replay import sum_metric
 from touchstream.topics import SCORES, TOUCHPOINTS_RESOLVED
 
@@ -256,15 +258,14 @@ async def replay_through_worker(code: CodeTree, redis_url: str, prefix: str, eve
             while True:
                 if not worker.alive():
                     raise RuntimeError(f"the scoring worker died; see {run_dir / 'scoring-worker.log'}")
-                sent = await scraped(client, web_port, "touchstream_scoring_events_out_total", topic=SCORES.name)
-                crossings = max(0.0, await scraped(client, web_port, "touchstream_scoring_crossings_total"))
+                sent = await scraped(client, web_port, events_out_total("scoring"), topic=SCORES.name)
+                crossings = max(0.0, await scraped(client, web_port, CROSSINGS_TOTAL))
                 if sent - crossings >= len(events):
                     break
                 await asyncio.sleep(0.5)
             elapsed = time.perf_counter() - started
             cpu_s = process_cpu_s(worker.pid) - cpu_before
-            checks = max(0.0, await scraped(client, web_port, "touchstream_scoring_crossing_checks_total"))
-            rescores = max(0.0, await scraped(client, web_port, "touchstream_scoring_rescores_total"))
+            checks = max(0.0, await scraped(client, web_port, CROSSING_CHECKS_TOTAL))
     finally:
         if worker is not None:
             # SIGTERM: the worker checkpoints its model before it exits.
@@ -273,7 +274,7 @@ async def replay_through_worker(code: CodeTree, redis_url: str, prefix: str, eve
     return {"path": f"scoring worker process on {broker_description(kind)} + Valkey", "events": len(events),
             "seconds": round(elapsed, 2), "events_per_s": round(len(events) / elapsed, 1),
             "worker_cpu_s": round(cpu_s, 2), "worker_cpu_us_per_event": round(1e6 * cpu_s / len(events), 1),
-            "crossing_checks": checks, "crossing_updates": crossings, "periodic_rescores": rescores}
+            "crossing_checks": checks, "crossing_updates": crossings}
 
 
 async def replay_through_service(redis_url: str, prefix: str, events: list[tuple[Purchase, int]],

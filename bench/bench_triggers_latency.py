@@ -28,7 +28,7 @@ from typing import Any
 
 import httpx
 
-from touchstream.metrics import LATENCY_BUCKETS
+from touchstream.metrics import EVENT_TO_WEBHOOK_SECONDS, LATENCY_BUCKETS
 from touchstream.receiver import percentile
 from touchstream_cli import local
 
@@ -105,7 +105,7 @@ def service_buckets(state: local.StackState) -> dict[float, float]:
     text = httpx.get(f"{state.url('triggers')}/metrics", timeout=10).text
     buckets: dict[float, float] = {}
     for line in text.splitlines():
-        if line.startswith("touchstream_triggers_event_to_webhook_seconds_bucket{") and f'rule="{RULE_ID}"' in line:
+        if line.startswith(f"{EVENT_TO_WEBHOOK_SECONDS}_bucket{{") and f'rule="{RULE_ID}"' in line:
             bound = line.split('le="')[1].split('"')[0]
             buckets[float("inf") if bound == "+Inf" else float(bound)] = float(line.rsplit(" ", 1)[1])
     return buckets

@@ -46,7 +46,6 @@ from services.identity.resolver import EventToResolve, IdentityResolver
 from services.identity.settings import IdentitySettings
 from services.ingest.segment import to_touchpoint
 from services.scoring.features import path_model_inputs, silent_path
-from services.scoring.labels import DAY_MS
 from services.scoring.model import PropensityModel
 from services.scoring.settings import ScoringSettings
 from services.scoring.state import CustomerState, apply_touchpoint, touchpoint_from_record
@@ -54,6 +53,7 @@ from services.triggers.settings import WebhookEndpoint
 from services.triggers.transport import GuardedClient, WebhookSender
 from services.triggers.webhooks import Verdict
 from touchstream.embedded import create_topics, free_port, spawn, start_valkey
+from touchstream.eventtime import DAY_MS
 from touchstream.settings import CoreSettings
 from touchstream.topics import TopicSpec
 

@@ -52,6 +52,25 @@ def events_out_total(service: str) -> str:
     return metric_name(service, EVENTS_OUT, "total")
 
 
+# Every service's stream kernel declares these two (ServiceMetrics, streams.ConsumerLag).
+BATCH_SIZE = "batch_size"
+CONSUMER_LAG = "consumer_lag"
+
+
+def batch_size_events(service: str) -> str:
+    """Name the histogram of events per batch (its `_count` is batches, its `_sum` events).
+
+    >>> batch_size_events("console")
+    'touchstream_console_batch_size_events'
+    """
+    return metric_name(service, BATCH_SIZE, "events")
+
+
+def consumer_lag_messages(service: str) -> str:
+    """Name the gauge of messages the service's consumer group is behind, by topic and partition."""
+    return metric_name(service, CONSUMER_LAG, "messages")
+
+
 # What the console's overview reads off other services' /metrics (tests/unit/test_deploy_monitoring.py
 # checks each is exposed by the service named).
 EVENT_TO_WEBHOOK_SECONDS = metric_name("triggers", EVENT_TO_WEBHOOK, "seconds")
@@ -68,7 +87,7 @@ class ServiceMetrics:
         self.events_failed = self.counter("events_failed", "Records sent to deadletter, by reason.", ["reason"])
         self.batch_seconds = self.histogram("batch_duration", "Time to process one batch.")
         self.batch_events = Histogram(
-            metric_name(service, "batch_size", "events"),
+            batch_size_events(service),
             "Events per batch.",
             buckets=(1, 10, 50, 100, 250, 500, 1000, 2500),
             registry=registry,

@@ -29,7 +29,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from touchstream import avro
-from touchstream.metrics import ServiceMetrics, metric_name, render
+from touchstream.metrics import ServiceMetrics, consumer_lag_messages, render
 from touchstream.settings import CoreSettings
 from touchstream.topics import DEADLETTER, TopicSpec
 
@@ -105,7 +105,7 @@ class ConsumerLag(Collector):
     """
 
     def __init__(self, service: str) -> None:
-        self._name = metric_name(service, "consumer_lag", "messages")
+        self._name = consumer_lag_messages(service)
         self.lags: Callable[[], dict[tuple[str, int], int]] = dict
 
     def describe(self) -> list[GaugeMetricFamily]:

@@ -30,7 +30,7 @@ from services.console.store import ReadModelStore, Update
 from services.console.web import ConsoleWeb
 from services.triggers.rules import Rule, RuleError, parse_rules
 from touchstream.eventtime import DAY_S
-from touchstream.metrics import ServiceMetrics
+from touchstream.metrics import ServiceMetrics, metric_name
 from touchstream.settings import CoreSettings
 from touchstream.streams import (
     Consumes,
@@ -56,6 +56,9 @@ from touchstream.topics import (
 
 log = logging.getLogger(__name__)
 REDIS_RETRY_S = 1.0
+# Read-model updates written to Redis: declared below, and what the console benchmark waits on.
+READ_MODEL_UPDATES = "read_model_updates"
+READ_MODEL_UPDATES_TOTAL = metric_name("console", READ_MODEL_UPDATES, "total")
 # customers.deletions: an erasure makes the read model forget the customer (ReadModelStore.forget).
 CONSUMED: tuple[TopicSpec, ...] = (TOUCHPOINTS_RESOLVED, IDENTITY_MERGES, SCORES, ACTIONS, ACTION_DELIVERIES,
                                    DEADLETTER, CUSTOMER_DELETIONS)
@@ -141,7 +144,7 @@ def build_app(core: CoreSettings, settings: ConsoleSettings, registry: Collector
     app = make_app("console", core, settings.web_port, settings.web_host)
     metrics = ServiceMetrics("console", registry)
     page_seconds = metrics.histogram("page_render", "Server time to answer a page.", ["page"])
-    updates_applied = metrics.counter("read_model_updates", "Read-model updates written to Redis.")
+    updates_applied = metrics.counter(READ_MODEL_UPDATES, "Read-model updates written to Redis.")
     arrival_seconds = metrics.histogram("event_to_read_model", "From ingest accepting an event to its record "
                                         "reaching the console, by topic (actions.deliveries: to the webhook's 2xx).",
                                         ["topic"])

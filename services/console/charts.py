@@ -14,15 +14,17 @@ from dataclasses import asdict, dataclass, field
 from datetime import date
 from typing import TYPE_CHECKING, Any
 
+from touchstream.eventtime import DAY_MS
+
 if TYPE_CHECKING:
     from services.console.backtests import BacktestResult
+    from services.console.entries import ValueTier
 
 HISTORY_MINUTES = 60
 QUANTILES = (0.5, 0.95, 0.99)
 QUALITY_METRICS = (("roc_auc", "ROC AUC"), ("log_loss", "log-loss"), ("brier", "Brier"),
                    ("calibration_error", "calibration error"))
 NEW_CUSTOMER = "new customer"
-DAY_MS = 86_400_000
 _EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
 # The rules page charts each rule's actions over this many days of event time, up to the newest seen.
 ACTIVITY_DAYS = 90
@@ -144,13 +146,36 @@ def segment_sankey(flow: Sequence[tuple[str, str, int]]) -> dict[str, Any]:
     return {"kind": "sankey", "title": "Changes of segment and stage, last 30 days", "nodes": nodes, "links": links}
 
 
+def value_tier_label(tier: int) -> str:
+    """A value tier in words (scoring's tiers are the quartiles of the predicted values scored so far).
+
+    >>> [value_tier_label(t) for t in (4, 2, 1, 0)]
+    ['tier 4 (top quarter)', 'tier 2', 'tier 1 (bottom quarter)', 'not ranked yet']
+    """
+    return {4: "tier 4 (top quarter)", 1: "tier 1 (bottom quarter)", 0: "not ranked yet"}.get(tier, f"tier {tier}")
+
+
+def value_tier_bars(tiers: Sequence[ValueTier]) -> dict[str, Any]:
+    """Predicted value per value tier, highest tier first, its customers in the label.
+
+    >>> from services.console.entries import ValueTier
+    >>> value_tier_bars([ValueTier(4, 2, 900.0), ValueTier(1, 3, 30.5)])["bars"]
+    [{'label': 'tier 4 (top quarter): 2 customers', 'value': 900.0}, \
+{'label': 'tier 1 (bottom quarter): 3 customers', 'value': 30.5}]
+    """
+    return {"kind": "bars", "title": "Predicted value by value tier", "axis": "predicted value",
+            "series": "predicted value",
+            "bars": [{"label": f"{value_tier_label(t.tier)}: {t.customers} customer{'s' if t.customers != 1 else ''}",
+                      "value": round(t.predicted_value, 2)} for t in sorted(tiers, key=lambda t: -t.tier)]}
+
+
 def dead_letter_bars(rows: Sequence[tuple[str, str, int]]) -> dict[str, Any]:
     """Dead letters by stage and reason, most frequent first.
 
     >>> dead_letter_bars([("identity", "no usable identifier", 4)])["bars"]
     [{'label': 'identity: no usable identifier', 'value': 4}]
     """
-    return {"kind": "bars", "title": "Dead letters by reason",
+    return {"kind": "bars", "title": "Dead letters by reason", "axis": "records", "series": "dead letters",
             "bars": [{"label": f"{stage}: {reason}", "value": n} for stage, reason, n in rows]}
 
 

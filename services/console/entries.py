@@ -13,6 +13,8 @@ listpack, several times smaller than a hash table.
     d:<action_id>   delivery      [1 delivered | 0 dead-lettered, tries, last status, ms from ingest to the end, reason]
     seg             latest scored segment and stage [time, segment, stage]; `mv` its model version;
                     `why:0`.. its reasons ["feature", contribution], one field each
+    val             latest predicted value (scoring's value features) [time, predicted value, value tier,
+                    expected purchases over the value horizon, expected order value]
     ch:<channel>    last event time on that channel
     pu              purchase times, comma-separated, the newest PURCHASES_CAP
     r:<rule>        the customer's tally for a rule: `f=1;h=0;b=0;d=1;x=0;T=<first treated ms>;H=<first hold-out ms>;
@@ -37,6 +39,7 @@ from typing import Any
 import orjson
 
 from services.console.readmodel import ActionTaken, DeliveryEnded, ScoreUpdated, TouchpointSeen
+from touchstream.eventtime import DAY_MS
 
 TIMELINE_CAP = 200
 SCORE_HISTORY_CAP = 200
@@ -47,7 +50,6 @@ ACTIONS_CAP = 200
 PURCHASES_CAP = 50
 MAX_REASONS = 10
 DELIVERED, DEAD_LETTERED = 1, 0
-DAY_MS = 86_400_000
 # A customer's tally keeps its per-day outcomes this many days before its newest one: the rules page charts
 # the last ACTIVITY_DAYS days up to the newest event time, which never comes before a customer's newest action,
 # so every day it shows is still kept (and a customer acted on daily for years keeps a bounded tally).
@@ -95,6 +97,69 @@ def score_point_value(score: ScoreUpdated) -> bytes:
         point += [None if message is None else round(message, 4), round(features["sentiment_recent"], 4),
                   round(features["sentiment_last"], 4)]
     return orjson.dumps(point)
+
+
+@dataclass(frozen=True)
+class ValueEstimate:
+    """What scoring predicts a customer is worth (its ScoreUpdate's value features), as of a score."""
+
+    event_time_ms: int
+    predicted_value: float  # over scoring's value horizon (TOUCHSTREAM_SCORING_VALUE_HORIZON_DAYS, 365 by default)
+    tier: int  # 1-4, the quartile among the customers scored so far; 0 while too few are scored to rank
+    expected_purchases: float | None = None
+    expected_order_value: float | None = None
+
+
+@dataclass(frozen=True)
+class ValueTier:
+    """One value tier as the overview shows it: its customers (by their latest score) and their predicted value."""
+
+    tier: int  # 1-4 (4: the top quarter of predicted values), 0: scored before scoring could rank
+    customers: int
+    predicted_value: float
+
+    @property
+    def mean_value(self) -> float:
+        return self.predicted_value / self.customers if self.customers else 0.0
+
+
+def value_estimate(score: ScoreUpdated) -> ValueEstimate | None:
+    """The value a score predicts, or None for a score without value features (an older scoring).
+
+    >>> value_estimate(ScoreUpdated("c", "m", 5, 0.2, 0.8, "", "", "v1", (), {"predicted_value": 120.0,
+    ...     "value_tier": 3.0, "expected_purchases_value_horizon": 2.4, "expected_order_value": 50.0}))
+    ValueEstimate(event_time_ms=5, predicted_value=120.0, tier=3, expected_purchases=2.4, expected_order_value=50.0)
+    >>> value_estimate(ScoreUpdated("c", "m", 5, 0.2, 0.8, "", "", "v1", (), {})) is None
+    True
+    """
+    features = score.features
+    value = features.get("predicted_value")
+    if value is None:
+        return None
+    return ValueEstimate(score.event_time_ms, value, int(features.get("value_tier", 0.0)),
+                         features.get("expected_purchases_value_horizon"), features.get("expected_order_value"))
+
+
+def value_field(estimate: ValueEstimate) -> bytes:
+    """The `val` value of a value estimate (cents and four decimals are all the pages show).
+
+    >>> value_field(ValueEstimate(5, 123.456, 4, 2.41234, 51.2345))
+    b'[5,123.46,4,2.4123,51.23]'
+    >>> value_field(ValueEstimate(5, 0.0, 0))
+    b'[5,0.0,0]'
+    """
+    return _compact([estimate.event_time_ms, round(estimate.predicted_value, 2), estimate.tier,
+                     None if estimate.expected_purchases is None else round(estimate.expected_purchases, 4),
+                     None if estimate.expected_order_value is None else round(estimate.expected_order_value, 2)])
+
+
+def value_tier_entry(estimate: ValueEstimate) -> str:
+    """The customer's place in the overview's value tiers: "<tier>|<predicted value in cents>".
+
+    >>> value_tier_entry(ValueEstimate(5, 123.456, 4))
+    '4|12346'
+    """
+    return f"{estimate.tier}|{round(estimate.predicted_value * 100)}"
 
 
 def latest_score_values(score: ScoreUpdated) -> tuple[bytes, str, list[bytes]] | None:
@@ -288,13 +353,15 @@ class CustomerView:
     merges: list[dict[str, Any]] = field(default_factory=list)  # newest first
     purchases_ms: list[int] = field(default_factory=list)
     tallies: dict[str, RuleTally] = field(default_factory=dict)
+    value: ValueEstimate | None = None  # the newest score's predicted value, if scoring sent one
 
     @property
     def known(self) -> bool:
         return bool(self.timeline or self.scores or self.actions or self.merges)
 
 
-def _text(value: bytes | str) -> str:
+def as_text(value: bytes | str) -> str:
+    """A Redis reply (bytes) or a fake's (str) as text."""
     return value.decode() if isinstance(value, bytes) else value
 
 
@@ -304,7 +371,7 @@ def purchase_times(value: bytes | str | None) -> list[int]:
     >>> purchase_times(b"5,9"), purchase_times(None)
     ([5, 9], [])
     """
-    return [int(t) for t in _text(value).split(",") if t] if value else []
+    return [int(t) for t in as_text(value).split(",") if t] if value else []
 
 
 def customer_view(customer_id: str, looked_up_id: str, fields: Mapping[bytes | str, bytes | str],
@@ -314,7 +381,7 @@ def customer_view(customer_id: str, looked_up_id: str, fields: Mapping[bytes | s
     latest: list[Any] | None = None
     model_version, reasons = "", []
     for raw_name, raw_value in fields.items():
-        name, value = _text(raw_name), _text(raw_value)
+        name, value = as_text(raw_name), as_text(raw_value)
         kind, _, key = name.partition(":")
         if kind == "t":
             items = [*json.loads(value), None, None, None, None, None, None, None, None]
@@ -343,6 +410,9 @@ def customer_view(customer_id: str, looked_up_id: str, fields: Mapping[bytes | s
             model_version = value
         elif name == "pu":
             view.purchases_ms = purchase_times(value)
+        elif name == "val":
+            items = [*json.loads(value), None, None]
+            view.value = ValueEstimate(items[0], items[1], items[2], items[3], items[4])
     view.timeline.sort(key=lambda e: (e.event_time_ms, e.message_id), reverse=True)
     del view.timeline[timeline_limit:]
     view.scores.sort(key=lambda s: s.event_time_ms)

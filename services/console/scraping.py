@@ -21,7 +21,7 @@ from services.console.quality import (
     seconds_in_words,
 )
 from services.console.settings import ConsoleSettings
-from services.console.store import ReadModelStore
+from services.console.store import ReadModel
 from touchstream.metrics import events_in_total, events_out_total
 from touchstream.topics import ACTION_DELIVERIES, ACTIONS, SCORES, TOUCHPOINTS_RAW, TOUCHPOINTS_RESOLVED
 
@@ -62,7 +62,7 @@ CONSOLE_STAGE = "console"
 class PipelineSampler:
     """Scrapes the services' /metrics and keeps each stage's rate and the latest texts."""
 
-    def __init__(self, store: ReadModelStore, settings: ConsoleSettings, feed_rate: RateMeter | None = None,
+    def __init__(self, store: ReadModel, settings: ConsoleSettings, feed_rate: RateMeter | None = None,
                  arrivals: LatencyWindow | None = None) -> None:
         self.store = store
         self.settings = settings

@@ -16,6 +16,10 @@ Key layout (prefix `ts:console:` by default):
     {seg}:counts             hash "segment|stage" -> customers (the overview never scans customers)
     {seg}:flow:<day>         hash "from>to" -> changes that day (event-time days since 1970), kept FLOW_KEEP_DAYS;
                              {seg}:days lists the newest days seen
+    {val}                    hash customer id -> "event time|value tier|predicted value in cents" of its newest score
+                             with a predicted value
+    {val}:counts, :cents     hashes value tier -> customers, -> their predicted value in cents (integers: sums
+                             that never drift)
     rules                    set of rule ids seen; rule:{<rule id>} set of the customers with an action of it
                              (each customer's tally of the rule is in its own hash); rules:version counts
                              the batches that touched a tally (the live rules page's change marker)
@@ -37,7 +41,7 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
@@ -51,7 +55,10 @@ from services.console.entries import (
     TALLY_DAYS_KEPT,
     TIMELINE_CAP,
     CustomerView,
+    ValueEstimate,
+    ValueTier,
     action_value,
+    as_text,
     customer_view,
     delivery_value,
     latest_score_values,
@@ -62,6 +69,9 @@ from services.console.entries import (
     tally_day_field,
     tally_field,
     touchpoint_value,
+    value_estimate,
+    value_field,
+    value_tier_entry,
 )
 from services.console.readmodel import (
     ActionTaken,
@@ -143,6 +153,15 @@ local function set_latest(seg, model, why)
   if current then for n = #why, 9 do stale[#stale + 1] = 'why:' .. n end end
   redis.call('HSET', key, unpack(fields))
   if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
+end
+-- The newest predicted value ([time, ...]); an older one arriving late changes nothing.
+local function set_value(value)
+  local current = redis.call('HGET', key, 'val')
+  if current and time_of(current) > time_of(value) then return end
+  if current ~= value then
+    changed = true
+    redis.call('HSET', key, 'val', value)
+  end
 end
 -- How an action's delivery ended; counted once per action (a replay repeats the same outcome).
 local function set_delivery(id, value, rule)
@@ -226,6 +245,7 @@ end
 #                                              an action; group T (treated), H (hold-out) or ''; day-field its
 #                                              per-day tally counter (@<day><outcome>)
 #   D id value rule                            how an action's delivery ended
+#   V value                                    a score's predicted value (the `val` field, event time first)
 #   M merge-id entry                           a merge or split involving the customer
 # A merged-away id answers with its survivor and changes nothing: the caller sends the ops there.
 _APPLY = _PRELUDE + """
@@ -259,6 +279,9 @@ while i <= #ARGV do
   elseif op == 'D' then
     set_delivery(ARGV[i + 1], ARGV[i + 2], ARGV[i + 3])
     i = i + 4
+  elseif op == 'V' then
+    set_value(ARGV[i + 1])
+    i = i + 2
   elseif op == 'M' then
     if redis.call('HSETNX', key, 'm:' .. ARGV[i + 1], ARGV[i + 2]) == 1 then changed = true end
     i = i + 3
@@ -292,6 +315,7 @@ for n = 10, #ARGV, 2 do
     end
   elseif name == 'seg' then seg = value
   elseif name == 'mv' then model = value
+  elseif name == 'val' then set_value(value)
   elseif name == 'pu' then for at in string.gmatch(value, '[^,]+') do add_purchase(at) end
   end
 end
@@ -307,50 +331,61 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
+# Keeps KEYS[1], a hash customer -> "event time|value", at each customer's newest value: ARGV from `first`
+# holds (customer, event time, value, ...) records of `step` items; an empty value drops the customer. A value
+# older than the one kept changes nothing, and `on_change(old, new, n)` (old false for a first value, new nil
+# for a drop; n the record's ARGV index) is called only when the kept value changes: a replay is harmless.
+_NEWEST_PER_CUSTOMER = """
+local function keep_newest(first, step, on_change)
+  local customers, current = {}, {}
+  for n = first, #ARGV, step do customers[#customers + 1] = ARGV[n] end
+  if #customers == 0 then return end
+  local found = redis.call('HMGET', KEYS[1], unpack(customers))
+  for n, customer in ipairs(customers) do current[customer] = found[n] end
+  local writes, gone = {}, {}
+  for n = first, #ARGV, step do
+    local customer, at, value = ARGV[n], ARGV[n + 1], ARGV[n + 2]
+    local stored = current[customer]
+    local old, newer = false, true
+    if stored then
+      local t, v = string.match(stored, '^(%d+)|(.*)$')
+      old, newer = v, tonumber(t) <= tonumber(at)
+    end
+    if value == '' then
+      if old then
+        on_change(old, nil, n)
+        gone[#gone + 1] = customer
+        current[customer] = false
+      end
+    elseif newer then
+      current[customer] = at .. '|' .. value
+      writes[#writes + 1] = customer
+      writes[#writes + 1] = current[customer]
+      if old ~= value then on_change(old, value, n) end
+    end
+  end
+  if #writes > 0 then redis.call('HSET', KEYS[1], unpack(writes)) end
+  if #gone > 0 then redis.call('HDEL', KEYS[1], unpack(gone)) end
+end
+"""
+
 # Segment counts (all keys in the {seg} slot): KEYS[1] customer -> "time|segment|stage", KEYS[2] counts,
 # KEYS[3] the days seen, KEYS[4..] flow keys of days. ARGV: flow TTL, days kept, then (customer, event time,
-# "segment|stage", flow key index, day) quintuples; an empty value drops the customer. A score older than the
-# one counted changes nothing, and the counts move only when a value changes: a replay is harmless.
-_SET_SEGMENTS = """
-local customers, current = {}, {}
-for n = 3, #ARGV, 5 do customers[#customers + 1] = ARGV[n] end
-if #customers == 0 then return 0 end
-local found = redis.call('HMGET', KEYS[1], unpack(customers))
-for n, customer in ipairs(customers) do current[customer] = found[n] end
+# "segment|stage", flow key index, day) quintuples; an empty value drops the customer.
+_SET_SEGMENTS = _NEWEST_PER_CUSTOMER + """
 -- Counted up here and written once per value, flow change and day.
-local counts, flows, days, writes, gone = {}, {}, {}, {}, {}
+local counts, flows, days = {}, {}, {}
 local function count(value, by) counts[value] = (counts[value] or 0) + by end
-for n = 3, #ARGV, 5 do
-  local customer, at, value = ARGV[n], ARGV[n + 1], ARGV[n + 2]
-  local stored = current[customer]
-  local old, newer = false, true
-  if stored then
-    local t, v = string.match(stored, '^(%d+)|(.*)$')
-    old, newer = v, tonumber(t) <= tonumber(at)
-  end
-  if value == '' then
-    if old then
-      count(old, -1)
-      gone[#gone + 1] = customer
-      current[customer] = false
-    end
-  elseif newer then
-    current[customer] = at .. '|' .. value
-    writes[#writes + 1] = customer
-    writes[#writes + 1] = current[customer]
-    if old ~= value then
-      if old then count(old, -1) end
-      count(value, 1)
-      local flow = KEYS[tonumber(ARGV[n + 3])]
-      flows[flow] = flows[flow] or {}
-      local change = (old or '') .. '>' .. value
-      flows[flow][change] = (flows[flow][change] or 0) + 1
-      days[flow] = ARGV[n + 4]
-    end
-  end
-end
-if #writes > 0 then redis.call('HSET', KEYS[1], unpack(writes)) end
-if #gone > 0 then redis.call('HDEL', KEYS[1], unpack(gone)) end
+keep_newest(3, 5, function(old, value, n)
+  if old then count(old, -1) end
+  if not value then return end
+  count(value, 1)
+  local flow = KEYS[tonumber(ARGV[n + 3])]
+  flows[flow] = flows[flow] or {}
+  local change = (old or '') .. '>' .. value
+  flows[flow][change] = (flows[flow][change] or 0) + 1
+  days[flow] = ARGV[n + 4]
+end)
 for value, by in pairs(counts) do if by ~= 0 then redis.call('HINCRBY', KEYS[2], value, by) end end
 for flow, changes in pairs(flows) do
   for change, by in pairs(changes) do redis.call('HINCRBY', flow, change, by) end
@@ -361,9 +396,23 @@ redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -tonumber(ARGV[2]) - 1)
 return 0
 """
 
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+# Value tiers (all keys in the {val} slot): KEYS[1] customer -> "time|tier|cents", KEYS[2] tier -> customers,
+# KEYS[3] tier -> cents. ARGV: (customer, event time, "tier|cents") triples; an empty value drops the customer.
+_SET_VALUES = _NEWEST_PER_CUSTOMER + """
+local counts, cents = {}, {}
+local function count(value, by)
+  local tier, amount = string.match(value, '^(%d+)|(%-?%d+)$')
+  counts[tier] = (counts[tier] or 0) + by
+  cents[tier] = (cents[tier] or 0) + by * tonumber(amount)
+end
+keep_newest(1, 3, function(old, value)
+  if old then count(old, -1) end
+  if value then count(value, 1) end
+end)
+for tier, by in pairs(counts) do if by ~= 0 then redis.call('HINCRBY', KEYS[2], tier, by) end end
+for tier, by in pairs(cents) do if by ~= 0 then redis.call('HINCRBY', KEYS[3], tier, by) end end
+return 0
+"""
 
 
 def _customers_named(update: Update) -> set[str]:
@@ -400,6 +449,7 @@ class _Batch:
     active: set[str] = field(default_factory=set)  # customers with an event, score or action in the batch
     newest_ms: int | None = None
     segments: dict[str, tuple[int, str]] = field(default_factory=dict)  # customer -> newest (time, "segment|stage")
+    values: dict[str, tuple[int, str]] = field(default_factory=dict)  # customer -> newest (time, "tier|cents")
     rule_customers: dict[str, set[str]] = field(default_factory=dict)  # rule -> customers with its actions
     dead_letters: dict[tuple[str, str], set[str]] = field(default_factory=dict)  # (stage, reason) -> digests
 
@@ -415,6 +465,11 @@ class _Batch:
         if latest is None or latest[0] <= time_ms:
             self.segments[customer_id] = (time_ms, f"{segment}|{stage}")
 
+    def valued(self, customer_id: str, time_ms: int, tier_entry: str) -> None:
+        latest = self.values.get(customer_id)
+        if latest is None or latest[0] <= time_ms:
+            self.values[customer_id] = (time_ms, tier_entry)
+
     def acted(self, customer_id: str, rule_id: str) -> None:
         self.rule_customers.setdefault(rule_id, set()).add(customer_id)
 
@@ -427,6 +482,9 @@ class _Batch:
             if cid in self.segments:
                 fix.segments[cid] = (0, "")
                 fix.segments[lives] = self.segments[cid]
+            if cid in self.values:
+                fix.values[cid] = (0, "")
+                fix.values[lives] = self.values[cid]
             for rule, customers in self.rule_customers.items():
                 if cid in customers:
                     fix.acted(lives, rule)
@@ -437,8 +495,52 @@ class _Batch:
         return not (self.ops or self.dead_letters)
 
 
+class ReadModel(Protocol):
+    """The console's read model as its worker and pages use it: `ReadModelStore` on Redis; an in-memory
+    fake in tests/unit/console/fakes.py runs the same contract tests (tests/integration/test_console_store.py
+    runs each against both) and lets the pages' logic be tested without Redis."""
+
+    async def apply(self, updates: Sequence[Update]) -> int: ...
+
+    async def forget(self, customer_id: str) -> list[str]: ...
+
+    async def customer(self, customer_id: str, timeline_limit: int = TIMELINE_CAP) -> CustomerView: ...
+
+    async def change_marker(self, customer_id: str) -> str: ...
+
+    async def segments(self) -> dict[tuple[str, str], int]: ...
+
+    async def value_tiers(self) -> list[ValueTier]: ...
+
+    async def segment_flow(self, days: int = 30) -> list[tuple[str, str, int]]: ...
+
+    async def event_clock(self) -> int | None: ...
+
+    async def customer_count(self) -> int: ...
+
+    async def dead_letters(self) -> list[tuple[str, str, int]]: ...
+
+    async def rule_ids(self) -> list[str]: ...
+
+    async def rule_counts(self, rule_id: str) -> RuleCounts: ...
+
+    async def converted(self, first_action_ms: dict[str, int], window_ms: int) -> int: ...
+
+    async def rules_marker(self) -> str: ...
+
+    async def overview_marker(self) -> str: ...
+
+    async def save_backtest(self, result: BacktestResult) -> None: ...
+
+    async def backtest(self) -> BacktestResult | None: ...
+
+    async def record_pipeline_sample(self, sample: PipelineSample) -> None: ...
+
+    async def pipeline_samples(self) -> list[PipelineSample]: ...
+
+
 class ReadModelStore:
-    """Apply read-model updates in batches and answer the pages' reads."""
+    """Apply read-model updates in batches and answer the pages' reads (the `ReadModel` on Redis)."""
 
     def __init__(self, client: aioredis.Redis, prefix: str = "ts:console:",
                  customer_ttl_s: int = DEFAULT_CUSTOMER_TTL_S, *,
@@ -456,6 +558,7 @@ class ReadModelStore:
         self._absorb_script = client.register_script(_ABSORB)
         self._mark_merged = client.register_script(_MARK_MERGED)
         self._set_segments = client.register_script(_SET_SEGMENTS)
+        self._set_values = client.register_script(_SET_VALUES)
         self._scripts_loaded = False
         self._settings = [customer_ttl_s, TRIM_SLACK, PURCHASES_CAP, TIMELINE_CAP, SCORE_HISTORY_CAP, ACTIONS_CAP,
                           TALLY_DAYS_KEPT]
@@ -504,6 +607,10 @@ class ReadModelStore:
                 batch.saw(update.customer_id, update.event_time_ms)
                 if latest is not None:
                     batch.scored(update.customer_id, update.event_time_ms, update.segment, update.stage)
+                estimate = value_estimate(update)
+                if estimate is not None:
+                    batch.add(update.customer_id, "V", value_field(estimate))
+                    batch.valued(update.customer_id, update.event_time_ms, value_tier_entry(estimate))
             elif isinstance(update, ActionTaken):
                 group = "T" if update.outcome == "fired" else "H" if update.outcome == "held_out" else ""
                 batch.add(update.customer_id, "A", update.action_id, update.event_time_ms, action_value(update),
@@ -574,6 +681,8 @@ class ReadModelStore:
             pipe.sadd(self.key("dlreasons"), json.dumps([stage, reason]))
         if batch.segments:
             self._count_segments(pipe, batch.segments)
+        if batch.values:
+            self._count_values(pipe, batch.values)
         return rules, clock
 
     def _noted(self, rules: set[str], clock_ms: int) -> None:
@@ -593,6 +702,12 @@ class ReadModelStore:
             args += [cid, time_ms, value, index.get(day_of[cid], 0), day_of[cid]]
         pipe.evalsha(self._set_segments.sha, 3 + len(days), self.key("{seg}"), self.key("{seg}", "counts"),
                      self.key("{seg}", "days"), *(self.key("{seg}", "flow", str(day)) for day in days), *args)
+
+    def _count_values(self, pipe: Any, changes: dict[str, tuple[int, str]]) -> None:
+        """Queue one call of the value-tier script: customer -> (event time, "tier|cents", or "" to drop)."""
+        args: list[Any] = [part for cid, (time_ms, entry) in changes.items() for part in (cid, time_ms, entry)]
+        pipe.evalsha(self._set_values.sha, 3, self.key("{val}"), self.key("{val}", "counts"),
+                     self.key("{val}", "cents"), *args)
 
     async def _run(self, script: Any, calls: dict[str, list[Any]],
                    alongside: Callable[[Any], None] | None = None) -> tuple[dict[str, str], list[Any]]:
@@ -619,7 +734,7 @@ class ReadModelStore:
             for (cid, args), into in zip(pending.items(), replies, strict=True):
                 if not into:
                     continue
-                target = _text(into)
+                target = as_text(into)
                 for sent, lives in redirects.items():
                     if lives == cid:
                         redirects[sent] = target
@@ -645,7 +760,8 @@ class ReadModelStore:
 
     async def _load_scripts(self) -> None:
         """Load the scripts into Redis (SCRIPT LOAD is idempotent; their sha1 never changes)."""
-        for script in (self._apply_script, self._absorb_script, self._mark_merged, self._set_segments):
+        for script in (self._apply_script, self._absorb_script, self._mark_merged, self._set_segments,
+                       self._set_values):
             await self.client.script_load(script.script)
         self._scripts_loaded = True
 
@@ -654,9 +770,9 @@ class ReadModelStore:
         current = customer_id
         for _ in range(MAX_MERGE_HOPS):
             into = await self.client.hget(self.ckey(current), "into")
-            if into is None or _text(into) == current:
+            if into is None or as_text(into) == current:
                 return current
-            current = _text(into)
+            current = as_text(into)
         return current
 
     async def _apply_merge(self, merge: CustomersMerged) -> None:
@@ -692,13 +808,17 @@ class ReadModelStore:
         if fields:
             moved.active.add(live)
         for raw_name, value in fields.items():
-            name = _text(raw_name)
+            name = as_text(raw_name)
             if name.startswith("r:"):
                 moved.acted(live, name[2:])
             elif name == "seg":
                 time_ms, segment, stage = json.loads(value)
                 moved.scored(live, int(time_ms), segment, stage)
+            elif name == "val":
+                time_ms, predicted, tier, *_ = json.loads(value)
+                moved.valued(live, int(time_ms), value_tier_entry(ValueEstimate(int(time_ms), predicted, tier)))
         moved.segments = {merged: (0, ""), **moved.segments}
+        moved.values = {merged: (0, ""), **moved.values}
         async with self.client.pipeline(transaction=False) as pipe:
             for rule in moved.rule_customers:
                 pipe.srem(self.rule_key(rule), merged)
@@ -713,7 +833,7 @@ class ReadModelStore:
         """Remember which customers' hashes hold split entries naming each id."""
         current = await self.client.hmget(self.key("mentions"), list(mentioned))
         merged: dict[Any, Any] = {
-            cid: ",".join(sorted(set(_text(found).split(",") if found else []) | set(holders)))
+            cid: ",".join(sorted(set(as_text(found).split(",") if found else []) | set(holders)))
             for (cid, holders), found in zip(mentioned.items(), current, strict=True)}
         await self.client.hset(self.key("mentions"), mapping=merged)
 
@@ -736,11 +856,11 @@ class ReadModelStore:
         For the deletion flow (DESIGN: DELETE /v1/customers/{id}); rule counts drop its actions too.
         """
         live = await self._live(customer_id)
-        redirects = {_text(k): _text(v) for k, v in (await self.client.hgetall(self.key("merged_into"))).items()}
+        redirects = {as_text(k): as_text(v) for k, v in (await self.client.hgetall(self.key("merged_into"))).items()}
         ids = sorted({live, customer_id} | {m for m in redirects if follow_merges(m, redirects) == live})
-        rules = sorted(_text(r) for r in await self.client.smembers(self.key("rules")))
+        rules = sorted(as_text(r) for r in await self.client.smembers(self.key("rules")))
         noted = await self.client.hmget(self.key("mentions"), ids)
-        holders = {h for found in noted if found for h in _text(found).split(",")}
+        holders = {h for found in noted if found for h in as_text(found).split(",")}
         holders = {await self._live(h) for h in holders} - set(ids)
         async with self.client.pipeline(transaction=False) as pipe:
             for holder in sorted(holders):
@@ -750,11 +870,11 @@ class ReadModelStore:
         async with self.client.pipeline(transaction=False) as pipe:
             for holder, fields, noted_here in zip(sorted(holders), replies[::2], replies[1::2], strict=True):
                 stale = [name for name, value in fields.items()
-                         if _text(name).startswith("m:") and any(cid in _text(value) for cid in ids)]
+                         if as_text(name).startswith("m:") and any(cid in as_text(value) for cid in ids)]
                 if stale:
                     pipe.hdel(self.ckey(holder), *stale)
                 if noted_here:
-                    kept = [h for h in _text(noted_here).split(",") if h not in ids]
+                    kept = [h for h in as_text(noted_here).split(",") if h not in ids]
                     if kept:
                         pipe.hset(self.key("mentions"), holder, ",".join(kept))
                     else:
@@ -767,6 +887,7 @@ class ReadModelStore:
             pipe.hdel(self.key("merged_into"), *ids)
             pipe.hdel(self.key("mentions"), *ids)
             self._count_segments(pipe, dict.fromkeys(ids, (0, "")))
+            self._count_values(pipe, dict.fromkeys(ids, (0, "")))
             await self._execute(pipe)
         return ids
 
@@ -779,24 +900,34 @@ class ReadModelStore:
         for _ in range(MAX_MERGE_HOPS):
             fields = await self.client.hgetall(self.ckey(current))
             into = fields.get(b"into")
-            if into is None or _text(into) == current:
+            if into is None or as_text(into) == current:
                 break
-            current = _text(into)
+            current = as_text(into)
         return customer_view(current, customer_id, fields, timeline_limit)
 
     async def change_marker(self, customer_id: str) -> str:
         """Return a token that changes whenever anything the customer page shows changes (live updates)."""
         live = await self._live(customer_id)
-        return f"{live}|{_text(await self.client.hget(self.ckey(live), 'v') or b'0')}"
+        return f"{live}|{as_text(await self.client.hget(self.ckey(live), 'v') or b'0')}"
 
     async def segments(self) -> dict[tuple[str, str], int]:
         """Count customers by (segment, stage) of their latest score."""
         counts: dict[tuple[str, str], int] = {}
         for value, n in (await self.client.hgetall(self.key("{seg}", "counts"))).items():
             if int(n) > 0:
-                segment, stage = _text(value).split("|", 1)
+                segment, stage = as_text(value).split("|", 1)
                 counts[(segment, stage)] = int(n)
         return counts
+
+    async def value_tiers(self) -> list[ValueTier]:
+        """Customers and their predicted value per value tier of their latest score (tier 0: not ranked yet)."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.key("{val}", "counts"))
+            pipe.hgetall(self.key("{val}", "cents"))
+            counts, cents = await pipe.execute()
+        tiers = [ValueTier(int(tier), int(n), int(cents.get(tier, 0)) / 100)
+                 for tier, n in counts.items() if int(n) > 0]
+        return sorted(tiers, key=lambda t: -t.tier)
 
     async def segment_flow(self, days: int = 30) -> list[tuple[str, str, int]]:
         """Return (from, to, count) of segment|stage changes over the last `days` days of event time seen."""
@@ -812,7 +943,7 @@ class ReadModelStore:
         totals: dict[tuple[str, str], int] = {}
         for reply in replies:
             for change, n in reply.items():
-                before, _, after = _text(change).partition(">")
+                before, _, after = as_text(change).partition(">")
                 totals[(before, after)] = totals.get((before, after), 0) + int(n)
         return sorted(((b, a, n) for (b, a), n in totals.items() if n > 0), key=lambda r: (-r[2], r[0], r[1]))
 
@@ -835,12 +966,12 @@ class ReadModelStore:
         return sorted(rows, key=lambda r: (-r[2], r[0], r[1]))
 
     async def rule_ids(self) -> list[str]:
-        return sorted(_text(r) for r in await self.client.smembers(self.key("rules")))
+        return sorted(as_text(r) for r in await self.client.smembers(self.key("rules")))
 
     async def rule_counts(self, rule_id: str) -> RuleCounts:
         """Add up the tallies of a rule's customers: counts by outcome (suppressed split by reason),
         deliveries, when each customer's first treated and hold-out actions came, and outcomes per day."""
-        customers = sorted(_text(c) for c in await self.client.smembers(self.rule_key(rule_id)))
+        customers = sorted(as_text(c) for c in await self.client.smembers(self.rule_key(rule_id)))
         async with self.client.pipeline(transaction=False) as pipe:
             for cid in customers:
                 pipe.hget(self.ckey(cid), f"r:{rule_id}")
@@ -871,7 +1002,7 @@ class ReadModelStore:
             pipe.get(self.key("rules", "version"))
             pipe.zscore(self.key("clock"), "event_time")
             version, clock = await pipe.execute()
-        return f"{_text(version or b'0')}|{clock}"
+        return f"{as_text(version or b'0')}|{clock}"
 
     async def overview_marker(self) -> str:
         """A token that changes with the overview's numbers: segment counts and the newest day's changes,
@@ -881,10 +1012,12 @@ class ReadModelStore:
             pipe.zrevrange(self.key("{seg}", "days"), 0, 0)
             pipe.scard(self.key("customers"))
             pipe.hgetall(self.key("pipeline", "minutes"))
-            counts, last_day, customers, samples = await pipe.execute()
-        flow = await self.client.hgetall(self.key("{seg}", "flow", _text(last_day[0]))) if last_day else {}
+            pipe.hgetall(self.key("{val}", "counts"))
+            pipe.hgetall(self.key("{val}", "cents"))
+            counts, last_day, customers, samples, value_counts, value_cents = await pipe.execute()
+        flow = await self.client.hgetall(self.key("{seg}", "flow", as_text(last_day[0]))) if last_day else {}
         state = [sorted(counts.items()), sorted(flow.items()), customers, sorted(samples.items()),
-                 await self.dead_letters()]
+                 await self.dead_letters(), sorted(value_counts.items()), sorted(value_cents.items())]
         return hashlib.sha256(repr(state).encode()).hexdigest()
 
     async def save_backtest(self, result: BacktestResult) -> None:

@@ -57,6 +57,8 @@ from services.console.charts import (
     segment_heatmap,
     segment_sankey,
     uplift_forest,
+    value_tier_bars,
+    value_tier_label,
 )
 from services.console.identity_api import IdentityClient, json_object
 from services.console.quality import (
@@ -134,6 +136,8 @@ def template_env() -> jinja2.Environment:
     env.globals["sentiment_in_words"] = sentiment_in_words
     env.globals["chart_library_version"] = ECHARTS.version
     env.globals["line_table"] = line_table
+    env.globals["value_tier_label"] = value_tier_label
+    env.filters["money"] = lambda value: "-" if value is None else f"{value:,.2f}"
     env.filters["duration"] = duration_in_words
     env.filters["latency_ms"] = lambda ms: seconds_in_words(max(0, ms) / 1000)
     return env
@@ -547,17 +551,18 @@ class ConsoleWeb:
         rates = [(stage, bool(self.sampler.metrics_url(stage.name)), texts.get(stage.name) is not None,
                   self.sampler.stage_rates[stage.name].per_second(now)) for stage in STAGES]
         flow = await self.store.segment_flow(30)
+        value_tiers = await self.store.value_tiers()
         dead_letters = await self.store.dead_letters()
         history = recent_samples(await self.store.pipeline_samples(), int(now // 60))
         charts = {
-            "segments": segment_heatmap(segments), "flow": segment_sankey(flow),
+            "segments": segment_heatmap(segments), "flow": segment_sankey(flow), "value": value_tier_bars(value_tiers),
             "rates": rate_lines(history, [*(stage.name for stage in STAGES), CONSOLE_STAGE]),
             "latency": latency_lines(history, [label for _, label in ARRIVALS]),
             "quality": quality_lines(history), "dead_letters": dead_letter_bars(dead_letters),
         }
         return {"segments": segments, "seg_names": charts["segments"]["rows"],
                 "stage_names": charts["segments"]["columns"], "customers": await self.store.customer_count(),
-                "dead_letters": dead_letters, "flow": flow, "quality": quality,
+                "dead_letters": dead_letters, "flow": flow, "value_tiers": value_tiers, "quality": quality,
                 "quality_configured": bool(self.settings.scoring_metrics_url), "latency": latency,
                 "latency_configured": bool(self.settings.triggers_metrics_url), "feed": feed, "rates": rates,
                 "arrivals": self.sampler.arrival_rows(now), "charts": charts}

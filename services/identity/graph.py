@@ -8,11 +8,12 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, ResponseError
 
+from services.identity.customer360 import CustomerView, find_customer, read_customer
 from services.identity.domain import (
     Erasure,
     GraphLayout,
@@ -136,8 +137,33 @@ def parse_answer(answer: object) -> Resolution:
     return parse_resolution(answer)
 
 
+class GraphStore(Protocol):
+    """The identity graph as the deterministic resolver and the customer API use it.
+
+    `IdentityGraph` keeps it in Redis, its rules in Lua (scripts.py) so every worker applies them
+    atomically. `tests/unit/identity/fakes.py` holds a Python in-memory version of the same rules;
+    `tests/integration/test_identity_graph_contract.py` runs one suite against both (the real one on
+    Valkey), so the fake cannot drift from the Lua, and fast tests of the resolver's logic run on the fake.
+    Probabilistic matching, erasure and the sweep stay Redis-only (they are tested on Valkey).
+    """
+
+    async def resolve(self, requests: Sequence[ResolutionRequest]) -> list[Resolution]: ...
+
+    async def merge_customers(
+        self, op_id: str, time_ms: int, customers: tuple[str, str], reason: str, score: float | None
+    ) -> Resolution: ...
+
+    async def unmerge(
+        self, op_id: str, time_ms: int, customer_id: str, identifiers: Sequence[Identifier], reason: str
+    ) -> Resolution: ...
+
+    async def customer(self, customer_id: str) -> CustomerView | None: ...
+
+    async def find(self, identifier: Identifier) -> CustomerView | None: ...
+
+
 class IdentityGraph:
-    """Resolve events against the identity graph, a whole batch per Redis round trip."""
+    """Resolve events against the identity graph, a whole batch per Redis round trip (the `GraphStore` in Redis)."""
 
     def __init__(self, client: aioredis.Redis, layout: GraphLayout, rules: GraphRules, event_ttl_s: int) -> None:
         self.client = client
@@ -207,6 +233,14 @@ class IdentityGraph:
                             self._event_ttl_s)
         [answer] = await self.run([(UNMERGE_SCRIPT_SHA, [self.layout.customer_key(customer_id)], args)])
         return answer
+
+    async def customer(self, customer_id: str) -> CustomerView | None:
+        """The customer-360 view of a customer (or of the one it was merged into), or None if unknown."""
+        return await read_customer(self.client, self.layout, customer_id)
+
+    async def find(self, identifier: Identifier) -> CustomerView | None:
+        """The customer-360 view of the customer owning a hashed identifier, or None."""
+        return await find_customer(self.client, self.layout, identifier)
 
     async def erase(self, op_id: str, time_ms: int, customer_id: str, mode: str) -> Erasure:
         """Suppress a customer's identifiers ("plan"), or suppress and delete its graph entries ("erase")."""

@@ -11,7 +11,11 @@ from services.identity.domain import (
     identifier_type_label,
 )
 from services.identity.match_model import MatchModel
-from touchstream.metrics import ServiceMetrics
+from touchstream.metrics import ServiceMetrics, metric_name
+
+# Read by the pipeline benchmark as well as declared here.
+CUSTOMERS_CREATED = "customers_created"
+CUSTOMERS_CREATED_TOTAL = metric_name("identity", CUSTOMERS_CREATED, "total")
 
 
 class IdentityMetrics:
@@ -19,7 +23,7 @@ class IdentityMetrics:
 
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
         self.service = ServiceMetrics("identity", registry)
-        self.customers_created = self.service.counter("customers_created", "New customers created in the graph.")
+        self.customers_created = self.service.counter(CUSTOMERS_CREATED, "New customers created in the graph.")
         self.merges = self.service.counter("merges", "Customers merged into another one.")
         self.probabilistic_merges = self.service.counter(
             "probabilistic_merges", "Merges made by matching personal attributes (part of merges_total).")

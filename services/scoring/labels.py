@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DAY_MS = 86_400_000
+from touchstream.eventtime import DAY_MS
 
 
 @dataclass

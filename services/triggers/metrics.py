@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from touchstream.metrics import EVENT_TO_WEBHOOK, ServiceMetrics
+from touchstream.metrics import EVENT_TO_WEBHOOK, ServiceMetrics, metric_name
+
+# Read by the pipeline benchmark as well as declared here.
+ACTIONS = "actions"
+ACTIONS_TOTAL = metric_name("triggers", ACTIONS, "total")
 
 
 class TriggersMetrics(ServiceMetrics):
@@ -13,7 +17,7 @@ class TriggersMetrics(ServiceMetrics):
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
         super().__init__("triggers", registry)
         self.actions = self.counter(
-            "actions",
+            ACTIONS,
             "Rule decisions, by rule, outcome (fired, held_out, suppressed, backfill) and reason "
             "(holdout, cooldown, consent, frequency_cap, quiet_hours, quiet_hours_hold; for backfill, fired or "
             "holdout: what it would have been about a recent event).",

@@ -503,14 +503,28 @@ class SeededConsole:
         await self.client.aclose()
 
 
+def value_features(value: float, tier: int, purchases: float = 1.0) -> dict[str, float]:
+    """Scoring's value features of a ScoreUpdate (services/scoring/README.md, "Predicted value")."""
+    return {"predicted_value": value, "value_tier": float(tier), "expected_purchases_value_horizon": purchases,
+            "expected_order_value": value / purchases}
+
+
+# Each segment customer's predicted value and tier (c_seg5 was scored before scoring could rank values).
+SEEDED_VALUES = [(900.0, 4), (410.0, 3), (95.25, 2), (12.0, 1), (8.0, 1), (3.0, 0)]
+
+
 def seeded_updates(now_ms: int) -> list[Any]:
-    """Known numbers: segments, their changes, dead letters, two rules' outcomes, one customer's scores."""
+    """Known numbers: segments, their changes, predicted values, dead letters, two rules' outcomes, one customer's
+    scores."""
     t0 = now_ms - 10 * HOUR_MS
     updates: list[Any] = []
     for n, (segment, stage) in enumerate([("champion", "active")] * 3 + [("at_risk", "lapsing")] * 2
                                          + [("new", "active")]):
-        updates.append(ScoreUpdated(f"c_seg{n}", f"s{n}", t0, 0.3, 0.7, segment, stage, "v1", (), {}))
-    updates.append(ScoreUpdated("c_seg0", "s0-later", t0 + HOUR_MS, 0.8, 0.2, "at_risk", "lapsing", "v1", (), {}))
+        updates.append(ScoreUpdated(f"c_seg{n}", f"s{n}", t0, 0.3, 0.7, segment, stage, "v1", (),
+                                    value_features(*SEEDED_VALUES[n])))
+    # c_seg0's newer score predicts more: it counts once, with its newest value.
+    updates.append(ScoreUpdated("c_seg0", "s0-later", t0 + HOUR_MS, 0.8, 0.2, "at_risk", "lapsing", "v1", (),
+                                value_features(1200.0, 4, 6.0)))
     updates += [DeadLettered("identity", "no usable identifier", f"d{n}") for n in range(3)]
     updates.append(DeadLettered("ingest", "schema", "d-schema"))
     # win-back: treated 4 (3 buy within the hour), hold-out 4 (1 buys): uplift 50 pp. quiet: too few.
@@ -525,7 +539,8 @@ def seeded_updates(now_ms: int) -> list[Any]:
     updates.append(ActionTaken("a-q", "quiet", "c_q", "fired", None, "marketing", t0, t0))
     # One customer with a risk line crossing the threshold, an action fired and one held out.
     updates += [ScoreUpdated("c_line", f"l{n}", t0 + n * HOUR_MS, risk, 1 - risk, "loyal", "active", "v2",
-                             (("overdue_ratio", 0.8),), {}) for n, risk in enumerate((0.2, 0.5, 0.75, 0.6))]
+                             (("overdue_ratio", 0.8),), value_features(100.0 + 50 * n, 3, 4.0 + n))
+                for n, risk in enumerate((0.2, 0.5, 0.75, 0.6))]
     updates += [ActionTaken("a-line", "win-back", "c_line", "fired", None, "marketing", t0 + 2 * HOUR_MS, 0),
                 ActionTaken("a-line-q", "quiet", "c_line", "held_out", "holdout", "marketing", t0 + 3 * HOUR_MS, 0)]
     return updates
@@ -639,6 +654,31 @@ def test_overview_charts_draw_the_read_models_numbers_and_their_tables_agree(cha
     page.screenshot(path=str(ARTIFACTS / "console-charts-overview.png"), full_page=True)
 
 
+def test_overview_and_customer_page_show_predicted_value_by_tier(chart_page: Any, seeded: SeededConsole) -> None:
+    page = chart_page
+    charts_drawn(page, ["value"])
+    # Each customer counts once, in the tier of its newest score: c_seg0's 1,200 replaced its 900.
+    tiers = [(t.tier, t.customers, t.predicted_value) for t in seeded.run(seeded.store.value_tiers())]
+    assert tiers == [(4, 1, 1200.0), (3, 2, 660.0), (2, 1, 95.25), (1, 2, 20.0), (0, 1, 3.0)]
+    bars = option(page, "value")
+    assert dict(zip(bars["yAxis"][0]["data"], bars["series"][0]["data"], strict=True)) == {
+        "tier 4 (top quarter): 1 customer": 1200.0, "tier 3: 2 customers": 660.0, "tier 2: 1 customer": 95.25,
+        "tier 1 (bottom quarter): 2 customers": 20.0, "not ranked yet: 1 customer": 3.0}
+    assert table(page, "#value-tiers") == [
+        ["tier 4 (top quarter)", "1", "1,200.00", "1,200.00"], ["tier 3", "2", "660.00", "330.00"],
+        ["tier 2", "1", "95.25", "95.25"], ["tier 1 (bottom quarter)", "2", "20.00", "10.00"],
+        ["not ranked yet", "1", "3.00", "3.00"]]
+    # The customer page: the newest score's predicted value, tier, expected purchases and order value.
+    page.goto(f"{seeded.url}/customers/c_line")
+    assert page.locator("#predicted-value").inner_text() == "250.00"
+    assert page.locator("#value-tier").inner_text() == "tier 3"
+    assert page.locator("#expected-purchases").inner_text() == "7.00"
+    assert page.locator("#expected-order-value").inner_text() == "35.71"
+    # A customer never scored with a value shows none.
+    page.goto(f"{seeded.url}/customers/c_t0")
+    assert page.locator("#predicted-value").count() == 0
+
+
 def test_overview_charts_follow_the_read_model_live(chart_page: Any, seeded: SeededConsole) -> None:
     page = chart_page
     charts_drawn(page, ["dead-letters"])
@@ -647,6 +687,14 @@ def test_overview_charts_follow_the_read_model_live(chart_page: Any, seeded: See
     playwright_api.expect(page.locator("#dead-letters")).to_contain_text("bad feature", timeout=20_000)
     charts_drawn(page, ["dead-letters"])
     assert "scoring: bad feature" in option(page, "dead-letters")["yAxis"][0]["data"]
+    # A newer score (a crossing check's: no segment) moves a customer to another value tier and back: the tiers
+    # follow without a reload, and end as seeded (the other tests read them).
+    now_ms = int(time.time() * 1000)
+    for n, (value, tier), customers in ((1, (5000.0, 4), "2"), (2, SEEDED_VALUES[5], "1")):
+        seeded.run(seeded.store.apply([ScoreUpdated("c_seg5", f"s-live-{n}", now_ms + n, 0.1, 0.9, "", "", "v1", (),
+                                                    value_features(value, tier))]))
+        playwright_api.expect(page.locator("#value-tiers tr[data-tier='4'] td").first).to_have_text(
+            customers, timeout=20_000)
     assert page.evaluate("window.__sameDocument") is True  # refreshed in place, not reloaded
 
 

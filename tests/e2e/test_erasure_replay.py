@@ -192,8 +192,13 @@ def test_an_erased_customer_stays_erased_when_every_worker_reads_the_topics_agai
     run_dir = Path(stack.run_dir)
     for name in WORKERS:
         local.kill(run_dir, name)
-    for service, topics in REWOUND.items():
-        asyncio.run(rewind(stack.kafka_bootstrap, f"touchstream-{service}", topics, stack.partitions, within_s=60))
+
+    async def rewind_every_group() -> None:
+        # At once: each group first waits out its killed members' session timeout.
+        await asyncio.gather(*(rewind(stack.kafka_bootstrap, f"touchstream-{service}", topics, stack.partitions,
+                                      within_s=60) for service, topics in REWOUND.items()))
+
+    asyncio.run(rewind_every_group())
     for name in WORKERS:
         local.start(run_dir, name)
     for service in REWOUND:  # in pipeline order: scoring's replay adds scores that triggers then reads

@@ -45,9 +45,10 @@ def an_event() -> dict[str, Any]:
 
 
 def produced(bootstrap: str, message_id: str, wait_s: float = 10.0) -> int:
-    """How many records with `message_id` are on touchpoints.raw."""
+    """How many records with `message_id` are on touchpoints.raw (up to 2), once the answers are in: every
+    produce ingest acknowledged (and no killed worker can produce any more) is below the end read first."""
     found = asyncio.run(collect(bootstrap, TOUCHPOINTS_RAW.name, TOUCHPOINTS_RAW.schema, 2,
-                                lambda _key, r: r["message_id"] == message_id, wait_s=wait_s))
+                                lambda _key, r: r["message_id"] == message_id, wait_s=wait_s, stop_at_end=True))
     return len(found)
 
 

@@ -14,9 +14,9 @@ import httpx
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from services.scoring.labels import DAY_MS
 from touchstream import avro
 from touchstream.embedded import free_port, spawn, wait_for_port
+from touchstream.eventtime import DAY_MS
 from touchstream.startup import EXIT_CONFIG
 from touchstream.topics import DEADLETTER, SCORES, TOUCHPOINTS_RESOLVED
 

@@ -15,7 +15,6 @@ from services.scoring.checkpoint import FORMAT, TAG_BYTES
 from services.scoring.codec import decode_path, decode_state, encode_path, encode_state, layout_id
 from services.scoring.crossings import threshold_side
 from services.scoring.features import PATH_FIELDS, silent_path
-from services.scoring.labels import DAY_MS
 from services.scoring.metrics import ScoringMetrics
 from services.scoring.service import MergeInput, ResolvedInput, ScoringService
 from services.scoring.settings import ScoringSettings
@@ -23,6 +22,7 @@ from services.scoring.state import CustomerState, Touchpoint, apply_touchpoint
 from services.scoring.store import RedisScoringStore, StateChanges, customer_of
 from tests.unit.scoring.test_scoring_checkpoint import RunsCodeWhenUnpickled, unpickled
 from touchstream import avro
+from touchstream.eventtime import DAY_MS
 
 pytestmark = pytest.mark.integration
 

@@ -137,6 +137,22 @@ def test_the_console_scrapes_only_series_the_services_expose() -> None:
     assert read - exposed_series() == set()
 
 
+def test_the_benchmarks_read_only_series_the_services_expose() -> None:
+    """The names bench/ waits on come from the services' metric modules; a renamed or dropped metric
+    must fail here, not leave a benchmark reading 0 (as the removed `scoring_rescores_total` did). The
+    console's `READ_MODEL_UPDATES_TOTAL` is declared inside its build_app, from the same constant."""
+    from services.identity.metrics import CUSTOMERS_CREATED_TOTAL
+    from services.scoring.metrics import CROSSING_CHECKS_TOTAL, CROSSINGS_TOTAL
+    from services.triggers.metrics import ACTIONS_TOTAL
+    from touchstream.metrics import batch_size_events, consumer_lag_messages, events_in_total, events_out_total
+
+    read = {CUSTOMERS_CREATED_TOTAL, CROSSING_CHECKS_TOTAL, CROSSINGS_TOTAL, ACTIONS_TOTAL}
+    read |= {f(service) for service in SERVICES for f in (events_in_total, events_out_total)}
+    read |= {batch_size_events(service) + "_count" for service in SERVICES if service != "ingest"}
+    read |= {consumer_lag_messages(service) for service in SERVICES if service != "ingest"}
+    assert read - exposed_series() == set()
+
+
 def test_rules_alert_on_every_service_job() -> None:
     down = next(r for g in load_rules()["groups"] for r in g["rules"] if r.get("alert") == "TouchstreamServiceDown")
     jobs = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())["scrape_configs"]

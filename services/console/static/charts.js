@@ -46,9 +46,9 @@
     bars: function (spec) {
       return {
         tooltip: TOOLTIP, grid: grid(),
-        xAxis: { type: "value", name: "records", minInterval: 1 },
+        xAxis: { type: "value", name: spec.axis, minInterval: 1 },
         yAxis: { type: "category", inverse: true, data: spec.bars.map(function (b) { return b.label; }) },
-        series: [{ type: "bar", name: "dead letters", data: spec.bars.map(function (b) { return b.value; }),
+        series: [{ type: "bar", name: spec.series, data: spec.bars.map(function (b) { return b.value; }),
                    label: { show: true, position: "right" } }]
       };
     },

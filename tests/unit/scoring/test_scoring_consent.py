@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from services.scoring.codec import state_from_dict, state_to_dict
 from services.scoring.engine import ScoringEngine, score_update_record
-from services.scoring.labels import DAY_MS
 from services.scoring.model import Learner, PropensityModel
 from services.scoring.state import CustomerState, Touchpoint, merge_states
 from touchstream import avro
+from touchstream.eventtime import DAY_MS
 
 
 class Scoring(ScoringEngine):

@@ -10,10 +10,10 @@ import numpy as np
 from services.scoring.crossings import WatchedChanges
 from services.scoring.engine import ScoringEngine, ScoringPoint, score_update_record
 from services.scoring.features import path_model_inputs, silent_path
-from services.scoring.labels import DAY_MS
 from services.scoring.model import Learner, PropensityModel
 from services.scoring.state import CustomerState, Touchpoint
 from touchstream import avro
+from touchstream.eventtime import DAY_MS
 
 
 def engine(watched: WatchedChanges | None = None, **options: float) -> ScoringEngine:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from services.scoring.labels import DAY_MS, PendingExample, is_prediction_point, label_with_purchase, split_matured
+from services.scoring.labels import PendingExample, is_prediction_point, label_with_purchase, split_matured
+from touchstream.eventtime import DAY_MS
 
 H = 90 * DAY_MS
 

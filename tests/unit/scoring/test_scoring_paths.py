@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.scoring.features import MODEL_FEATURES, features_at, path_model_inputs, silent_path
-from services.scoring.labels import DAY_MS
 from services.scoring.state import CHANNELS, CustomerState, Touchpoint, apply_touchpoint
+from touchstream.eventtime import DAY_MS
 
 touchpoints = st.builds(
     lambda n, day, amount, complaint, rating, channel: Touchpoint(

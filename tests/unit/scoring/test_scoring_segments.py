@@ -8,7 +8,6 @@ import random
 
 import pytest
 
-from services.scoring.labels import DAY_MS
 from services.scoring.segments import (
     SEGMENT_TABLE,
     WARM_UP,
@@ -19,6 +18,7 @@ from services.scoring.segments import (
     segment_of,
 )
 from services.scoring.state import CustomerState
+from touchstream.eventtime import DAY_MS
 
 RULES = StageRules(at_risk_days=90, churned_days=180, won_back_gap_days=90, habit_min_purchases=2,
                    loyal_min_purchases=3)

@@ -10,7 +10,7 @@ import orjson
 
 from services.scoring.codec import state_from_dict, state_to_dict
 from services.scoring.features import FEATURE_NAMES, PATH_FIELDS, features_at, silent_path
-from services.scoring.labels import DAY_MS, PendingExample
+from services.scoring.labels import PendingExample
 from services.scoring.state import (
     CustomerState,
     Touchpoint,
@@ -18,6 +18,7 @@ from services.scoring.state import (
     merge_states,
     touchpoint_from_record,
 )
+from touchstream.eventtime import DAY_MS
 
 
 def purchase(message_id: str, day: float, amount: float = 10.0) -> Touchpoint:
