@@ -375,12 +375,16 @@ class Learner:
 
     model: PropensityModel
     quality: PrequentialQuality = field(default_factory=PrequentialQuality)
-    # Mean purchases in a label window among windows with at least one: turns
-    # P(buy in window) into an expected purchase count.
-    purchases_per_positive: stats.Mean = field(default_factory=stats.Mean)
     rfm_quantiles: RfmQuantiles = field(default_factory=RfmQuantiles)
     # Order values and the tiers of predicted value (value.py).
     spend: SpendLearner = field(default_factory=SpendLearner)
+    # Share of orders that open a purchase day: the prior counts purchase days, value counts orders.
+    purchase_day_share: stats.Mean = field(default_factory=stats.Mean)
+
+    def orders_per_purchase_day(self) -> float:
+        """Return the orders a purchase day holds on average (1 until an order was seen)."""
+        share = self.purchase_day_share.get()
+        return 1.0 / share if share > 0 else 1.0
 
     def to_bytes(self, key: bytes) -> bytes:
         """Return this learner as a checkpoint signed with `key`."""
@@ -393,13 +397,15 @@ class Learner:
         if not isinstance(learner, Learner):
             raise TypeError(f"checkpoint holds a {type(learner).__name__}, not a Learner")
         # A checkpoint pickled by an older version lacks attributes this one reads.
-        if not all(hasattr(learner, a) for a in ("purchases_per_positive", "rfm_quantiles")) or not hasattr(
+        if not hasattr(learner, "rfm_quantiles") or not hasattr(
             learner.model, "kind"
         ):
             raise IncompatibleCheckpoint("checkpoint was written by an older scoring version")
         if not hasattr(learner, "spend"):
             # Written before predicted value: the propensity model stands; the spend model starts empty.
             learner.spend = SpendLearner()
+        if not hasattr(learner, "purchase_day_share"):
+            learner.purchase_day_share = stats.Mean()
         return learner
 
 

@@ -223,15 +223,19 @@ def test_forecast_chains_the_step_model_over_silent_steps() -> None:
     assert hazard(t) < two < scoring.forecast(state, t, 273).propensity < 1
 
 
-def test_expected_purchases_scale_with_purchases_per_positive_window() -> None:
+def test_expected_purchases_are_p_any_times_the_priors_purchases_given_any_times_orders_per_day() -> None:
     scoring, state = engine(), CustomerState()
-    for day in (0, 5, 6, 7):
-        scoring.assess([scoring.observe_event("c", state, touch(f"b{day}", day, 10.0), day * DAY_MS, None)])
-    scoring.learn_matured([state], scoring.maturity_cutoff(200 * DAY_MS))
-    # Day 0's window saw three purchases, day 5's two, day 6's one (day 7's none).
-    assert scoring.learner.purchases_per_positive.get() == 2.0
-    forecast = scoring.forecast(state, 200 * DAY_MS, 14)
-    assert abs(forecast.expected_purchases - 2.0 * forecast.propensity) < 1e-12
+    # Four orders on three days: 4/3 orders per purchase day.
+    for n, day in enumerate((0, 0, 5, 6)):
+        scoring.assess([scoring.observe_event("c", state, touch(f"b{n}", day, 10.0), day * DAY_MS, None)])
+    assert math.isclose(scoring.learner.orders_per_purchase_day(), 4 / 3)
+    t = 30 * DAY_MS
+    forecast = scoring.forecast(state, t, 365)
+    _, btyd = path_model_inputs(silent_path(state)[None, :], np.array([float(t)]))
+    prior = scoring.learner.model.prior
+    given_any = float(prior.expected(btyd, 365.0)[0] / prior.p_any(btyd, 365.0)[0])
+    assert given_any > 1.5  # a repeat buyer who buys again goes on buying: not one purchase per step
+    assert math.isclose(forecast.expected_purchases, forecast.propensity * given_any * 4 / 3, rel_tol=1e-9)
 
 
 def test_a_check_sends_an_update_only_when_a_watched_threshold_or_stage_was_crossed() -> None:
