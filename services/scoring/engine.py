@@ -53,7 +53,7 @@ from services.scoring.labels import DAY_MS, PendingExample, event_day, is_predic
 from services.scoring.model import PRIOR_REASON, Learner
 from services.scoring.segments import StageRules, lifecycle_stage, rfm_segment
 from services.scoring.state import CustomerState, Touchpoint, apply_touchpoint
-from services.scoring.value import predicted_value
+from services.scoring.value import predicted_value, value_reasons
 from touchstream.privacy import CONSENT_WITHDRAWN
 
 # The ScoreUpdate event_type of a crossing check's update (no touchpoint behind it).
@@ -265,9 +265,17 @@ class ScoringEngine:
         order_value = spend.expected_order_value(orders, mean_value)
         value = predicted_value(purchases, order_value)
         tiers = spend.tiers(value)
+        # The reason: each part against the typical customer's (expected purchases of the points
+        # scored so far, the order value of a customer with no order yet).
+        typical_order_value = float(spend.expected_order_value(np.zeros(1), np.zeros(1))[0])
+        by_purchases, by_order_value = value_reasons(purchases, order_value, spend.typical_purchases.get(),
+                                                     typical_order_value)
+        spend.typical_purchases.update(float(np.mean(purchases)), len(purchases))
         return [{"predicted_value": float(v), "expected_purchases_value_horizon": float(n),
-                 "expected_order_value": float(o), "value_tier": float(t)}
-                for v, n, o, t in zip(value, purchases, order_value, tiers, strict=True)]
+                 "expected_order_value": float(o), "value_tier": float(t),
+                 "value_purchases_vs_typical": float(rp), "value_order_value_vs_typical": float(ro)}
+                for v, n, o, t, rp, ro in zip(value, purchases, order_value, tiers, by_purchases, by_order_value,
+                                              strict=True)]
 
     def _reasons(self, paths: np.ndarray, times: np.ndarray) -> list[list[tuple[str, float]]]:
         model = self.learner.model

@@ -13,6 +13,7 @@ from services.scoring.features import path_model_inputs, silent_path
 from services.scoring.labels import DAY_MS
 from services.scoring.model import Learner, PropensityModel
 from services.scoring.state import CustomerState, Touchpoint
+from services.scoring.value import value_in_words
 from touchstream import avro
 
 
@@ -327,3 +328,26 @@ def test_every_score_carries_predicted_value_from_expected_purchases_and_shrunk_
     assert in_365[0] > in_90[0] and math.isclose(in_365[0], big.features["expected_purchases_value_horizon"])
     record = score_update_record("big", scoring.observe_check("big", spender, 4 * DAY_MS), big)
     assert avro.validation_errors("ScoreUpdate", record) == [] and record["features"]["predicted_value"] > 0
+
+
+def test_predicted_value_carries_its_reason_against_the_typical_customer_in_numbers_and_words() -> None:
+    scoring = engine()
+    states = {f"c{n}": CustomerState() for n in range(60)}
+    for n, (customer, state) in enumerate(states.items()):
+        for k in range(1 + n % 3):
+            scoring.assess([scoring.observe_event(customer, state, touch(f"{customer}-{k}", 1 + k, 10.0 + n),
+                                                  3 * DAY_MS, None)])
+    scoring.learner.spend.refit()
+    spender, thrifty = CustomerState(), CustomerState()
+    for k in range(3):
+        scoring.observe_event("big", spender, touch(f"big-{k}", 1 + k, 500.0), 3 * DAY_MS, None)
+        scoring.observe_event("small", thrifty, touch(f"small-{k}", 1 + k, 5.0), 3 * DAY_MS, None)
+    big, small = scoring.assess([scoring.observe_check("big", spender, 4 * DAY_MS),
+                                 scoring.observe_check("small", thrifty, 4 * DAY_MS)])
+    # Same history but the order value: purchases are typical-ish alike, the order value sets them apart.
+    assert big.features["value_purchases_vs_typical"] == small.features["value_purchases_vs_typical"] > 0
+    assert small.features["value_order_value_vs_typical"] < 1 < big.features["value_order_value_vs_typical"]
+    said = value_in_words(big.features, scoring.value_horizon_days)
+    assert said is not None and "spend more per order than the typical customer" in said
+    # The thrifty one's three orders in three days weigh more than its small orders (0.9x): the words say so.
+    assert "buy more often" in (value_in_words(small.features, scoring.value_horizon_days) or "")
