@@ -8,7 +8,7 @@ import random
 import numpy as np
 
 from services.scoring.crossings import WatchedChanges
-from services.scoring.engine import ScoringEngine, ScoringPoint, score_update_record
+from services.scoring.engine import Scored, ScoringEngine, ScoringPoint, score_update_record
 from services.scoring.features import path_model_inputs, silent_path
 from services.scoring.labels import DAY_MS
 from services.scoring.model import Learner, PropensityModel
@@ -299,13 +299,14 @@ def test_the_sliding_propensity_grid_equals_the_chain_at_every_grid_time() -> No
         assert np.allclose(grid[:, k], chained, rtol=1e-12, atol=1e-12)
 
 
-def test_every_score_carries_predicted_value_from_expected_purchases_and_shrunk_order_value() -> None:
-    scoring = engine()
+def spenders_among_a_population(scoring: ScoringEngine) -> tuple[CustomerState, Scored, Scored]:
+    """Score sixty buyers, then a big and a small spender with the same three orders (big state, both scores)."""
     states = {f"c{n}": CustomerState() for n in range(60)}
     # Sixty buyers with one to three orders of 10-70 each: the spend model has a population to fit.
     for n, (customer, state) in enumerate(states.items()):
         for k in range(1 + n % 3):
-            scoring.observe_event(customer, state, touch(f"{customer}-{k}", 1 + k, 10.0 + n), DAY_MS, None)
+            scoring.assess([scoring.observe_event(customer, state, touch(f"{customer}-{k}", 1 + k, 10.0 + n),
+                                                  3 * DAY_MS, None)])
     scoring.learner.spend.refit()
     assert scoring.learner.spend.model.fitted
     spender, thrifty = CustomerState(), CustomerState()
@@ -314,6 +315,12 @@ def test_every_score_carries_predicted_value_from_expected_purchases_and_shrunk_
         scoring.observe_event("small", thrifty, touch(f"small-{k}", 1 + k, 5.0), 3 * DAY_MS, None)
     big, small = scoring.assess([scoring.observe_check("big", spender, 4 * DAY_MS),
                                  scoring.observe_check("small", thrifty, 4 * DAY_MS)])
+    return spender, big, small
+
+
+def test_every_score_carries_predicted_value_from_expected_purchases_and_shrunk_order_value() -> None:
+    scoring = engine()
+    spender, big, small = spenders_among_a_population(scoring)
     population = scoring.learner.spend.model.population_mean
     # Same orders, same times: same expected purchases; order values shrunk toward the population's.
     assert big.features["expected_purchases_value_horizon"] == small.features["expected_purchases_value_horizon"] > 0
@@ -332,18 +339,7 @@ def test_every_score_carries_predicted_value_from_expected_purchases_and_shrunk_
 
 def test_predicted_value_carries_its_reason_against_the_typical_customer_in_numbers_and_words() -> None:
     scoring = engine()
-    states = {f"c{n}": CustomerState() for n in range(60)}
-    for n, (customer, state) in enumerate(states.items()):
-        for k in range(1 + n % 3):
-            scoring.assess([scoring.observe_event(customer, state, touch(f"{customer}-{k}", 1 + k, 10.0 + n),
-                                                  3 * DAY_MS, None)])
-    scoring.learner.spend.refit()
-    spender, thrifty = CustomerState(), CustomerState()
-    for k in range(3):
-        scoring.observe_event("big", spender, touch(f"big-{k}", 1 + k, 500.0), 3 * DAY_MS, None)
-        scoring.observe_event("small", thrifty, touch(f"small-{k}", 1 + k, 5.0), 3 * DAY_MS, None)
-    big, small = scoring.assess([scoring.observe_check("big", spender, 4 * DAY_MS),
-                                 scoring.observe_check("small", thrifty, 4 * DAY_MS)])
+    _, big, small = spenders_among_a_population(scoring)
     # Same history but the order value: purchases are typical-ish alike, the order value sets them apart.
     assert big.features["value_purchases_vs_typical"] == small.features["value_purchases_vs_typical"] > 0
     assert small.features["value_order_value_vs_typical"] < 1 < big.features["value_order_value_vs_typical"]
