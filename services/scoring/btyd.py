@@ -84,21 +84,31 @@ def expected_purchases(params: np.ndarray, inputs: BtydInputs, window_days: floa
     r, alpha, a, b = np.exp(params)
     if abs(a - 1.0) < 1e-4:
         a = 1.0 + math.copysign(1e-4, a - 1.0)
-    x, t_x = inputs.repeats, inputs.last_purchase_age
-    big_t = np.maximum(inputs.age, inputs.last_purchase_age)
+    x, big_t = inputs.repeats, np.maximum(inputs.age, inputs.last_purchase_age)
     t = np.asarray(window_days, dtype=np.float64)
-    modified = structure == "mbg_nbd"
     # BG/NBD's hypergeometric carries b + x and a + b + x - 1; MBG/NBD's one more of each.
-    shift = 1.0 if modified else 0.0
+    shift = 1.0 if structure == "mbg_nbd" else 0.0
     log_ahead = (r + x) * (np.log(alpha + big_t) - np.log(alpha + big_t + t))
     hypergeometric = special.hyp2f1(r + x, b + x + shift, a + b + x - 1.0 + shift, t / (alpha + big_t + t))
     alive_if_never_gone = (a + b + x - 1.0 + shift) / (a - 1.0) * (1.0 - hypergeometric * np.exp(log_ahead))
-    dropouts = b + x if modified else b + np.maximum(x, 1.0) - 1.0
-    can_be_gone = np.ones_like(x, dtype=bool) if modified else x > 0
-    log_odds_gone = np.log(a) - np.log(dropouts) + (r + x) * (np.log(alpha + big_t) - np.log(alpha + t_x))
-    odds_gone = np.where(can_be_gone, np.exp(np.minimum(log_odds_gone, _MAX_LOG)), 0.0)
+    odds_gone, _, _ = _odds_gone(r, alpha, a, b, inputs, structure)
     expected = alive_if_never_gone / (1.0 + odds_gone)
     return np.where(np.isfinite(expected), np.maximum(expected, 0.0), 0.0)
+
+
+def _odds_gone(r: float, alpha: float, a: float, b: float, inputs: BtydInputs,
+               structure: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return the odds that each customer dropped out after the last purchase, the drop-out
+    Beta's second parameter after the repeats, and log((alpha + T) / (alpha + t_x))."""
+    x, t_x = inputs.repeats, inputs.last_purchase_age
+    big_t = np.maximum(inputs.age, t_x)
+    # BG/NBD: a customer without a repeat purchase cannot be gone; MBG/NBD: they can.
+    modified = structure == "mbg_nbd"
+    dropouts = b + x if modified else b + np.maximum(x, 1.0) - 1.0
+    can_be_gone = np.ones_like(x, dtype=bool) if modified else x > 0
+    since_last = np.log(alpha + big_t) - np.log(alpha + t_x)
+    log_odds_gone = np.log(a) - np.log(dropouts) + np.minimum((r + x) * since_last, _MAX_LOG)
+    return np.where(can_be_gone, np.exp(np.minimum(log_odds_gone, _MAX_LOG)), 0.0), dropouts, since_last
 
 
 def _p_any_and_gradient(
@@ -106,13 +116,7 @@ def _p_any_and_gradient(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     r, alpha, a, b = np.exp(params)
     x, t_x, big_t = inputs.repeats, inputs.last_purchase_age, np.maximum(inputs.age, inputs.last_purchase_age)
-    # Odds that the customer dropped out after the last purchase; BG/NBD: none without a repeat.
-    modified = structure == "mbg_nbd"
-    dropouts = b + x if modified else b + np.maximum(x, 1.0) - 1.0
-    can_be_gone = np.ones_like(x, dtype=bool) if modified else x > 0
-    since_last = np.log(alpha + big_t) - np.log(alpha + t_x)
-    log_odds_gone = np.log(a) - np.log(dropouts) + np.minimum((r + x) * since_last, _MAX_LOG)
-    odds_gone = np.where(can_be_gone, np.exp(np.minimum(log_odds_gone, _MAX_LOG)), 0.0)
+    odds_gone, dropouts, since_last = _odds_gone(r, alpha, a, b, inputs, structure)
     alive = 1.0 / (1.0 + odds_gone)
     # P(no purchase in the window | alive): the Gamma-Poisson survival.
     ahead = np.log(alpha + big_t) - np.log(alpha + big_t + window_days)
