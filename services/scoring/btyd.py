@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import optimize
+from scipy import optimize, special
 
 # r, alpha (days), a, b before anything is learned: one purchase a month on average, half
 # of the customers gone after each purchase. Weak enough that a few thousand examples move them.
@@ -64,18 +64,59 @@ def p_any_purchase(params: np.ndarray, inputs: BtydInputs, window_days: float | 
     return p
 
 
-def _p_any_and_gradient(
-    params: np.ndarray, inputs: BtydInputs, window_days: float | np.ndarray, structure: str, want_gradient: bool
-) -> tuple[np.ndarray, np.ndarray | None]:
+def expected_purchases(params: np.ndarray, inputs: BtydInputs, window_days: float | np.ndarray,
+                       structure: str = "bg_nbd") -> np.ndarray:
+    """Return the expected number of purchases (purchase days) in the next `window_days`, per customer.
+
+    The closed form of the conditional expectation given (x, t_x, T): BG/NBD in Fader, Hardie
+    & Lee (2005, eq. 10), MBG/NBD in Batislam, Denizel & Filiztekin (2007). Unlike a sum of
+    silent steps' probabilities, it counts that a customer who buys again goes on buying.
+    `params` as in `p_any_purchase`; `a` is kept off 1, where the formula's 0/0 is removable.
+    The examples agree with lifetimes' BetaGeoFitter and ModifiedBetaGeoFitter.
+
+    >>> params = np.log([0.25, 30.0, 0.8, 2.4])
+    >>> fresh = BtydInputs(np.array([0.0, 4.0]), np.array([0.0, 50.0]), np.array([10.0, 60.0]))
+    >>> [round(float(n), 3) for n in expected_purchases(params, fresh, 90.0)]
+    [0.44, 2.717]
+    >>> [round(float(n), 3) for n in expected_purchases(params, fresh, 90.0, "mbg_nbd")]
+    [0.34, 2.87]
+    """
     r, alpha, a, b = np.exp(params)
-    x, t_x, big_t = inputs.repeats, inputs.last_purchase_age, np.maximum(inputs.age, inputs.last_purchase_age)
-    # Odds that the customer dropped out after the last purchase; BG/NBD: none without a repeat.
+    if abs(a - 1.0) < 1e-4:
+        a = 1.0 + math.copysign(1e-4, a - 1.0)
+    x, big_t = inputs.repeats, np.maximum(inputs.age, inputs.last_purchase_age)
+    t = np.asarray(window_days, dtype=np.float64)
+    # BG/NBD's hypergeometric carries b + x and a + b + x - 1; MBG/NBD's one more of each.
+    shift = 1.0 if structure == "mbg_nbd" else 0.0
+    log_ahead = (r + x) * (np.log(alpha + big_t) - np.log(alpha + big_t + t))
+    hypergeometric = special.hyp2f1(r + x, b + x + shift, a + b + x - 1.0 + shift, t / (alpha + big_t + t))
+    alive_if_never_gone = (a + b + x - 1.0 + shift) / (a - 1.0) * (1.0 - hypergeometric * np.exp(log_ahead))
+    odds_gone, _, _ = _odds_gone(r, alpha, a, b, inputs, structure)
+    expected = alive_if_never_gone / (1.0 + odds_gone)
+    return np.where(np.isfinite(expected), np.maximum(expected, 0.0), 0.0)
+
+
+def _odds_gone(r: float, alpha: float, a: float, b: float, inputs: BtydInputs,
+               structure: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return the odds that each customer dropped out after the last purchase, the drop-out
+    Beta's second parameter after the repeats, and log((alpha + T) / (alpha + t_x))."""
+    x, t_x = inputs.repeats, inputs.last_purchase_age
+    big_t = np.maximum(inputs.age, t_x)
+    # BG/NBD: a customer without a repeat purchase cannot be gone; MBG/NBD: they can.
     modified = structure == "mbg_nbd"
     dropouts = b + x if modified else b + np.maximum(x, 1.0) - 1.0
     can_be_gone = np.ones_like(x, dtype=bool) if modified else x > 0
     since_last = np.log(alpha + big_t) - np.log(alpha + t_x)
     log_odds_gone = np.log(a) - np.log(dropouts) + np.minimum((r + x) * since_last, _MAX_LOG)
-    odds_gone = np.where(can_be_gone, np.exp(np.minimum(log_odds_gone, _MAX_LOG)), 0.0)
+    return np.where(can_be_gone, np.exp(np.minimum(log_odds_gone, _MAX_LOG)), 0.0), dropouts, since_last
+
+
+def _p_any_and_gradient(
+    params: np.ndarray, inputs: BtydInputs, window_days: float | np.ndarray, structure: str, want_gradient: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    r, alpha, a, b = np.exp(params)
+    x, t_x, big_t = inputs.repeats, inputs.last_purchase_age, np.maximum(inputs.age, inputs.last_purchase_age)
+    odds_gone, dropouts, since_last = _odds_gone(r, alpha, a, b, inputs, structure)
     alive = 1.0 / (1.0 + odds_gone)
     # P(no purchase in the window | alive): the Gamma-Poisson survival.
     ahead = np.log(alpha + big_t) - np.log(alpha + big_t + window_days)
@@ -164,6 +205,9 @@ class BtydPrior:
     def p_any(self, inputs: BtydInputs, window_days: float | np.ndarray | None = None) -> np.ndarray:
         return p_any_purchase(self.params, inputs, self.window_days if window_days is None else window_days,
                               self.structure)
+
+    def expected(self, inputs: BtydInputs, window_days: float | np.ndarray) -> np.ndarray:
+        return expected_purchases(self.params, inputs, window_days, self.structure)
 
     def fit(self, inputs: BtydInputs, purchased: np.ndarray) -> None:
         if not 0 < purchased.sum() < len(purchased):

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from services.scoring.btyd import BtydInputs
+from services.scoring.btyd import BtydInputs, BtydPrior
 from services.scoring.crossings import (
     WatchedChanges,
     next_crossings,
@@ -53,7 +53,7 @@ from services.scoring.labels import DAY_MS, PendingExample, event_day, is_predic
 from services.scoring.model import PRIOR_REASON, Learner
 from services.scoring.segments import StageRules, lifecycle_stage, rfm_segment
 from services.scoring.state import CustomerState, Touchpoint, apply_touchpoint
-from services.scoring.value import predicted_value
+from services.scoring.value import predicted_value, value_reasons
 from touchstream.privacy import CONSENT_WITHDRAWN
 
 # The ScoreUpdate event_type of a crossing check's update (no touchpoint behind it).
@@ -174,9 +174,12 @@ class ScoringEngine:
         made: list[PendingExample] = []
         if in_order and silent_from_ms is not None and not state.has_applied(touch.message_id):
             made = self._close_silent_examples(state, silent_from_ms, t)
+        # Before applying: does this order open a purchase day? (The prior counts days, value counts orders.)
+        opens_day = state.last_purchase_ms is None or event_day(state.last_purchase_ms) != event_day(t)
         applied = apply_touchpoint(state, touch)
         if applied and touch.is_purchase and state.purchase_count:
             self.learner.spend.observe_purchase(state.purchase_count, state.monetary_total / state.purchase_count)
+            self.learner.purchase_day_share.update(float(opens_day))
         cutoff = self.maturity_cutoff(watermark_ms)
         path = silent_path(state)
         if applied and in_order and is_prediction_point(state.last_example_day, t, self.step_ms, cutoff):
@@ -262,9 +265,17 @@ class ScoringEngine:
         order_value = spend.expected_order_value(orders, mean_value)
         value = predicted_value(purchases, order_value)
         tiers = spend.tiers(value)
+        # The reason: each part against the typical customer's (expected purchases of the points
+        # scored so far, the order value of a customer with no order yet).
+        typical_order_value = float(spend.expected_order_value(np.zeros(1), np.zeros(1))[0])
+        by_purchases, by_order_value = value_reasons(purchases, order_value, spend.typical_purchases.get(),
+                                                     typical_order_value)
+        spend.typical_purchases.update(float(np.mean(purchases)), len(purchases))
         return [{"predicted_value": float(v), "expected_purchases_value_horizon": float(n),
-                 "expected_order_value": float(o), "value_tier": float(t)}
-                for v, n, o, t in zip(value, purchases, order_value, tiers, strict=True)]
+                 "expected_order_value": float(o), "value_tier": float(t),
+                 "value_purchases_vs_typical": float(rp), "value_order_value_vs_typical": float(ro)}
+                for v, n, o, t, rp, ro in zip(value, purchases, order_value, tiers, by_purchases, by_order_value,
+                                              strict=True)]
 
     def _reasons(self, paths: np.ndarray, times: np.ndarray) -> list[list[tuple[str, float]]]:
         model = self.learner.model
@@ -403,8 +414,6 @@ class ScoringEngine:
         alarms = 0
         for purchased, propensity in zip(labels.tolist(), propensities.tolist(), strict=True):
             alarms += self.learner.quality.update(purchased, propensity)
-        for count in purchases[labels].tolist():
-            self.learner.purchases_per_positive.update(max(1, count))
         model.learn_many(inputs, btyd, labels)
         return LearningOutcome(learned=len(labels), positives=int(labels.sum()), drift_alarms=alarms)
 
@@ -440,13 +449,19 @@ class ScoringEngine:
         count = len(times_ms)
         at = (np.asarray(times_ms, dtype=np.float64)[:, None] + self.step_ms * np.arange(longest)[None, :]).ravel()
         inputs, btyd = path_model_inputs(paths, at, np.repeat(np.arange(count), longest))
-        hazard = self.learner.model.hazards(inputs, btyd).reshape(count, longest)
-        per_positive = self.learner.purchases_per_positive.get() or 1.0
+        model = self.learner.model
+        hazard = model.hazards(inputs, btyd).reshape(count, longest)
+        now = _select(btyd, slice(None, None, longest))
+        orders_per_purchase_day = self.learner.orders_per_purchase_day()
         result = []
         for horizon in horizons_days:
             steps, fractions = self._chain(horizon)
             per_step = 1.0 - (1.0 - hazard[:, :steps]) ** fractions
-            result.append((1.0 - np.prod(1.0 - per_step, axis=1), per_step.sum(axis=1) * per_positive))
+            propensity = 1.0 - np.prod(1.0 - per_step, axis=1)
+            # E[purchases] = P(any) x E[purchases | any]: the chain says whether the customer buys
+            # (the learned, calibrated part), the prior how many purchase days follow a first one.
+            given_any = purchases_given_any(model.prior, now, horizon)
+            result.append((propensity, propensity * given_any * orders_per_purchase_day))
         return result
 
     def forecast(self, state: CustomerState, t_ms: int, horizon_days: float) -> HorizonForecast:
@@ -461,8 +476,25 @@ _PURCHASE_COUNT = PATH_FIELDS.index("purchase_count")
 _MONETARY_TOTAL = PATH_FIELDS.index("monetary_total")
 
 
-def _select(btyd: BtydInputs, mask: np.ndarray) -> BtydInputs:
+def _select(btyd: BtydInputs, mask: np.ndarray | slice) -> BtydInputs:
     return BtydInputs(btyd.repeats[mask], btyd.last_purchase_age[mask], btyd.age[mask])
+
+
+def purchases_given_any(prior: BtydPrior, btyd: BtydInputs, horizon_days: float) -> np.ndarray:
+    """Return the prior's expected purchase days in the horizon among customers who buy at least once in it.
+
+    A silent chain of steps can say whether a customer buys, not how often: a customer who buys
+    again goes on buying at their own rate. The BTYD prior knows the count's distribution; its
+    E[N] / P(N >= 1) is at least one.
+
+    >>> from services.scoring.btyd import BtydPrior
+    >>> btyd = BtydInputs(np.array([0.0, 6.0]), np.array([0.0, 80.0]), np.array([30.0, 90.0]))
+    >>> [round(float(n), 2) for n in purchases_given_any(BtydPrior(14.0), btyd, 365.0)]
+    [2.28, 9.78]
+    """
+    p_any = prior.p_any(btyd, horizon_days)
+    expected = prior.expected(btyd, horizon_days)
+    return np.maximum(1.0, np.divide(expected, p_any, out=np.ones_like(expected), where=p_any > 1e-9))
 
 
 def event_facts(touch: Touchpoint) -> dict[str, float]:

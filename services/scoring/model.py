@@ -16,8 +16,8 @@ P(buy in the step) = Platt(logit(BTYD prior) + w . scaled inputs + b):
   every pair of a structure and one of LEARNING_RATES is learned side by side, each is
   scored on every mini-batch before it learns it (test-then-train), and the one with the
   lowest recent log-loss predicts;
-- a Platt scaling fitted on a rolling window of those prequential scores keeps the
-  probability honest as the population drifts.
+- a Platt scaling learned online (a Newton step per mini-batch, forgetting old examples) on
+  those prequential scores keeps the probability honest as the population drifts.
 Learning takes mini-batches of MINI_BATCH examples in the order they come, with a remainder
 carried over, so the model does not depend on where the stream's batches happened to end.
 Reason codes are each input's term in the churn log-odds, the prior's against its average.
@@ -47,9 +47,10 @@ LEARNING_RATES = (0.0003, 0.001, 0.003, 0.01)
 MINI_BATCH = 32
 # How far back the candidates' log-loss is remembered (examples for half the weight).
 SELECTION_HALF_LIFE = 20_000
-# Platt scaling: refitted every CALIBRATION_REFIT examples on the newest CALIBRATION_WINDOW.
+# Platt scaling: an online Newton step per mini-batch, remembering about CALIBRATION_WINDOW examples;
+# the ridge (in examples' worth of curvature) damps the first steps.
 CALIBRATION_WINDOW = 50_000
-CALIBRATION_REFIT = 5_000
+CALIBRATION_RIDGE = 1.0
 # The reason code of the prior's term.
 PRIOR_REASON = "repeat_buying_pattern"
 _EPS = 1e-6
@@ -116,54 +117,58 @@ class RunningScale:
 
 @dataclass
 class PlattScaling:
-    """P = sigmoid(slope * logit + intercept), fitted by Newton on a rolling window of (logit, label).
+    """P = sigmoid(slope * logit + intercept), learned by an online Newton step on each mini-batch of (logit, label).
 
-    >>> platt = PlattScaling(window=100, refit_every=100)
-    >>> logits = np.linspace(-2, 2, 100)
-    >>> platt.observe(logits, logits > 0)
+    The curvature of the log-loss is accumulated with a forgetting factor (memory about
+    `window` examples), so each mini-batch costs a 2x2 solve, never a refit over a stored
+    window, and old examples fade as the population drifts. A ridge towards the identity
+    damps the steps while little is known and keeps a stretch of nearly one class from
+    running off.
+
+    >>> platt = PlattScaling(window=1_000)
+    >>> logits = np.linspace(-2, 2, 32)
+    >>> for _ in range(50):
+    ...     platt.observe(logits, logits > 0)
     >>> platt.slope > 1.0  # separable labels: the fitted slope only grows
     True
     """
 
     window: int = CALIBRATION_WINDOW
-    refit_every: int = CALIBRATION_REFIT
     slope: float = 1.0
     intercept: float = 0.0
-    # A ring buffer of the newest `window` pairs; `seen` counts every pair ever observed.
-    logits: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    labels: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    # The decayed sum of the examples' curvature (the log-loss Hessian in slope, intercept).
+    curvature: np.ndarray = field(default_factory=lambda: np.zeros((2, 2)))
     seen: int = 0
-    since_fit: int = 0
 
     def observe(self, logits: np.ndarray, labels: np.ndarray) -> None:
-        if not self.logits.size:
-            self.logits, self.labels = np.zeros(self.window), np.zeros(self.window)
-        positions = (self.seen + np.arange(len(logits))) % self.window
-        self.logits[positions], self.labels[positions] = logits, labels
-        self.seen += len(logits)
-        self.since_fit += len(logits)
-        if self.since_fit >= self.refit_every:
-            self.fit()
-
-    def fit(self) -> None:
-        self.since_fit = 0
-        filled = min(self.seen, self.window)
-        x, y = self.logits[:filled], self.labels[:filled]
-        if not 0 < y.sum() < len(y):
-            return
-        # A weak pull towards the identity keeps a window of nearly one class from running off.
-        ridge = 1.0
+        x = np.column_stack([logits, np.ones(len(logits))])
         params = np.array([self.slope, self.intercept])
-        for _ in range(8):
-            p = _sigmoid(params[0] * x + params[1])
-            weight = p * (1.0 - p)
-            gradient = np.array([np.dot(p - y, x), np.sum(p - y)]) + ridge * (params - [1.0, 0.0])
-            hessian = np.array([[np.dot(weight, x * x), np.dot(weight, x)], [np.dot(weight, x), np.sum(weight)]])
-            params = params - np.linalg.solve(hessian + ridge * np.eye(2), gradient)
+        p = _sigmoid(x @ params)
+        weight = p * (1.0 - p)
+        forget = (1.0 - 1.0 / self.window) ** len(logits)
+        self.curvature = forget * self.curvature + (x * weight[:, None]).T @ x
+        gradient = x.T @ (p - np.asarray(labels, dtype=np.float64))
+        params = params - np.linalg.solve(self.curvature + CALIBRATION_RIDGE * np.eye(2), gradient)
         self.slope, self.intercept = float(params[0]), float(params[1])
+        self.seen += len(logits)
 
     def apply(self, logits: np.ndarray) -> np.ndarray:
         return self.slope * logits + self.intercept
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        # A checkpoint from before the online step holds the window it refitted on: its
+        # curvature at the fitted parameters is where the online step goes on from.
+        logits, labels = state.pop("logits", None), state.pop("labels", None)
+        for stale in ("refit_every", "since_fit"):
+            state.pop(stale, None)
+        self.__dict__.update(state)
+        if "curvature" not in state:
+            self.curvature = np.zeros((2, 2))
+            if isinstance(logits, np.ndarray) and isinstance(labels, np.ndarray) and logits.size:
+                kept = logits[: min(self.seen, len(logits))]
+                x = np.column_stack([kept, np.ones(len(kept))])
+                p = _sigmoid(x @ np.array([self.slope, self.intercept]))
+                self.curvature = (x * (p * (1.0 - p))[:, None]).T @ x
 
 
 class PropensityModel:
@@ -375,12 +380,16 @@ class Learner:
 
     model: PropensityModel
     quality: PrequentialQuality = field(default_factory=PrequentialQuality)
-    # Mean purchases in a label window among windows with at least one: turns
-    # P(buy in window) into an expected purchase count.
-    purchases_per_positive: stats.Mean = field(default_factory=stats.Mean)
     rfm_quantiles: RfmQuantiles = field(default_factory=RfmQuantiles)
     # Order values and the tiers of predicted value (value.py).
     spend: SpendLearner = field(default_factory=SpendLearner)
+    # Share of orders that open a purchase day: the prior counts purchase days, value counts orders.
+    purchase_day_share: stats.Mean = field(default_factory=stats.Mean)
+
+    def orders_per_purchase_day(self) -> float:
+        """Return the orders a purchase day holds on average (1 until an order was seen)."""
+        share = self.purchase_day_share.get()
+        return 1.0 / share if share > 0 else 1.0
 
     def to_bytes(self, key: bytes) -> bytes:
         """Return this learner as a checkpoint signed with `key`."""
@@ -393,13 +402,15 @@ class Learner:
         if not isinstance(learner, Learner):
             raise TypeError(f"checkpoint holds a {type(learner).__name__}, not a Learner")
         # A checkpoint pickled by an older version lacks attributes this one reads.
-        if not all(hasattr(learner, a) for a in ("purchases_per_positive", "rfm_quantiles")) or not hasattr(
+        if not hasattr(learner, "rfm_quantiles") or not hasattr(
             learner.model, "kind"
         ):
             raise IncompatibleCheckpoint("checkpoint was written by an older scoring version")
         if not hasattr(learner, "spend"):
             # Written before predicted value: the propensity model stands; the spend model starts empty.
             learner.spend = SpendLearner()
+        if not hasattr(learner, "purchase_day_share"):
+            learner.purchase_day_share = stats.Mean()
         return learner
 
 

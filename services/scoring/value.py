@@ -145,6 +145,13 @@ class SpendLearner:
     since_fit: int = 0
     value_cuts: list[Any] = field(default_factory=lambda: [stats.Quantile(q) for q in VALUE_QUANTILES])
     values_seen: int = 0
+    # Mean expected purchases of the points scored so far: the "typical customer" a value reason compares with.
+    typical_purchases: stats.Mean = field(default_factory=stats.Mean)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A checkpoint from before value reasons has no typical purchases yet.
+        state.setdefault("typical_purchases", stats.Mean())
+        self.__dict__.update(state)
 
     def observe_purchase(self, orders: int, mean_value: float) -> None:
         self.orders.append(float(orders))
@@ -177,3 +184,48 @@ class SpendLearner:
                 q.update(float(value))
         self.values_seen += len(values)
         return tiers
+
+
+def value_reasons(expected_purchases: np.ndarray, order_value: np.ndarray, typical_purchases: float,
+                  typical_order_value: float) -> tuple[np.ndarray, np.ndarray]:
+    """Return why a predicted value is what it is: its two parts over the typical customer's (1.0 = typical).
+
+    Predicted value over the typical one is the product of the two ratios; 0 where no typical is known yet.
+
+    >>> purchases, order = value_reasons(np.array([3.0, 0.5]), np.array([20.0, 80.0]), 1.0, 40.0)
+    >>> purchases.tolist(), order.tolist()
+    ([3.0, 0.5], [0.5, 2.0])
+    """
+    def ratio(values: np.ndarray, typical: float) -> np.ndarray:
+        values = np.asarray(values, dtype=float)
+        return values / typical if typical > 0 else np.zeros_like(values)
+
+    return ratio(expected_purchases, typical_purchases), ratio(order_value, typical_order_value)
+
+
+def value_in_words(features: dict[str, float], horizon_days: float) -> str | None:
+    """Say a ScoreUpdate's predicted value and its reason the way a person reads it (None without one).
+
+    >>> print(value_in_words({"predicted_value": 120.5, "value_tier": 4.0, "expected_purchases_value_horizon": 2.1,
+    ...                       "expected_order_value": 57.38, "value_purchases_vs_typical": 1.8,
+    ...                       "value_order_value_vs_typical": 0.9}, 365))  # doctest: +NORMALIZE_WHITESPACE
+    Worth 120.50 over the next 365 days (tier 4 of 4), mostly because they are expected to buy more often
+    than the typical customer: 2.1 purchases (1.8x typical) of 57.38 (0.9x typical)
+    """
+    if "predicted_value" not in features:
+        return None
+    purchases = features.get("value_purchases_vs_typical", 0.0)
+    order = features.get("value_order_value_vs_typical", 0.0)
+    tier = int(features.get("value_tier", 0.0))
+    said = f"Worth {features['predicted_value']:.2f} over the next {horizon_days:g} days"
+    if tier:
+        said += f" (tier {tier} of {len(VALUE_QUANTILES) + 1})"
+    if purchases > 0 and order > 0:
+        # The part farther from typical (in log terms) is what sets this customer apart.
+        by_purchases = abs(math.log(purchases)) >= abs(math.log(order))
+        size = purchases if by_purchases else order
+        what = ("buy more often" if size > 1 else "buy less often") if by_purchases else (
+            "spend more per order" if size > 1 else "spend less per order")
+        said += f", mostly because they are expected to {what} than the typical customer"
+    return (f"{said}: {features.get('expected_purchases_value_horizon', 0.0):.1f} purchases ({purchases:.1f}x typical)"
+            f" of {features.get('expected_order_value', 0.0):.2f} ({order:.1f}x typical)")

@@ -8,10 +8,11 @@ import random
 import numpy as np
 
 from services.scoring.crossings import WatchedChanges
-from services.scoring.engine import ScoringEngine, ScoringPoint, score_update_record
+from services.scoring.engine import Scored, ScoringEngine, ScoringPoint, score_update_record
 from services.scoring.features import path_model_inputs, silent_path
 from services.scoring.model import Learner, PropensityModel
 from services.scoring.state import CustomerState, Touchpoint
+from services.scoring.value import value_in_words
 from touchstream import avro
 from touchstream.eventtime import DAY_MS
 
@@ -223,15 +224,19 @@ def test_forecast_chains_the_step_model_over_silent_steps() -> None:
     assert hazard(t) < two < scoring.forecast(state, t, 273).propensity < 1
 
 
-def test_expected_purchases_scale_with_purchases_per_positive_window() -> None:
+def test_expected_purchases_are_p_any_times_the_priors_purchases_given_any_times_orders_per_day() -> None:
     scoring, state = engine(), CustomerState()
-    for day in (0, 5, 6, 7):
-        scoring.assess([scoring.observe_event("c", state, touch(f"b{day}", day, 10.0), day * DAY_MS, None)])
-    scoring.learn_matured([state], scoring.maturity_cutoff(200 * DAY_MS))
-    # Day 0's window saw three purchases, day 5's two, day 6's one (day 7's none).
-    assert scoring.learner.purchases_per_positive.get() == 2.0
-    forecast = scoring.forecast(state, 200 * DAY_MS, 14)
-    assert abs(forecast.expected_purchases - 2.0 * forecast.propensity) < 1e-12
+    # Four orders on three days: 4/3 orders per purchase day.
+    for n, day in enumerate((0, 0, 5, 6)):
+        scoring.assess([scoring.observe_event("c", state, touch(f"b{n}", day, 10.0), day * DAY_MS, None)])
+    assert math.isclose(scoring.learner.orders_per_purchase_day(), 4 / 3)
+    t = 30 * DAY_MS
+    forecast = scoring.forecast(state, t, 365)
+    _, btyd = path_model_inputs(silent_path(state)[None, :], np.array([float(t)]))
+    prior = scoring.learner.model.prior
+    given_any = float(prior.expected(btyd, 365.0)[0] / prior.p_any(btyd, 365.0)[0])
+    assert given_any > 1.5  # a repeat buyer who buys again goes on buying: not one purchase per step
+    assert math.isclose(forecast.expected_purchases, forecast.propensity * given_any * 4 / 3, rel_tol=1e-9)
 
 
 def test_a_check_sends_an_update_only_when_a_watched_threshold_or_stage_was_crossed() -> None:
@@ -294,13 +299,14 @@ def test_the_sliding_propensity_grid_equals_the_chain_at_every_grid_time() -> No
         assert np.allclose(grid[:, k], chained, rtol=1e-12, atol=1e-12)
 
 
-def test_every_score_carries_predicted_value_from_expected_purchases_and_shrunk_order_value() -> None:
-    scoring = engine()
+def spenders_among_a_population(scoring: ScoringEngine) -> tuple[CustomerState, Scored, Scored]:
+    """Score sixty buyers, then a big and a small spender with the same three orders (big state, both scores)."""
     states = {f"c{n}": CustomerState() for n in range(60)}
     # Sixty buyers with one to three orders of 10-70 each: the spend model has a population to fit.
     for n, (customer, state) in enumerate(states.items()):
         for k in range(1 + n % 3):
-            scoring.observe_event(customer, state, touch(f"{customer}-{k}", 1 + k, 10.0 + n), DAY_MS, None)
+            scoring.assess([scoring.observe_event(customer, state, touch(f"{customer}-{k}", 1 + k, 10.0 + n),
+                                                  3 * DAY_MS, None)])
     scoring.learner.spend.refit()
     assert scoring.learner.spend.model.fitted
     spender, thrifty = CustomerState(), CustomerState()
@@ -309,6 +315,12 @@ def test_every_score_carries_predicted_value_from_expected_purchases_and_shrunk_
         scoring.observe_event("small", thrifty, touch(f"small-{k}", 1 + k, 5.0), 3 * DAY_MS, None)
     big, small = scoring.assess([scoring.observe_check("big", spender, 4 * DAY_MS),
                                  scoring.observe_check("small", thrifty, 4 * DAY_MS)])
+    return spender, big, small
+
+
+def test_every_score_carries_predicted_value_from_expected_purchases_and_shrunk_order_value() -> None:
+    scoring = engine()
+    spender, big, small = spenders_among_a_population(scoring)
     population = scoring.learner.spend.model.population_mean
     # Same orders, same times: same expected purchases; order values shrunk toward the population's.
     assert big.features["expected_purchases_value_horizon"] == small.features["expected_purchases_value_horizon"] > 0
@@ -323,3 +335,15 @@ def test_every_score_carries_predicted_value_from_expected_purchases_and_shrunk_
     assert in_365[0] > in_90[0] and math.isclose(in_365[0], big.features["expected_purchases_value_horizon"])
     record = score_update_record("big", scoring.observe_check("big", spender, 4 * DAY_MS), big)
     assert avro.validation_errors("ScoreUpdate", record) == [] and record["features"]["predicted_value"] > 0
+
+
+def test_predicted_value_carries_its_reason_against_the_typical_customer_in_numbers_and_words() -> None:
+    scoring = engine()
+    _, big, small = spenders_among_a_population(scoring)
+    # Same history but the order value: purchases are typical-ish alike, the order value sets them apart.
+    assert big.features["value_purchases_vs_typical"] == small.features["value_purchases_vs_typical"] > 0
+    assert small.features["value_order_value_vs_typical"] < 1 < big.features["value_order_value_vs_typical"]
+    said = value_in_words(big.features, scoring.value_horizon_days)
+    assert said is not None and "spend more per order than the typical customer" in said
+    # The thrifty one's three orders in three days weigh more than its small orders (0.9x): the words say so.
+    assert "buy more often" in (value_in_words(small.features, scoring.value_horizon_days) or "")

@@ -72,8 +72,10 @@ def test_platt_scaling_corrects_a_model_that_is_off_by_a_constant() -> None:
     rng = np.random.default_rng(3)
     true_logits = rng.normal(-1.0, 1.5, 20_000)
     bought = rng.random(20_000) < 1 / (1 + np.exp(-true_logits))
-    platt = PlattScaling(window=20_000, refit_every=20_000)
-    platt.observe(true_logits + 1.0, bought)  # the model says one logit too much
+    platt = PlattScaling(window=20_000)
+    for start in range(0, 20_000, MINI_BATCH):  # as the model hands it its mini-batches
+        end = start + MINI_BATCH
+        platt.observe(true_logits[start:end] + 1.0, bought[start:end])  # the model says one logit too much
     assert abs(platt.slope - 1.0) < 0.05 and abs(platt.intercept + 1.0) < 0.1
 
 
@@ -97,3 +99,19 @@ def test_live_quality_tracks_brier_and_calibration_error() -> None:
     assert calibrated.calibration.get() < 1e-9
     assert abs(overconfident.calibration.get() - 0.6) < 1e-9
     assert overconfident.brier.get() > calibrated.brier.get()
+
+
+def test_a_platt_scaling_pickled_before_the_online_step_goes_on_from_its_window() -> None:
+    old = PlattScaling()
+    rng = np.random.default_rng(5)
+    logits = rng.normal(0.0, 1.0, 2000)
+    # What an older checkpoint held: a refitted window and its refit counters, no curvature.
+    state = {**old.__dict__, "slope": 0.9, "intercept": -0.2, "seen": 2000, "logits": logits,
+             "labels": (rng.random(2000) < 0.3).astype(float), "since_fit": 7, "refit_every": 5000}
+    del state["curvature"]
+    restored = PlattScaling.__new__(PlattScaling)
+    restored.__setstate__(state)
+    assert (restored.slope, restored.intercept) == (0.9, -0.2)
+    assert restored.curvature[1, 1] > 100 and not hasattr(restored, "since_fit")
+    restored.observe(logits[:MINI_BATCH], np.zeros(MINI_BATCH))
+    assert abs(restored.intercept + 0.2) < 0.2  # a step, not a jump
