@@ -5,8 +5,9 @@ with the event time first (the script reads it to keep the newest entries) and t
 items left out, so the common ones stay within 64 bytes: Redis then keeps the whole hash as one
 listpack, several times smaller than a hash table.
 
-    t:<message_id>  touchpoint    [time, type, name, channel, amount, currency, feedback kind, feedback text,
-                                   properties]
+    t:<message_id>  touchpoint    [time, type, name, channel, amount, currency, feedback kind, null,
+                                   properties]  (the null held a message's text before: never read, never
+                                   written; the words stay in the event log, the sentiment is on `s:`)
     s:<message_id>  score point   [time, churn risk, purchase propensity]   (4 decimals)
     a:<action_id>   action        [time, rule, outcome, endpoint, reason]
     d:<action_id>   delivery      [1 delivered | 0 dead-lettered, tries, last status, ms from ingest to the end, reason]
@@ -73,7 +74,7 @@ def touchpoint_value(touch: TouchpointSeen) -> bytes:
     b'[5,"track","Order Completed","web",10.0,"EUR"]'
     """
     return _compact([touch.event_time_ms, touch.type, touch.name, touch.channel, touch.order_amount, touch.currency,
-                     touch.feedback_kind, touch.feedback_text, touch.properties])
+                     touch.feedback_kind, None, touch.properties])
 
 
 def score_point_value(score: ScoreUpdated) -> bytes:
@@ -209,7 +210,6 @@ class TimelineEntry:
     order_amount: float | None = None
     currency: str | None = None
     feedback_kind: str | None = None
-    feedback_text: str | None = None
     properties: dict[str, str] = field(default_factory=dict)
 
 
@@ -386,7 +386,7 @@ def customer_view(customer_id: str, looked_up_id: str, fields: Mapping[bytes | s
         if kind == "t":
             items = [*json.loads(value), None, None, None, None, None, None, None, None]
             view.timeline.append(TimelineEntry(key, items[0], items[1], items[2], items[3], items[4], items[5],
-                                               items[6], items[7], items[8] or {}))
+                                               items[6], items[8] or {}))
         elif kind == "s":
             items = [*json.loads(value), None, None, None]
             view.scores.append(ScorePoint(items[0], items[1], items[2], key, *items[3:6]))

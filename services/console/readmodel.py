@@ -166,11 +166,16 @@ _PERSONAL = re.compile(r"[^@\s]+@[^@\s]+\.\w+|\+?\d[\d\s().-]{7,}\d")
 _NOT_SHOWN = frozenset({"traits", "context"})
 
 
-def _properties_as_text(properties_json: str | None) -> dict[str, str]:
+def _properties_as_text(properties_json: str | None, message_text: str | None = None) -> dict[str, str]:
     """Flatten an event's properties to short strings (shown as text, never markup), personal data masked.
 
     Ingest wraps them as {"properties": {...}, "traits": {...}, "context": {...}}; only the
-    event's own properties are kept.
+    event's own properties are kept. A property holding the customer's message (`message_text`,
+    the text ingest mapped into the event's feedback) is left out: a message's words stay in the
+    event log, the read model keeps only the sentiment scoring gave them.
+
+    >>> _properties_as_text('{"properties": {"comment": "cold food", "rating": 1}}', "cold food")
+    {'rating': '1'}
 
     >>> _properties_as_text('{"properties": {"a": "<b>x</b>", "n": 3, "d": {"k": 1}}, "traits": {"name": "Ann"}}')
     {'a': '<b>x</b>', 'n': '3', 'd.k': '1'}
@@ -200,6 +205,8 @@ def _properties_as_text(properties_json: str | None) -> dict[str, str]:
                     continue
                 add(f"{prefix}.{key}" if prefix else str(key), inner, depth + 1)
             return
+        if message_text is not None and value == message_text:
+            return
         text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
         shown[prefix[:80]] = _PERSONAL.sub("[masked]", text[:MAX_PROPERTY_CHARS])
 
@@ -208,7 +215,12 @@ def _properties_as_text(properties_json: str | None) -> dict[str, str]:
 
 
 def touchpoint_seen(record: Mapping[str, Any]) -> TouchpointSeen:
-    """Turn a decoded ResolvedTouchpoint into its timeline entry."""
+    """Turn a decoded ResolvedTouchpoint into its timeline entry.
+
+    `feedback_text` rides along for this batch only: the read model never stores it (issue 20: a
+    message's words stay in the event log; scoring's sentiment of them reaches the timeline with
+    the score point), nor the property it was mapped from.
+    """
     event = record["event"]
     order = event.get("order")
     feedback = event.get("feedback")
@@ -224,7 +236,7 @@ def touchpoint_seen(record: Mapping[str, Any]) -> TouchpointSeen:
         currency=order.get("currency") if order else None,
         feedback_kind=str(feedback["kind"]) if feedback else None,
         feedback_text=feedback.get("text") if feedback else None,
-        properties=_properties_as_text(event.get("properties_json")),
+        properties=_properties_as_text(event.get("properties_json"), feedback.get("text") if feedback else None),
         identifier_types=tuple(sorted({i["type"] for i in event.get("identifiers", ())})),
     )
 

@@ -61,7 +61,7 @@ def test_a_hash_reads_back_as_the_page_shows_it() -> None:
     view = customer_view("c", "c_9", fields)
     assert view.timeline == [
         TimelineEntry("m-2", T + 60_000, "track", "Complaint Filed", "call_center", None, None, "complaint",
-                      "late <b>parcel</b>", {"order": "o-1"}),
+                      {"order": "o-1"}),
         TimelineEntry(PURCHASE.message_id, T, "track", "Order Completed", "store_pos", 59.9, "EUR"),
     ]
     assert view.scores == [ScorePoint(T, 0.6123, 0.3877, SCORE.message_id), ScorePoint(T + 120_000, 0.7, 0.3, "m-3")]

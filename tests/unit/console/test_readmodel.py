@@ -50,6 +50,21 @@ def test_a_resolved_touchpoint_becomes_a_timeline_entry_with_hashed_identifier_t
     assert TouchpointSeen.from_json(seen.to_json()) == seen
 
 
+def test_a_messages_words_are_not_kept_only_its_kind() -> None:
+    """Issue 20: a complaint's text stays in the event log; the stored timeline entry and its properties hold
+    neither the text nor the property ingest mapped it from (the sentiment arrives with the score)."""
+    from services.console.entries import customer_view, touchpoint_value
+
+    complaint = touchpoint_seen(a_resolved(
+        event="Complaint Submitted", order=None, feedback={"kind": "complaint", "text": "cold food again", "rating": 1},
+        properties_json='{"properties": {"comment": "cold food again", "rating": 1, "order": "o-7"}}'))
+    assert complaint.properties == {"rating": "1", "order": "o-7"}
+    stored = touchpoint_value(complaint)
+    assert b"cold food" not in stored
+    entry = customer_view("c_1", "c_1", {"t:m-1": stored}).timeline[0]
+    assert (entry.feedback_kind, entry.properties) == ("complaint", {"rating": "1", "order": "o-7"})
+
+
 def test_a_page_view_is_not_a_purchase() -> None:
     assert not touchpoint_seen(a_resolved(event="Page Viewed", order=None, type="page")).is_purchase
 
