@@ -15,6 +15,8 @@ from typing import Any
 import httpx
 
 from touchstream.embedded import ManagedProcess, free_port
+from touchstream.metrics import consumer_lag_messages
+from touchstream.replay import sum_metric
 from touchstream_cli import local
 
 REPO = Path(__file__).resolve().parent.parent
@@ -100,18 +102,44 @@ def ingest_process(settings: dict[str, str], log: Path, ready_within_s: float = 
         server.stop()
 
 
+# The stages whose consumer lag says whether the pipeline is still working toward the receiver.
+LAGGING_STAGES = ("identity", "scoring", "triggers")
+
+
+def pipeline_lags(state: local.StackState) -> dict[str, float | None]:
+    """Each stage's summed consumer lag from its own /metrics (None: it did not answer)."""
+    lags: dict[str, float | None] = {}
+    for stage in LAGGING_STAGES:
+        try:
+            text = httpx.get(f"{state.url(stage)}/metrics", timeout=10).text
+        except httpx.HTTPError:
+            lags[stage] = None
+            continue
+        lags[stage] = sum_metric(text, consumer_lag_messages(stage))
+    return lags
+
+
 def webhooks_received(state: local.StackState, count: int, timeout_s: float, poll_s: float = 1.0,
                       stalled_s: float | None = None) -> dict[str, Any]:
     """Poll the receiver's /stats until `count` distinct webhook-ids arrived, `timeout_s` passed, or (with
-    `stalled_s`) none arrived for that long; return the last stats, for the caller to assert on."""
+    `stalled_s`) the pipeline stood still that long; return the last stats, for the caller to assert on.
+
+    Standing still means no new webhook AND no stage's consumer lag moved: a stage still working through a
+    backlog (a CPU-starved scoring worker after an outage) is progress, not loss. The stats returned carry
+    each stage's last lag (`lags`), so a failed count says where the missing events are.
+    """
     deadline = time.monotonic() + timeout_s
     stats: dict[str, Any] = {}
-    last, last_change = -1, time.monotonic()
+    last: tuple[Any, ...] = ()
+    last_change = time.monotonic()
     while time.monotonic() < deadline and (stalled_s is None or time.monotonic() - last_change < stalled_s):
         stats = httpx.get(f"{state.url('receiver')}/stats", timeout=10).json()
         if stats["unique"] >= count:
             break
-        if stats["unique"] != last:
-            last, last_change = stats["unique"], time.monotonic()
+        lags = pipeline_lags(state) if stalled_s is not None else {}
+        stats["lags"] = lags
+        progress = (stats["unique"], *lags.values())
+        if progress != last:
+            last, last_change = progress, time.monotonic()
         time.sleep(poll_s)
     return stats
