@@ -53,7 +53,7 @@ from services.scoring.labels import DAY_MS, PendingExample, event_day, is_predic
 from services.scoring.model import PRIOR_REASON, Learner
 from services.scoring.segments import StageRules, lifecycle_stage, rfm_segment
 from services.scoring.state import CustomerState, Touchpoint, apply_touchpoint
-from services.scoring.value import predicted_value, value_reasons
+from services.scoring.value import VALUE_WARM_UP, predicted_value, value_reasons
 from touchstream.privacy import CONSENT_WITHDRAWN
 
 # The ScoreUpdate event_type of a crossing check's update (no touchpoint behind it).
@@ -268,8 +268,9 @@ class ScoringEngine:
         # The reason: each part against the typical customer's (expected purchases of the points
         # scored so far, the order value of a customer with no order yet).
         typical_order_value = float(spend.expected_order_value(np.zeros(1), np.zeros(1))[0])
-        by_purchases, by_order_value = value_reasons(purchases, order_value, spend.typical_purchases.get(),
-                                                     typical_order_value)
+        # Like the tiers, none until VALUE_WARM_UP points were scored: a typical from a handful is noise.
+        typical_purchases = spend.typical_purchases.get() if spend.typical_purchases.n >= VALUE_WARM_UP else 0.0
+        by_purchases, by_order_value = value_reasons(purchases, order_value, typical_purchases, typical_order_value)
         spend.typical_purchases.update(float(np.mean(purchases)), len(purchases))
         return [{"predicted_value": float(v), "expected_purchases_value_horizon": float(n),
                  "expected_order_value": float(o), "value_tier": float(t),
