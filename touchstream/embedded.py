@@ -38,6 +38,8 @@ KAFKA_HEAP_ENV = "TOUCHSTREAM_KAFKA_HEAP"
 # A single broker on loopback needs little heap; capped so three of them, Redis, five
 # services and a JVM's own overhead fit a 2-core / 24 GB machine with room to spare.
 DEFAULT_KAFKA_HEAP = "512m"
+# Extra JVM options for the embedded broker, space-separated.
+KAFKA_JVM_OPTIONS_ENV = "TOUCHSTREAM_KAFKA_JVM_OPTIONS"
 
 
 class BrokerUnavailable(RuntimeError):
@@ -275,8 +277,9 @@ log4j.logger.kafka.log.LogCleaner=INFO
 
 def _java_argv(data_dir: Path, main: str, *args: str) -> list[str]:
     heap = os.environ.get(KAFKA_HEAP_ENV, DEFAULT_KAFKA_HEAP)
+    extra = os.environ.get(KAFKA_JVM_OPTIONS_ENV, "").split()
     return [java_binary(), f"-Xms{min(heap, '256m', key=_heap_bytes)}", f"-Xmx{heap}",
-            "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true",
+            "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true", *extra,
             f"-Dlog4j.configuration=file:{data_dir / 'log4j.properties'}", f"-Dkafka.logs.dir={data_dir}",
             "-cp", f"{kafka_libs()}/*", main, *args]
 

@@ -26,6 +26,8 @@ from services.triggers.rules import FieldChange, RuleSet, ScoreCrossing
 
 # Bisection steps after the coarse search: a step of 14 days is narrowed to ~80 minutes.
 REFINE_STEPS = 8
+# Coarse steps searched at once (14-day steps: about six months).
+CHUNK_STEPS = 13
 
 
 @dataclass(frozen=True)
@@ -80,23 +82,25 @@ def threshold_side(propensity: np.ndarray | float, thresholds: tuple[float, ...]
 
 
 def next_crossings(
-    propensity_grid: Callable[[np.ndarray, int], np.ndarray],
+    propensity_grid: Callable[[np.ndarray, np.ndarray, int], np.ndarray],
     propensity_at: Callable[[np.ndarray, np.ndarray], np.ndarray],
     starts_ms: np.ndarray,
     ends_ms: np.ndarray,
     sides: np.ndarray,
     thresholds: tuple[float, ...],
     coarse_ms: float,
+    chunk_steps: int = CHUNK_STEPS,
 ) -> np.ndarray:
     """Return, per customer, the first time in (start, end] its propensity is on another side than `sides`.
 
-    `propensity_grid(first_ms, count)` gives each customer's propensity at first + k * coarse
-    for k < count (one row per customer); `propensity_at(rows, times)` that of customer
-    `rows[i]` at `times[i]`. The search steps `coarse_ms` at a time (a crossing there and
-    back within one step is not seen; nor one after the last step before `end`), then
-    bisects. NaN where nothing is crossed.
+    `propensity_grid(rows, first_ms, count)` gives the propensity of customer `rows[i]` at
+    first_ms[i] + k * coarse for k < count (one row each); `propensity_at(rows, times)` that
+    of customer `rows[i]` at `times[i]`. The search steps `coarse_ms` at a time (a crossing
+    there and back within one step is not seen; nor one after the last step before `end`),
+    `chunk_steps` steps at once, going on only for the customers not found yet, then bisects.
+    NaN where nothing is crossed.
 
-    >>> def grid(first, count):
+    >>> def grid(rows, first, count):
     ...     return 1.0 - (first[:, None] + 10.0 * np.arange(count)) / 100.0
     >>> def at(rows, times):
     ...     return 1.0 - times / 100.0
@@ -104,23 +108,35 @@ def next_crossings(
     array([40., nan])
     >>> next_crossings(grid, at, np.array([45.0]), np.array([100.0]), np.array([1]), (0.3, 0.6), 10.0).round(1)
     array([70.])
+    >>> next_crossings(grid, at, np.array([0.0, 45.0]), np.array([100.0, 100.0]), np.array([2, 1]), (0.3, 0.6), 10.0,
+    ...                chunk_steps=2).round(1)
+    array([40., 70.])
     """
     count = len(starts_ms)
     found = np.full(count, np.nan)
     if not count or not thresholds:
         return found
     steps = int(np.ceil(np.max(ends_ms - starts_ms) / coarse_ms))
-    if steps <= 0:
-        return found
-    times = starts_ms[:, None] + coarse_ms * np.arange(1, steps + 1)[None, :]
-    propensity = propensity_grid(starts_ms + coarse_ms, steps)
-    changed = (threshold_side(propensity, thresholds) != sides[:, None]) & (times <= ends_ms[:, None])
-    crossing = changed.any(axis=1)
-    first = np.argmax(changed, axis=1)
-    which = np.flatnonzero(crossing)
+    high = np.full(count, np.nan)
+    pending = np.arange(count)
+    done = 0
+    # Most customers cross within months when they cross at all: searching the whole silence
+    # limit (two years) for every one of them would evaluate the model ~4 times as often.
+    while pending.size and done < steps:
+        take = min(chunk_steps, steps - done)
+        times = starts_ms[pending, None] + coarse_ms * (done + np.arange(1, take + 1))[None, :]
+        propensity = propensity_grid(pending, starts_ms[pending] + coarse_ms * (done + 1), take)
+        changed = (threshold_side(propensity, thresholds) != sides[pending, None]) & (times <= ends_ms[pending, None])
+        crossing = changed.any(axis=1)
+        hit = np.flatnonzero(crossing)
+        high[pending[hit]] = times[hit, np.argmax(changed[hit], axis=1)]
+        # Those past their end are not searched further.
+        pending = pending[~crossing & (times[:, -1] < ends_ms[pending])]
+        done += take
+    which = np.flatnonzero(~np.isnan(high))
     if not which.size:
         return found
-    high = times[which, first[which]]
+    high = high[which]
     low = high - coarse_ms
     for _ in range(REFINE_STEPS):
         middle = (low + high) / 2.0

@@ -325,8 +325,8 @@ class ScoringEngine:
                             dtype=np.float64)
             sides = threshold_side(np.array([states[c].last_scored_propensity for c in searchable]), thresholds)
 
-            def propensity_grid(first_ms: np.ndarray, count: int) -> np.ndarray:
-                return self.propensity_grid(paths, first_ms, count)
+            def propensity_grid(rows: np.ndarray, first_ms: np.ndarray, count: int) -> np.ndarray:
+                return self.propensity_grid(paths[rows], first_ms, count)
 
             def propensity_at(rows: np.ndarray, times: np.ndarray) -> np.ndarray:
                 return self.horizon_forecasts(paths[rows], times, self.horizon_days)[0]

@@ -81,6 +81,21 @@ def build_engine(settings: ScoringSettings, watched: WatchedChanges | None = Non
     )
 
 
+def batch_maxima(inputs: Iterable[ResolvedInput], ceiling_ms: int) -> dict[int, int]:
+    """Return each partition's newest event time in `inputs`, none past `ceiling_ms`.
+
+    >>> from services.scoring.state import Touchpoint
+    >>> batch_maxima([ResolvedInput(0, "a", Touchpoint("m1", 5, 0)), ResolvedInput(0, "b", Touchpoint("m2", 9, 0)),
+    ...               ResolvedInput(1, "c", Touchpoint("m3", 50, 0))], ceiling_ms=20)
+    {0: 9, 1: 20}
+    """
+    maxima: dict[int, int] = {}
+    for item in inputs:
+        t = item.touch.timestamp_ms
+        maxima[item.partition] = min(max(maxima.get(item.partition, t), t), ceiling_ms)
+    return maxima
+
+
 class ScoringService:
     """Score batches of touchpoints and apply merges against Redis-held state."""
 
@@ -157,30 +172,27 @@ class ScoringService:
         no label and passes no check early (a watermark stored beyond it before is pulled back).
         """
         async with self._lock:
+            ceiling = event_time_ceiling_ms(int(self._clock() * 1000), self.event_time_tolerance_s)
+            by_partition: dict[int, list[str]] = {}
+            for item in inputs:
+                by_partition.setdefault(item.partition, []).append(item.customer_id)
+            # One round trip for erasures, due checks and silent schedules. The checks are asked up to
+            # the batch's newest times before erased events are dropped; only those the watermarks
+            # reach below run (_run_checks), the rest stay scheduled.
+            found = await self.store.batch_schedules(by_partition, batch_maxima(inputs, ceiling))
             # Erased customers' events (in flight during the erasure, or read again by a restarted or
             # lagging worker) are dropped: scoring them would bring the customer back.
-            erased = await self.store.erased.among(i.customer_id for i in inputs)
-            if erased:
-                self.metrics.events_erased.inc(sum(i.customer_id in erased for i in inputs))
-                inputs = [i for i in inputs if i.customer_id not in erased]
+            if found.erased:
+                self.metrics.events_erased.inc(sum(i.customer_id in found.erased for i in inputs))
+                inputs = [i for i in inputs if i.customer_id not in found.erased]
             if not inputs:
                 return []
             await self._restore_once()
             partitions = sorted({i.partition for i in inputs})
-            ceiling = event_time_ceiling_ms(int(self._clock() * 1000), self.event_time_tolerance_s)
-            batch_max: dict[int, int] = {}
-            for item in inputs:
-                t = item.touch.timestamp_ms
-                if t > ceiling:
-                    self.metrics.events_ahead.inc()
-                batch_max[item.partition] = min(max(batch_max.get(item.partition, t), t), ceiling)
-            checks = await self.store.due_ticks(batch_max)
+            self.metrics.events_ahead.inc(sum(i.touch.timestamp_ms > ceiling for i in inputs))
+            checks, silent_next = found.checks, found.silent_next
             check_ids = [customer_id for due in checks.values() for customer_id, _ in due]
             states, watermarks = await self.store.load([*(i.customer_id for i in inputs), *check_ids], partitions)
-            by_partition: dict[int, list[str]] = {}
-            for item in inputs:
-                by_partition.setdefault(item.partition, []).append(item.customer_id)
-            silent_next = await self.store.silent_schedule(by_partition)
             queues = {p: [(t, c) for c, t in checks.get(p, [])] for p in partitions}
             for queue in queues.values():
                 heapq.heapify(queue)
@@ -199,8 +211,8 @@ class ScoringService:
             records += self._schedule_checks(points, states, watermarks, home, changes)
             changes.watermarks = {p: watermarks[p] for p in partitions}
             await self._learn_matured(states, changes)
-            await self.store.save(changes)
-        await self._report(partitions, changes.watermarks)
+            pending = await self.store.save(changes, count_pending=partitions)
+        self._report(pending, changes.watermarks)
         return records
 
     def _apply_event(self, item: ResolvedInput, watermark: int, states: dict[str, CustomerState],
@@ -313,8 +325,8 @@ class ScoringService:
         step = self.engine.step_ms
         # One round trip each for every partition's waiting examples and silent customers due
         # (learning one partition's examples changes nothing stored for another's before the save).
-        stored_due = await self.store.due_members_by_partition(cutoffs)
-        stored_silent = await self.store.due_silent({p: c - step for p, c in cutoffs.items()})
+        matured = await self.store.matured_members(cutoffs, {p: c - step for p, c in cutoffs.items()})
+        stored_due, stored_silent = matured.due, matured.silent
         for partition, cutoff in cutoffs.items():
             members = stored_due[partition]
             # Examples added earlier in this batch are not in Redis yet but may be due already.
@@ -367,14 +379,14 @@ class ScoringService:
             return [], np.zeros((0, len(PATH_FIELDS))), np.zeros(0)
         return ids, np.stack(paths), np.array(starts, dtype=np.float64)
 
-    async def _report(self, partitions: list[int], watermarks: dict[int, int]) -> None:
+    def _report(self, pending: dict[int, int], watermarks: dict[int, int]) -> None:
         quality = self.engine.learner.quality
         if quality.examples:
             self.metrics.roc_auc.set(quality.roc_auc.get())
             self.metrics.log_loss.set(quality.log_loss.get())
             self.metrics.brier.set(quality.brier.get())
             self.metrics.calibration_error.set(quality.calibration.get())
-        for partition, count in (await self.store.pending_counts(partitions)).items():
+        for partition, count in pending.items():
             self.metrics.pending_examples.labels(str(partition)).set(count)
         for partition, watermark in watermarks.items():
             self.metrics.watermark.labels(str(partition)).set(watermark / 1000)

@@ -40,7 +40,7 @@ import redis.asyncio as aioredis
 
 from services.scoring.codec import decode_path, decode_state, encode_path, encode_state
 from services.scoring.state import CustomerState
-from touchstream.privacy import DEFAULT_ERASED_TTL_S, ErasedCustomers
+from touchstream.privacy import DEFAULT_ERASED_TTL_S, ErasedCustomers, erased_token
 
 # Commands per pipeline round trip.
 PIPELINE_CHUNK = 500
@@ -92,6 +92,29 @@ class StateChanges:
     def advance_silent(self, partition: int, customer_id: str, t_ms: int) -> None:
         """Move the customer's next silent example on; its path stays as stored."""
         self.silent.setdefault(partition, {})[customer_id] = t_ms
+
+
+@dataclass(frozen=True)
+class BatchSchedules:
+    """What a batch of touchpoints needs from Redis before its states are loaded (one round trip)."""
+
+    erased: set[str]
+    # Per partition, (customer_id, check time) of the crossing checks due, oldest first.
+    checks: dict[int, list[tuple[str, int]]]
+    # Next silent example time of each customer of the batch that has one.
+    silent_next: dict[str, int]
+
+
+@dataclass(frozen=True)
+class MaturedMembers:
+    """Per partition, the waiting examples due and the silent customers whose next example is due."""
+
+    due: dict[int, list[str]]
+    silent: dict[int, list[tuple[str, int]]]
+
+
+def _text(member: Any) -> str:
+    return member.decode() if isinstance(member, bytes) else str(member)
 
 
 def due_member(customer_id: str, t_ms: int) -> str:
@@ -166,20 +189,46 @@ class RedisScoringStore:
 
     async def due_members(self, partition: int, maturity_cutoff_ms: int) -> list[str]:
         """Return the partition's waiting examples due by the cutoff."""
-        members = await self.redis.zrangebyscore(self.due_key(partition), "-inf", maturity_cutoff_ms)
-        return [m.decode() if isinstance(m, bytes) else str(m) for m in members]
+        return [_text(m) for m in await self.redis.zrangebyscore(self.due_key(partition), "-inf", maturity_cutoff_ms)]
 
-    async def due_members_by_partition(self, cutoffs_ms: dict[int, int]) -> dict[int, list[str]]:
-        """Return each partition's waiting examples due by its cutoff, all in one round trip."""
-        parts = list(cutoffs_ms)
-        if not parts:
-            return {}
+    async def batch_schedules(self, customers: dict[int, list[str]], checks_up_to_ms: dict[int, int]
+                              ) -> BatchSchedules:
+        """Return, in one round trip, which of `customers` (by partition) were erased, each partition's
+        crossing checks due by its `checks_up_to_ms`, and the customers' next silent example times."""
+        ids = list(dict.fromkeys(c for group in customers.values() for c in group))
+        check_parts = list(checks_up_to_ms)
+        silent_parts = [p for p, group in customers.items() if group]
         async with self.redis.pipeline(transaction=False) as pipe:
-            for partition in parts:
-                pipe.zrangebyscore(self.due_key(partition), "-inf", cutoffs_ms[partition])
-            replies = await pipe.execute()
-        return {p: [m.decode() if isinstance(m, bytes) else str(m) for m in reply]
-                for p, reply in zip(parts, replies, strict=True)}
+            if ids:
+                pipe.zmscore(self.erased.key, [erased_token(c) for c in ids])
+            for partition in check_parts:
+                pipe.zrangebyscore(self.tick_key(partition), "-inf", checks_up_to_ms[partition], withscores=True)
+            for partition in silent_parts:
+                pipe.zmscore(self.silent_key(partition), customers[partition])
+            replies = list(await pipe.execute())
+        erased_at = replies.pop(0) if ids else []
+        checks = {p: [(_text(m), int(score)) for m, score in replies.pop(0)] for p in check_parts}
+        silent_next = {cid: int(score) for p in silent_parts
+                       for cid, score in zip(customers[p], replies.pop(0), strict=True) if score is not None}
+        erased = {cid for cid, at in zip(ids, erased_at, strict=True) if at is not None}
+        return BatchSchedules(erased, checks, silent_next)
+
+    async def matured_members(self, due_by_ms: dict[int, int], silent_by_ms: dict[int, int]) -> MaturedMembers:
+        """Return each partition's waiting examples due by `due_by_ms` and silent customers due by
+        `silent_by_ms` (its next example at or before it), in one round trip."""
+        due_parts, silent_parts = list(due_by_ms), list(silent_by_ms)
+        if not due_parts and not silent_parts:
+            return MaturedMembers({}, {})
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for partition in due_parts:
+                pipe.zrangebyscore(self.due_key(partition), "-inf", due_by_ms[partition])
+            for partition in silent_parts:
+                pipe.zrangebyscore(self.silent_key(partition), "-inf", silent_by_ms[partition], withscores=True)
+            replies = list(await pipe.execute())
+        due = {p: [_text(m) for m in reply] for p, reply in zip(due_parts, replies, strict=False)}
+        silent = {p: [(_text(m), int(score)) for m, score in reply]
+                  for p, reply in zip(silent_parts, replies[len(due_parts):], strict=True)}
+        return MaturedMembers(due, silent)
 
     async def due_ticks(self, up_to_ms: dict[int, int]) -> dict[int, list[tuple[str, int]]]:
         """Return each partition's (customer_id, crossing check time) due by its `up_to_ms`, oldest first."""
@@ -200,8 +249,7 @@ class RedisScoringStore:
                 pipe.zrangebyscore(key(partition), "-inf", up_to_ms[partition], withscores=True)
             replies = await pipe.execute()
         return {
-            p: [(m.decode() if isinstance(m, bytes) else str(m), int(score)) for m, score in reply]
-            for p, reply in zip(parts, replies, strict=True)
+            p: [(_text(m), int(score)) for m, score in reply] for p, reply in zip(parts, replies, strict=True)
         }
 
     async def silent_schedule(self, customers: dict[int, list[str]]) -> dict[str, int]:
@@ -229,8 +277,9 @@ class RedisScoringStore:
         decoded = {cid: decode_path(raw) for cid, raw in zip(ids, replies, strict=True) if raw}
         return {cid: path for cid, path in decoded.items() if path is not None}
 
-    async def save(self, changes: StateChanges) -> None:
-        """Write a batch's changes in one round trip.
+    async def save(self, changes: StateChanges, count_pending: Iterable[int] = ()) -> dict[int, int]:
+        """Write a batch's changes in one round trip; return how many examples then wait in each of the
+        `count_pending` partitions (counted in the same round trip, after the writes).
 
         Not a MULTI (it would fail across hash slots on Redis Cluster); instead the order
         makes any prefix that a crash leaves harmless: a due member whose example is not
@@ -269,13 +318,17 @@ class RedisScoringStore:
         for partition, gone in changes.silent_removed.items():
             if gone:
                 commands.append(("zrem", self.silent_key(partition), *gone))
+        counted = list(count_pending)
+        commands += [("zcard", self.due_key(partition)) for partition in counted]
         # In chunks, in order: one huge write (a batch that passes thousands of rescores)
         # would outlast redis-py's 5 s socket timeout on a busy host.
+        replies: list[Any] = []
         for start in range(0, len(commands), PIPELINE_CHUNK):
             async with self.redis.pipeline(transaction=False) as pipe:
                 for name, *args in commands[start : start + PIPELINE_CHUNK]:
                     getattr(pipe, name)(*args)
-                await pipe.execute()
+                replies.extend(await pipe.execute())
+        return {p: int(n) for p, n in zip(counted, replies[len(replies) - len(counted):], strict=True)}
 
     async def forget(self, customer_ids: Iterable[str], partitions: Iterable[int]) -> int:
         """Delete every key and set member of `customer_ids` (an erasure): their states (with the

@@ -338,3 +338,22 @@ async def test_an_erased_customer_stays_erased_for_a_restarted_worker_that_reads
     members = await restarted.store.due_members(0, 2**62) + await restarted.store.due_members(1, 2**62)
     assert {customer_of(m) for m in members} == {"bob"}
     assert "ann" not in str(await redis_client.zrange(f"{PREFIX}:erased", 0, -1))  # one-way tokens only
+
+
+async def test_batch_schedules_and_matured_members_answer_in_one_round_trip_each(redis_client: aioredis.Redis) -> None:
+    store = RedisScoringStore(redis_client, f"{PREFIX}:rt")
+    changes = StateChanges(watermarks={0: 0, 1: 0})
+    changes.schedule_tick(0, "c_ann", 50)
+    changes.schedule_tick(1, "c_bob", 70)
+    changes.schedule_tick(1, "c_cid", 900)
+    changes.schedule_silent(1, "c_bob", 80, np.zeros(len(PATH_FIELDS)))
+    changes.add_due(1, "c_bob", 10, 60)
+    assert await store.save(changes, count_pending=[0, 1]) == {0: 0, 1: 1}
+    await store.erased.add(["c_cid"])
+    found = await store.batch_schedules({0: ["c_ann"], 1: ["c_bob", "c_cid"]}, {0: 100, 1: 100})
+    assert found.erased == {"c_cid"}
+    assert found.checks == {0: [("c_ann", 50)], 1: [("c_bob", 70)]}
+    assert found.silent_next == {"c_bob": 80}
+    matured = await store.matured_members({0: 100, 1: 100}, {1: 79})
+    assert matured.due == {0: [], 1: ["c_bob|10"]} and matured.silent == {1: []}
+    assert (await store.matured_members({1: 59}, {1: 80})).silent == {1: [("c_bob", 80)]}
