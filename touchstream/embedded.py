@@ -16,6 +16,7 @@ import asyncio
 import base64
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -46,9 +47,51 @@ class BrokerUnavailable(RuntimeError):
     """The embedded broker cannot start; the message says why and what to do, in one line."""
 
 
+# Ports handed out by this process, so two servers asked for in a row never get the same one.
+_PORTS_HANDED_OUT: set[int] = set()
+# How many ports below the kernel's ephemeral range free_port draws from.
+SERVICE_PORTS_BELOW_EPHEMERAL = 12_000
+# Not the module-level generator: test runners reseed that identically in every worker process, which
+# would then all try the same ports in the same order.
+_PORT_CHOICE = random.SystemRandom()
+
+
+def ephemeral_port_range(path: Path = Path("/proc/sys/net/ipv4/ip_local_port_range")) -> tuple[int, int]:
+    """The ports the kernel picks for the local end of outgoing connections (Linux; its default elsewhere).
+
+    >>> ephemeral_port_range(Path("/no/such/file"))
+    (32768, 60999)
+    """
+    try:
+        low, high = (int(part) for part in path.read_text().split())
+    except (OSError, ValueError):
+        return 32768, 60999
+    return low, high
+
+
 def free_port() -> int:
-    """Return a loopback port that was free a moment ago."""
-    with socket.socket() as sock:
+    """Return a loopback port that was free a moment ago, below the kernel's ephemeral range.
+
+    Why not bind port 0: the kernel then picks from the ephemeral range, which it also uses for the
+    local end of every outgoing connection, so a server stopped and started again on its port (the
+    fault tests restart services, Valkey and brokers on theirs) could find it held by some client's
+    connection ("address already in use"). A port below that range is taken only by a server that
+    binds it on purpose, and bind() below checks that none has.
+    """
+    ephemeral_low, _ = ephemeral_port_range()
+    low, high = max(1024, ephemeral_low - SERVICE_PORTS_BELOW_EPHEMERAL), ephemeral_low - 1
+    for _ in range(500):
+        port = _PORT_CHOICE.randint(low, high)
+        if port in _PORTS_HANDED_OUT:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _PORTS_HANDED_OUT.add(port)
+        return port
+    with socket.socket() as sock:  # that range is full: any port the kernel gives
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
