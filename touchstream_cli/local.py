@@ -32,6 +32,7 @@ from touchstream.embedded import (
     start_broker,
     start_valkey,
     stop_pid,
+    stop_pids,
 )
 from touchstream.write_keys import hash_write_key
 
@@ -267,17 +268,21 @@ def _alive(pid: int) -> bool:
 
 
 def down(run_dir: Path) -> list[str]:
-    """Stop every process the stack in `run_dir` started, services first; return their names."""
+    """Stop every process the stack in `run_dir` started, services first; return their names.
+
+    The services and the receiver stop together (each only needs the broker and Redis while it
+    stops), then Redis, then the broker.
+    """
     state = StackState.load(run_dir.resolve())
-    stopped = []
-    for name in reversed(list(state.pids)):
-        pid = state.pids[name]
-        if _alive(pid):
-            stop_pid(pid, timeout=15.0)
-            stopped.append(name)
+    running = [name for name in reversed(list(state.pids)) if _alive(state.pids[name])]
+    infrastructure = ("redis", "broker")
+    stop_pids([state.pids[name] for name in running if name not in infrastructure], timeout=15.0)
+    for name in infrastructure:
+        if name in running:
+            stop_pid(state.pids[name], timeout=15.0)
     state.pids = {}
     state.save()
-    return stopped
+    return running
 
 
 def status(run_dir: Path) -> dict[str, str]:
