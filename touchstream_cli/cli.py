@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
 
     demo_cmd = commands.add_parser("demo", help="replay CDNOW through the local pipeline and summarise")
     demo_cmd.add_argument("--run-dir", type=Path, default=Path(".run/demo"))
-    demo_cmd.add_argument("--days-per-second", type=float, default=12.0,
-                          help="event-time days replayed per wall-clock second")
+    demo_cmd.add_argument("--days-per-second", type=float, default=None,
+                          help="event-time days replayed per wall-clock second (default 12)")
     demo_cmd.add_argument("--limit", type=int, default=None, help="replay only the first N purchases")
     demo_cmd.add_argument("--partitions", type=int, default=4)
     demo_cmd.add_argument("--summary-json", type=Path, default=None, help="also write the summary here")

@@ -27,6 +27,8 @@ DEMO_MAX_LAG = 300
 # Small posts: a 500-event post lands on the broker at once, a second of the pipeline's work ahead
 # of the lag the replay paces by.
 DEMO_POST_EVENTS = 100
+# CDNOW's 18 months in about 46 s of event-time clock, when the pipeline keeps up.
+DEMO_DAYS_PER_SECOND = 12.0
 
 
 async def pipeline_counts(client: httpx.AsyncClient, state: local.StackState) -> dict[str, float]:
@@ -96,10 +98,11 @@ def show_sample_webhook(state: local.StackState) -> None:
         print("  " + json.dumps(delivery["body"], indent=2).replace("\n", "\n  "))
 
 
-def run_demo(run_dir: Path, days_per_second: float, limit: int | None, partitions: int,
+def run_demo(run_dir: Path, days_per_second: float | None, limit: int | None, partitions: int,
              broker: str | None = None, screenshots: Path | None = None) -> dict[str, Any]:
     """Replay CDNOW through a fresh local stack, print a summary; with `screenshots`, save the console's
     pages there (touchstream_cli.screenshots) before the stack stops."""
+    days_per_second = days_per_second or DEMO_DAYS_PER_SECOND
     purchases = cdnow_purchases()
     if limit:
         purchases = purchases[:limit]
