@@ -143,7 +143,7 @@ async def load(store: ReadModelStore, customers: int, batch: int) -> dict[str, A
 async def time_pages(store: ReadModelStore, requests: int) -> dict[str, Any]:
     recorder = Recorder()
     settings = ConsoleSettings(admin_keys=frozenset({hash_admin_key(KEY)}))
-    pages = ConsoleWeb(store, settings, RULES, recorder)  # type: ignore[arg-type]
+    pages = ConsoleWeb(store, store.client, settings, RULES, recorder)  # type: ignore[arg-type]
     app = web.Application()
     pages.register(app.router)
     client = TestClient(TestServer(app))

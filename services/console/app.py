@@ -158,7 +158,7 @@ def build_app(core: CoreSettings, settings: ConsoleSettings, registry: Collector
     api_refused = metrics.counter(
         "api_auth_refused", "JSON API requests refused for their admin key: bad_key (a wrong key, counted against its "
         "address) or locked_out (429: too many wrong keys from the address).", ["reason"])
-    pages = ConsoleWeb(store, settings, load_rules(settings), page_seconds, feed_rate, arrivals, api_refused)
+    pages = ConsoleWeb(store, redis, settings, load_rules(settings), page_seconds, feed_rate, arrivals, api_refused)
     # Faust's web driver is aiohttp: the console's routes join its router before it starts.
     pages.register(app.web.web_app.router)  # type: ignore[attr-defined]
 

@@ -27,6 +27,7 @@ from urllib.parse import quote
 
 import httpx
 import jinja2
+import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
@@ -81,7 +82,7 @@ from services.console.readmodel import (
 )
 from services.console.scraping import ARRIVALS, CONSOLE_STAGE, STAGES, PipelineSampler
 from services.console.settings import ConsoleSettings
-from services.console.store import ReadModelStore
+from services.console.store import ReadModel
 from services.console.vendor import ECHARTS
 from services.identity.admin import hash_admin_key, is_admin
 from services.triggers.rules import Rule, ScoreCrossing
@@ -157,20 +158,21 @@ def rule_thresholds(rules: Sequence[Rule]) -> list[tuple[str, str, float]]:
 class ConsoleWeb:
     """Routes of the console over its read model, identity's customer API and the services' metrics."""
 
-    def __init__(self, store: ReadModelStore, settings: ConsoleSettings, rules: Sequence[Rule],
+    def __init__(self, store: ReadModel, client: aioredis.Redis, settings: ConsoleSettings, rules: Sequence[Rule],
                  page_seconds: Histogram | None = None, feed_rate: RateMeter | None = None,
                  arrivals: LatencyWindow | None = None, api_refused: Counter | None = None) -> None:
+        """`store` answers the pages (the read model on Redis, or the in-memory fake in tests); `client` keeps
+        sessions and the login and API throttles, which live in Redis whatever the read model is."""
         self.store = store
-        self.client = store.client
         self.settings = settings
         self.thresholds = rule_thresholds(rules)
         self.rules = {r.id: r for r in rules}
-        self.sessions = Sessions(store.client, settings.key_prefix, settings.session_ttl_s)
-        self.throttle = LoginThrottle(store.client, settings.key_prefix, settings.login_max_failures,
+        self.sessions = Sessions(client, settings.key_prefix, settings.session_ttl_s)
+        self.throttle = LoginThrottle(client, settings.key_prefix, settings.login_max_failures,
                                       settings.login_failure_window_s, settings.login_max_failures_per_account)
         # Without the worker's counter (tests, benchmarks), one of its own registry.
         self.api_throttle = KeyFailureThrottle(
-            FailureCounter(store.client, f"{settings.key_prefix}api_failures:", settings.api_max_failures,
+            FailureCounter(client, f"{settings.key_prefix}api_failures:", settings.api_max_failures,
                            settings.api_failure_window_s),
             api_refused or Counter("console_api_auth_refused", "", ["reason"], registry=CollectorRegistry()))
         self.templates = template_env()

@@ -30,6 +30,7 @@ from services.triggers.rules import parse_rules
 from tests.integration.test_identity_service import ADMIN_KEY as IDENTITY_KEY
 from tests.integration.test_identity_service import identity_worker, producer, touchpoint  # noqa: F401 (fixtures)
 from tests.kafka_reading import collect
+from tests.unit.console.fakes import InMemoryReadModel
 from touchstream.embedded import free_port
 from touchstream.topics import TOUCHPOINTS_RAW, TOUCHPOINTS_RESOLVED
 
@@ -49,7 +50,7 @@ HOSTILE = {"note": "<script>alert(1)</script>", "img": "<img src=x onerror=alert
 async def console(redis_client: aioredis.Redis) -> AsyncIterator[TestClient]:
     settings = ConsoleSettings(admin_keys=frozenset({hash_admin_key(KEY)}), min_group_size=2,
                                attribution_window_hours=1)
-    pages = ConsoleWeb(ReadModelStore(redis_client), settings, RULES)
+    pages = ConsoleWeb(ReadModelStore(redis_client), redis_client, settings, RULES)
     app = web.Application()
     pages.register(app.router)
     client = TestClient(TestServer(app))
@@ -156,6 +157,28 @@ async def test_hostile_properties_are_escaped_on_the_customer_page(console: Test
     assert "&lt;img src=x onerror=alert(2)&gt;" in page
     assert "&lt;b&gt;Bold&lt;/b&gt;" in page
     assert "<script>alert" not in page and "<img src=x" not in page and 'href="javascript:' not in page
+
+
+async def test_the_pages_read_only_the_read_model_so_they_serve_the_in_memory_one(
+        redis_client: aioredis.Redis) -> None:
+    # Redis keeps the session; everything the pages show comes from the ReadModel they were given.
+    read_model = InMemoryReadModel()
+    await read_model.apply([
+        TouchpointSeen("c_m", "m-1", 1000, "track", "Order Completed", "web", "t", 42.0, "EUR", None, None,
+                       dict(HOSTILE), ("email",)),
+        ScoreUpdated("c_m", "m-1", 1000, 0.81, 0.2, "at_risk", "active", "v", (), {}),
+    ])
+    settings = ConsoleSettings(admin_keys=frozenset({hash_admin_key(KEY)}), min_group_size=1)
+    app = web.Application()
+    ConsoleWeb(read_model, redis_client, settings, RULES).register(app.router)
+    async with TestClient(TestServer(app)) as client:
+        await logged_in(client)
+        page = await (await client.get("/customers/c_m")).text()
+        assert "Order Completed" in page and "at_risk" in page
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "<script>alert" not in page
+        overview = await (await client.get("/overview")).text()
+        assert "at_risk" in overview
+    assert not [key async for key in redis_client.scan_iter(match="ts:console:c:*")]
 
 
 async def test_open_complaints_show_with_their_sla_clock(console: TestClient, redis_client: aioredis.Redis) -> None:
@@ -266,7 +289,7 @@ async def test_a_typed_identifier_finds_the_customer_and_the_page_shows_identity
     ])
     settings = ConsoleSettings(admin_keys=frozenset({hash_admin_key(KEY)}), identity_url=identity_url,
                                identity_admin_key="identity-key")
-    pages = ConsoleWeb(ReadModelStore(redis_client), settings, RULES)
+    pages = ConsoleWeb(ReadModelStore(redis_client), redis_client, settings, RULES)
     app = web.Application()
     pages.register(app.router)
     async with TestClient(TestServer(app)) as console:
@@ -321,7 +344,7 @@ async def test_the_customer_page_says_why_identitys_view_is_missing_and_still_sh
         for url, problem in cases.items():
             settings = ConsoleSettings(admin_keys=frozenset({hash_admin_key(KEY)}), identity_url=url)
             app = web.Application()
-            ConsoleWeb(ReadModelStore(redis_client), settings, RULES).register(app.router)
+            ConsoleWeb(ReadModelStore(redis_client), redis_client, settings, RULES).register(app.router)
             async with TestClient(TestServer(app)) as console:
                 await logged_in(console)
                 response = await console.get("/customers/c_7f3a")
@@ -334,7 +357,7 @@ async def test_the_customer_page_says_why_identitys_view_is_missing_and_still_sh
     await redis_client.flushdb()
     settings = ConsoleSettings(admin_keys=frozenset({hash_admin_key(KEY)}), identity_url=identity_url)
     app = web.Application()
-    ConsoleWeb(ReadModelStore(redis_client), settings, RULES).register(app.router)
+    ConsoleWeb(ReadModelStore(redis_client), redis_client, settings, RULES).register(app.router)
     async with TestClient(TestServer(app)) as console:
         await logged_in(console)
         page = await (await console.get("/customers/c_7f3a")).text()
@@ -350,7 +373,7 @@ async def test_searching_an_identifier_without_identity_says_what_is_missing(con
     down = ConsoleSettings(admin_keys=frozenset({hash_admin_key(KEY)}),
                            identity_url=f"http://127.0.0.1:{free_port()}")
     app = web.Application()
-    ConsoleWeb(ReadModelStore(redis_client), down, RULES).register(app.router)
+    ConsoleWeb(ReadModelStore(redis_client), redis_client, down, RULES).register(app.router)
     async with TestClient(TestServer(app)) as client:
         csrf = await logged_in(client)
         response = await client.post("/customers", data={"q": "email:ann@example.com", "csrf": csrf})
@@ -386,7 +409,7 @@ async def test_overview_shows_segments_model_quality_and_dead_letters(redis_clie
                                triggers_metrics_url=str(scoring_server.make_url("/triggers-metrics")))
     feed = RateMeter()
     feed.add(120, time.time())
-    pages = ConsoleWeb(store, settings, RULES, feed_rate=feed)
+    pages = ConsoleWeb(store, store.client, settings, RULES, feed_rate=feed)
     app = web.Application()
     pages.register(app.router)
     async with TestClient(TestServer(app)) as client:
@@ -417,7 +440,7 @@ async def test_split_asks_for_confirmation_then_calls_identity_with_the_admin_ke
     settings = ConsoleSettings(admin_keys=frozenset({hash_admin_key(KEY)}),
                                identity_url=str(identity_server.make_url("")).rstrip("/"),
                                identity_admin_key="identity-key")
-    pages = ConsoleWeb(ReadModelStore(redis_client), settings, RULES)
+    pages = ConsoleWeb(ReadModelStore(redis_client), redis_client, settings, RULES)
     app = web.Application()
     pages.register(app.router)
     ref = "phone:" + "ab" * 32
@@ -525,7 +548,7 @@ async def test_the_login_form_needs_its_csrf_token_bound_to_the_pre_session_cook
 async def test_failed_logins_are_rate_limited_per_address_with_retry_after(redis_client: aioredis.Redis) -> None:
     settings = ConsoleSettings(admin_keys=frozenset({hash_admin_key(KEY)}), login_max_failures=3,
                                login_failure_window_s=120)
-    pages = ConsoleWeb(ReadModelStore(redis_client), settings, RULES)
+    pages = ConsoleWeb(ReadModelStore(redis_client), redis_client, settings, RULES)
     app = web.Application()
     pages.register(app.router)
     async with TestClient(TestServer(app)) as client:
@@ -572,7 +595,7 @@ def throttled_console(redis_client: aioredis.Redis, **settings: object) -> web.A
     """A console with its own Redis prefix, so the failures it counts are this test's alone."""
     config = ConsoleSettings(admin_keys=frozenset({hash_admin_key(KEY)}), key_prefix=f"test:{uuid.uuid4().hex}:",
                              **settings)
-    pages = ConsoleWeb(ReadModelStore(redis_client), config, RULES)
+    pages = ConsoleWeb(ReadModelStore(redis_client), redis_client, config, RULES)
     app = web.Application()
     pages.register(app.router)
     return app
@@ -654,7 +677,7 @@ async def test_delete_asks_for_the_typed_id_then_calls_identity_with_the_admin_k
     def console_app(url: str | None) -> web.Application:
         settings = ConsoleSettings(admin_keys=frozenset({hash_admin_key(KEY)}), identity_url=url,
                                    identity_admin_key="identity-key")
-        pages = ConsoleWeb(ReadModelStore(redis_client), settings, RULES)
+        pages = ConsoleWeb(ReadModelStore(redis_client), redis_client, settings, RULES)
         app = web.Application()
         pages.register(app.router)
         return app
@@ -733,7 +756,7 @@ async def test_overview_shows_events_per_second_by_stage_and_latency_from_ingest
     now = time.time()
     for latency in (0.1, 0.2, 0.3, 0.4):
         arrivals.add("scores", latency, now)
-    pages = ConsoleWeb(ReadModelStore(redis_client), settings, RULES,
+    pages = ConsoleWeb(ReadModelStore(redis_client), redis_client, settings, RULES,
                        arrivals=arrivals)
     await pages.sample_pipeline(now - 10)
     for stage in totals:
@@ -787,7 +810,7 @@ async def test_the_console_finds_a_customer_through_the_real_identity_worker(
     settings = ConsoleSettings(admin_keys=frozenset({hash_admin_key(KEY)}),
                                identity_url=f"http://127.0.0.1:{identity_worker}", identity_admin_key=IDENTITY_KEY)
     app = web.Application()
-    ConsoleWeb(ReadModelStore(redis_client), settings, RULES).register(app.router)
+    ConsoleWeb(ReadModelStore(redis_client), redis_client, settings, RULES).register(app.router)
     async with TestClient(TestServer(app)) as client:
         csrf = await logged_in(client)
         found = await client.post("/customers", data={"q": f"email: {email.upper()}", "csrf": csrf},
@@ -817,7 +840,7 @@ async def test_the_overview_and_rules_pages_hear_of_changes_and_serve_their_fres
     settings = ConsoleSettings(admin_keys=frozenset({hash_admin_key(KEY)}), live_poll_s=0.1, min_group_size=1)
     store = ReadModelStore(redis_client)
     app = web.Application()
-    ConsoleWeb(store, settings, RULES).register(app.router)
+    ConsoleWeb(store, store.client, settings, RULES).register(app.router)
     async with TestClient(TestServer(app)) as client:
         await logged_in(client)
         overview = await client.get("/overview/live")
@@ -858,7 +881,7 @@ async def test_each_sample_of_the_pipeline_is_kept_for_an_hour_and_shown_on_the_
         arrivals.add("scores", latency, now)
     settings = ConsoleSettings(admin_keys=frozenset({hash_admin_key(KEY)}),
                                scoring_metrics_url=str(server.make_url("/metrics")))
-    pages = ConsoleWeb(store, settings, RULES, arrivals=arrivals)
+    pages = ConsoleWeb(store, store.client, settings, RULES, arrivals=arrivals)
     app = web.Application()
     pages.register(app.router)
     try:
@@ -968,7 +991,7 @@ async def test_the_json_api_locks_out_an_address_that_sends_wrong_admin_keys(red
     settings = ConsoleSettings(admin_keys=frozenset({hash_admin_key(KEY)}), api_max_failures=3,
                                api_failure_window_s=120, trusted_proxies=("127.0.0.0/8",))  # type: ignore[arg-type]
     app = web.Application()
-    ConsoleWeb(ReadModelStore(redis_client), settings, RULES, api_refused=refused).register(app.router)
+    ConsoleWeb(ReadModelStore(redis_client), redis_client, settings, RULES, api_refused=refused).register(app.router)
     async with TestClient(TestServer(app)) as client:
         async def outcomes(key: str | None, address: str) -> Any:
             headers = {"X-Forwarded-For": address, **({"Authorization": f"Bearer {key}"} if key else {})}
