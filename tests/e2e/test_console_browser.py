@@ -491,7 +491,7 @@ class SeededConsole:
         self.store = ReadModelStore(self.client, self.prefix)
         settings = ConsoleSettings(admin_keys=frozenset({hash_admin_key(ADMIN_KEY)}), key_prefix=self.prefix,
                                    min_group_size=2, attribution_window_hours=1, live_poll_s=0.3)
-        self.pages = ConsoleWeb(self.store, self.store.client, settings, parse_rules(CHART_RULES))
+        self.pages = ConsoleWeb(self.store, self.client, settings, parse_rules(CHART_RULES))
         app = web.Application()
         self.pages.register(app.router)
         self.runner = web.AppRunner(app)
