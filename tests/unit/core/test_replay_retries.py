@@ -8,7 +8,7 @@ import json
 import httpx
 import pytest
 
-from touchstream.replay import POST_ATTEMPTS, replay
+from touchstream.replay import POST_ATTEMPTS, PipelineState, replay
 
 CALLS = [(1_000 + i, {"type": "track", "event": "Order Completed", "messageId": f"m-{i}", "userId": f"u-{i}"})
          for i in range(30)]
@@ -52,3 +52,32 @@ def test_a_batch_ingest_never_answers_stops_the_replay_naming_the_failure(monkey
     with pytest.raises(RuntimeError, match=f"no answer to a batch in {POST_ATTEMPTS} tries .*ConnectError"):
         run(httpx.MockTransport(unreachable))
     assert len(tries) >= POST_ATTEMPTS
+
+
+def test_the_replay_posts_no_more_than_max_lag_between_two_looks_at_the_pipeline() -> None:
+    # Every event is due at once and the pipeline always reads empty: only the count of events posted
+    # since the last look holds the replay back.
+    happened: list[int] = []  # 0 for a look, else a post's size
+
+    async def pipeline() -> PipelineState:
+        happened.append(0)
+        return PipelineState(lag=0)
+
+    def ingest(request: httpx.Request) -> httpx.Response:
+        batch = json.loads(request.content)["batch"]
+        happened.append(len(batch))
+        return httpx.Response(200, json={"accepted": len(batch), "duplicates": 0, "suppressed": 0})
+
+    calls = [(1_000, {"type": "track", "messageId": f"m-{i}"}) for i in range(1_000)]
+    accepted = asyncio.run(replay("http://ingest.test", "key", calls, days_per_second=1e9, batch_size=100,
+                                  pipeline=pipeline, max_lag=250, look_every_s=0.02,
+                                  transport=httpx.MockTransport(ingest)))
+    assert accepted == 1_000
+    between_looks = [0]
+    for size in happened:
+        if size == 0:
+            between_looks.append(0)
+        else:
+            between_looks[-1] += size
+    assert max(between_looks) <= 300  # the post that reached max_lag (250) ends at 300
+    assert happened.count(0) >= 1_000 // 300
