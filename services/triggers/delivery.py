@@ -11,6 +11,7 @@ import logging
 import math
 import random
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -118,6 +119,10 @@ class ActionDelivery:
         self._dead_letter = dead_letter
         self._endpoints = tuple(endpoints)
         self._limit = concurrency_per_endpoint
+        # Per endpoint: the claim not yet answered (asked again under its id after a Redis error, so
+        # what it took is not left leased to nobody), and the last one answered (forgotten by the next).
+        self._unanswered_claim: dict[str, str] = {}
+        self._answered_claim: dict[str, str] = {}
         self._breakers = {e: CircuitBreaker(breaker_threshold, breaker_cool_off_s) for e in endpoints}
         self._in_flight = dict.fromkeys(endpoints, 0)
         self._disabled: dict[str, str] = {}
@@ -279,8 +284,11 @@ class ActionDelivery:
                 if not breaker.allows(now_s):
                     continue
                 room = 1
+            claim_id = self._unanswered_claim.setdefault(endpoint, uuid.uuid4().hex)
             claimed = await self._queue.claim(endpoint, int(now_s * 1000), room, int((now_s + self._lease_s) * 1000),
-                                              acknowledged=acknowledged, ledger=self._ledger)
+                                              acknowledged=acknowledged, ledger=self._ledger, claim_id=claim_id,
+                                              previous_claim_id=self._answered_claim.get(endpoint))
+            self._answered_claim[endpoint] = self._unanswered_claim.pop(endpoint)
             written.update(acknowledged)
             acknowledged.clear()
             # Acknowledged before a crash that left them queued: drop, do not send again.

@@ -16,6 +16,7 @@ Key layout (the `{customer_id}` hash tag keeps one customer's keys in one Redis 
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
 
@@ -268,16 +269,45 @@ def disabled_key(endpoint: str) -> str:
 
 # Take up to ARGV[2] actions due at or before ARGV[1] and lease them until ARGV[3]: their due
 # time moves to the lease end, so a worker that dies mid-request leaves them to be tried again.
+# What a claim took is kept under its id (KEYS[3]) until the lease ends: a claim Redis carried out
+# just before it went away, its answer lost, is asked again under the same id and hands back the
+# same actions, where they would otherwise sit leased to nobody until the lease ran out. KEYS[4], the
+# worker's previous claim (answered), is forgotten: its actions are in the worker's hands.
 _CLAIM = """
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+redis.call('DEL', KEYS[4])
 local out = {}
+local taken = redis.call('LRANGE', KEYS[3], 0, -1)
+if #taken > 0 then
+  for _, id in ipairs(taken) do
+    local state = redis.call('HGET', KEYS[2], id)
+    if state then
+      out[#out + 1] = id
+      out[#out + 1] = state
+    end
+  end
+  return out
+end
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
 for _, id in ipairs(ids) do
   redis.call('ZADD', KEYS[1], 'XX', ARGV[3], id)
   out[#out + 1] = id
   out[#out + 1] = redis.call('HGET', KEYS[2], id) or ''
 end
+if #ids > 0 then
+  redis.call('RPUSH', KEYS[3], unpack(ids))
+  redis.call('PEXPIRE', KEYS[3], math.max(1, tonumber(ARGV[3]) - tonumber(ARGV[1])))
+end
 return out
 """
+
+
+def claim_key(endpoint: str, claim_id: str) -> str:
+    """Return the key keeping what claim `claim_id` took from `endpoint`'s queue (same slot as the queue).
+
+    >>> claim_key("marketing", "7f3a")
+    'triggers:queue:{marketing}:claim:7f3a'
+    """
+    return f"triggers:queue:{{{endpoint}}}:claim:{claim_id}"
 
 
 # Write a retry back (state ARGV[2], due ARGV[3]) only while the action is still queued: an erasure
@@ -298,6 +328,9 @@ class DeliveryQueue:
     Key layout (the `{endpoint}` hash tag keeps each endpoint's keys in one Cluster slot):
       triggers:queue:{<endpoint>}:due      sorted set action_id -> due epoch ms
       triggers:queue:{<endpoint>}:actions  hash action_id -> JSON {action, attempts, last_error}
+      triggers:queue:{<endpoint>}:claim:<id>  list of the action ids claim <id> leased, until its lease ends
+                                               (or the worker's next claim): a claim asked again after its
+                                               answer was lost hands them back
       triggers:endpoint:{<endpoint>}:disabled  JSON {at_ms, reason} once the receiver said 410; deleting it
                                                re-enables the endpoint on every worker at its next scan
     """
@@ -322,21 +355,26 @@ class DeliveryQueue:
 
     async def claim(self, endpoint: str, now_ms: int, limit: int, lease_until_ms: int, *,
                     acknowledged: Mapping[str, Sequence[tuple[str, int]]] | None = None,
-                    ledger: DeliveryLedger | None = None) -> list[tuple[str, str]]:
+                    ledger: DeliveryLedger | None = None, claim_id: str | None = None,
+                    previous_claim_id: str | None = None) -> list[tuple[str, str]]:
         """Lease up to `limit` due actions; return (action_id, state JSON) pairs.
 
         With `acknowledged` and `ledger`, first record those 2xx answers as `complete_many`
-        does, in the same round trip.
+        does, in the same round trip. A claim asked again under the same `claim_id` (its answer
+        was lost) returns what it took the first time; `previous_claim_id`, the caller's last
+        answered claim, is forgotten. Without `claim_id`, a fresh one.
         """
         if limit <= 0:
             return []
+        keys = [*queue_keys(endpoint), claim_key(endpoint, claim_id or uuid.uuid4().hex),
+                claim_key(endpoint, previous_claim_id or "none")]
         if acknowledged and ledger is not None and any(acknowledged.values()):
             async with self._redis.pipeline(transaction=False) as pipe:
                 self._complete_in(pipe, acknowledged, ledger)
-                await self._claim(keys=list(queue_keys(endpoint)), args=[now_ms, limit, lease_until_ms], client=pipe)
+                await self._claim(keys=keys, args=[now_ms, limit, lease_until_ms], client=pipe)
                 flat = (await pipe.execute())[-1]
         else:
-            flat = await self._claim(keys=list(queue_keys(endpoint)), args=[now_ms, limit, lease_until_ms])
+            flat = await self._claim(keys=keys, args=[now_ms, limit, lease_until_ms])
         pairs = []
         for n in range(0, len(flat), 2):
             pairs.append((_text(flat[n]), _text(flat[n + 1])))

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
+from redis.exceptions import ConnectionError as RedisConnectionError
 from standardwebhooks import Webhook
 
 from services.triggers.crossing import CrossingState
@@ -33,6 +34,7 @@ from services.triggers.state_store import (
     DeliveryLedger,
     DeliveryQueue,
     RuleStateStore,
+    claim_key,
     delivered_key,
     disabled_key,
     queue_keys,
@@ -654,6 +656,52 @@ async def test_claim_records_the_acknowledged_answers_first_in_the_same_round_tr
     assert [action_id for action_id, _ in claimed] == ["act_b"]
     assert await ledger.delivered(["act_a", "act_b"]) == {first}
     assert await queue.pending("marketing") == 1
+
+
+async def test_a_claim_asked_again_after_its_answer_was_lost_hands_back_what_it_took(
+        redis_client: aioredis.Redis) -> None:
+    # Redis carried out the claim and went away before its answer arrived: the same claim id asked
+    # again gets the same actions now, rather than their lease running out first.
+    queue = DeliveryQueue(redis_client)
+    await queue.enqueue("marketing", {"act_a": ('{"n": 1}', 1), "act_b": ('{"n": 2}', 2), "act_c": ("{}", 3)})
+    first = await queue.claim("marketing", now_ms=10, limit=2, lease_until_ms=60_000, claim_id="lost")
+    assert [action_id for action_id, _ in first] == ["act_a", "act_b"]
+    assert await queue.claim("marketing", now_ms=10, limit=2, lease_until_ms=60_000, claim_id="lost") == first
+    # Another claim finds them leased; answered, it forgets the lost one's record.
+    other = await queue.claim("marketing", now_ms=10, limit=5, lease_until_ms=60_000, claim_id="next",
+                              previous_claim_id="lost")
+    assert [action_id for action_id, _ in other] == ["act_c"]
+    assert not await redis_client.exists(claim_key("marketing", "lost"))
+    assert 59_000 < await redis_client.pttl(claim_key("marketing", "next")) <= 60_000 - 10  # until its lease ends
+    # An action that left the queue meanwhile (delivered, erased) is not handed back.
+    await queue.remove_many("marketing", {"act_c"})
+    assert await queue.claim("marketing", now_ms=10, limit=5, lease_until_ms=60_000, claim_id="next") == []
+
+
+async def test_actions_a_claim_took_just_before_redis_went_away_go_out_on_the_next_scan(
+        harness: Harness, receiver: Receiver) -> None:
+    # Redis carried out the claim and the connection broke before its answer: the next scan asks for
+    # the same claim and sends those actions now, not once their lease (60 s) has run out.
+    queue = harness.delivery._queue
+    real_claim = queue.claim
+    lost: list[int] = []
+
+    async def claim_then_lose_the_answer(*args: Any, **kwargs: Any) -> list[tuple[str, str]]:
+        claimed = await real_claim(*args, **kwargs)
+        if not lost:
+            lost.append(len(claimed))
+            raise RedisConnectionError("Connection closed by server.")
+        return claimed
+
+    queue.claim = claim_then_lose_the_answer  # type: ignore[method-assign]
+    await harness.delivery.enqueue([an_action(n) for n in (31, 32)])
+    with pytest.raises(RedisConnectionError):
+        await harness.tick()
+    assert lost == [2] and receiver.verified == []
+    assert await harness.tick() == 2  # same moment: no lease has run out
+    assert sorted(headers["webhook-id"] for headers, _ in receiver.verified) == sorted(
+        an_action(n)["action_id"] for n in (31, 32))
+    assert await harness.delivery.pending() == {"marketing": 0}
 
 
 async def test_a_long_answer_counts_by_its_status_and_the_next_request_still_goes_out() -> None:
