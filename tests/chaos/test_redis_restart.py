@@ -40,9 +40,10 @@ DELIVERY_LEASE_S = 15
 
 
 @pytest.fixture
-def stack(tmp_path: Path) -> Iterator[local.StackState]:
+def stack(tmp_path: Path, kafka_bootstrap: str) -> Iterator[local.StackState]:
     with running_stack(tmp_path, RULES, "redis-restart-logs",
-                       env_overrides={"TOUCHSTREAM_TRIGGERS_DELIVERY_LEASE_S": str(DELIVERY_LEASE_S)}) as state:
+                       env_overrides={"TOUCHSTREAM_TRIGGERS_DELIVERY_LEASE_S": str(DELIVERY_LEASE_S)},
+                       shared_broker=kafka_bootstrap) as state:
         yield state
 
 
