@@ -10,7 +10,7 @@ import asyncio
 import itertools
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -27,6 +27,7 @@ from touchstream.embedded import (
     start_broker,
     start_valkey,
 )
+from touchstream.topics import TOPIC_PREFIX_SETTING
 
 
 @pytest.fixture(scope="session")
@@ -86,9 +87,16 @@ async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
 
 
 @pytest.fixture
-def topic_name_factory() -> Callable[[str], str]:
-    """Return a function giving unique topic names, for tests that need their own topics."""
-    return lambda stem: f"{stem}-{uuid.uuid4().hex[:8]}"
+def topic_prefix(kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh TOUCHSTREAM_TOPIC_PREFIX, set for the test, with the catalogue's topics created under it (2 partitions).
+
+    Services, kernels and clients the test builds (and processes it starts) then use their own
+    topics, consumer groups and Faust apps on the session broker: nothing another test sent.
+    """
+    prefix = f"t{uuid.uuid4().hex[:10]}."
+    monkeypatch.setenv(TOPIC_PREFIX_SETTING, prefix)
+    asyncio.run(create_topics(kafka_bootstrap, 2))
+    return prefix
 
 
 @pytest.fixture(scope="session")

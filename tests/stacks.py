@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import httpx
 from touchstream.embedded import ManagedProcess, free_port
 from touchstream.metrics import consumer_lag_messages
 from touchstream.replay import sum_metric
+from touchstream.topics import TOPIC_PREFIX_SETTING
 from touchstream_cli import local
 
 REPO = Path(__file__).resolve().parent.parent
@@ -26,8 +28,36 @@ ARTIFACTS = REPO / "test-artifacts" / os.environ.get("PYTEST_XDIST_WORKER", "mai
 
 @contextlib.contextmanager
 def running_stack(run_dir: Path, rules_yaml: str, logs_name: str,
-                  env_overrides: dict[str, str] | None = None, **up_options: Any) -> Iterator[local.StackState]:
-    """Run `local.up` with `rules_yaml` as the triggers' rule file; copy the logs to test-artifacts/`logs_name`."""
+                  env_overrides: dict[str, str] | None = None, *, shared_broker: str | None = None,
+                  **up_options: Any) -> Iterator[local.StackState]:
+    """Run `local.up` with `rules_yaml` as the triggers' rule file; copy the logs to test-artifacts/`logs_name`.
+
+    `shared_broker`: the test process's broker (the `kafka_bootstrap` fixture), used instead of
+    starting one (a broker start and stop saved per stack). The stack then gets topics, consumer
+    groups and Faust apps of its own under a fresh TOUCHSTREAM_TOPIC_PREFIX, set in this process
+    too while the stack runs, so the test's own clients (`SCORES.name`, ...) read and write the
+    stack's topics. A test that stops or restarts the broker needs a stack with its own.
+    """
+    if shared_broker is None:
+        with _stack(run_dir, rules_yaml, logs_name, env_overrides, **up_options) as state:
+            yield state
+        return
+    previous = os.environ.get(TOPIC_PREFIX_SETTING)
+    os.environ[TOPIC_PREFIX_SETTING] = f"s{uuid.uuid4().hex[:10]}."
+    try:
+        with _stack(run_dir, rules_yaml, logs_name, env_overrides, kafka_bootstrap=shared_broker,
+                    **up_options) as state:
+            yield state
+    finally:
+        if previous is None:
+            os.environ.pop(TOPIC_PREFIX_SETTING, None)
+        else:
+            os.environ[TOPIC_PREFIX_SETTING] = previous
+
+
+@contextlib.contextmanager
+def _stack(run_dir: Path, rules_yaml: str, logs_name: str, env_overrides: dict[str, str] | None,
+           **up_options: Any) -> Iterator[local.StackState]:
     rules = run_dir / "rules.yaml"
     rules.write_text(rules_yaml)
     # Test events carry fixed dates that age with every day the suite exists: act on them however old

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from touchstream.topics import ALL_TOPICS, TopicSpec
+from touchstream.topics import ALL_TOPICS, TopicSpec, prefixed
 
 BROKER_KINDS = ("kafka", "tansu")
 BROKER_ENV = "TOUCHSTREAM_EMBEDDED_BROKER"
@@ -614,30 +614,32 @@ def topic_configs(spec: TopicSpec, raw_retention_hours: float) -> dict[str, str]
 
 async def create_topics(bootstrap: str, partitions: int, specs: Sequence[TopicSpec] = ALL_TOPICS,
                         replication_factor: int = 1, wait_s: float = 20.0,
-                        raw_retention_hours: float | None = None) -> None:
+                        raw_retention_hours: float | None = None, topic_prefix: str | None = None) -> None:
     """Create the topics (idempotent) and wait until the broker reports their partitions.
 
-    `raw_retention_hours` defaults to TOUCHSTREAM_RAW_RETENTION_HOURS (168). Topics that exist
+    `raw_retention_hours` defaults to TOUCHSTREAM_RAW_RETENTION_HOURS (168), `topic_prefix` to
+    TOUCHSTREAM_TOPIC_PREFIX (a stack started from here may have its own). Topics that exist
     already keep their configs: change those with the broker's tools (kafka-configs).
     """
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import TopicAlreadyExistsError
 
     retention = raw_retention_hours if raw_retention_hours is not None else raw_retention_hours_from_env()
+    names = {s.stem: prefixed(s.stem, topic_prefix) for s in specs}
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
         wanted = [
-            NewTopic(s.name, partitions, replication_factor, topic_configs=topic_configs(s, retention))
-            for s in specs if s.name not in existing
+            NewTopic(names[s.stem], partitions, replication_factor, topic_configs=topic_configs(s, retention))
+            for s in specs if names[s.stem] not in existing
         ]
         if wanted:
             with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(wanted)
         deadline = time.monotonic() + wait_s
         while True:
-            described = await admin.describe_topics([s.name for s in specs])
+            described = await admin.describe_topics(list(names.values()))
             ready = all(len(t.get("partitions", [])) == partitions and not t.get("error_code") for t in described)
             if ready:
                 return

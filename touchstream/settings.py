@@ -11,10 +11,11 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, SecretStr, model_validator
+from pydantic import BeforeValidator, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from touchstream.eventtime import DEFAULT_EVENT_TIME_TOLERANCE_S
+from touchstream.topics import validate_topic_prefix
 
 DEV_PLACEHOLDER_SECRET = "dev-only-pii-key-change-me"
 
@@ -59,6 +60,10 @@ class CoreSettings(BaseSettings):
     environment: EnvironmentName = Field(
         Environment.DEV, description="dev, test or prod; placeholder secrets are refused in prod.")
     kafka_bootstrap: str = "127.0.0.1:9092"
+    # Read where names are made (touchstream.topics, from the environment); declared here so a bad
+    # value stops a service at start with the settings' error instead of at its first send.
+    topic_prefix: str = Field("", description="Prefix of this deployment's topics, consumer groups and Faust apps; "
+                                              "stacks with different prefixes share a broker without meeting.")
     redis_url: str = "redis://127.0.0.1:6379/0"
     partitions: int = Field(4, ge=1, description="Partitions per topic (the unit of scale).")
     replication_factor: int = Field(1, ge=1)
@@ -105,6 +110,11 @@ class CoreSettings(BaseSettings):
     event_semantics_file: Path | None = Field(
         None, description="YAML file adding to or changing the event-name meanings (touchstream/event_semantics.py); "
                           "unset: the defaults (Segment's and RudderStack's spec names).")
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _kafka_name_characters(cls, value: str) -> str:
+        return validate_topic_prefix(value)
 
     @model_validator(mode="after")
     def _refuse_placeholder_secrets(self) -> CoreSettings:

@@ -31,7 +31,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from touchstream import avro
 from touchstream.metrics import ServiceMetrics, consumer_lag_messages, render
 from touchstream.settings import CoreSettings
-from touchstream.topics import DEADLETTER, TopicSpec
+from touchstream.topics import DEADLETTER, TopicSpec, prefixed
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -62,7 +62,8 @@ def make_app(service: str, core: CoreSettings, web_port: int, web_host: str = "1
     # service's settings (TOUCHSTREAM_<SERVICE>_WEB_HOST / _WEB_PORT) are the one source.
     faust_env = {k: v for k, v in os.environ.items() if k not in ("WEB_BIND", "WEB_PORT")}
     app = faust.App(
-        f"touchstream-{service}-worker",
+        # Faust names its group and internal topics after the app: prefixed like the topics.
+        prefixed(f"touchstream-{service}-worker"),
         broker=core.kafka_url,
         # Per-customer state lives in Redis, not in Faust tables (README, "State placement").
         store="memory://",
@@ -297,7 +298,7 @@ class StreamKernel:
     def __init__(self, service: str, core: CoreSettings, inputs: Sequence[Consumes], metrics: ServiceMetrics,
                  readiness: Readiness, *, max_attempts: int = 3, retry_backoff_s: float = 0.5) -> None:
         self.service = service
-        self.group_id = f"touchstream-{service}"
+        self.group_id = prefixed(f"touchstream-{service}")
         self.core = core
         self.inputs = tuple(inputs)
         self.metrics = metrics

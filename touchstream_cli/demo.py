@@ -39,14 +39,15 @@ async def pipeline_counts(client: httpx.AsyncClient, state: local.StackState) ->
     stats: dict[str, Any] = {}
     with contextlib.suppress(httpx.HTTPError):
         stats = (await client.get(f"{state.url('receiver')}/stats", timeout=5.0)).json()
+    resolved, scores, actions = (spec.name_with(state.topic_prefix) for spec in (TOUCHPOINTS_RESOLVED, SCORES, ACTIONS))
     return {
         "lag": sum(sum_metric(text, f"touchstream_{stage}_consumer_lag_messages")
                    for stage, text in zip(PACED_STAGES, (identity, scoring, triggers), strict=True)),
-        "resolved": sum_metric(identity, events_out_total("identity"), topic=TOUCHPOINTS_RESOLVED.name),
-        "scored": sum_metric(scoring, events_out_total("scoring"), topic=SCORES.name),
-        "scores_seen": sum_metric(triggers, events_in_total("triggers"), topic=SCORES.name),
-        "actions": sum_metric(triggers, events_out_total("triggers"), topic=ACTIONS.name),
-        "actions_seen": sum_metric(triggers, events_in_total("triggers"), topic=ACTIONS.name),
+        "resolved": sum_metric(identity, events_out_total("identity"), topic=resolved),
+        "scored": sum_metric(scoring, events_out_total("scoring"), topic=scores),
+        "scores_seen": sum_metric(triggers, events_in_total("triggers"), topic=scores),
+        "actions": sum_metric(triggers, events_out_total("triggers"), topic=actions),
+        "actions_seen": sum_metric(triggers, events_in_total("triggers"), topic=actions),
         "customers": sum_metric(identity, "touchstream_identity_customers_created_total"),
         "webhooks": float(stats.get("unique", 0)),
         "latency_p50_s": stats.get("latency_p50_s") or 0.0,

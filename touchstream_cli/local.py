@@ -34,6 +34,8 @@ from touchstream.embedded import (
     stop_pid,
     stop_pids,
 )
+from touchstream.topics import topic_prefix as current_topic_prefix
+from touchstream.topics import validate_topic_prefix
 from touchstream.write_keys import hash_write_key
 
 SERVICES = ("ingest", "identity", "scoring", "triggers", "console")
@@ -60,6 +62,9 @@ class StackState:
     # A broker (cluster) this stack did not start: its bootstrap list, and the topics' replication.
     external_bootstrap: str = ""
     replication_factor: int = 1
+    # Begins the names of this stack's topics, consumer groups and Faust apps (TOUCHSTREAM_TOPIC_PREFIX):
+    # stacks with different prefixes share a broker without reading each other's records.
+    topic_prefix: str = ""
 
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.ports[name]}"
@@ -106,6 +111,7 @@ def service_env(state: StackState, extra: dict[str, str] | None = None) -> dict[
             {"marketing": {"url": f"{state.url('receiver')}/hook", "secret": state.webhook_secret}}),
         # The demo receiver is on loopback, which the SSRF guard refuses unless allowed.
         "TOUCHSTREAM_TRIGGERS_ALLOW_NETWORKS": '["127.0.0.0/8"]',
+        "TOUCHSTREAM_TOPIC_PREFIX": state.topic_prefix,
         "PYTHONUNBUFFERED": "1",
         **broker_client_env(state.broker),
     }
@@ -141,12 +147,13 @@ def worker_name(service: str, index: int) -> str:
 
 def up(run_dir: Path, partitions: int = 4, env_overrides: dict[str, str] | None = None,
        ready_timeout: float = 90.0, progress: bool = True, workers: int = 1, broker: str | None = None,
-       kafka_bootstrap: str | None = None, replication_factor: int = 1) -> StackState:
+       kafka_bootstrap: str | None = None, replication_factor: int = 1,
+       topic_prefix: str | None = None) -> StackState:
     """Start everything (`workers` processes per stream service) and return once every one answers ready.
 
     `broker`: kafka (the default, or TOUCHSTREAM_EMBEDDED_BROKER) or tansu. With `kafka_bootstrap`
     the stack uses that running broker or cluster instead of starting one (topics created with
-    `replication_factor`).
+    `replication_factor`). `topic_prefix` defaults to this process's TOUCHSTREAM_TOPIC_PREFIX.
     """
     run_dir = run_dir.resolve()
     logs = run_dir / "logs"
@@ -161,6 +168,7 @@ def up(run_dir: Path, partitions: int = 4, env_overrides: dict[str, str] | None 
         webhook_secret="whsec_" + base64.b64encode(secrets.token_bytes(24)).decode(),
         write_key="local-" + secrets.token_hex(12), broker=embedded_broker_kind(broker),
         external_bootstrap=kafka_bootstrap or "", replication_factor=replication_factor,
+        topic_prefix=validate_topic_prefix(topic_prefix) if topic_prefix is not None else current_topic_prefix(),
     )
     say = print if progress else (lambda *_a, **_k: None)
     started: list[ManagedProcess] = []
@@ -176,7 +184,8 @@ def up(run_dir: Path, partitions: int = 4, env_overrides: dict[str, str] | None 
             started.append(start_broker(state.broker, state.ports["broker"], run_dir / KAFKA_DATA_DIR,
                                         logs / "broker.log"))
         started.append(start_valkey(state.ports["redis"], logs / "redis.log", run_dir / REDIS_DATA_DIR))
-        asyncio.run(create_topics(state.kafka_bootstrap, partitions, replication_factor=replication_factor))
+        asyncio.run(create_topics(state.kafka_bootstrap, partitions, replication_factor=replication_factor,
+                                  topic_prefix=state.topic_prefix))
         say(f"broker ({state.broker if own_broker else 'external'}) {state.kafka_bootstrap} and redis "
             f":{state.ports['redis']} up, topics created ({time.monotonic() - t0:.1f}s)")
         state.env_overrides = dict(env_overrides or {})
@@ -204,7 +213,8 @@ def spawn_component(state: StackState, name: str) -> ManagedProcess:
     log = Path(state.run_dir, "logs", f"{name}.log")
     if name == "broker":
         process = start_broker(state.broker, state.ports["broker"], Path(state.run_dir, KAFKA_DATA_DIR), log)
-        asyncio.run(create_topics(state.kafka_bootstrap, state.partitions))  # only the Tansu fallback lost them
+        # Only the Tansu fallback lost them.
+        asyncio.run(create_topics(state.kafka_bootstrap, state.partitions, topic_prefix=state.topic_prefix))
         return process
     if name == "redis":
         return start_valkey(state.ports["redis"], log, Path(state.run_dir, REDIS_DATA_DIR))

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from services.scoring.app import build_app
 from services.scoring.settings import ScoringSettings
 from touchstream.settings import CoreSettings
 from touchstream.startup import exit_on_configuration_error, settings_or_exit
-from touchstream.streams import run_worker
 
 
 def main() -> None:
@@ -14,6 +12,11 @@ def main() -> None:
     settings = settings_or_exit("scoring", ScoringSettings)
     with exit_on_configuration_error("scoring"):
         settings.refuse_placeholders(core.is_production)
+    # Imported once the settings passed: the model's libraries (river, scipy, sklearn) take seconds
+    # to import, which a worker refusing its configuration need not wait for.
+    from services.scoring.app import build_app
+    from touchstream.streams import run_worker
+
     run_worker(build_app(core, settings))
 
 

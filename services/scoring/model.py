@@ -36,14 +36,12 @@ from river import drift, metrics, stats
 from services.scoring.btyd import STRUCTURES, BtydInputs, BtydPrior, BtydWindow
 from services.scoring.checkpoint import signed_checkpoint, verified_payload
 from services.scoring.features import MODEL_FEATURES
+from services.scoring.model_defaults import LEARNING_RATES
 from services.scoring.segments import RfmQuantiles
 from services.scoring.value import SpendLearner
 
 ModelKind = Literal["logreg"]
 MODEL_FAMILIES = {"logreg": "logreg-v3"}
-# Candidate step sizes (Adam) of the logistic regression, from "barely moves off the prior" to
-# the usual 0.01; which one predicts is decided on the stream (see the module docstring).
-LEARNING_RATES = (0.0003, 0.001, 0.003, 0.01)
 MINI_BATCH = 32
 # How far back the candidates' log-loss is remembered (examples for half the weight).
 SELECTION_HALF_LIFE = 20_000

@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.scoring.model import LEARNING_RATES
+from services.scoring.model_defaults import LEARNING_RATES
 from services.triggers.settings import DEFAULT_RULES_FILE
 from touchstream.startup import ConfigurationError
 

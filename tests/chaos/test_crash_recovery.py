@@ -36,8 +36,9 @@ VICTIMS = ("identity", "scoring", "triggers")
 
 
 @pytest.fixture
-def stack(tmp_path: Path) -> Iterator[local.StackState]:
-    with running_stack(tmp_path, RULES, "chaos-logs") as state:
+def stack(tmp_path: Path, kafka_bootstrap: str) -> Iterator[local.StackState]:
+    with running_stack(tmp_path, RULES, "chaos-logs",
+                       shared_broker=kafka_bootstrap) as state:
         yield state
 
 

@@ -46,7 +46,7 @@ REACTION_S = 2.0
 
 
 @pytest.fixture
-def stack(tmp_path: Path) -> Iterator[local.StackState]:
+def stack(tmp_path: Path, kafka_bootstrap: str) -> Iterator[local.StackState]:
     env = {
         "TOUCHSTREAM_TRIGGERS_RETRY_SCHEDULE_S": json.dumps(SCHEDULE),
         "TOUCHSTREAM_TRIGGERS_DISPATCH_POLL_S": str(POLL_S),
@@ -55,7 +55,8 @@ def stack(tmp_path: Path) -> Iterator[local.StackState]:
         # the way each try follows the schedule alone.
         "TOUCHSTREAM_TRIGGERS_BREAKER_THRESHOLD": "1000000",
     }
-    with running_stack(tmp_path, RULES, "receiver-outage-logs", env) as state:
+    with running_stack(tmp_path, RULES, "receiver-outage-logs", env,
+                       shared_broker=kafka_bootstrap) as state:
         yield state
 
 

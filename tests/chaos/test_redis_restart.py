@@ -33,8 +33,8 @@ WORKERS = ("ingest", "identity", "scoring", "triggers", "console")
 
 
 @pytest.fixture
-def stack(tmp_path: Path) -> Iterator[local.StackState]:
-    with running_stack(tmp_path, RULES, "redis-restart-logs") as state:
+def stack(tmp_path: Path, kafka_bootstrap: str) -> Iterator[local.StackState]:
+    with running_stack(tmp_path, RULES, "redis-restart-logs", shared_broker=kafka_bootstrap) as state:
         yield state
 
 

@@ -67,12 +67,13 @@ HOSTILE = {"note": "<script>window.__pwned = 1; alert(1)</script>",
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[local.StackState]:
+def stack(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str) -> Iterator[local.StackState]:
     with running_stack(tmp_path_factory.mktemp("console-stack"), RULES, "e2e-console-logs", {
         "TOUCHSTREAM_CONSOLE_ADMIN_KEYS": f'["{hash_admin_key(ADMIN_KEY)}"]',
         "TOUCHSTREAM_CONSOLE_MIN_GROUP_SIZE": "10",
         "TOUCHSTREAM_CONSOLE_LIVE_POLL_S": "0.5",
-    }) as state:
+    },
+                       shared_broker=kafka_bootstrap) as state:
         yield state
 
 

@@ -47,6 +47,8 @@ from touchstream.topics import (
     IDENTITY_MERGES,
     SCORES,
     TOUCHPOINTS_RESOLVED,
+    TopicSpec,
+    prefixed,
 )
 from touchstream_cli import local
 
@@ -54,17 +56,18 @@ pytestmark = pytest.mark.integration
 
 # Each consumer group and what it is rewound on: every topic it reads but customers.deletions, which
 # stays at its end.
-REWOUND = {
-    "scoring": (TOUCHPOINTS_RESOLVED.name, IDENTITY_MERGES.name),
-    "triggers": (SCORES.name, ACTIONS.name),
-    "console": (TOUCHPOINTS_RESOLVED.name, IDENTITY_MERGES.name, SCORES.name, ACTIONS.name, DEADLETTER.name),
+REWOUND: dict[str, tuple[TopicSpec, ...]] = {
+    "scoring": (TOUCHPOINTS_RESOLVED, IDENTITY_MERGES),
+    "triggers": (SCORES, ACTIONS),
+    "console": (TOUCHPOINTS_RESOLVED, IDENTITY_MERGES, SCORES, ACTIONS, DEADLETTER),
 }
 WORKERS = ("identity", "scoring", "triggers", "console")
 
 
 @pytest.fixture
-def stack(tmp_path: Path) -> Iterator[local.StackState]:
-    with running_stack(tmp_path, RULES, "e2e-erasure-replay-logs") as state:
+def stack(tmp_path: Path, kafka_bootstrap: str) -> Iterator[local.StackState]:
+    with running_stack(tmp_path, RULES, "e2e-erasure-replay-logs",
+                       shared_broker=kafka_bootstrap) as state:
         yield state
 
 
@@ -139,7 +142,7 @@ async def records_on(bootstrap: str, topic: str, partitions: int) -> int:
 def read_again(stack: local.StackState, service: str) -> None:
     """Wait until `service`'s new worker has consumed every record of the topics it was rewound on."""
     totals = {topic: asyncio.run(records_on(stack.kafka_bootstrap, topic, stack.partitions))
-              for topic in REWOUND[service]}
+              for topic in (spec.name for spec in REWOUND[service])}
 
     def behind() -> dict[str, tuple[float, int]]:
         read = {topic: metric(stack, service, f"touchstream_{service}_events_in_total", topic=topic)
@@ -195,8 +198,9 @@ def test_an_erased_customer_stays_erased_when_every_worker_reads_the_topics_agai
 
     async def rewind_every_group() -> None:
         # At once: each group first waits out its killed members' session timeout.
-        await asyncio.gather(*(rewind(stack.kafka_bootstrap, f"touchstream-{service}", topics, stack.partitions,
-                                      within_s=60) for service, topics in REWOUND.items()))
+        await asyncio.gather(*(rewind(stack.kafka_bootstrap, prefixed(f"touchstream-{service}"),
+                                      tuple(spec.name for spec in specs), stack.partitions,
+                                      within_s=60) for service, specs in REWOUND.items()))
 
     asyncio.run(rewind_every_group())
     for name in WORKERS:

@@ -46,11 +46,12 @@ SDKS: dict[str, Callable[..., Any]] = {"segment": SegmentClient, "rudderstack": 
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[local.StackState]:
+def stack(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str) -> Iterator[local.StackState]:
     # The shipped horizon, not the tests' usual "act on any date": history must stay history here.
     horizon = TriggersSettings.model_fields["backfill_horizon_hours"].default
     with running_stack(tmp_path_factory.mktemp("first-use"), DEFAULT_RULES_FILE.read_text(), "e2e-first-use-logs",
-                       {"TOUCHSTREAM_TRIGGERS_BACKFILL_HORIZON_HOURS": str(horizon)}) as state:
+                       {"TOUCHSTREAM_TRIGGERS_BACKFILL_HORIZON_HOURS": str(horizon)},
+                                          shared_broker=kafka_bootstrap) as state:
         yield state
 
 

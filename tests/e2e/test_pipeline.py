@@ -41,8 +41,9 @@ rules:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[local.StackState]:
-    with running_stack(tmp_path_factory.mktemp("stack"), RULES, "e2e-logs") as state:
+def stack(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str) -> Iterator[local.StackState]:
+    with running_stack(tmp_path_factory.mktemp("stack"), RULES, "e2e-logs",
+                       shared_broker=kafka_bootstrap) as state:
         yield state
 
 

@@ -14,30 +14,19 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from touchstream.embedded import ManagedProcess, create_topics, free_port, start_kafka, start_valkey
+from touchstream.embedded import ManagedProcess, free_port, start_valkey
 from touchstream.topics import TOUCHPOINTS_RAW
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 RECORDS = 200
 LAG = re.compile(r'^touchstream_identity_consumer_lag_messages\{partition="(\d+)",topic="([^"]+)"\} (\S+)$', re.M)
-
-
-@pytest.fixture
-def broker(artifacts_dir: Path, tmp_path: Path) -> Iterator[str]:
-    port = free_port()
-    process = start_kafka(port, tmp_path / "kafka", artifacts_dir / "kafka-lag.log")
-    bootstrap = f"127.0.0.1:{port}"
-    asyncio.run(create_topics(bootstrap, 2))
-    yield bootstrap
-    process.stop()
 
 
 async def produce(bootstrap: str, count: int) -> None:
@@ -57,8 +46,10 @@ def lags(url: str) -> dict[tuple[str, int], float]:
     return {(topic, int(partition)): float(value) for partition, topic, value in LAG.findall(text)}
 
 
-def test_consumer_lag_counts_unprocessed_records_and_falls_to_zero(broker: str, tmp_path: Path,
-                                                                     artifacts_dir: Path) -> None:
+def test_consumer_lag_counts_unprocessed_records_and_falls_to_zero(kafka_bootstrap: str, topic_prefix: str,
+                                                                     tmp_path: Path, artifacts_dir: Path) -> None:
+    # The process's broker; the records go to topics of the test's own (the worker inherits the prefix).
+    broker = kafka_bootstrap
     asyncio.run(produce(broker, RECORDS))
     redis_port, web_port = free_port(), free_port()
     env = {

@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from tests.stacks import running_stack
+from touchstream.topics import SCORES, TOUCHPOINTS_RAW, TOUCHPOINTS_RESOLVED
 from touchstream_cli import local
 
 pytestmark = pytest.mark.integration
@@ -57,12 +58,13 @@ def promtool() -> str:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[local.StackState]:
+def stack(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str) -> Iterator[local.StackState]:
     # TOUCHSTREAM_<SERVICE>_WEB_HOST is how docker-compose.yml and deploy/k8s make every service's
     # pages reachable from outside the container; the stack here runs with it to prove that it
     # takes effect, and with Faust's own WEB_BIND set otherwise to prove that one is ignored.
     env = {f"TOUCHSTREAM_{s.upper()}_WEB_HOST": "0.0.0.0" for s in local.SERVICES} | {"WEB_BIND": "127.0.0.1"}
-    with running_stack(tmp_path_factory.mktemp("ops-stack"), RULES, "ops-logs", env) as state:
+    with running_stack(tmp_path_factory.mktemp("ops-stack"), RULES, "ops-logs", env,
+                       shared_broker=kafka_bootstrap) as state:
         yield state
 
 
@@ -139,10 +141,10 @@ def test_no_label_value_carries_personal_data(
 def test_counters_saw_the_events(stack: local.StackState, personal_data: list[str]) -> None:
     """The scrape above is not of an idle stack: each stage counted the events."""
     expected = {
-        "ingest": 'touchstream_ingest_events_out_total{topic="touchpoints.raw"} 3.0',
-        "identity": 'touchstream_identity_events_in_total{topic="touchpoints.raw"} 3.0',
-        "scoring": 'touchstream_scoring_events_in_total{topic="touchpoints.resolved"} 3.0',
-        "triggers": 'touchstream_triggers_events_in_total{topic="scores"} 3.0',
+        "ingest": f'touchstream_ingest_events_out_total{{topic="{TOUCHPOINTS_RAW.name}"}} 3.0',
+        "identity": f'touchstream_identity_events_in_total{{topic="{TOUCHPOINTS_RAW.name}"}} 3.0',
+        "scoring": f'touchstream_scoring_events_in_total{{topic="{TOUCHPOINTS_RESOLVED.name}"}} 3.0',
+        "triggers": f'touchstream_triggers_events_in_total{{topic="{SCORES.name}"}} 3.0',
     }
     for service, line in expected.items():
         assert line in scrape(stack, service).splitlines(), (service, line)
