@@ -19,11 +19,16 @@ there, worker and forecasts alike): quality and the worker's CPU per event befor
 measured in one run on the same machine.
 
 No holdout label reaches the service: `calibration_events` is the only source of what is
-replayed (tests/unit/scoring/test_bench_replay.py holds it to that), and the forecasts read
+replayed (tests/integration/test_scoring_bench_replay.py holds it to that), and the forecasts read
 only the service's own state and model.
 
+`--in-stream` is the check settings may be chosen on: each cut's calibration period is split in
+two, the first half replayed and its forecasts scored on the second half (`evaluation_window`),
+so neither the replay nor the figures read anything after the cut, what the live model could
+compute itself once those outcomes matured. The holdout run reports; it chooses nothing.
+
     .venv/bin/python bench/bench_scoring_cdnow.py [--cuts 13,20,33,39,45] [--via worker|service]
-        [--baseline main] [--baseline-cuts 39] [--partitions 4]
+        [--in-stream] [--no-sentiment] [--baseline main] [--baseline-cuts 39] [--partitions 4]
 """
 
 from __future__ import annotations
