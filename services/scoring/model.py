@@ -5,7 +5,7 @@ default), a discrete-time hazard: a longer horizon is the chain of steps of a cu
 stays silent (engine.py), and every example's label matures one step after it was made,
 so even a stream of a few weeks has labels to learn from.
 
-P(buy in the step) = Platt(logit(BTYD prior) + w . scaled inputs + b):
+P(buy in the step) = sigmoid(Platt(logit(BTYD prior) + w . scaled inputs + b) + silence offset):
 - the prior (btyd.py: BG/NBD or MBG/NBD) carries frequency, recency and age in the
   customer's own time and the heterogeneity across customers; it is learned online on the
   same matured labels;
@@ -17,7 +17,9 @@ P(buy in the step) = Platt(logit(BTYD prior) + w . scaled inputs + b):
   scored on every mini-batch before it learns it (test-then-train), and the one with the
   lowest recent log-loss predicts;
 - a Platt scaling learned online (a Newton step per mini-batch, forgetting old examples) on
-  those prequential scores keeps the probability honest as the population drifts.
+  those prequential scores keeps the probability honest as the population drifts, and a
+  log-odds offset per step of silence (SilenceCalibration) corrects it where it is off at
+  some silence, which every horizon chained through that silence inherits.
 Learning takes mini-batches of MINI_BATCH examples in the order they come, with a remainder
 carried over, so the model does not depend on where the stream's batches happened to end.
 Reason codes are each input's term in the churn log-odds, the prior's against its average.
