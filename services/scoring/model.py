@@ -5,7 +5,7 @@ default), a discrete-time hazard: a longer horizon is the chain of steps of a cu
 stays silent (engine.py), and every example's label matures one step after it was made,
 so even a stream of a few weeks has labels to learn from.
 
-P(buy in the step) = Platt(logit(BTYD prior) + w . scaled inputs + b):
+P(buy in the step) = sigmoid(Platt(logit(BTYD prior) + w . scaled inputs + b) + silence offset):
 - the prior (btyd.py: BG/NBD or MBG/NBD) carries frequency, recency and age in the
   customer's own time and the heterogeneity across customers; it is learned online on the
   same matured labels;
@@ -17,7 +17,9 @@ P(buy in the step) = Platt(logit(BTYD prior) + w . scaled inputs + b):
   scored on every mini-batch before it learns it (test-then-train), and the one with the
   lowest recent log-loss predicts;
 - a Platt scaling learned online (a Newton step per mini-batch, forgetting old examples) on
-  those prequential scores keeps the probability honest as the population drifts.
+  those prequential scores keeps the probability honest as the population drifts, and a
+  log-odds offset per step of silence (SilenceCalibration) corrects it where it is off at
+  some silence, which every horizon chained through that silence inherits.
 Learning takes mini-batches of MINI_BATCH examples in the order they come, with a remainder
 carried over, so the model does not depend on where the stream's batches happened to end.
 Reason codes are each input's term in the churn log-odds, the prior's against its average.
@@ -49,6 +51,9 @@ SELECTION_HALF_LIFE = 20_000
 # the ridge (in examples' worth of curvature) damps the first steps.
 CALIBRATION_WINDOW = 50_000
 CALIBRATION_RIDGE = 1.0
+# Silence calibration: one offset per step of silence up to a year of 14-day steps; longer silences share the last.
+SILENCE_STEPS = 26
+_SINCE_TOUCH = MODEL_FEATURES.index("log_days_since_last_touch")
 # The reason code of the prior's term.
 PRIOR_REASON = "repeat_buying_pattern"
 _EPS = 1e-6
@@ -169,6 +174,51 @@ class PlattScaling:
                 self.curvature = (x * (p * (1.0 - p))[:, None]).T @ x
 
 
+@dataclass
+class SilenceCalibration:
+    """A log-odds offset per step of silence (whole steps since the customer's last touch), learned on matured labels.
+
+    A horizon is a chain of silent steps, each at a longer silence than the one before; a
+    hazard that is off at some silence is off in every chain that passes it. Platt scaling
+    corrects the probability as a whole; this corrects it per silence, by an online Newton
+    step per mini-batch on each step's examples (the curvature forgotten as Platt's, a ridge
+    towards no offset). A silence longer than any learned takes the longest learned one's offset.
+
+    >>> silence = SilenceCalibration(step_days=14.0)
+    >>> days = np.repeat([1.0, 20.0], 32)
+    >>> for _ in range(200):
+    ...     silence.observe(np.zeros(64), days, np.tile([True, False], 32) & (days < 10))
+    >>> [round(float(x), 1) for x in silence.apply(np.zeros(3), np.array([1.0, 20.0, 300.0]))]
+    [0.0, -4.6, -4.6]
+    """
+
+    step_days: float
+    steps: int = SILENCE_STEPS
+    window: int = CALIBRATION_WINDOW
+    offsets: np.ndarray = field(default_factory=lambda: np.zeros(SILENCE_STEPS + 1))
+    curvature: np.ndarray = field(default_factory=lambda: np.zeros(SILENCE_STEPS + 1))
+    longest: int = -1
+
+    def _steps(self, days_since_touch: np.ndarray) -> np.ndarray:
+        steps = np.floor(np.maximum(days_since_touch, 0.0) / self.step_days).astype(np.int64)
+        return np.minimum(steps, self.steps)
+
+    def observe(self, logits: np.ndarray, days_since_touch: np.ndarray, labels: np.ndarray) -> None:
+        steps = self._steps(days_since_touch)
+        p = _sigmoid(logits + self.offsets[steps])
+        size = self.steps + 1
+        forget = (1.0 - 1.0 / self.window) ** len(logits)
+        self.curvature = forget * self.curvature + np.bincount(steps, p * (1.0 - p), size)
+        gradient = np.bincount(steps, p - np.asarray(labels, dtype=np.float64), size)
+        self.offsets = self.offsets - gradient / (self.curvature + CALIBRATION_RIDGE)
+        self.longest = max(self.longest, int(steps.max()))
+
+    def apply(self, logits: np.ndarray, days_since_touch: np.ndarray) -> np.ndarray:
+        if self.longest < 0:
+            return logits
+        return logits + self.offsets[np.minimum(self._steps(days_since_touch), self.longest)]
+
+
 class PropensityModel:
     """Predict P(purchase within the next step) from model inputs and the BG/NBD summary; learn mini-batches.
 
@@ -203,6 +253,7 @@ class PropensityModel:
         self.recent_log_loss = np.full(candidates, np.nan)
         self.active = int(np.argmin(np.abs(np.log(self.learning_rates) - math.log(0.01))))
         self.calibration = PlattScaling()
+        self.silence = SilenceCalibration(step_days)
         # Each prior's logit over learned examples: the reference its reason code is measured from.
         self.prior_offset_total, self.prior_offset_count = np.zeros(len(self.priors)), 0
         # Examples waiting to fill the next mini-batch: inputs, BG/NBD summary columns, labels.
@@ -227,7 +278,7 @@ class PropensityModel:
     def hazards(self, inputs: np.ndarray, btyd: BtydInputs) -> np.ndarray:
         """Return calibrated P(at least one purchase within the next step) per row."""
         _, logits = self.raw_logits(inputs, btyd)
-        return _sigmoid(self.calibration.apply(logits))
+        return _sigmoid(self.silence.apply(self.calibration.apply(logits), np.expm1(inputs[:, _SINCE_TOUCH])))
 
     def learn_many(self, inputs: np.ndarray, btyd: BtydInputs, purchased: np.ndarray) -> None:
         """Learn matured examples in the given order."""
@@ -263,6 +314,7 @@ class PropensityModel:
         known = ~np.isnan(self.recent_log_loss)
         self.recent_log_loss = np.where(known, decay * self.recent_log_loss + (1 - decay) * losses, losses)
         self.calibration.observe(logits[:, self.active], y)
+        self.silence.observe(self.calibration.apply(logits[:, self.active]), np.expm1(inputs[:, _SINCE_TOUCH]), y)
         self.active = int(np.argmin(self.recent_log_loss))
         self.prior_offset_total += offsets.sum(axis=1)
         self.prior_offset_count += len(y)
@@ -407,6 +459,9 @@ class Learner:
         if not hasattr(learner, "spend"):
             # Written before predicted value: the propensity model stands; the spend model starts empty.
             learner.spend = SpendLearner()
+        if not hasattr(learner.model, "silence"):
+            # Written before the silence calibration: it starts with no offset.
+            learner.model.silence = SilenceCalibration(learner.model.step_days)
         if not hasattr(learner, "purchase_day_share"):
             learner.purchase_day_share = stats.Mean()
         return learner

@@ -28,6 +28,14 @@ def test_calibration_events_are_exactly_the_purchases_before_the_cut() -> None:
         assert [t for _, t in events] == sorted(t for _, t in events)
 
 
+def test_the_in_stream_check_scores_inside_the_calibration_period_from_its_first_half() -> None:
+    for weeks in (13, 20, 33, 39, 45):
+        replayed_until, scored_until = bench.evaluation_window(weeks, in_stream=True)
+        # Nothing after the cut: neither what is replayed nor what it is scored against.
+        assert replayed_until < scored_until == bench.cut_at(weeks)
+        assert bench.evaluation_window(weeks, in_stream=False) == (bench.cut_at(weeks), bench.HOLDOUT_END)
+
+
 async def test_the_replay_hands_scoring_nothing_from_the_holdout(redis_url: str,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     cutoff_ms = bench.ms(bench.cut_at(2))

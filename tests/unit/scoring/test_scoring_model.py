@@ -6,7 +6,14 @@ import numpy as np
 
 from services.scoring.btyd import BtydInputs
 from services.scoring.features import MODEL_FEATURES
-from services.scoring.model import MINI_BATCH, Learner, PlattScaling, PrequentialQuality, PropensityModel
+from services.scoring.model import (
+    MINI_BATCH,
+    Learner,
+    PlattScaling,
+    PrequentialQuality,
+    PropensityModel,
+    SilenceCalibration,
+)
 
 RECENCY = MODEL_FEATURES.index("log_recency_days")
 COMPLAINTS = MODEL_FEATURES.index("log_complaints")
@@ -115,3 +122,33 @@ def test_a_platt_scaling_pickled_before_the_online_step_goes_on_from_its_window(
     assert restored.curvature[1, 1] > 100 and not hasattr(restored, "since_fit")
     restored.observe(logits[:MINI_BATCH], np.zeros(MINI_BATCH))
     assert abs(restored.intercept + 0.2) < 0.2  # a step, not a jump
+
+
+def test_the_silence_calibration_corrects_each_step_of_silence_on_its_own() -> None:
+    # A model right one step after a purchase and twice too hopeful five steps into a silence.
+    rng = np.random.default_rng(6)
+    days = rng.choice([3.0, 75.0], 40_000)
+    truth = np.where(days < 14, 0.3, 0.05)
+    said = np.where(days < 14, 0.3, 0.10)
+    bought = rng.random(40_000) < truth
+    silence = SilenceCalibration(step_days=14.0)
+    for start in range(0, 40_000, MINI_BATCH):
+        end = start + MINI_BATCH
+        logits = np.log(said[start:end] / (1 - said[start:end]))
+        silence.observe(logits, days[start:end], bought[start:end])
+    logit = np.log(np.array([0.3, 0.10, 0.10]) / np.array([0.7, 0.90, 0.90]))
+    corrected = 1 / (1 + np.exp(-silence.apply(logit, np.array([3.0, 75.0, 400.0]))))
+    assert abs(corrected[0] - 0.3) < 0.02
+    assert abs(corrected[1] - 0.05) < 0.01
+    # A silence longer than any learned takes the longest learned one's correction.
+    assert corrected[2] == corrected[1]
+
+
+def test_a_model_pickled_before_the_silence_calibration_loads_without_offsets() -> None:
+    learner = Learner(trained_model())
+    inputs, btyd, _ = examples(5, seed=2)
+    del learner.model.silence
+    restored = Learner.from_bytes(learner.to_bytes(KEY), KEY)
+    assert restored.model.silence.longest == -1
+    untouched = 1 / (1 + np.exp(-restored.model.calibration.apply(restored.model.raw_logits(inputs, btyd)[1])))
+    assert np.allclose(restored.model.hazards(inputs, btyd), untouched)
