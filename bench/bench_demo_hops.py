@@ -37,6 +37,7 @@ from proc_cpu import components_cpu_s, load_average
 
 from touchstream import avro
 from touchstream.datasets import cdnow_purchases, iter_track_calls
+from touchstream.receiver import percentile
 from touchstream.topics import ACTIONS, SCORES, TOUCHPOINTS_RAW, TOUCHPOINTS_RESOLVED, TopicSpec
 from touchstream_cli import local
 from touchstream_cli.demo import DEMO_DAYS_PER_SECOND, replay_with_backpressure, wait_drained
@@ -59,17 +60,15 @@ async def read_topic(bootstrap: str, spec: TopicSpec) -> list[tuple[int, dict[st
         await consumer.stop()
 
 
-def spread(delays_ms: list[int]) -> dict[str, int | None]:
+def spread(delays_ms: list[int]) -> dict[str, float | None]:
     ordered = sorted(delays_ms)
-    if not ordered:
-        return {"records": 0, "p50_ms": None, "p99_ms": None, "max_ms": None}
-    return {"records": len(ordered), "p50_ms": ordered[len(ordered) // 2],
-            "p99_ms": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))], "max_ms": ordered[-1]}
+    return {"records": len(ordered), "p50_ms": percentile(ordered, 0.50), "p99_ms": percentile(ordered, 0.99),
+            "max_ms": ordered[-1] if ordered else None}
 
 
 def hop_delays(raw: list[tuple[int, dict[str, Any]]], resolved: list[tuple[int, dict[str, Any]]],
                scores: list[tuple[int, dict[str, Any]]], actions: list[tuple[int, dict[str, Any]]],
-               webhooks: list[dict[str, Any]]) -> dict[str, dict[str, int | None]]:
+               webhooks: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
     """Join the stages' records of each event and return each hop's delays.
 
     >>> raw = [(110, {"message_id": "m", "received_at_ms": 100})]

@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from touchstream.embedded import VALKEY_APPENDFSYNC_ENV, VALKEY_APPENDFSYNC_POLICIES, free_port, start_valkey
+from touchstream.receiver import percentile
 
 PAYLOAD = "x" * 40
 
@@ -94,8 +94,8 @@ def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "writes_per_s": round(writes / seconds),
         "writes_per_s_by_round": [round(r["writes"] / r["seconds"]) for r in rounds],
-        "batch_p50_ms": round(statistics.median(latencies) * 1e3, 3),
-        "batch_p99_ms": round(latencies[int(len(latencies) * 0.99)] * 1e3, 3),
+        "batch_p50_ms": round((percentile(latencies, 0.50) or 0.0) * 1e3, 3),
+        "batch_p99_ms": round((percentile(latencies, 0.99) or 0.0) * 1e3, 3),
         "valkey_cpu_us_per_write": round(sum(r["cpu_s"] for r in rounds) / writes * 1e6, 2),
         "aof_delayed_fsync": sum(r["aof_delayed_fsync"] for r in rounds),
     }

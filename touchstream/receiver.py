@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -26,7 +27,7 @@ MAX_KEPT_DELIVERIES = 200_000
 WEBHOOKS_TOTAL = metric_name("receiver", "webhooks", "total")
 
 
-def percentile(sorted_values: list[float], share: float) -> float | None:
+def percentile(sorted_values: Sequence[float], share: float) -> float | None:
     """Return the nearest-rank percentile of already sorted values.
 
     >>> percentile([1.0, 2.0, 3.0, 4.0], 0.5)

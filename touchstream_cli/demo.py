@@ -103,7 +103,7 @@ def run_demo(run_dir: Path, days_per_second: float | None, limit: int | None, pa
              broker: str | None = None, screenshots: Path | None = None) -> dict[str, Any]:
     """Replay CDNOW through a fresh local stack, print a summary; with `screenshots`, save the console's
     pages there (touchstream_cli.screenshots) before the stack stops."""
-    days_per_second = days_per_second or DEMO_DAYS_PER_SECOND
+    days_per_second = DEMO_DAYS_PER_SECOND if days_per_second is None else days_per_second
     purchases = cdnow_purchases()
     if limit:
         purchases = purchases[:limit]
