@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -12,6 +13,25 @@ from touchstream.embedded import BROKER_KINDS, BrokerUnavailable
 from touchstream.event_semantics import EventSemantics, EventSemanticsError, load_event_semantics
 
 DEFAULT_RUN_DIR = Path(".run/local")
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a number above zero (a replay clock of 0 days a second would never move).
+
+    >>> positive_float("12")
+    12.0
+    >>> positive_float("0")
+    Traceback (most recent call last):
+    ...
+    argparse.ArgumentTypeError: must be a number above 0, got '0'
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
     demo_cmd = commands.add_parser("demo", help="replay CDNOW through the local pipeline and summarise")
     demo_cmd.add_argument("--run-dir", type=Path, default=Path(".run/demo"))
-    demo_cmd.add_argument("--days-per-second", type=float, default=None,
+    demo_cmd.add_argument("--days-per-second", type=positive_float, default=None,
                           help="event-time days replayed per wall-clock second (default 12)")
     demo_cmd.add_argument("--limit", type=int, default=None, help="replay only the first N purchases")
     demo_cmd.add_argument("--partitions", type=int, default=4)
