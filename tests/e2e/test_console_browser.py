@@ -556,8 +556,8 @@ def seeded_samples(now_minute: int) -> list[PipelineSample]:
 
 
 @pytest.fixture(scope="module")
-def seeded(redis_server: Any) -> Iterator[SeededConsole]:
-    console = SeededConsole(f"redis://127.0.0.1:{redis_server.port}/0")
+def seeded(module_redis_server: Any) -> Iterator[SeededConsole]:
+    console = SeededConsole(f"redis://127.0.0.1:{module_redis_server.port}/0")
     console.run(console.start())
     now_ms = int(time.time() * 1000)
     console.run(console.store.apply(seeded_updates(now_ms)))

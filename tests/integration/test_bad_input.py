@@ -58,8 +58,8 @@ paths = st.sampled_from(["/v1/track", "/v1/identify", "/v1/page", "/v1/screen", 
 
 
 @pytest.fixture(scope="module")
-def ingest_client(all_topics: str, redis_server: ManagedProcess) -> Iterator[TestClient]:
-    core = CoreSettings(kafka_bootstrap=all_topics, redis_url=f"redis://127.0.0.1:{redis_server.port}/15",  # type: ignore[attr-defined]
+def ingest_client(all_topics: str, module_redis_server: ManagedProcess) -> Iterator[TestClient]:
+    core = CoreSettings(kafka_bootstrap=all_topics, redis_url=f"redis://127.0.0.1:{module_redis_server.port}/0",
                         partitions=2)
     settings_ = IngestSettings(write_keys={"fuzz": hash_write_key(WRITE_KEY)})
     with TestClient(build_app(core, settings_), raise_server_exceptions=False) as client:
@@ -145,7 +145,7 @@ def malformed_records(good: bytes, count: int, rng: random.Random) -> list[bytes
 
 
 def test_malformed_kafka_records_go_to_deadletter_and_good_ones_resolve(
-        all_topics: str, redis_server: ManagedProcess, tmp_path: Path) -> None:
+        all_topics: str, redis_url: str, tmp_path: Path) -> None:
     run = uuid.uuid4().hex[:8]
     rng = random.Random(run)
 
@@ -182,7 +182,7 @@ def test_malformed_kafka_records_go_to_deadletter_and_good_ones_resolve(
     still_valid = asyncio.run(produce())
     web_port = free_port()
     env = {**os.environ, "TOUCHSTREAM_KAFKA_BOOTSTRAP": all_topics, "TOUCHSTREAM_PARTITIONS": "2",
-           "TOUCHSTREAM_REDIS_URL": f"redis://127.0.0.1:{redis_server.port}/14",  # type: ignore[attr-defined]
+           "TOUCHSTREAM_REDIS_URL": redis_url,
            "TOUCHSTREAM_STATE_DIR": str(tmp_path), "TOUCHSTREAM_IDENTITY_WEB_PORT": str(web_port)}
     log = open(tmp_path / "identity.log", "wb")  # noqa: SIM115
     worker = subprocess.Popen([sys.executable, "-m", "services.identity"], env=env, stdout=log,

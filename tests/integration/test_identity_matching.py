@@ -14,7 +14,7 @@ from services.identity.domain import GraphLayout, Resolution, prepare_identifier
 from services.identity.graph import IdentityGraph, PersonIndex
 from services.identity.match_model import MatchModel, ModelState
 from services.identity.matching import MatchSettings
-from services.identity.resolver import CHUNK_EVENTS, EventToResolve, IdentityResolver
+from services.identity.resolver import CHUNK_EVENTS, EventToResolve, IdentityResolver, RedisMatching
 from services.identity.settings import IdentitySettings
 from tests.identity_models import ANN, ANN_MOVED, ANN_TYPO, NEAR_CERTAINTY, store_fitted_model
 
@@ -34,7 +34,14 @@ def item(message_id: str, time_ms: int, identifier: tuple[str, str], traits: dic
 def resolver(client: aioredis.Redis, **match: Any) -> IdentityResolver:
     settings = MatchSettings(enabled=True, **match)
     graph = IdentityGraph(client, LAYOUT, IdentitySettings().graph_rules(), 3600)
-    return IdentityResolver(graph, PersonIndex(client, LAYOUT, KEY, settings.max_block_size), settings)
+    return IdentityResolver(graph, RedisMatching(graph, PersonIndex(client, LAYOUT, KEY, settings.max_block_size)),
+                            settings)
+
+
+def graph_of(identity: IdentityResolver) -> IdentityGraph:
+    """The Redis graph under a resolver built here (erasure and the sweep are Redis-only)."""
+    assert isinstance(identity.graph, IdentityGraph)
+    return identity.graph
 
 
 async def seed_model(client: aioredis.Redis) -> MatchModel:
@@ -70,8 +77,8 @@ async def test_no_merge_is_made_before_a_model_was_fitted(redis_client: aioredis
     assert await redis_client.get(LAYOUT.match_key("pairs")) == b"1"
     assert await redis_client.llen(LAYOUT.match_key("pending")) == 1  # kept for the first plausible fit
     # Erasing either customer takes the pair out of what waits.
-    erased = await identity.graph.erase("erase:1", 3000, answers[1].customer_id, "erase")
-    await identity.graph.sweep(list(erased.customer_ids), list(erased.identifiers))
+    erased = await graph_of(identity).erase("erase:1", 3000, answers[1].customer_id, "erase")
+    await graph_of(identity).sweep(list(erased.customer_ids), list(erased.identifiers))
     assert await redis_client.llen(LAYOUT.match_key("pending")) == 0
 
 
@@ -221,8 +228,8 @@ async def test_erasure_takes_the_customer_out_of_the_person_index(redis_client: 
     identity, ann, maybe = await ann_and_a_possible_match(redis_client)
     assert maybe.possible_matches
 
-    erased = await identity.graph.erase("erase:1", 3000, ann.customer_id, "erase")
-    await identity.graph.sweep(list(erased.customer_ids), list(erased.identifiers))
+    erased = await graph_of(identity).erase("erase:1", 3000, ann.customer_id, "erase")
+    await graph_of(identity).sweep(list(erased.customer_ids), list(erased.identifiers))
 
     assert await redis_client.get(LAYOUT.match_person_key(ann.customer_id)) is None
     for key in await redis_client.keys(f"{LAYOUT.prefix}match:blocks:*"):
@@ -234,7 +241,8 @@ async def test_erasure_takes_the_customer_out_of_the_person_index(redis_client: 
 
 async def test_with_matching_off_attributes_are_ignored(redis_client: aioredis.Redis) -> None:
     graph = IdentityGraph(redis_client, LAYOUT, IdentitySettings().graph_rules(), 3600)
-    identity = IdentityResolver(graph, PersonIndex(redis_client, LAYOUT, KEY, 200), MatchSettings(enabled=False))
+    identity = IdentityResolver(graph, RedisMatching(graph, PersonIndex(redis_client, LAYOUT, KEY, 200)),
+                                MatchSettings(enabled=False))
     await graph.load_script()
 
     answers = await identity.resolve([item("crm-1", 1000, ("crm_id", "A1"), ANN),

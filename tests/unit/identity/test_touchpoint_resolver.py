@@ -35,7 +35,7 @@ def raw(message_id: str, timestamp_ms: int, *identifiers: tuple[str, str]) -> Re
 def worker(graph: InMemoryIdentityGraph) -> tuple[TouchpointResolver, SentRecords]:
     api_outbox = SentRecords()
     metrics = IdentityMetrics(CollectorRegistry())
-    resolver = TouchpointResolver(IdentityResolver(graph, None, MatchSettings()), metrics,  # type: ignore[arg-type]
+    resolver = TouchpointResolver(IdentityResolver(graph, None, MatchSettings()), metrics,
                                   IdentitySettings(), b"k" * 32, lambda: api_outbox, event_time_tolerance_s=300)
     return resolver, api_outbox
 
