@@ -58,8 +58,8 @@ paths = st.sampled_from(["/v1/track", "/v1/identify", "/v1/page", "/v1/screen", 
 
 
 @pytest.fixture(scope="module")
-def ingest_client(all_topics: str, module_redis_server: ManagedProcess) -> Iterator[TestClient]:
-    core = CoreSettings(kafka_bootstrap=all_topics, redis_url=f"redis://127.0.0.1:{module_redis_server.port}/0",
+def ingest_client(module_topics: str, module_redis_server: ManagedProcess) -> Iterator[TestClient]:
+    core = CoreSettings(kafka_bootstrap=module_topics, redis_url=f"redis://127.0.0.1:{module_redis_server.port}/0",
                         partitions=2)
     settings_ = IngestSettings(write_keys={"fuzz": hash_write_key(WRITE_KEY)})
     with TestClient(build_app(core, settings_), raise_server_exceptions=False) as client:
@@ -116,10 +116,10 @@ async def read_message_ids(bootstrap: str, topic: str, schema: str, wanted: set[
     return found & wanted
 
 
-def test_good_events_among_bad_requests_all_arrived(all_topics: str) -> None:
+def test_good_events_among_bad_requests_all_arrived(module_topics: str) -> None:
     assert request_count[0] >= FUZZ_COUNT, "the fuzz test must run first, in this module"
     assert len(good_ids) >= FUZZ_COUNT // GOOD_EVERY
-    found = asyncio.run(read_message_ids(all_topics, TOUCHPOINTS_RAW.name, TOUCHPOINTS_RAW.schema,
+    found = asyncio.run(read_message_ids(module_topics, TOUCHPOINTS_RAW.name, TOUCHPOINTS_RAW.schema,
                                          set(good_ids), wait_s=30))
     assert found == set(good_ids)
 

@@ -129,7 +129,7 @@ async def test_records_on_every_topic_reach_the_read_model(worker: tuple[Managed
         assert outcomes["outcome"]["treated"] == 0
         assert not outcomes["outcome"]["enough_data"]
         metrics = (await http.get("/metrics")).text
-        assert 'touchstream_console_events_in_total{topic="scores"}' in metrics
+        assert f'touchstream_console_events_in_total{{topic="{SCORES.name}"}}' in metrics
         assert "touchstream_console_events_failed_total" in metrics
 
 

@@ -9,7 +9,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from touchstream.embedded import raw_retention_hours_from_env, topic_configs
-from touchstream.topics import ALL_TOPICS
+from touchstream.topics import ALL_TOPICS, SCORES
 
 pytestmark = pytest.mark.integration
 
@@ -42,7 +42,7 @@ async def test_topics_carry_their_configs_and_scores_takes_tombstones(all_topics
     for spec in ALL_TOPICS:
         expected = topic_configs(spec, raw_retention_hours_from_env())
         assert {k: found[spec.name].get(k) for k in expected} == expected, spec.name
-    assert found["scores"]["cleanup.policy"] == "compact"
+    assert found[SCORES.name]["cleanup.policy"] == "compact"
 
     # An erasure's tombstone: a null value, read back as None.
     key = b"c_tombstone-test"

@@ -69,7 +69,7 @@ async def test_two_workers_end_in_the_graph_of_one_worker_in_event_time_order(
             async with httpx.AsyncClient(timeout=5) as client:
                 metrics = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
             [consumed] = [line for line in metrics.splitlines()
-                          if line.startswith('touchstream_identity_events_in_total{topic="touchpoints.raw"}')]
+                          if line.startswith(f'touchstream_identity_events_in_total{{topic="{TOUCHPOINTS_RAW.name}"}}')]
             assert float(consumed.split()[-1]) > 0
     finally:
         for worker, _ in workers:

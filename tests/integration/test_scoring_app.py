@@ -124,7 +124,7 @@ async def test_worker_scores_resolved_touchpoints_and_dead_letters_garbage(
         assert "touchstream_scoring_pending_examples" in metrics
         for gauge in ("roc_auc_ratio", "log_loss_nats", "brier_score_ratio", "calibration_error_ratio"):
             assert f"touchstream_scoring_prequential_{gauge} " in metrics
-        assert 'touchstream_scoring_events_in_total{topic="touchpoints.resolved"}' in metrics
+        assert f'touchstream_scoring_events_in_total{{topic="{TOUCHPOINTS_RESOLVED.name}"}}' in metrics
     finally:
         worker.stop()
 

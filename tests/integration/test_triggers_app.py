@@ -210,7 +210,7 @@ async def test_scores_of_an_older_version_fire_and_an_unknown_schema_id_is_dead_
     [dead] = [avro.decode(DEADLETTER.schema, v) for v in await records_about(
         all_topics, DEADLETTER.name, None, want=1, original=from_a_newer_release)]
     assert dead["stage"] == "triggers" and dead["source"] == SCORES.name
-    assert "unknown schema id 4711 on topic scores" in dead["reason"]
+    assert f"unknown schema id 4711 on topic {SCORES.name}" in dead["reason"]
 
 
 async def records_about(bootstrap: str, topic: str, key: bytes | None, want: int, original: bytes | None = None,
