@@ -151,11 +151,3 @@ def all_topics(kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """
     fresh_topics(kafka_bootstrap, monkeypatch)
     return kafka_bootstrap
-
-
-@pytest.fixture(scope="module")
-def module_topics(kafka_bootstrap: str) -> Iterator[str]:
-    """As all_topics, for the fixtures of one module (a client kept across its tests)."""
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        fresh_topics(kafka_bootstrap, monkeypatch)
-        yield kafka_bootstrap

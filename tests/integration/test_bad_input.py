@@ -31,7 +31,7 @@ from starlette.testclient import TestClient
 from services.ingest.app import build_app
 from services.ingest.settings import IngestSettings, hash_write_key
 from touchstream import avro
-from touchstream.embedded import ManagedProcess, free_port
+from touchstream.embedded import free_port
 from touchstream.settings import CoreSettings
 from touchstream.topics import DEADLETTER, TOUCHPOINTS_RAW, TOUCHPOINTS_RESOLVED
 
@@ -57,40 +57,46 @@ paths = st.sampled_from(["/v1/track", "/v1/identify", "/v1/page", "/v1/screen", 
                          "/v1/batch", "/v1/nope"])
 
 
-@pytest.fixture(scope="module")
-def ingest_client(module_topics: str, module_redis_server: ManagedProcess) -> Iterator[TestClient]:
-    core = CoreSettings(kafka_bootstrap=module_topics, redis_url=f"redis://127.0.0.1:{module_redis_server.port}/0",
-                        partitions=2)
+@pytest.fixture
+def ingest_client(all_topics: str, redis_url: str) -> Iterator[TestClient]:
+    core = CoreSettings(kafka_bootstrap=all_topics, redis_url=redis_url, partitions=2)
     settings_ = IngestSettings(write_keys={"fuzz": hash_write_key(WRITE_KEY)})
     with TestClient(build_app(core, settings_), raise_server_exceptions=False) as client:
         yield client
 
 
-good_ids: list[str] = []
-request_count = [0]
+def test_malformed_requests_get_reasons_never_5xx_and_the_good_events_among_them_arrive(
+        ingest_client: TestClient, all_topics: str) -> None:
+    good_ids: list[str] = []
+    requests = 0
 
+    @settings(max_examples=FUZZ_COUNT, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(path=paths, body=bodies, gzip_header=st.booleans())
+    def one_request(path: str, body: bytes, gzip_header: bool) -> None:
+        nonlocal requests
+        requests += 1
+        headers = {"content-type": "application/json"}
+        if gzip_header:
+            headers["content-encoding"] = "gzip"
+        response = ingest_client.post(path, content=body, headers=headers, auth=(WRITE_KEY, ""))
+        assert response.status_code < 500, (path, body[:200], response.text[:500])
+        payload = response.json()
+        if response.status_code >= 400:
+            assert payload["error"], payload
+            for error in payload.get("errors", []):
+                assert error["field"] and error["reason"], payload
+        if requests % GOOD_EVERY == 0:
+            message_id = f"good-{uuid.uuid4().hex}"
+            good = ingest_client.post("/v1/track", auth=(WRITE_KEY, ""),
+                                      json={"event": "Viewed", "userId": "fuzz-user", "messageId": message_id})
+            assert good.status_code == 200, good.text
+            good_ids.append(message_id)
 
-@settings(max_examples=FUZZ_COUNT, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-@given(path=paths, body=bodies, gzip_header=st.booleans())
-def test_malformed_requests_get_reasons_never_5xx(ingest_client: TestClient, path: str, body: bytes,
-                                                  gzip_header: bool) -> None:
-    request_count[0] += 1
-    headers = {"content-type": "application/json"}
-    if gzip_header:
-        headers["content-encoding"] = "gzip"
-    response = ingest_client.post(path, content=body, headers=headers, auth=(WRITE_KEY, ""))
-    assert response.status_code < 500, (path, body[:200], response.text[:500])
-    payload = response.json()
-    if response.status_code >= 400:
-        assert payload["error"], payload
-        for error in payload.get("errors", []):
-            assert error["field"] and error["reason"], payload
-    if request_count[0] % GOOD_EVERY == 0:
-        message_id = f"good-{uuid.uuid4().hex}"
-        good = ingest_client.post("/v1/track", auth=(WRITE_KEY, ""),
-                                  json={"event": "Viewed", "userId": "fuzz-user", "messageId": message_id})
-        assert good.status_code == 200, good.text
-        good_ids.append(message_id)
+    one_request()
+    assert requests >= FUZZ_COUNT and len(good_ids) >= FUZZ_COUNT // GOOD_EVERY
+    found = asyncio.run(read_message_ids(all_topics, TOUCHPOINTS_RAW.name, TOUCHPOINTS_RAW.schema,
+                                         set(good_ids), wait_s=30))
+    assert found == set(good_ids)
 
 
 async def read_message_ids(bootstrap: str, topic: str, schema: str, wanted: set[str], wait_s: float,
@@ -114,14 +120,6 @@ async def read_message_ids(bootstrap: str, topic: str, schema: str, wanted: set[
     finally:
         await consumer.stop()
     return found & wanted
-
-
-def test_good_events_among_bad_requests_all_arrived(module_topics: str) -> None:
-    assert request_count[0] >= FUZZ_COUNT, "the fuzz test must run first, in this module"
-    assert len(good_ids) >= FUZZ_COUNT // GOOD_EVERY
-    found = asyncio.run(read_message_ids(module_topics, TOUCHPOINTS_RAW.name, TOUCHPOINTS_RAW.schema,
-                                         set(good_ids), wait_s=30))
-    assert found == set(good_ids)
 
 
 def malformed_records(good: bytes, count: int, rng: random.Random) -> list[bytes]:
