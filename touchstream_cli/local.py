@@ -17,6 +17,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -261,6 +262,30 @@ def start(run_dir: Path, name: str, ready_timeout: float = 90.0) -> int:
     if name not in ("broker", "redis"):  # those two are up once their port answers
         wait_ready(name, state.url(name), process, ready_timeout)
     return process.pid
+
+
+def stop_components(run_dir: Path, names: Sequence[str]) -> None:
+    """Stop components of the stack in `run_dir` in an orderly way (SIGTERM, all at once) and wait until they are gone.
+
+    Stream workers leave their consumer groups as they stop, so the group is theirs to hand over at
+    once, rather than after the session timeout a killed member leaves behind.
+    """
+    state = StackState.load(run_dir.resolve())
+    stop_pids([state.pids[name] for name in names])
+
+
+def start_components(run_dir: Path, names: Sequence[str], ready_timeout: float = 90.0) -> None:
+    """Start several stopped components at once (as `start` does one) and return when all are ready."""
+    state = StackState.load(run_dir.resolve())
+    running = [name for name in names if _alive(state.pids.get(name, 0))]
+    if running:
+        raise RuntimeError(f"still running: {', '.join(running)}")
+    processes = {name: spawn_component(state, name) for name in names}
+    state.pids.update({name: process.pid for name, process in processes.items()})
+    state.save()
+    for name, process in processes.items():
+        if name not in ("broker", "redis"):
+            wait_ready(name, state.url(name), process, ready_timeout)
 
 
 def _alive(pid: int) -> bool:
