@@ -300,6 +300,11 @@ class ActionDelivery:
             if done:
                 await self._queue.remove_many(endpoint, done)
                 claimed = [(i, s) for i, s in claimed if i not in done]
+            if state is Circuit.HALF_OPEN and len(claimed) > 1:
+                # A claim asked again after its answer was lost hands back what it took then, which may
+                # be more than one if the circuit was closed at the time: one probe goes, the rest wait.
+                await self._queue.release(endpoint, [i for i, _ in claimed[1:]], int(now_s * 1000))
+                claimed = claimed[:1]
             if state is Circuit.HALF_OPEN and not claimed:
                 breaker.release_probe()
             for action_id, state_json in claimed:

@@ -380,6 +380,11 @@ class DeliveryQueue:
             pairs.append((_text(flat[n]), _text(flat[n + 1])))
         return pairs
 
+    async def release(self, endpoint: str, action_ids: Sequence[str], due_ms: int) -> None:
+        """End the lease of claimed actions still queued: due at `due_ms` again (those gone stay gone)."""
+        if action_ids:
+            await self._redis.zadd(queue_keys(endpoint)[0], dict.fromkeys(action_ids, due_ms), xx=True)
+
     async def reschedule(self, endpoint: str, action_id: str, state_json: str, due_ms: int) -> bool:
         """Queue the action's next try at `due_ms`, unless it left the queue meanwhile; say whether it was."""
         written = await self._reschedule(keys=list(queue_keys(endpoint)), args=[action_id, state_json, due_ms])

@@ -704,6 +704,39 @@ async def test_actions_a_claim_took_just_before_redis_went_away_go_out_on_the_ne
     assert await harness.delivery.pending() == {"marketing": 0}
 
 
+async def test_a_half_open_circuit_sends_one_probe_even_when_a_lost_claim_comes_back_with_more(
+        receiver: Receiver, redis_client: aioredis.Redis, client: GuardedClient) -> None:
+    # The claim (3 actions, circuit closed) was carried out but its answer lost; the circuit then
+    # opened. Asked again once half-open, the claim hands back all three: one probe goes, two wait.
+    endpoints = {"marketing": WebhookEndpoint(url=receiver.url, secret=SECRET)}
+    harness = make_harness(redis_client, endpoints, client, breaker_threshold=1, breaker_cool_off_s=30,
+                           concurrency_per_endpoint=3)
+    queue = harness.delivery._queue
+    real_claim = queue.claim
+    lost: list[int] = []
+
+    async def claim_then_lose_the_answer(*args: Any, **kwargs: Any) -> list[tuple[str, str]]:
+        claimed = await real_claim(*args, **kwargs)
+        if not lost:
+            lost.append(len(claimed))
+            raise RedisConnectionError("Connection closed by server.")
+        return claimed
+
+    queue.claim = claim_then_lose_the_answer  # type: ignore[method-assign]
+    await harness.delivery.enqueue([an_action(n) for n in (41, 42, 43)])
+    with pytest.raises(RedisConnectionError):
+        await harness.tick()
+    assert lost == [3]
+    harness.delivery._breakers["marketing"].record_failure(harness.clock.now)  # another request failed meanwhile
+    assert await harness.tick(1) == 0  # open
+    assert await harness.tick(30) == 1  # half-open: the one probe
+    assert len(receiver.verified) == 1
+    assert await harness.tick() == 2  # the probe succeeded: the two released go now, not after their lease
+    assert sorted(headers["webhook-id"] for headers, _ in receiver.verified) == sorted(
+        an_action(n)["action_id"] for n in (41, 42, 43))
+    assert await harness.delivery.pending() == {"marketing": 0}
+
+
 async def test_a_long_answer_counts_by_its_status_and_the_next_request_still_goes_out() -> None:
     from aiohttp import web
 
