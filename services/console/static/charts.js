@@ -20,7 +20,8 @@
       return {
         tooltip: TOOLTIP, grid: grid(),
         xAxis: { type: "category", data: spec.columns, name: "stage", nameLocation: "middle", nameGap: 28 },
-        yAxis: { type: "category", data: spec.rows, name: "segment", nameLocation: "middle", nameGap: 72 },
+        // The axis name above the axis: beside it, a long segment name ("potential_loyalist") ran into it.
+        yAxis: { type: "category", data: spec.rows, name: "segment", nameLocation: "end", nameGap: 12 },
         visualMap: { min: 0, max: Math.max(1, spec.max), calculable: true, orient: "horizontal", left: "center",
                      top: 0, itemHeight: 120 },
         series: [{ type: "heatmap", name: "customers", data: spec.cells, label: { show: true } }]
