@@ -45,11 +45,12 @@ How each figure is measured:
   keys x keys per family).
 - load_average (1, 5, 15 min) is printed with every figure: the machine may be shared.
 
-Usage: .venv/bin/python bench/bench_pipeline.py [--quick] [--events N] [--scale]
+Usage: .venv/bin/python bench/bench_pipeline.py [--quick] [--events N] [--scale] [--memory-only]
 
 --quick (3,000 events per workload, 10 s per latency level) takes a few minutes; the default
 (20,000 events, 30 s per level) under ~10 minutes on 2 busy cores. --scale adds the older sweep of the
-one-webhook workload at 1, 2 and 4 partitions x workers (a fresh stack each).
+one-webhook workload at 1, 2 and 4 partitions x workers (a fresh stack each). --memory-only stops
+after the two throughput runs: their Redis figures, per service and per key family, in about half the time.
 """
 
 from __future__ import annotations
@@ -118,6 +119,10 @@ MIX_BACKFILL_HORIZON_HOURS = str(3 * 365 * 24)
 PIPELINE_TOPICS = (TOUCHPOINTS_RAW, TOUCHPOINTS_RESOLVED, SCORES, ACTIONS)
 # A request every ~10 ms when offering a steady rate: batches of rate/100 events.
 STEADY_REQUESTS_PER_S = 100
+# Keys sampled per key family (MEMORY USAGE) for a workload's growth by family: the families mix
+# workloads whose keys differ tenfold in size (a mix customer's console hash against a one-event
+# one), and 100 samples moved a family's estimate by a quarter between runs.
+FAMILY_SAMPLE = 1000
 
 
 # ---------------------------------------------------------------- the upstream client
@@ -346,7 +351,7 @@ def run_workload(state: local.StackState, calls: Sequence[dict[str, Any]], warm:
         asyncio.run(post_events(state, warm, None))
         wait_drained(client, state, before_warm, len(warm), timeout_s)
         memory_before = redis_used_memory(state)
-        services_before = redis_bytes_by_service(state)
+        families_before = redis_bytes_by_key_family(state, sample_per_family=FAMILY_SAMPLE)
         before = read_counters(client, state)
         load_before = load_average()
         cpu_before = components_cpu_s(state.pids)
@@ -360,7 +365,8 @@ def run_workload(state: local.StackState, calls: Sequence[dict[str, Any]], warm:
     elapsed = t_end - t0
     done = after - before
     memory_after = redis_used_memory(state)
-    services_after = redis_bytes_by_service(state)
+    families_after = redis_bytes_by_key_family(state, sample_per_family=FAMILY_SAMPLE)
+    services_before, services_after = by_service(families_before), by_service(families_after)
     checkpoint_growth = services_after.get(MODEL_CHECKPOINT, 0) - services_before.get(MODEL_CHECKPOINT, 0)
     cpu_us = {name: round((cpu_after[name] - cpu_before.get(name, 0.0)) / events * 1e6, 1) for name in cpu_after}
     cpu_us = dict(sorted(cpu_us.items(), key=lambda item: -item[1]))
@@ -400,6 +406,9 @@ def run_workload(state: local.StackState, calls: Sequence[dict[str, Any]], warm:
         "redis_bytes_per_customer_by_service": {
             name: round((services_after.get(name, 0) - services_before.get(name, 0)) / max(customers, 1))
             for name in sorted(services_after, key=lambda n: -(services_after[n] - services_before.get(n, 0)))},
+        # The same per key family (key name up to its first id), largest first: what grew with this workload.
+        "redis_bytes_per_customer_by_key_family": family_growth_per_customer(families_before, families_after,
+                                                                             customers),
         "load_average_before": load_before,
         "load_average": load_average(),
     }
@@ -490,12 +499,26 @@ def service_of_key_family(family: str) -> str:
     return next((name for name, prefix in SERVICE_KEY_PREFIXES if f"{family}:".startswith(prefix)), "other")
 
 
-def redis_bytes_by_service(state: local.StackState) -> dict[str, int]:
-    """Estimate the bytes each service's keys hold now (sampled MEMORY USAGE x keys, per key family)."""
+def by_service(families: dict[str, Any]) -> dict[str, int]:
+    """Sum a `redis_bytes_by_key_family` estimate by the service owning each family."""
     totals: Counter[str] = Counter()
-    for family, estimate in redis_bytes_by_key_family(state, sample_per_family=100).items():
+    for family, estimate in families.items():
         totals[service_of_key_family(family)] += estimate["bytes"]
     return dict(totals)
+
+
+def family_growth_per_customer(before: dict[str, Any], after: dict[str, Any], customers: int,
+                               ) -> dict[str, dict[str, int]]:
+    """Per key family: keys and bytes (estimated) added per customer between two estimates, largest first."""
+    growth = {}
+    for family, estimate in after.items():
+        was = before.get(family, {"keys": 0, "bytes": 0})
+        added = estimate["bytes"] - was["bytes"]
+        if added:
+            growth[family] = {"bytes": round(added / max(customers, 1)),
+                              "keys_per_customer_x100": round((estimate["keys"] - was["keys"]) * 100
+                                                              / max(customers, 1))}
+    return dict(sorted(growth.items(), key=lambda item: -item[1]["bytes"]))
 
 
 def stack_idle_cpu_share(state: local.StackState, seconds: float = 5.0) -> dict[str, Any]:
@@ -553,7 +576,8 @@ def efficiency(run: WorkloadRun, relay: dict[str, Any], redis_resolve: dict[str,
 
 
 # ---------------------------------------------------------------- main
-def measure(events: int, quick: bool, backlog: int, partitions: int, workers: int) -> dict[str, Any]:
+def measure(events: int, quick: bool, backlog: int, partitions: int, workers: int,
+            memory_only: bool = False) -> dict[str, Any]:
     load_before = load_average()
     run = uuid.uuid4().hex[:6]
     timeout_s = 300.0 if quick else 900.0
@@ -590,6 +614,11 @@ def measure(events: int, quick: bool, backlog: int, partitions: int, workers: in
             switch_rules(state, rules_file, ONE_WEBHOOK_RULES)
             one_run = run_workload(state, one, one_warm, len(one), backlog, timeout_s)
             print(json.dumps({"one_webhook_per_event": one_run.result}), file=sys.stderr, flush=True)
+            if memory_only:
+                report["workloads"] = {"mix": mix_run.result, "one_webhook_per_event": one_run.result}
+                report["redis_bytes_by_key_family"] = redis_bytes_by_key_family(state)
+                report["load_average_after"] = load_average()
+                return report
             one_run.result["latency"] = latency_levels(state, one_run.result["events_per_s"], (0.25, 0.5, 0.75, 0.9),
                                                        latency_s, run, timeout_s)
             print(json.dumps({"latency": one_run.result["latency"]}), file=sys.stderr, flush=True)
@@ -680,9 +709,11 @@ def main() -> None:
     parser.add_argument("--backlog", type=int, default=2_000,
                         help="most events posted but not yet consumed by triggers during a throughput run")
     parser.add_argument("--scale", action="store_true", help="also sweep 1, 2, 4 partitions x workers")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="only the two throughput runs and their Redis figures (no latency, relays or micro-runs)")
     args = parser.parse_args()
     events = 3_000 if args.quick else args.events
-    report = measure(events, args.quick, args.backlog, partitions=4, workers=1)
+    report = measure(events, args.quick, args.backlog, partitions=4, workers=1, memory_only=args.memory_only)
     if args.scale:
         report["scale"] = scale_sweep(max(events // 2, 1000), args.backlog)
         report["load_average_after"] = load_average()

@@ -40,7 +40,7 @@ import numpy as np
 import redis.asyncio as aioredis
 from proc_cpu import load_average, process_group_cpu_s, process_run_time_s
 
-from services.identity.domain import GraphLayout, prepare_identifiers, resolution_request
+from services.identity.domain import GraphLayout, answer_slot, prepare_identifiers, resolution_request
 from services.identity.graph import IdentityGraph
 from services.identity.resolver import EventToResolve, IdentityResolver
 from services.identity.settings import IdentitySettings
@@ -55,7 +55,7 @@ from services.triggers.webhooks import Verdict
 from touchstream.embedded import create_topics, free_port, spawn, start_valkey
 from touchstream.eventtime import DAY_MS
 from touchstream.settings import CoreSettings
-from touchstream.topics import TopicSpec
+from touchstream.topics import TOUCHPOINTS_RAW, TopicSpec
 
 # The stream kernel's batch (CoreSettings.batch_size) and the benchmark's HTTP batch.
 CONSUMER_BATCH = 500
@@ -265,10 +265,12 @@ async def redis_resolve_cpu(calls: Sequence[dict[str, Any]], batch_size: int) ->
     settings = IdentitySettings()
     hash_key = CoreSettings().pii_hash_key.get_secret_value().encode()
     items = []
-    for touchpoint in touchpoints_of(calls):
+    for offset, touchpoint in enumerate(touchpoints_of(calls)):
         prepared = prepare_identifiers(touchpoint["identifiers"], hash_key, settings.default_phone_region,
                                        settings.blocklist)
-        items.append(EventToResolve(resolution_request(touchpoint, prepared.hashed)))
+        # As read from a partition: the answer kept in the partition's hash (the worker drops it after the commit).
+        slot = answer_slot(TOUCHPOINTS_RAW.name, 0, offset)
+        items.append(EventToResolve(resolution_request(touchpoint, prepared.hashed, slot)))
     work_dir = Path(tempfile.mkdtemp(prefix="touchstream-bench-valkey-"))
     port = free_port()
     # With an append-only file, as the stack's Valkey: every script's writes are logged too.

@@ -311,6 +311,10 @@ class StreamKernel:
         self.producer: AIOKafkaProducer | None = None
         self.committed: dict[TopicPartition, int] = {}
         self.before_consuming: list[Callable[[], Awaitable[None]]] = []
+        # Called with each commit's offsets once the broker took it: what a stage kept only for
+        # redeliveries of those records can go. A failure is logged, never fatal (the next commit's call
+        # can catch up).
+        self.after_commit: list[Callable[[Mapping[TopicPartition, int]], Awaitable[None]]] = []
         self._stopping = False
         self._stage_failures = metrics.counter(
             "stage_failures", "Handler attempts that raised, by topic and exception type.", ["topic", "error"])
@@ -527,6 +531,14 @@ class StreamKernel:
             # A rebalance took the partitions away: their new owner handles these records again.
             log.warning("%s: commit refused (%s: %s); the new owner of the partitions repeats them",
                         self.service, type(exc).__name__, exc)
+            return
+        for step in self.after_commit:
+            try:
+                await step(offsets)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("%s: after the commit: %s: %s", self.service, type(exc).__name__, exc)
 
     def lags(self) -> dict[tuple[str, int], int]:
         """Return end offset (the high-water mark of the latest fetch) minus committed offset, per partition."""

@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import faust
 import redis.asyncio as aioredis
 from aiohttp import web
+from aiokafka import TopicPartition
 from faust.web import Request, Response, View
 from prometheus_client import REGISTRY, CollectorRegistry
 
@@ -23,6 +24,7 @@ from services.identity.domain import (
     GraphLayout,
     GraphRefused,
     Resolution,
+    answer_slot,
     customer_deletion_record,
     deletion_id,
     identifier_ref,
@@ -147,7 +149,8 @@ class TouchpointResolver:
             reasons = ", ".join(sorted({f"{r.type_label} {r.reason}" for r in prepared.rejected})) or "none sent"
             await outbox.dead_letter(TOUCHPOINTS_RAW.name, f"no usable identifier: {reasons}", record.key, record.raw)
             return None
-        request = resolution_request(touchpoint, prepared.hashed)
+        request = resolution_request(touchpoint, prepared.hashed, answer_slot(record.topic, record.partition,
+                                                                              record.offset))
         item = EventToResolve.of(touchpoint, request, self.resolver.matching)
         return _Pending(touchpoint, prepared.hashed, item)
 
@@ -245,6 +248,12 @@ def build_app(
     eraser = CustomerEraser(graph, metrics, outbox=lambda: kernel.outbox())
     kernel = StreamKernel(STAGE, core, [Consumes((TOUCHPOINTS_RAW,), resolver.resolve_batch)], metrics.service,
                           readiness)
+
+    async def forget_committed_answers(offsets: Mapping[TopicPartition, int]) -> None:
+        # No redelivery can ask for a committed record's answer any more.
+        await graph.forget_answers({f"{tp.topic}:{tp.partition}": offset for tp, offset in offsets.items()})
+
+    kernel.after_commit.append(forget_committed_answers)
 
     async def load_script() -> None:
         await resolver.with_redis_retry(graph.load_script)

@@ -53,6 +53,18 @@ class ResolutionRequest:
     event_time_ms: int
     identifiers: tuple[Identifier, ...]
     new_customer_id: str
+    # The record the event was read from (`answer_slot`): its answer is then kept only until the
+    # record's offset is committed. "" (no record): kept event_ttl_s under the message id.
+    answer_slot: str = ""
+
+
+def answer_slot(topic: str, partition: int, offset: int) -> str:
+    """Name the record an event was read from, where the resolve script keeps its answer for redeliveries.
+
+    >>> answer_slot("touchpoints.raw", 3, 1207)
+    'touchpoints.raw:3:1207'
+    """
+    return f"{topic}:{partition}:{offset}"
 
 
 @dataclass(frozen=True)
@@ -254,13 +266,15 @@ def new_customer_id(identifiers: Sequence[Identifier]) -> str:
     return "c_" + hashlib.sha256(identifier_ref(top).encode()).hexdigest()[:24]
 
 
-def resolution_request(event: dict[str, Any], identifiers: Sequence[Identifier]) -> ResolutionRequest:
-    """Build the graph input for a decoded TouchpointEvent and its usable hashed identifiers."""
+def resolution_request(event: dict[str, Any], identifiers: Sequence[Identifier],
+                       slot: str = "") -> ResolutionRequest:
+    """Build the graph input for a decoded TouchpointEvent, its usable hashed identifiers and its record."""
     return ResolutionRequest(
         message_id=event["message_id"],
         event_time_ms=int(event["timestamp_ms"]),
         identifiers=tuple(identifiers),
         new_customer_id=new_customer_id(identifiers),
+        answer_slot=slot,
     )
 
 
@@ -276,6 +290,7 @@ def script_call(
     keys = [layout.identifier_key(ref) for ref in refs]
     args = [
         *_common_args(layout, rules, request.message_id, request.event_time_ms, event_ttl_s),
+        request.answer_slot,
         request.new_customer_id,
         *refs,
     ]

@@ -31,6 +31,7 @@ from services.identity.domain import (
 from services.identity.match_model import ModelState
 from services.identity.matching import PersonAttributes
 from services.identity.scripts import (
+    ANSWERS_FORGET_SCRIPT,
     ERASE_SCRIPT,
     MATCH_EXCHANGE_SCRIPT,
     MATCH_FINISH_SCRIPT,
@@ -52,7 +53,9 @@ ERASE_SCRIPT_SHA = script_sha(ERASE_SCRIPT)
 MATCH_EXCHANGE_SHA = script_sha(MATCH_EXCHANGE_SCRIPT)
 MATCH_FINISH_SHA = script_sha(MATCH_FINISH_SCRIPT)
 MATCH_FORGET_SHA = script_sha(MATCH_FORGET_SCRIPT)
-_SCRIPTS = {RESOLVE_SCRIPT_SHA: RESOLVE_SCRIPT, MERGE_SCRIPT_SHA: MERGE_SCRIPT, UNMERGE_SCRIPT_SHA: UNMERGE_SCRIPT,
+ANSWERS_FORGET_SHA = script_sha(ANSWERS_FORGET_SCRIPT)
+_SCRIPTS = {ANSWERS_FORGET_SHA: ANSWERS_FORGET_SCRIPT,
+            RESOLVE_SCRIPT_SHA: RESOLVE_SCRIPT, MERGE_SCRIPT_SHA: MERGE_SCRIPT, UNMERGE_SCRIPT_SHA: UNMERGE_SCRIPT,
             ERASE_SCRIPT_SHA: ERASE_SCRIPT, RESOLVE_MANY_SHA: RESOLVE_MANY_SCRIPT, MERGE_MANY_SHA: MERGE_MANY_SCRIPT}
 
 Call = tuple[str, list[str], list[str]]  # (script sha, KEYS, ARGV)
@@ -253,9 +256,27 @@ class IdentityGraph:
             answer = await self.client.evalsha(ERASE_SCRIPT_SHA, len(keys), *keys, *args)
         return parse_erasure(answer)
 
+    async def forget_answers(self, committed: Mapping[str, int]) -> int:
+        """Drop the answers kept for redeliveries of records below each partition's committed offset.
+
+        `committed`: "<topic>:<partition>" -> the offset the consumer group committed (the next to read).
+        Returns how many answers went.
+        """
+        if not committed:
+            return 0
+        args: list[Argument] = [self.layout.prefix]
+        for partition, offset in committed.items():
+            args.extend((partition, offset))
+        keys = [self.layout.customer_key("")]
+        try:
+            return int(await self.client.evalsha(ANSWERS_FORGET_SHA, len(keys), *keys, *args))
+        except NoScriptError:
+            await self.load_script()
+            return int(await self.client.evalsha(ANSWERS_FORGET_SHA, len(keys), *keys, *args))
+
     async def sweep(self, customer_ids: Sequence[str], identifiers: Sequence[Identifier], chunk: int = 1000) -> int:
-        """Remove what the erase script cannot find by key: the per-event answers (`event:*`, kept
-        `event_ttl_s` for redeliveries) that name the customer, and its ids in other identifiers'
+        """Remove what the erase script cannot find by key: the answers kept for redeliveries (`event:*`,
+        and the fields of `answers:*` not yet committed) that name the customer, and its ids in other identifiers'
         shared-use sets, in the matching blocks, among other customers' possible matches, and in
         the review and pending lists. One SCAN over the graph's keys; returns keys changed.
         """
@@ -268,6 +289,7 @@ class IdentityGraph:
 
         async def flush() -> int:
             events = [k for k in batch if k.startswith(f"{prefix}event:".encode())]
+            answers = [k for k in batch if k.startswith(f"{prefix}answers:".encode())]
             # block: is where matching kept its blocks before match:blocks:.
             sets = [k for k in batch if k.endswith(b":customers") or k.startswith(f"{prefix}block:".encode())]
             possible = [k for k in batch if k.startswith(f"{prefix}match:possible:".encode())]
@@ -290,7 +312,14 @@ class IdentityGraph:
                 for key in possible:
                     pipe.hdel(key, *customer_ids)
                 replies = await pipe.execute()
-            return done + sum(1 for r in replies[done:] if r) + sum([await drop_from_blocks(k) for k in blocks])
+            return (done + sum(1 for r in replies[done:] if r) + sum([await drop_from_blocks(k) for k in blocks])
+                    + sum([await drop_answers(k) for k in answers]))
+
+        async def drop_answers(key: bytes) -> int:
+            # Answers kept per partition until their offsets are committed: the fields naming the customer.
+            fields = [field async for field, value in self.client.hscan_iter(key, count=chunk)
+                      if any(n.encode() in value for n in needles)]
+            return int(await self.client.hdel(key, *fields)) if fields else 0
 
         async def drop_from_blocks(key: bytes) -> int:
             # A block's value is its customer ids, space-separated: find the blocks naming the
@@ -395,14 +424,16 @@ class PersonIndex:
         # 64 bits: a collision only adds a candidate, and shorter names keep the index smaller.
         return hashlib.blake2b(blocking_key.encode(), key=self._digest_key, digest_size=8).hexdigest()
 
-    def exchange_command(self, records: Sequence[tuple[str, PersonAttributes, Sequence[str]]]) -> tuple[Argument, ...]:
-        """The command finding candidates for, then indexing, records given as (event op id, attributes, digests).
+    def exchange_command(self, records: Sequence[tuple[str, str, PersonAttributes, Sequence[str]]],
+                         ) -> tuple[Argument, ...]:
+        """The command finding candidates for, then indexing, records given as (event op id, its answer slot,
+        attributes, digests).
 
         It must follow the resolve calls of those events in the same connection: it reads their answers.
         """
         args: list[Argument] = [self.layout.prefix, self._max_block_size, self._max_records]
-        for op_id, person, digests in records:
-            args.extend((op_id, person.to_record(), len(digests)))
+        for op_id, slot, person, digests in records:
+            args.extend((op_id, slot, person.to_record(), len(digests)))
             args.extend(digests)
         return evalsha(MATCH_EXCHANGE_SHA, [self.model_key], args)
 

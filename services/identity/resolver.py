@@ -235,7 +235,7 @@ class IdentityResolver:
             if item.person is not None:
                 batch.keys[n] = tuple(blocking_keys(item.person))
                 batch.digests[n] = tuple(self._redis.persons.block_digest(k) for k in batch.keys[n])
-                records.append((item.request.message_id, item.person, batch.digests[n]))
+                records.append((item.request.message_id, item.request.answer_slot, item.person, batch.digests[n]))
         if records:
             commands.append(self._redis.persons.exchange_command(records))
         return commands

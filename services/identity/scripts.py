@@ -15,8 +15,12 @@ Key layout (see `domain.GraphLayout`), every key under one prefix with a hash ta
 - ``customer:<id>:identifiers``      set of ``<type>:<hmac>`` the customer owns (gone once merged)
 - ``customer:<id>:merges``           list of JSON history entries (merges, splits), newest last
 - ``customer:<id>:apart``            customers an operator split off this one: never merged back
-- ``event:<op id>``                  the JSON answer given for that event or operation, kept
-                                     `event_ttl_s` so a redelivery gets the very same answer
+- ``answers:<topic>:<partition>``    hash: offset -> the JSON answer given for the event at that offset of
+                                     touchpoints.raw, so a redelivery gets the very same answer; fields are
+                                     dropped once their offsets are committed (`ANSWERS_FORGET_SCRIPT`), the
+                                     hash expires `event_ttl_s` after its last write as a backstop
+- ``event:<op id>``                  the JSON answer given for an operation without a record (an API split
+                                     or erasure, matching's merges), kept `event_ttl_s`
 - ``suppressed``                     set of suppression tokens, sha1("suppress:<type>:<hmac>"), of the
                                      identifiers of erased customers: events carrying one are dropped
 - ``suppressed:version``             counter raised on every erasure (ingest reloads its copy on a change)
@@ -60,23 +64,61 @@ local function wkey(ref) return prefix .. "ident:" .. ref .. ":customers" end
 local function kind_of(ref) return string.match(ref, "^(.*):[^:]*$") end
 local function limit_of(kind) return tonumber(rules["limits"][kind] or rules["default_limit"]) end
 
-local function replayed()
+-- Where an operation's answer is kept, so a redelivery gets the very same answer and makes no second
+-- merge. An event read from touchpoints.raw names its record ("<topic>:<partition>:<offset>", the
+-- resolve script's slot): the answer is a field (the offset) of its partition's hash, dropped once the
+-- offset is committed (`ANSWERS_FORGET_SCRIPT`), when no redelivery can ask for it. Any other operation
+-- (the API's splits and erasures, matching's merges, callers without a record) keeps a key, `ttl` long.
+local slot_hash, slot_offset = nil, nil
+local function set_slot(slot)
+  slot_hash, slot_offset = nil, nil
+  if slot and slot ~= "" then
+    local partition, offset = string.match(slot, "^(.*):([^:]*)$")
+    slot_hash, slot_offset = prefix .. "answers:" .. partition, offset
+  end
+end
+
+local function stored_answer()
+  if slot_hash then
+    local kept = redis.call("HGET", slot_hash, slot_offset)
+    if kept then
+      local answer = cjson.decode(kept)
+      -- The same offset of another event (the topic recreated): not this event's answer.
+      if answer["op"] == op_id then
+        answer["op"] = nil
+        return answer
+      end
+    end
+  end
+  -- Also where a record's answer was kept before answers were kept per partition.
   local done = redis.call("GET", prefix .. "event:" .. op_id)
-  if not done then return nil end
-  local answer = cjson.decode(done)
+  if done then return cjson.decode(done) end
+  return nil
+end
+
+local function replayed()
+  local answer = stored_answer()
+  if not answer then return nil end
   answer["replayed"] = true
   return cjson.encode(answer)
 end
 
 local function remember(answer)
   local text = cjson.encode(answer)
-  -- Kept for event_ttl_s per event, so without what a replay reads back as its default (false,
-  -- empty lists): the most common answer, an event of a known customer, halves.
+  -- Kept without what a replay reads back as its default (false, empty lists): the most common
+  -- answer, an event of a known customer, halves.
   local kept = {}
   for name, value in pairs(answer) do
     if value ~= false and not (type(value) == "table" and next(value) == nil) then kept[name] = value end
   end
-  redis.call("SET", prefix .. "event:" .. op_id, cjson.encode(kept), "EX", ttl)
+  if slot_hash then
+    kept["op"] = op_id
+    redis.call("HSET", slot_hash, slot_offset, cjson.encode(kept))
+    -- A backstop only: a partition whose offsets are never committed again keeps its last answers ttl.
+    redis.call("EXPIRE", slot_hash, ttl)
+  else
+    redis.call("SET", prefix .. "event:" .. op_id, cjson.encode(kept), "EX", ttl)
+  end
   return text
 end
 
@@ -214,21 +256,23 @@ end
 """
 
 # KEYS: ident:<ref> of each event identifier, in the order of ARGV[7..].
-# ARGV[6] new customer id candidate (from the event's most stable identifier); refs...
+# ARGV[6] the event's record ("<topic>:<partition>:<offset>", or "" for none: see set_slot);
+# ARGV[7] new customer id candidate (from the event's most stable identifier); refs...
 RESOLVE_BODY = r"""
+set_slot(ARGV[6])
 local again = replayed()
 if again then return again end
 -- An identifier of an erased customer: drop the event, remember nothing about it.
 if redis.call("EXISTS", prefix .. "suppressed") == 1 then
-  for i = 7, #ARGV do
+  for i = 8, #ARGV do
     if redis.call("SISMEMBER", prefix .. "suppressed", redis.sha1hex("suppress:" .. ARGV[i])) == 1 then
       return cjson.encode({customer_id = "", created = false, replayed = false, suppressed = true})
     end
   end
 end
-local candidate = ARGV[6]
+local candidate = ARGV[7]
 local refs = {}
-for i = 7, #ARGV do refs[#refs + 1] = ARGV[i] end
+for i = 8, #ARGV do refs[#refs + 1] = ARGV[i] end
 
 local owners, owner_of, linked, shared, refused = {}, {}, {}, {}, {}
 for i, ref in ipairs(refs) do
@@ -527,14 +571,20 @@ local state = redis.call("MGET", KEYS[1], prefix .. "match:records", prefix .. "
 local waiting = redis.call("LLEN", prefix .. "match:pending")
 local records, digests = {}, {}
 while cursor < #ARGV do
-  local op_id, record, n = take(), take(), tonumber(take())
+  local op_id, slot, record, n = take(), take(), take(), tonumber(take())
   local own = {}
   for _ = 1, n do
     local digest = take()
     own[#own + 1] = digest
     digests[digest] = true
   end
-  local answer = redis.call("GET", prefix .. "event:" .. op_id)
+  -- The event's answer, just written by the resolve call before this one (see the prelude's set_slot).
+  local answer = nil
+  if slot ~= "" then
+    local partition, offset = string.match(slot, "^(.*):([^:]*)$")
+    answer = redis.call("HGET", prefix .. "answers:" .. partition, offset)
+  end
+  if not answer then answer = redis.call("GET", prefix .. "event:" .. op_id) end
   local entry = {record = record, digests = own, id = "", created = false}
   if answer then
     entry.id = string.match(answer, '"customer_id":"([^"]*)"') or ""
@@ -736,6 +786,23 @@ for i = n + 2, #ARGV do
   end
 end
 return changed
+"""
+
+# Drop the answers of committed records. KEYS[1] routes the call (the graph's hash slot). ARGV[1] prefix,
+# then per partition "<topic>:<partition>" and its committed offset: every answer below it goes (a
+# worker killed between its commit and this call left some; the next call takes them too).
+ANSWERS_FORGET_SCRIPT = r"""
+local prefix, n = ARGV[1], 0
+for i = 2, #ARGV, 2 do
+  local key, committed = prefix .. "answers:" .. ARGV[i], tonumber(ARGV[i + 1])
+  local gone = {}
+  for _, offset in ipairs(redis.call("HKEYS", key)) do
+    if tonumber(offset) < committed then gone[#gone + 1] = offset end
+  end
+  for j = 1, #gone, 1000 do redis.call("HDEL", key, unpack(gone, j, math.min(j + 999, #gone))) end
+  n = n + #gone
+end
+return n
 """
 
 RESOLVE_SCRIPT = PRELUDE + RESOLVE_BODY

@@ -48,7 +48,9 @@ class IdentitySettings(BaseSettings):
     # one Lua script per event stays legal there (at the price of one primary for the graph).
     graph_key_prefix: str = IDENTITY_GRAPH_PREFIX
     # Long enough to cover any redelivery after a crash or a consumer-group rebalance.
-    event_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="How long an event's resolution is remembered.")
+    event_ttl_s: int = Field(7 * 24 * 3600, ge=60, description=(
+        "How long an API operation's answer is remembered (a record's: until its offset is committed, "
+        "this long at most)."))
 
     def refuse_placeholders(self, environment: Environment) -> None:
         """Refuse the dev admin key in prod, as CoreSettings refuses the dev PII key.

@@ -27,7 +27,14 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from services.triggers.state_store import TIMERS_KEY, DeliveryQueue, customer_keys_key, state_key, timer_member
+from services.triggers.state_store import (
+    TIMERS_KEY,
+    DeliveryQueue,
+    customer_keys_key,
+    indexed_key,
+    state_key,
+    timer_member,
+)
 from touchstream.privacy import DELETED_RULE_ID, ErasedCustomers
 
 DELETED_TYPE = "customer.deleted"
@@ -116,7 +123,8 @@ async def forget_customers(redis: aioredis.Redis, queue: DeliveryQueue, erased: 
         indexed = await pipe.execute()
     # The indexes name every key written since they exist; the current rules' state keys are named
     # too, for states written before (a cap key lives 3 days; a state of a rule since removed, its TTL).
-    doomed = sorted({*(m.decode() if isinstance(m, bytes) else str(m) for members in indexed for m in members),
+    doomed = sorted({*(indexed_key(cid, m.decode() if isinstance(m, bytes) else str(m))
+                       for cid, members in zip(ids, indexed, strict=True) for m in members),
                      *(state_key(rule_id, cid) for rule_id in rule_ids for cid in ids)})
     deleted = 0
     async with redis.pipeline(transaction=False) as pipe:

@@ -5,7 +5,9 @@ Key layout (the `{customer_id}` hash tag keeps one customer's keys in one Redis 
                                             timer_due_ms, timer_snapshot (JSON score)
   triggers:cap:{<customer_id>}:<local day>  fired actions that day (frequency cap)
   triggers:keys:{<customer_id>}             set: the customer's state and cap keys (an erasure deletes these,
-                                            never scanning the keyspace); outlives each key it names
+                                            never scanning the keyspace), as `s:<rule_id>` and `c:<local day>`
+                                            (`index_member`; full key names before 2026-12, still read);
+                                            outlives each key it names
   triggers:timers:{triggers}:due            sorted set: silence timers by event-time deadline
   triggers:watermark:{triggers}             the event-time watermark (epoch ms)
   triggers:delivered:<action_id>            string: epoch ms of the receiver's 2xx
@@ -44,6 +46,30 @@ def customer_keys_key(customer_id: str) -> str:
     'triggers:keys:{cus_1}'
     """
     return f"triggers:keys:{{{customer_id}}}"
+
+
+def index_member(key: str) -> str:
+    """Return how the customer's key index names a state or cap key: short, so the set stays a listpack.
+
+    >>> index_member(state_key("churn-risk-high", "cus_1")), index_member(cap_key("cus_1", "2026-11-25"))
+    ('s:churn-risk-high', 'c:2026-11-25')
+    """
+    kind, _, rest = key.partition(":{")
+    return ("s:" if kind == "triggers:state" else "c:") + rest.partition("}:")[2]
+
+
+def indexed_key(customer_id: str, member: str) -> str:
+    """Return the key an index member names (`index_member`), or the member itself: a full key name,
+    as indexes held them before.
+
+    >>> indexed_key("cus_1", "s:churn-risk-high"), indexed_key("cus_1", "triggers:cap:{cus_1}:2026-11-25")
+    ('triggers:state:{cus_1}:churn-risk-high', 'triggers:cap:{cus_1}:2026-11-25')
+    """
+    if member.startswith("s:"):
+        return state_key(member[2:], customer_id)
+    if member.startswith("c:"):
+        return cap_key(customer_id, member[2:])
+    return member
 
 
 # A day's fired-action count is kept this long (the frequency cap needs the customer's local day only).
@@ -185,7 +211,7 @@ class RuleStateStore:
 
     def _index_in(self, pipe: Pipeline, customer_id: str, key: str) -> None:
         index = customer_keys_key(customer_id)
-        pipe.sadd(index, key)
+        pipe.sadd(index, index_member(key))
         pipe.expire(index, self._index_ttl_s)
 
     async def raise_watermark(self, event_time_ms: int, ceiling_ms: int) -> int:

@@ -80,8 +80,8 @@ async def test_triggers_erasure_finds_a_customers_keys_through_its_index_without
                        ("r1", "c_bob"): CrossingState()})
     await states.save_caps({("c_ann", "1997-01-01"): 1, ("c_ann", "2026-11-25"): 2, ("c_bob", "2026-11-25"): 1})
     assert await redis_client.smembers(customer_keys_key("c_ann")) == {
-        state_key("r_gone", "c_ann").encode(), state_key("r1", "c_ann").encode(),
-        cap_key("c_ann", "1997-01-01").encode(), cap_key("c_ann", "2026-11-25").encode()}
+        b"s:r_gone", b"s:r1", b"c:1997-01-01", b"c:2026-11-25"}
+    assert await redis_client.object("encoding", customer_keys_key("c_ann")) == b"listpack"
     assert await redis_client.ttl(customer_keys_key("c_ann")) > 3 * 86_400 - 60  # outlives the caps it names
 
     def scans(stats: dict[str, Any]) -> int:
@@ -95,6 +95,10 @@ async def test_triggers_erasure_finds_a_customers_keys_through_its_index_without
     assert await redis_client.exists(customer_keys_key("c_ann")) == 0
     assert sorted(k.decode() for k in await redis_client.keys("triggers:*{c_*")) == sorted([
         state_key("r1", "c_bob"), cap_key("c_bob", "2026-11-25"), customer_keys_key("c_bob")])
+    # An index naming full keys (as indexes did before 2026-12) still leads to them.
+    await redis_client.hset(cap_key("c_idx", "2026-11-25"), "n", "1")
+    await redis_client.sadd(customer_keys_key("c_idx"), cap_key("c_idx", "2026-11-25"))
+    assert (await forget_customers(redis_client, DeliveryQueue(redis_client), erased, ["c_idx"], [], []))[0] == 1
     # A state written before the index existed (an older release) is still found, for every current rule.
     await redis_client.hset(state_key("r1", "c_old"), "armed", "1")
     assert (await forget_customers(redis_client, DeliveryQueue(redis_client), erased, ["c_old"], ["r1"], []))[0] == 1

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import redis.asyncio as aioredis
 
-from services.identity.domain import GraphLayout, GraphRules, new_customer_id
+from services.identity.domain import GraphLayout, GraphRules, ResolutionRequest, answer_slot, new_customer_id
 from services.identity.graph import IdentityGraph, run_commands
 from tests.identity_graphs import loaded_graph, request
 from touchstream.identifiers import STRONG_TYPES, Identifier
@@ -105,6 +107,41 @@ async def test_replaying_an_event_gives_the_same_answer_and_no_new_merge(
     assert (again.customer_id, again.merges, again.created) == (first.customer_id, first.merges, first.created)
     graph_after = {key: await redis_client.dump(key) for key in await redis_client.keys("*") if b"event:" not in key}
     assert graph_after == graph_before
+
+
+async def test_a_records_answer_is_kept_per_partition_until_its_offset_is_committed(
+    graph: IdentityGraph, redis_client: aioredis.Redis
+) -> None:
+    def read_from(offset: int, event: ResolutionRequest) -> ResolutionRequest:
+        return dataclasses.replace(event, answer_slot=answer_slot("raw", 1, offset))
+
+    await graph.resolve([read_from(10, request("m1", 1000, EMAIL_A)), read_from(11, request("m2", 2000, EMAIL_B))])
+    linking = read_from(12, request("m3", 3000, EMAIL_A, EMAIL_B))
+    [first] = await graph.resolve([linking])
+    answers = LAYOUT.prefix + "answers:raw:1"
+    assert sorted(await redis_client.hkeys(answers)) == [b"10", b"11", b"12"]
+    assert await redis_client.keys(f"{LAYOUT.prefix}event:*") == []
+    graph_before = {key: await redis_client.dump(key) for key in await redis_client.keys("*")}
+
+    # Redelivered before its offset was committed (the worker died after the script): the same answer,
+    # merge included, so the merge the first run made is announced again; the graph is left as it was.
+    [again] = await graph.resolve([linking])
+    assert again.replayed and not first.replayed and first.merges
+    assert (again.customer_id, again.merges, again.created) == (first.customer_id, first.merges, first.created)
+    assert {key: await redis_client.dump(key) for key in await redis_client.keys("*")} == graph_before
+    # Another event at the same offset (a recreated topic) is not answered from the kept one.
+    [other] = await graph.resolve([read_from(12, request("m9", 4000, PHONE_A))])
+    assert not other.replayed and other.created
+
+    # Offsets below 12 committed: their answers go, the one at 12 stays for a redelivery.
+    assert await graph.forget_answers({"raw:1": 12, "raw:0": 5}) == 2
+    assert await redis_client.hkeys(answers) == [b"12"]
+    assert await graph.forget_answers({"raw:1": 13}) == 1
+    assert not await redis_client.exists(answers)
+    # Read again after its commit (a duplicate of the record further on): resolved anew, to the same customer,
+    # with no merge left to make.
+    [anew] = await graph.resolve([linking])
+    assert (anew.replayed, anew.customer_id, anew.merges) == (False, first.customer_id, ())
 
 
 async def test_two_different_user_ids_never_merge(graph: IdentityGraph, redis_client: aioredis.Redis) -> None:

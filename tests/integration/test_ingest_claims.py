@@ -25,7 +25,7 @@ import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from starlette.testclient import TestClient
 
-from services.ingest.admission import Admitter, dedupe_key
+from services.ingest.admission import CLAIM_PREFIX, Admitter, claim_key, seen_prefix
 from services.ingest.app import build_app
 from services.ingest.service import IngestService
 from services.ingest.settings import IngestSettings, hash_write_key
@@ -122,7 +122,7 @@ def worker_settings(bootstrap: str, redis_url: str) -> dict[str, str]:
 def test_a_worker_killed_between_the_claim_and_the_ack_leaves_the_retry_to_be_produced(
         all_topics: str, redis_url: str, artifacts_dir: Path) -> None:
     event = an_event()
-    claim = dedupe_key(SOURCE, event["messageId"])
+    claim = claim_key(SOURCE, event["messageId"])
     answers: list[BaseException | int] = []
     store = redis.Redis.from_url(redis_url)
     try:
@@ -155,3 +155,29 @@ def test_a_worker_killed_between_the_claim_and_the_ack_leaves_the_retry_to_be_pr
         statuses = retry_until_accepted(post, within_s=15)
         assert statuses[0] == 503, statuses
     assert produced(all_topics, event["messageId"]) == 1
+
+
+async def test_a_confirmed_messageid_is_a_duplicate_for_the_whole_ttl_kept_as_a_digest_not_a_key(
+        redis_client: Any) -> None:
+    # A TTL of 2 s: buckets of 1 s (BUCKETS_PER_TTL = 4 rounds up), so the window spans several buckets.
+    admitter = Admitter(redis_client, dedupe_ttl_s=2, provisional_ttl_ms=5_000)
+    ids = [f"m-{uuid.uuid4().hex}" for _ in range(300)]
+    first = await admitter.admit(SOURCE, ids, 0.0, 1_000)
+    assert first.allowed and all(first.fresh)
+    await admitter.confirm(SOURCE, first.token, ids)
+    # Final claims are digests in the bucket's sets: no key per messageId is left.
+    assert [k async for k in redis_client.scan_iter(match=f"{CLAIM_PREFIX}*")] == []
+    sets = [k async for k in redis_client.scan_iter(match=f"{seen_prefix(SOURCE)}*")]
+    assert sum([await redis_client.scard(k) for k in sets]) == len(ids)
+    assert {(await redis_client.object("encoding", k)) for k in sets} == {b"intset"}
+    # Still a duplicate one bucket and more later, within the TTL ...
+    await asyncio.sleep(1.5)
+    again = await admitter.admit(SOURCE, [*ids, "m-new"], 0.0, 1_000)
+    assert again.fresh == [False] * len(ids) + [True]
+    await admitter.release(SOURCE, again.token, ["m-new"])
+    # ... and new again once the TTL and its last bucket have passed (the sets expired whole).
+    deadline = time.monotonic() + 10
+    while [k async for k in redis_client.scan_iter(match=f"{seen_prefix(SOURCE)}*")]:
+        assert time.monotonic() < deadline, "the remembered digests never expired"
+        await asyncio.sleep(0.2)
+    assert all((await admitter.admit(SOURCE, ids, 0.0, 1_000)).fresh)

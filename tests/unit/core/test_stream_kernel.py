@@ -229,3 +229,42 @@ async def test_a_batch_of_linger_below_or_more_is_handled_without_waiting() -> N
     off, consumer = lingering_kernel(batch_size=10, linger_below=0, batch_within_s=5.0)
     batch = await asyncio.wait_for(off._lingered({tp: [message(SCORES.name, 0, b"x")]}), 1.0)
     assert len(batch[tp]) == 1 and consumer.calls == []
+
+
+class CommittingConsumer:
+    """Takes commits, refusing them while `refuse` is set (a rebalance took the partitions away)."""
+
+    def __init__(self) -> None:
+        self.commits: list[dict[TopicPartition, int]] = []
+        self.refuse = False
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        if self.refuse:
+            from aiokafka.errors import CommitFailedError
+
+            raise CommitFailedError("rebalanced")
+        self.commits.append(dict(offsets))
+
+
+async def test_after_commit_steps_see_each_commit_the_broker_took_and_none_it_refused() -> None:
+    async def handle(records: list[Record], outbox: Outbox) -> None:
+        pass
+
+    kernel, _ = kernel_with(Consumes((CUSTOMER_DELETIONS,), handle))
+    consumer = CommittingConsumer()
+    kernel.consumer = consumer  # type: ignore[assignment]
+    seen: list[dict[TopicPartition, int]] = []
+
+    async def forget(offsets: Any) -> None:
+        seen.append(dict(offsets))
+
+    async def failing(offsets: Any) -> None:
+        raise ConnectionError("Redis went away")
+
+    kernel.after_commit.extend([failing, forget])  # a failing step is logged; the next still runs
+    tp = TopicPartition(CUSTOMER_DELETIONS.name, 0)
+    await kernel.handle_batch(batch_of(CUSTOMER_DELETIONS.name, deletion("c_1"), deletion("c_2")))
+    consumer.refuse = True
+    await kernel.handle_batch({tp: [message(CUSTOMER_DELETIONS.name, 2, deletion("c_3"))]})
+    assert consumer.commits == [{tp: 2}]
+    assert seen == [{tp: 2}]  # the refused commit's records come again: what was kept for them stays

@@ -100,14 +100,15 @@ def test_new_customer_id_comes_from_the_most_stable_identifier_whatever_the_orde
 
 def test_script_call_pairs_each_identifier_key_with_its_reference() -> None:
     hashed = prepare(("email", "a@b.co"), ("user_id", "42"))
-    request = resolution_request(touchpoint(), hashed)
+    request = resolution_request(touchpoint(), hashed, "touchpoints.raw:1:42")
 
     rules = GraphRules(frozenset({"wechat_unionid", "user_id"}), {"user_id": 1}, 5, 3)
     keys, args = script_call(request, GraphLayout("p:"), rules, 60)
 
     refs = [f"{i.type}:{i.value}" for i in hashed]
     assert keys == [f"p:ident:{ref}" for ref in refs]
-    assert args == ["p:", rules.to_json(), "msg-1", "1700000000000", "60", request.new_customer_id, *refs]
+    assert args == ["p:", rules.to_json(), "msg-1", "1700000000000", "60", "touchpoints.raw:1:42",
+                    request.new_customer_id, *refs]
     assert json.loads(args[1]) == {"strong": ["user_id", "wechat_unionid"], "limits": {"user_id": 1},
                                    "default_limit": 5, "shared_max": 3}
 
