@@ -22,6 +22,10 @@ No holdout label reaches the service: `calibration_events` is the only source of
 replayed (tests/integration/test_scoring_bench_replay.py holds it to that), and the forecasts read
 only the service's own state and model.
 
+Each cut also reports `extrapolation`: the chain's predicted buyers against the actual at shorter horizons
+(2 to 64 weeks) inside the scored period, and each of the service's BTYD priors alone over the whole
+horizon (its closed form, no regression or calibration): how the long forecast extrapolates.
+
 `--in-stream` is the check settings may be chosen on: each cut's calibration period is split in
 two, the first half replayed and its forecasts scored on the second half (`evaluation_window`),
 so neither the replay nor the figures read anything after the cut, what the live model could
