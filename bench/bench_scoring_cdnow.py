@@ -22,6 +22,10 @@ No holdout label reaches the service: `calibration_events` is the only source of
 replayed (tests/integration/test_scoring_bench_replay.py holds it to that), and the forecasts read
 only the service's own state and model.
 
+Each cut also reports `extrapolation`: the chain's predicted buyers against the actual at shorter horizons
+(2 to 64 weeks) inside the scored period, and each of the service's BTYD priors alone over the whole
+horizon (its closed form, no regression or calibration): how the long forecast extrapolates.
+
 `--in-stream` is the check settings may be chosen on: each cut's calibration period is split in
 two, the first half replayed and its forecasts scored on the second half (`evaluation_window`),
 so neither the replay nor the figures read anything after the cut, what the live model could
@@ -89,7 +93,7 @@ from services.scoring.service import ScoringService
 from services.scoring.settings import ScoringSettings
 from services.scoring.store import RedisScoringStore
 
-async def main(redis_url, prefix, cutoff_ms, days, customers):
+async def main(redis_url, prefix, cutoff_ms, days, customers, horizons):
     redis = aioredis.from_url(redis_url)
     service = ScoringService(RedisScoringStore(redis, prefix), ScoringSettings(key_prefix=prefix),
                              ScoringMetrics(CollectorRegistry()))
@@ -108,12 +112,27 @@ async def main(redis_url, prefix, cutoff_ms, days, customers):
         order_value = dict(zip(ids, spend.expected_order_value(orders, means).tolist()))
     quality = learner.quality
     model = learner.model
+    extrapolation = None
+    if hasattr(model, "priors"):
+        # How the forecast extrapolates: the chain over shorter horizons, and each BTYD prior alone
+        # (its own closed form over the whole horizon, no logistic regression or calibration).
+        import numpy as np
+        from services.scoring.features import path_model_inputs, silent_path
+        ids = list(states)
+        paths = np.stack([silent_path(states[c]) for c in ids])
+        now = np.full(len(ids), float(cutoff_ms))
+        _, btyd = path_model_inputs(paths, now)
+        extrapolation = {
+            "priors_alone": {prior.structure: dict(zip(ids, prior.p_any(btyd, days).tolist()))
+                             for prior in model.priors},
+            "chain_by_horizon": {str(h): dict(zip(ids, service.engine.horizon_forecasts(paths, now, h)[0].tolist()))
+                                 for h in horizons}}
     await redis.aclose()
     return {"p_any": {c: f.propensity for c, f in forecasts.items()},
             "expected": {c: f.expected_purchases for c, f in forecasts.items()},
             "orders": {c: s.purchase_count for c, s in states.items()},
             "spend": {c: s.monetary_total for c, s in states.items()}, "order_value": order_value,
-            "model_version": model.version,
+            "model_version": model.version, "extrapolation": extrapolation,
             "model": model.describe() if hasattr(model, "describe") else {},
             "prequential": {"examples": quality.examples, "roc_auc": quality.roc_auc.get(),
                             "log_loss": quality.log_loss.get(), "brier": quality.brier.get(),
@@ -320,11 +339,54 @@ async def replay_through_service(redis_url: str, prefix: str, events: list[tuple
             "crossing_updates": service.metrics.crossings._value.get()}
 
 
+# Steps (14 days) of the shorter horizons the extrapolation figures chain over.
+CURVE_STEPS = (1, 2, 4, 8, 16, 32)
+
+
+def curve_horizons(days: int) -> list[int]:
+    """Return the horizons (days) shorter than `days` at which the chain's buyers are compared with the actual.
+
+    >>> curve_horizons(49), curve_horizons(14)
+    ([14, 28], [])
+    """
+    return [14 * k for k in CURVE_STEPS if 14 * k < days]
+
+
+def extrapolation_figures(read: dict[str, Any], customers: list[str], first_purchase_day: np.ndarray,
+                          days: int) -> dict[str, Any] | None:
+    """Return how the forecast extrapolates: the chain's predicted against actual buyers by horizon, and each
+    BTYD prior alone over the whole horizon. `first_purchase_day[i]`: days from the cut to customer i's first
+    purchase in the scored period (inf: none).
+
+    >>> read = {"extrapolation": {"chain_by_horizon": {"14": {"a": 0.5, "b": 0.5}},
+    ...                           "priors_alone": {"bg_nbd": {"a": 0.9, "b": 0.2}}}}
+    >>> figures = extrapolation_figures(read, ["a", "b"], np.array([3.0, np.inf]), 28)
+    >>> figures["chain_by_horizon"], figures["priors_alone"]["bg_nbd"]["predicted_buyers"]
+    ([{'days': 14, 'predicted_buyers': 1.0, 'buyers': 1, 'ratio': 1.0}], 1.1)
+    """
+    found = read.get("extrapolation")
+    if not found:
+        return None
+    curve = []
+    for horizon, forecast in found["chain_by_horizon"].items():
+        predicted = float(sum(forecast[c] for c in customers))
+        buyers = int(np.sum(first_purchase_day < int(horizon)))
+        curve.append({"days": int(horizon), "predicted_buyers": round(predicted, 1), "buyers": buyers,
+                      "ratio": rounded(predicted / buyers) if buyers else None})
+    y = first_purchase_day < days
+    priors = {}
+    for structure, forecast in found["priors_alone"].items():
+        p = np.array([forecast[c] for c in customers])
+        priors[structure] = {"predicted_buyers": round(float(p.sum()), 1), "log_loss": rounded(log_loss(y, p)),
+                             "auc": rounded(roc_auc(y, p)) if 0 < y.sum() < len(y) else None}
+    return {"chain_by_horizon": curve, "priors_alone": priors}
+
+
 def read_forecasts(code: CodeTree, redis_url: str, prefix: str, cutoff_ms: int, days: int,
                    customers: list[str]) -> dict[str, Any]:
     """Return `code`'s forecasts as of the cut, read by a fresh service from what the replay stored."""
     arguments = {"redis_url": redis_url, "prefix": prefix, "cutoff_ms": cutoff_ms, "days": days,
-                 "customers": customers}
+                 "customers": customers, "horizons": curve_horizons(days)}
     done = subprocess.run([*code.python(), "-c", FORECASTS_SCRIPT], input=json.dumps(arguments), text=True,
                           capture_output=True, env={**os.environ, **code.env()}, cwd=code.root or REPO, check=False)
     if done.returncode:
@@ -426,6 +488,13 @@ async def evaluate_cut(code: CodeTree, weeks: int, purchases: list[Purchase], re
     else:
         throughput = await replay_through_service(redis_url, prefix, events, args.partitions, args.batch)
     read = read_forecasts(code, redis_url, prefix, ms(cutoff), holdout_days, customers)
+    first_purchase_ms: dict[str, int] = {}
+    for p in purchases:
+        if ms(cutoff) <= p.timestamp_ms < ms(holdout_end):
+            first_purchase_ms[p.customer] = min(p.timestamp_ms, first_purchase_ms.get(p.customer, p.timestamp_ms))
+    first_purchase_day = np.array([(first_purchase_ms[c] - ms(cutoff)) / 86_400_000 if c in first_purchase_ms
+                                   else np.inf for c in customers])
+    extrapolation = extrapolation_figures(read, customers, first_purchase_day, holdout_days)
     p_any = np.array([read["p_any"][c] for c in customers])
     expected = np.array([read["expected"][c] for c in customers])
     prequential = {k: rounded(v) if isinstance(v, float) else v for k, v in read["prequential"].items()}
@@ -451,7 +520,7 @@ async def evaluate_cut(code: CodeTree, weeks: int, purchases: list[Purchase], re
         "brier": rounded(float(np.mean((p_any - y) ** 2))),
         "predicted_buyers": round(float(p_any.sum()), 1), "predicted_purchases": round(float(expected.sum()), 1),
         "model_version": read["model_version"], "model": read["model"], "prequential": prequential,
-        "predicted_value": value, "value_source": value_source, **throughput,
+        "predicted_value": value, "value_source": value_source, "extrapolation": extrapolation, **throughput,
     }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
@@ -64,3 +65,19 @@ async def test_the_replay_hands_scoring_nothing_from_the_holdout(redis_url: str,
         await redis.aclose()
     assert len(states) == len({i.customer_id for i in seen})
     assert max(s.last_touch_ms or 0 for s in states) < cutoff_ms
+
+
+def test_the_extrapolation_figures_count_buyers_by_horizon_inside_the_scored_period() -> None:
+    # In-stream the 13-week cut scores 49 days: the chain's shorter horizons stay inside them.
+    assert bench.curve_horizons(49) == [14, 28]
+    read = {"extrapolation": {
+        "chain_by_horizon": {"14": {"a": 0.4, "b": 0.2, "c": 0.1}, "28": {"a": 0.6, "b": 0.4, "c": 0.2}},
+        "priors_alone": {"bg_nbd": {"a": 0.9, "b": 0.5, "c": 0.1}}}}
+    first_purchase_day = np.array([3.0, 20.0, np.inf])
+    figures = bench.extrapolation_figures(read, ["a", "b", "c"], first_purchase_day, 49)
+    assert figures is not None
+    assert [(row["days"], row["buyers"]) for row in figures["chain_by_horizon"]] == [(14, 1), (28, 2)]
+    assert figures["chain_by_horizon"][1]["ratio"] == 0.6
+    prior = figures["priors_alone"]["bg_nbd"]
+    assert prior["predicted_buyers"] == 1.5 and prior["auc"] == 1.0
+    assert bench.extrapolation_figures({}, ["a"], np.array([1.0]), 49) is None
