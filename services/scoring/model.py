@@ -35,7 +35,7 @@ from typing import Literal
 import numpy as np
 from river import drift, metrics, stats
 
-from services.scoring.btyd import STRUCTURES, BtydInputs, BtydPrior, BtydWindow
+from services.scoring.btyd import STRUCTURES, BtydInputs, BtydPrior, BtydWindow, fit_priors
 from services.scoring.checkpoint import signed_checkpoint, verified_payload
 from services.scoring.features import MODEL_FEATURES
 from services.scoring.model_defaults import LEARNING_RATES
@@ -320,8 +320,7 @@ class PropensityModel:
         self.prior_offset_count += len(y)
         if self.window.observe(btyd, y.astype(bool)):
             window_inputs, window_labels = self.window.examples()
-            for prior in self.priors:
-                prior.fit(window_inputs, window_labels)
+            fit_priors(self.priors, window_inputs, window_labels)
             offsets = self._offsets(btyd)
         self.scale.update(inputs)
         scaled = self.scale.transform(inputs)

@@ -59,3 +59,26 @@ def test_the_prior_learns_from_window_labels_what_simulated_customers_do() -> No
     assert window.fitted_at == 16_384  # at 1,024 examples, doubling while below 10,000; next at 26,384
     after = np.abs(prior.p_any(customers) - truth).mean()
     assert after < before / 3
+
+
+def test_priors_refitted_side_by_side_get_the_parameters_of_fits_one_after_the_other() -> None:
+    """The refit's minimisations run on threads; each must end where it would alone, and the best start wins."""
+    from scipy import optimize
+
+    from services.scoring.btyd import INITIAL_PARAMS, STRUCTURES, fit_priors
+
+    inputs = some_customers()
+    rng = np.random.default_rng(1)
+    purchased = rng.uniform(0, 1, len(inputs.age)) < p_any_purchase(LOG_PARAMS, inputs, 14.0)
+    warm = np.log(np.array([0.5, 20.0, 2.0, 3.0]))
+    expected = []
+    for structure in STRUCTURES:
+        fits = [optimize.minimize(log_loss_gradient, start, args=(inputs, 14.0, purchased, structure), jac=True,
+                                  method="L-BFGS-B", bounds=[(-10.0, 10.0)] * 4)
+                for start in (warm, np.log(np.array(INITIAL_PARAMS)))]
+        expected.append(min(fits, key=lambda f: f.fun).x)
+    priors = [BtydPrior(14.0, structure, warm.copy()) for structure in STRUCTURES]
+    fit_priors(priors, inputs, purchased)
+    for prior, params in zip(priors, expected, strict=True):
+        assert np.array_equal(prior.params, params)
+        assert not np.array_equal(prior.params, warm)
