@@ -8,7 +8,7 @@ gets), and reports per quarter of event time: the service's process CPU per even
 CPU per event, and each call's wall time (p50/p99/max), plus the crossing checks it ran.
 
 `outputs_sha256` digests every ScoreUpdate the run produced (in order, floats to 12 significant
-digits) and the model's final description: two checkouts that give the same digest produced
+digits), the model's final description and its prequential quality: two checkouts that give the same digest produced
 the same scores; `--dump FILE` writes the records as JSON lines to compare when they do not.
 
 Usage: PYTHONPATH=. .venv/bin/python bench/bench_scoring_hotpath.py [--batch 200] [--limit N] [--dump FILE]
@@ -97,7 +97,10 @@ async def replay(redis_url: str, valkey_pid: int, batch: int, limit: int | None,
                 out.write(line + "\n")
     seconds = time.perf_counter() - started
     model = service.engine.learner.model
+    quality = service.engine.learner.quality
     digest.update(json.dumps(rounded(model.describe()), sort_keys=True, default=str).encode())
+    digest.update(json.dumps(rounded([quality.examples, quality.roc_auc.get(), quality.log_loss.get(),
+                                      quality.brier.get(), quality.calibration.get()])).encode())
     if out:
         out.close()
     await redis.aclose()

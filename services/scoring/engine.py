@@ -412,9 +412,7 @@ class ScoringEngine:
         missing = np.isnan(propensities)
         if missing.any():
             propensities[missing] = model.hazards(inputs[missing], _select(btyd, missing))
-        alarms = 0
-        for purchased, propensity in zip(labels.tolist(), propensities.tolist(), strict=True):
-            alarms += self.learner.quality.update(purchased, propensity)
+        alarms = self.learner.quality.update_many(labels, propensities)
         model.learn_many(inputs, btyd, labels)
         return LearningOutcome(learned=len(labels), positives=int(labels.sum()), drift_alarms=alarms)
 

@@ -413,14 +413,42 @@ class PrequentialQuality:
 
     def update(self, purchased: bool, propensity: float) -> bool:
         """Account one matured example; return True when drift is detected."""
-        self.examples += 1
-        self.roc_auc.update(purchased, {True: propensity, False: 1.0 - propensity})
-        self.log_loss.update(purchased, {True: propensity, False: 1.0 - propensity})
-        self.brier.update((propensity - float(purchased)) ** 2)
-        self.calibration.update(purchased, propensity)
-        clipped = min(max(propensity, 1e-9), 1 - 1e-9)
-        self.detector.update(-math.log(clipped if purchased else 1.0 - clipped))
-        return bool(self.detector.drift_detected)
+        return bool(self.update_many(np.array([purchased]), np.array([propensity])))
+
+    def update_many(self, purchased: np.ndarray, propensity: np.ndarray) -> int:
+        """Account matured examples in order, as `update` one by one would; return how many drift alarms rang.
+
+        ROC AUC's 50 confusion matrices take each batch's counts at once (its sums are counts,
+        exact in floating point, so the metric ends the same); the running means and the drift
+        detector depend on the order and take the examples one by one.
+        """
+        labels, scores = purchased.astype(bool), propensity.astype(np.float64)
+        alarms = 0
+        for y, p in zip(labels.tolist(), scores.tolist(), strict=True):
+            self.examples += 1
+            self.log_loss.update(y, {True: p, False: 1.0 - p})
+            self.brier.update((p - float(y)) ** 2)
+            self.calibration.update(y, p)
+            clipped = min(max(p, 1e-9), 1 - 1e-9)
+            self.detector.update(-math.log(clipped if y else 1.0 - clipped))
+            alarms += bool(self.detector.drift_detected)
+        _count_into_roc_auc(self.roc_auc, labels, scores)
+        return alarms
+
+
+def _count_into_roc_auc(metric: metrics.ROCAUC, labels: np.ndarray, scores: np.ndarray) -> None:
+    """Add examples to river's ROCAUC as its per-example `update` would (pos_val True, weight 1)."""
+    positives = labels == metric.pos_val
+    for threshold, matrix in zip(metric.thresholds, metric.cms, strict=True):
+        above = scores > threshold
+        for actual in (False, True):
+            for predicted in (False, True):
+                count = int(np.count_nonzero((positives == actual) & (above == predicted)))
+                if count:
+                    # One update of weight `count` adds what `count` updates of weight 1 add,
+                    # except the sample count, which it moves by one.
+                    matrix.update(actual, predicted, float(count))
+                    matrix.n_samples += count - 1
 
 
 @dataclass

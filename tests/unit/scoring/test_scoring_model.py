@@ -152,3 +152,30 @@ def test_a_model_pickled_before_the_silence_calibration_loads_without_offsets() 
     assert restored.model.silence.longest == -1
     untouched = 1 / (1 + np.exp(-restored.model.calibration.apply(restored.model.raw_logits(inputs, btyd)[1])))
     assert np.allclose(restored.model.hazards(inputs, btyd), untouched)
+
+
+def test_quality_accounts_a_batch_of_examples_as_one_by_one() -> None:
+    """update_many counts ROC AUC's confusion matrices per batch; every figure must end as river's own updates."""
+    from river import metrics as river_metrics
+
+    from services.scoring.model import PrequentialQuality
+
+    rng = np.random.default_rng(3)
+    propensity = rng.beta(1, 6, 3000)
+    purchased = rng.uniform(0, 1, 3000) < propensity
+    batched, reference = PrequentialQuality(), river_metrics.ROCAUC(n_thresholds=50)
+    one_by_one = PrequentialQuality()
+    alarms = 0
+    for start in range(0, 3000, 700):
+        alarms += batched.update_many(purchased[start : start + 700], propensity[start : start + 700])
+    for y, p in zip(purchased.tolist(), propensity.tolist(), strict=True):
+        reference.update(y, {True: p, False: 1.0 - p})
+        one_by_one.update(y, p)
+    assert batched.roc_auc.get() == reference.get() == one_by_one.roc_auc.get()
+    assert [dict(m.data[True]) | {"n": m.n_samples} for m in batched.roc_auc.cms] == [
+        dict(m.data[True]) | {"n": m.n_samples} for m in reference.cms]
+    assert batched.log_loss.get() == one_by_one.log_loss.get()
+    assert batched.brier.get() == one_by_one.brier.get()
+    assert batched.calibration.get() == one_by_one.calibration.get()
+    assert batched.examples == one_by_one.examples == 3000
+    assert alarms == 0
