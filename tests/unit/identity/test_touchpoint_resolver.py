@@ -8,11 +8,11 @@ import time
 
 from prometheus_client import CollectorRegistry
 
-from services.identity.app import TouchpointResolver
 from services.identity.domain import GraphRules
 from services.identity.matching import MatchSettings
 from services.identity.metrics import IdentityMetrics
 from services.identity.resolver import IdentityResolver
+from services.identity.service import TouchpointResolver
 from services.identity.settings import IdentitySettings
 from tests.unit.identity.fakes import InMemoryIdentityGraph
 from tests.unit.triggers.fakes import SentRecords
