@@ -253,15 +253,7 @@ def kill(run_dir: Path, name: str) -> None:
 
 def start(run_dir: Path, name: str, ready_timeout: float = 90.0) -> int:
     """Start one (stopped) component of the stack again on its port; return its PID once it is ready."""
-    state = StackState.load(run_dir.resolve())
-    if _alive(state.pids.get(name, 0)):
-        raise RuntimeError(f"{name} is still running (pid {state.pids[name]})")
-    process = spawn_component(state, name)
-    state.pids[name] = process.pid
-    state.save()
-    if name not in ("broker", "redis"):  # those two are up once their port answers
-        wait_ready(name, state.url(name), process, ready_timeout)
-    return process.pid
+    return start_components(run_dir, [name], ready_timeout)[name]
 
 
 def stop_components(run_dir: Path, names: Sequence[str]) -> None:
@@ -274,18 +266,19 @@ def stop_components(run_dir: Path, names: Sequence[str]) -> None:
     stop_pids([state.pids[name] for name in names])
 
 
-def start_components(run_dir: Path, names: Sequence[str], ready_timeout: float = 90.0) -> None:
-    """Start several stopped components at once (as `start` does one) and return when all are ready."""
+def start_components(run_dir: Path, names: Sequence[str], ready_timeout: float = 90.0) -> dict[str, int]:
+    """Start stopped components at once, each on its port; return their PIDs once all are ready."""
     state = StackState.load(run_dir.resolve())
-    running = [name for name in names if _alive(state.pids.get(name, 0))]
+    running = [f"{name} (pid {state.pids[name]})" for name in names if _alive(state.pids.get(name, 0))]
     if running:
         raise RuntimeError(f"still running: {', '.join(running)}")
     processes = {name: spawn_component(state, name) for name in names}
     state.pids.update({name: process.pid for name, process in processes.items()})
     state.save()
     for name, process in processes.items():
-        if name not in ("broker", "redis"):
+        if name not in ("broker", "redis"):  # those two are up once their port answers
             wait_ready(name, state.url(name), process, ready_timeout)
+    return {name: process.pid for name, process in processes.items()}
 
 
 def _alive(pid: int) -> bool:
