@@ -678,10 +678,11 @@ async def test_a_claim_asked_again_after_its_answer_was_lost_hands_back_what_it_
     assert await queue.claim("marketing", now_ms=10, limit=5, lease_until_ms=60_000, claim_id="next") == []
 
 
-async def test_actions_a_claim_took_just_before_redis_went_away_go_out_on_the_next_scan(
-        harness: Harness, receiver: Receiver) -> None:
-    # Redis carried out the claim and the connection broke before its answer: the next scan asks for
-    # the same claim and sends those actions now, not once their lease (60 s) has run out.
+def lose_the_first_claim_answer(harness: Harness) -> list[int]:
+    """Make the harness's first claim run in Redis and then lose its answer (a broken connection).
+
+    Returns a list that gets how many actions that claim took.
+    """
     queue = harness.delivery._queue
     real_claim = queue.claim
     lost: list[int] = []
@@ -694,6 +695,14 @@ async def test_actions_a_claim_took_just_before_redis_went_away_go_out_on_the_ne
         return claimed
 
     queue.claim = claim_then_lose_the_answer  # type: ignore[method-assign]
+    return lost
+
+
+async def test_actions_a_claim_took_just_before_redis_went_away_go_out_on_the_next_scan(
+        harness: Harness, receiver: Receiver) -> None:
+    # Redis carried out the claim and the connection broke before its answer: the next scan asks for
+    # the same claim and sends those actions now, not once their lease (60 s) has run out.
+    lost = lose_the_first_claim_answer(harness)
     await harness.delivery.enqueue([an_action(n) for n in (31, 32)])
     with pytest.raises(RedisConnectionError):
         await harness.tick()
@@ -711,18 +720,7 @@ async def test_a_half_open_circuit_sends_one_probe_even_when_a_lost_claim_comes_
     endpoints = {"marketing": WebhookEndpoint(url=receiver.url, secret=SECRET)}
     harness = make_harness(redis_client, endpoints, client, breaker_threshold=1, breaker_cool_off_s=30,
                            concurrency_per_endpoint=3)
-    queue = harness.delivery._queue
-    real_claim = queue.claim
-    lost: list[int] = []
-
-    async def claim_then_lose_the_answer(*args: Any, **kwargs: Any) -> list[tuple[str, str]]:
-        claimed = await real_claim(*args, **kwargs)
-        if not lost:
-            lost.append(len(claimed))
-            raise RedisConnectionError("Connection closed by server.")
-        return claimed
-
-    queue.claim = claim_then_lose_the_answer  # type: ignore[method-assign]
+    lost = lose_the_first_claim_answer(harness)
     await harness.delivery.enqueue([an_action(n) for n in (41, 42, 43)])
     with pytest.raises(RedisConnectionError):
         await harness.tick()
