@@ -288,7 +288,6 @@ class ActionDelivery:
             claimed = await self._queue.claim(endpoint, int(now_s * 1000), room, int((now_s + self._lease_s) * 1000),
                                               acknowledged=acknowledged, ledger=self._ledger, claim_id=claim_id,
                                               previous_claim_id=self._answered_claim.get(endpoint))
-            self._answered_claim[endpoint] = self._unanswered_claim.pop(endpoint)
             written.update(acknowledged)
             acknowledged.clear()
             # Acknowledged before a crash that left them queued: drop, do not send again.
@@ -300,6 +299,9 @@ class ActionDelivery:
             if done:
                 await self._queue.remove_many(endpoint, done)
                 claimed = [(i, s) for i, s in claimed if i not in done]
+            # Answered only now: had a Redis call since the claim failed, the next scan asks for the same
+            # claim again and gets its actions back, rather than leaving them leased until the lease ends.
+            self._answered_claim[endpoint] = self._unanswered_claim.pop(endpoint)
             if state is Circuit.HALF_OPEN and len(claimed) > 1:
                 # A claim asked again after its answer was lost hands back what it took then, which may
                 # be more than one if the circuit was closed at the time: one probe goes, the rest wait.

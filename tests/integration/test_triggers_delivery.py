@@ -713,6 +713,29 @@ async def test_actions_a_claim_took_just_before_redis_went_away_go_out_on_the_ne
     assert await harness.delivery.pending() == {"marketing": 0}
 
 
+async def test_actions_of_a_claim_whose_next_redis_call_failed_go_out_on_the_next_scan(
+        harness: Harness, receiver: Receiver) -> None:
+    # The claim was answered, then Redis went away before the ledger check of what it took: the next
+    # scan asks for the same claim and sends those actions now, not once their lease (60 s) has run out.
+    ledger = harness.delivery._ledger
+    real_delivered = ledger.delivered
+    failed: list[bool] = []
+
+    async def delivered_once_unreachable(*args: Any, **kwargs: Any) -> set[str]:
+        if not failed:
+            failed.append(True)
+            raise RedisConnectionError("Connection closed by server.")
+        return await real_delivered(*args, **kwargs)
+
+    await harness.delivery.enqueue([an_action(n) for n in (51, 52)])
+    ledger.delivered = delivered_once_unreachable  # type: ignore[method-assign]
+    with pytest.raises(RedisConnectionError):
+        await harness.tick()
+    assert receiver.verified == []
+    assert await harness.tick() == 2  # same moment: no lease has run out
+    assert await harness.delivery.pending() == {"marketing": 0}
+
+
 async def test_a_half_open_circuit_sends_one_probe_even_when_a_lost_claim_comes_back_with_more(
         receiver: Receiver, redis_client: aioredis.Redis, client: GuardedClient) -> None:
     # The claim (3 actions, circuit closed) was carried out but its answer lost; the circuit then
